@@ -1,0 +1,119 @@
+"""HVPNeT model configuration."""
+
+from transformers import BertConfig, PretrainedConfig
+
+PREFIX_MODES = ("pyramid", "flat", "one_to_three", "original")
+RELATION_POOLINGS = ("entity_markers", "cls")
+
+
+class HVPNetConfig(PretrainedConfig):
+    r"""
+    Configuration of an HVPNeT model: a BERT text encoder whose self-attention layers also attend to a visual
+    prefix built from a timm CNN backbone (Chen et al., NAACL 2022 Findings).
+
+    Args:
+        text_config (`BertConfig` or `dict`, *optional*):
+            The text encoder. Defaults to bert-base-uncased sizes.
+        vision_backbone (`str`, *optional*, defaults to `"resnet50"`):
+            Any timm model name that supports `features_only=True`.
+        vision_pretrained (`bool`, *optional*, defaults to `False`):
+            Records whether the backbone started from pretrained weights. Building a model from a config never
+            downloads weights; `from_text_vision_pretrained` loads them.
+        vision_out_indices (`list[int]`, *optional*, defaults to `[-4, -3, -2, -1]`):
+            Which backbone feature levels form the pyramid (timm `out_indices`; the default takes the last four,
+            the four ResNet stages).
+        freeze_vision (`bool`, *optional*, defaults to `True`):
+            Run the backbone without autograd and keep its BatchNorm statistics fixed.
+        num_object_images (`int`, *optional*, defaults to 3):
+            Maximum number of object crops per example (`m` in the paper).
+        use_global_image (`bool`, *optional*, defaults to `True`):
+            Whether the whole image contributes a prefix (False is the paper's *OnlyObj* ablation).
+        prefix_grid (`int`, *optional*, defaults to 2):
+            Each feature map is pooled to `prefix_grid x prefix_grid` tokens.
+        prefix_mode (`str`, *optional*, defaults to `"pyramid"`):
+            `"pyramid"`: the paper's dynamic gate over all stages for every layer; `"flat"`: every layer takes the
+            last stage only; `"one_to_three"`: stage `i` feeds a fixed contiguous block of layers, no gate;
+            `"original"`: the layout of the authors' released code.
+        use_visual_prefix (`bool`, *optional*, defaults to `True`):
+            False gives a plain BERT (no visual parameters are created).
+        classifier_dropout (`float`, *optional*):
+            Dropout before the task head; defaults to the text encoder's hidden dropout.
+        relation_pooling (`str`, *optional*, defaults to `"entity_markers"`):
+            Relation head input: the hidden states at the head and tail start markers, concatenated, or `"cls"`.
+        head_start_token_id (`int`, *optional*):
+            Token id of the head entity start marker `<s>`.
+        tail_start_token_id (`int`, *optional*):
+            Token id of the tail entity start marker `<o>`.
+    """
+
+    model_type = "hvpnet"
+    sub_configs = {"text_config": BertConfig}
+
+    def __init__(
+        self,
+        text_config: BertConfig | dict | None = None,
+        vision_backbone: str = "resnet50",
+        vision_pretrained: bool = False,
+        vision_out_indices: list[int] | tuple[int, ...] = (-4, -3, -2, -1),
+        freeze_vision: bool = True,
+        num_object_images: int = 3,
+        use_global_image: bool = True,
+        prefix_grid: int = 2,
+        prefix_mode: str = "pyramid",
+        use_visual_prefix: bool = True,
+        classifier_dropout: float | None = None,
+        relation_pooling: str = "entity_markers",
+        head_start_token_id: int | None = None,
+        tail_start_token_id: int | None = None,
+        **kwargs,
+    ):
+        if text_config is None:
+            text_config = BertConfig()
+        elif isinstance(text_config, dict):
+            text_config = BertConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
+        self.text_config = text_config
+        self.vision_backbone = vision_backbone
+        self.vision_pretrained = vision_pretrained
+        self.vision_out_indices = list(vision_out_indices)
+        self.freeze_vision = freeze_vision
+        self.num_object_images = num_object_images
+        self.use_global_image = use_global_image
+        self.prefix_grid = prefix_grid
+        self.prefix_mode = prefix_mode
+        self.use_visual_prefix = use_visual_prefix
+        self.classifier_dropout = classifier_dropout
+        self.relation_pooling = relation_pooling
+        self.head_start_token_id = head_start_token_id
+        self.tail_start_token_id = tail_start_token_id
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {self.prefix_mode!r}")
+        if self.relation_pooling not in RELATION_POOLINGS:
+            raise ValueError(f"relation_pooling must be one of {RELATION_POOLINGS}, got {self.relation_pooling!r}")
+        if self.num_object_images < 0:
+            raise ValueError(f"num_object_images must be >= 0, got {self.num_object_images}")
+        if self.prefix_grid < 1:
+            raise ValueError(f"prefix_grid must be >= 1, got {self.prefix_grid}")
+        if not self.vision_out_indices:
+            raise ValueError("vision_out_indices must name at least one backbone feature level")
+        if self.use_visual_prefix and not self.use_global_image and self.num_object_images == 0:
+            raise ValueError("use_global_image=False with num_object_images=0 leaves no image to build a prefix from")
+
+    @property
+    def num_images(self) -> int:
+        """Images per example that contribute a prefix: the global image (if used) plus the object crops."""
+        return int(self.use_global_image) + self.num_object_images
+
+    @property
+    def prefix_length(self) -> int:
+        """Visual prefix tokens per layer: `prefix_grid**2` per image."""
+        return self.num_images * self.prefix_grid**2
+
+    def get_text_config(self, *args, **kwargs) -> BertConfig:
+        return self.text_config
+
+
+__all__ = ["HVPNetConfig"]
