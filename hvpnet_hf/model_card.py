@@ -1,0 +1,137 @@
+"""Model cards for trained HVPNeT models, rendered from `model_cards/` templates with `huggingface_hub.ModelCard`."""
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers import PretrainedConfig, TrainingArguments
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+TASKS = {
+    "ner": {"template": "hvpnet_ner.md", "pipeline_tag": "token-classification", "task_name": "Multimodal NER"},
+    "re": {"template": "hvpnet_re.md", "pipeline_tag": "text-classification", "task_name": "Multimodal RE"},
+}
+SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
+
+
+def training_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
+    """The settings of a `Trainer` run that a reader needs to reproduce it."""
+    return {
+        "learning rate": args.learning_rate,
+        "train batch size (total)": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * max(args.world_size, 1),
+        "epochs": args.num_train_epochs,
+        "warm-up (steps or ratio, linear)": args.warmup_steps,
+        "scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "weight decay (not on biases and LayerNorm)": args.weight_decay,
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "seed": args.seed,
+        "model selection": f"best validation {args.metric_for_best_model}",
+    }
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repository id rather than a local folder."""
+    return not Path(name).exists() and not name.startswith(("/", ".", "~")) and name.count("/") <= 1
+
+
+def _format_score(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def render_model_card(
+    task: str,
+    config: PretrainedConfig,
+    results: dict[str, float],
+    dataset_name: str,
+    text_model: str,
+    hyperparameters: dict[str, Any],
+    model_id: str,
+    note: str | None = None,
+) -> ModelCard:
+    """
+    Builds the model card of a trained model.
+
+    Args:
+        task: `"ner"` or `"re"`.
+        config: the trained model's `HVPNetConfig`.
+        results: a run's `all_results.json` content: validation scores as `eval_<metric>`, test as `test_<metric>`.
+        dataset_name: the data set trained on, as people know it (e.g. `"twitter2015"`).
+        text_model: name or path of the text encoder the model started from.
+        hyperparameters: training settings, e.g. from `training_hyperparameters`.
+        model_id: Hub repository id (or local folder) the card shows in its loading example.
+        note: an optional warning shown under the title (e.g. for toy models).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
+    if "eval_f1" not in results:
+        raise ValueError("results carry no validation F1 ('eval_f1'): render the card after evaluating the model")
+    spec = TASKS[task]
+    rows = [
+        {
+            "split": split,
+            **{name: _format_score(results.get(f"{prefix}_{name}")) for name in ("precision", "recall", "f1")},
+        }
+        for split, prefix in SPLIT_PREFIXES.items()
+        if f"{prefix}_f1" in results
+    ]
+    eval_results = [
+        EvalResult(
+            task_type=spec["pipeline_tag"],
+            task_name=spec["task_name"],
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type="f1",
+            metric_value=results[f"{prefix}_f1"],
+        )
+        for split, prefix in SPLIT_PREFIXES.items()
+        if f"{prefix}_f1" in results
+    ]
+    model_name = model_id.rstrip("/").split("/")[-1]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag=spec["pipeline_tag"],
+        tags=["hvpnet", "multimodal", f"multimodal-{task}", "visual-prefix"],
+        datasets=[dataset_name],
+        metrics=["precision", "recall", "f1"],
+        eval_results=eval_results,
+        base_model=text_model if _is_hub_id(text_model) else None,
+        license="apache-2.0",
+    )
+    vision = f"{config.vision_backbone} ({'pretrained' if config.vision_pretrained else 'randomly initialised'})"
+    labels = [config.id2label[index] for index in sorted(config.id2label)]
+    architecture = {
+        "text encoder": text_model,
+        "hidden size / layers": f"{config.text_config.hidden_size} / {config.text_config.num_hidden_layers}",
+        "vision backbone": vision,
+        "frozen backbone": config.freeze_vision,
+        "prefix mode": config.prefix_mode,
+        "visual prefix": config.use_visual_prefix,
+        "global image": config.use_global_image,
+        "object crops per example": config.num_object_images,
+        "prefix grid": f"{config.prefix_grid} x {config.prefix_grid}",
+    }
+    if task == "re":
+        architecture["relation pooling"] = config.relation_pooling
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES_DIR / spec["template"]),
+        model_id=model_id,
+        model_name=model_name,
+        dataset=dataset_name,
+        text_model=text_model,
+        vision_description=vision,
+        results_rows=rows,
+        architecture=architecture,
+        hyperparameters=hyperparameters,
+        entity_types=", ".join(sorted({label[2:] for label in labels if label != "O"})),
+        relations=", ".join(f"`{label}`" for label in labels),
+        num_relations=len(labels),
+        note=note,
+    )
+
+
+__all__ = ["render_model_card", "training_hyperparameters"]

@@ -1,0 +1,84 @@
+"""Model cards render from the templates with a run's results, settings and loading instructions."""
+
+import pytest
+from huggingface_hub import ModelCard
+from transformers import BertConfig, TrainingArguments
+
+from hvpnet_hf import HVPNetConfig
+from hvpnet_hf.model_card import render_model_card, training_hyperparameters
+
+TINY_TEXT = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+
+
+def ner_config() -> HVPNetConfig:
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    return HVPNetConfig(
+        text_config=TINY_TEXT,
+        vision_backbone="test_resnet",
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+    )
+
+
+def test_ner_card_carries_results_settings_and_usage(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        learning_rate=3e-5,
+        per_device_train_batch_size=8,
+        num_train_epochs=30,
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        metric_for_best_model="f1",
+        report_to="none",
+    )
+    results = {"eval_f1": 0.7532, "eval_precision": 0.74, "eval_recall": 0.7667, "test_f1": 0.7412}
+    card = render_model_card(
+        "ner",
+        ner_config(),
+        results,
+        "twitter2015",
+        "bert-base-uncased",
+        training_hyperparameters(args),
+        "someone/hvpnet-twitter2015",
+    )
+    text = str(card)
+    assert "| validation | 74.00 | 76.67 | 75.32 |" in text
+    assert "| test | – | – | 74.12 |" in text
+    assert "| learning rate | 3e-05 |" in text and "| epochs | 30 |" in text
+    assert "| vision backbone | test_resnet (randomly initialised) |" in text
+    assert (
+        'AutoModelForTokenClassification.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text
+    )
+    assert "Entity types: LOC, PER." in text and "@inproceedings{chen-etal-2022-good" in text
+    # The metadata is valid Hub card metadata and survives a save/load round trip.
+    card.save(tmp_path / "README.md")
+    data = ModelCard.load(tmp_path / "README.md").data
+    assert data.pipeline_tag == "token-classification" and data.datasets == ["twitter2015"]
+    assert data.base_model == "bert-base-uncased"
+    assert [result.metric_value for result in data.eval_results] == [0.7532, 0.7412]
+    assert [result.dataset_split for result in data.eval_results] == ["validation", "test"]
+
+
+def test_re_card_lists_relations_and_note():
+    relations = ["None", "/per/per/peer", "/per/loc/place_of_residence"]
+    config = HVPNetConfig(
+        text_config=TINY_TEXT,
+        vision_backbone="test_resnet",
+        id2label=dict(enumerate(relations)),
+        relation_pooling="cls",
+    )
+    card = render_model_card(
+        "re", config, {"eval_f1": 0.5}, "mnre", "/local/bert", {}, "outputs/run", note="Trained on a toy set."
+    )
+    text = str(card)
+    assert "Relations (3): `None`, `/per/per/peer`, `/per/loc/place_of_residence`." in text
+    assert "> Trained on a toy set." in text and "| relation pooling | cls |" in text
+    assert "| test |" not in text  # no test results were given
+    assert card.data.base_model is None  # a local path is no Hub model
+
+
+def test_card_needs_validation_results_and_a_known_task():
+    with pytest.raises(ValueError, match="eval_f1"):
+        render_model_card("ner", ner_config(), {"test_f1": 0.5}, "t", "m", {}, "x")
+    with pytest.raises(ValueError, match="task must be one of"):
+        render_model_card("pos", ner_config(), {"eval_f1": 0.5}, "t", "m", {}, "x")
