@@ -1,0 +1,130 @@
+"""
+Glue between the loaders, `HVPNetProcessor` and a `Trainer` / `DataLoader`:
+
+    dataset = load_mner_dataset(...)
+    encoded = dataset.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})
+    encoded = encoded.with_transform(ImageAttacher(processor))   # optional: the collator can attach images too
+    collator = HVPNetDataCollator(processor)
+
+Token ids live in Arrow; pixels never do: images are decoded from the `image` / `objects` paths when a batch is
+drawn. With `Trainer`, set `remove_unused_columns=False` so these path columns reach the transform or collator.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+if TYPE_CHECKING:
+    from .processing_hvpnet import HVPNetProcessor
+
+IMAGE_INPUT_NAMES = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
+# Token-level model inputs and the value that pads each of them.
+SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
+
+
+def tokenize_and_align(
+    examples: Mapping[str, list], processor: "HVPNetProcessor", max_length: int | None = None
+) -> dict[str, list]:
+    """
+    Batched `datasets.map` function: tokenises the `tokens` column and aligns the labels (`ner_tags` for NER,
+    `relation` for RE, with `head` / `tail` spans) using the processor's task. Adds `input_ids`,
+    `attention_mask`, `token_type_ids`, `labels` and, for NER, `word_start_mask` and `word_ids` (word index per
+    token, -1 for special tokens; words absent from `word_ids` were cut by truncation and count as `"O"`).
+    """
+    if processor.task == "ner":
+        return processor.encode_ner(examples["tokens"], examples.get("ner_tags"), max_length)
+    return processor.encode_re(
+        examples["tokens"], examples["head"], examples["tail"], examples.get("relation"), max_length
+    )
+
+
+class ImageAttacher:
+    """
+    Transform for `Dataset.with_transform`: decodes the `image` and `objects` paths of the rows being read and adds
+    `pixel_values`, `object_pixel_values`, `image_mask` and `object_mask` (see
+    `HVPNetProcessor.preprocess_images`). `num_masked` counts the files that could not be decoded and were masked.
+    """
+
+    def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
+        self.processor = processor
+        self.missing_images = missing_images
+        self.num_masked = 0
+
+    def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
+        attached = {name: [] for name in IMAGE_INPUT_NAMES}
+        for image, objects in zip(batch["image"], batch["objects"], strict=True):
+            images = self.processor.preprocess_images(image, objects, self.missing_images)
+            self.num_masked += int(image is not None and not images["image_mask"])
+            kept_objects = objects[: self.processor.num_object_images]
+            self.num_masked += sum(
+                crop is not None and not present
+                for crop, present in zip(kept_objects, images["object_mask"].tolist(), strict=False)
+            )
+            for name in IMAGE_INPUT_NAMES:
+                attached[name].append(images[name])
+        return {**batch, **attached}
+
+
+class HVPNetDataCollator:
+    """
+    Pads and stacks encoded examples into model inputs: `input_ids` (padded with the tokenizer's pad id),
+    `attention_mask`, `token_type_ids` (B, T), NER `word_start_mask` (B, T) and `labels` (B, T, padded with -100)
+    or RE `labels` (B,), and the image tensors. Examples without attached images get them from their `image` /
+    `objects` paths here. Columns that are not model inputs (`tokens`, `id`, `word_ids`, ...) are dropped.
+    """
+
+    def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
+        self.processor = processor
+        self.attacher = ImageAttacher(processor, missing_images)
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        features = [self._with_images(feature) for feature in features]
+        batch = {"input_ids": _pad([f["input_ids"] for f in features], self.processor.tokenizer.pad_token_id)}
+        for name, padding_value in SEQUENCE_PADDING.items():
+            if name in features[0]:
+                batch[name] = _pad([f[name] for f in features], padding_value)
+        if "labels" in features[0]:
+            labels = [f["labels"] for f in features]
+            is_token_level = isinstance(labels[0], (list, tuple, torch.Tensor)) and torch.as_tensor(labels[0]).ndim
+            batch["labels"] = _pad(labels, -100) if is_token_level else torch.tensor(labels, dtype=torch.long)
+        for name in IMAGE_INPUT_NAMES:
+            batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
+        return batch
+
+    def _with_images(self, feature: Mapping) -> Mapping:
+        if "pixel_values" in feature:
+            return feature
+        if "image" not in feature:
+            raise KeyError(
+                "An example has neither image tensors nor an `image` column to load them from; with Trainer, set "
+                "remove_unused_columns=False so the image paths reach the collator."
+            )
+        columns = {name: [value] for name, value in feature.items()}
+        columns.setdefault("objects", [[]])
+        return {name: values[0] for name, values in self.attacher(columns).items()}
+
+
+def sample_subset(dataset: Dataset, sample_ratio: float, seed: int = 42) -> Dataset:
+    """
+    A reproducible random subset of `round(sample_ratio * len(dataset))` examples (at least one), in the original
+    order, for low-resource experiments. `sample_ratio=1.0` returns the dataset unchanged.
+    """
+    if not 0.0 < sample_ratio <= 1.0:
+        raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
+    if sample_ratio == 1.0:
+        return dataset
+    size = max(1, round(sample_ratio * len(dataset)))
+    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=size, replace=False))
+    return dataset.select(indices)
+
+
+def _pad(sequences: Sequence[Sequence], padding_value) -> torch.Tensor:
+    """Right-pads a list of 1-D sequences to the longest one: (B, T)."""
+    tensors = [torch.as_tensor(sequence) for sequence in sequences]
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=padding_value)
+
+
+__all__ = ["HVPNetDataCollator", "ImageAttacher", "sample_subset", "tokenize_and_align"]

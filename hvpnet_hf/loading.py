@@ -1,0 +1,451 @@
+"""
+Loaders for the multimodal NER (Twitter-2015/2017, UMT release) and MNRE data sets, read in their published formats.
+
+Both loaders return a `datasets.DatasetDict` whose `image` column holds a file path (or None) and whose `objects`
+column holds object-crop paths. Pixels are never stored in Arrow: `HVPNetProcessor` decodes the files lazily.
+
+Missing images follow one policy, `missing_images`:
+- `"mask"` (default): the example is kept, the absent file becomes None (its image is masked out by the model),
+  and the loader logs how many files were missing or unreadable per split.
+- `"error"`: the first missing or unreadable file raises an error naming it and the data line that refers to it.
+At load time a file counts as readable when it exists and PIL recognises its header; a file whose pixel data turns
+out to be truncated is caught when it is decoded, under the same policy (see `load_image`).
+"""
+
+import ast
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+# Order of the NER tag ids. "O" is id 0, so a word cut by truncation can be scored as "O".
+MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
+# Twitter-2015 calls the miscellaneous type OTHER, Twitter-2017 calls it MISC.
+MNER_ENTITY_TYPES = {"PER": "PER", "LOC": "LOC", "ORG": "ORG", "MISC": "MISC", "OTHER": "MISC"}
+NO_RELATION = "None"
+MISSING_IMAGE_POLICIES = ("mask", "error")
+
+PathLike = str | os.PathLike
+SplitPaths = PathLike | Mapping[str, PathLike]
+
+_MNER_SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+_MRE_SPLIT_PATTERN = re.compile(r"(?:^|[_\-\s.])(train|val|valid|dev|test)(?:$|[_\-\s.])", re.IGNORECASE)
+_MRE_SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation", "dev": "validation", "test": "test"}
+
+
+@dataclass
+class _Example:
+    """One parsed example, with the line of the data file it starts on (for error messages)."""
+
+    line: int
+    tokens: list[str]
+    image_file: str
+    fields: dict = field(default_factory=dict)
+
+
+def load_image(path: PathLike, missing_images: str = "mask") -> Image.Image | None:
+    """
+    Decodes an image file fully. Under `missing_images="mask"` a missing or unreadable file is logged and gives None;
+    under `"error"` it raises an `OSError` naming the file.
+    """
+    _check_policy(missing_images)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError) as error:
+        if missing_images == "error":
+            raise OSError(f"Cannot read image {path}: {error}") from error
+        logger.warning("Image %s is missing or unreadable (%s); it is masked out.", path, error)
+        return None
+
+
+def load_mner_dataset(
+    data_dir: PathLike | None = None,
+    data_files: Mapping[str, PathLike] | None = None,
+    image_dir: SplitPaths | None = None,
+    object_dir: SplitPaths | None = None,
+    object_maps: Mapping[str, PathLike | Mapping] | None = None,
+    missing_images: str = "mask",
+) -> DatasetDict:
+    """
+    Loads Twitter-2015 / Twitter-2017 multimodal NER data in the UMT release format: blank-line separated blocks,
+    each starting with `IMGID:<id>` (image `<id>.jpg`) followed by one `token<TAB>label` line per token.
+
+    Args:
+        data_dir: folder holding `train.txt`, `valid.txt` and/or `test.txt`.
+        data_files: explicit `{"train": ..., "validation": ..., "test": ...}` (relative paths are resolved in
+            `data_dir` when it is given).
+        image_dir: folder of the images, or one folder per split; None loads text only (`image` is None).
+        object_dir: folder of the object crops, or one folder per split.
+        object_maps: per split, a `torch.save`d dict (path) or a dict mapping image file name or sample index to a
+            list of crop file names under `object_dir`.
+        missing_images: `"mask"` or `"error"` (see the module docstring).
+
+    Returns:
+        `DatasetDict` with the splits found, columns `id` (sample index in its file), `tokens`, `ner_tags`
+        (`ClassLabel` over `MNER_LABELS`; OTHER is read as MISC), `image_id`, `image` (path or None), `objects`.
+    """
+    files = _resolve_data_files(data_dir, data_files, _find_mner_files)
+    features = Features(
+        {
+            "id": Value("string"),
+            "tokens": List(Value("string")),
+            "ner_tags": List(ClassLabel(names=MNER_LABELS)),
+            "image_id": Value("string"),
+            "image": Value("string"),
+            "objects": List(Value("string")),
+        }
+    )
+    splits = {}
+    for split, path in files.items():
+        examples = _read_mner_file(path)
+        columns = {"ner_tags": [example.fields["ner_tags"] for example in examples]}
+        splits[split] = _build_split(
+            split, path, examples, columns, features, image_dir, object_dir, object_maps, missing_images
+        )
+    return DatasetDict(splits)
+
+
+def load_mre_dataset(
+    data_dir: PathLike | None = None,
+    data_files: Mapping[str, PathLike] | None = None,
+    image_dir: SplitPaths | None = None,
+    object_dir: SplitPaths | None = None,
+    object_maps: Mapping[str, PathLike | Mapping] | None = None,
+    rel2id: PathLike | Mapping[str, int] | None = None,
+    missing_images: str = "mask",
+) -> DatasetDict:
+    """
+    Loads MNRE multimodal relation extraction data: one Python literal per line with `token` (words), `h` and `t`
+    (`{"name", "pos": [start, end)}` in word offsets), `img_id` and `relation`.
+
+    Args:
+        data_dir: folder searched for `*train*.txt`, `*val*.txt` / `*dev*.txt` and `*test*.txt` (release file
+            names vary, e.g. `mnre_train.txt`, `ours_val.txt`, `mnre_val .txt`).
+        data_files: explicit `{"train": ..., "validation": ..., "test": ...}`.
+        image_dir, object_dir, object_maps, missing_images: as in `load_mner_dataset` (MNRE keeps one image folder
+            per split, e.g. `img_org/train`).
+        rel2id: a JSON file or dict `{relation: id}` fixing the relation ids; an unknown relation is then an error.
+            Without it the names are collected from the files, sorted, with `"None"` first.
+
+    Returns:
+        `DatasetDict` with the splits found, columns `id` (line index in its file), `tokens`, `head` and `tail`
+        (`name`, `start`, `end`; word offsets, end exclusive), `relation` (`ClassLabel`), `image_id`, `image`,
+        `objects`.
+    """
+    files = _resolve_data_files(data_dir, data_files, _find_mre_files)
+    parsed = {split: _read_mre_file(path) for split, path in files.items()}
+    relation_names = _relation_names(rel2id, parsed, files)
+    entity = {"name": Value("string"), "start": Value("int32"), "end": Value("int32")}
+    features = Features(
+        {
+            "id": Value("string"),
+            "tokens": List(Value("string")),
+            "head": entity,
+            "tail": entity,
+            "relation": ClassLabel(names=relation_names),
+            "image_id": Value("string"),
+            "image": Value("string"),
+            "objects": List(Value("string")),
+        }
+    )
+    splits = {}
+    for split, examples in parsed.items():
+        columns = {name: [example.fields[name] for example in examples] for name in ("head", "tail", "relation")}
+        splits[split] = _build_split(
+            split, files[split], examples, columns, features, image_dir, object_dir, object_maps, missing_images
+        )
+    return DatasetDict(splits)
+
+
+def _check_policy(missing_images: str) -> None:
+    if missing_images not in MISSING_IMAGE_POLICIES:
+        raise ValueError(f"missing_images must be one of {MISSING_IMAGE_POLICIES}, got {missing_images!r}")
+
+
+def _resolve_data_files(data_dir, data_files, find_files) -> dict[str, Path]:
+    if data_files is not None:
+        base = Path(data_dir) if data_dir is not None else Path()
+        files = {split: base / path for split, path in data_files.items()}
+    elif data_dir is not None:
+        files = find_files(Path(data_dir))
+    else:
+        raise ValueError("Pass data_dir or data_files.")
+    for split, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"Data file for split {split!r} not found: {path}")
+    return files
+
+
+def _find_mner_files(data_dir: Path) -> dict[str, Path]:
+    files = {split: data_dir / name for split, name in _MNER_SPLIT_FILES.items() if (data_dir / name).is_file()}
+    if not files:
+        raise FileNotFoundError(f"None of {list(_MNER_SPLIT_FILES.values())} found in {data_dir}")
+    return files
+
+
+def _find_mre_files(data_dir: Path) -> dict[str, Path]:
+    candidates: dict[str, list[Path]] = {}
+    for path in sorted(data_dir.glob("*.txt")):
+        match = _MRE_SPLIT_PATTERN.search(path.stem)
+        if match:
+            candidates.setdefault(_MRE_SPLIT_NAMES[match.group(1).lower()], []).append(path)
+    if not candidates:
+        raise FileNotFoundError(f"No *train*.txt, *val*.txt, *dev*.txt or *test*.txt file found in {data_dir}")
+    for split, paths in candidates.items():
+        if len(paths) > 1:
+            raise ValueError(
+                f"Several files in {data_dir} look like the {split} split: {[p.name for p in paths]}; "
+                "pass data_files explicitly."
+            )
+    return {split: paths[0] for split, paths in candidates.items()}
+
+
+def _read_mner_file(path: Path) -> list[_Example]:
+    examples: list[_Example] = []
+    current: _Example | None = None
+
+    def close_block(line_no: int) -> None:
+        if current is not None and not current.tokens:
+            raise ValueError(f"{path}:{current.line}: IMGID block has no token lines (block ends at line {line_no})")
+
+    with open(path, encoding="utf-8") as file:  # universal newlines: CRLF files read like LF ones
+        for line_no, raw_line in enumerate(file, start=1):
+            line = raw_line.rstrip()
+            if not line:
+                close_block(line_no)
+                current = None
+                continue
+            if line.startswith("IMGID:"):
+                close_block(line_no)
+                current = _Example(line_no, [], line[len("IMGID:") :].strip() + ".jpg", {"ner_tags": []})
+                examples.append(current)
+                continue
+            if current is None:
+                raise ValueError(f"{path}:{line_no}: token line outside an IMGID block: {line!r}")
+            token, tab, label = line.rpartition("\t")
+            if not tab:
+                raise ValueError(f"{path}:{line_no}: expected 'token<TAB>label', got {line!r}")
+            current.tokens.append(token.strip())
+            current.fields["ner_tags"].append(_normalise_bio_label(label.strip(), path, line_no))
+    if not examples:
+        raise ValueError(f"{path}: no IMGID block found")
+    close_block(line_no + 1)
+    return examples
+
+
+def _normalise_bio_label(label: str, path: Path, line_no: int) -> str:
+    """Checks a BIO label and maps OTHER to MISC. An `I-` tag without a preceding `B-` is kept, as conlleval does."""
+    if label == "O":
+        return label
+    prefix, dash, entity_type = label.partition("-")
+    if dash and prefix in ("B", "I") and entity_type in MNER_ENTITY_TYPES:
+        return f"{prefix}-{MNER_ENTITY_TYPES[entity_type]}"
+    raise ValueError(
+        f"{path}:{line_no}: label {label!r} is not BIO over {sorted(MNER_ENTITY_TYPES)} (expected O, B-TYPE or I-TYPE)"
+    )
+
+
+def _read_mre_file(path: Path) -> list[_Example]:
+    examples = []
+    with open(path, encoding="utf-8") as file:
+        for line_no, raw_line in enumerate(file, start=1):
+            line = raw_line.strip()
+            if not line:
+                continue
+            try:
+                record = ast.literal_eval(line)
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as error:
+                raise ValueError(f"{path}:{line_no}: not a Python literal: {error}") from error
+            examples.append(_parse_mre_record(record, path, line_no))
+    if not examples:
+        raise ValueError(f"{path}: no records found")
+    return examples
+
+
+def _parse_mre_record(record, path: Path, line_no: int) -> _Example:
+    where = f"{path}:{line_no}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a dict, got {type(record).__name__}")
+    for key in ("token", "h", "t", "img_id", "relation"):
+        if key not in record:
+            raise ValueError(f"{where}: field {key!r} is missing")
+    tokens = record["token"]
+    if not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens):
+        raise ValueError(f"{where}: field 'token' must be a list of strings")
+    entities = {}
+    for key, column in (("h", "head"), ("t", "tail")):
+        entity = record[key]
+        pos = entity.get("pos") if isinstance(entity, dict) else None
+        if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and all(isinstance(p, int) for p in pos)):
+            raise ValueError(f"{where}: field {key!r} must be {{'name': ..., 'pos': [start, end]}}, got {entity!r}")
+        start, end = pos
+        if not 0 <= start < end <= len(tokens):
+            raise ValueError(f"{where}: {key} span [{start}, {end}) is out of range for {len(tokens)} tokens")
+        entities[column] = {"name": str(entity.get("name", " ".join(tokens[start:end]))), "start": start, "end": end}
+    return _Example(line_no, tokens, str(record["img_id"]), {**entities, "relation": str(record["relation"])})
+
+
+def _relation_names(rel2id, parsed: dict[str, list[_Example]], files: dict[str, Path]) -> list[str]:
+    if rel2id is None:
+        found = {example.fields["relation"] for examples in parsed.values() for example in examples}
+        return [NO_RELATION] + sorted(found - {NO_RELATION})
+    if not isinstance(rel2id, Mapping):
+        with open(rel2id, encoding="utf-8") as file:
+            rel2id = json.load(file)
+    ids = sorted(rel2id.values())
+    if ids != list(range(len(ids))):
+        raise ValueError(f"rel2id ids must be 0..{len(ids) - 1} without gaps, got {ids}")
+    names = sorted(rel2id, key=rel2id.get)
+    for split, examples in parsed.items():
+        for example in examples:
+            if example.fields["relation"] not in rel2id:
+                raise ValueError(
+                    f"{files[split]}:{example.line}: relation {example.fields['relation']!r} is not in rel2id"
+                )
+    return names
+
+
+def _split_path(paths: SplitPaths | None, split: str, what: str) -> Path | None:
+    if paths is None or isinstance(paths, (str, os.PathLike)):
+        return None if paths is None else Path(paths)
+    if split not in paths:
+        raise ValueError(f"{what} has no entry for split {split!r} (it has {sorted(paths)})")
+    return Path(paths[split])
+
+
+def _build_split(
+    split: str,
+    data_file: Path,
+    examples: list[_Example],
+    columns: dict[str, list],
+    features: Features,
+    image_dir: SplitPaths | None,
+    object_dir: SplitPaths | None,
+    object_maps: Mapping[str, PathLike | Mapping] | None,
+    missing_images: str,
+) -> Dataset:
+    _check_policy(missing_images)
+    checker = _ImageChecker(missing_images)
+    image_root = _split_path(image_dir, split, "image_dir")
+    images = []
+    for example in examples:
+        path = None if image_root is None else image_root / example.image_file
+        images.append(checker(path, f"{data_file}:{example.line}"))
+    crop_lists = _crop_lists(split, data_file, examples, object_dir, object_maps)
+    objects = [
+        [checker(path, f"{data_file}:{example.line}") for path in crops]
+        for example, crops in zip(examples, crop_lists, strict=True)
+    ]
+    if checker.num_missing:
+        logger.warning(
+            "%s split (%s): %d of %d image files missing or unreadable, masked out (first: %s).",
+            split,
+            data_file,
+            checker.num_missing,
+            checker.num_checked,
+            checker.first_missing,
+        )
+    data = {
+        "id": [str(index) for index in range(len(examples))],
+        "tokens": [example.tokens for example in examples],
+        **columns,
+        "image_id": [example.image_file for example in examples],
+        "image": images,
+        "objects": objects,
+    }
+    return Dataset.from_dict(data, features=features, split=split)
+
+
+class _ImageChecker:
+    """Checks that image files exist and have a header PIL recognises; remembers results, counts failures."""
+
+    def __init__(self, missing_images: str):
+        self.missing_images = missing_images
+        self.num_checked = 0
+        self.num_missing = 0
+        self.first_missing: str | None = None
+        self._readable: dict[Path, bool] = {}
+
+    def __call__(self, path: Path | None, referenced_at: str) -> str | None:
+        if path is None:
+            return None
+        self.num_checked += 1
+        if path not in self._readable:
+            self._readable[path] = _has_image_header(path)
+        if self._readable[path]:
+            return str(path)
+        if self.missing_images == "error":
+            raise FileNotFoundError(f"{referenced_at}: image file {path} is missing or unreadable")
+        self.num_missing += 1
+        self.first_missing = self.first_missing or str(path)
+        return None
+
+
+def _has_image_header(path: Path) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _crop_lists(
+    split: str,
+    data_file: Path,
+    examples: list[_Example],
+    object_dir: SplitPaths | None,
+    object_maps: Mapping[str, PathLike | Mapping] | None,
+) -> list[list[Path]]:
+    """Per example, the paths of its object crops (empty when the map has no entry for it)."""
+    if object_maps is None or split not in object_maps:
+        return [[] for _ in examples]
+    crop_root = _split_path(object_dir, split, "object_dir")
+    if crop_root is None:
+        raise ValueError("object_maps needs object_dir, the folder the crop file names are relative to")
+    source = object_maps[split]
+    crop_map = source if isinstance(source, Mapping) else torch.load(source, weights_only=True)
+    where = source if not isinstance(source, Mapping) else f"object map of split {split!r}"
+    keys = _crop_map_keys(crop_map, examples, where)
+    lists = []
+    for key in keys:
+        crops = crop_map.get(key, [])
+        if not isinstance(crops, (list, tuple)) or not all(isinstance(crop, str) for crop in crops):
+            raise ValueError(f"{where}: entry {key!r} must be a list of crop file names, got {crops!r}")
+        lists.append([crop_root / crop for crop in crops])
+    return lists
+
+
+def _crop_map_keys(crop_map: Mapping, examples: list[_Example], where) -> Sequence:
+    """
+    Finds how a crop map is keyed and returns, per example, the key to look up. Maps keyed by image file name are
+    recognised when a key matches an example's image; maps keyed by sample index have int (or all-digit) keys.
+    """
+    if not crop_map:
+        return [None] * len(examples)
+    image_files = [example.image_file for example in examples]
+    if any(key in crop_map for key in image_files):
+        return image_files
+    if all(isinstance(key, int) for key in crop_map):
+        indices: Sequence = range(len(examples))
+    elif all(isinstance(key, str) and key.isdigit() for key in crop_map):
+        indices = [str(index) for index in range(len(examples))]
+    else:
+        raise ValueError(f"{where}: its keys match neither the image file names nor sample indices of the split")
+    largest = max(int(key) for key in crop_map)
+    if largest >= len(examples):
+        raise ValueError(f"{where}: keyed by sample index, but index {largest} >= {len(examples)} examples")
+    return indices
+
+
+__all__ = ["MNER_LABELS", "NO_RELATION", "load_image", "load_mner_dataset", "load_mre_dataset"]
