@@ -293,7 +293,15 @@ class HVPNetModel(HVPNetPreTrainedModel):
         self.text_model = BertModel(config.text_config, add_pooling_layer=add_pooling_layer)
         for index, layer in enumerate(self.text_model.encoder.layer):
             layer.attention.self = HVPNetSelfAttention(config.text_config, layer_idx=index)
-        self.visual_encoder = HVPNetVisualPrefixEncoder(config) if config.use_visual_prefix else None
+        if not config.use_visual_prefix:
+            self.visual_encoder = None
+        elif config.prefix_mode == "original":
+            # The authors' code layout lives in its own module; imported here because that module builds on this one.
+            from .modeling_hvpnet_original import HVPNetOriginalVisualPrefixEncoder
+
+            self.visual_encoder = HVPNetOriginalVisualPrefixEncoder(config)
+        else:
+            self.visual_encoder = HVPNetVisualPrefixEncoder(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
