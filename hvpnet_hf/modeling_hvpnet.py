@@ -269,10 +269,12 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         )
         model = cls(config)
         base = model if isinstance(model, HVPNetModel) else model.hvpnet
-        pretrained_text = BertModel.from_pretrained(
-            text_model_name_or_path, add_pooling_layer=base.text_model.pooler is not None
-        )
-        base.text_model.load_state_dict(pretrained_text.state_dict())
+        pretrained_text = BertModel.from_pretrained(text_model_name_or_path).state_dict()
+        if base.text_model.pooler is None:  # the task heads read token states, not the pooler
+            pretrained_text = {
+                name: weight for name, weight in pretrained_text.items() if not name.startswith("pooler.")
+            }
+        base.text_model.load_state_dict(pretrained_text)
         if vision_pretrained and base.visual_encoder is not None:
             base.visual_encoder.load_pretrained_backbone(vision_pretrained, vision_backbone, config.vision_out_indices)
         if tokenizer is not None and len(tokenizer) != text_config.vocab_size:
