@@ -1,0 +1,172 @@
+"""From published files to model inputs: map function, lazy image transform, collator, subsets, a model forward."""
+
+import pytest
+import torch
+from datasets import Value
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import BertTokenizer
+
+from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification
+from hvpnet_hf.collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
+from hvpnet_hf.loading import MNER_LABELS, load_mner_dataset, load_mre_dataset
+from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "du", "##rant", "in", "boston", "apple", "store"]
+IMAGE_SIZE = 32
+NER_INPUTS = {
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "word_start_mask",
+    "labels",
+    "pixel_values",
+    "object_pixel_values",
+    "image_mask",
+    "object_mask",
+}
+RE_INPUTS = NER_INPUTS - {"word_start_mask"}
+
+
+def tiny_processor(task: str = "ner") -> HVPNetProcessor:
+    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(VOCAB)})
+    return HVPNetProcessor(tokenizer, task=task, image_size=IMAGE_SIZE, num_object_images=2, max_length=12)
+
+
+def tiny_model_config(**overrides) -> HVPNetConfig:
+    text = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
+    text.update(vocab_size=len(VOCAB) + 4, max_position_embeddings=32)
+    return HVPNetConfig(text_config=text, vision_backbone="test_resnet", num_object_images=2, **overrides)
+
+
+@pytest.fixture
+def mner_dir(tmp_path):
+    """Four tweets in the UMT format; one image is truncated after its header, one crop map keyed by file name."""
+    text = (
+        "IMGID:1\nKevin\tB-PER\nDurant\tI-PER\nin\tO\nBoston\tB-LOC\n\n"
+        "IMGID:2\nApple\tB-ORG\nstore\tO\n\n"
+        "IMGID:3\n\x07\tO\nBoston\tB-LOC\n\n"
+        "IMGID:4\n" + "".join("in\tO\n" for _ in range(20))  # longer than max_length: truncated
+    )
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(images / "1.jpg")
+    Image.new("CMYK", (30, 40)).save(images / "2.jpg")
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(images / "3.jpg")
+    (images / "3.jpg").write_bytes((images / "3.jpg").read_bytes()[:-400])
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    Image.new("RGBA", (10, 10)).save(crops / "1_0.png")
+    Image.new("P", (10, 10)).save(crops / "1_1.png")
+    Image.new("L", (10, 10)).save(crops / "1_2.png")
+    return load_mner_dataset(
+        data_files={"train": tmp_path / "train.txt"},
+        image_dir=images,
+        object_dir=crops,
+        object_maps={"train": {"1.jpg": ["1_0.png", "1_1.png", "1_2.png"]}},
+    )
+
+
+def test_map_keeps_every_example_and_stores_no_pixels(mner_dir):
+    processor = tiny_processor()
+    encoded = mner_dir.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})["train"]
+    assert len(encoded) == len(mner_dir["train"]) == 4
+    float_columns = [name for name, feature in encoded.features.items() if "float" in str(feature)]
+    assert float_columns == []
+    assert encoded.features["image"] == Value("string")
+    # The truncated tweet keeps 10 of its 20 words; the rest are countable from word_ids.
+    assert len(encoded[3]["input_ids"]) == 12
+    assert len(set(encoded[3]["word_ids"]) - {-1}) == 10
+    # The control-character word became [UNK] and kept its label slot.
+    assert [label for label in encoded[2]["labels"] if label != -100] == [0, MNER_LABELS.index("B-LOC")]
+
+
+def test_lazy_transform_and_collator_build_model_inputs(mner_dir):
+    processor = tiny_processor()
+    encoded = mner_dir.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})["train"]
+    attacher = ImageAttacher(processor)
+    loader = DataLoader(encoded.with_transform(attacher), batch_size=4, collate_fn=HVPNetDataCollator(processor))
+    batch = next(iter(loader))
+
+    assert set(batch) == NER_INPUTS
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["word_start_mask"].shape == (4, 12)
+    assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["object_pixel_values"].shape == (4, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # 3.jpg passes the header check at load time but cannot be decoded: masked and counted; 4.jpg never existed.
+    assert batch["image_mask"].tolist() == [True, True, False, False]
+    assert attacher.num_masked == 1
+    assert batch["object_mask"].tolist() == [[True, True], [False, False], [False, False], [False, False]]
+    # Padding: the two-word tweet is [CLS] apple store [SEP] + 8 pads.
+    assert batch["input_ids"][1, 4:].tolist() == [processor.tokenizer.pad_token_id] * 8
+    assert batch["labels"][1, 4:].tolist() == [-100] * 8
+    assert not batch["word_start_mask"][1, 4:].any()
+    assert batch["attention_mask"][1].tolist() == [1] * 4 + [0] * 8
+
+
+def test_collator_attaches_images_itself_and_refuses_dropped_paths(mner_dir):
+    processor = tiny_processor()
+    encoded = mner_dir.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})["train"]
+    collator = HVPNetDataCollator(processor)
+    from_paths = collator([encoded[0], encoded[1]])
+    transformed = encoded.with_transform(ImageAttacher(processor))
+    from_transform = collator([transformed[0], transformed[1]])
+    for name in NER_INPUTS:
+        torch.testing.assert_close(from_paths[name], from_transform[name], rtol=0, atol=0)  # same decode, same tensors
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        collator([encoded.remove_columns(["image", "objects"])[0]])
+
+
+def test_batches_run_through_the_models(mner_dir, tmp_path):
+    torch.manual_seed(0)
+    processor = tiny_processor()
+    encoded = mner_dir.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})["train"]
+    batch = HVPNetDataCollator(processor)(list(encoded))
+    model = HVPNetForTokenClassification(tiny_model_config(num_labels=len(MNER_LABELS))).eval()
+    with torch.no_grad():
+        output = model(**batch)
+    assert torch.isfinite(output.loss)
+    assert ((output.predicted_tags != -100) == batch["word_start_mask"]).all()
+    words = processor.post_process_ner(output.predicted_tags[3], encoded[3]["word_ids"], len(encoded[3]["tokens"]))
+    assert len(words) == 20 and words[10:] == [0] * 10  # cut words scored as "O"
+
+    mre_file = tmp_path / "mnre_train.txt"
+    records = [
+        {
+            "token": ["Kevin", "in", "Boston"],
+            "h": {"name": "Kevin", "pos": [0, 1]},
+            "t": {"name": "Boston", "pos": [2, 3]},
+        },
+        {"token": ["Apple", "store"], "h": {"name": "Apple", "pos": [0, 1]}, "t": {"name": "store", "pos": [1, 2]}},
+    ]
+    records[0].update(img_id="x.jpg", relation="/per/loc/place_of_residence")
+    records[1].update(img_id="y.jpg", relation="None")
+    mre_file.write_text("\n".join(repr(record) for record in records))  # one Python literal per line
+    relations = load_mre_dataset(data_files={"train": mre_file})["train"]
+    re_processor = tiny_processor("re")
+    encoded = relations.map(tokenize_and_align, batched=True, fn_kwargs={"processor": re_processor})
+    batch = HVPNetDataCollator(re_processor)(list(encoded))
+    assert set(batch) == RE_INPUTS
+    assert batch["labels"].tolist() == [1, 0] and not batch["image_mask"].any()
+    config = tiny_model_config(
+        num_labels=2,
+        head_start_token_id=re_processor.head_start_token_id,
+        tail_start_token_id=re_processor.tail_start_token_id,
+    )
+    with torch.no_grad():
+        logits = HVPNetForSequenceClassification(config).eval()(**batch).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_sample_subset_is_reproducible(tmp_path):
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"id": [str(index) for index in range(100)]})
+    first = sample_subset(dataset, 0.1, seed=3)["id"]
+    assert len(first) == 10 and first == sorted(first, key=int)  # original order kept
+    assert sample_subset(dataset, 0.1, seed=3)["id"] == first
+    assert sample_subset(dataset, 0.1, seed=4)["id"] != first
+    assert len(sample_subset(dataset, 0.001)) == 1
+    assert sample_subset(dataset, 1.0) is dataset
+    with pytest.raises(ValueError, match="sample_ratio"):
+        sample_subset(dataset, 0.0)

@@ -1,0 +1,308 @@
+"""Loaders for the published Twitter-2015/2017 (UMT) and MNRE formats, on fixtures written here in those formats."""
+
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from hvpnet_hf.loading import MNER_LABELS, load_image, load_mner_dataset, load_mre_dataset
+
+# Three tweets as the UMT release writes them; Twitter-2015 calls the MISC type OTHER.
+MNER_TRAIN = (
+    "IMGID:101\nKevin\tB-PER\nDurant\tI-PER\nin\tO\nBoston\tB-LOC\n\n"
+    "IMGID:102\nRT\tO\n@nba\tO\nfinals\tB-OTHER\n\n"
+    "IMGID:103\nApple\tB-ORG\nstore\tO\n"
+)
+
+
+def write_image(path, mode="RGB", size=(24, 16), color=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if color is not None else 128).save(path)
+    return path
+
+
+def write_mner_dir(tmp_path, train=MNER_TRAIN, images=("101", "102", "103")):
+    data_dir = tmp_path / "twitter2015"
+    data_dir.mkdir()
+    (data_dir / "train.txt").write_text(train, encoding="utf-8")
+    (data_dir / "valid.txt").write_text("IMGID:201\nParis\tB-LOC\n\n", encoding="utf-8")
+    (data_dir / "test.txt").write_text("IMGID:301\nhello\tO\n\nIMGID:302\nGoogle\tB-ORG\n\n", encoding="utf-8")
+    image_dir = tmp_path / "twitter2015_images"
+    for image_id in images:
+        write_image(image_dir / f"{image_id}.jpg")
+    return data_dir, image_dir
+
+
+def mre_line(tokens, head, tail, relation, img_id="a.jpg"):
+    record = {
+        "token": tokens,
+        "h": {"name": " ".join(tokens[head[0] : head[1]]), "pos": list(head)},
+        "t": {"name": " ".join(tokens[tail[0] : tail[1]]), "pos": list(tail)},
+        "img_id": img_id,
+        "relation": relation,
+    }
+    return repr(record)  # single-quoted Python literal, as in the MNRE release
+
+
+MRE_TRAIN = [
+    mre_line(["JFK", "and", "Obama", "at", "Harvard"], (0, 1), (2, 3), "/per/per/peer", "img_1.jpg"),
+    mre_line(["Messi", "joins", "Inter", "Miami"], (0, 1), (2, 4), "/per/org/member_of", "img_2.jpg"),
+    mre_line(["Sunset", "over", "Paris"], (0, 1), (2, 3), "None", "img_1.jpg"),
+]
+
+
+def write_mre_dir(tmp_path, names=("mnre_train.txt", "mnre_val .txt", "mnre_test.txt")):
+    data_dir = tmp_path / "mnre"
+    data_dir.mkdir()
+    train, val, test = names
+    (data_dir / train).write_text("\n".join(MRE_TRAIN) + "\n", encoding="utf-8")
+    (data_dir / val).write_text(mre_line(["Ann", "visits", "Rome"], (0, 1), (2, 3), "/per/loc/place_of_residence"))
+    (data_dir / test).write_text(mre_line(["Bob", "meets", "Carl"], (2, 3), (0, 1), "/per/per/peer") + "\n\n")
+    return data_dir
+
+
+# ---------------------------------------------------------------- MNER
+
+
+def test_mner_reads_published_format_with_images(tmp_path):
+    data_dir, image_dir = write_mner_dir(tmp_path)
+    dataset = load_mner_dataset(data_dir, image_dir=image_dir)
+
+    assert sorted(dataset) == ["test", "train", "validation"]
+    assert [len(dataset[split]) for split in ("train", "validation", "test")] == [3, 1, 2]  # every block read
+    train = dataset["train"]
+    assert train.features["ner_tags"].feature.names == MNER_LABELS
+    assert train["tokens"][0] == ["Kevin", "Durant", "in", "Boston"]
+    names = train.features["ner_tags"].feature.names
+    assert [names[tag] for tag in train["ner_tags"][1]] == ["O", "O", "B-MISC"]  # OTHER read as MISC
+    assert train["id"] == ["0", "1", "2"]
+    assert train["image_id"] == ["101.jpg", "102.jpg", "103.jpg"]
+    assert train["image"][2] == str(image_dir / "103.jpg")
+    assert train["objects"] == [[], [], []]
+    # Images of other splits are absent from the folder: masked, not dropped.
+    assert dataset["test"]["image"] == [None, None]
+
+
+def test_mner_text_only(tmp_path):
+    data_dir, _ = write_mner_dir(tmp_path)
+    dataset = load_mner_dataset(data_dir)
+    assert dataset["train"]["image"] == [None, None, None]
+    assert len(dataset["train"]) == 3
+
+
+def test_mner_tolerates_crlf_trailing_spaces_and_missing_final_blank_line(tmp_path):
+    clean = tmp_path / "clean.txt"
+    clean.write_text(MNER_TRAIN, encoding="utf-8")
+    messy = tmp_path / "messy.txt"
+    messy_text = MNER_TRAIN.replace("\n", "  \r\n").rstrip()  # trailing spaces, CRLF, no final newline
+    messy.write_bytes(messy_text.encode("utf-8"))
+    expected = load_mner_dataset(data_files={"train": clean})["train"]
+    got = load_mner_dataset(data_files={"train": messy})["train"]
+    assert got["tokens"] == expected["tokens"]
+    assert got["ner_tags"] == expected["ner_tags"]
+
+
+def test_mner_accepts_conlleval_style_i_tags(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("IMGID:1\nsome\tO\nBoston\tI-LOC\n", encoding="utf-8")
+    tags = load_mner_dataset(data_files={"train": path})["train"]["ner_tags"][0]
+    assert tags == [MNER_LABELS.index("O"), MNER_LABELS.index("I-LOC")]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("IMGID:1\nKevin B-PER\n", 2, "TAB"),
+        ("IMGID:1\nKevin\tB-PER\nDurant\tE-PER\n", 3, "E-PER"),
+        ("IMGID:1\nKevin\tB-FOO\n", 2, "B-FOO"),
+        ("Kevin\tB-PER\n", 1, "outside an IMGID block"),
+        ("IMGID:1\n\nIMGID:2\nx\tO\n", 1, "no token lines"),
+    ],
+)
+def test_mner_malformed_input_names_file_and_line(tmp_path, text, line, message):
+    path = tmp_path / "train.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"train.txt:{line}:.*{message}"):
+        load_mner_dataset(data_files={"train": path})
+
+
+def test_mner_missing_and_unreadable_images_are_masked_and_counted(tmp_path, caplog):
+    data_dir, image_dir = write_mner_dir(tmp_path, images=("101",))
+    (image_dir / "102.jpg").write_bytes(b"not an image at all")  # 103.jpg does not exist
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        train = load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir)["train"]
+    assert len(train) == 3
+    assert train["image"] == [str(image_dir / "101.jpg"), None, None]
+    assert "2 of 3 image files missing or unreadable" in caplog.text
+
+
+def test_mner_missing_image_error_policy_names_file_and_line(tmp_path):
+    data_dir, image_dir = write_mner_dir(tmp_path, images=("101", "102"))
+    with pytest.raises(FileNotFoundError, match=r"train.txt:12: image file .*103.jpg"):
+        load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir, missing_images="error")
+
+
+def test_unknown_missing_image_policy(tmp_path):
+    data_dir, _ = write_mner_dir(tmp_path)
+    with pytest.raises(ValueError, match="missing_images"):
+        load_mner_dataset(data_dir, missing_images="skip")
+
+
+@pytest.mark.parametrize("keying", ["file_name", "int_index", "str_index"])
+def test_mner_crop_maps_keyed_by_file_name_or_sample_index(tmp_path, keying):
+    data_dir, image_dir = write_mner_dir(tmp_path)
+    crop_dir = tmp_path / "twitter2015_aux_images" / "train" / "crops"
+    for name in ("101_crop0.png", "101_crop1.png", "103_crop0.png"):
+        write_image(crop_dir / name, size=(8, 8))
+    crops = {0: ["101_crop0.png", "101_crop1.png"], 2: ["103_crop0.png", "103_missing.png"]}
+    keys = {"file_name": lambda i: f"{101 + i}.jpg", "int_index": int, "str_index": str}[keying]
+    map_path = tmp_path / "twitter2015_train_dict.pth"
+    torch.save({keys(index): names for index, names in crops.items()}, map_path)
+
+    train = load_mner_dataset(
+        data_files={"train": data_dir / "train.txt"},
+        image_dir=image_dir,
+        object_dir={"train": crop_dir},
+        object_maps={"train": map_path},
+    )["train"]
+    assert train["objects"] == [
+        [str(crop_dir / "101_crop0.png"), str(crop_dir / "101_crop1.png")],
+        [],
+        [str(crop_dir / "103_crop0.png"), None],  # a missing crop is kept as an absent slot
+    ]
+
+
+def test_crop_map_with_unmatched_keys_is_an_error(tmp_path):
+    data_dir, _ = write_mner_dir(tmp_path)
+    for crop_map, message in (({"999.jpg": ["x.png"]}, "match neither"), ({7: ["x.png"]}, "index 7 >= 3")):
+        with pytest.raises(ValueError, match=message):
+            load_mner_dataset(
+                data_files={"train": data_dir / "train.txt"},
+                object_dir=tmp_path,
+                object_maps={"train": crop_map},
+            )
+
+
+def test_crop_maps_need_object_dir(tmp_path):
+    data_dir, _ = write_mner_dir(tmp_path)
+    with pytest.raises(ValueError, match="object_dir"):
+        load_mner_dataset(data_files={"train": data_dir / "train.txt"}, object_maps={"train": {0: ["a.png"]}})
+
+
+def test_missing_data_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.txt"):
+        load_mner_dataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        load_mner_dataset(data_files={"train": tmp_path / "nope.txt"})
+
+
+# ---------------------------------------------------------------- MNRE
+
+
+def test_mre_finds_release_file_names_including_a_space(tmp_path):
+    data_dir = write_mre_dir(tmp_path)
+    dataset = load_mre_dataset(data_dir)
+    assert {split: len(dataset[split]) for split in dataset} == {"train": 3, "validation": 1, "test": 1}
+    train = dataset["train"]
+    assert train["head"][1] == {"name": "Messi", "start": 0, "end": 1}
+    assert train["tail"][1] == {"name": "Inter Miami", "start": 2, "end": 4}
+    assert train["image_id"] == ["img_1.jpg", "img_2.jpg", "img_1.jpg"]
+    assert train["image"] == [None, None, None]
+    names = train.features["relation"].names
+    # Collected from all splits, sorted, "None" first.
+    assert names == ["None", "/per/loc/place_of_residence", "/per/org/member_of", "/per/per/peer"]
+    assert [names[r] for r in train["relation"]] == ["/per/per/peer", "/per/org/member_of", "None"]
+
+
+def test_mre_other_release_names(tmp_path):
+    data_dir = write_mre_dir(tmp_path, names=("ours_train.txt", "ours_dev.txt", "ours_test.txt"))
+    assert sorted(load_mre_dataset(data_dir)) == ["test", "train", "validation"]
+
+
+def test_mre_ambiguous_file_names(tmp_path):
+    data_dir = write_mre_dir(tmp_path)
+    (data_dir / "old_train.txt").write_text(MRE_TRAIN[0])
+    with pytest.raises(ValueError, match="look like the train split"):
+        load_mre_dataset(data_dir)
+
+
+def test_mre_rel2id_fixes_ids_and_rejects_unknown_relations(tmp_path):
+    data_dir = write_mre_dir(tmp_path)
+    rel2id = {"None": 0, "/per/per/peer": 1, "/per/org/member_of": 2, "/per/loc/place_of_residence": 3}
+    rel2id_path = tmp_path / "ours_rel2id.json"
+    rel2id_path.write_text(json.dumps(rel2id))
+    dataset = load_mre_dataset(data_dir, rel2id=rel2id_path)
+    assert dataset["train"].features["relation"].names == list(rel2id)
+    assert dataset["train"]["relation"] == [1, 2, 0]
+
+    del rel2id["/per/org/member_of"]
+    rel2id["/per/loc/place_of_residence"] = 2
+    with pytest.raises(ValueError, match=r"mnre_train.txt:2: relation '/per/org/member_of' is not in rel2id"):
+        load_mre_dataset(data_dir, rel2id=rel2id)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (mre_line(["a", "b"], (0, 1), (1, 3), "None"), r"t span \[1, 3\) is out of range"),
+        (mre_line(["a", "b"], (1, 1), (0, 1), "None"), r"h span \[1, 1\) is out of range"),
+        ("{'token': ['a'], 'h': ", "not a Python literal"),
+        ("{'token': ['a'], 'h': {'name': 'a', 'pos': [0, 1]}}", "field 't' is missing"),
+        ("__import__('os')", "not a Python literal"),  # parsed with ast.literal_eval, never evaluated
+    ],
+)
+def test_mre_malformed_input_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "mnre_train.txt"
+    path.write_text(MRE_TRAIN[0] + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"mnre_train.txt:2: {message}"):
+        load_mre_dataset(data_files={"train": path})
+
+
+def test_mre_per_split_image_folders_and_index_keyed_crops(tmp_path):
+    data_dir = write_mre_dir(tmp_path)
+    image_dirs = {split: tmp_path / "img_org" / split for split in ("train", "val", "test")}
+    write_image(image_dirs["train"] / "img_1.jpg", mode="L")
+    write_image(image_dirs["train"] / "img_2.jpg", mode="CMYK")
+    write_image(image_dirs["val"] / "a.jpg")
+    crop_dir = tmp_path / "img_vg" / "train" / "crops"
+    write_image(crop_dir / "c.png", mode="RGBA")
+    dataset = load_mre_dataset(
+        data_dir,
+        image_dir={"train": image_dirs["train"], "validation": image_dirs["val"], "test": image_dirs["test"]},
+        object_dir={"train": crop_dir},
+        object_maps={"train": {1: ["c.png"]}},
+    )
+    assert dataset["train"]["image"] == [str(image_dirs["train"] / f"img_{i}.jpg") for i in (1, 2, 1)]
+    assert dataset["train"]["objects"] == [[], [str(crop_dir / "c.png")], []]
+    assert dataset["validation"]["image"] == [str(image_dirs["val"] / "a.jpg")]
+    assert dataset["test"]["image"] == [None]  # test folder is empty: masked
+
+
+def test_mre_image_dir_mapping_must_cover_every_split(tmp_path):
+    data_dir = write_mre_dir(tmp_path)
+    with pytest.raises(ValueError, match="image_dir has no entry for split 'validation'"):
+        load_mre_dataset(data_dir, image_dir={"train": tmp_path, "test": tmp_path})
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_load_image_truncated_file(tmp_path, caplog):
+    path = tmp_path / "big.jpg"
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(path)
+    path.write_bytes(path.read_bytes()[:-400])  # header intact, pixel data cut
+    with Image.open(path) as image:
+        assert image.size == (64, 64)  # so only decoding can notice
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        assert load_image(path) is None
+    assert "big.jpg" in caplog.text
+    with pytest.raises(OSError, match="big.jpg"):
+        load_image(path, missing_images="error")
+
+
+def test_load_image_decodes_pixels(tmp_path):
+    image = load_image(write_image(tmp_path / "ok.png", color=(1, 2, 3)))
+    assert image.size == (24, 16)
+    assert image.getpixel((0, 0)) == (1, 2, 3)

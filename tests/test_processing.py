@@ -1,0 +1,221 @@
+"""HVPNetProcessor: word alignment, entity markers and truncation, image transform, save/load round trip."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import BertTokenizer
+
+from hvpnet_hf.loading import MNER_LABELS
+from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, HVPNetProcessor
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "du", "##rant", "plays", "in", "new", "york", "a"]
+MODEL_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "object_pixel_values"}
+IMAGE_SIZE = 16
+
+
+def tiny_tokenizer() -> BertTokenizer:
+    """A WordPiece tokenizer over a dozen entries, lower-casing like bert-base-uncased."""
+    return BertTokenizer(vocab={token: index for index, token in enumerate(VOCAB)})
+
+
+def processor(task="ner", **kwargs) -> HVPNetProcessor:
+    settings = {"image_size": IMAGE_SIZE, "crop_pct": 1.0, "image_mean": (0.5,) * 3, "image_std": (0.5,) * 3}
+    return HVPNetProcessor(tiny_tokenizer(), task=task, **{**settings, **kwargs})
+
+
+def tag(name: str) -> int:
+    return MNER_LABELS.index(name)
+
+
+# ---------------------------------------------------------------- NER
+
+
+def test_ner_labels_sit_on_first_sub_words():
+    ner = processor()
+    words = ["Kevin", "Durant", "plays", "in", "New", "York"]
+    tags = [tag("B-PER"), tag("I-PER"), tag("O"), tag("O"), tag("B-LOC"), tag("I-LOC")]
+    encoded = ner.encode_ner([words], [tags])
+    tokens = ner.tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
+    assert tokens == ["[CLS]", "kevin", "du", "##rant", "plays", "in", "new", "york", "[SEP]"]
+    assert encoded["labels"][0] == [-100, tags[0], tags[1], -100, *tags[2:], -100]
+    assert encoded["word_start_mask"][0] == [False, True, True, False, True, True, True, True, False]
+    assert encoded["word_ids"][0] == [-1, 0, 1, 1, 2, 3, 4, 5, -1]
+
+
+def test_ner_words_that_tokenise_to_nothing_keep_the_alignment():
+    ner = processor()
+    # "\x07" and a zero-width space vanish in BERT's basic tokenizer; "😀" becomes [UNK] anyway.
+    words = ["Kevin", "\x07", "Durant", "\u200b", "😀", "plays"]
+    tags = [tag("B-PER"), tag("O"), tag("B-PER"), tag("O"), tag("O"), tag("O")]
+    encoded = ner.encode_ner([words], [tags])
+    tokens = ner.tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
+    assert tokens == ["[CLS]", "kevin", "[UNK]", "du", "##rant", "[UNK]", "[UNK]", "plays", "[SEP]"]
+    assert sum(encoded["word_start_mask"][0]) == len(words)
+    assert [label for label in encoded["labels"][0] if label != -100] == tags
+
+
+def test_ner_truncated_words_are_accounted_for():
+    ner = processor(max_length=6)
+    words = ["Kevin", "Durant", "plays", "in", "New", "York"]
+    encoded = ner.encode_ner([words], [[tag("B-PER"), tag("I-PER"), 0, 0, tag("B-LOC"), tag("I-LOC")]])
+    assert len(encoded["input_ids"][0]) == 6
+    word_ids = encoded["word_ids"][0]
+    assert sorted(set(word_ids) - {-1}) == [0, 1, 2]  # "in New York" were cut
+    predicted = [-100, tag("B-PER"), tag("I-PER"), -100, tag("O"), -100]
+    assert ner.post_process_ner(predicted, word_ids, len(words)) == [tag("B-PER"), tag("I-PER"), 0, 0, 0, 0]
+    assert ner.post_process_ner(torch.tensor(predicted + [-100] * 4), word_ids, len(words))[:2] == [1, 2]
+
+
+def test_ner_tag_count_must_match_words():
+    with pytest.raises(ValueError, match="Example 0: 2 words but 1 tags"):
+        processor().encode_ner([["Kevin", "Durant"]], [[1]])
+
+
+# ---------------------------------------------------------------- RE
+
+
+def re_tokens(re_processor, encoded, index=0):
+    return re_processor.tokenizer.convert_ids_to_tokens(encoded["input_ids"][index])
+
+
+def test_re_markers_are_added_once_and_inserted_around_entities():
+    re_processor = processor("re")
+    vocab_size = len(re_processor.tokenizer)
+    assert vocab_size == len(VOCAB) + 4
+    assert HVPNetProcessor(re_processor.tokenizer, task="re").tokenizer is re_processor.tokenizer
+    assert len(re_processor.tokenizer) == vocab_size  # not added twice
+    assert re_processor.head_start_token_id == re_processor.tokenizer.convert_tokens_to_ids("<s>")
+    assert re_processor.tail_start_token_id == vocab_size - 2
+
+    words = ["Kevin", "Durant", "plays", "in", "New", "York"]
+    encoded = re_processor.encode_re([words], [{"start": 4, "end": 6}], [{"start": 0, "end": 2}], [3])
+    assert re_tokens(re_processor, encoded) == [
+        "[CLS]", "<o>", "kevin", "du", "##rant", "</o>", "plays", "in", "<s>", "new", "york", "</s>", "[SEP]"
+    ]  # fmt: skip
+    assert encoded["labels"] == [3]
+    assert encoded["attention_mask"][0] == [1] * 13
+
+
+def test_re_entity_at_sentence_end_and_adjacent_entities():
+    re_processor = processor("re")
+    encoded = re_processor.encode_re([["a", "kevin", "york"]], [{"start": 1, "end": 2}], [{"start": 2, "end": 3}])
+    assert re_tokens(re_processor, encoded) == ["[CLS]", "a", "<s>", "kevin", "</s>", "<o>", "york", "</o>", "[SEP]"]
+
+
+@pytest.mark.parametrize(("head", "tail"), [((97, 98), (99, 100)), ((0, 1), (99, 100)), ((99, 100), (50, 51))])
+def test_re_truncation_keeps_both_entities_and_markers(head, tail):
+    re_processor = processor("re", max_length=16)
+    words = ["a"] * 100
+    words[head[0]], words[tail[0]] = "kevin", "york"
+    encoded = re_processor.encode_re(
+        [words], [{"start": head[0], "end": head[1]}], [{"start": tail[0], "end": tail[1]}]
+    )
+    tokens = re_tokens(re_processor, encoded)
+    assert len(tokens) == 16
+    for marker in ENTITY_MARKERS:
+        assert tokens.count(marker) == 1
+    head_at, tail_at = tokens.index("<s>"), tokens.index("<o>")
+    assert tokens[head_at : head_at + 3] == ["<s>", "kevin", "</s>"]
+    assert tokens[tail_at : tail_at + 3] == ["<o>", "york", "</o>"]
+    assert (head_at < tail_at) == (head[0] < tail[0])  # order of the sentence is kept
+
+
+def test_re_span_out_of_range():
+    with pytest.raises(ValueError, match=r"Example 0: tail span \[2, 4\) out of range"):
+        processor("re").encode_re([["a", "b", "c"]], [{"start": 0, "end": 1}], [{"start": 2, "end": 4}])
+
+
+def test_re_max_length_must_fit_the_markers():
+    with pytest.raises(ValueError, match="max_length"):
+        processor("re", max_length=5)
+
+
+# ---------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGBA", "P", "LA", "I;16"])
+def test_every_image_mode_becomes_rgb(mode):
+    image = Image.new(mode, (40, 20))
+    pixels = processor().preprocess_images(image)["pixel_values"]
+    assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert pixels.dtype == torch.float32
+
+
+def test_image_values_are_resized_cropped_and_normalised():
+    image = Image.new("L", (40, 20), 255)  # white; grayscale is replicated to three channels
+    pixels = processor().preprocess_images(image)["pixel_values"]
+    # (1.0 - 0.5) / 0.5 = 1 everywhere; 1e-5 covers float rounding of the resize.
+    torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)
+    transparent = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    pixels = processor().preprocess_images(transparent)["pixel_values"]
+    torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)  # white background
+
+
+def test_object_slots_are_padded_truncated_and_masked(tmp_path):
+    ner = processor(num_object_images=3)
+    crop = Image.new("RGB", (8, 8), (255, 0, 0))
+    one = ner.preprocess_images(None, [crop])
+    assert one["object_pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert one["object_mask"].tolist() == [True, False, False]
+    assert not one["image_mask"]
+    assert one["pixel_values"].abs().sum() == 0 and one["object_pixel_values"][1:].abs().sum() == 0
+    many = ner.preprocess_images(crop, [crop] * 5)
+    assert many["object_mask"].tolist() == [True, True, True] and many["image_mask"]
+
+
+def test_missing_image_path_is_masked_or_raises(tmp_path):
+    ner = processor()
+    path = tmp_path / "gone.jpg"
+    images = ner.preprocess_images(path, [path, None])
+    assert not images["image_mask"] and images["object_mask"].tolist() == [False, False, False]
+    with pytest.raises(OSError, match="gone.jpg"):
+        ner.preprocess_images(path, missing_images="error")
+
+
+def test_image_settings_come_from_the_timm_backbone():
+    from_cfg = HVPNetProcessor.from_backbone(tiny_tokenizer(), "test_resnet")
+    assert (from_cfg.image_size, from_cfg.crop_pct, from_cfg.interpolation) == (160, 0.95, "bilinear")
+    assert from_cfg.image_mean == (0.5, 0.5, 0.5)
+    small = HVPNetProcessor.from_backbone(tiny_tokenizer(), "resnet50", image_size=64)
+    assert small.image_size == 64 and small.image_std == (0.229, 0.224, 0.225)
+    assert small.preprocess_images(Image.new("RGB", (100, 80)))["pixel_values"].shape == (3, 64, 64)
+    assert HVPNetProcessor.from_backbone(tiny_tokenizer(), "no_such_backbone").image_size == 224
+
+
+# ---------------------------------------------------------------- __call__ and round trip
+
+
+def test_call_returns_exactly_the_model_inputs():
+    ner = processor()
+    single = ner(["Kevin", "plays"], Image.new("RGB", (20, 20)), [], tags=[1, 0])
+    assert set(single) == MODEL_INPUTS | {"image_mask", "object_mask", "word_start_mask", "labels"}
+    assert single["input_ids"].shape == (1, 4) and single["labels"].tolist() == [[-100, 1, 0, -100]]
+
+    re_processor = processor("re")
+    batch = re_processor(
+        [["Kevin", "plays"], ["a", "new", "york", "a"]],
+        [None, Image.new("L", (20, 20))],
+        head=[{"start": 0, "end": 1}, {"start": 1, "end": 2}],
+        tail=[{"start": 1, "end": 2}, {"start": 2, "end": 3}],
+        relation=[2, 0],
+    )
+    assert set(batch) == MODEL_INPUTS | {"image_mask", "object_mask", "labels"}
+    assert batch["input_ids"].shape == (2, 10)
+    assert batch["attention_mask"].tolist()[0] == [1] * 8 + [0, 0]
+    assert batch["image_mask"].tolist() == [False, True]
+    assert batch["labels"].tolist() == [2, 0]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    re_processor = processor("re", num_object_images=2, max_length=32)
+    re_processor.save_pretrained(tmp_path)
+    loaded = HVPNetProcessor.from_pretrained(tmp_path)
+    assert len(loaded.tokenizer) == len(re_processor.tokenizer)
+    assert loaded.head_start_token_id == re_processor.head_start_token_id
+    for name in ("task", "image_size", "crop_pct", "image_mean", "image_std", "num_object_images", "max_length"):
+        assert getattr(loaded, name) == getattr(re_processor, name)
+    arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
+    spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
+    expected, got = re_processor(*arguments, **spans), loaded(*arguments, **spans)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)  # same settings: identical output
