@@ -43,11 +43,6 @@ class HVPNetOriginalVisualPrefixEncoder(nn.Module):
         self.num_layers = text_config.num_hidden_layers
         self.num_heads = text_config.num_attention_heads
         self.hidden_size = text_config.hidden_size
-        if self.hidden_size % self.num_heads != 0:
-            raise ValueError(
-                f"prefix_mode='original' splits the hidden size into heads with a raw reshape: text_config.hidden_size "
-                f"({self.hidden_size}) must be a multiple of text_config.num_attention_heads ({self.num_heads})"
-            )
         self.grid = config.prefix_grid
         self.freeze_backbone = config.freeze_vision
 
