@@ -313,11 +313,14 @@ class HVPNetProcessor:
         return cls(tokenizer, **{**settings, **kwargs})
 
     def _replace_empty_words(self, words: Sequence[Sequence[str]]) -> list[list[str]]:
-        flat = [word for example in words for word in example]
-        pieces = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-        empty = {word for word, word_pieces in zip(flat, pieces, strict=True) if not word_pieces}
+        # One tokenizer pass over whole sentences: a word missing from `word_ids` produced no token.
+        probe = self.tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
         unk = self.tokenizer.unk_token
-        return [[unk if word in empty else word for word in example] for example in words]
+        replaced = []
+        for index, example in enumerate(words):
+            present = set(probe.word_ids(index))
+            replaced.append([word if position in present else unk for position, word in enumerate(example)])
+        return replaced
 
     def _image_tensor(self, image, missing_images: str) -> tuple[torch.Tensor, bool]:
         if isinstance(image, (str, os.PathLike)):
