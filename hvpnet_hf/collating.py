@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 IMAGE_INPUT_NAMES = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
 # Token-level model inputs and the value that pads each of them.
 SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
+MISSING_IMAGE_COLUMNS = (
+    "Examples have neither image tensors nor the `image` / `objects` path columns to load them from; with Trainer, "
+    "set remove_unused_columns=False so these columns are not dropped."
+)
 
 
 def tokenize_and_align(
@@ -54,6 +58,8 @@ class ImageAttacher:
         self.num_masked = 0
 
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
+        if "image" not in batch or "objects" not in batch:
+            raise KeyError(MISSING_IMAGE_COLUMNS)
         attached = {name: [] for name in IMAGE_INPUT_NAMES}
         for image, objects in zip(batch["image"], batch["objects"], strict=True):
             images = self.processor.preprocess_images(image, objects, self.missing_images)
@@ -87,9 +93,8 @@ class HVPNetDataCollator:
             if name in features[0]:
                 batch[name] = _pad([f[name] for f in features], padding_value)
         if "labels" in features[0]:
-            labels = [f["labels"] for f in features]
-            is_token_level = isinstance(labels[0], (list, tuple, torch.Tensor)) and torch.as_tensor(labels[0]).ndim
-            batch["labels"] = _pad(labels, -100) if is_token_level else torch.tensor(labels, dtype=torch.long)
+            labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
+            batch["labels"] = _pad(labels, -100) if labels[0].ndim else torch.stack(labels)  # NER (B, T), RE (B,)
         for name in IMAGE_INPUT_NAMES:
             batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
         return batch
@@ -98,10 +103,7 @@ class HVPNetDataCollator:
         if "pixel_values" in feature:
             return feature
         if "image" not in feature:
-            raise KeyError(
-                "An example has neither image tensors nor an `image` column to load them from; with Trainer, set "
-                "remove_unused_columns=False so the image paths reach the collator."
-            )
+            raise KeyError(MISSING_IMAGE_COLUMNS)
         columns = {name: [value] for name, value in feature.items()}
         columns.setdefault("objects", [[]])
         return {name: values[0] for name, values in self.attacher(columns).items()}

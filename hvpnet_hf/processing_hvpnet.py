@@ -19,6 +19,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
+from .collating import HVPNetDataCollator
 from .loading import MNER_LABELS, load_image
 
 TASKS = ("ner", "re")
@@ -150,8 +151,6 @@ class HVPNetProcessor:
         per word) or `relation` (RE, a relation id) is given. RE needs `head` and `tail` as
         `{"start": int, "end": int}` word spans (end exclusive).
         """
-        from .collating import HVPNetDataCollator
-
         single = isinstance(words[0], str) if len(words) else True
         if single:
             words, image, objects = [words], [image], [objects]
@@ -161,13 +160,12 @@ class HVPNetProcessor:
             encoded = self.encode_ner(words, tags, max_length)
         else:
             encoded = self.encode_re(words, head, tail, relation, max_length)
+        images = image if image is not None else [None] * len(words)
+        objects = objects if objects is not None else [None] * len(words)
         features = []
         for index in range(len(words)):
             feature = {name: values[index] for name, values in encoded.items() if name != "word_ids"}
-            example_objects = objects[index] if objects is not None and objects[index] is not None else []
-            feature.update(
-                self.preprocess_images(image[index] if image is not None else None, example_objects, missing_images)
-            )
+            feature.update(self.preprocess_images(images[index], objects[index], missing_images))
             features.append(feature)
         return BatchFeature(HVPNetDataCollator(self)(features))
 
@@ -249,7 +247,7 @@ class HVPNetProcessor:
     def preprocess_images(
         self,
         image: Image.Image | str | os.PathLike | None,
-        objects: Sequence[Image.Image | str | os.PathLike | None] = (),
+        objects: Sequence[Image.Image | str | os.PathLike | None] | None = None,
         missing_images: str = "mask",
     ) -> dict[str, torch.Tensor]:
         """
@@ -259,7 +257,8 @@ class HVPNetProcessor:
         `num_object_images` are not used.
         """
         pixel_values, image_present = self._image_tensor(image, missing_images)
-        slots = [self._image_tensor(crop, missing_images) for crop in list(objects)[: self.num_object_images]]
+        objects = list(objects or [])[: self.num_object_images]
+        slots = [self._image_tensor(crop, missing_images) for crop in objects]
         slots += [self._image_tensor(None, missing_images)] * (self.num_object_images - len(slots))
         size = (self.num_object_images, 3, self.image_size, self.image_size)
         return {

@@ -113,8 +113,11 @@ def test_collator_attaches_images_itself_and_refuses_dropped_paths(mner_dir):
     from_transform = collator([transformed[0], transformed[1]])
     for name in NER_INPUTS:
         torch.testing.assert_close(from_paths[name], from_transform[name], rtol=0, atol=0)  # same decode, same tensors
+    without_paths = encoded.remove_columns(["image", "objects"])  # what Trainer's remove_unused_columns does
     with pytest.raises(KeyError, match="remove_unused_columns=False"):
-        collator([encoded.remove_columns(["image", "objects"])[0]])
+        collator([without_paths[0]])
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        without_paths.with_transform(ImageAttacher(processor))[0]
 
 
 def test_batches_run_through_the_models(mner_dir, tmp_path):
