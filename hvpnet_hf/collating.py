@@ -49,7 +49,8 @@ class ImageAttacher:
     """
     Transform for `Dataset.with_transform`: decodes the `image` and `objects` paths of the rows being read and adds
     `pixel_values`, `object_pixel_values`, `image_mask` and `object_mask` (see
-    `HVPNetProcessor.preprocess_images`). `num_masked` counts the files that could not be decoded and were masked.
+    `HVPNetProcessor.preprocess_images`). `num_masked` counts the files that could not be decoded and were masked
+    (per process: with DataLoader workers each worker keeps its own count); each such file is also logged by name.
     """
 
     def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
