@@ -64,8 +64,8 @@ class HVPNetProcessor:
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        if task == "re" and max_length < len(ENTITY_MARKERS) + 2:
-            raise ValueError(f"max_length must leave room for [CLS], [SEP] and 4 entity markers, got {max_length}")
+        if task == "re":
+            _check_re_max_length(max_length)
         self.tokenizer = tokenizer
         self.task = task
         self.image_size = image_size
@@ -226,6 +226,7 @@ class HVPNetProcessor:
         the four markers and the context around both entities survive, wherever they are in the sentence.
         """
         max_length = max_length or self.max_length
+        _check_re_max_length(max_length)
         marked_words = [
             _insert_entity_markers(example_words, head, tail, index)
             for index, (example_words, head, tail) in enumerate(zip(words, heads, tails, strict=True))
@@ -338,6 +339,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _check_re_max_length(max_length: int) -> None:
+    if max_length < len(ENTITY_MARKERS) + 2:
+        raise ValueError(f"max_length must leave room for [CLS], [SEP] and the 4 entity markers, got {max_length}")
 
 
 def _insert_entity_markers(words: Sequence[str], head: Mapping, tail: Mapping, index: int) -> list[str]:

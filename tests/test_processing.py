@@ -128,6 +128,8 @@ def test_re_span_out_of_range():
 def test_re_max_length_must_fit_the_markers():
     with pytest.raises(ValueError, match="max_length"):
         processor("re", max_length=5)
+    with pytest.raises(ValueError, match="max_length"):
+        processor("re").encode_re([["a", "b"]], [{"start": 0, "end": 1}], [{"start": 1, "end": 2}], max_length=4)
 
 
 # ---------------------------------------------------------------- images
