@@ -232,6 +232,8 @@ class HVPNetPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
+    # The heads average their losses over the batch themselves; Trainer must not expect `num_items_in_batch` use.
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

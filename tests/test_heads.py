@@ -195,3 +195,20 @@ def test_gate_weights_reach_both_heads():
         ner = ner_model()(**ner_inputs(), output_gate_weights=True)
         relation = re_model()(**re_inputs(), output_gate_weights=True)
     assert ner.gate_weights.shape == relation.gate_weights.shape == (3, 3, 4, 4)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = ner_model()
+    model.train()
+    inputs = ner_inputs()
+    model(**inputs).loss.backward()
+    expected = {
+        name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None
+    }
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    model(**inputs).loss.backward()
+    assert expected.keys() == {name for name, parameter in model.named_parameters() if parameter.grad is not None}
+    for name, parameter in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(parameter.grad, expected[name], atol=1e-6, rtol=1e-5)
