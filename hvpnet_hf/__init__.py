@@ -2,13 +2,16 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
 from .configuration_hvpnet import HVPNetConfig
+from .loading import MNER_LABELS, load_image, load_mner_dataset, load_mre_dataset
 from .modeling_hvpnet import (
     HVPNetForSequenceClassification,
     HVPNetForTokenClassification,
     HVPNetModel,
     HVPNetPreTrainedModel,
 )
+from .processing_hvpnet import HVPNetProcessor
 
 AutoConfig.register(HVPNetConfig.model_type, HVPNetConfig, exist_ok=True)
 AutoModel.register(HVPNetConfig, HVPNetModel, exist_ok=True)
@@ -22,9 +25,18 @@ HVPNetForTokenClassification.register_for_auto_class("AutoModelForTokenClassific
 HVPNetForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "MNER_LABELS",
     "HVPNetConfig",
+    "HVPNetDataCollator",
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
     "HVPNetModel",
     "HVPNetPreTrainedModel",
+    "HVPNetProcessor",
+    "ImageAttacher",
+    "load_image",
+    "load_mner_dataset",
+    "load_mre_dataset",
+    "sample_subset",
+    "tokenize_and_align",
 ]
