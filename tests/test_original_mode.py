@@ -4,15 +4,25 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
-from transformers import BertModel, DynamicCache
+from transformers import BertConfig, BertModel, BertTokenizer, DynamicCache
 
-from hvpnet_hf import HVPNetConfig, HVPNetModel
+from hvpnet_hf import (
+    MNER_LABELS,
+    HVPNetConfig,
+    HVPNetForTokenClassification,
+    HVPNetModel,
+    HVPNetProcessor,
+    load_mner_dataset,
+)
+
+SAMPLE_TWITTER = Path(__file__).resolve().parents[1] / "hvpnet_hf" / "sample_data" / "twitter"
 
 TEXT = {
     "hidden_size": 32,
@@ -251,3 +261,45 @@ def test_saved_model_loads_with_trust_remote_code_only(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote code ok" in result.stdout
+
+
+def sample_ner_batch(tmp_path: Path, num_examples: int) -> dict:
+    """The first training tweets of the bundled sample set with their images and crops, encoded with a word-level
+    vocabulary built from them (nothing is downloaded)."""
+    train = load_mner_dataset(
+        data_files={"train": SAMPLE_TWITTER / "train.txt"},
+        image_dir=SAMPLE_TWITTER / "images",
+        object_dir=SAMPLE_TWITTER / "aux_images" / "train" / "crops",
+        object_maps={"train": SAMPLE_TWITTER / "twitter_train_dict.pth"},
+    )["train"].select(range(num_examples))
+    words = sorted({word.lower() for tokens in train["tokens"] for word in tokens})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    processor = HVPNetProcessor(BertTokenizer(str(tmp_path / "vocab.txt")), image_size=64, num_object_images=2)
+    return dict(processor(train["tokens"], train["image"], train["objects"], tags=train["ner_tags"]))
+
+
+@pytest.mark.parametrize("prefix_mode", ["pyramid", "original"])
+def test_paper_and_original_modes_learn_the_sample_set(tmp_path, prefix_mode):
+    batch = sample_ner_batch(tmp_path, num_examples=12)
+    assert batch["image_mask"].sum() > 8 and batch["object_mask"].any()  # the images really take part
+    text_config = BertConfig(**{**TEXT, "vocab_size": int(batch["input_ids"].max()) + 1})
+    torch.manual_seed(0)
+    model = HVPNetForTokenClassification(
+        original_config(text_config=text_config, prefix_mode=prefix_mode, num_labels=len(MNER_LABELS))
+    )
+
+    def evaluation_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**batch).loss.item()
+
+    initial = evaluation_loss()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(8):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    # Measured: 33.9 -> 16.5 (pyramid) and 35.8 -> 17.3 (original) after eight full-batch steps; 0.7 leaves room for
+    # other machines' rounding while a model that does not learn stays near its initial loss.
+    assert evaluation_loss() < 0.7 * initial
