@@ -38,7 +38,8 @@ TEXT = {
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def original_config(**overrides) -> HVPNetConfig:
+def tiny_config(**overrides) -> HVPNetConfig:
+    """A 3-layer BERT of width 32 with timm's `test_resnet`, in original prefix mode unless overridden."""
     settings = {
         "text_config": dict(TEXT),
         "vision_backbone": "test_resnet",
@@ -50,7 +51,7 @@ def original_config(**overrides) -> HVPNetConfig:
 
 def original_model(seed: int = 0, **overrides) -> HVPNetModel:
     torch.manual_seed(seed)
-    return HVPNetModel(original_config(**overrides)).eval()
+    return HVPNetModel(tiny_config(**overrides)).eval()
 
 
 def images(batch_size: int, num_images: int, size: int, seed: int = 1) -> torch.Tensor:
@@ -285,7 +286,7 @@ def test_paper_and_original_modes_learn_the_sample_set(tmp_path, prefix_mode):
     text_config = BertConfig(**{**TEXT, "vocab_size": int(batch["input_ids"].max()) + 1})
     torch.manual_seed(0)
     model = HVPNetForTokenClassification(
-        original_config(text_config=text_config, prefix_mode=prefix_mode, num_labels=len(MNER_LABELS))
+        tiny_config(text_config=text_config, prefix_mode=prefix_mode, num_labels=len(MNER_LABELS))
     )
 
     def evaluation_loss() -> float:
