@@ -188,8 +188,7 @@ def converted(tmp_path_factory):
         arguments = ["--task", task, "--checkpoint", str(folder / f"{task}.pth"), "--text_model", str(text_model)]
         arguments += ["--output_dir", str(outputs[task])] + (["--rel2id", str(rel2id)] if task == "re" else [])
         main(arguments)
-    return {"base": base, "layouts": layouts, "outputs": outputs, "ner_head": ner_head, "re_head": re_head,
-            "text_model": text_model}  # fmt: skip
+    return {"base": base, "layouts": layouts, "outputs": outputs, "ner_head": ner_head, "re_head": re_head}
 
 
 def test_re_conversion_gives_the_same_logits(converted):
