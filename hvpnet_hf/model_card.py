@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import PretrainedConfig, TrainingArguments
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
@@ -12,6 +12,8 @@ TASKS = {
     "re": {"template": "hvpnet_re.md", "pipeline_tag": "text-classification", "task_name": "Multimodal RE"},
 }
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
+# Training leftovers that do not belong in a published model repository.
+NOT_PUBLISHED = ["checkpoint-*/**", "runs/**", "*_predictions.txt", "trainer_state.json", "training_args.bin"]
 
 
 def training_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
@@ -134,4 +136,26 @@ def render_model_card(
     )
 
 
-__all__ = ["render_model_card", "training_hyperparameters"]
+def push_output_dir_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """
+    Publishes a run's output folder (model with its remote code, processor, model card, results) to the Hub
+    repository `repo_id`, leaving out checkpoints, logs and prediction files. Returns the commit URL.
+    """
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        commit_message="Upload HVPNeT model, processor and model card",
+        ignore_patterns=NOT_PUBLISHED,
+    )
+    return str(commit)
+
+
+__all__ = ["push_output_dir_to_hub", "render_model_card", "training_hyperparameters"]

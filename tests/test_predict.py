@@ -1,0 +1,100 @@
+"""`hvpnet-predict` over files in the published formats: one output entry per input example, in order."""
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from test_pipelines import RELATIONS, tiny_model_folder
+
+import hvpnet_hf
+from hvpnet_hf import load_mner_dataset, load_mre_dataset
+from hvpnet_hf.predict import predict
+
+SAMPLE = hvpnet_hf.__path__[0] + "/sample_data"
+
+
+@pytest.fixture(scope="module")
+def ner_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ner")
+    tiny_model_folder(folder, "ner")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def re_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("re")
+    tiny_model_folder(folder, "re")
+    return str(folder)
+
+
+def test_ner_predictions_cover_every_word(ner_model, tmp_path):
+    twitter = f"{SAMPLE}/twitter"
+    output = tmp_path / "test_predictions.txt"
+    scores = predict(
+        [
+            "--model", ner_model,
+            "--input", f"{twitter}/test.txt",
+            "--image_dir", f"{twitter}/images",
+            "--object_dir", f"{twitter}/aux_images/test/crops",
+            "--object_map", f"{twitter}/twitter_test_dict.pth",
+            "--output", str(output),
+            "--batch_size", "8",
+        ]
+    )  # fmt: skip
+    examples = load_mner_dataset(data_files={"test": f"{twitter}/test.txt"})["test"]
+    sentences = output.read_text(encoding="utf-8").strip("\n").split("\n\n")
+    assert len(sentences) == len(examples)
+    names = examples.features["ner_tags"].feature.names
+    for sentence, tokens, tags in zip(sentences, examples["tokens"], examples["ner_tags"], strict=True):
+        rows = [line.split(" ") for line in sentence.split("\n")]
+        assert [row[0] for row in rows] == tokens and [row[1] for row in rows] == [names[tag] for tag in tags]
+        assert all(row[2] == "O" or row[2][:2] in ("B-", "I-") for row in rows)
+    assert 0.0 <= scores["f1"] <= 1.0
+
+
+def test_re_predictions_one_line_per_record(re_model, tmp_path):
+    mnre = f"{SAMPLE}/mnre"
+    output = tmp_path / "test.jsonl"
+    predict(
+        [
+            "--model", re_model,
+            "--input", f"{mnre}/txt/mnre_test.txt",
+            "--image_dir", f"{mnre}/img_org/test",
+            "--rel2id", f"{mnre}/mnre_rel2id.json",
+            "--output", str(output),
+            "--top_k", "2",
+        ]
+    )  # fmt: skip
+    examples = load_mre_dataset(data_files={"test": f"{mnre}/txt/mnre_test.txt"}, rel2id=f"{mnre}/mnre_rel2id.json")
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [record["id"] for record in records] == examples["test"]["id"]
+    for record in records:
+        assert record["predicted"] in RELATIONS and len(record["top_k"]) == 2
+        assert record["top_k"][0] == {"relation": record["predicted"], "score": record["score"]}
+
+
+def test_refuses_to_overwrite_its_input(ner_model, tmp_path):
+    data = tmp_path / "test.txt"
+    data.write_text("IMGID:1\nhello\tO\n\n")
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        predict(["--model", ner_model, "--input", str(data), "--output", str(data)])
+
+
+def test_console_command_is_installed(ner_model, tmp_path):
+    scripts = {entry.name: entry.value for entry in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("hvpnet-predict") == "hvpnet_hf.predict:main"
+    data = tmp_path / "tweets.txt"
+    data.write_text("IMGID:1\nHello\tO\nLiverpool\tB-LOC\n\nIMGID:2\n@anna\tB-PER\n\n")
+    command = shutil.which("hvpnet-predict", path=str(sys.executable.rsplit("/", 1)[0]))
+    assert command is not None
+    finished = subprocess.run(
+        [command, "--model", ner_model, "--input", str(data), "--output", str(tmp_path / "out.txt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert (tmp_path / "out.txt").read_text().count("\n\n") == 2
