@@ -33,7 +33,8 @@ class HVPNetConfig(PretrainedConfig):
         prefix_mode (`str`, *optional*, defaults to `"pyramid"`):
             `"pyramid"`: the paper's dynamic gate over all stages for every layer; `"flat"`: every layer takes the
             last stage only; `"one_to_three"`: stage `i` feeds a fixed contiguous block of layers, no gate;
-            `"original"`: the layout of the authors' released code.
+            `"original"`: the layout of the authors' released code, where absent images are zero images that are
+            still attended (a masked image is then not the same as no image).
         use_visual_prefix (`bool`, *optional*, defaults to `True`):
             False gives a plain BERT (no visual parameters are created).
         classifier_dropout (`float`, *optional*):

@@ -29,7 +29,7 @@ class HVPNetModelOutput(ModelOutput):
     pooler_output: (B, d) BERT pooler over `[CLS]`, when the model has a pooler.
     hidden_states: tuple of L + 1 tensors (B, T, d), embeddings first, when `output_hidden_states=True`.
     gate_weights: (B, n, L, c) the dynamic gate of every image and layer (paper Figure 4), when
-        `output_gate_weights=True`; rows of absent images are zero.
+        `output_gate_weights=True`; in the paper modes, rows of absent images are zero.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -288,8 +288,8 @@ class HVPNetModel(HVPNetPreTrainedModel):
     """The HVPNeT encoder: BERT with a visual prefix in every self-attention layer.
 
     Its text encoder is a `BertModel` whose self-attention modules are `HVPNetSelfAttention`, so pretrained BERT
-    weights load into it unchanged. With `use_visual_prefix=False`, or when every image is masked, it computes
-    exactly what `BertModel` computes.
+    weights load into it unchanged. With `use_visual_prefix=False`, or when every image is masked (paper modes), it
+    computes exactly what `BertModel` computes.
     """
 
     def __init__(self, config: HVPNetConfig, add_pooling_layer: bool = True):
