@@ -254,13 +254,13 @@ def convert(
     """Convert, save the model and its processor to `output_dir` (and optionally push both), return the model."""
     state_dict = load_original_state_dict(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(text_model)
-    # The original squeezes every image to 224x224; the processor keeps the aspect ratio and center-crops, and
-    # crop_pct=1 keeps the most of the image. Square images are transformed the same way; others lose their borders.
+    # The original squeezes every image to 224x224 without keeping the aspect ratio.
     processor = HVPNetProcessor(
         tokenizer,
         task=task,
         image_size=ORIGINAL_IMAGE_SIZE,
         crop_pct=1.0,
+        crop_mode="squash",
         interpolation="bilinear",
         num_object_images=ORIGINAL_NUM_OBJECT_IMAGES,
     )

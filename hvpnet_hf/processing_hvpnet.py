@@ -44,6 +44,8 @@ class HVPNetProcessor:
         task (`str`): `"ner"` or `"re"`.
         image_size (`int`): side of the square image after the center crop.
         crop_pct (`float`): images are first resized so their short side is `image_size / crop_pct`.
+        crop_mode (`str`): `"center"` keeps the aspect ratio and takes the central square; `"squash"` resizes
+            straight to `image_size x image_size` (what the authors' original code does).
         image_mean, image_std (`Sequence[float]`): normalisation per RGB channel.
         interpolation (`str`): resize interpolation (`"bilinear"`, `"bicubic"`, ...).
         num_object_images (`int`): object-crop slots per example; fewer crops are padded with zeros and masked.
@@ -56,6 +58,7 @@ class HVPNetProcessor:
         task: str = "ner",
         image_size: int = DEFAULT_IMAGE_SIZE,
         crop_pct: float = 0.875,
+        crop_mode: str = "center",
         image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
         interpolation: str = "bicubic",
@@ -70,6 +73,7 @@ class HVPNetProcessor:
         self.task = task
         self.image_size = image_size
         self.crop_pct = crop_pct
+        self.crop_mode = crop_mode
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.interpolation = interpolation
@@ -84,6 +88,7 @@ class HVPNetProcessor:
         self.image_transform = create_transform(
             input_size=(3, image_size, image_size),
             crop_pct=crop_pct,
+            crop_mode=crop_mode,
             mean=self.image_mean,
             std=self.image_std,
             interpolation=interpolation,
@@ -294,6 +299,7 @@ class HVPNetProcessor:
             "task": self.task,
             "image_size": self.image_size,
             "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "interpolation": self.interpolation,

@@ -153,6 +153,18 @@ def test_image_values_are_resized_cropped_and_normalised():
     torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)  # white background
 
 
+def test_squash_keeps_the_whole_non_square_image():
+    # 40x20, its left quarter black: squashing keeps that quarter, a center crop of the middle square drops it.
+    image = Image.new("L", (40, 20), 255)
+    image.paste(0, (0, 0, 10, 20))
+    squashed = processor(crop_mode="squash").preprocess_images(image)["pixel_values"]
+    cropped = processor().preprocess_images(image)["pixel_values"]
+    assert squashed.shape == cropped.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    # Normalised black is -1 and white is 1; a column or two at the edge is blended by the resize filter.
+    assert squashed[:, :, :2].max() < -0.99 and squashed[:, :, IMAGE_SIZE // 4 + 2 :].min() > 0.99
+    assert cropped[:, :, 2:].min() > 0.99
+
+
 def test_object_slots_are_padded_truncated_and_masked(tmp_path):
     ner = processor(num_object_images=3)
     crop = Image.new("RGB", (8, 8), (255, 0, 0))
@@ -214,7 +226,8 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = HVPNetProcessor.from_pretrained(tmp_path)
     assert len(loaded.tokenizer) == len(re_processor.tokenizer)
     assert loaded.head_start_token_id == re_processor.head_start_token_id
-    for name in ("task", "image_size", "crop_pct", "image_mean", "image_std", "num_object_images", "max_length"):
+    settings = ("task", "image_size", "crop_pct", "crop_mode", "image_mean", "image_std", "num_object_images")
+    for name in (*settings, "max_length"):
         assert getattr(loaded, name) == getattr(re_processor, name)
     arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
     spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
