@@ -40,6 +40,7 @@ from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 logger = logging.getLogger(__name__)
 
 SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data" / "mnre"
+SAMPLE_NOTE = "Trained on the small synthetic sample set bundled with hvpnet_hf: a demonstration, not a usable model."
 # Folder names of the splits in the image and crop releases, and in the names of the crop maps (`mre_dev_dict.pth`).
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "dev", "valid"), "test": ("test",)}
 # Settings of this script that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
@@ -367,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model_args.text_model_name_or_path,
             training_hyperparameters(training_args),
             training_args.hub_model_id or str(output_dir),
+            note=SAMPLE_NOTE if data_args.dataset == "sample" else None,
         )
         card.save(output_dir / "README.md")
         if push_to_hub:

@@ -47,6 +47,7 @@ class _HVPNetPipeline(Pipeline):
         if processor is None:
             processor = HVPNetProcessor.from_pretrained(model.name_or_path)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
+        self.model.eval()  # the NER head decodes tags in eval mode only
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
         if isinstance(inputs, Sized):

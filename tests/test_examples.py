@@ -87,7 +87,8 @@ def test_mner_end_to_end_counts_every_word(text_model, tmp_path):
     model = AutoModelForTokenClassification.from_pretrained(tmp_path)
     assert model.config.id2label[1] == "B-PER" and model.config.vision_backbone == "test_resnet"
     assert (tmp_path / "processor_config.json").is_file()
-    assert "| test |" in (tmp_path / "README.md").read_text(encoding="utf-8")
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "| test |" in card and "a demonstration, not a usable model" in card
 
 
 def test_mner_text_only_control_masks_every_image(text_model, tmp_path):
@@ -189,3 +190,28 @@ def test_shipped_configs_parse(name, script_name):
     script = load_script(script_name)
     model_args, data_args, training_args = script.parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "f1"
+
+
+def test_demo_prints_both_models_side_by_side(tmp_path, capsys):
+    from hvpnet_hf import demo
+
+    # The demo's own settings with a smaller backbone and a few examples, so that the test stays short.
+    results = demo.main(
+        [
+            "--output_dir", str(tmp_path),
+            "--vision_backbone", "test_resnet",
+            "--image_size", "32",
+            "--num_train_epochs", "1",
+            "--max_train_samples", "16",
+            "--max_eval_samples", "8",
+            "--max_predict_samples", "8",
+            "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+    assert set(results) == {"image-aware", "images masked"}
+    printed = capsys.readouterr().out
+    for name, scores in results.items():
+        assert f"| {name} | {100 * scores['eval_f1']:.2f} | {100 * scores['test_f1']:.2f} |" in printed
+    assert json.loads((tmp_path / "demo_results.json").read_text()) == results
+    for folder in ("image_aware", "images_masked"):
+        assert (tmp_path / folder / "test_predictions.txt").is_file() and (tmp_path / folder / "README.md").is_file()
