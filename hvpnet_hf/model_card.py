@@ -13,7 +13,7 @@ TASKS = {
 }
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
 # Training leftovers that do not belong in a published model repository.
-NOT_PUBLISHED = ["checkpoint-*/**", "runs/**", "*_predictions.txt", "trainer_state.json", "training_args.bin"]
+NOT_PUBLISHED = ["checkpoint-*/**", "runs/**", "*_predictions.*", "trainer_state.json", "training_args.bin"]
 
 
 def training_hyperparameters(args: TrainingArguments) -> dict[str, Any]:

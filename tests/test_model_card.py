@@ -2,10 +2,11 @@
 
 import pytest
 from huggingface_hub import ModelCard
+from huggingface_hub.utils import filter_repo_objects
 from transformers import BertConfig, TrainingArguments
 
 from hvpnet_hf import HVPNetConfig
-from hvpnet_hf.model_card import render_model_card, training_hyperparameters
+from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
 
 TINY_TEXT = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 
@@ -82,3 +83,32 @@ def test_card_needs_validation_results_and_a_known_task():
         render_model_card("ner", ner_config(), {"test_f1": 0.5}, "t", "m", {}, "x")
     with pytest.raises(ValueError, match="task must be one of"):
         render_model_card("pos", ner_config(), {"eval_f1": 0.5}, "t", "m", {}, "x")
+
+
+class RecordingHubApi:
+    """Stands in for `HfApi`: records the calls instead of uploading."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return "https://hub.example/commit/1"
+
+
+def test_push_uploads_the_model_folder_without_training_leftovers(tmp_path):
+    files = [
+        "config.json", "model.safetensors", "modeling_hvpnet.py", "configuration_hvpnet.py", "README.md",
+        "processor_config.json", "tokenizer.json", "all_results.json", "checkpoint-3/model.safetensors",
+        "runs/events.out", "test_predictions.txt", "test_predictions.jsonl", "trainer_state.json", "training_args.bin",
+    ]  # fmt: skip
+    api = RecordingHubApi()
+    push_output_dir_to_hub(tmp_path, "someone/hvpnet", private=True, api=api)
+    (_, repo_id, create_kwargs), (_, _, upload_kwargs) = api.calls
+    assert repo_id == "someone/hvpnet" and create_kwargs == {"private": True, "exist_ok": True}
+    assert upload_kwargs["folder_path"] == str(tmp_path)
+    uploaded = list(filter_repo_objects(files, ignore_patterns=upload_kwargs["ignore_patterns"]))
+    assert uploaded == files[:8]
