@@ -59,7 +59,12 @@ def test_generator_reproduces_the_committed_files(tmp_path):
     committed, rebuilt = data_files(SAMPLE_DIR), data_files(tmp_path)
     assert sorted(rebuilt) == sorted(committed)
     changed = [name for name in committed if committed[name] != rebuilt[name]]
-    assert not changed, f"re-running the generator changed {len(changed)} files, e.g. {changed[:3]}"
+    # Text and crop maps must match byte for byte. JPEG bytes can differ only with another libjpeg build inside
+    # another Pillow release: then the decoded pixels must still agree to within one grey level on average.
+    assert not [name for name in changed if not name.endswith(".jpg")]
+    for name in changed:
+        old, new = (np.asarray(Image.open(root / name), dtype=np.float64) for root in (SAMPLE_DIR, tmp_path))
+        assert old.shape == new.shape and np.abs(old - new).mean() <= 1.0, f"{name} changed when rebuilt"
 
 
 def test_another_seed_gives_other_data(tmp_path):
