@@ -56,7 +56,7 @@ def ner_examples(split) -> list[dict]:
     """Per tweet: text key, tag strings, image path."""
     names = split.features["ner_tags"].feature.names
     return [
-        {"text": tuple(tokens), "tags": [names[tag] for tag in tags], "image": image}
+        {"text": tuple(tokens), "words": tokens, "tags": [names[tag] for tag in tags], "image": image}
         for tokens, tags, image in zip(split["tokens"], split["ner_tags"], split["image"], strict=True)
     ]
 
@@ -65,8 +65,8 @@ def mre_examples(split) -> list[dict]:
     """Per sample: text key (words and entity spans), relation name, image path."""
     names = split.features["relation"].names
     return [
-        {"text": (tuple(tokens), head["start"], head["end"], tail["start"], tail["end"]), "label": names[relation],
-         "image": image}
+        {"text": (tuple(tokens), head["start"], head["end"], tail["start"], tail["end"]), "words": tokens,
+         "label": names[relation], "image": image}
         for tokens, head, tail, relation, image in zip(
             split["tokens"], split["head"], split["tail"], split["relation"], split["image"], strict=True
         )
@@ -162,15 +162,15 @@ def measure(name: str, train: list[tuple[dict, str]], test: list[tuple[dict, str
     test_gold = [label for _, label in test]
     majority = Counter(label for _, label in train).most_common(1)[0][0]
 
-    texts = lambda pairs: [list(example["text"][0] if name == "MRE" else example["text"]) for example, _ in pairs]  # noqa: E731
-    vocabulary = {w: i for i, w in enumerate(sorted({w.lower() for words in texts(train) for w in words}))}
-    text_model = logistic_regression(bag_of_words(texts(train), vocabulary), train_y, len(classes))
-    text_predicted = [classes[i] for i in text_model(bag_of_words(texts(test), vocabulary))]
+    train_words, test_words = [e["words"] for e, _ in train], [e["words"] for e, _ in test]
+    vocabulary = {w: i for i, w in enumerate(sorted({w.lower() for words in train_words for w in words}))}
+    text_model = logistic_regression(bag_of_words(train_words, vocabulary), train_y, len(classes))
+    text_predicted = [classes[i] for i in text_model(bag_of_words(test_words, vocabulary))]
     ceiling = text_oracle([{"text": e["text"], "label": label} for e, label in test], "label")
 
     # Only examples whose picture exists can be probed; the generator never drops the picture of these examples.
-    with_image = lambda pairs: [(e, label) for e, label in pairs if e["image"] is not None]  # noqa: E731
-    train_img, test_img = with_image(train), with_image(test)
+    train_img = [(e, label) for e, label in train if e["image"] is not None]
+    test_img = [(e, label) for e, label in test if e["image"] is not None]
     probe_scores = []
     for seed in range(args.seeds):
         torch.manual_seed(seed)
