@@ -199,6 +199,8 @@ def load_raw_datasets(data_args: DataArguments) -> datasets.DatasetDict:
         image_dir = object_dir = None
     object_maps = None
     if object_dir is not None:
+        if data_args.object_map_dir is None and data_args.data_dir is None:
+            raise ValueError("object_dir needs object_map_dir (or data_dir), the folder of the *_dict.pth crop maps")
         object_maps = find_object_maps(data_args.object_map_dir or data_args.data_dir)
     return load_mre_dataset(
         data_dir=data_args.data_dir,
