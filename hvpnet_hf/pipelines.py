@@ -50,6 +50,8 @@ class _HVPNetPipeline(Pipeline):
         self.model.eval()  # the NER head decodes tags in eval mode only
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        # As the base class does, but with `_collate`: transformers' default collation pads `pixel_values` only
+        # through an image processor, which HVPNeT's processor does not have.
         if isinstance(inputs, Sized):
             dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
         else:  # a generator: read in this process
