@@ -5,12 +5,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
 from .configuration_hvpnet import HVPNetConfig
 from .loading import MNER_LABELS, load_image, load_mner_dataset, load_mre_dataset
+from .metrics import align_word_predictions, metric_path
+from .model_card import render_model_card
 from .modeling_hvpnet import (
     HVPNetForSequenceClassification,
     HVPNetForTokenClassification,
     HVPNetModel,
     HVPNetPreTrainedModel,
 )
+from .pipelines import MultimodalNerPipeline, MultimodalRePipeline  # registers "multimodal-ner" and "multimodal-re"
 from .processing_hvpnet import HVPNetProcessor
 
 AutoConfig.register(HVPNetConfig.model_type, HVPNetConfig, exist_ok=True)
@@ -34,9 +37,14 @@ __all__ = [
     "HVPNetPreTrainedModel",
     "HVPNetProcessor",
     "ImageAttacher",
+    "MultimodalNerPipeline",
+    "MultimodalRePipeline",
+    "align_word_predictions",
     "load_image",
     "load_mner_dataset",
     "load_mre_dataset",
+    "metric_path",
+    "render_model_card",
     "sample_subset",
     "tokenize_and_align",
 ]

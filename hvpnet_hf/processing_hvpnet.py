@@ -52,6 +52,17 @@ class HVPNetProcessor:
         max_length (`int`): maximum token count, special tokens and entity markers included.
     """
 
+    # What Trainer's length grouping and pipelines read to know the model inputs.
+    model_input_names = [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "pixel_values",
+        "object_pixel_values",
+        "image_mask",
+        "object_mask",
+    ]
+
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
