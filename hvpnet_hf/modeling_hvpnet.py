@@ -65,6 +65,24 @@ class VisualPrefix:
     gate_weights: torch.Tensor
 
 
+def create_backbone(config: HVPNetConfig) -> nn.Module:
+    """The timm feature pyramid (`features_only=True`, levels `config.vision_out_indices`), with parameters frozen when
+    `config.freeze_vision`. Pretrained weights are never downloaded here."""
+    backbone = timm.create_model(
+        config.vision_backbone,
+        pretrained=False,
+        features_only=True,
+        out_indices=tuple(config.vision_out_indices),
+    )
+    # Keep timm's own initialisation: transformers' N(0, 0.02) re-init would leave a random CNN with vanishing
+    # activations, and pretrained weights are loaded over it anyway.
+    for module in backbone.modules():
+        module._is_hf_initialized = True
+    if config.freeze_vision:
+        backbone.requires_grad_(False)
+    return backbone
+
+
 class HVPNetSelfAttention(BertSelfAttention):
     """BERT self-attention whose keys and values are prefixed by this layer's visual prefix (paper eq. 9).
 
@@ -120,18 +138,7 @@ class HVPNetVisualPrefixEncoder(nn.Module):
         self.prefix_mode = config.prefix_mode
         self.freeze_backbone = config.freeze_vision
 
-        self.backbone = timm.create_model(
-            config.vision_backbone,
-            pretrained=False,
-            features_only=True,
-            out_indices=tuple(config.vision_out_indices),
-        )
-        # Keep timm's own initialisation: transformers' N(0, 0.02) re-init would leave a random CNN with vanishing
-        # activations, and pretrained weights are loaded over it anyway.
-        for module in self.backbone.modules():
-            module._is_hf_initialized = True
-        if self.freeze_backbone:
-            self.backbone.requires_grad_(False)
+        self.backbone = create_backbone(config)
 
         channels = self.backbone.feature_info.channels()
         # "flat" uses the last stage only; the other modes use every stage.

@@ -19,12 +19,11 @@ Shapes: B = batch, n = images per example, N = B * n, L = text layers, c = chunk
 g = prefix grid side, t = g * g tokens per image, P = n * t, d = hidden size, H = heads, h = head size.
 """
 
-import timm
 import torch
 from torch import nn
 
 from .configuration_hvpnet import HVPNetConfig
-from .modeling_hvpnet import HVPNetVisualPrefixEncoder, VisualPrefix
+from .modeling_hvpnet import HVPNetVisualPrefixEncoder, VisualPrefix, create_backbone
 
 # Width of the hidden layer of the original `encoder_conv` MLP.
 ORIGINAL_MLP_HIDDEN_SIZE = 800
@@ -46,16 +45,7 @@ class HVPNetOriginalVisualPrefixEncoder(nn.Module):
         self.grid = config.prefix_grid
         self.freeze_backbone = config.freeze_vision
 
-        self.backbone = timm.create_model(
-            config.vision_backbone,
-            pretrained=False,
-            features_only=True,
-            out_indices=tuple(config.vision_out_indices),
-        )
-        for module in self.backbone.modules():  # keep timm's initialisation, as in the paper mode
-            module._is_hf_initialized = True
-        if self.freeze_backbone:
-            self.backbone.requires_grad_(False)
+        self.backbone = create_backbone(config)
 
         self.num_stages = len(self.backbone.feature_info.channels())
         tokens = self.grid**2
