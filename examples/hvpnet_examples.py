@@ -1,0 +1,391 @@
+"""
+What `run_mner.py` and `run_mre.py` share: the model and data flags, the config-file parsing, the image and crop
+folders, the model, the `Trainer`, and the model card. Each script keeps its own data set, metric and prediction file.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+import yaml
+from transformers import EvalPrediction, HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import PredictionOutput
+
+from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
+from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
+from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_NOTE = "Trained on the small synthetic sample set bundled with hvpnet_hf: a demonstration, not a usable model."
+# Folder names of the splits in the image and crop releases, and in the names of the crop maps (`*_val_dict.pth`,
+# `mre_dev_dict.pth`).
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "dev", "valid"), "test": ("test",)}
+# Settings of both scripts that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
+TRAINING_DEFAULTS = {
+    "do_train": True,
+    "do_eval": True,
+    "do_predict": True,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "logging_strategy": "epoch",
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "f1",
+    "greater_is_better": True,
+    "save_total_limit": 2,
+    "warmup_steps": 0.1,
+    "weight_decay": 0.01,
+    # Without an accelerator, torchrun / accelerate launch processes only form a (gloo) group under use_cpu.
+    "use_cpu": not torch.accelerator.is_available(),
+}
+
+
+@dataclass
+class ModelArguments:
+    """The model flags of both tasks; the relation script adds `relation_pooling`."""
+
+    text_model_name_or_path: str = field(
+        default="bert-base-uncased", metadata={"help": "Pretrained BERT-architecture text encoder (name or path)."}
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A trained HVPNeT folder of this task to start from instead (e.g. to evaluate it only)."},
+    )
+    vision_backbone: str = field(default="resnet50", metadata={"help": "timm backbone with features_only support."})
+    vision_pretrained: bool = field(
+        default=False, metadata={"help": "Start the backbone from timm's pretrained weights (the paper's setting)."}
+    )
+    vision_checkpoint: str | None = field(
+        default=None, metadata={"help": "Local file with backbone weights (instead of downloading them)."}
+    )
+    prefix_mode: str = field(default="pyramid", metadata={"choices": ["pyramid", "flat", "one_to_three", "original"]})
+    use_visual_prefix: bool = field(
+        default=True, metadata={"help": "False trains plain BERT (a BERT-CRF for NER, a BERT relation classifier)."}
+    )
+    use_global_image: bool = field(default=True, metadata={"help": "False is the paper's OnlyObj ablation."})
+    num_object_images: int = field(default=3, metadata={"help": "Object crops per example (m in the paper)."})
+    prefix_grid: int = field(default=2, metadata={"help": "Each feature map is pooled to grid x grid tokens."})
+    vision_out_indices: list[int] = field(
+        default_factory=lambda: [-4, -3, -2, -1], metadata={"help": "Backbone feature levels of the pyramid."}
+    )
+    freeze_vision: bool = field(default=True, metadata={"help": "Keep the backbone (and its BatchNorm) fixed."})
+    classifier_dropout: float | None = field(default=None)
+
+
+def dataset_field(choices: list[str]) -> Any:
+    """The `dataset` flag of a script: one of `choices` (the first by default), named in the model card."""
+    return field(
+        default=choices[0],
+        metadata={
+            "help": "Name of the data set (for the model card); 'sample' uses the bundled sample set.",
+            "choices": choices,
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """The data flags of both tasks; each script adds its `dataset` (a `dataset_field`)."""
+
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder with the splits (Twitter: {train,valid,test}.txt; MNRE: *train*, *val* or *dev*, *test*)."
+        },
+    )
+    train_file: str | None = field(default=None)
+    validation_file: str | None = field(default=None)
+    test_file: str | None = field(default=None)
+    image_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the images, flat or as {train,val,test}/ (MNRE: img_org)."}
+    )
+    object_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the object crops, flat or as {train,val,test}/crops/ (MNRE: img_vg)."},
+    )
+    object_map_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder with the crop maps *_{train,val,test}_dict.pth, or *_dev_* (default: data_dir)."},
+    )
+    mask_images: bool = field(
+        default=False, metadata={"help": "Mask every image: the same model, trained and evaluated on text only."}
+    )
+    missing_images: str = field(default="mask", metadata={"choices": ["mask", "error"]})
+    sample_ratio: float = field(default=1.0, metadata={"help": "Train on this random share of the training set."})
+    max_seq_length: int = field(
+        default=128,
+        metadata={"help": "Longer inputs are cut (NER: cut words count as O; MNRE: the tokens nearest <s>/<o> stay)."},
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Image side (default: the backbone's)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N test examples."})
+
+
+def parse_config_and_flags(
+    argv: list[str], model_arguments: type, data_arguments: type, defaults: dict[str, Any]
+) -> tuple[Any, Any, TrainingArguments]:
+    """Flags, optionally after one JSON or YAML file whose settings they override; `defaults` come first."""
+    dataclass_types = (model_arguments, data_arguments, TrainingArguments)
+    parser = HfArgumentParser(dataclass_types)
+    parser.set_defaults(**defaults)
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        with open(argv[0], encoding="utf-8") as file:
+            settings = yaml.safe_load(file) or {}  # YAML also reads JSON
+        known = {item.name for cls in dataclass_types for item in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{argv[0]}: unknown settings {unknown}")
+        parser.set_defaults(**settings)
+        argv = argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def start_run(training_args: TrainingArguments) -> bool:
+    """
+    Readies `training_args` for the HVPNeT collator, sets up logging and the seed. Returns whether to publish the
+    output folder at the end (once, with its model card), which `Trainer` itself then does not do.
+    """
+    # Image and crop paths must reach the collator, which decodes them batch by batch.
+    training_args.remove_unused_columns = False
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(f"Training/evaluation parameters {training_args}")
+    set_seed(training_args.seed)
+    return push_to_hub
+
+
+def per_split_folders(folder: str | None) -> str | dict[str, str] | None:
+    """`folder`, or `{split: folder/<split>[/crops]}` when it is laid out per split as the published releases are."""
+    if folder is None:
+        return None
+    per_split = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for name in names:
+            candidate = Path(folder) / name
+            candidate = candidate / "crops" if (candidate / "crops").is_dir() else candidate
+            if candidate.is_dir():
+                per_split[split] = str(candidate)
+                break
+    return per_split or folder
+
+
+def find_object_maps(folder: str) -> dict[str, str]:
+    """The crop maps `*_{train,val,test}_dict.pth` (also `dev`) in `folder`, per split."""
+    maps = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for name in names:
+            found = sorted(Path(folder).glob(f"*_{name}_dict.pth"))
+            if found:
+                maps[split] = str(found[0])
+                break
+    if not maps:
+        raise FileNotFoundError(f"no crop map *_{{train,val,test}}_dict.pth in {folder}; set object_map_dir")
+    return maps
+
+
+def dataset_sources(data_args: DataArguments) -> dict[str, Any]:
+    """The split files, image and crop folders and crop maps, as keyword arguments of `load_m{ner,re}_dataset`."""
+    files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
+    files = {split: path for split, path in files.items() if path is not None}
+    image_dir, object_dir = data_args.image_dir, data_args.object_dir
+    if data_args.mask_images:
+        image_dir = object_dir = None
+    object_maps = None
+    if object_dir is not None:
+        if data_args.object_map_dir is None and data_args.data_dir is None:
+            raise ValueError("object_dir needs object_map_dir (or data_dir), the folder of the *_dict.pth crop maps")
+        object_maps = find_object_maps(data_args.object_map_dir or data_args.data_dir)
+    return {
+        "data_dir": data_args.data_dir,
+        "data_files": files or None,
+        "image_dir": per_split_folders(image_dir),
+        "object_dir": per_split_folders(object_dir),
+        "object_maps": object_maps,
+        "missing_images": data_args.missing_images,
+    }
+
+
+def limit_and_check_splits(
+    raw: datasets.DatasetDict, data_args: DataArguments, training_args: TrainingArguments
+) -> None:
+    """Samples and cuts the splits as the flags ask, and checks that every split the run needs is there."""
+    if training_args.do_train and "train" in raw:
+        raw["train"] = sample_subset(raw["train"], data_args.sample_ratio, seed=training_args.seed)
+    for split, limit in (
+        ("train", data_args.max_train_samples),
+        ("validation", data_args.max_eval_samples),
+        ("test", data_args.max_predict_samples),
+    ):
+        if limit is not None and split in raw:
+            raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    for split, needed in (
+        ("train", training_args.do_train),
+        ("validation", training_args.do_train or training_args.do_eval),
+        ("test", training_args.do_predict),
+    ):
+        if needed and split not in raw:
+            raise ValueError(
+                f"the {split} split is needed but was not found; give it with --data_dir or --{split}_file"
+            )
+
+
+def load_processor_and_model(
+    model_class: type[PreTrainedModel],
+    task: str,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    id2label: dict[int, str],
+    **task_config: Any,
+) -> tuple[HVPNetProcessor, PreTrainedModel]:
+    """A trained folder (`model_name_or_path`), or a new model on a pretrained text encoder, with its processor."""
+    if model_args.model_name_or_path is not None:
+        processor = HVPNetProcessor.from_pretrained(model_args.model_name_or_path)
+        return processor, model_class.from_pretrained(model_args.model_name_or_path)
+    processor = HVPNetProcessor.from_backbone(
+        model_args.text_model_name_or_path,
+        vision_backbone=model_args.vision_backbone,
+        task=task,
+        image_size=data_args.image_size,
+        num_object_images=model_args.num_object_images,
+        max_length=data_args.max_seq_length,
+    )
+    model = model_class.from_text_vision_pretrained(
+        model_args.text_model_name_or_path,
+        vision_backbone=model_args.vision_backbone,
+        vision_pretrained=model_args.vision_checkpoint or model_args.vision_pretrained,
+        tokenizer=processor.tokenizer,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={label: index for index, label in id2label.items()},
+        prefix_mode=model_args.prefix_mode,
+        use_visual_prefix=model_args.use_visual_prefix,
+        use_global_image=model_args.use_global_image,
+        num_object_images=model_args.num_object_images,
+        prefix_grid=model_args.prefix_grid,
+        vision_out_indices=model_args.vision_out_indices,
+        freeze_vision=model_args.freeze_vision,
+        classifier_dropout=model_args.classifier_dropout,
+        **task_config,
+    )
+    return processor, model
+
+
+def encode_splits(
+    raw: datasets.DatasetDict,
+    processor: HVPNetProcessor,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    description: str,
+) -> datasets.DatasetDict:
+    """Tokenizes every split (once, on the main process first); images stay paths for the collator to decode."""
+    with training_args.main_process_first(desc="tokenizing"):
+        return raw.map(
+            tokenize_and_align,
+            batched=True,
+            fn_kwargs={"processor": processor, "max_length": data_args.max_seq_length},
+            desc=description,
+        )
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    processor: HVPNetProcessor,
+    encoded: datasets.DatasetDict,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    compute_metrics: Callable[[EvalPrediction], dict[str, float]],
+    preprocess_logits_for_metrics: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+) -> Trainer:
+    """A `Trainer` that hands the examples, image paths included, to the HVPNeT collator."""
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=encoded["train"] if training_args.do_train else None,
+        eval_dataset=encoded.get("validation"),
+        processing_class=processor,
+        data_collator=HVPNetDataCollator(processor, missing_images=data_args.missing_images),
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+
+
+def train_and_save(trainer: Trainer, train_dataset: datasets.Dataset) -> dict[str, float]:
+    """Trains, saves the best checkpoint on validation F1 (with its processor) and the state; the train metrics."""
+    train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def evaluated_splits(training_args: TrainingArguments) -> list[tuple[str, str]]:
+    """`(split, metric prefix)` of the splits to evaluate: validation (`eval`) and test (`test`) as asked."""
+    wanted = (("validation", "eval", training_args.do_eval), ("test", "test", training_args.do_predict))
+    return [(split, prefix) for split, prefix, asked in wanted if asked]
+
+
+def predict_split(
+    trainer: Trainer, dataset: datasets.Dataset, prefix: str
+) -> tuple[PredictionOutput, dict[str, float]]:
+    """Predicts `dataset`, logs and saves its metrics (with `{prefix}_samples`); the predictions and the metrics."""
+    prediction = trainer.predict(dataset, metric_key_prefix=prefix)
+    metrics = {**prediction.metrics, f"{prefix}_samples": len(dataset)}
+    trainer.log_metrics(prefix, metrics)
+    trainer.save_metrics(prefix, metrics)
+    return prediction, metrics
+
+
+def save_model_card_and_push(
+    trainer: Trainer,
+    task: str,
+    results: dict[str, float],
+    dataset: str,
+    text_model_name_or_path: str,
+    push_to_hub: bool,
+) -> None:
+    """Writes the model card (once validation was scored) and, if asked, publishes the output folder."""
+    if not (trainer.is_world_process_zero() and "eval_f1" in results):
+        return
+    training_args = trainer.args
+    output_dir = Path(training_args.output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    card = render_model_card(
+        task,
+        trainer.model.config,
+        results,
+        dataset,
+        text_model_name_or_path,
+        training_hyperparameters(training_args),
+        training_args.hub_model_id or str(output_dir),
+        note=SAMPLE_NOTE if dataset == "sample" else None,
+    )
+    card.save(output_dir / "README.md")
+    if push_to_hub:
+        trainer.save_model()  # the model, its remote code and the processor, also when nothing was trained
+        push_output_dir_to_hub(
+            output_dir,
+            training_args.hub_model_id or output_dir.name,
+            token=training_args.hub_token,
+            private=training_args.hub_private_repo,
+        )
+    logger.info("results: %s", json.dumps({k: v for k, v in results.items() if k.endswith("_f1")}))
