@@ -19,7 +19,6 @@ from pathlib import Path
 
 import datasets
 import evaluate
-import hvpnet_examples
 import torch
 from transformers import EvalPrediction, TrainingArguments
 
@@ -27,6 +26,8 @@ import hvpnet_hf
 from hvpnet_hf import HVPNetForTokenClassification
 from hvpnet_hf.loading import load_mner_dataset
 from hvpnet_hf.metrics import align_word_predictions, metric_path
+
+import hvpnet_examples
 
 SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data" / "twitter"
 # Settings of this script that differ from `TrainingArguments`' defaults (a config file or flag overrides them).

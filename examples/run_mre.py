@@ -20,7 +20,6 @@ from pathlib import Path
 
 import datasets
 import evaluate
-import hvpnet_examples
 import numpy as np
 import torch
 from transformers import EvalPrediction, TrainingArguments
@@ -29,6 +28,8 @@ import hvpnet_hf
 from hvpnet_hf import HVPNetForSequenceClassification
 from hvpnet_hf.loading import NO_RELATION, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
+
+import hvpnet_examples
 
 SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data" / "mnre"
 # Settings of this script that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
