@@ -65,24 +65,6 @@ class VisualPrefix:
     gate_weights: torch.Tensor
 
 
-def create_backbone(config: HVPNetConfig) -> nn.Module:
-    """The timm feature pyramid (`features_only=True`, levels `config.vision_out_indices`), with parameters frozen when
-    `config.freeze_vision`. Pretrained weights are never downloaded here."""
-    backbone = timm.create_model(
-        config.vision_backbone,
-        pretrained=False,
-        features_only=True,
-        out_indices=tuple(config.vision_out_indices),
-    )
-    # Keep timm's own initialisation: transformers' N(0, 0.02) re-init would leave a random CNN with vanishing
-    # activations, and pretrained weights are loaded over it anyway.
-    for module in backbone.modules():
-        module._is_hf_initialized = True
-    if config.freeze_vision:
-        backbone.requires_grad_(False)
-    return backbone
-
-
 class HVPNetSelfAttention(BertSelfAttention):
     """BERT self-attention whose keys and values are prefixed by this layer's visual prefix (paper eq. 9).
 
@@ -125,8 +107,10 @@ class HVPNetSelfAttention(BertSelfAttention):
         return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
 
 
-class HVPNetVisualPrefixEncoder(nn.Module):
-    """Images → per-layer visual prefix (paper §3.1–3.3), for all images and all layers in batched operations."""
+class HVPNetVisionEncoderBase(nn.Module):
+    """What the prefix encoders share: sizes read from the config and the timm feature pyramid
+    (`features_only=True`, levels `config.vision_out_indices`), frozen when `config.freeze_vision`: no autograd
+    through it and fixed BatchNorm statistics. Building it never downloads weights."""
 
     def __init__(self, config: HVPNetConfig):
         super().__init__()
@@ -135,11 +119,50 @@ class HVPNetVisualPrefixEncoder(nn.Module):
         self.num_heads = text_config.num_attention_heads
         self.hidden_size = text_config.hidden_size
         self.grid = config.prefix_grid
-        self.prefix_mode = config.prefix_mode
         self.freeze_backbone = config.freeze_vision
+        self.backbone = timm.create_model(
+            config.vision_backbone,
+            pretrained=False,
+            features_only=True,
+            out_indices=tuple(config.vision_out_indices),
+        )
+        # Keep timm's own initialisation: transformers' N(0, 0.02) re-init would leave a random CNN with vanishing
+        # activations, and pretrained weights are loaded over it anyway.
+        for module in self.backbone.modules():
+            module._is_hf_initialized = True
+        if self.freeze_backbone:
+            self.backbone.requires_grad_(False)
 
-        self.backbone = create_backbone(config)
+    def train(self, mode: bool = True) -> "HVPNetVisionEncoderBase":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
 
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (N, 3, H, W) → one feature map (N, C_i, H_i, W_i) per pyramid level."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            return self.backbone(images)
+
+    def load_pretrained_backbone(self, pretrained: bool | str, backbone_name: str, out_indices: list[int]) -> None:
+        """Load timm's pretrained weights (`True`) or a local checkpoint file (a path) into the backbone."""
+        overlay = {"file": pretrained} if isinstance(pretrained, str) else None
+        source = timm.create_model(
+            backbone_name,
+            pretrained=True,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            pretrained_cfg_overlay=overlay,
+        )
+        self.backbone.load_state_dict(source.state_dict())
+
+
+class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
+    """Images → per-layer visual prefix (paper §3.1–3.3), for all images and all layers in batched operations."""
+
+    def __init__(self, config: HVPNetConfig):
+        super().__init__(config)
+        self.prefix_mode = config.prefix_mode
         channels = self.backbone.feature_info.channels()
         # "flat" uses the last stage only; the other modes use every stage.
         self.stage_indices = [len(channels) - 1] if self.prefix_mode == "flat" else list(range(len(channels)))
@@ -162,16 +185,9 @@ class HVPNetVisualPrefixEncoder(nn.Module):
         stage_of_layer = torch.arange(self.num_layers) * num_stages // self.num_layers
         return nn.functional.one_hot(stage_of_layer, num_stages).float()
 
-    def train(self, mode: bool = True) -> "HVPNetVisualPrefixEncoder":
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()  # fixed BatchNorm statistics for a frozen backbone
-        return self
-
     def gated_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (N, 3, H, W) → gated prefix features (N, L, g*g, d) and gate weights (N, L, c)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            feature_maps = self.backbone(images)
+        feature_maps = self.feature_maps(images)
         stage_tokens = torch.stack(
             [
                 projection(nn.functional.adaptive_avg_pool2d(feature_maps[i], self.grid).flatten(2).transpose(1, 2))
@@ -215,18 +231,6 @@ class HVPNetVisualPrefixEncoder(nn.Module):
     @property
     def num_stages(self) -> int:
         return len(self.stage_indices)
-
-    def load_pretrained_backbone(self, pretrained: bool | str, backbone_name: str, out_indices: list[int]) -> None:
-        """Load timm's pretrained weights (`True`) or a local checkpoint file (a path) into the backbone."""
-        overlay = {"file": pretrained} if isinstance(pretrained, str) else None
-        source = timm.create_model(
-            backbone_name,
-            pretrained=True,
-            features_only=True,
-            out_indices=tuple(out_indices),
-            pretrained_cfg_overlay=overlay,
-        )
-        self.backbone.load_state_dict(source.state_dict())
 
 
 class HVPNetPreTrainedModel(PreTrainedModel):

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from .configuration_hvpnet import HVPNetConfig
-from .modeling_hvpnet import HVPNetVisualPrefixEncoder, VisualPrefix, create_backbone
+from .modeling_hvpnet import HVPNetVisionEncoderBase, VisualPrefix
 
 # Width of the hidden layer of the original `encoder_conv` MLP.
 ORIGINAL_MLP_HIDDEN_SIZE = 800
 
 
-class HVPNetOriginalVisualPrefixEncoder(nn.Module):
+class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
     """Images → per-layer visual prefix in the layout of the authors' code, for all images in one backbone pass.
 
     Module names follow that code (`encoder_conv`, one linear `gate` holding its L `gates`) so that its checkpoints
@@ -37,16 +37,7 @@ class HVPNetOriginalVisualPrefixEncoder(nn.Module):
     """
 
     def __init__(self, config: HVPNetConfig):
-        super().__init__()
-        text_config = config.text_config
-        self.num_layers = text_config.num_hidden_layers
-        self.num_heads = text_config.num_attention_heads
-        self.hidden_size = text_config.hidden_size
-        self.grid = config.prefix_grid
-        self.freeze_backbone = config.freeze_vision
-
-        self.backbone = create_backbone(config)
-
+        super().__init__(config)
         self.num_stages = len(self.backbone.feature_info.channels())
         tokens = self.grid**2
         self.encoder_conv = nn.Sequential(
@@ -57,21 +48,9 @@ class HVPNetOriginalVisualPrefixEncoder(nn.Module):
         # The original's L gate layers Linear(t * 2d, c), stacked as one layer t * 2d -> L * c.
         self.gate = nn.Linear(tokens * 2 * self.hidden_size, self.num_layers * self.num_stages)
 
-    # Loading timm's pretrained weights into `self.backbone` is the same as in the paper mode.
-    load_pretrained_backbone = HVPNetVisualPrefixEncoder.load_pretrained_backbone
-
-    def train(self, mode: bool = True) -> "HVPNetOriginalVisualPrefixEncoder":
-        super().train(mode)
-        if self.freeze_backbone:
-            # Fixed BatchNorm statistics. The original code leaves them moving during training (its optimiser only
-            # skips the backbone's weights); in eval mode both agree.
-            self.backbone.eval()
-        return self
-
     def pooled_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, H, W) → (N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            feature_maps = self.backbone(images)
+        feature_maps = self.feature_maps(images)
         pooled = []
         for stage, feature_map in enumerate(feature_maps):
             kernel = feature_map.shape[-2] // self.grid  # from the map's height, as in the original

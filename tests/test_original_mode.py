@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from modeling_utils import TINY_TEXT
 from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizer, DynamicCache
 
@@ -24,16 +25,7 @@ from hvpnet_hf import (
 
 SAMPLE_TWITTER = Path(__file__).resolve().parents[1] / "hvpnet_hf" / "sample_data" / "twitter"
 
-TEXT = {
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "intermediate_size": 37,
-    "vocab_size": 99,
-    "max_position_embeddings": 64,
-    "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}
+TEXT = {**TINY_TEXT, "num_hidden_layers": 3}
 # float32 sums over a few hundred terms: differences of ~1e-6 are rounding, not layout.
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
