@@ -55,14 +55,20 @@ def test_config_round_trip(tmp_path):
     assert HVPNetConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
 
 
-@pytest.mark.parametrize(("model_class", "auto_class"), CLASSES)
-def test_save_and_reload_gives_the_same_outputs(tmp_path, model_class, auto_class):
+def saved_model(model_class, folder) -> tuple[dict, torch.Tensor]:
+    """Save a tiny random model to `folder`; return example inputs and its output on them."""
     torch.manual_seed(0)
     model = model_class(tiny_config(head_start_token_id=HEAD, tail_start_token_id=TAIL)).eval()
     inputs = example_inputs(model_class)
     with torch.no_grad():
         expected = main_output(model_class, model(**inputs))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(folder)
+    return inputs, expected
+
+
+@pytest.mark.parametrize(("model_class", "auto_class"), CLASSES)
+def test_save_and_reload_gives_the_same_outputs(tmp_path, model_class, auto_class):
+    inputs, expected = saved_model(model_class, tmp_path)
     for loader in (model_class, auto_class):
         reloaded = loader.from_pretrained(tmp_path).eval()
         assert type(reloaded) is model_class
@@ -72,12 +78,7 @@ def test_save_and_reload_gives_the_same_outputs(tmp_path, model_class, auto_clas
 
 @pytest.mark.parametrize(("model_class", "auto_class"), CLASSES)
 def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, model_class, auto_class):
-    torch.manual_seed(0)
-    model = model_class(tiny_config(head_start_token_id=HEAD, tail_start_token_id=TAIL)).eval()
-    inputs = example_inputs(model_class)
-    with torch.no_grad():
-        expected = main_output(model_class, model(**inputs))
-    model.save_pretrained(tmp_path / "model")
+    inputs, expected = saved_model(model_class, tmp_path / "model")
     torch.save({"inputs": inputs, "expected": expected}, tmp_path / "case.pt")
     attribute = "last_hidden_state" if model_class is HVPNetModel else "logits"
     script = textwrap.dedent(
