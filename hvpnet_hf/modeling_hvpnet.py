@@ -28,6 +28,8 @@ class HVPNetModelOutput(ModelOutput):
     last_hidden_state: (B, T, d) text states of the last layer.
     pooler_output: (B, d) BERT pooler over `[CLS]`, when the model has a pooler.
     hidden_states: tuple of L + 1 tensors (B, T, d), embeddings first, when `output_hidden_states=True`.
+    attentions: tuple of L tensors (B, H, T, P + T), prefix keys first, when `output_attentions=True` (eager
+        attention only).
     gate_weights: (B, n, L, c) the dynamic gate of every image and layer (paper Figure 4), when
         `output_gate_weights=True`; in the paper modes, rows of absent images are zero.
     """
@@ -35,6 +37,7 @@ class HVPNetModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     gate_weights: torch.FloatTensor | None = None
 
 
@@ -44,13 +47,14 @@ class HVPNetTokenClassifierOutput(ModelOutput):
     loss: CRF negative log-likelihood averaged over the batch, when `labels` are given.
     logits: (B, T, num_labels) emission scores.
     predicted_tags: (B, T) Viterbi tag ids at first sub-word positions and -100 elsewhere (eval mode only).
-    hidden_states, gate_weights: as in `HVPNetModelOutput`.
+    hidden_states, attentions, gate_weights: as in `HVPNetModelOutput`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     predicted_tags: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     gate_weights: torch.FloatTensor | None = None
 
 
@@ -337,6 +341,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
         object_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_gate_weights: bool = False,
         return_dict: bool | None = None,
         **kwargs,
@@ -351,6 +356,9 @@ class HVPNetModel(HVPNetPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_attentions and self.text_model.config._attn_implementation != "eager":
+            raise ValueError("output_attentions=True needs attn_implementation='eager' (sdpa returns no weights)")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         text = input_ids if input_ids is not None else inputs_embeds[..., 0]
         batch_size, text_length = text.shape
@@ -366,12 +374,23 @@ class HVPNetModel(HVPNetPreTrainedModel):
         additive_mask = torch.zeros(key_mask.shape, dtype=hidden.dtype, device=hidden.device)
         additive_mask = additive_mask.masked_fill(~key_mask, torch.finfo(hidden.dtype).min)[:, None, None, :]
 
+        layers = self.text_model.encoder.layer
         all_hidden_states = (hidden,) if output_hidden_states else None
-        for index, layer in enumerate(self.text_model.encoder.layer):
-            layer_prefix = None if prefix is None else (prefix.keys[index], prefix.values[index])
-            hidden = layer(hidden, additive_mask, visual_prefix=layer_prefix, **kwargs)
-            if output_hidden_states:
-                all_hidden_states += (hidden,)
+        attentions = []
+        # BertLayer returns only its states: attention weights are read off the self-attention outputs on request.
+        hooks = [
+            layer.attention.self.register_forward_hook(lambda module, args, output: attentions.append(output[1]))
+            for layer in (layers if output_attentions else [])
+        ]
+        try:
+            for index, layer in enumerate(layers):
+                layer_prefix = None if prefix is None else (prefix.keys[index], prefix.values[index])
+                hidden = layer(hidden, additive_mask, visual_prefix=layer_prefix, **kwargs)
+                if output_hidden_states:
+                    all_hidden_states += (hidden,)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
         pooled = self.text_model.pooler(hidden) if self.text_model.pooler is not None else None
         gate_weights = prefix.gate_weights if output_gate_weights and prefix is not None else None
@@ -379,6 +398,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
             last_hidden_state=hidden,
             pooler_output=pooled,
             hidden_states=all_hidden_states,
+            attentions=tuple(attentions) if output_attentions else None,
             gate_weights=gate_weights,
         )
         return output if return_dict else output.to_tuple()
@@ -578,6 +598,7 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
             logits=emissions,
             predicted_tags=predicted_tags,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             gate_weights=outputs.gate_weights,
         )
         return output if return_dict else output.to_tuple()
@@ -644,7 +665,9 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits, labels)
-        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
         if output_gate_weights:
             output["gate_weights"] = outputs.gate_weights
         return output if return_dict else output.to_tuple()

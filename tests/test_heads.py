@@ -190,11 +190,15 @@ def test_relation_labels_of_wrong_shape_raise():
         re_model()(**inputs)
 
 
-def test_gate_weights_reach_both_heads():
+def test_gate_weights_and_attentions_reach_both_heads():
+    models = [ner_model(attn_implementation="eager"), re_model(attn_implementation="eager")]
     with torch.no_grad():
-        ner = ner_model()(**ner_inputs(), output_gate_weights=True)
-        relation = re_model()(**re_inputs(), output_gate_weights=True)
+        ner, relation = (
+            model(**inputs, output_gate_weights=True, output_attentions=True)
+            for model, inputs in zip(models, (ner_inputs(), re_inputs()), strict=True)
+        )
     assert ner.gate_weights.shape == relation.gate_weights.shape == (3, 3, 4, 4)
+    assert len(ner.attentions) == len(relation.attentions) == 4
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

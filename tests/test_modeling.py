@@ -236,3 +236,26 @@ def test_image_size_is_free():
     inputs["pixel_values"] = torch.randn(3, 3, IMAGE_SIZE + 32, IMAGE_SIZE + 32)
     inputs["object_pixel_values"] = torch.randn(3, 2, 3, IMAGE_SIZE + 32, IMAGE_SIZE + 32)
     assert model(**inputs).last_hidden_state.shape == (3, 9, 32)
+
+
+def test_output_attentions_covers_prefix_and_text():
+    model = build()
+    model.set_attn_implementation("eager")
+    inputs = tiny_inputs()
+    inputs["image_mask"] = torch.tensor([True, False, True])
+    attentions = model(**inputs, output_attentions=True).attentions
+    prefix_length = model.config.prefix_length
+    assert len(attentions) == model.config.text_config.num_hidden_layers
+    assert attentions[0].shape == (3, 4, 9, prefix_length + 9)
+    for weights in attentions:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        assert (weights[1, :, :, :4] == 0).all(), "the absent global image of example 1 gets no attention"
+        assert (weights[2, :, :, prefix_length + 6 :] == 0).all(), "nor does text padding"
+        assert (weights[0, :, :, :prefix_length] > 0).all()
+
+
+def test_output_attentions_needs_eager_attention():
+    model = build()
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        model(**tiny_inputs(), output_attentions=True)
