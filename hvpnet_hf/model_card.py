@@ -6,7 +6,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import PretrainedConfig, TrainingArguments
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
+# hvpnet_hf/model_cards links to the repository's model_cards/, so wheels carry the templates too.
+TEMPLATES_DIR = Path(__file__).parent / "model_cards"
 TASKS = {
     "ner": {"template": "hvpnet_ner.md", "pipeline_tag": "token-classification", "task_name": "Multimodal NER"},
     "re": {"template": "hvpnet_re.md", "pipeline_tag": "text-classification", "task_name": "Multimodal RE"},

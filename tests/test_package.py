@@ -3,6 +3,8 @@
 import subprocess
 import sys
 import textwrap
+import zipfile
+from pathlib import Path
 
 
 def test_import_registers_auto_classes_and_pipelines():
@@ -26,3 +28,25 @@ def test_import_registers_auto_classes_and_pipelines():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "registered" in result.stdout
+
+
+def test_wheel_carries_templates_sample_data_and_metrics(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    result = subprocess.run([*build, str(root)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("hvpnet_hf-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {
+        "hvpnet_hf/model_cards/hvpnet_ner.md",
+        "hvpnet_hf/model_cards/hvpnet_re.md",
+        "hvpnet_hf/metrics/ner_seqeval.py",
+        "hvpnet_hf/metrics/re_micro_f1.py",
+        "hvpnet_hf/sample_data/twitter/train.txt",
+        "hvpnet_hf/sample_data/twitter/twitter_train_dict.pth",
+        "hvpnet_hf/sample_data/mnre/mnre_rel2id.json",
+        "hvpnet_hf/modeling_hvpnet_original.py",
+    }
+    assert expected <= names, sorted(expected - names)
+    sample_images = [name for name in names if name.startswith("hvpnet_hf/sample_data/") and name.endswith(".jpg")]
+    assert len(sample_images) > 1000
