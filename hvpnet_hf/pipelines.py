@@ -28,10 +28,8 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
+from .collating import HVPNetDataCollator
 from .processing_hvpnet import HVPNetProcessor
-
-# Padding value of every token-level input when examples of different lengths are batched.
-_SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
 
 
 class _HVPNetPipeline(Pipeline):
@@ -47,6 +45,7 @@ class _HVPNetPipeline(Pipeline):
         if processor is None:
             processor = HVPNetProcessor.from_pretrained(model.name_or_path)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
+        self.collator = HVPNetDataCollator(processor)
         self.model.eval()  # the NER head decodes tags in eval mode only
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
@@ -62,17 +61,13 @@ class _HVPNetPipeline(Pipeline):
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Joins `preprocess` outputs (tensors with a batch dimension of 1) into one batch; other values to lists."""
-        batch = {}
+        features = [
+            {name: value[0] for name, value in item.items() if isinstance(value, torch.Tensor)} for item in items
+        ]
+        batch: dict[str, Any] = self.collator(features)
         for name, first in items[0].items():
-            values = [item[name] for item in items]
             if not isinstance(first, torch.Tensor):
-                batch[name] = values
-            elif name == "input_ids" or name in _SEQUENCE_PADDING:
-                padding = self.tokenizer.pad_token_id if name == "input_ids" else _SEQUENCE_PADDING[name]
-                rows = [value[0] for value in values]
-                batch[name] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=padding)
-            else:
-                batch[name] = torch.cat(values)
+                batch[name] = [item[name] for item in items]
         return batch
 
     def _encode(self, words: list[str], example: Mapping, missing_images: str, **task_inputs) -> dict[str, Any]:
