@@ -113,8 +113,5 @@ class HVPNetConfig(PretrainedConfig):
         """Visual prefix tokens per layer: `prefix_grid**2` per image."""
         return self.num_images * self.prefix_grid**2
 
-    def get_text_config(self, *args, **kwargs) -> BertConfig:
-        return self.text_config
-
 
 __all__ = ["HVPNetConfig"]
