@@ -17,10 +17,12 @@ labels are only copied to the output; when they are present the entity or relati
 import argparse
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import evaluate
+from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, pipeline
 
 from . import pipelines  # noqa: F401  (registers "multimodal-ner" and "multimodal-re")
@@ -64,15 +66,20 @@ def bio_tags(entities: list[dict], num_words: int) -> list[str]:
     return tags
 
 
-def predict_ner(args: argparse.Namespace) -> dict[str, float]:
-    maps = {"test": args.object_map} if args.object_map else None
-    examples = load_mner_dataset(
+def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:
+    """The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`)."""
+    return loader(
         data_files={"test": args.input},
         image_dir=args.image_dir,
         object_dir=args.object_dir,
-        object_maps=maps,
+        object_maps={"test": args.object_map} if args.object_map else None,
         missing_images=args.missing_images,
+        **task_arguments,
     )["test"]
+
+
+def predict_ner(args: argparse.Namespace) -> dict[str, float]:
+    examples = load_input(args, load_mner_dataset)
     tagger = pipeline("multimodal-ner", model=args.model)
     inputs = ({"words": row["tokens"], "image": row["image"], "objects": row["objects"]} for row in examples)
     outputs: Iterator = tagger(inputs, batch_size=args.batch_size, missing_images=args.missing_images)
@@ -90,15 +97,7 @@ def predict_ner(args: argparse.Namespace) -> dict[str, float]:
 
 
 def predict_re(args: argparse.Namespace) -> dict[str, float]:
-    maps = {"test": args.object_map} if args.object_map else None
-    examples = load_mre_dataset(
-        data_files={"test": args.input},
-        image_dir=args.image_dir,
-        object_dir=args.object_dir,
-        object_maps=maps,
-        rel2id=args.rel2id,
-        missing_images=args.missing_images,
-    )["test"]
+    examples = load_input(args, load_mre_dataset, rel2id=args.rel2id)
     classifier = pipeline("multimodal-re", model=args.model)
     label2id = classifier.model.config.label2id
     inputs = (
