@@ -17,7 +17,7 @@ import timm
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchEncoding, BatchFeature, PreTrainedTokenizerBase
 
 from .collating import HVPNetDataCollator
 from .loading import MNER_LABELS, load_image
@@ -201,7 +201,7 @@ class HVPNetProcessor:
         every word keeps one first sub-word. Words after the `max_length` cut have no token: `post_process_ner`
         scores them as `"O"`.
         """
-        words = self._replace_empty_words(words)
+        words, _ = self._tokenize_words(words)
         encoding = self.tokenizer(
             words, is_split_into_words=True, truncation=True, max_length=max_length or self.max_length
         )
@@ -247,8 +247,7 @@ class HVPNetProcessor:
             _insert_entity_markers(example_words, head, tail, index)
             for index, (example_words, head, tail) in enumerate(zip(words, heads, tails, strict=True))
         ]
-        marked_words = self._replace_empty_words(marked_words)
-        encoding = self.tokenizer(marked_words, is_split_into_words=True, add_special_tokens=False)
+        _, encoding = self._tokenize_words(marked_words)
         marker_ids = set(self.tokenizer.convert_tokens_to_ids(ENTITY_MARKERS))
         encoded = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
         for token_ids in encoding["input_ids"]:
@@ -329,15 +328,22 @@ class HVPNetProcessor:
         tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
         return cls(tokenizer, **{**settings, **kwargs})
 
-    def _replace_empty_words(self, words: Sequence[Sequence[str]]) -> list[list[str]]:
-        # One tokenizer pass over whole sentences: a word missing from `word_ids` produced no token.
-        probe = self.tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
+    def _tokenize_words(self, words: Sequence[Sequence[str]]) -> tuple[list[list[str]], BatchEncoding]:
+        """
+        Tokenises word lists without special tokens or truncation, after replacing every word that tokenises to
+        nothing by the unknown token. Returns the words used and their encoding (the tokenizer runs a second time
+        only when a word had to be replaced).
+        """
+        encoding = self.tokenizer(list(words), is_split_into_words=True, add_special_tokens=False)
         unk = self.tokenizer.unk_token
-        replaced = []
+        replaced, any_empty = [], False
         for index, example in enumerate(words):
-            present = set(probe.word_ids(index))
+            present = set(encoding.word_ids(index))  # a word missing from `word_ids` produced no token
+            any_empty = any_empty or len(present) < len(example)
             replaced.append([word if position in present else unk for position, word in enumerate(example)])
-        return replaced
+        if any_empty:
+            encoding = self.tokenizer(replaced, is_split_into_words=True, add_special_tokens=False)
+        return replaced, encoding
 
     def _image_tensor(self, image, missing_images: str) -> tuple[torch.Tensor, bool]:
         if isinstance(image, (str, os.PathLike)):

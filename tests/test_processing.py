@@ -102,6 +102,13 @@ def test_re_entity_at_sentence_end_and_adjacent_entities():
     assert re_tokens(re_processor, encoded) == ["[CLS]", "a", "<s>", "kevin", "</s>", "<o>", "york", "</o>", "[SEP]"]
 
 
+def test_re_words_that_tokenise_to_nothing_become_unknown():
+    re_processor = processor("re")
+    encoded = re_processor.encode_re([["kevin", "\x07", "york"]], [{"start": 0, "end": 1}], [{"start": 2, "end": 3}])
+    expected = ["[CLS]", "<s>", "kevin", "</s>", "[UNK]", "<o>", "york", "</o>", "[SEP]"]  # "\x07" kept as [UNK]
+    assert re_tokens(re_processor, encoded) == expected
+
+
 @pytest.mark.parametrize(("head", "tail"), [((97, 98), (99, 100)), ((0, 1), (99, 100)), ((99, 100), (50, 51))])
 def test_re_truncation_keeps_both_entities_and_markers(head, tail):
     re_processor = processor("re", max_length=16)
