@@ -71,13 +71,13 @@ def render_model_card(
     if "eval_f1" not in results:
         raise ValueError("results carry no validation F1 ('eval_f1'): render the card after evaluating the model")
     spec = TASKS[task]
+    scored_splits = {split: prefix for split, prefix in SPLIT_PREFIXES.items() if f"{prefix}_f1" in results}
     rows = [
         {
             "split": split,
             **{name: _format_score(results.get(f"{prefix}_{name}")) for name in ("precision", "recall", "f1")},
         }
-        for split, prefix in SPLIT_PREFIXES.items()
-        if f"{prefix}_f1" in results
+        for split, prefix in scored_splits.items()
     ]
     eval_results = [
         EvalResult(
@@ -89,8 +89,7 @@ def render_model_card(
             metric_type="f1",
             metric_value=results[f"{prefix}_f1"],
         )
-        for split, prefix in SPLIT_PREFIXES.items()
-        if f"{prefix}_f1" in results
+        for split, prefix in scored_splits.items()
     ]
     model_name = model_id.rstrip("/").split("/")[-1]
     card_data = ModelCardData(
