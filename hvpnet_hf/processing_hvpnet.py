@@ -180,7 +180,7 @@ class HVPNetProcessor:
         objects = objects if objects is not None else [None] * len(words)
         features = []
         for index in range(len(words)):
-            feature = {name: values[index] for name, values in encoded.items() if name != "word_ids"}
+            feature = {name: values[index] for name, values in encoded.items()}
             feature.update(self.preprocess_images(images[index], objects[index], missing_images))
             features.append(feature)
         return BatchFeature(HVPNetDataCollator(self)(features))
