@@ -139,9 +139,9 @@ def load_mre_dataset(
             Without it the names are collected from the files, sorted, with `"None"` first.
 
     Returns:
-        `DatasetDict` with the splits found, columns `id` (line index in its file), `tokens`, `head` and `tail`
-        (`name`, `start`, `end`; word offsets, end exclusive), `relation` (`ClassLabel`), `image_id`, `image`,
-        `objects`.
+        `DatasetDict` with the splits found, columns `id` (record index in its file, blank lines skipped), `tokens`,
+        `head` and `tail` (`name`, `start`, `end`; word offsets, end exclusive), `relation` (`ClassLabel`),
+        `image_id`, `image`, `objects`.
     """
     files = _resolve_data_files(data_dir, data_files, _find_mre_files)
     parsed = {split: _read_mre_file(path) for split, path in files.items()}
