@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import sys
 
+import evaluate
 import pytest
 from test_pipelines import RELATIONS, tiny_model_folder
 
 import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
+from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.predict import predict
 
 SAMPLE = hvpnet_hf.__path__[0] + "/sample_data"
@@ -45,20 +47,25 @@ def test_ner_predictions_cover_every_word(ner_model, tmp_path):
         ]
     )  # fmt: skip
     examples = load_mner_dataset(data_files={"test": f"{twitter}/test.txt"})["test"]
+    seqeval = evaluate.load(metric_path("ner_seqeval"))
     sentences = output.read_text(encoding="utf-8").strip("\n").split("\n\n")
     assert len(sentences) == len(examples)
     names = examples.features["ner_tags"].feature.names
+    gold_columns, predicted_columns = [], []
     for sentence, tokens, tags in zip(sentences, examples["tokens"], examples["ner_tags"], strict=True):
         rows = [line.split(" ") for line in sentence.split("\n")]
         assert [row[0] for row in rows] == tokens and [row[1] for row in rows] == [names[tag] for tag in tags]
         assert all(row[2] == "O" or row[2][:2] in ("B-", "I-") for row in rows)
-    assert 0.0 <= scores["f1"] <= 1.0
+        gold_columns.append([row[1] for row in rows])
+        predicted_columns.append([row[2] for row in rows])
+    # The printed scores are those of the written file: every sentence, paired with its own gold tags.
+    assert scores == seqeval.compute(predictions=predicted_columns, references=gold_columns)
 
 
 def test_re_predictions_one_line_per_record(re_model, tmp_path):
     mnre = f"{SAMPLE}/mnre"
     output = tmp_path / "test.jsonl"
-    predict(
+    scores = predict(
         [
             "--model", re_model,
             "--input", f"{mnre}/txt/mnre_test.txt",
@@ -74,6 +81,8 @@ def test_re_predictions_one_line_per_record(re_model, tmp_path):
     for record in records:
         assert record["predicted"] in RELATIONS and len(record["top_k"]) == 2
         assert record["top_k"][0] == {"relation": record["predicted"], "score": record["score"]}
+    # The sample set has relations this 4-relation model does not know: no scores rather than wrong ones.
+    assert not set(RELATIONS) >= {record["gold"] for record in records} and scores == {}
 
 
 def test_refuses_to_overwrite_its_input(ner_model, tmp_path):
