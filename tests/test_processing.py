@@ -228,13 +228,16 @@ def test_call_returns_exactly_the_model_inputs():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    re_processor = processor("re", num_object_images=2, max_length=32)
+    # Every setting differs from its default, so a setting the loader ignored would show.
+    re_processor = processor("re", crop_mode="squash", interpolation="bilinear", num_object_images=2, max_length=32)
     re_processor.save_pretrained(tmp_path)
     loaded = HVPNetProcessor.from_pretrained(tmp_path)
     assert len(loaded.tokenizer) == len(re_processor.tokenizer)
     assert loaded.head_start_token_id == re_processor.head_start_token_id
-    settings = ("task", "image_size", "crop_pct", "crop_mode", "image_mean", "image_std", "num_object_images")
-    for name in (*settings, "max_length"):
+    for name in (
+        "task", "image_size", "crop_pct", "crop_mode", "image_mean", "image_std", "interpolation",
+        "num_object_images", "max_length",
+    ):  # fmt: skip
         assert getattr(loaded, name) == getattr(re_processor, name)
     arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
     spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
