@@ -161,7 +161,7 @@ def test_batches_run_through_the_models(mner_dir, tmp_path):
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
 
 
-def test_sample_subset_is_reproducible(tmp_path):
+def test_sample_subset_is_reproducible():
     from datasets import Dataset
 
     dataset = Dataset.from_dict({"id": [str(index) for index in range(100)]})

@@ -172,7 +172,7 @@ def test_squash_keeps_the_whole_non_square_image():
     assert cropped[:, :, 2:].min() > 0.99
 
 
-def test_object_slots_are_padded_truncated_and_masked(tmp_path):
+def test_object_slots_are_padded_truncated_and_masked():
     ner = processor(num_object_images=3)
     crop = Image.new("RGB", (8, 8), (255, 0, 0))
     one = ner.preprocess_images(None, [crop])
