@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     push_to_hub = hvpnet_examples.start_run(training_args)
 
     raw = load_raw_datasets(data_args)
-    label_names = raw["train" if "train" in raw else next(iter(raw))].features["ner_tags"].feature.names
+    label_names = raw[next(iter(raw))].features["ner_tags"].feature.names  # every split has the same tag set
     id2label = dict(enumerate(label_names))
     hvpnet_examples.limit_and_check_splits(raw, data_args, training_args)
 
