@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ]
     print("\n".join(summary))
     with open(output_dir / "demo_results.json", "w", encoding="utf-8") as file:
-        json.dump({name: scores for name, scores in results.items()}, file, indent=2)
+        json.dump(results, file, indent=2)
     return results
 
 
