@@ -237,6 +237,99 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         return len(self.stage_indices)
 
 
+# The visual prefix as the authors' released HVPNeT code computes it (`prefix_mode="original"`).
+#
+# That code (which produced the paper's Table 1) differs from the paper's text. It is kept as its own class, apart
+# from the paper mode, so that checkpoints trained with it can be converted (`convert_original_checkpoint.py`) and
+# give the same outputs. What it does, per image:
+#
+# 1. Average-pool every backbone stage with `AvgPool2d(k, stride=k)`, `k = size // g` (a 7x7 map gets k=3: a 2x2
+#    grid over its top-left 6x6 corner), concatenate the pooled maps on channels: (C, g, g).
+# 2. Reinterpret that memory with a raw view as g*g tokens of C features (not a transpose).
+# 3. `encoder_conv`: Linear(C, 800) -> Tanh -> Linear(800, c * 2d), split into c chunks of 2d: the gate's "stages".
+# 4. For layer l: gate = softmax(leaky_relu(W_l(mean of the chunks, flattened))), gated sum of the chunks: (g*g, 2d).
+# 5. Concatenate the images of an example on the token axis, split key (first d) and value (last d), and turn each
+#    (P, d) into heads with a raw reshape to (H, P, h) (again not a transpose).
+#
+# Absent images are all-zero images that are still gated and attended, as in that code: unlike the paper mode, a
+# masked image is not the same as no image. Only a forward without any pixel values is text-only.
+#
+# Shapes: B = batch, n = images per example, N = B * n, L = text layers, c = chunks (one per backbone stage),
+# g = prefix grid side, t = g * g tokens per image, P = n * t, d = hidden size, H = heads, h = head size.
+
+# Width of the hidden layer of the original `encoder_conv` MLP.
+ORIGINAL_MLP_HIDDEN_SIZE = 800
+
+
+class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
+    """Images → per-layer visual prefix in the layout of the authors' code, for all images in one backbone pass.
+
+    Module names follow that code (`encoder_conv`, one linear `gate` holding its L `gates`) so that its checkpoints
+    map key by key.
+    """
+
+    def __init__(self, config: HVPNetConfig):
+        super().__init__(config)
+        self.num_stages = len(self.backbone.feature_info.channels())
+        tokens = self.grid**2
+        self.encoder_conv = nn.Sequential(
+            nn.Linear(sum(self.backbone.feature_info.channels()), ORIGINAL_MLP_HIDDEN_SIZE),
+            nn.Tanh(),
+            nn.Linear(ORIGINAL_MLP_HIDDEN_SIZE, self.num_stages * 2 * self.hidden_size),
+        )
+        # The original's L gate layers Linear(t * 2d, c), stacked as one layer t * 2d -> L * c.
+        self.gate = nn.Linear(tokens * 2 * self.hidden_size, self.num_layers * self.num_stages)
+
+    def pooled_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) → (N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
+        feature_maps = self.feature_maps(images)
+        pooled = []
+        for stage, feature_map in enumerate(feature_maps):
+            kernel = feature_map.shape[-2] // self.grid  # from the map's height, as in the original
+            grid = nn.functional.avg_pool2d(feature_map, kernel_size=kernel, stride=kernel) if kernel > 0 else None
+            if grid is None or grid.shape[-2:] != (self.grid, self.grid):
+                raise ValueError(
+                    f"prefix_mode='original' pools backbone stage {stage} (a {tuple(feature_map.shape[-2:])} map for "
+                    f"{tuple(images.shape[-2:])} images) with kernel height // prefix_grid, which does not give a "
+                    f"{self.grid}x{self.grid} grid; use square images large enough (the original code uses 224x224)"
+                )
+            pooled.append(grid)
+        channels_first = torch.cat(pooled, dim=1)  # (N, C, g, g), contiguous
+        return channels_first.view(len(images), self.grid**2, -1)
+
+    def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool.
+
+        Absent images are replaced by zero images and, like every other image, attended.
+        """
+        batch_size, num_images = present.shape
+        present = present.to(device=images.device, dtype=torch.bool)
+        images = images.masked_fill(~present[:, :, None, None, None], 0.0).flatten(0, 1)
+
+        chunks = self.encoder_conv(self.pooled_tokens(images))
+        chunks = chunks.view(len(images), self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
+        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(len(images), self.num_layers, self.num_stages)
+        gate_weights = nn.functional.leaky_relu(gate_logits).softmax(dim=-1)  # (N, L, c)
+        gated = torch.einsum("nlc,ntcd->nltd", gate_weights, chunks)  # (N, L, t, 2d)
+
+        # Images of one example side by side on the token axis: (B, L, P, 2d).
+        prefix = gated.view(batch_size, num_images, self.num_layers, -1, 2 * self.hidden_size).transpose(1, 2)
+        prefix = prefix.flatten(2, 3)
+        num_tokens = prefix.shape[2]
+
+        def to_heads(states: torch.Tensor) -> torch.Tensor:
+            """(B, L, P, d) → (L, B, H, P, h) by the original's raw reshape of each layer's (P, d) memory."""
+            states = states.contiguous().view(batch_size, self.num_layers, self.num_heads, num_tokens, -1)
+            return states.transpose(0, 1)
+
+        return VisualPrefix(
+            keys=to_heads(prefix[..., : self.hidden_size]),
+            values=to_heads(prefix[..., self.hidden_size :]),
+            mask=present.new_ones(batch_size, num_tokens),
+            gate_weights=gate_weights.view(batch_size, num_images, self.num_layers, self.num_stages),
+        )
+
+
 class HVPNetPreTrainedModel(PreTrainedModel):
     config_class = HVPNetConfig
     config: HVPNetConfig
@@ -315,9 +408,6 @@ class HVPNetModel(HVPNetPreTrainedModel):
         if not config.use_visual_prefix:
             self.visual_encoder = None
         elif config.prefix_mode == "original":
-            # The authors' code layout lives in its own module; imported here because that module builds on this one.
-            from .modeling_hvpnet_original import HVPNetOriginalVisualPrefixEncoder
-
             self.visual_encoder = HVPNetOriginalVisualPrefixEncoder(config)
         else:
             self.visual_encoder = HVPNetVisualPrefixEncoder(config)
@@ -688,6 +778,7 @@ __all__ = [
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
     "HVPNetModel",
+    "HVPNetOriginalVisualPrefixEncoder",
     "HVPNetPreTrainedModel",
     "HVPNetSelfAttention",
     "HVPNetVisualPrefixEncoder",

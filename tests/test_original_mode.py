@@ -222,10 +222,10 @@ def test_torchvision_resnet50_weights_give_the_same_stages():
 
 
 def test_saved_model_loads_with_trust_remote_code_only(tmp_path):
-    """The saved folder carries the original-mode module, so it loads where hvpnet_hf is not importable."""
+    """The saved folder carries the modeling code, original mode included, so it loads where hvpnet_hf is not importable."""
     model = original_model()
     model.save_pretrained(tmp_path / "model")
-    assert (tmp_path / "model" / "modeling_hvpnet_original.py").exists()
+    assert (tmp_path / "model" / "modeling_hvpnet.py").exists()
     input_ids = torch.tensor([[2, 11, 12, 13, 3]])
     pixels = images(1, 3, 64)
     with torch.no_grad():
