@@ -42,7 +42,7 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def original_layout(base: HVPNetModel, head: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    """A state_dict named as the original code names it (DESIGN §3), from an original-mode `HVPNetModel`."""
+    """A state_dict named as the authors' code (zjunlp/HVPNeT) names it, from an original-mode `HVPNetModel`."""
     generator = torch.Generator().manual_seed(7)
     layout = {f"bert.{key}": value for key, value in base.text_model.state_dict().items()}
     layout["bert.embeddings.word_embeddings.weight"] = layout["bert.embeddings.word_embeddings.weight"][:vocab_size]
