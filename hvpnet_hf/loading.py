@@ -9,7 +9,10 @@ Missing images follow one policy, `missing_images`:
   and the loader logs how many files were missing or unreadable per split.
 - `"error"`: the first missing or unreadable file raises an error naming it and the data line that refers to it.
 At load time a file counts as readable when it exists and PIL recognises its header; a file whose pixel data turns
-out to be truncated is caught when it is decoded, under the same policy (see `load_image`).
+out to be truncated is caught when it is decoded, under the same policy (see `load_image`). An image with more pixels
+than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 179 million by default) counts as
+unreadable: it is never decoded, so a hostile or broken file cannot exhaust the memory. Raise the limit to use such
+images.
 """
 
 import ast
@@ -33,6 +36,8 @@ MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MIS
 MNER_ENTITY_TYPES = {"PER": "PER", "LOC": "LOC", "ORG": "ORG", "MISC": "MISC", "OTHER": "MISC"}
 NO_RELATION = "None"
 MISSING_IMAGE_POLICIES = ("mask", "error")
+# What PIL raises for an absent, undecodable or over-large (`Image.MAX_IMAGE_PIXELS`) image file.
+_UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 PathLike = str | os.PathLike
 SplitPaths = PathLike | Mapping[str, PathLike]
@@ -54,15 +59,15 @@ class _Example:
 
 def load_image(path: PathLike, missing_images: str = "mask") -> Image.Image | None:
     """
-    Decodes an image file fully. Under `missing_images="mask"` a missing or unreadable file is logged and gives None;
-    under `"error"` it raises an `OSError` naming the file.
+    Decodes an image file fully. Under `missing_images="mask"` a missing or unreadable file (or one over PIL's
+    decompression-bomb limit) is logged and gives None; under `"error"` it raises an `OSError` naming the file.
     """
     _check_policy(missing_images)
     try:
         with Image.open(path) as image:
             image.load()
             return image
-    except (OSError, SyntaxError, ValueError) as error:
+    except _UNREADABLE_IMAGE_ERRORS as error:
         if missing_images == "error":
             raise OSError(f"Cannot read image {path}: {error}") from error
         logger.warning("Image %s is missing or unreadable (%s); it is masked out.", path, error)
@@ -368,36 +373,38 @@ def _build_split(
 
 
 class _ImageChecker:
-    """Checks that image files exist and have a header PIL recognises; remembers results, counts failures."""
+    """Checks that image files exist and have a header PIL accepts; remembers results, counts failures."""
 
     def __init__(self, missing_images: str):
         self.missing_images = missing_images
         self.num_checked = 0
         self.num_missing = 0
         self.first_missing: str | None = None
-        self._readable: dict[Path, bool] = {}
+        self._problems: dict[Path, str | None] = {}
 
     def __call__(self, path: Path | None, referenced_at: str) -> str | None:
         if path is None:
             return None
         self.num_checked += 1
-        if path not in self._readable:
-            self._readable[path] = _has_image_header(path)
-        if self._readable[path]:
+        if path not in self._problems:
+            self._problems[path] = _image_header_problem(path)
+        problem = self._problems[path]
+        if problem is None:
             return str(path)
         if self.missing_images == "error":
-            raise FileNotFoundError(f"{referenced_at}: image file {path} is missing or unreadable")
+            raise FileNotFoundError(f"{referenced_at}: image file {path} is missing or unreadable: {problem}")
         self.num_missing += 1
-        self.first_missing = self.first_missing or str(path)
+        self.first_missing = self.first_missing or f"{path} ({problem})"
         return None
 
 
-def _has_image_header(path: Path) -> bool:
+def _image_header_problem(path: Path) -> str | None:
+    """None when PIL opens `path` (its header only), otherwise why it cannot."""
     try:
         with Image.open(path):
-            return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+            return None
+    except _UNREADABLE_IMAGE_ERRORS as error:
+        return str(error) or type(error).__name__
 
 
 def _crop_lists(

@@ -302,6 +302,26 @@ def test_load_image_truncated_file(tmp_path, caplog):
         load_image(path, missing_images="error")
 
 
+def test_decompression_bombs_are_masked_and_named_or_an_error(tmp_path, monkeypatch, caplog):
+    data_dir, image_dir = write_mner_dir(tmp_path)
+    write_image(image_dir / "102.jpg", size=(200, 100))
+    # PIL refuses images of more than twice MAX_IMAGE_PIXELS; lowered here instead of writing a huge file.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        train = load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir)["train"]
+    assert train["image"] == [str(image_dir / "101.jpg"), None, str(image_dir / "103.jpg")]
+    assert "1 of 3 image files" in caplog.text and "102.jpg" in caplog.text and "decompression bomb" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"train.txt:7: image file .*102.jpg .*decompression bomb"):
+        load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir, missing_images="error")
+    # Decoding (the collator, the pipelines) follows the same policy.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        assert load_image(image_dir / "102.jpg") is None
+    assert "102.jpg" in caplog.text
+    with pytest.raises(OSError, match="102.jpg.*decompression bomb"):
+        load_image(image_dir / "102.jpg", missing_images="error")
+
+
 def test_load_image_decodes_pixels(tmp_path):
     image = load_image(write_image(tmp_path / "ok.png", color=(1, 2, 3)))
     assert image.size == (24, 16)
