@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +216,24 @@ def _find_mre_files(data_dir: Path) -> dict[str, Path]:
     return {split: paths[0] for split, paths in candidates.items()}
 
 
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """
+    `(line number, line)` of a UTF-8 text file, a leading byte-order mark dropped; CRLF lines read like LF ones.
+    Bytes that are not UTF-8 are an error naming the file and the line.
+    """
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as file:
+        for line_no, line in enumerate(file, start=1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as error:
+                byte = ord(line[error.start]) - 0xDC00  # surrogateescape keeps an undecodable byte as U+DC80..U+DCFF
+                raise ValueError(
+                    f"{path}:{line_no}: byte 0x{byte:02x} at column {error.start + 1} is not UTF-8; save the file "
+                    "as UTF-8"
+                ) from None
+            yield line_no, line
+
+
 def _read_mner_file(path: Path) -> list[_Example]:
     examples: list[_Example] = []
     current: _Example | None = None
@@ -224,25 +242,24 @@ def _read_mner_file(path: Path) -> list[_Example]:
         if current is not None and not current.tokens:
             raise ValueError(f"{path}:{current.line}: IMGID block has no token lines (block ends at line {line_no})")
 
-    with open(path, encoding="utf-8") as file:  # universal newlines: CRLF files read like LF ones
-        for line_no, raw_line in enumerate(file, start=1):
-            line = raw_line.rstrip()
-            if not line:
-                close_block(line_no)
-                current = None
-                continue
-            if line.startswith("IMGID:"):
-                close_block(line_no)
-                current = _Example(line_no, [], line[len("IMGID:") :].strip() + ".jpg", {"ner_tags": []})
-                examples.append(current)
-                continue
-            if current is None:
-                raise ValueError(f"{path}:{line_no}: token line outside an IMGID block: {line!r}")
-            token, tab, label = line.rpartition("\t")
-            if not tab:
-                raise ValueError(f"{path}:{line_no}: expected 'token<TAB>label', got {line!r}")
-            current.tokens.append(token.strip())
-            current.fields["ner_tags"].append(_normalise_bio_label(label.strip(), path, line_no))
+    for line_no, raw_line in _numbered_lines(path):
+        line = raw_line.rstrip()
+        if not line:
+            close_block(line_no)
+            current = None
+            continue
+        if line.startswith("IMGID:"):
+            close_block(line_no)
+            current = _Example(line_no, [], line[len("IMGID:") :].strip() + ".jpg", {"ner_tags": []})
+            examples.append(current)
+            continue
+        if current is None:
+            raise ValueError(f"{path}:{line_no}: token line outside an IMGID block: {line!r}")
+        token, tab, label = line.rpartition("\t")
+        if not tab:
+            raise ValueError(f"{path}:{line_no}: expected 'token<TAB>label', got {line!r}")
+        current.tokens.append(token.strip())
+        current.fields["ner_tags"].append(_normalise_bio_label(label.strip(), path, line_no))
     if not examples:
         raise ValueError(f"{path}: no IMGID block found")
     close_block(line_no + 1)
@@ -263,19 +280,33 @@ def _normalise_bio_label(label: str, path: Path, line_no: int) -> str:
 
 def _read_mre_file(path: Path) -> list[_Example]:
     examples = []
-    with open(path, encoding="utf-8") as file:
-        for line_no, raw_line in enumerate(file, start=1):
-            line = raw_line.strip()
-            if not line:
-                continue
-            try:
-                record = ast.literal_eval(line)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as error:
-                raise ValueError(f"{path}:{line_no}: not a Python literal: {error}") from error
-            examples.append(_parse_mre_record(record, path, line_no))
+    for line_no, raw_line in _numbered_lines(path):
+        line = raw_line.strip()
+        if not line:
+            continue
+        try:
+            record = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as error:
+            raise ValueError(f"{path}:{line_no}: not a Python literal: {error}") from error
+        examples.append(_parse_mre_record(record, path, line_no))
     if not examples:
         raise ValueError(f"{path}: no records found")
+    overlapping = [
+        example.line for example in examples if _spans_overlap(example.fields["head"], example.fields["tail"])
+    ]
+    if overlapping:
+        logger.warning(
+            "%s: %d of %d records have overlapping head and tail spans (first: line %d); their entity markers nest.",
+            path,
+            len(overlapping),
+            len(examples),
+            overlapping[0],
+        )
     return examples
+
+
+def _spans_overlap(head: Mapping, tail: Mapping) -> bool:
+    return head["start"] < tail["end"] and tail["start"] < head["end"]
 
 
 def _parse_mre_record(record, path: Path, line_no: int) -> _Example:
@@ -306,7 +337,7 @@ def _relation_names(rel2id, parsed: dict[str, list[_Example]], files: dict[str, 
         found = {example.fields["relation"] for examples in parsed.values() for example in examples}
         return [NO_RELATION] + sorted(found - {NO_RELATION})
     if not isinstance(rel2id, Mapping):
-        with open(rel2id, encoding="utf-8") as file:
+        with open(rel2id, encoding="utf-8-sig") as file:
             rel2id = json.load(file)
     ids = sorted(rel2id.values())
     if ids != list(range(len(ids))):

@@ -104,6 +104,26 @@ def test_mner_tolerates_crlf_trailing_spaces_and_missing_final_blank_line(tmp_pa
     assert got["ner_tags"] == expected["ner_tags"]
 
 
+def test_utf8_byte_order_mark_is_accepted_by_both_loaders(tmp_path):
+    (tmp_path / "train.txt").write_text("\ufeff" + MNER_TRAIN, encoding="utf-8")
+    train = load_mner_dataset(data_files={"train": tmp_path / "train.txt"})["train"]
+    assert train["image_id"][0] == "101.jpg" and train["tokens"][0][0] == "Kevin"
+    (tmp_path / "mnre_train.txt").write_text("\ufeff" + "\n".join(MRE_TRAIN), encoding="utf-8")
+    mre = load_mre_dataset(data_files={"train": tmp_path / "mnre_train.txt"})["train"]
+    assert mre["tokens"][0][0] == "JFK" and len(mre) == 3
+
+
+def test_non_utf8_bytes_name_file_and_line_in_both_loaders(tmp_path):
+    latin1 = MNER_TRAIN.replace("Boston", "Montréal").encode("latin-1")  # é is the single byte 0xe9
+    (tmp_path / "train.txt").write_bytes(latin1)
+    with pytest.raises(ValueError, match=r"train.txt:5: byte 0xe9 at column 6 is not UTF-8"):
+        load_mner_dataset(data_files={"train": tmp_path / "train.txt"})
+    lines = [*MRE_TRAIN[:2], MRE_TRAIN[2].replace("Paris", "Paré")]
+    (tmp_path / "mnre_train.txt").write_bytes("\n".join(lines).encode("cp1252"))
+    with pytest.raises(ValueError, match=r"mnre_train.txt:3: byte 0xe9 .* is not UTF-8"):
+        load_mre_dataset(data_files={"train": tmp_path / "mnre_train.txt"})
+
+
 def test_mner_accepts_conlleval_style_i_tags(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("IMGID:1\nsome\tO\nBoston\tI-LOC\n", encoding="utf-8")
@@ -258,6 +278,19 @@ def test_mre_malformed_input_names_file_and_line(tmp_path, line, message):
     path.write_text(MRE_TRAIN[0] + "\n" + line + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=f"mnre_train.txt:2: {message}"):
         load_mre_dataset(data_files={"train": path})
+
+
+def test_mre_overlapping_head_and_tail_are_kept_counted_and_named(tmp_path, caplog):
+    lines = [
+        *MRE_TRAIN,
+        mre_line(["Inter", "Miami", "CF"], (0, 2), (1, 3), "None"),
+        mre_line(["New", "York"], (0, 2), (0, 2), "None"),
+    ]
+    (tmp_path / "mnre_train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        train = load_mre_dataset(data_files={"train": tmp_path / "mnre_train.txt"})["train"]
+    assert len(train) == 5
+    assert "mnre_train.txt: 2 of 5 records have overlapping head and tail spans (first: line 4)" in caplog.text
 
 
 def test_mre_per_split_image_folders_and_index_keyed_crops(tmp_path):
