@@ -26,6 +26,7 @@ import hvpnet_hf
 from hvpnet_hf import HVPNetForTokenClassification
 from hvpnet_hf.loading import load_mner_dataset
 from hvpnet_hf.metrics import align_word_predictions, metric_path
+from hvpnet_hf.predict import conll_row
 
 import hvpnet_examples
 
@@ -81,12 +82,12 @@ def keep_predicted_tags(outputs: tuple, labels: torch.Tensor) -> torch.Tensor:
 
 
 def write_predictions(path: Path, raw_split: datasets.Dataset, predictions: list[list[str]]) -> None:
-    """CoNLL columns `word gold predicted`, one word per line, a blank line after each sentence."""
+    """CoNLL columns `word gold predicted` (see `conll_row`), one word per line, a blank line after each sentence."""
     names = raw_split.features["ner_tags"].feature.names
     with open(path, "w", encoding="utf-8") as file:
         for tokens, gold, predicted in zip(raw_split["tokens"], raw_split["ner_tags"], predictions, strict=True):
             for word, gold_tag, predicted_tag in zip(tokens, gold, predicted, strict=True):
-                file.write(f"{word} {names[gold_tag]} {predicted_tag}\n")
+                file.write(conll_row(word, names[gold_tag], predicted_tag))
             file.write("\n")
 
 

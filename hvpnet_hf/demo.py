@@ -38,11 +38,14 @@ def load_run_mner():
 
 
 def read_conll(path: Path) -> list[tuple[list[str], list[str], list[str]]]:
-    """Sentences of a `word gold predicted` prediction file."""
+    """Sentences of a `word gold predicted` prediction file (as `hvpnet_hf.predict.conll_row` writes it)."""
     sentences, words, gold, predicted = [], [], [], []
-    for line in path.read_text(encoding="utf-8").splitlines() + [""]:
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
         if line.strip():
-            word, gold_tag, predicted_tag = line.split(" ")
+            columns = line.split()
+            if len(columns) != 3:
+                raise ValueError(f"{path}:{line_no}: expected 'word gold predicted', got {line!r}")
+            word, gold_tag, predicted_tag = columns
             words.append(word)
             gold.append(gold_tag)
             predicted.append(predicted_tag)
