@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import typing
+from argparse import ArgumentTypeError
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import transformers
 import yaml
 from transformers import EvalPrediction, HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PredictionOutput
 
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
@@ -218,6 +220,13 @@ def _has_type(value: Any, element: type, is_list: bool, optional: bool) -> bool:
         return optional
     if is_list:
         return isinstance(value, list) and all(_has_type(item, element, False, False) for item in value)
+    if isinstance(value, str) and element is not str:
+        # argparse converts a string default with the flag's type, as if it were typed (YAML reads 1e-5 as a string).
+        try:
+            (string_to_bool if element is bool else element)(value)
+        except (ValueError, ArgumentTypeError):
+            return False
+        return True
     if element is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if element is int:

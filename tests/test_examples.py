@@ -237,7 +237,8 @@ def test_demo_prints_both_models_side_by_side(tmp_path, capsys):
     [
         ("num_train_epochs: [1, 2]", "setting 'num_train_epochs' must be a number, got \\[1, 2\\]"),
         ("per_device_train_batch_size: 8.5", "setting 'per_device_train_batch_size' must be an integer, got 8.5"),
-        ("mask_images: 'yes'", "setting 'mask_images' must be true or false"),
+        ("mask_images: maybe", "setting 'mask_images' must be true or false, got 'maybe'"),
+        ("learning_rate: fast", "setting 'learning_rate' must be a number, got 'fast'"),
         ("vision_out_indices: [-1, last]", "setting 'vision_out_indices' must be a list of int"),
         ("prefix_mode: pyramids", "setting 'prefix_mode' must be one of"),
         ("max_seq_length: -5", "max_seq_length must be at least 1, got -5"),
@@ -256,10 +257,14 @@ def test_config_settings_are_checked_when_read(tmp_path, setting, message):
 def test_config_settings_of_the_right_type_pass(tmp_path):
     run_mre = load_script("run_mre")
     config = tmp_path / "settings.yaml"
-    config.write_text("output_dir: out\nnum_train_epochs: 2\nclassifier_dropout: null\nvision_out_indices: [-2, -1]\n")
-    model_args, _, training_args = run_mre.parse_arguments([str(config)])
+    # YAML reads 1e-5 (no dot) as a string; the flag's own type converts it, as on the command line.
+    config.write_text(
+        "output_dir: out\nnum_train_epochs: 2\nclassifier_dropout: null\nvision_out_indices: [-2, -1]\n"
+        "learning_rate: 1e-5\nmask_images: 'yes'\n"
+    )
+    model_args, data_args, training_args = run_mre.parse_arguments([str(config)])
     assert training_args.num_train_epochs == 2 and model_args.vision_out_indices == [-2, -1]
-    assert model_args.classifier_dropout is None
+    assert model_args.classifier_dropout is None and training_args.learning_rate == 1e-5 and data_args.mask_images
 
 
 def save_untrained_model(script, task: str, model_class, text_model: str, folder: Path, id2label: dict) -> None:
