@@ -9,8 +9,8 @@ Missing images follow one policy, `missing_images`:
   and the loader logs how many files were missing or unreadable per split.
 - `"error"`: the first missing or unreadable file raises an error naming it and the data line that refers to it.
 At load time a file counts as readable when it exists and PIL recognises its header; a file whose pixel data turns
-out to be truncated is caught when it is decoded, under the same policy (see `load_image`). An image with more pixels
-than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, about 179 million by default) counts as
+out to be truncated is caught when it is decoded, under the same policy (see `load_image`). An image PIL refuses as a
+decompression bomb (more than twice `PIL.Image.MAX_IMAGE_PIXELS`, about 179 million pixels by default) counts as
 unreadable: it is never decoded, so a hostile or broken file cannot exhaust the memory. Raise the limit to use such
 images.
 """

@@ -31,8 +31,8 @@ HEAD_START, HEAD_END, TAIL_START, TAIL_END = "<s>", "</s>", "<o>", "</o>"
 ENTITY_MARKERS = [HEAD_START, HEAD_END, TAIL_START, TAIL_END]
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 DEFAULT_IMAGE_SIZE = 224
-# PIL modes of 16-bit grayscale images (PNG, TIFF); "I" is the 32-bit integer mode older decoders give them.
-HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# PIL modes of 16-bit grayscale images (PNG, TIFF). The 32-bit mode "I" has no fixed range and keeps PIL's conversion.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 logger = logging.getLogger(__name__)
 
