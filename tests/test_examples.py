@@ -323,6 +323,7 @@ def test_reused_output_dir_is_refused_or_replaced(text_model, tmp_path):
         path.write_text("from an earlier run")
     (output_dir / "all_results.json").write_text(json.dumps({"test_f1": 0.123, "epoch": 30.0}))
     flags = [*tiny_flags(text_model, output_dir), "--do_predict", "false"]
+    flags += ["--max_train_samples", "8", "--max_eval_samples", "4"]  # one short step: only the folder matters here
     with pytest.raises(ValueError, match=f"output_dir {output_dir} is not empty: pass --overwrite_output_dir true"):
         run_mner.main(flags)
     assert all(path.is_file() for path in stale)
