@@ -8,14 +8,17 @@ class would add a second class whose only job is to satisfy the mixin. `save_pre
 plus `processor_config.json` with the image settings; `from_pretrained` reads both back.
 """
 
+import functools
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from transformers import AutoTokenizer, BatchEncoding, BatchFeature, PreTrainedTokenizerBase
 
@@ -28,6 +31,10 @@ HEAD_START, HEAD_END, TAIL_START, TAIL_END = "<s>", "</s>", "<o>", "</o>"
 ENTITY_MARKERS = [HEAD_START, HEAD_END, TAIL_START, TAIL_END]
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 DEFAULT_IMAGE_SIZE = 224
+# PIL modes of 16-bit grayscale images (PNG, TIFF). The 32-bit mode "I" has no fixed range and keeps PIL's conversion.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+logger = logging.getLogger(__name__)
 
 
 class HVPNetProcessor:
@@ -345,7 +352,10 @@ class HVPNetProcessor:
             encoding = self.tokenizer(replaced, is_split_into_words=True, add_special_tokens=False)
         return replaced, encoding
 
-    def _image_tensor(self, image, missing_images: str) -> tuple[torch.Tensor, bool]:
+    def _image_tensor(
+        self, image: Image.Image | np.ndarray | str | os.PathLike | None, missing_images: str
+    ) -> tuple[torch.Tensor, bool]:
+        """One image (or path, or None) as a transformed (3, S, S) tensor, and whether it is present."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image, missing_images)
         if image is None:
@@ -353,8 +363,18 @@ class HVPNetProcessor:
         return self.image_transform(_to_rgb(image)), True
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode (L, P, CMYK, RGBA, ...) to RGB; transparent pixels are put on a white background."""
+def _to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """
+    Converts any PIL mode (L, P, CMYK, RGBA, 16-bit grayscale, ...) or a numpy array (H, W) or (H, W, C) to an
+    upright RGB image: the EXIF orientation is applied, 16-bit values are scaled to 8 bits and transparent pixels are
+    put on a white background.
+    """
+    if isinstance(image, np.ndarray):
+        image = _array_to_image(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        image = _high_bit_depth_to_8_bits(image)
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -362,6 +382,32 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    """A uint8 or uint16 array (H, W) or (H, W, 1|3|4), channels last, as a PIL image."""
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"numpy images must be uint8 (or uint16 grayscale), got dtype {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8)):
+        raise ValueError(
+            f"numpy images must be (H, W) grayscale or (H, W, 3|4) channels last, got shape {array.shape} "
+            f"and dtype {array.dtype}"
+        )
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _high_bit_depth_to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit "L": values 0..65535 are mapped linearly onto 0..255."""
+    _log_high_bit_depth(image.mode)
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+
+
+@functools.cache
+def _log_high_bit_depth(mode: str) -> None:
+    logger.info("Images of mode %s are read as 16-bit grayscale and scaled to 8 bits (value / 257).", mode)
 
 
 def _check_re_max_length(max_length: int) -> None:

@@ -1,10 +1,14 @@
 """HVPNetProcessor: word alignment, entity markers and truncation, image transform, save/load round trip."""
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import BertTokenizer
 
+from hvpnet_hf import processing_hvpnet
 from hvpnet_hf.loading import MNER_LABELS
 from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, HVPNetProcessor
 
@@ -148,6 +152,62 @@ def test_every_image_mode_becomes_rgb(mode):
     pixels = processor().preprocess_images(image)["pixel_values"]
     assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     assert pixels.dtype == torch.float32
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, caplog):
+    # A 16-bit PNG whose left half is 0x4000 (a quarter of the range) and right half 0xC000 (three quarters).
+    values = np.full((16, 32), 0x4000, dtype=np.uint16)
+    values[:, 16:] = 0xC000
+    path = tmp_path / "depth.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    squashed = processor(crop_mode="squash", image_size=32)
+    processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
+    with caplog.at_level(logging.INFO, logger="hvpnet_hf.processing_hvpnet"):
+        pixels = squashed.preprocess_images(path)["pixel_values"]
+    # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalised (v / 255 - 0.5) / 0.5. Columns next to the
+    # middle are blended by the resize filter, so only the outer ones are compared (1e-5: float rounding).
+    torch.testing.assert_close(pixels[:, :, :12], torch.full((3, 32, 12), 64 / 127.5 - 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixels[:, :, 20:], torch.full((3, 32, 12), 191 / 127.5 - 1), atol=1e-5, rtol=0)
+    assert "I;16" in caplog.text and "scaled to 8 bits" in caplog.text
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 40 wide and 20 high with its left half black; orientation 6 says: rotate 90 degrees clockwise to view,
+    # which puts the black half on top of a 20 x 40 picture.
+    image = Image.new("L", (40, 20), 255)
+    image.paste(0, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif, quality=100)
+    pixels = processor(crop_mode="squash", image_size=20).preprocess_images(path)["pixel_values"]
+    # Rows away from the middle are pure black (-1) or white (1) up to JPEG noise (0.1 is ~13 of 255 grey levels).
+    assert pixels[:, :8].max() < -0.9 and pixels[:, 12:].min() > 0.9
+    in_memory = processor(crop_mode="squash", image_size=20).preprocess_images(Image.open(path))["pixel_values"]
+    torch.testing.assert_close(in_memory, pixels)
+
+
+@pytest.mark.parametrize("shape", [(20, 40, 3), (20, 40), (20, 40, 1), (20, 40, 4)])
+def test_numpy_images_are_accepted_like_pil_images(shape):
+    array = np.zeros(shape, dtype=np.uint8)
+    array[:, 20:] = 255
+    if len(shape) == 3 and shape[-1] == 4:
+        array[..., 3] = 255  # opaque
+    from_array = processor().preprocess_images(array, [array])
+    pil = Image.fromarray(array[..., 0] if len(shape) == 3 and shape[-1] == 1 else array)
+    from_pil = processor().preprocess_images(pil, [pil])
+    assert from_array["image_mask"] and from_array["object_mask"].tolist() == [True, False, False]
+    torch.testing.assert_close(from_array["pixel_values"], from_pil["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [(np.zeros((3, 20, 40), dtype=np.uint8), "channels last"), (np.zeros((20, 40, 3)), "dtype float64")],
+)
+def test_unsupported_numpy_images_are_an_error(array, message):
+    with pytest.raises(ValueError, match=message):
+        processor().preprocess_images(array)
 
 
 def test_image_values_are_resized_cropped_and_normalised():
