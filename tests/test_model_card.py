@@ -50,6 +50,10 @@ def test_ner_card_carries_results_settings_and_usage(tmp_path):
     assert (
         'AutoModelForTokenClassification.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text
     )
+    # Machine B's code: everything from the repository, nothing from hvpnet_hf.
+    assert 'pipeline(model="someone/hvpnet-twitter2015", trust_remote_code=True)' in text
+    assert 'AutoProcessor.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text
+    assert "import hvpnet_hf" not in text.split("With `hvpnet_hf` installed")[0]
     assert "Entity types: LOC, PER." in text and "@inproceedings{chen-etal-2022-good" in text
     # The metadata is valid Hub card metadata and survives a save/load round trip.
     card.save(tmp_path / "README.md")
