@@ -102,11 +102,11 @@ class HVPNetImageProcessor(BaseImageProcessor):
         missing_images: str = "mask",
     ) -> BatchFeature:
         """
-        One example (`images` a single image, `objects` its crops) or a batch (a list of images and a list of crop
-        lists). Returns a `BatchFeature` of `pixel_values` (B, 3, S, S), `object_pixel_values` (B, k, 3, S, S),
+        One example (`images` a single image, `objects` its crops) or a batch (a list or tuple of images and a list
+        of crop lists). Returns a `BatchFeature` of `pixel_values` (B, 3, S, S), `object_pixel_values` (B, k, 3, S, S),
         `image_mask` (B,) and `object_mask` (B, k).
         """
-        if images is None or isinstance(images, (Image.Image, str, os.PathLike)):
+        if not isinstance(images, (list, tuple)):
             images, objects = [images], [objects]
         objects = objects if objects is not None else [None] * len(images)
         examples = [

@@ -166,6 +166,7 @@ class RecordingHubApi:
 def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, monkeypatch):
     run_mre = load_script("run_mre")
     monkeypatch.setattr("hvpnet_hf.model_card.HfApi", RecordingHubApi)
+    monkeypatch.setattr(RecordingHubApi, "uploads", [])
     flags = [*tiny_flags(text_model, tmp_path), "--max_seq_length", "40"]
     results = run_mre.main([*flags, "--push_to_hub", "true", "--hub_model_id", "someone/hvpnet-mnre"])
     # Exactly what a user of the Hub repository needs: model, processor and pipeline with their code, the card and
