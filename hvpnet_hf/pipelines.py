@@ -70,8 +70,8 @@ class _HVPNetPipeline(Pipeline):
         self.processor.save_pretrained(save_directory)
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        # As the base class does, but with `_collate`: transformers' default collation pads `pixel_values` only
-        # through an image processor, which HVPNeT's processor does not have.
+        # As the base class does, but with `_collate`: transformers' default collation knows neither the object
+        # crops nor the image masks; the processor pads the text and stacks the images with their masks.
         if isinstance(inputs, Sized):
             dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
         else:  # a generator: read in this process
