@@ -26,6 +26,7 @@ from transformers.trainer_utils import PredictionOutput
 
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
+from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 
 logger = logging.getLogger(__name__)
@@ -490,10 +491,17 @@ def build_trainer(
     )
 
 
+def save_model(trainer: Trainer) -> None:
+    """Saves the model and the processor with their code, and the pipeline code, to the output folder."""
+    if trainer.is_world_process_zero():
+        save_pipeline_code(trainer.model, trainer.args.output_dir)  # before the config is written
+    trainer.save_model()
+
+
 def train_and_save(trainer: Trainer, train_dataset: datasets.Dataset) -> dict[str, float]:
     """Trains, saves the best checkpoint on validation F1 (with its processor) and the state; the train metrics."""
     train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    trainer.save_model()
+    save_model(trainer)
     metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
@@ -544,7 +552,7 @@ def save_model_card_and_push(
     )
     card.save(output_dir / "README.md")
     if push_to_hub:
-        trainer.save_model()  # the model, its remote code and the processor, also when nothing was trained
+        save_model(trainer)  # also when nothing was trained
         push_output_dir_to_hub(
             output_dir,
             training_args.hub_model_id or output_dir.name,

@@ -17,12 +17,11 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from .image_processing_hvpnet import IMAGE_INPUT_NAMES
+
 if TYPE_CHECKING:
     from .processing_hvpnet import HVPNetProcessor
 
-IMAGE_INPUT_NAMES = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
-# Token-level model inputs and the value that pads each of them.
-SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
 MISSING_IMAGE_COLUMNS = (
     "Examples have neither image tensors nor the `image` / `objects` path columns to load them from; with Trainer, "
     "set remove_unused_columns=False so these columns are not dropped."
@@ -88,17 +87,7 @@ class HVPNetDataCollator:
         self.attacher = ImageAttacher(processor, missing_images)
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        features = [self._with_images(feature) for feature in features]
-        batch = {"input_ids": _pad([f["input_ids"] for f in features], self.processor.tokenizer.pad_token_id)}
-        for name, padding_value in SEQUENCE_PADDING.items():
-            if name in features[0]:
-                batch[name] = _pad([f[name] for f in features], padding_value)
-        if "labels" in features[0]:
-            labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
-            batch["labels"] = _pad(labels, -100) if labels[0].ndim else torch.stack(labels)  # NER (B, T), RE (B,)
-        for name in IMAGE_INPUT_NAMES:
-            batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
-        return batch
+        return dict(self.processor.pad([self._with_images(feature) for feature in features]))
 
     def _with_images(self, feature: Mapping) -> Mapping:
         if "pixel_values" in feature:
@@ -122,12 +111,6 @@ def sample_subset(dataset: Dataset, sample_ratio: float, seed: int = 42) -> Data
     size = max(1, round(sample_ratio * len(dataset)))
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=size, replace=False))
     return dataset.select(indices)
-
-
-def _pad(sequences: Sequence[Sequence], padding_value) -> torch.Tensor:
-    """Right-pads a list of 1-D sequences to the longest one: (B, T)."""
-    tensors = [torch.as_tensor(sequence) for sequence in sequences]
-    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=padding_value)
 
 
 __all__ = ["HVPNetDataCollator", "ImageAttacher", "sample_subset", "tokenize_and_align"]

