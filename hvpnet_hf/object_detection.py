@@ -99,7 +99,7 @@ class ObjectCropper:
             detection model (its pipeline is built with `device`).
         num_objects: the most crops returned per image.
         threshold: the lowest detector score kept.
-        min_size: the smallest box side kept, in pixels of the original image (after clipping).
+        min_size: the smallest box side kept (at least 1), in pixels of the original image, after clipping.
         max_overlap: a box whose IoU with a better-scored kept box exceeds this is dropped as a duplicate.
     """
 
@@ -112,6 +112,8 @@ class ObjectCropper:
         max_overlap: float = 0.5,
         device: str | int | None = None,
     ):
+        if min_size < 1:
+            raise ValueError(f"min_size must be at least 1 pixel, got {min_size}")
         if not isinstance(detector, Pipeline):
             detector = pipeline(detection_task(detector), model=str(detector), device=device)
         self.detector = detector

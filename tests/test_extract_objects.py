@@ -14,6 +14,9 @@ from transformers import (
     OwlViTForObjectDetection,
     OwlViTImageProcessor,
     OwlViTProcessor,
+    YolosConfig,
+    YolosForObjectDetection,
+    YolosImageProcessor,
     pipeline,
 )
 
@@ -61,7 +64,13 @@ def owl_folder(tmp_path_factory):
     torch.manual_seed(0)
     tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = OwlViTConfig(
-        text_config={**tiny, "vocab_size": len(vocab), "max_position_embeddings": 16},
+        text_config={
+            **tiny,
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 16,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
         vision_config={**tiny, "image_size": 32, "patch_size": 8},
         projection_dim=16,
     )
@@ -74,9 +83,39 @@ def owl_folder(tmp_path_factory):
     return folder
 
 
-def owl_cropper(owl_folder, **settings) -> ObjectCropper:
+@pytest.fixture(scope="module")
+def yolos_folder(tmp_path_factory):
+    """A random 1-layer YOLOS (a closed-vocabulary detector) with 6 detection tokens."""
+    folder = tmp_path_factory.mktemp("yolos")
+    torch.manual_seed(0)
+    config = YolosConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=[32, 32],
+        patch_size=8,
+        num_detection_tokens=6,
+        id2label={0: "thing", 1: "stuff"},
+        initializer_range=0.5,  # large random weights, so that the boxes differ
+    )
+    model = YolosForObjectDetection(config)
+    with torch.no_grad():  # they start as zeros: every detection token would see and predict the same
+        model.vit.embeddings.detection_tokens.normal_()
+        model.vit.embeddings.position_embeddings.normal_()
+    model.save_pretrained(folder)
+    YolosImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def owl_detector(owl_folder):
+    return pipeline("zero-shot-object-detection", model=str(owl_folder))
+
+
+def owl_cropper(owl_detector, **settings) -> ObjectCropper:
     """With random weights every score is tiny: threshold 0 keeps all boxes, so the selection is deterministic."""
-    return ObjectCropper(str(owl_folder), **{"threshold": 0.0, "min_size": 2, **settings})
+    return ObjectCropper(owl_detector, **{"threshold": 0.0, "min_size": 2, **settings})
 
 
 def picture(colour=(200, 40, 40), size=(60, 40)) -> Image.Image:
@@ -112,8 +151,8 @@ def test_text_queries_take_mentions_and_candidate_entity_words():
     assert text_queries(words, max_text_queries=2) == ["anna b", "Kevin Durant", *GENERIC_QUERIES]
 
 
-def test_selection_orders_clips_filters_and_drops_duplicates(owl_folder):
-    cropper = owl_cropper(owl_folder, num_objects=3, threshold=0.2, min_size=5, max_overlap=0.5)
+def test_selection_orders_clips_filters_and_drops_duplicates(owl_detector):
+    cropper = owl_cropper(owl_detector, num_objects=3, threshold=0.2, min_size=5, max_overlap=0.5)
     found = [
         {"score": 0.5, "label": "b", "box": {"xmin": 30, "ymin": 0, "xmax": 50, "ymax": 20}},
         {"score": 0.9, "label": "a", "box": {"xmin": -10, "ymin": 20, "xmax": 20, "ymax": 70}},  # clipped
@@ -136,10 +175,10 @@ def test_selection_orders_clips_filters_and_drops_duplicates(owl_folder):
     assert cropper.detect(picture()) == [] and cropper.crops(picture()) == []
 
 
-def test_zero_shot_detector_boxes_are_clipped_sorted_and_repeatable(owl_folder):
+def test_zero_shot_detector_boxes_are_clipped_sorted_and_repeatable(owl_detector):
     image = picture()
     queries = ["a person", "a logo"]
-    everything = owl_cropper(owl_folder, num_objects=100, max_overlap=1.0)
+    everything = owl_cropper(owl_detector, num_objects=100, max_overlap=1.0)
     raw = everything.detector(image, candidate_labels=queries, threshold=0.0)
     assert any(item["box"]["xmax"] > image.width for item in raw)  # the grid reaches past the right border
     kept = everything.detect(image, queries)
@@ -148,14 +187,41 @@ def test_zero_shot_detector_boxes_are_clipped_sorted_and_repeatable(owl_folder):
         assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
     order = [(item.score, item.box) for item in kept]
     assert order == sorted(order, key=lambda score_box: (-score_box[0], score_box[1]))
-    three = owl_cropper(owl_folder, num_objects=3)
+    three = owl_cropper(owl_detector, num_objects=3)
     best = three.detect(image, queries)
     assert len(best) == 3 and best[0] == kept[0] and best == three.detect(image, queries)
     with pytest.raises(ValueError, match="needs at least one query"):
         three.detect(image, [])
 
 
-def test_command_writes_the_layout_the_loaders_and_training_scripts_read(owl_folder, twitter_files, tmp_path):
+def test_object_detection_model_gives_the_best_boxes_whatever_their_class(yolos_folder, twitter_files, tmp_path):
+    cropper = ObjectCropper(str(yolos_folder), num_objects=3, threshold=0.0, min_size=1, max_overlap=1.0)
+    assert not cropper.zero_shot
+    image = picture()
+    raw = cropper.detector(image, threshold=0.0)
+    kept = cropper.detect(image, ["queries are not used"])
+    assert len(raw) == 6 and len(kept) == 3 and len({item.box for item in kept}) == 3
+    # The best boxes of any class that keep at least a pixel inside the image.
+    inside = [
+        item["score"]
+        for item in raw
+        if min(item["box"]["xmax"], image.width) - max(item["box"]["xmin"], 0) >= 1
+        and min(item["box"]["ymax"], image.height) - max(item["box"]["ymin"], 0) >= 1
+    ]
+    assert [item.score for item in kept] == sorted(inside, reverse=True)[:3]
+    with pytest.raises(ValueError, match="min_size must be at least 1"):
+        ObjectCropper(cropper.detector, min_size=0)
+    data_file, image_dir = twitter_files
+    counts = extract_objects(data_file, image_dir, tmp_path / "objects", cropper)
+    crop_map = torch.load(tmp_path / "objects" / "objects_train_dict.pth", weights_only=True)
+    assert counts["extracted"] == 2 and counts["crops"] == sum(map(len, crop_map.values())) > 0
+    for image_file, crops in crop_map.items():
+        assert len(crops) == len(cropper.detect(Image.open(image_dir / image_file).convert("RGB")))
+
+
+def test_command_writes_the_layout_the_loaders_and_training_scripts_read(
+    owl_folder, owl_detector, twitter_files, tmp_path
+):
     data_file, image_dir = twitter_files
     output_dir = tmp_path / "objects"
     arguments = ["--input", str(data_file), "--image_dir", str(image_dir), "--output_dir", str(output_dir)]
@@ -178,10 +244,13 @@ def test_command_writes_the_layout_the_loaders_and_training_scripts_read(owl_fol
     )["train"]
     assert [len(objects) for objects in data["objects"]] == [3, 3, 0]  # the missing picture has no crops
     first_crop = Image.open(data["objects"][0][0])
-    assert first_crop.mode == "RGB" and first_crop.size == owl_cropper(owl_folder).crops(picture(), ["x"])[0].size
+    best = owl_cropper(owl_detector).detect(Image.open(image_dir / "1001.jpg"), image_queries(data_file)["1001.jpg"])[
+        0
+    ]
+    assert first_crop.mode == "RGB" and first_crop.size == (best.box[2] - best.box[0], best.box[3] - best.box[1])
 
 
-def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_folder, tmp_path):
+def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_detector, tmp_path):
     data_file = tmp_path / "mnre_val.txt"
     data_file.write_text("".join(repr(line) + "\n" for line in MNRE_LINES), encoding="utf-8")
     queries = image_queries(data_file)
@@ -193,7 +262,7 @@ def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_folder, tmp_path)
     picture().save(image_dir / "p1.jpg")
     picture((10, 10, 10), (80, 80)).save(image_dir / "p2.jpg")
     output_dir = tmp_path / "objects"
-    counts = extract_objects(data_file, image_dir, output_dir, owl_cropper(owl_folder, num_objects=2))
+    counts = extract_objects(data_file, image_dir, output_dir, owl_cropper(owl_detector, num_objects=2))
     assert counts["extracted"] == 2 and counts["crops"] == 4
     data = load_mre_dataset(
         data_files={"validation": data_file},
@@ -209,14 +278,14 @@ def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_folder, tmp_path)
 
 
 def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_map(
-    owl_folder, twitter_files, tmp_path, monkeypatch
+    owl_detector, twitter_files, tmp_path, monkeypatch
 ):
     data_file, image_dir = twitter_files
     complete = tmp_path / "complete"
-    extract_objects(data_file, image_dir, complete, owl_cropper(owl_folder))
+    extract_objects(data_file, image_dir, complete, owl_cropper(owl_detector))
 
     interrupted = tmp_path / "interrupted"
-    cropper = owl_cropper(owl_folder)
+    cropper = owl_cropper(owl_detector)
     real_crops, calls = cropper.crops, []
 
     def crops_then_stop(image, queries):
@@ -246,7 +315,7 @@ def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_m
     again = extract_objects(data_file, image_dir, interrupted, cropper)
     assert calls == [] and again["skipped"] == 2 and again["missing"] == 1  # only the missing picture is tried
     with pytest.raises(ValueError, match="objects_train_settings.json records crops made with"):
-        extract_objects(data_file, image_dir, interrupted, owl_cropper(owl_folder, num_objects=2))
+        extract_objects(data_file, image_dir, interrupted, owl_cropper(owl_detector, num_objects=2))
 
 
 @pytest.fixture(scope="module")
@@ -256,20 +325,16 @@ def ner_model(tmp_path_factory):
     return str(folder)
 
 
-def test_pipeline_detects_crops_for_inputs_without_them(owl_folder, ner_model):
+def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, ner_model):
     image = picture()
     words = ["Kevin", "Durant", "at", "Oracle", "Arena"]
-    cropper = owl_cropper(owl_folder, num_objects=2)
+    cropper = owl_cropper(owl_detector, num_objects=2)
     ner = pipeline("multimodal-ner", model=ner_model, objects=cropper)
     encoded = ner.preprocess({"words": words, "image": image}, **ner._preprocess_params)
-    expected = HVPNetProcessor.from_pretrained(ner_model)(
-        words, image=image, objects=cropper.crops_for_text(image, words)
-    )
+    crops = cropper.crops_for_text(image, words)
+    expected = HVPNetProcessor.from_pretrained(ner_model)(words, image=image, objects=crops)
     assert encoded["object_mask"].tolist() == [[True, True]]
     assert torch.equal(encoded["object_pixel_values"], expected["object_pixel_values"])
-    assert ner({"words": words, "image": image}) == ner(
-        {"words": words, "image": image, "objects": cropper.crops_for_text(image, words)}
-    )
     # Crops the input brings are used as they are; no image, no detection.
     given = ner.preprocess({"words": words, "image": image, "objects": [image]}, **ner._preprocess_params)
     assert given["object_mask"].tolist() == [[True, False]]
@@ -289,9 +354,9 @@ def test_pipeline_detect_setting_builds_one_detector(owl_folder, ner_model, tmp_
         ner("Kevin", objects="yes")
 
 
-def test_re_pipeline_queries_the_head_and_tail(owl_folder, tmp_path, monkeypatch):
+def test_re_pipeline_queries_the_head_and_tail(owl_detector, tmp_path, monkeypatch):
     tiny_model_folder(tmp_path, "re")
-    cropper = owl_cropper(owl_folder, num_objects=2)
+    cropper = owl_cropper(owl_detector, num_objects=2)
     asked = []
     real_crops = cropper.crops
     monkeypatch.setattr(cropper, "crops", lambda image, queries: asked.append(queries) or real_crops(image, queries))
