@@ -15,6 +15,9 @@ relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "ima
 Both take one example (a dict, or for NER also a plain string) or a list of them (`batch_size=` batches them), and
 images as PIL images, file paths or None (the image is then masked and the prediction is text-only). An image file
 that cannot be read is an error, or with `missing_images="mask"` masked like an absent one (and logged).
+
+`objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
+object crops for inputs that have an image but no crops (see `object_detection.py`).
 """
 
 import re
