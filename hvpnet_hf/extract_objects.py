@@ -108,6 +108,8 @@ def extract_objects(
     Writes the crops and crop map of `data_file`'s images (see the module docstring) and returns counts: `images`
     in the file, `skipped` (already in the map), `extracted`, `missing`, `without_objects` and `crops` (written now).
     """
+    if save_every < 1:
+        raise ValueError(f"save_every must be at least 1, got {save_every}")
     data_file, image_dir, output_dir = Path(data_file), Path(image_dir), Path(output_dir)
     split = split or split_of(data_file)
     crop_dir = output_dir / split / "crops"
