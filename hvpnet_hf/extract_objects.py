@@ -112,12 +112,12 @@ def extract_objects(
         raise ValueError(f"save_every must be at least 1, got {save_every}")
     data_file, image_dir, output_dir = Path(data_file), Path(image_dir), Path(output_dir)
     split = split or split_of(data_file)
+    queries = image_queries(data_file)
     crop_dir = output_dir / split / "crops"
     crop_dir.mkdir(parents=True, exist_ok=True)
     map_path = output_dir / f"objects_{split}_dict.pth"
     _check_settings(output_dir / f"objects_{split}_settings.json", cropper.settings)
     crop_map: dict[str, list[str]] = torch.load(map_path, weights_only=True) if map_path.exists() else {}
-    queries = image_queries(data_file)
     pending = [image_file for image_file in queries if image_file not in crop_map]
     counts = {"images": len(queries), "skipped": len(queries) - len(pending), "extracted": 0, "missing": 0}
     counts.update(without_objects=0, crops=0)

@@ -22,7 +22,7 @@ from transformers import (
 
 import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
 from hvpnet_hf import HVPNetProcessor, load_mner_dataset, load_mre_dataset
-from hvpnet_hf.extract_objects import extract_objects, image_queries, run
+from hvpnet_hf.extract_objects import extract_objects, image_queries, run, split_of
 from hvpnet_hf.object_detection import GENERIC_QUERIES, ObjectCropper, text_queries
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -275,6 +275,21 @@ def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_detector, tmp_pat
         ["p1_crop_0.jpg", "p1_crop_1.jpg"],
         ["p2_crop_0.jpg", "p2_crop_1.jpg"],
     ]
+
+
+def test_input_errors_name_the_file(tmp_path):
+    assert [split_of(Path(name)) for name in ("valid.txt", "mnre_dev.txt", "ours_train.txt", "test.txt")] == [
+        "val",
+        "val",
+        "train",
+        "test",
+    ]
+    with pytest.raises(ValueError, match="cannot tell the split from the file name tweets.txt; pass --split"):
+        split_of(Path("tweets.txt"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\nhello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="notes.txt: starts neither with 'IMGID:'"):
+        image_queries(notes)
 
 
 def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_map(
