@@ -16,9 +16,13 @@ Both take one example (a dict, or for NER also a plain string) or a list of them
 images as PIL images, file paths or None (the image is then masked and the prediction is text-only). An image file
 that cannot be read is an error, or with `missing_images="mask"` masked like an absent one (and logged).
 
-A pipeline's `save_pretrained` (and `save_pipeline_code`) also copies this file next to the model and records the
-pipeline in the config's `custom_pipelines`, so `pipeline(model=folder_or_hub_id, trust_remote_code=True)` builds it
-where `hvpnet_hf` is not installed. This module therefore imports only transformers, torch and the processor.
+`objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
+object crops for inputs that have an image but no crops (see `object_detection.py`).
+
+A pipeline's `save_pretrained` (and `save_pipeline_code`) also copies this file (with `object_detection.py`) next to
+the model and records the pipeline in the config's `custom_pipelines`, so `pipeline(model=folder_or_hub_id,
+trust_remote_code=True)` builds it where `hvpnet_hf` is not installed. This module therefore imports only
+transformers, torch and the processor.
 """
 
 import os
@@ -38,6 +42,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
+from .object_detection import ObjectCropper, object_cropper_for
 from .processing_hvpnet import HVPNetProcessor
 
 
@@ -91,12 +96,32 @@ class _HVPNetPipeline(Pipeline):
                 batch[name] = [item[name] for item in items]
         return batch
 
-    def _encode(self, words: list[str], example: Mapping, missing_images: str, **task_inputs) -> dict[str, Any]:
+    def _object_parameters(self, objects: str | ObjectCropper | None, detector) -> dict[str, ObjectCropper]:
+        """`objects="detect"` (with `detector=`) or an `ObjectCropper`: crops found for inputs that have none."""
+        if objects is None:
+            return {}
+        current = getattr(self, "_object_cropper", None)
+        self._object_cropper = object_cropper_for(objects, detector, self.processor.num_object_images, current)
+        return {"object_cropper": self._object_cropper}
+
+    def _encode(
+        self,
+        words: list[str],
+        example: Mapping,
+        missing_images: str,
+        object_cropper: ObjectCropper | None = None,
+        **task_inputs,
+    ) -> dict[str, Any]:
+        objects = example.get("objects") or []
+        if object_cropper is not None and not objects:
+            objects = object_cropper.crops_for_text(
+                example.get("image"), words, task_inputs.get("head"), task_inputs.get("tail")
+            )
         return dict(
             self.processor(
                 words,
                 image=example.get("image"),
-                objects=example.get("objects") or [],
+                objects=objects,
                 missing_images=missing_images,
                 **task_inputs,
             )
@@ -118,11 +143,21 @@ class MultimodalNerPipeline(_HVPNetPipeline):
     saved_task = "hvpnet-ner"
     auto_model_class = AutoModelForTokenClassification
 
-    def _sanitize_parameters(self, max_length: int | None = None, missing_images: str | None = None, **kwargs):
-        return _preprocess_parameters(max_length, missing_images), {}, {}
+    def _sanitize_parameters(
+        self, max_length: int | None = None, missing_images: str | None = None, objects=None, detector=None, **kwargs
+    ):
+        preprocess = {
+            **_preprocess_parameters(max_length, missing_images),
+            **self._object_parameters(objects, detector),
+        }
+        return preprocess, {}, {}
 
     def preprocess(
-        self, inputs: str | Mapping, max_length: int | None = None, missing_images: str = "error"
+        self,
+        inputs: str | Mapping,
+        max_length: int | None = None,
+        missing_images: str = "error",
+        object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
         example = {"text": inputs} if isinstance(inputs, str) else inputs
         if "words" in example:
@@ -134,7 +169,7 @@ class MultimodalNerPipeline(_HVPNetPipeline):
             raise ValueError(f"a multimodal-ner input needs 'text' or 'words', got keys {sorted(example)}")
         if not words:
             raise ValueError("a multimodal-ner input needs at least one word")
-        encoded = self._encode(words, example, missing_images, max_length=max_length)
+        encoded = self._encode(words, example, missing_images, object_cropper, max_length=max_length)
         encoded["example"] = {"words": words, "offsets": offsets}
         return encoded
 
@@ -183,20 +218,34 @@ class MultimodalRePipeline(_HVPNetPipeline):
     auto_model_class = AutoModelForSequenceClassification
 
     def _sanitize_parameters(
-        self, top_k: int | None = None, max_length: int | None = None, missing_images: str | None = None, **kwargs
+        self,
+        top_k: int | None = None,
+        max_length: int | None = None,
+        missing_images: str | None = None,
+        objects=None,
+        detector=None,
+        **kwargs,
     ):
         postprocess = {"top_k": top_k} if top_k is not None else {}
-        return _preprocess_parameters(max_length, missing_images), {}, postprocess
+        preprocess = {
+            **_preprocess_parameters(max_length, missing_images),
+            **self._object_parameters(objects, detector),
+        }
+        return preprocess, {}, postprocess
 
     def preprocess(
-        self, inputs: Mapping, max_length: int | None = None, missing_images: str = "error"
+        self,
+        inputs: Mapping,
+        max_length: int | None = None,
+        missing_images: str = "error",
+        object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
         missing = [key for key in ("words", "head", "tail") if key not in inputs]
         if missing:
             raise ValueError(f"a multimodal-re input needs 'words', 'head' and 'tail'; missing {missing}")
         words = list(inputs["words"])
         spans = {role: _span(inputs[role], role, len(words)) for role in ("head", "tail")}
-        return self._encode(words, inputs, missing_images, max_length=max_length, **spans)
+        return self._encode(words, inputs, missing_images, object_cropper, max_length=max_length, **spans)
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         return {"probabilities": self.model(**model_inputs).logits.softmax(dim=-1)}

@@ -27,7 +27,9 @@ NER_REPO, RE_REPO = "org/hvpnet-ner", "org/hvpnet-mnre"
 # Packages the saved code must not need: machine B has only transformers (with huggingface_hub, which needs yaml),
 # timm, torch, pillow and pytorch-crf.
 BLOCKED = ("hvpnet_hf", "datasets", "seqeval", "evaluate")
-CODE_DEPENDENCIES = {"torch", "transformers", "timm", "PIL", "torchcrf"}
+# What a machine with transformers, timm and pytorch-crf has: those, and what they install (torch, numpy, pillow,
+# torchvision).
+CODE_DEPENDENCIES = {"torch", "transformers", "timm", "PIL", "torchcrf", "numpy", "torchvision"}
 BLOCKER = textwrap.dedent(
     f"""
     import sys
@@ -220,7 +222,7 @@ def test_saved_code_imports_only_what_remote_code_may_need(hub):
     snapshot = hub["root"] / "cache" / f"models--{NER_REPO.replace('/', '--')}" / "snapshots" / hub["commits"]["main"]
     code_files = sorted(path.name for path in snapshot.glob("*.py"))
     assert code_files == [
-        "configuration_hvpnet.py", "image_processing_hvpnet.py", "modeling_hvpnet.py", "modeling_hvpnet_original.py",
+        "configuration_hvpnet.py", "image_processing_hvpnet.py", "modeling_hvpnet.py", "object_detection.py",
         "pipelines.py", "processing_hvpnet.py",
     ]  # fmt: skip
     for name in code_files:
