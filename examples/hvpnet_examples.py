@@ -23,6 +23,7 @@ from transformers.trainer_utils import PredictionOutput
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,9 @@ class DataArguments:
 
 def parse_config_and_flags(
     argv: list[str], model_arguments: type, data_arguments: type, defaults: dict[str, Any]
-) -> tuple[Any, Any, TrainingArguments]:
+) -> tuple[Any, Any, HVPNetTrainingArguments]:
     """Flags, optionally after one JSON or YAML file whose settings they override; `defaults` come first."""
-    dataclass_types = (model_arguments, data_arguments, TrainingArguments)
+    dataclass_types = (model_arguments, data_arguments, HVPNetTrainingArguments)
     parser = HfArgumentParser(dataclass_types)
     parser.set_defaults(**defaults)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
@@ -314,8 +315,8 @@ def build_trainer(
     compute_metrics: Callable[[EvalPrediction], dict[str, float]],
     preprocess_logits_for_metrics: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> Trainer:
-    """A `Trainer` that hands the examples, image paths included, to the HVPNeT collator."""
-    return Trainer(
+    """A `Trainer` (with the head's own learning rate, if set) that hands the examples to the HVPNeT collator."""
+    return HVPNetTrainer(
         model=model,
         args=training_args,
         train_dataset=encoded["train"] if training_args.do_train else None,
