@@ -172,6 +172,9 @@ def test_config_files_and_overrides(tmp_path):
     config.write_text("dataset: sample\nlearning_rate: 2.0e-5\nprefix_mode: flat\noutput_dir: out\n")
     model_args, data_args, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
     assert (model_args.prefix_mode, data_args.dataset, training_args.learning_rate) == ("flat", "sample", 1e-4)
+    assert training_args.head_learning_rate is None  # the head trains at learning_rate unless told otherwise
+    _, _, training_args = run_mner.parse_arguments([str(config), "--head_learning_rate", "5e-2"])
+    assert training_args.head_learning_rate == 5e-2
     # The script's own defaults: model selection on validation F1, evaluation every epoch.
     assert training_args.metric_for_best_model == "f1" and training_args.load_best_model_at_end
     assert training_args.eval_strategy == "epoch"
@@ -191,9 +194,12 @@ def test_config_files_and_overrides(tmp_path):
     [
         ("twitter2015", "run_mner"),
         ("twitter2017", "run_mner"),
+        ("twitter2015_released", "run_mner"),
+        ("twitter2017_released", "run_mner"),
         ("demo_mner", "run_mner"),
         ("tiny_mner", "run_mner"),
         ("mnre", "run_mre"),
+        ("mnre_released", "run_mre"),
         ("tiny_mre", "run_mre"),
     ],
 )
