@@ -24,7 +24,7 @@ class HVPNetTrainingArguments(TrainingArguments):
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the trainable parameters outside the base model (`model.base_model_prefix`): the task head."""
+    """Names of the parameters outside the base model (`model.base_model_prefix`): the task head."""
     prefix = getattr(model, "base_model_prefix", "")
     if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
         raise ValueError(
