@@ -28,6 +28,7 @@ from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +146,8 @@ class DataArguments:
 
 
 @dataclass
-class ExampleTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the rule for a reused output folder (see `prepare_output_dir`)."""
+class ExampleTrainingArguments(HVPNetTrainingArguments):
+    """`HVPNetTrainingArguments` plus the rule for a reused output folder (see `prepare_output_dir`)."""
 
     overwrite_output_dir: bool = field(
         default=False,
@@ -478,8 +479,8 @@ def build_trainer(
     compute_metrics: Callable[[EvalPrediction], dict[str, float]],
     preprocess_logits_for_metrics: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> Trainer:
-    """A `Trainer` that hands the examples, image paths included, to the HVPNeT collator."""
-    return Trainer(
+    """A `Trainer` (with the head's own learning rate, if set) that hands the examples to the HVPNeT collator."""
+    return HVPNetTrainer(
         model=model,
         args=training_args,
         train_dataset=encoded["train"] if training_args.do_train else None,

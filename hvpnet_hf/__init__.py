@@ -23,6 +23,7 @@ from .modeling_hvpnet import (
 )
 from .pipelines import MultimodalNerPipeline, MultimodalRePipeline  # registers "multimodal-ner" and "multimodal-re"
 from .processing_hvpnet import HVPNetProcessor
+from .training import HVPNetTrainer, HVPNetTrainingArguments
 
 AutoConfig.register(HVPNetConfig.model_type, HVPNetConfig, exist_ok=True)
 AutoModel.register(HVPNetConfig, HVPNetModel, exist_ok=True)
@@ -49,6 +50,8 @@ __all__ = [
     "HVPNetModel",
     "HVPNetPreTrainedModel",
     "HVPNetProcessor",
+    "HVPNetTrainer",
+    "HVPNetTrainingArguments",
     "ImageAttacher",
     "MultimodalNerPipeline",
     "MultimodalRePipeline",

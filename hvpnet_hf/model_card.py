@@ -38,6 +38,9 @@ def training_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
     """The settings of a `Trainer` run that a reader needs to reproduce it."""
     return {
         "learning rate": args.learning_rate,
+        "head learning rate (CRF and emissions / relation classifier)": args.learning_rate
+        if getattr(args, "head_learning_rate", None) is None
+        else args.head_learning_rate,
         "train batch size (total)": args.per_device_train_batch_size
         * args.gradient_accumulation_steps
         * max(args.world_size, 1),

@@ -206,6 +206,10 @@ def test_config_files_and_overrides(tmp_path):
     config.write_text("dataset: sample\nlearning_rate: 2.0e-5\nprefix_mode: flat\noutput_dir: out\n")
     model_args, data_args, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
     assert (model_args.prefix_mode, data_args.dataset, training_args.learning_rate) == ("flat", "sample", 1e-4)
+    assert training_args.head_learning_rate == 5e-2  # the script's default for the CRF and emission layer
+    config.write_text("output_dir: out\nhead_learning_rate: null\n")
+    _, _, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
+    assert training_args.head_learning_rate is None  # one learning rate for everything
     # The script's own defaults: model selection on validation F1, evaluation every epoch.
     assert training_args.metric_for_best_model == "f1" and training_args.load_best_model_at_end
     assert training_args.eval_strategy == "epoch"
@@ -225,9 +229,12 @@ def test_config_files_and_overrides(tmp_path):
     [
         ("twitter2015", "run_mner"),
         ("twitter2017", "run_mner"),
+        ("twitter2015_released", "run_mner"),
+        ("twitter2017_released", "run_mner"),
         ("demo_mner", "run_mner"),
         ("tiny_mner", "run_mner"),
         ("mnre", "run_mre"),
+        ("mnre_released", "run_mre"),
         ("tiny_mre", "run_mre"),
     ],
 )
@@ -235,6 +242,28 @@ def test_shipped_configs_parse(name, script_name):
     script = load_script(script_name)
     model_args, data_args, training_args = script.parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "f1"
+
+
+def test_released_recipes_differ_from_appendix_b_as_the_readme_lists():
+    def settings(script_name: str, name: str) -> tuple:
+        _, data_args, args = load_script(script_name).parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
+        return (
+            args.head_learning_rate,
+            args.warmup_steps,
+            args.eval_delay,
+            data_args.max_seq_length,
+            args.seed,
+            args.per_device_train_batch_size,
+            args.learning_rate,
+            args.num_train_epochs,
+            args.weight_decay,
+        )
+
+    assert settings("run_mner", "twitter2015") == (None, 0.1, 16, 128, 1, 8, 3e-5, 30, 0.01)
+    assert settings("run_mner", "twitter2015_released") == (5e-2, 0.01, 3, 128, 1234, 8, 3e-5, 30, 0.01)
+    assert settings("run_mner", "twitter2017_released") == (5e-2, 0.01, 3, 128, 1234, 8, 3e-5, 30, 0.01)
+    assert settings("run_mre", "mnre") == (None, 0.1, 8, 128, 1, 32, 1e-5, 12, 0.01)
+    assert settings("run_mre", "mnre_released") == (None, 0.06, 1, 80, 1234, 16, 3e-5, 15, 0.01)
 
 
 def test_demo_prints_both_models_side_by_side(tmp_path, capsys):

@@ -7,6 +7,7 @@ from transformers import BertConfig, TrainingArguments
 
 from hvpnet_hf import HVPNetConfig
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
+from hvpnet_hf.training import HVPNetTrainingArguments
 
 TINY_TEXT = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 
@@ -46,6 +47,9 @@ def test_ner_card_carries_results_settings_and_usage(tmp_path):
     assert "| validation | 74.00 | 76.67 | 75.32 |" in text
     assert "| test | – | – | 74.12 |" in text
     assert "| learning rate | 3e-05 |" in text and "| epochs | 30 |" in text
+    assert "| head learning rate (CRF and emissions / relation classifier) | 3e-05 |" in text  # none set: the same
+    head_args = HVPNetTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-5, head_learning_rate=5e-2)
+    assert training_hyperparameters(head_args)["head learning rate (CRF and emissions / relation classifier)"] == 5e-2
     assert "| vision backbone | test_resnet (randomly initialised) |" in text
     assert (
         'AutoModelForTokenClassification.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text
