@@ -1,10 +1,10 @@
 """The analysis commands (hvpnet_hf.analysis) on tiny models and the bundled sample data."""
 
 import argparse
+import ast
 import json
 import statistics
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from PIL import Image
 from test_examples import load_script, text_model, tiny_flags  # noqa: F401  (text_model is a fixture)
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+import hvpnet_hf
 from hvpnet_hf import sample_subset
 from hvpnet_hf.analysis import ablations, attention, cross_task, gates, low_resource, robustness, runs, seeds
 from hvpnet_hf.analysis.data import load_examples, load_model
@@ -36,9 +37,9 @@ def run_flags(text_model_path: str, **overrides: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def seed_report(text_model, tmp_path_factory):  # noqa: F811
-    """Two seeds of a tiny NER run that is scored on the whole test split (its models serve the later tests)."""
+    """Two seeds of a tiny NER run (their models serve the later tests)."""
     output_dir = tmp_path_factory.mktemp("seeds")
-    flags = run_flags(text_model, max_predict_samples="100")
+    flags = run_flags(text_model)
     report = seeds.main([CONFIG, "--seeds", "3", "5", "--output_dir", str(output_dir), *flags])
     return output_dir, flags, report
 
@@ -74,7 +75,7 @@ def test_seeds_aggregate_every_run_and_resume(seed_report, monkeypatch):
     assert len(started) == 1 and started[0][-4:] == ["--seed", "7", "--output_dir", str(output_dir / "seed-7")]
 
 
-def test_ablation_variants_set_the_switches_of_table_1(text_model, tmp_path, monkeypatch):  # noqa: F811
+def test_ablation_variants_set_the_switches_of_table_1(seed_report, tmp_path):
     # Every variant's flags, parsed by the training script, give the model switch the paper's row names.
     run_mner = load_script("run_mner")
     expected = {
@@ -164,9 +165,9 @@ def test_cross_task_loads_the_encoder_and_builds_a_new_head(text_model, trained_
 
 
 def test_robustness_scores_real_images_as_the_training_run_did(trained_model, seed_report, tmp_path):
-    scores = robustness.main(["--model", trained_model, "--output_dir", str(tmp_path)])
+    scores = robustness.main(["--model", trained_model, "--max_samples", "10", "--output_dir", str(tmp_path)])
     run_results = json.loads((seed_report[0] / "seed-3" / "all_results.json").read_text())
-    # The same model on the same 100 test tweets: the same F1 as the script's evaluation.
+    # The same model on the same 10 test tweets (--max_predict_samples 10): the F1 of the script's evaluation.
     assert scores["real images"]["f1"] == pytest.approx(run_results["test_f1"], abs=1e-9)
     assert set(scores) == {
         "real images",
@@ -175,6 +176,19 @@ def test_robustness_scores_real_images_as_the_training_run_did(trained_model, se
         "images masked (text only)",
     }
     assert "| images masked (text only) |" in (tmp_path / "robustness.md").read_text()
+
+
+@pytest.mark.parametrize("task, script", [("ner", "run_mner"), ("re", "run_mre")])
+def test_sample_splits_have_the_images_the_training_script_loads(task, script):
+    module = load_script(script)
+    _, data_args, _ = module.parse_arguments(["--dataset", "sample", "--output_dir", "unused"])
+    loaded_by_script = module.load_raw_datasets(data_args)
+    for split in ("validation", "test"):
+        examples = load_examples(task, argparse.Namespace(data_file=None, split=split, max_samples=None))
+        assert examples["tokens"] == loaded_by_script[split]["tokens"]
+        assert examples["image"] == loaded_by_script[split]["image"]
+        assert examples["objects"] == loaded_by_script[split]["objects"]
+        assert sum(image is not None for image in examples["image"]) > 0.9 * len(examples)
 
 
 def test_shuffled_images_come_from_other_examples():
@@ -191,9 +205,10 @@ def test_shuffled_images_come_from_other_examples():
 
 
 def test_gates_average_over_present_images_only(trained_model, tmp_path):
-    result = gates.main(["--model", trained_model, "--split", "validation", "--output_dir", str(tmp_path)])
+    flags = ["--model", trained_model, "--split", "validation", "--max_samples", "30", "--output_dir", str(tmp_path)]
+    result = gates.main(flags)
     _, _, model = load_model(trained_model)
-    examples = load_examples("ner", argparse.Namespace(data_file=None, split="validation"))
+    examples = load_examples("ner", argparse.Namespace(data_file=None, split="validation", max_samples=30))
     num_crops = sum(crop is not None for row in examples for crop in row["objects"][:2])  # the model takes 2 crops
     assert result["object crops"]["images"] == num_crops
     assert result["global image"]["images"] == sum(row["image"] is not None for row in examples)
@@ -223,6 +238,22 @@ def test_entity_attention_covers_every_image_slot(trained_model, tmp_path):
         assert image.size[0] > 300
 
 
-def test_the_model_package_does_not_import_matplotlib():
-    code = "import sys, hvpnet_hf, hvpnet_hf.analysis.gates; assert 'matplotlib' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_only_the_plotting_helper_imports_matplotlib():
+    package = Path(hvpnet_hf.__file__).parent
+    importing = [
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*.py")
+        if any(
+            isinstance(node, (ast.Import, ast.ImportFrom))
+            and any(
+                "matplotlib" in name for name in [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+            )
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        )
+    ]
+    assert importing == ["analysis/plotting.py"]
+    # ... and it does so only when a figure is drawn, not when imported.
+    plotting = ast.parse((package / "analysis" / "plotting.py").read_text(encoding="utf-8"))
+    assert not any(
+        isinstance(node, (ast.Import, ast.ImportFrom)) and "matplotlib" in ast.unparse(node) for node in plotting.body
+    )

@@ -40,30 +40,32 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--object_dir", help="with --data_file: folder of its object crops")
     parser.add_argument("--object_map", help="with --data_file: its torch.save'd crop map")
     parser.add_argument("--rel2id", help="with --data_file (RE): JSON {relation: id} of the data set")
+    parser.add_argument("--max_samples", type=int, help="only the first N examples (a quick look at a large split)")
     parser.add_argument("--batch_size", type=int, default=16)
 
 
 def sample_sources(task: str, split: str) -> dict:
     """Keyword arguments of `load_m{ner,re}_dataset` for one split of the bundled sample set."""
     folder = SAMPLE_FOLDERS[split]
-    if task == "ner":
+    if task == "ner":  # one image folder for all splits, crops per split
         root = SAMPLE_DIR / "twitter"
-        files_dir, image_dir, object_dir, extra = root, root / "images", root / "aux_images", {}
-    else:
+        files_dir, image_dir, object_dir, extra = root, root / "images", root / "aux_images" / folder / "crops", {}
+    else:  # images and crops per split
         root = SAMPLE_DIR / "mnre"
-        files_dir, image_dir, object_dir = root / "txt", root / "img_org", root / "img_vg"
+        files_dir, image_dir, object_dir = root / "txt", root / "img_org" / folder, root / "img_vg" / folder / "crops"
         extra = {"rel2id": str(root / "mnre_rel2id.json")}
     return {
         "data_files": {split: str(files_dir / SAMPLE_FILES[task][split])},
-        "image_dir": str(image_dir / folder),
-        "object_dir": str(object_dir / folder / "crops"),
+        "image_dir": str(image_dir),
+        "object_dir": str(object_dir),
         "object_maps": {split: str(files_dir / SAMPLE_MAPS[task][split])},
         **extra,
     }
 
 
 def load_examples(task: str, args: argparse.Namespace) -> Dataset:
-    """The examples the arguments name: a split of the sample set, or `--data_file` with its images."""
+    """The examples the arguments name: a split of the sample set, or `--data_file` with its images (the first
+    `--max_samples`)."""
     if args.data_file is None:
         sources, split = sample_sources(task, args.split), args.split
     else:
@@ -77,7 +79,10 @@ def load_examples(task: str, args: argparse.Namespace) -> Dataset:
         if task == "re":
             sources["rel2id"] = args.rel2id
     loader = load_mner_dataset if task == "ner" else load_mre_dataset
-    return loader(**sources)[split]
+    examples = loader(**sources)[split]
+    if args.max_samples is not None:
+        examples = examples.select(range(min(args.max_samples, len(examples))))
+    return examples
 
 
 def load_model(path: str, **kwargs) -> tuple[str, HVPNetProcessor, PreTrainedModel]:

@@ -38,11 +38,11 @@ def derangement(size: int, seed: int) -> np.ndarray:
 
 def shuffle_images(examples: Dataset, seed: int) -> Dataset:
     """`examples` with each row's image and crops taken from another row."""
-    source = derangement(len(examples), seed)
+    source = derangement(len(examples), seed).tolist()
     images, objects = examples["image"], examples["objects"]
-    shuffled = examples.remove_columns(["image", "objects"])
-    shuffled = shuffled.add_column("image", [images[index] for index in source])
-    return shuffled.add_column("objects", [objects[index] for index in source])
+    return examples.map(
+        lambda _, index: {"image": images[source[index]], "objects": objects[source[index]]}, with_indices=True
+    )
 
 
 def blank_images(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
