@@ -127,14 +127,14 @@ def plot(result: dict, path: Path) -> None:
     columns = min(num_layers, 4)
     rows = -(-num_layers // columns)
     num_tokens = size * len(result["slots"])
-    figure, axes = plt.subplots(
-        rows, columns, figsize=(0.35 * num_tokens * columns + 3, 0.5 * len(result["entities"]) * rows + 1.6 * rows),
-        squeeze=False,
-    )  # fmt: skip
+    width = 0.35 * num_tokens * columns + 3
+    height = (0.4 * len(result["entities"]) + 1.5) * rows + 0.5
+    figure, axes = plt.subplots(rows, columns, figsize=(width, height), squeeze=False, layout="constrained")
     vmax = max(max(max(row) for row in layer["prefix"]) for layer in result["layers"]) or 1.0
     for number, (axis, layer) in enumerate(zip(axes.flat, result["layers"], strict=False), start=1):
         image = axis.imshow(layer["prefix"], vmin=0.0, vmax=vmax, cmap="magma", aspect="auto")
-        axis.set_yticks(range(len(result["entities"])), result["entities"], fontsize=7)
+        entity_labels = result["entities"] if (number - 1) % columns == 0 else []  # the first column names them
+        axis.set_yticks(range(len(result["entities"])), entity_labels, fontsize=7)
         centers = [slot * size + (size - 1) / 2 for slot in range(len(result["slots"]))]
         labels = [slot["name"] + ("" if slot["present"] else "\n(absent)") for slot in result["slots"]]
         axis.set_xticks(centers, labels, fontsize=7)
@@ -143,9 +143,9 @@ def plot(result: dict, path: Path) -> None:
         axis.set_title(f"layer {number}", fontsize=9)
     for axis in list(axes.flat)[num_layers:]:
         axis.axis("off")
-    figure.colorbar(image, ax=axes.ravel().tolist(), label="attention (mean over heads)")
+    figure.colorbar(image, ax=axes, label="attention (mean over heads)")
     figure.suptitle(" ".join(result["words"]), fontsize=8)
-    figure.savefig(path, dpi=150, bbox_inches="tight")
+    figure.savefig(path, dpi=150)
     plt.close(figure)
 
 

@@ -77,10 +77,16 @@ def plot(gates: dict[str, dict], path: Path) -> None:
     """Heat maps (text layer x backbone stage) of the mean gate weights, one panel per image group."""
     plt = pyplot()
     shown = {group: entry for group, entry in gates.items() if entry["mean"] is not None}
-    figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown) + 0.8, 4), squeeze=False)
+    num_layers = len(next(iter(shown.values()))["mean"])
+    # One colour scale for both panels, spanning the weights (the cells print their values).
+    all_weights = torch.tensor([entry["mean"] for entry in shown.values()])
+    low, high = all_weights.min().item(), all_weights.max().item()
+    figure, axes = plt.subplots(
+        1, len(shown), figsize=(3.2 * len(shown) + 0.8, 0.3 * num_layers + 1.5), squeeze=False, layout="constrained"
+    )
     for axis, (group, entry) in zip(axes[0], shown.items(), strict=True):
         weights = torch.tensor(entry["mean"])
-        image = axis.imshow(weights, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        image = axis.imshow(weights, vmin=low, vmax=high, cmap="viridis", aspect="auto")
         for layer, row in enumerate(weights.tolist()):
             for stage, weight in enumerate(row):
                 axis.text(stage, layer, f"{weight:.2f}", ha="center", va="center", fontsize=7, color="w")
@@ -89,8 +95,8 @@ def plot(gates: dict[str, dict], path: Path) -> None:
         axis.set_xlabel("backbone stage")
         axis.set_ylabel("text layer")
         axis.set_title(f"{group} ({entry['images']})")
-    figure.colorbar(image, ax=axes[0].tolist(), label="mean gate weight")
-    figure.savefig(path, dpi=150, bbox_inches="tight")
+    figure.colorbar(image, ax=axes, label="mean gate weight")
+    figure.savefig(path, dpi=150)
     plt.close(figure)
 
 
