@@ -86,7 +86,7 @@ def plot(gates: dict[str, dict], path: Path) -> None:
     )
     for axis, (group, entry) in zip(axes[0], shown.items(), strict=True):
         weights = torch.tensor(entry["mean"])
-        image = axis.imshow(weights, vmin=low, vmax=high, cmap="viridis", aspect="auto")
+        image = axis.imshow(weights.numpy(), vmin=low, vmax=high, cmap="viridis", aspect="auto")
         for layer, row in enumerate(weights.tolist()):
             for stage, weight in enumerate(row):
                 axis.text(stage, layer, f"{weight:.2f}", ha="center", va="center", fontsize=7, color="w")
