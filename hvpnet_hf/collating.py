@@ -102,14 +102,16 @@ class HVPNetDataCollator:
 def sample_subset(dataset: Dataset, sample_ratio: float, seed: int = 42) -> Dataset:
     """
     A reproducible random subset of `round(sample_ratio * len(dataset))` examples (at least one), in the original
-    order, for low-resource experiments. `sample_ratio=1.0` returns the dataset unchanged.
+    order, for low-resource experiments. The subsets of one seed are nested: a smaller ratio draws a part of a larger
+    one's subset. `sample_ratio=1.0` returns the dataset unchanged.
     """
     if not 0.0 < sample_ratio <= 1.0:
         raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
     if sample_ratio == 1.0:
         return dataset
     size = max(1, round(sample_ratio * len(dataset)))
-    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=size, replace=False))
+    # The first `size` entries of one seeded permutation, so that subsets of increasing ratios are nested.
+    indices = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:size])
     return dataset.select(indices)
 
 

@@ -1,0 +1,106 @@
+"""
+What the analyses of a trained model share: its command-line data arguments, one split of the bundled sample set or
+of a data file in the published format, and batches of model inputs that keep their rows' gold labels.
+"""
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, PreTrainedModel
+
+from ..collating import HVPNetDataCollator, tokenize_and_align
+from ..loading import load_mner_dataset, load_mre_dataset
+from ..predict import task_of
+from ..processing_hvpnet import HVPNetProcessor
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
+# The sample set's folder of each split, and the split name in its crop maps.
+SAMPLE_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
+SAMPLE_FILES = {
+    "ner": {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"},
+    "re": {"train": "mnre_train.txt", "validation": "mnre_val.txt", "test": "mnre_test.txt"},
+}
+SAMPLE_MAPS = {
+    "ner": {"train": "twitter_train_dict.pth", "validation": "twitter_val_dict.pth", "test": "twitter_test_dict.pth"},
+    "re": {"train": "mre_train_dict.pth", "validation": "mre_dev_dict.pth", "test": "mre_test_dict.pth"},
+}
+AUTO_CLASSES = {"ner": AutoModelForTokenClassification, "re": AutoModelForSequenceClassification}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` and the data: a split of the bundled sample set (default) or one file with its image folders."""
+    parser.add_argument("--model", required=True, help="folder of a trained HVPNeT model (with its processor)")
+    parser.add_argument("--split", choices=list(SAMPLE_FOLDERS), default="test", help="split of the sample set")
+    parser.add_argument("--data_file", help="instead of the sample set: a data file in the published format")
+    parser.add_argument("--image_dir", help="with --data_file: folder of its images")
+    parser.add_argument("--object_dir", help="with --data_file: folder of its object crops")
+    parser.add_argument("--object_map", help="with --data_file: its torch.save'd crop map")
+    parser.add_argument("--rel2id", help="with --data_file (RE): JSON {relation: id} of the data set")
+    parser.add_argument("--max_samples", type=int, help="only the first N examples (a quick look at a large split)")
+    parser.add_argument("--batch_size", type=int, default=16)
+
+
+def sample_sources(task: str, split: str) -> dict:
+    """Keyword arguments of `load_m{ner,re}_dataset` for one split of the bundled sample set."""
+    folder = SAMPLE_FOLDERS[split]
+    if task == "ner":  # one image folder for all splits, crops per split
+        root = SAMPLE_DIR / "twitter"
+        files_dir, image_dir, object_dir, extra = root, root / "images", root / "aux_images" / folder / "crops", {}
+    else:  # images and crops per split
+        root = SAMPLE_DIR / "mnre"
+        files_dir, image_dir, object_dir = root / "txt", root / "img_org" / folder, root / "img_vg" / folder / "crops"
+        extra = {"rel2id": str(root / "mnre_rel2id.json")}
+    return {
+        "data_files": {split: str(files_dir / SAMPLE_FILES[task][split])},
+        "image_dir": str(image_dir),
+        "object_dir": str(object_dir),
+        "object_maps": {split: str(files_dir / SAMPLE_MAPS[task][split])},
+        **extra,
+    }
+
+
+def load_examples(task: str, args: argparse.Namespace) -> Dataset:
+    """The examples the arguments name: a split of the sample set, or `--data_file` with its images (the first
+    `--max_samples`)."""
+    if args.data_file is None:
+        sources, split = sample_sources(task, args.split), args.split
+    else:
+        split = "test"  # the loaders' name for a lone file; only a key here
+        sources = {
+            "data_files": {split: args.data_file},
+            "image_dir": args.image_dir,
+            "object_dir": args.object_dir,
+            "object_maps": {split: args.object_map} if args.object_map else None,
+        }
+        if task == "re":
+            sources["rel2id"] = args.rel2id
+    loader = load_mner_dataset if task == "ner" else load_mre_dataset
+    examples = loader(**sources)[split]
+    if args.max_samples is not None:
+        examples = examples.select(range(min(args.max_samples, len(examples))))
+    return examples
+
+
+def load_model(path: str, **kwargs) -> tuple[str, HVPNetProcessor, PreTrainedModel]:
+    """`(task, processor, model)` of a trained folder; the model in evaluation mode."""
+    task = task_of(path)
+    model = AUTO_CLASSES[task].from_pretrained(path, **kwargs).eval()
+    return task, HVPNetProcessor.from_pretrained(path), model
+
+
+def batches(
+    examples: Dataset, processor: HVPNetProcessor, batch_size: int
+) -> Iterator[tuple[dict[str, torch.Tensor], list[int]]]:
+    """Model inputs of `examples` in order, batch by batch, with the indices of the batch's rows."""
+    encoded = examples.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})
+    encoded = encoded.add_column("row", list(range(len(encoded))))
+    collator = HVPNetDataCollator(processor)
+
+    def collate(features: list[dict]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        return collator(features), [feature["row"] for feature in features]
+
+    yield from DataLoader(encoded, batch_size=batch_size, collate_fn=collate)

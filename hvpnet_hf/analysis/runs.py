@@ -1,0 +1,136 @@
+"""
+Runs the example training scripts over seeds and variants, skips the runs that already finished, and summarises
+their `all_results.json` as mean and standard deviation per split.
+"""
+
+import argparse
+import gc
+import importlib.util
+import json
+import logging
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+SCRIPTS = {"ner": "run_mner.py", "re": "run_mre.py"}
+# The seeds whose mean the paper reports (appendix B).
+PAPER_SEEDS = (1, 49, 1234, 2021, 4321)
+# Metric prefixes of `all_results.json` and the splits they score.
+SPLITS = {"eval": "validation", "test": "test"}
+METRICS = ("precision", "recall", "f1")
+RESULTS_FILE = "all_results.json"
+
+Summary = dict[str, dict[str, dict[str, float | None]]]
+
+
+def load_script(task: str) -> ModuleType:
+    """The example script of `task` (`examples/run_mner.py` or `examples/run_mre.py`) as a module."""
+    path = EXAMPLES_DIR / SCRIPTS[task]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the training analyses run from a clone of the repository")
+    if str(EXAMPLES_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES_DIR))  # the scripts import their sibling hvpnet_examples.py
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_results(output_dir: Path) -> dict[str, float] | None:
+    """The run's scores, or None while it has not finished (validation and test F1 are written last)."""
+    path = output_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text(encoding="utf-8"))
+    return results if all(f"{prefix}_f1" in results for prefix in SPLITS) else None
+
+
+def run_script(task: str, output_dir: Path, arguments: Sequence[str]) -> dict[str, float]:
+    """
+    Trains and evaluates with the task's example script (`arguments`: a config file, then flags) into
+    `output_dir`, unless a finished run is already there. Returns its `all_results.json`.
+    """
+    results = read_results(output_dir)
+    if results is not None:
+        logger.info("%s: finished before, not run again", output_dir)
+        return results
+    print(f"\n=== {SCRIPTS[task]} {' '.join(arguments)} --output_dir {output_dir} ===", flush=True)
+    load_script(task).main([*arguments, "--output_dir", str(output_dir)])
+    gc.collect()
+    results = read_results(output_dir)
+    if results is None:
+        raise RuntimeError(f"{output_dir / RESULTS_FILE} lacks eval_f1 or test_f1: the runs must score both splits")
+    return results
+
+
+def run_seeds(
+    task: str, arguments: Sequence[str], seeds: Sequence[int], output_dir: Path
+) -> dict[int, dict[str, float]]:
+    """One run per seed, in `output_dir/seed-<seed>`; the seed also draws `--sample_ratio` subsets."""
+    return {seed: run_script(task, output_dir / f"seed-{seed}", [*arguments, "--seed", str(seed)]) for seed in seeds}
+
+
+def summarise(runs: Mapping[Any, Mapping[str, float]]) -> Summary:
+    """`{split: {metric: {"mean", "std"}}}` over the runs; `std` is the sample standard deviation (None for one run)."""
+    summary: Summary = {}
+    for prefix, split in SPLITS.items():
+        summary[split] = {}
+        for metric in METRICS:
+            values = [results[f"{prefix}_{metric}"] for results in runs.values()]
+            summary[split][metric] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+            }
+    return summary
+
+
+def format_score(mean: float, std: float | None = None) -> str:
+    """A score in percent as the paper prints it, with its standard deviation when there is one."""
+    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def summary_table(rows: Mapping[str, Summary], first_column: str) -> str:
+    """Markdown: one row per entry of `rows`, precision, recall and F1 of validation and test."""
+    columns = [(split, metric) for split in SPLITS.values() for metric in METRICS]
+    names = {"precision": "P", "recall": "R", "f1": "F1"}
+    lines = [
+        f"| {first_column} | " + " | ".join(f"{split} {names[metric]}" for split, metric in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name, summary in rows.items():
+        cells = [format_score(**summary[split][metric]) for split, metric in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def single_run_summary(results: Mapping[str, float]) -> Summary:
+    """One run's scores in the shape of `summarise` (no standard deviation)."""
+    return summarise({0: results})
+
+
+def write_report(output_dir: Path, name: str, markdown: str, data: Any) -> None:
+    """Writes `<name>.md` and `<name>.json` into `output_dir` and prints the Markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
+    (output_dir / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{markdown}\n\nwritten: {output_dir / name}.md, {output_dir / name}.json")
+
+
+def training_parser(description: str, default_output_dir: str) -> argparse.ArgumentParser:
+    """The arguments every training analysis takes; the flags it does not know go to the training script."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        allow_abbrev=False,  # so that a script flag such as --seed is never read as an abbreviation of --seeds
+        epilog="Any other flag is passed on to the training script (e.g. --num_train_epochs 3).",
+    )
+    parser.add_argument("config", help="settings file of the training script (YAML or JSON)")
+    parser.add_argument("--task", choices=sorted(SCRIPTS), default="ner", help="ner: run_mner.py, re: run_mre.py")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(PAPER_SEEDS))
+    parser.add_argument("--output_dir", default=default_output_dir)
+    return parser
