@@ -114,7 +114,11 @@ class HVPNetSelfAttention(BertSelfAttention):
 class HVPNetVisionEncoderBase(nn.Module):
     """What the prefix encoders share: sizes read from the config and the timm feature pyramid
     (`features_only=True`, levels `config.vision_out_indices`), frozen when `config.freeze_vision`: no autograd
-    through it and fixed BatchNorm statistics. Building it never downloads weights."""
+    through it and fixed BatchNorm statistics. Building it never downloads weights.
+
+    Every encoder has a fixed part, `visual_features` (backbone and pooling to the prefix grid: what a feature cache
+    stores when the backbone is frozen), and a trainable part, `prefix_from_features`; `forward` chains the two.
+    """
 
     def __init__(self, config: HVPNetConfig):
         super().__init__()
@@ -124,6 +128,7 @@ class HVPNetVisionEncoderBase(nn.Module):
         self.hidden_size = text_config.hidden_size
         self.grid = config.prefix_grid
         self.freeze_backbone = config.freeze_vision
+        self.chunk_size = config.vision_chunk_size
         self.backbone = timm.create_model(
             config.vision_backbone,
             pretrained=False,
@@ -143,10 +148,22 @@ class HVPNetVisionEncoderBase(nn.Module):
             self.backbone.eval()
         return self
 
-    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images (N, 3, H, W) → one feature map (N, C_i, H_i, W_i) per pyramid level."""
+    def visual_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) → (N, g*g, C) the pooled backbone features, C channels over the used stages.
+
+        The backbone sees at most `config.vision_chunk_size` images per call, so its peak memory follows the chunk.
+        """
+        chunks = images.split(self.chunk_size) if self.chunk_size else (images,)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            return self.backbone(images)
+            return torch.cat([self.pool_feature_maps(self.backbone(chunk)) for chunk in chunks])
+
+    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """One map (N, C_i, H_i, W_i) per pyramid level → (N, g*g, C) the features the trainable part reads."""
+        raise NotImplementedError
+
+    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """features (B, n, g*g, C) from `visual_features`, present (B, n) bool → the per-layer visual prefix."""
+        raise NotImplementedError
 
     def load_pretrained_backbone(self, pretrained: bool | str, backbone_name: str, out_indices: list[int]) -> None:
         """Load timm's pretrained weights (`True`) or a local checkpoint file (a path) into the backbone."""
@@ -170,10 +187,11 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         channels = self.backbone.feature_info.channels()
         # "flat" uses the last stage only; the other modes use every stage.
         self.stage_indices = [len(channels) - 1] if self.prefix_mode == "flat" else list(range(len(channels)))
+        self.stage_channels = [channels[i] for i in self.stage_indices]
         num_stages = len(self.stage_indices)
         # Eq. 1-2: a 1x1 convolution per stage. It commutes with average pooling, so it runs on the g*g pooled
         # tokens as a linear layer instead of on the full map.
-        self.stage_projections = nn.ModuleList(nn.Linear(channels[i], self.hidden_size) for i in self.stage_indices)
+        self.stage_projections = nn.ModuleList(nn.Linear(size, self.hidden_size) for size in self.stage_channels)
         if self.prefix_mode == "pyramid":
             # Eq. 3: the L gate MLPs W_l (d -> c) as one linear layer d -> L * c.
             self.gate = nn.Linear(self.hidden_size, self.num_layers * num_stages)
@@ -189,34 +207,44 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         stage_of_layer = torch.arange(self.num_layers) * num_stages // self.num_layers
         return nn.functional.one_hot(stage_of_layer, num_stages).float()
 
-    def gated_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, 3, H, W) → gated prefix features (N, L, g*g, d) and gate weights (N, L, c)."""
-        feature_maps = self.feature_maps(images)
+    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Every used stage average-pooled to g x g, as g*g tokens, concatenated on channels: (N, g*g, C)."""
+        pooled = [nn.functional.adaptive_avg_pool2d(feature_maps[i], self.grid) for i in self.stage_indices]
+        return torch.cat([grid.flatten(2).transpose(1, 2) for grid in pooled], dim=2)
+
+    def gated_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (N, g*g, C) → gated prefix features (N, L, g*g, d) and gate weights (N, L, c)."""
+        stage_features = features.split(self.stage_channels, dim=2)
         stage_tokens = torch.stack(
-            [
-                projection(nn.functional.adaptive_avg_pool2d(feature_maps[i], self.grid).flatten(2).transpose(1, 2))
-                for projection, i in zip(self.stage_projections, self.stage_indices, strict=True)
-            ],
+            [projection(tokens) for projection, tokens in zip(self.stage_projections, stage_features, strict=True)],
             dim=1,
         )  # (N, c, g*g, d)
         if self.prefix_mode == "pyramid":
             # Eq. 3-4: average over stages of each stage's global average pool, then per-layer gate logits.
             summary = stage_tokens.mean(dim=(1, 2))
-            logits = nn.functional.leaky_relu(self.gate(summary)).view(len(images), self.num_layers, -1)
+            logits = nn.functional.leaky_relu(self.gate(summary)).view(len(features), self.num_layers, -1)
             gate_weights = logits.softmax(dim=-1)
         else:
-            gate_weights = self.fixed_gate.to(stage_tokens.dtype).expand(len(images), -1, -1)
+            gate_weights = self.fixed_gate.to(stage_tokens.dtype).expand(len(features), -1, -1)
         # Eq. 5: gated sum over stages, for every layer at once.
         return torch.einsum("nlc,nctd->nltd", gate_weights, stage_tokens), gate_weights
 
     def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool."""
+        flat_present = present.flatten()
+        features = images.new_zeros(flat_present.numel(), self.grid**2, sum(self.stage_channels))
+        if flat_present.any():  # absent images never reach the backbone
+            features[flat_present] = self.visual_features(images.flatten(0, 1)[flat_present])
+        return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
+
+    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """features (B, n, g*g, C) from `visual_features` (rows of absent images are not read); present (B, n)."""
         batch_size, num_images = present.shape
         flat_present = present.flatten()
-        gated = images.new_zeros(batch_size * num_images, self.num_layers, self.grid**2, self.hidden_size)
-        gate_weights = images.new_zeros(batch_size * num_images, self.num_layers, self.num_stages)
-        if flat_present.any():  # absent images never reach the backbone
-            gated[flat_present], gate_weights[flat_present] = self.gated_features(images.flatten(0, 1)[flat_present])
+        gated = features.new_zeros(batch_size * num_images, self.num_layers, self.grid**2, self.hidden_size)
+        gate_weights = features.new_zeros(batch_size * num_images, self.num_layers, self.num_stages)
+        if flat_present.any():
+            gated[flat_present], gate_weights[flat_present] = self.gated_features(features.flatten(0, 1)[flat_present])
 
         # Eq. 6: concatenate the images of one example on the token axis: (B, L, P, d).
         prefix = gated.view(batch_size, num_images, self.num_layers, -1, self.hidden_size).transpose(1, 2)
@@ -344,12 +372,17 @@ class HVPNetModel(HVPNetPreTrainedModel):
         output_attentions: bool | None = None,
         output_gate_weights: bool = False,
         return_dict: bool | None = None,
+        image_features: torch.Tensor | None = None,
+        image_features_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> HVPNetModelOutput | tuple:
         """
         input_ids, attention_mask, token_type_ids, position_ids: (B, T) as for BERT; text positions start at 0.
         pixel_values: (B, 3, H, W) the global image. object_pixel_values: (B, k, 3, H, W), k <= num_object_images.
         image_mask: (B,) and object_mask: (B, k), False where an image is absent (its prefix is masked out).
+        image_features: instead of pixels, (B, 1 + num_object_images, g*g, C) the frozen backbone's pooled
+            features of the global image and the crops, as `VisualFeatureCache` serves them;
+            image_features_mask: (B, 1 + num_object_images) bool, False where an image is absent.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -368,7 +401,12 @@ class HVPNetModel(HVPNetPreTrainedModel):
         hidden = self.text_model.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
-        prefix = self.visual_prefix(pixel_values, object_pixel_values, image_mask, object_mask, batch_size)
+        if image_features is not None:
+            if pixel_values is not None or object_pixel_values is not None:
+                raise ValueError("Pass either pixel values or image_features, not both")
+            prefix = self.visual_prefix_from_features(image_features, image_features_mask, batch_size)
+        else:
+            prefix = self.visual_prefix(pixel_values, object_pixel_values, image_mask, object_mask, batch_size)
         key_mask = attention_mask.bool() if prefix is None else torch.cat([prefix.mask, attention_mask.bool()], dim=1)
         # One additive mask (B, 1, 1, P + T) for every layer; it works for eager and sdpa attention alike.
         additive_mask = torch.zeros(key_mask.shape, dtype=hidden.dtype, device=hidden.device)
@@ -453,6 +491,28 @@ class HVPNetModel(HVPNetPreTrainedModel):
                 image = torch.cat([image, padding], dim=1)
             stacked.append(image)
         return self.visual_encoder(torch.cat(stacked, dim=1), torch.cat(present, dim=1).to(reference.device))
+
+    def visual_prefix_from_features(
+        self, image_features: torch.Tensor, image_features_mask: torch.Tensor | None, batch_size: int
+    ) -> VisualPrefix | None:
+        """The prefix from cached backbone features (B, 1 + num_object_images, g*g, C), global image first."""
+        if self.visual_encoder is None:
+            return None
+        num_slots = 1 + self.config.num_object_images
+        if image_features.dim() != 4 or tuple(image_features.shape[:2]) != (batch_size, num_slots):
+            raise ValueError(
+                f"image_features must have shape (batch={batch_size}, 1 + num_object_images={num_slots}, tokens, "
+                f"channels), got {tuple(image_features.shape)}"
+            )
+        _check_mask("image_features_mask", image_features_mask, (batch_size, num_slots))
+        present = (
+            torch.ones(batch_size, num_slots, dtype=torch.bool, device=image_features.device)
+            if image_features_mask is None
+            else image_features_mask.bool()
+        )
+        if not self.config.use_global_image:
+            image_features, present = image_features[:, 1:], present[:, 1:]
+        return self.visual_encoder.prefix_from_features(image_features, present)
 
 
 def _check_images(name: str, images: torch.Tensor, rank: int, batch_size: int) -> None:

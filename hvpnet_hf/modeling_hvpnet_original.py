@@ -30,7 +30,7 @@ ORIGINAL_MLP_HIDDEN_SIZE = 800
 
 
 class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
-    """Images → per-layer visual prefix in the layout of the authors' code, for all images in one backbone pass.
+    """Images → per-layer visual prefix in the layout of the authors' code, for all images in batched backbone calls.
 
     Module names follow that code (`encoder_conv`, one linear `gate` holding its L `gates`) so that its checkpoints
     map key by key.
@@ -48,35 +48,40 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
         # The original's L gate layers Linear(t * 2d, c), stacked as one layer t * 2d -> L * c.
         self.gate = nn.Linear(tokens * 2 * self.hidden_size, self.num_layers * self.num_stages)
 
-    def pooled_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) → (N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
-        feature_maps = self.feature_maps(images)
+    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """(N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
         pooled = []
         for stage, feature_map in enumerate(feature_maps):
             kernel = feature_map.shape[-2] // self.grid  # from the map's height, as in the original
             grid = nn.functional.avg_pool2d(feature_map, kernel_size=kernel, stride=kernel) if kernel > 0 else None
             if grid is None or grid.shape[-2:] != (self.grid, self.grid):
                 raise ValueError(
-                    f"prefix_mode='original' pools backbone stage {stage} (a {tuple(feature_map.shape[-2:])} map for "
-                    f"{tuple(images.shape[-2:])} images) with kernel height // prefix_grid, which does not give a "
-                    f"{self.grid}x{self.grid} grid; use square images large enough (the original code uses 224x224)"
+                    f"prefix_mode='original' pools backbone stage {stage} (a {tuple(feature_map.shape[-2:])} map) "
+                    f"with kernel height // prefix_grid, which does not give a {self.grid}x{self.grid} grid; use "
+                    "square images large enough (the original code uses 224x224)"
                 )
             pooled.append(grid)
-        channels_first = torch.cat(pooled, dim=1)  # (N, C, g, g), contiguous
-        return channels_first.view(len(images), self.grid**2, -1)
+        channels_first = torch.cat(pooled, dim=1).contiguous()  # (N, C, g, g)
+        return channels_first.view(len(channels_first), self.grid**2, -1)
 
     def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool.
 
         Absent images are replaced by zero images and, like every other image, attended.
         """
-        batch_size, num_images = present.shape
         present = present.to(device=images.device, dtype=torch.bool)
-        images = images.masked_fill(~present[:, :, None, None, None], 0.0).flatten(0, 1)
+        images = images.masked_fill(~present[:, :, None, None, None], 0.0)
+        features = self.visual_features(images.flatten(0, 1))
+        return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
 
-        chunks = self.encoder_conv(self.pooled_tokens(images))
-        chunks = chunks.view(len(images), self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
-        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(len(images), self.num_layers, self.num_stages)
+    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """features (B, n, t, C) from `visual_features`; present (B, n). An absent image must hold the features of
+        a zero image (what `forward` and the feature cache give it): it is attended like any other."""
+        batch_size, num_images = present.shape
+        features = features.flatten(0, 1)
+        chunks = self.encoder_conv(features)
+        chunks = chunks.view(len(features), self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
+        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(len(features), self.num_layers, self.num_stages)
         gate_weights = nn.functional.leaky_relu(gate_logits).softmax(dim=-1)  # (N, L, c)
         gated = torch.einsum("nlc,ntcd->nltd", gate_weights, chunks)  # (N, L, t, 2d)
 
