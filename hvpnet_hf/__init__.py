@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
 from .configuration_hvpnet import HVPNetConfig
+from .feature_cache import VisualFeatureCache
 from .loading import MNER_LABELS, load_image, load_mner_dataset, load_mre_dataset
 from .metrics import align_word_predictions, metric_path
 from .model_card import render_model_card
@@ -39,6 +40,7 @@ __all__ = [
     "ImageAttacher",
     "MultimodalNerPipeline",
     "MultimodalRePipeline",
+    "VisualFeatureCache",
     "align_word_predictions",
     "load_image",
     "load_mner_dataset",

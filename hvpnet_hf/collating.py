@@ -7,7 +7,8 @@ Glue between the loaders, `HVPNetProcessor` and a `Trainer` / `DataLoader`:
     collator = HVPNetDataCollator(processor)
 
 Token ids live in Arrow; pixels never do: images are decoded from the `image` / `objects` paths when a batch is
-drawn. With `Trainer`, set `remove_unused_columns=False` so these path columns reach the transform or collator.
+drawn, or, with a `VisualFeatureCache` (frozen backbone), their cached backbone features are read instead. With
+`Trainer`, set `remove_unused_columns=False` so these path columns reach the transform or collator.
 """
 
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ import torch
 from datasets import Dataset
 
 if TYPE_CHECKING:
+    from .feature_cache import VisualFeatureCache
     from .processing_hvpnet import HVPNetProcessor
 
 IMAGE_INPUT_NAMES = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
@@ -81,14 +83,40 @@ class HVPNetDataCollator:
     `attention_mask`, `token_type_ids` (B, T), NER `word_start_mask` (B, T) and `labels` (B, T, padded with -100)
     or RE `labels` (B,), and the image tensors. Examples without attached images get them from their `image` /
     `objects` paths here. Columns that are not model inputs (`tokens`, `id`, `word_ids`, ...) are dropped.
+
+    With a built `feature_cache`, the image inputs are `image_features` (B, 1 + k, g*g, C) and `image_features_mask`
+    (B, 1 + k) read from the cache by the `image` / `objects` paths, instead of pixels.
     """
 
-    def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
+    def __init__(
+        self,
+        processor: "HVPNetProcessor",
+        missing_images: str = "mask",
+        feature_cache: "VisualFeatureCache | None" = None,
+    ):
         self.processor = processor
         self.attacher = ImageAttacher(processor, missing_images)
+        self.feature_cache = feature_cache
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if self.feature_cache is not None:
+            return self._with_cached_features(features)
         features = [self._with_images(feature) for feature in features]
+        batch = self._text_inputs(features)
+        for name in IMAGE_INPUT_NAMES:
+            batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
+        return batch
+
+    def _with_cached_features(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if "image" not in features[0]:
+            raise KeyError(MISSING_IMAGE_COLUMNS)
+        batch = self._text_inputs(features)
+        cached = [self.feature_cache.example_features(f["image"], f.get("objects")) for f in features]
+        batch["image_features"] = torch.stack([image_features for image_features, _ in cached])
+        batch["image_features_mask"] = torch.stack([mask for _, mask in cached])
+        return batch
+
+    def _text_inputs(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         batch = {"input_ids": _pad([f["input_ids"] for f in features], self.processor.tokenizer.pad_token_id)}
         for name, padding_value in SEQUENCE_PADDING.items():
             if name in features[0]:
@@ -96,8 +124,6 @@ class HVPNetDataCollator:
         if "labels" in features[0]:
             labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
             batch["labels"] = _pad(labels, -100) if labels[0].ndim else torch.stack(labels)  # NER (B, T), RE (B,)
-        for name in IMAGE_INPUT_NAMES:
-            batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
         return batch
 
     def _with_images(self, feature: Mapping) -> Mapping:

@@ -141,6 +141,7 @@ class HVPNetVisionEncoderBase(nn.Module):
             module._is_hf_initialized = True
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
+            self.backbone.eval()
 
     def train(self, mode: bool = True) -> "HVPNetVisionEncoderBase":
         super().train(mode)
