@@ -234,8 +234,8 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool."""
         flat_present = present.flatten()
         features = images.new_zeros(flat_present.numel(), self.grid**2, sum(self.stage_channels))
-        if flat_present.any():  # absent images never reach the backbone
-            features[flat_present] = self.visual_features(images.flatten(0, 1)[flat_present])
+        if flat_present.any():  # absent images never reach the backbone; autocast may give lower-precision features
+            features[flat_present] = self.visual_features(images.flatten(0, 1)[flat_present]).to(features.dtype)
         return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
 
     def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
@@ -245,7 +245,9 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         gated = features.new_zeros(batch_size * num_images, self.num_layers, self.grid**2, self.hidden_size)
         gate_weights = features.new_zeros(batch_size * num_images, self.num_layers, self.num_stages)
         if flat_present.any():
-            gated[flat_present], gate_weights[flat_present] = self.gated_features(features.flatten(0, 1)[flat_present])
+            present_gated, present_gate_weights = self.gated_features(features.flatten(0, 1)[flat_present])
+            gated[flat_present] = present_gated.to(gated.dtype)
+            gate_weights[flat_present] = present_gate_weights.to(gate_weights.dtype)
 
         # Eq. 6: concatenate the images of one example on the token axis: (B, L, P, d).
         prefix = gated.view(batch_size, num_images, self.num_layers, -1, self.hidden_size).transpose(1, 2)
@@ -623,7 +625,8 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         emissions = self.classifier(self.dropout(outputs.last_hidden_state))
 
         word_index, word_mask = _word_positions(word_start_mask)
-        word_emissions = emissions.gather(1, word_index[..., None].expand(-1, -1, self.num_labels))
+        # The CRF runs in float32, also when the model runs under bf16 / fp16 autocast.
+        word_emissions = emissions.float().gather(1, word_index[..., None].expand(-1, -1, self.num_labels))
         # pytorch-crf needs every sequence to start with a real step: examples without words are left out.
         has_words = word_mask[:, 0] if word_mask.shape[1] else word_mask.new_zeros(len(word_mask))
 
@@ -725,7 +728,7 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits, labels)
+            loss = nn.functional.cross_entropy(logits.float(), labels)  # float32 also under autocast
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
