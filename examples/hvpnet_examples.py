@@ -7,7 +7,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
+import typing
+from argparse import ArgumentTypeError
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +22,15 @@ import transformers
 import yaml
 from huggingface_hub import constants
 from transformers import EvalPrediction, HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PredictionOutput
 
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
 from hvpnet_hf.feature_cache import VisualFeatureCache
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
+from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +89,13 @@ class ModelArguments:
     classifier_dropout: float | None = field(default=None)
 
 
-def dataset_field(choices: list[str]) -> Any:
-    """The `dataset` flag of a script: one of `choices` (the first by default), named in the model card."""
+def dataset_field(known: list[str]) -> Any:
+    """The `dataset` flag of a script: any name (the first of `known` by default), named in the model card."""
     return field(
-        default=choices[0],
+        default=known[0],
         metadata={
-            "help": "Name of the data set (for the model card); 'sample' uses the bundled sample set.",
-            "choices": choices,
+            "help": f"Name of the data set, written in the model card (known: {', '.join(known)}; any name of your own "
+            "data set works). 'sample' without data_dir or data files uses the bundled sample set."
         },
     )
 
@@ -142,24 +148,151 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N test examples."})
 
+    def __post_init__(self):
+        _check_range(self, "max_seq_length", 1)
+        _check_range(self, "image_size", 1)
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            _check_range(self, name, 1)
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
+
+
+@dataclass
+class ExampleTrainingArguments(HVPNetTrainingArguments):
+    """`HVPNetTrainingArguments` plus the rule for a reused output folder (see `prepare_output_dir`)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty output_dir: its checkpoints, results and predictions are deleted first "
+            "(without this flag or --resume_from_checkpoint, a non-empty output_dir is refused)."
+        },
+    )
+
 
 def parse_config_and_flags(
     argv: list[str], model_arguments: type, data_arguments: type, defaults: dict[str, Any]
-) -> tuple[Any, Any, TrainingArguments]:
-    """Flags, optionally after one JSON or YAML file whose settings they override; `defaults` come first."""
-    dataclass_types = (model_arguments, data_arguments, TrainingArguments)
+) -> tuple[Any, Any, ExampleTrainingArguments]:
+    """
+    Flags, optionally after one JSON or YAML file whose settings they override; `defaults` come first. The file's
+    settings are type-checked as it is read. Without training, evaluation strategies are switched off: they would
+    only turn `do_eval` back on (`TrainingArguments` does so) and ask for a validation split.
+    """
+    dataclass_types = (model_arguments, data_arguments, ExampleTrainingArguments)
     parser = HfArgumentParser(dataclass_types)
     parser.set_defaults(**defaults)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0], encoding="utf-8") as file:
             settings = yaml.safe_load(file) or {}  # YAML also reads JSON
-        known = {item.name for cls in dataclass_types for item in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(f"{argv[0]}: unknown settings {unknown}")
+        check_settings(argv[0], settings, dataclass_types)
         parser.set_defaults(**settings)
         argv = argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    arguments = parser.parse_args_into_dataclasses(args=argv)
+    if not arguments[-1].do_train:
+        parser.set_defaults(eval_strategy="no", load_best_model_at_end=False)
+        arguments = parser.parse_args_into_dataclasses(args=argv)
+    _check_training_ranges(arguments[-1])
+    return arguments
+
+
+def check_settings(config_file: str, settings: Any, dataclass_types: tuple[type, ...]) -> None:
+    """Checks that a config file is a mapping of known settings whose values have the type of their flag."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"{config_file}: expected a mapping of settings, got {type(settings).__name__}")
+    hints, choices = {}, {}
+    for cls in dataclass_types:
+        fields = {item.name: item for item in dataclasses.fields(cls)}
+        hints.update({name: hint for name, hint in typing.get_type_hints(cls).items() if name in fields})
+        choices.update({name: item.metadata["choices"] for name, item in fields.items() if "choices" in item.metadata})
+    unknown = sorted(set(settings) - set(hints))
+    if unknown:
+        raise ValueError(f"{config_file}: unknown settings {unknown}")
+    for name, value in settings.items():
+        expected = _checkable_type(hints[name])
+        if expected is not None and not _has_type(value, *expected):
+            raise ValueError(f"{config_file}: setting {name!r} must be {_describe(*expected)}, got {value!r}")
+        if name in choices and value is not None and value not in choices[name]:
+            raise ValueError(f"{config_file}: setting {name!r} must be one of {choices[name]}, got {value!r}")
+
+
+def _checkable_type(hint: Any) -> tuple[type, bool, bool] | None:
+    """`(element type, is a list, may be None)` of a flag of a plain type (bool, int, float, str or a list of one)."""
+    arguments = typing.get_args(hint)
+    optional = type(None) in arguments
+    if optional:
+        remaining = [argument for argument in arguments if argument is not type(None)]
+        if len(remaining) != 1:
+            return None
+        hint = remaining[0]
+    is_list = typing.get_origin(hint) is list
+    element = typing.get_args(hint)[0] if is_list else hint
+    return (element, is_list, optional) if element in (bool, int, float, str) else None
+
+
+def _has_type(value: Any, element: type, is_list: bool, optional: bool) -> bool:
+    if value is None:
+        return optional
+    if is_list:
+        return isinstance(value, list) and all(_has_type(item, element, False, False) for item in value)
+    if isinstance(value, str) and element is not str:
+        # argparse converts a string default with the flag's type, as if it were typed (YAML reads 1e-5 as a string).
+        try:
+            (string_to_bool if element is bool else element)(value)
+        except (ValueError, ArgumentTypeError):
+            return False
+        return True
+    if element is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if element is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, element)
+
+
+def _describe(element: type, is_list: bool, optional: bool) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    text = f"a list of {element.__name__}" if is_list else names[element]
+    return f"{text} or null" if optional else text
+
+
+def _check_range(arguments: Any, name: str, minimum: int) -> None:
+    value = getattr(arguments, name)
+    if value is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_training_ranges(training_args: TrainingArguments) -> None:
+    _check_range(training_args, "per_device_train_batch_size", 1)
+    _check_range(training_args, "per_device_eval_batch_size", 1)
+    _check_range(training_args, "gradient_accumulation_steps", 1)
+    _check_range(training_args, "learning_rate", 0)
+    if training_args.do_train and training_args.num_train_epochs <= 0 and training_args.max_steps <= 0:
+        raise ValueError(f"num_train_epochs must be above 0 to train, got {training_args.num_train_epochs}")
+
+
+# What a run writes into its output folder besides the model files, which are rewritten anyway.
+RUN_OUTPUTS = ("checkpoint-*", "*_results.json", "*_predictions.txt", "*_predictions.jsonl", "trainer_state.json")
+
+
+def prepare_output_dir(training_args: ExampleTrainingArguments) -> None:
+    """
+    The rule of the transformers example scripts for a reused output folder: training into a non-empty one is
+    refused, unless resuming (`resume_from_checkpoint`) or overwriting (`overwrite_output_dir`), which deletes the
+    earlier run's checkpoints, results and predictions first so that nothing of it is mixed into the new run.
+    """
+    output_dir = Path(training_args.output_dir)
+    if not training_args.do_train or training_args.resume_from_checkpoint or not output_dir.is_dir():
+        return
+    if not any(output_dir.iterdir()):
+        return
+    if not training_args.overwrite_output_dir:
+        raise ValueError(
+            f"output_dir {output_dir} is not empty: pass --overwrite_output_dir true to replace the run in it, "
+            "--resume_from_checkpoint to continue it, or choose another output_dir"
+        )
+    if training_args.process_index == 0:
+        for pattern in RUN_OUTPUTS:
+            for path in output_dir.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def start_run(training_args: TrainingArguments) -> bool:
@@ -213,6 +346,20 @@ def find_object_maps(folder: str) -> dict[str, str]:
     return maps
 
 
+def check_no_own_data(data_args: DataArguments) -> None:
+    """
+    Refuses `dataset: sample` together with data of the user's own: the run would be named (and its model card
+    written) as the bundled sample set, and the sample's image folders must never be used for other data.
+    """
+    flags = ("data_dir", "train_file", "validation_file", "test_file")
+    given = [f"--{flag}" for flag in flags if getattr(data_args, flag) is not None]
+    if given:
+        raise ValueError(
+            f"dataset is 'sample' (the bundled sample set), but {', '.join(given)} name data of your own: pass "
+            "--dataset with the name of your data set (it is written in the model card)"
+        )
+
+
 def dataset_sources(data_args: DataArguments) -> dict[str, Any]:
     """The split files, image and crop folders and crop maps, as keyword arguments of `load_m{ner,re}_dataset`."""
     files = {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file}
@@ -233,6 +380,24 @@ def dataset_sources(data_args: DataArguments) -> dict[str, Any]:
         "object_maps": object_maps,
         "missing_images": data_args.missing_images,
     }
+
+
+def check_images_found(raw: datasets.DatasetDict, data_args: DataArguments) -> None:
+    """
+    Stops when not a single image of a split could be read: the image folder is wrong. Masking some missing files
+    is a counted fallback (see `hvpnet_hf.loading`); masking all of them would silently train on text only.
+    """
+    if data_args.mask_images or data_args.image_dir is None:
+        return
+    folders = per_split_folders(data_args.image_dir)
+    for split, dataset in raw.items():
+        if len(dataset) and all(path is None for path in dataset["image"]):
+            folder = folders.get(split, data_args.image_dir) if isinstance(folders, dict) else folders
+            raise FileNotFoundError(
+                f"none of the {len(dataset)} images of the {split} split was found in image_dir {folder} (looked "
+                f"for e.g. {Path(folder) / dataset[0]['image_id']}); check the folder, or pass --mask_images true "
+                "to use the text only"
+            )
 
 
 def limit_and_check_splits(
@@ -345,13 +510,14 @@ def build_trainer(
     compute_metrics: Callable[[EvalPrediction], dict[str, float]],
     preprocess_logits_for_metrics: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> Trainer:
-    """A `Trainer` that hands the examples, image paths included, to the HVPNeT collator."""
+    """A `Trainer` (with the head's own learning rate, if set) that hands the examples, image paths included, to
+    the HVPNeT collator, which serves cached backbone features when `--feature_cache` applies."""
     collator = HVPNetDataCollator(
         processor,
         missing_images=data_args.missing_images,
         feature_cache=build_feature_cache(model, processor, encoded, data_args),
     )
-    return Trainer(
+    return HVPNetTrainer(
         model=model,
         args=training_args,
         train_dataset=encoded["train"] if training_args.do_train else None,
@@ -363,10 +529,17 @@ def build_trainer(
     )
 
 
+def save_model(trainer: Trainer) -> None:
+    """Saves the model and the processor with their code, and the pipeline code, to the output folder."""
+    if trainer.is_world_process_zero():
+        save_pipeline_code(trainer.model, trainer.args.output_dir)  # before the config is written
+    trainer.save_model()
+
+
 def train_and_save(trainer: Trainer, train_dataset: datasets.Dataset) -> dict[str, float]:
     """Trains, saves the best checkpoint on validation F1 (with its processor) and the state; the train metrics."""
     train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    trainer.save_model()
+    save_model(trainer)
     metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
@@ -417,7 +590,7 @@ def save_model_card_and_push(
     )
     card.save(output_dir / "README.md")
     if push_to_hub:
-        trainer.save_model()  # the model, its remote code and the processor, also when nothing was trained
+        save_model(trainer)  # also when nothing was trained
         push_output_dir_to_hub(
             output_dir,
             training_args.hub_model_id or output_dir.name,

@@ -22,7 +22,7 @@ import datasets
 import evaluate
 import numpy as np
 import torch
-from transformers import EvalPrediction, TrainingArguments
+from transformers import EvalPrediction
 
 import hvpnet_hf
 from hvpnet_hf import HVPNetForSequenceClassification
@@ -58,14 +58,17 @@ class RelationDataArguments(hvpnet_examples.DataArguments):
     rel2id_file: str | None = field(default=None, metadata={"help": "JSON {relation: id} fixing the relation ids."})
 
 
-def parse_arguments(argv: list[str]) -> tuple[RelationModelArguments, RelationDataArguments, TrainingArguments]:
+def parse_arguments(
+    argv: list[str],
+) -> tuple[RelationModelArguments, RelationDataArguments, hvpnet_examples.ExampleTrainingArguments]:
     """Flags, optionally after one JSON or YAML file whose settings they override."""
     return hvpnet_examples.parse_config_and_flags(argv, RelationModelArguments, RelationDataArguments, SCRIPT_DEFAULTS)
 
 
 def load_raw_datasets(data_args: RelationDataArguments) -> datasets.DatasetDict:
     if data_args.dataset == "sample":
-        data_args.data_dir = data_args.data_dir or str(SAMPLE_DIR / "txt")
+        hvpnet_examples.check_no_own_data(data_args)
+        data_args.data_dir = str(SAMPLE_DIR / "txt")
         data_args.image_dir = data_args.image_dir or str(SAMPLE_DIR / "img_org")
         data_args.object_dir = data_args.object_dir or str(SAMPLE_DIR / "img_vg")
         data_args.rel2id_file = data_args.rel2id_file or str(SAMPLE_DIR / "mnre_rel2id.json")
@@ -106,8 +109,10 @@ def write_predictions(path: Path, raw_split: datasets.Dataset, logits: np.ndarra
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     push_to_hub = hvpnet_examples.start_run(training_args)
+    hvpnet_examples.prepare_output_dir(training_args)
 
     raw = load_raw_datasets(data_args)
+    hvpnet_examples.check_images_found(raw, data_args)
     label_names = raw[next(iter(raw))].features["relation"].names
     id2label = dict(enumerate(label_names))
     if NO_RELATION not in label_names:

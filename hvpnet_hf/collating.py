@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from .image_processing_hvpnet import IMAGE_INPUT_NAMES
+
 if TYPE_CHECKING:
     from .feature_cache import VisualFeatureCache
     from .processing_hvpnet import HVPNetProcessor
 
-IMAGE_INPUT_NAMES = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
-# Token-level model inputs and the value that pads each of them.
-SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
 MISSING_IMAGE_COLUMNS = (
     "Examples have neither image tensors nor the `image` / `objects` path columns to load them from; with Trainer, "
     "set remove_unused_columns=False so these columns are not dropped."
@@ -100,31 +99,16 @@ class HVPNetDataCollator:
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if self.feature_cache is not None:
-            return self._with_cached_features(features)
-        features = [self._with_images(feature) for feature in features]
-        batch = self._text_inputs(features)
-        for name in IMAGE_INPUT_NAMES:
-            batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
-        return batch
+            return dict(self.processor.pad([self._with_cached_features(feature) for feature in features]))
+        return dict(self.processor.pad([self._with_images(feature) for feature in features]))
 
-    def _with_cached_features(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        if "image" not in features[0]:
+    def _with_cached_features(self, feature: Mapping) -> Mapping:
+        if "image" not in feature:
             raise KeyError(MISSING_IMAGE_COLUMNS)
-        batch = self._text_inputs(features)
-        cached = [self.feature_cache.example_features(f["image"], f.get("objects")) for f in features]
-        batch["image_features"] = torch.stack([image_features for image_features, _ in cached])
-        batch["image_features_mask"] = torch.stack([mask for _, mask in cached])
-        return batch
-
-    def _text_inputs(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        batch = {"input_ids": _pad([f["input_ids"] for f in features], self.processor.tokenizer.pad_token_id)}
-        for name, padding_value in SEQUENCE_PADDING.items():
-            if name in features[0]:
-                batch[name] = _pad([f[name] for f in features], padding_value)
-        if "labels" in features[0]:
-            labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
-            batch["labels"] = _pad(labels, -100) if labels[0].ndim else torch.stack(labels)  # NER (B, T), RE (B,)
-        return batch
+        image_features, image_features_mask = self.feature_cache.example_features(
+            feature["image"], feature.get("objects")
+        )
+        return {**feature, "image_features": image_features, "image_features_mask": image_features_mask}
 
     def _with_images(self, feature: Mapping) -> Mapping:
         if "pixel_values" in feature:
@@ -148,12 +132,6 @@ def sample_subset(dataset: Dataset, sample_ratio: float, seed: int = 42) -> Data
     size = max(1, round(sample_ratio * len(dataset)))
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=size, replace=False))
     return dataset.select(indices)
-
-
-def _pad(sequences: Sequence[Sequence], padding_value) -> torch.Tensor:
-    """Right-pads a list of 1-D sequences to the longest one: (B, T)."""
-    tensors = [torch.as_tensor(sequence) for sequence in sequences]
-    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=padding_value)
 
 
 __all__ = ["HVPNetDataCollator", "ImageAttacher", "sample_subset", "tokenize_and_align"]

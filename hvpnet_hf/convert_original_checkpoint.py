@@ -26,13 +26,13 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
-from huggingface_hub import HfApi
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from .configuration_hvpnet import HVPNetConfig
-from .loading import MNER_LABELS
+from .model_card import push_output_dir_to_hub
 from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetPreTrainedModel
-from .processing_hvpnet import ENTITY_MARKERS, HVPNetProcessor
+from .pipelines import save_pipeline_code
+from .processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
 # The label list of the original NER code, in its id order.
 ORIGINAL_NER_LABELS = [
@@ -251,7 +251,10 @@ def convert(
     rel2id: str | os.PathLike | None = None,
     push_to_hub: str | None = None,
 ) -> HVPNetPreTrainedModel:
-    """Convert, save the model and its processor to `output_dir` (and optionally push both), return the model."""
+    """
+    Convert, save the model, its processor and pipeline code to `output_dir` (and optionally push the folder), return
+    the model.
+    """
     state_dict = load_original_state_dict(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     # The original squeezes every image to 224x224 without keeping the aspect ratio.
@@ -290,12 +293,11 @@ def convert(
     for key in unused:
         print(f"  {key}")
 
+    save_pipeline_code(model, output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     if push_to_hub is not None:
-        api = HfApi()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(repo_id=push_to_hub, folder_path=output_dir)
+        push_output_dir_to_hub(output_dir, push_to_hub)
     return model
 
 

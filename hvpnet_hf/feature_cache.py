@@ -52,7 +52,7 @@ class VisualFeatureCache:
 
     Args:
         model: an HVPNeT model (or `HVPNetModel`) whose backbone is frozen (`freeze_vision=True`).
-        processor (`HVPNetProcessor`): its image transform and `num_object_images` are used.
+        processor (`HVPNetProcessor`): the image transform and `num_object_images` of its image processor are used.
         cache_dir (`str` or `os.PathLike`): parent folder; each key gets its own sub-folder.
         dtype (`str`): `"float32"` (the pixel path's outputs exactly) or `"float16"` (half the size).
         missing_images (`str`): `"mask"` masks unreadable files (logged and counted in `num_unreadable`),
@@ -77,7 +77,7 @@ class VisualFeatureCache:
             raise ValueError("Features can only be cached for a frozen backbone (freeze_vision=True)")
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-        self.processor = processor
+        self.image_processor = image_processor = processor.image_processor
         self.dtype = dtype
         self.missing_images = missing_images
         self.batch_size = batch_size
@@ -90,12 +90,12 @@ class VisualFeatureCache:
             "prefix_mode": config.prefix_mode,
             "prefix_grid": config.prefix_grid,
             "image_transform": {
-                "image_size": processor.image_size,
-                "crop_pct": processor.crop_pct,
-                "crop_mode": processor.crop_mode,
-                "image_mean": list(processor.image_mean),
-                "image_std": list(processor.image_std),
-                "interpolation": processor.interpolation,
+                "image_size": image_processor.image_size,
+                "crop_pct": image_processor.crop_pct,
+                "crop_mode": image_processor.crop_mode,
+                "image_mean": list(image_processor.image_mean),
+                "image_std": list(image_processor.image_std),
+                "interpolation": image_processor.interpolation,
             },
             "dtype": dtype,
         }
@@ -143,11 +143,11 @@ class VisualFeatureCache:
         self, image: str | os.PathLike | None, objects: Sequence[str | os.PathLike | None] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One example's `image_features` (1 + k, g*g, C), float32, and `image_features_mask` (1 + k,): the global
-        image, then up to k = `processor.num_object_images` crops. Absent or unreadable images hold the features of
+        image, then up to k = `num_object_images` crops. Absent or unreadable images hold the features of
         a zero image and are masked."""
         if self._features is None:
             raise RuntimeError("Call build() before reading from the feature cache")
-        num_objects = self.processor.num_object_images
+        num_objects = self.image_processor.num_object_images
         slots = [image, *list(objects or [])[:num_objects]]
         slots += [None] * (1 + num_objects - len(slots))
         rows = [self.row(path) for path in slots]
@@ -180,7 +180,7 @@ class VisualFeatureCache:
     def _write(self, rows: dict[str, int], missing: dict[str, str]) -> dict[str, int]:
         """Writes a cache with the old rows plus features of the `missing` {file SHA-256: path}; meta.json last."""
         old_features = np.load(self.folder / "features.npy", mmap_mode="r") if rows else None
-        size = self.processor.image_size
+        size = self.image_processor.image_size
         zero_image = self._compute(torch.zeros(1, 3, size, size))
         num_old = len(old_features) if old_features is not None else 1  # a new cache starts with the zero image
         temporary = self.folder / "features.npy.tmp"
@@ -193,7 +193,7 @@ class VisualFeatureCache:
         with tqdm(total=len(items), desc="Caching visual features", unit="image") as progress:
             for start in range(0, len(items), self.batch_size):
                 batch = items[start : start + self.batch_size]
-                decoded = [self.processor._image_tensor(path, self.missing_images) for _, path in batch]
+                decoded = [self.image_processor._image_tensor(path, self.missing_images) for _, path in batch]
                 computed = self._compute(torch.stack([pixels for pixels, _ in decoded]))
                 for offset, ((file_hash, _), (_, present)) in enumerate(zip(batch, decoded, strict=True)):
                     row = num_old + start + offset

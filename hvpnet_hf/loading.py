@@ -9,7 +9,10 @@ Missing images follow one policy, `missing_images`:
   and the loader logs how many files were missing or unreadable per split.
 - `"error"`: the first missing or unreadable file raises an error naming it and the data line that refers to it.
 At load time a file counts as readable when it exists and PIL recognises its header; a file whose pixel data turns
-out to be truncated is caught when it is decoded, under the same policy (see `load_image`).
+out to be truncated is caught when it is decoded, under the same policy (see `load_image`). An image PIL refuses as a
+decompression bomb (more than twice `PIL.Image.MAX_IMAGE_PIXELS`, about 179 million pixels by default) counts as
+unreadable: it is never decoded, so a hostile or broken file cannot exhaust the memory. Raise the limit to use such
+images.
 """
 
 import ast
@@ -17,7 +20,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,14 +28,14 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from PIL import Image
 
+from .image_processing_hvpnet import UNREADABLE_IMAGE_ERRORS, _check_policy, load_image
+from .processing_hvpnet import MNER_LABELS
+
 logger = logging.getLogger(__name__)
 
-# Order of the NER tag ids. "O" is id 0, so a word cut by truncation can be scored as "O".
-MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 # Twitter-2015 calls the miscellaneous type OTHER, Twitter-2017 calls it MISC.
 MNER_ENTITY_TYPES = {"PER": "PER", "LOC": "LOC", "ORG": "ORG", "MISC": "MISC", "OTHER": "MISC"}
 NO_RELATION = "None"
-MISSING_IMAGE_POLICIES = ("mask", "error")
 
 PathLike = str | os.PathLike
 SplitPaths = PathLike | Mapping[str, PathLike]
@@ -50,23 +53,6 @@ class _Example:
     tokens: list[str]
     image_file: str
     fields: dict = field(default_factory=dict)
-
-
-def load_image(path: PathLike, missing_images: str = "mask") -> Image.Image | None:
-    """
-    Decodes an image file fully. Under `missing_images="mask"` a missing or unreadable file is logged and gives None;
-    under `"error"` it raises an `OSError` naming the file.
-    """
-    _check_policy(missing_images)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, SyntaxError, ValueError) as error:
-        if missing_images == "error":
-            raise OSError(f"Cannot read image {path}: {error}") from error
-        logger.warning("Image %s is missing or unreadable (%s); it is masked out.", path, error)
-        return None
 
 
 def load_mner_dataset(
@@ -168,11 +154,6 @@ def load_mre_dataset(
     return DatasetDict(splits)
 
 
-def _check_policy(missing_images: str) -> None:
-    if missing_images not in MISSING_IMAGE_POLICIES:
-        raise ValueError(f"missing_images must be one of {MISSING_IMAGE_POLICIES}, got {missing_images!r}")
-
-
 def _resolve_data_files(data_dir, data_files, find_files) -> dict[str, Path]:
     if data_files is not None:
         base = Path(data_dir) if data_dir is not None else Path()
@@ -211,6 +192,24 @@ def _find_mre_files(data_dir: Path) -> dict[str, Path]:
     return {split: paths[0] for split, paths in candidates.items()}
 
 
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """
+    `(line number, line)` of a UTF-8 text file, a leading byte-order mark dropped; CRLF lines read like LF ones.
+    Bytes that are not UTF-8 are an error naming the file and the line.
+    """
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as file:
+        for line_no, line in enumerate(file, start=1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as error:
+                byte = ord(line[error.start]) - 0xDC00  # surrogateescape keeps an undecodable byte as U+DC80..U+DCFF
+                raise ValueError(
+                    f"{path}:{line_no}: byte 0x{byte:02x} at column {error.start + 1} is not UTF-8; save the file "
+                    "as UTF-8"
+                ) from None
+            yield line_no, line
+
+
 def _read_mner_file(path: Path) -> list[_Example]:
     examples: list[_Example] = []
     current: _Example | None = None
@@ -219,25 +218,24 @@ def _read_mner_file(path: Path) -> list[_Example]:
         if current is not None and not current.tokens:
             raise ValueError(f"{path}:{current.line}: IMGID block has no token lines (block ends at line {line_no})")
 
-    with open(path, encoding="utf-8") as file:  # universal newlines: CRLF files read like LF ones
-        for line_no, raw_line in enumerate(file, start=1):
-            line = raw_line.rstrip()
-            if not line:
-                close_block(line_no)
-                current = None
-                continue
-            if line.startswith("IMGID:"):
-                close_block(line_no)
-                current = _Example(line_no, [], line[len("IMGID:") :].strip() + ".jpg", {"ner_tags": []})
-                examples.append(current)
-                continue
-            if current is None:
-                raise ValueError(f"{path}:{line_no}: token line outside an IMGID block: {line!r}")
-            token, tab, label = line.rpartition("\t")
-            if not tab:
-                raise ValueError(f"{path}:{line_no}: expected 'token<TAB>label', got {line!r}")
-            current.tokens.append(token.strip())
-            current.fields["ner_tags"].append(_normalise_bio_label(label.strip(), path, line_no))
+    for line_no, raw_line in _numbered_lines(path):
+        line = raw_line.rstrip()
+        if not line:
+            close_block(line_no)
+            current = None
+            continue
+        if line.startswith("IMGID:"):
+            close_block(line_no)
+            current = _Example(line_no, [], line[len("IMGID:") :].strip() + ".jpg", {"ner_tags": []})
+            examples.append(current)
+            continue
+        if current is None:
+            raise ValueError(f"{path}:{line_no}: token line outside an IMGID block: {line!r}")
+        token, tab, label = line.rpartition("\t")
+        if not tab:
+            raise ValueError(f"{path}:{line_no}: expected 'token<TAB>label', got {line!r}")
+        current.tokens.append(token.strip())
+        current.fields["ner_tags"].append(_normalise_bio_label(label.strip(), path, line_no))
     if not examples:
         raise ValueError(f"{path}: no IMGID block found")
     close_block(line_no + 1)
@@ -258,19 +256,33 @@ def _normalise_bio_label(label: str, path: Path, line_no: int) -> str:
 
 def _read_mre_file(path: Path) -> list[_Example]:
     examples = []
-    with open(path, encoding="utf-8") as file:
-        for line_no, raw_line in enumerate(file, start=1):
-            line = raw_line.strip()
-            if not line:
-                continue
-            try:
-                record = ast.literal_eval(line)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as error:
-                raise ValueError(f"{path}:{line_no}: not a Python literal: {error}") from error
-            examples.append(_parse_mre_record(record, path, line_no))
+    for line_no, raw_line in _numbered_lines(path):
+        line = raw_line.strip()
+        if not line:
+            continue
+        try:
+            record = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as error:
+            raise ValueError(f"{path}:{line_no}: not a Python literal: {error}") from error
+        examples.append(_parse_mre_record(record, path, line_no))
     if not examples:
         raise ValueError(f"{path}: no records found")
+    overlapping = [
+        example.line for example in examples if _spans_overlap(example.fields["head"], example.fields["tail"])
+    ]
+    if overlapping:
+        logger.warning(
+            "%s: %d of %d records have overlapping head and tail spans (first: line %d); their entity markers nest.",
+            path,
+            len(overlapping),
+            len(examples),
+            overlapping[0],
+        )
     return examples
+
+
+def _spans_overlap(head: Mapping, tail: Mapping) -> bool:
+    return head["start"] < tail["end"] and tail["start"] < head["end"]
 
 
 def _parse_mre_record(record, path: Path, line_no: int) -> _Example:
@@ -301,7 +313,7 @@ def _relation_names(rel2id, parsed: dict[str, list[_Example]], files: dict[str, 
         found = {example.fields["relation"] for examples in parsed.values() for example in examples}
         return [NO_RELATION] + sorted(found - {NO_RELATION})
     if not isinstance(rel2id, Mapping):
-        with open(rel2id, encoding="utf-8") as file:
+        with open(rel2id, encoding="utf-8-sig") as file:
             rel2id = json.load(file)
     ids = sorted(rel2id.values())
     if ids != list(range(len(ids))):
@@ -368,36 +380,38 @@ def _build_split(
 
 
 class _ImageChecker:
-    """Checks that image files exist and have a header PIL recognises; remembers results, counts failures."""
+    """Checks that image files exist and have a header PIL accepts; remembers results, counts failures."""
 
     def __init__(self, missing_images: str):
         self.missing_images = missing_images
         self.num_checked = 0
         self.num_missing = 0
         self.first_missing: str | None = None
-        self._readable: dict[Path, bool] = {}
+        self._problems: dict[Path, str | None] = {}
 
     def __call__(self, path: Path | None, referenced_at: str) -> str | None:
         if path is None:
             return None
         self.num_checked += 1
-        if path not in self._readable:
-            self._readable[path] = _has_image_header(path)
-        if self._readable[path]:
+        if path not in self._problems:
+            self._problems[path] = _image_header_problem(path)
+        problem = self._problems[path]
+        if problem is None:
             return str(path)
         if self.missing_images == "error":
-            raise FileNotFoundError(f"{referenced_at}: image file {path} is missing or unreadable")
+            raise FileNotFoundError(f"{referenced_at}: image file {path} is missing or unreadable: {problem}")
         self.num_missing += 1
-        self.first_missing = self.first_missing or str(path)
+        self.first_missing = self.first_missing or f"{path} ({problem})"
         return None
 
 
-def _has_image_header(path: Path) -> bool:
+def _image_header_problem(path: Path) -> str | None:
+    """None when PIL opens `path` (its header only), otherwise why it cannot."""
     try:
         with Image.open(path):
-            return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+            return None
+    except UNREADABLE_IMAGE_ERRORS as error:
+        return str(error) or type(error).__name__
 
 
 def _crop_lists(

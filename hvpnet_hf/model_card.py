@@ -13,14 +13,34 @@ TASKS = {
     "re": {"template": "hvpnet_re.md", "pipeline_tag": "text-classification", "task_name": "Multimodal RE"},
 }
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
-# Training leftovers that do not belong in a published model repository.
-NOT_PUBLISHED = ["checkpoint-*/**", "runs/**", "*_predictions.*", "trainer_state.json", "training_args.bin"]
+# What a published repository holds, top-level files only: the weights, the config, the code of the model, the
+# processor and the pipeline (loaded with trust_remote_code=True), the tokenizer, the processor settings, the card and
+# the scores. Checkpoints, logs, predictions and the trainer's state stay local.
+PUBLISHED = [
+    "config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "*.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "README.md",
+    "all_results.json",
+]
+NOT_PUBLISHED = ["*/*"]  # anything in a sub-folder (checkpoint-*/, runs/)
 
 
 def training_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
     """The settings of a `Trainer` run that a reader needs to reproduce it."""
     return {
         "learning rate": args.learning_rate,
+        "head learning rate (CRF and emissions / relation classifier)": args.learning_rate
+        if getattr(args, "head_learning_rate", None) is None
+        else args.head_learning_rate,
         "train batch size (total)": args.per_device_train_batch_size
         * args.gradient_accumulation_steps
         * max(args.world_size, 1),
@@ -144,15 +164,16 @@ def push_output_dir_to_hub(
     api: HfApi | None = None,
 ) -> str:
     """
-    Publishes a run's output folder (model with its remote code, processor, model card, results) to the Hub
-    repository `repo_id`, leaving out checkpoints, logs and prediction files. Returns the commit URL.
+    Publishes a run's output folder (model, processor and pipeline with their code, model card, results) to the Hub
+    repository `repo_id`: the files `PUBLISHED` names, none from sub-folders. Returns the commit URL.
     """
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=str(output_dir),
-        commit_message="Upload HVPNeT model, processor and model card",
+        commit_message="Upload HVPNeT model, processor, pipeline and model card",
+        allow_patterns=PUBLISHED,
         ignore_patterns=NOT_PUBLISHED,
     )
     return str(commit)

@@ -15,9 +15,13 @@ import torch
 from torch import nn
 from torchcrf import CRF
 from transformers import BertConfig, BertModel, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_hvpnet import HVPNetConfig
 
@@ -72,16 +76,18 @@ class VisualPrefix:
 class HVPNetSelfAttention(BertSelfAttention):
     """BERT self-attention whose keys and values are prefixed by this layer's visual prefix (paper eq. 9).
 
-    Queries stay text-only, so the output keeps the text length. `attention_mask` must cover the prefix and the
-    text, (B, 1, 1 or T, P + T) additive; the model builds it once for all layers.
+    `HVPNetModel` hands the prefix of all layers down through `BertModel` as the keyword argument `visual_prefix`;
+    each layer takes its own keys and values (by `layer_idx`) and prepends the prefix columns to the text mask that
+    `BertModel` built. Queries stay text-only, so the output keeps the text length.
     """
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        visual_prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
+        past_key_values: Cache | None = None,
+        visual_prefix: VisualPrefix | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
@@ -89,15 +95,13 @@ class HVPNetSelfAttention(BertSelfAttention):
         key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
         if visual_prefix is not None:
-            prefix_key, prefix_value = visual_prefix
-            key = torch.cat([prefix_key.to(key.dtype), key], dim=2)
-            value = torch.cat([prefix_value.to(value.dtype), value], dim=2)
+            key = torch.cat([visual_prefix.keys[self.layer_idx].to(key.dtype), key], dim=2)
+            value = torch.cat([visual_prefix.values[self.layer_idx].to(value.dtype), value], dim=2)
+            attention_mask = _prepend_prefix_mask(attention_mask, visual_prefix.mask, query)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        kwargs.pop("encoder_hidden_states", None)
-        kwargs.pop("past_key_values", None)
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -109,6 +113,30 @@ class HVPNetSelfAttention(BertSelfAttention):
             **kwargs,
         )
         return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+def _prepend_prefix_mask(
+    attention_mask: torch.Tensor | None, prefix_mask: torch.Tensor, query: torch.Tensor
+) -> torch.Tensor:
+    """Extend the text mask `BertModel` built to the prefix keys, which come first.
+
+    attention_mask: None (every text key visible), boolean (B, 1, T, T) True where visible (sdpa), or additive
+        (B, 1, T, T) with 0 or the dtype's minimum (eager). prefix_mask: (B, P) True where the image is present.
+    Returns a mask of the same kind over P + T keys; from None, an additive one (eager and sdpa both take it).
+    """
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        prefix_columns = prefix_mask[:, None, None, :].expand(-1, 1, attention_mask.shape[2], -1)
+        return torch.cat([prefix_columns.to(attention_mask.device), attention_mask], dim=-1)
+    dtype = query.dtype if attention_mask is None else attention_mask.dtype
+    prefix_columns = torch.zeros(prefix_mask.shape, dtype=dtype, device=query.device)
+    prefix_columns = prefix_columns.masked_fill(~prefix_mask.to(query.device), torch.finfo(dtype).min)
+    prefix_columns = prefix_columns[:, None, None, :]
+    if attention_mask is None:
+        text_columns = prefix_columns.new_zeros(len(query), 1, 1, query.shape[2])
+    else:
+        text_columns = attention_mask
+        prefix_columns = prefix_columns.expand(-1, 1, attention_mask.shape[2], -1)
+    return torch.cat([prefix_columns, text_columns], dim=-1)
 
 
 class HVPNetVisionEncoderBase(nn.Module):
@@ -274,6 +302,104 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         return len(self.stage_indices)
 
 
+# The visual prefix as the authors' released HVPNeT code computes it (`prefix_mode="original"`).
+#
+# That code (which produced the paper's Table 1) differs from the paper's text. It is kept as its own class, apart
+# from the paper mode, so that checkpoints trained with it can be converted (`convert_original_checkpoint.py`) and
+# give the same outputs. What it does, per image:
+#
+# 1. Average-pool every backbone stage with `AvgPool2d(k, stride=k)`, `k = size // g` (a 7x7 map gets k=3: a 2x2
+#    grid over its top-left 6x6 corner), concatenate the pooled maps on channels: (C, g, g).
+# 2. Reinterpret that memory with a raw view as g*g tokens of C features (not a transpose).
+# 3. `encoder_conv`: Linear(C, 800) -> Tanh -> Linear(800, c * 2d), split into c chunks of 2d: the gate's "stages".
+# 4. For layer l: gate = softmax(leaky_relu(W_l(mean of the chunks, flattened))), gated sum of the chunks: (g*g, 2d).
+# 5. Concatenate the images of an example on the token axis, split key (first d) and value (last d), and turn each
+#    (P, d) into heads with a raw reshape to (H, P, h) (again not a transpose).
+#
+# Absent images are all-zero images that are still gated and attended, as in that code: unlike the paper mode, a
+# masked image is not the same as no image. Only a forward without any pixel values is text-only.
+#
+# Shapes: B = batch, n = images per example, N = B * n, L = text layers, c = chunks (one per backbone stage),
+# g = prefix grid side, t = g * g tokens per image, P = n * t, d = hidden size, H = heads, h = head size.
+
+# Width of the hidden layer of the original `encoder_conv` MLP.
+ORIGINAL_MLP_HIDDEN_SIZE = 800
+
+
+class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
+    """Images → per-layer visual prefix in the layout of the authors' code, for all images in batched backbone calls.
+
+    Module names follow that code (`encoder_conv`, one linear `gate` holding its L `gates`) so that its checkpoints
+    map key by key.
+    """
+
+    def __init__(self, config: HVPNetConfig):
+        super().__init__(config)
+        self.num_stages = len(self.backbone.feature_info.channels())
+        tokens = self.grid**2
+        self.encoder_conv = nn.Sequential(
+            nn.Linear(sum(self.backbone.feature_info.channels()), ORIGINAL_MLP_HIDDEN_SIZE),
+            nn.Tanh(),
+            nn.Linear(ORIGINAL_MLP_HIDDEN_SIZE, self.num_stages * 2 * self.hidden_size),
+        )
+        # The original's L gate layers Linear(t * 2d, c), stacked as one layer t * 2d -> L * c.
+        self.gate = nn.Linear(tokens * 2 * self.hidden_size, self.num_layers * self.num_stages)
+
+    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """(N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
+        pooled = []
+        for stage, feature_map in enumerate(feature_maps):
+            kernel = feature_map.shape[-2] // self.grid  # from the map's height, as in the original
+            grid = nn.functional.avg_pool2d(feature_map, kernel_size=kernel, stride=kernel) if kernel > 0 else None
+            if grid is None or grid.shape[-2:] != (self.grid, self.grid):
+                raise ValueError(
+                    f"prefix_mode='original' pools backbone stage {stage} (a {tuple(feature_map.shape[-2:])} map) "
+                    f"with kernel height // prefix_grid, which does not give a {self.grid}x{self.grid} grid; use "
+                    "square images large enough (the original code uses 224x224)"
+                )
+            pooled.append(grid)
+        channels_first = torch.cat(pooled, dim=1).contiguous()  # (N, C, g, g)
+        return channels_first.view(len(channels_first), self.grid**2, -1)
+
+    def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool.
+
+        Absent images are replaced by zero images and, like every other image, attended.
+        """
+        present = present.to(device=images.device, dtype=torch.bool)
+        images = images.masked_fill(~present[:, :, None, None, None], 0.0)
+        features = self.visual_features(images.flatten(0, 1))
+        return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
+
+    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """features (B, n, t, C) from `visual_features`; present (B, n). An absent image must hold the features of
+        a zero image (what `forward` and the feature cache give it): it is attended like any other."""
+        batch_size, num_images = present.shape
+        features = features.flatten(0, 1)
+        chunks = self.encoder_conv(features)
+        chunks = chunks.view(len(features), self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
+        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(len(features), self.num_layers, self.num_stages)
+        gate_weights = nn.functional.leaky_relu(gate_logits).softmax(dim=-1)  # (N, L, c)
+        gated = torch.einsum("nlc,ntcd->nltd", gate_weights, chunks)  # (N, L, t, 2d)
+
+        # Images of one example side by side on the token axis: (B, L, P, 2d).
+        prefix = gated.view(batch_size, num_images, self.num_layers, -1, 2 * self.hidden_size).transpose(1, 2)
+        prefix = prefix.flatten(2, 3)
+        num_tokens = prefix.shape[2]
+
+        def to_heads(states: torch.Tensor) -> torch.Tensor:
+            """(B, L, P, d) → (L, B, H, P, h) by the original's raw reshape of each layer's (P, d) memory."""
+            states = states.contiguous().view(batch_size, self.num_layers, self.num_heads, num_tokens, -1)
+            return states.transpose(0, 1)
+
+        return VisualPrefix(
+            keys=to_heads(prefix[..., : self.hidden_size]),
+            values=to_heads(prefix[..., self.hidden_size :]),
+            mask=present.new_ones(batch_size, num_tokens),
+            gate_weights=gate_weights.view(batch_size, num_images, self.num_layers, self.num_stages),
+        )
+
+
 class HVPNetPreTrainedModel(PreTrainedModel):
     config_class = HVPNetConfig
     config: HVPNetConfig
@@ -281,8 +407,9 @@ class HVPNetPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("text", "image")
     supports_gradient_checkpointing = True
+    # The prefix extends the additive (eager) or boolean (sdpa) mask BertModel builds; flash and flex attention take
+    # other mask forms and are not supported.
     _supports_sdpa = True
-    _supports_attention_backend = True
     _no_split_modules = ["BertEmbeddings", "BertLayer"]
     # The heads average their losses over the batch themselves; Trainer must not expect `num_items_in_batch` use.
     accepts_loss_kwargs = False
@@ -340,8 +467,10 @@ class HVPNetModel(HVPNetPreTrainedModel):
     """The HVPNeT encoder: BERT with a visual prefix in every self-attention layer.
 
     Its text encoder is a `BertModel` whose self-attention modules are `HVPNetSelfAttention`, so pretrained BERT
-    weights load into it unchanged. With `use_visual_prefix=False`, or when every image is masked (paper modes), it
-    computes exactly what `BertModel` computes.
+    weights load into it unchanged. `forward` builds the visual prefix and runs that `BertModel` with it as the keyword
+    argument `visual_prefix`, which transformers hands down to every self-attention module; hidden states and
+    attention weights are recorded by transformers as for BERT. With `use_visual_prefix=False`, or when every image
+    is masked (paper modes), it computes exactly what `BertModel` computes.
     """
 
     def __init__(self, config: HVPNetConfig, add_pooling_layer: bool = True):
@@ -352,9 +481,6 @@ class HVPNetModel(HVPNetPreTrainedModel):
         if not config.use_visual_prefix:
             self.visual_encoder = None
         elif config.prefix_mode == "original":
-            # The authors' code layout lives in its own module; imported here because that module builds on this one.
-            from .modeling_hvpnet_original import HVPNetOriginalVisualPrefixEncoder
-
             self.visual_encoder = HVPNetOriginalVisualPrefixEncoder(config)
         else:
             self.visual_encoder = HVPNetVisualPrefixEncoder(config)
@@ -366,6 +492,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.text_model.embeddings.word_embeddings = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -377,129 +504,81 @@ class HVPNetModel(HVPNetPreTrainedModel):
         image_mask: torch.Tensor | None = None,
         object_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         output_gate_weights: bool = False,
-        return_dict: bool | None = None,
         image_features: torch.Tensor | None = None,
         image_features_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> HVPNetModelOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> HVPNetModelOutput:
         """
-        input_ids, attention_mask, token_type_ids, position_ids: (B, T) as for BERT; text positions start at 0.
-        pixel_values: (B, 3, H, W) the global image. object_pixel_values: (B, k, 3, H, W), k <= num_object_images.
-        image_mask: (B,) and object_mask: (B, k), False where an image is absent (its prefix is masked out).
-        image_features: instead of pixels, (B, 1 + num_object_images, g*g, C) the frozen backbone's pooled
-            features of the global image and the crops, as `VisualFeatureCache` serves them;
+        input_ids, attention_mask, token_type_ids, position_ids: (B, T) as for BERT; text positions start at 0 (the
+            prefix has no positions).
+        pixel_values: (B, n, 3, H, W) the images of every example, the global image in slot 0 and the object crops
+            after it, n <= 1 + num_object_images; missing slots count as absent.
+        image_mask: (B, n) bool, False where an image is absent (its prefix tokens are masked out).
+        object_pixel_values, object_mask: the older form, still accepted: `pixel_values` (B, 3, H, W) holds only the
+            global image, `image_mask` is (B,), and the crops come as `object_pixel_values` (B, k, 3, H, W) with
+            `object_mask` (B, k).
+        image_features: instead of pixels, (B, 1 + num_object_images, g*g, C) the frozen backbone's pooled features
+            of the global image and the crops (`visual_features` of the encoder), as `VisualFeatureCache` serves them;
             image_features_mask: (B, 1 + num_object_images) bool, False where an image is absent.
+        output_gate_weights: return the gate weights (B, n, L, c).
+        `output_hidden_states`, `output_attentions` (eager attention only) and `return_dict` work as for `BertModel`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        if output_attentions and self.text_model.config._attn_implementation != "eager":
+        if kwargs.get("output_attentions") and self.config.text_config._attn_implementation != "eager":
             raise ValueError("output_attentions=True needs attn_implementation='eager' (sdpa returns no weights)")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        text = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        batch_size, text_length = text.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch_size, text_length, dtype=torch.bool, device=text.device)
-
-        hidden = self.text_model.embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
-        )
-        if image_features is not None:
-            if pixel_values is not None or object_pixel_values is not None:
-                raise ValueError("Pass either pixel values or image_features, not both")
-            prefix = self.visual_prefix_from_features(image_features, image_features_mask, batch_size)
+        batch_size = len(input_ids if input_ids is not None else inputs_embeds)
+        if image_features is None:
+            prefix = self.visual_prefix(pixel_values, image_mask, object_pixel_values, object_mask, batch_size)
+        elif any(image is not None for image in (pixel_values, object_pixel_values, image_mask, object_mask)):
+            raise ValueError("Pass either pixel_values (with its masks) or image_features, not both")
         else:
-            prefix = self.visual_prefix(pixel_values, object_pixel_values, image_mask, object_mask, batch_size)
-        key_mask = attention_mask.bool() if prefix is None else torch.cat([prefix.mask, attention_mask.bool()], dim=1)
-        # One additive mask (B, 1, 1, P + T) for every layer; it works for eager and sdpa attention alike.
-        additive_mask = torch.zeros(key_mask.shape, dtype=hidden.dtype, device=hidden.device)
-        additive_mask = additive_mask.masked_fill(~key_mask, torch.finfo(hidden.dtype).min)[:, None, None, :]
-
-        layers = self.text_model.encoder.layer
-        all_hidden_states = (hidden,) if output_hidden_states else None
-        attentions = []
-        # BertLayer returns only its states: attention weights are read off the self-attention outputs on request.
-        hooks = [
-            layer.attention.self.register_forward_hook(lambda module, args, output: attentions.append(output[1]))
-            for layer in (layers if output_attentions else [])
-        ]
-        try:
-            for index, layer in enumerate(layers):
-                layer_prefix = None if prefix is None else (prefix.keys[index], prefix.values[index])
-                hidden = layer(hidden, additive_mask, visual_prefix=layer_prefix, **kwargs)
-                if output_hidden_states:
-                    all_hidden_states += (hidden,)
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-        pooled = self.text_model.pooler(hidden) if self.text_model.pooler is not None else None
-        gate_weights = prefix.gate_weights if output_gate_weights and prefix is not None else None
-        output = HVPNetModelOutput(
-            last_hidden_state=hidden,
-            pooler_output=pooled,
-            hidden_states=all_hidden_states,
-            attentions=tuple(attentions) if output_attentions else None,
-            gate_weights=gate_weights,
+            prefix = self.visual_prefix_from_features(image_features, image_features_mask, batch_size)
+        text_outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            visual_prefix=prefix,
+            return_dict=True,
+            **kwargs,
         )
-        return output if return_dict else output.to_tuple()
+        return HVPNetModelOutput(
+            last_hidden_state=text_outputs.last_hidden_state,
+            pooler_output=text_outputs.pooler_output,
+            hidden_states=text_outputs.hidden_states,
+            attentions=text_outputs.attentions,
+            gate_weights=prefix.gate_weights if output_gate_weights and prefix is not None else None,
+        )
 
     def visual_prefix(
         self,
         pixel_values: torch.Tensor | None,
-        object_pixel_values: torch.Tensor | None,
         image_mask: torch.Tensor | None,
+        object_pixel_values: torch.Tensor | None,
         object_mask: torch.Tensor | None,
         batch_size: int,
     ) -> VisualPrefix | None:
-        """Validate the image inputs, stack them as (B, n, 3, H, W) with a presence mask (B, n), build the prefix."""
-        if self.visual_encoder is None or (pixel_values is None and object_pixel_values is None):
+        """The visual prefix of the image inputs of `forward` (either form), or None when there are none to use."""
+        if self.visual_encoder is None:
             return None
-        images, present = [], []
-        if pixel_values is not None:
-            _check_images("pixel_values", pixel_values, 4, batch_size)
-            _check_mask("image_mask", image_mask, (batch_size,))
-        if self.config.use_global_image:
-            images.append(None if pixel_values is None else pixel_values[:, None])
-            present.append(_presence(image_mask, pixel_values, (batch_size, 1)))
-        num_objects = self.config.num_object_images
-        if num_objects > 0:
-            if object_pixel_values is not None:
-                _check_images("object_pixel_values", object_pixel_values, 5, batch_size)
-                given = object_pixel_values.shape[1]
-                if given > num_objects:
-                    raise ValueError(
-                        f"object_pixel_values has {given} object images per example but the model is configured "
-                        f"for at most num_object_images={num_objects}"
-                    )
-                _check_mask("object_mask", object_mask, (batch_size, given))
-            images.append(object_pixel_values)
-            present.append(_presence(object_mask, object_pixel_values, (batch_size, num_objects)))
-
-        reference = next((image for image in images if image is not None), None)
-        if reference is None:
+        stacked = stack_image_inputs(
+            pixel_values, image_mask, object_pixel_values, object_mask, batch_size, self.config.num_object_images
+        )
+        if stacked is None:
             return None
-        image_shape = reference.shape[2:]
-        stacked = []
-        for image, mask in zip(images, present, strict=True):
-            if image is None:
-                image = reference.new_zeros(batch_size, mask.shape[1], *image_shape)
-            elif image.shape[2:] != image_shape:
-                raise ValueError(
-                    f"pixel_values and object_pixel_values must share one image shape, got {tuple(image_shape)} "
-                    f"and {tuple(image.shape[2:])}"
-                )
-            elif image.shape[1] < mask.shape[1]:  # fewer crops than slots: pad with absent images
-                padding = image.new_zeros(batch_size, mask.shape[1] - image.shape[1], *image_shape)
-                image = torch.cat([image, padding], dim=1)
-            stacked.append(image)
-        return self.visual_encoder(torch.cat(stacked, dim=1), torch.cat(present, dim=1).to(reference.device))
+        images, present = stacked
+        if not self.config.use_global_image:  # the paper's OnlyObj ablation
+            images, present = images[:, 1:], present[:, 1:]
+            if images.shape[1] == 0:
+                return None
+        missing = self.config.num_images - images.shape[1]
+        if missing > 0:  # fewer crops than slots: pad with absent images
+            images = torch.cat([images, images.new_zeros(batch_size, missing, *images.shape[2:])], dim=1)
+            present = torch.cat([present, present.new_zeros(batch_size, missing)], dim=1)
+        return self.visual_encoder(images, present)
 
     def visual_prefix_from_features(
         self, image_features: torch.Tensor, image_features_mask: torch.Tensor | None, batch_size: int
@@ -513,36 +592,97 @@ class HVPNetModel(HVPNetPreTrainedModel):
                 f"image_features must have shape (batch={batch_size}, 1 + num_object_images={num_slots}, tokens, "
                 f"channels), got {tuple(image_features.shape)}"
             )
-        _check_mask("image_features_mask", image_features_mask, (batch_size, num_slots))
-        present = (
-            torch.ones(batch_size, num_slots, dtype=torch.bool, device=image_features.device)
-            if image_features_mask is None
-            else image_features_mask.bool()
-        )
+        present = _presence("image_features_mask", image_features_mask, image_features, batch_size)
         if not self.config.use_global_image:
             image_features, present = image_features[:, 1:], present[:, 1:]
         return self.visual_encoder.prefix_from_features(image_features, present)
 
 
-def _check_images(name: str, images: torch.Tensor, rank: int, batch_size: int) -> None:
-    expected = "(batch, 3, height, width)" if rank == 4 else "(batch, num_objects, 3, height, width)"
-    if images.dim() != rank or images.shape[0] != batch_size or images.shape[-3] != 3:
-        raise ValueError(f"{name} must have shape {expected} with batch={batch_size}, got {tuple(images.shape)}")
+def stack_image_inputs(
+    pixel_values: torch.Tensor | None,
+    image_mask: torch.Tensor | None,
+    object_pixel_values: torch.Tensor | None,
+    object_mask: torch.Tensor | None,
+    batch_size: int,
+    num_object_images: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate the image inputs and return them as images (B, n, 3, H, W), global image first, with a presence
+    mask (B, n) bool; None without images. The one place where the older form (a 4-D global `pixel_values` plus
+    `object_pixel_values`) becomes the stacked one."""
+    if pixel_values is None and object_pixel_values is None:
+        return None
+    if pixel_values is not None and pixel_values.dim() == 5:
+        if object_pixel_values is not None or object_mask is not None:
+            raise ValueError(
+                "pixel_values of shape (batch, num_images, 3, height, width) already holds the object crops; "
+                "do not pass object_pixel_values or object_mask with it"
+            )
+        _check_images("pixel_values", pixel_values, batch_size)
+        images, present = pixel_values, _presence("image_mask", image_mask, pixel_values, batch_size)
+        given = images.shape[1] - 1
+        source = "pixel_values (slot 0 is the global image)"
+    else:
+        if pixel_values is not None and pixel_values.dim() != 4:
+            raise ValueError(
+                "pixel_values must have shape (batch, num_images, 3, height, width), or (batch, 3, height, width) "
+                f"with object_pixel_values, got {tuple(pixel_values.shape)}"
+            )
+        if object_pixel_values is not None and object_pixel_values.dim() != 5:
+            raise ValueError(
+                "object_pixel_values must have shape (batch, num_objects, 3, height, width), got "
+                f"{tuple(object_pixel_values.shape)}"
+            )
+        if image_mask is not None and pixel_values is not None:
+            if tuple(image_mask.shape) != (batch_size,):
+                raise ValueError(
+                    f"image_mask must have shape ({batch_size},) with a 4-D pixel_values, got "
+                    f"{tuple(image_mask.shape)}"
+                )
+            image_mask = image_mask[:, None]
+        parts, masks = [], []
+        for name, mask_name, images, mask in (
+            ("pixel_values", "image_mask", pixel_values, image_mask),
+            ("object_pixel_values", "object_mask", object_pixel_values, object_mask),
+        ):
+            if images is not None:
+                _check_images(name, images, batch_size)
+                images = images[:, None] if images.dim() == 4 else images
+                masks.append(_presence(mask_name, mask, images, batch_size))
+                parts.append(images)
+        shapes = {tuple(part.shape[2:]) for part in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"pixel_values and object_pixel_values must share one image shape, got {sorted(shapes)}")
+        if pixel_values is None:  # crops only: the global slot holds an absent image
+            parts.insert(0, parts[0].new_zeros(batch_size, 1, *parts[0].shape[2:]))
+            masks.insert(0, masks[0].new_zeros(batch_size, 1))
+        images, present = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        given = images.shape[1] - 1
+        source = "object_pixel_values"
+    if given > num_object_images:
+        raise ValueError(
+            f"{source} has {given} object images per example but the model is configured for at most "
+            f"num_object_images={num_object_images}"
+        )
+    return images, present
 
 
-def _check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    if mask is not None and tuple(mask.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
+def _check_images(name: str, images: torch.Tensor, batch_size: int) -> None:
+    """images: (B, 3, H, W) or (B, n, 3, H, W) with the batch size of the text."""
+    if images.shape[0] != batch_size or images.shape[-3] != 3:
+        raise ValueError(
+            f"{name} must hold {batch_size} examples (the batch of input_ids) of 3-channel images, got shape "
+            f"{tuple(images.shape)}"
+        )
 
 
-def _presence(mask: torch.Tensor | None, images: torch.Tensor | None, slots: tuple[int, int]) -> torch.Tensor:
-    """(B, slots) bool: which image slots hold a real image. Slots past the given images are absent."""
-    batch_size, num_slots = slots
-    present = torch.zeros(slots, dtype=torch.bool, device=None if images is None else images.device)
-    if images is not None:
-        given = images.shape[1] if images.dim() == 5 else 1
-        present[:, :given] = True if mask is None else mask.bool().view(batch_size, given)
-    return present
+def _presence(name: str, mask: torch.Tensor | None, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(B, n) bool: which of the given image slots hold a real image (all of them without a mask)."""
+    slots = (batch_size, images.shape[1])
+    if mask is None:
+        return torch.ones(slots, dtype=torch.bool, device=images.device)
+    if tuple(mask.shape) != slots:
+        raise ValueError(f"{name} must have shape {slots}, got {tuple(mask.shape)}")
+    return mask.to(device=images.device, dtype=torch.bool)
 
 
 def _word_positions(word_start_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -579,6 +719,7 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
             for transitions in (module.start_transitions, module.end_transitions, module.transitions):
                 nn.init.uniform_(transitions, -0.1, 0.1)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -590,17 +731,14 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         object_mask: torch.Tensor | None = None,
         word_start_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
         output_gate_weights: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> HVPNetTokenClassifierOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> HVPNetTokenClassifierOutput:
         """
         word_start_mask: (B, T) bool, True at the first sub-word of every word; derived from `labels != -100`
             when omitted.
         labels: (B, T) tag ids at first sub-words, -100 elsewhere.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)} (one entry per token, -100 off "
@@ -624,8 +762,8 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
             object_pixel_values=object_pixel_values,
             image_mask=image_mask,
             object_mask=object_mask,
-            output_hidden_states=output_hidden_states,
             output_gate_weights=output_gate_weights,
+            return_dict=True,
             **kwargs,
         )
         emissions = self.classifier(self.dropout(outputs.last_hidden_state))
@@ -663,7 +801,7 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
                 decoded.scatter_(1, word_index[has_words], word_tags.masked_fill(~word_mask[has_words], -100))
                 predicted_tags[has_words] = decoded
 
-        output = HVPNetTokenClassifierOutput(
+        return HVPNetTokenClassifierOutput(
             loss=loss,
             logits=emissions,
             predicted_tags=predicted_tags,
@@ -671,7 +809,6 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
             attentions=outputs.attentions,
             gate_weights=outputs.gate_weights,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
@@ -691,6 +828,7 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         self.classifier = nn.Linear(num_states * config.text_config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -701,13 +839,10 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         image_mask: torch.Tensor | None = None,
         object_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
         output_gate_weights: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
         """labels: (B,) relation ids."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None and labels.shape != input_ids.shape[:1]:
             raise ValueError(f"labels must have shape ({input_ids.shape[0]},), got {tuple(labels.shape)}")
         outputs = self.hvpnet(
@@ -718,8 +853,8 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
             object_pixel_values=object_pixel_values,
             image_mask=image_mask,
             object_mask=object_mask,
-            output_hidden_states=output_hidden_states,
             output_gate_weights=output_gate_weights,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -740,7 +875,7 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         )
         if output_gate_weights:
             output["gate_weights"] = outputs.gate_weights
-        return output if return_dict else output.to_tuple()
+        return output
 
     @staticmethod
     def _marker_positions(input_ids: torch.Tensor, marker_id: int | None, name: str) -> torch.Tensor:
@@ -758,6 +893,7 @@ __all__ = [
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
     "HVPNetModel",
+    "HVPNetOriginalVisualPrefixEncoder",
     "HVPNetPreTrainedModel",
     "HVPNetSelfAttention",
     "HVPNetVisualPrefixEncoder",

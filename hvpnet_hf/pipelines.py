@@ -15,42 +15,68 @@ relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "ima
 Both take one example (a dict, or for NER also a plain string) or a list of them (`batch_size=` batches them), and
 images as PIL images, file paths or None (the image is then masked and the prediction is text-only). An image file
 that cannot be read is an error, or with `missing_images="mask"` masked like an absent one (and logged).
+
+`objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
+object crops for inputs that have an image but no crops (see `object_detection.py`).
+
+A pipeline's `save_pretrained` (and `save_pipeline_code`) also copies this file (with `object_detection.py`) next to
+the model and records the pipeline in the config's `custom_pipelines`, so `pipeline(model=folder_or_hub_id,
+trust_remote_code=True)` builds it where `hvpnet_hf` is not installed. This module therefore imports only
+transformers, torch and the processor.
 """
 
+import os
 import re
 from collections.abc import Mapping, Sequence, Sized
 from typing import Any
 
 import torch
-from seqeval.metrics.sequence_labeling import get_entities
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, Pipeline
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    Pipeline,
+    PreTrainedModel,
+)
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
-from .collating import HVPNetDataCollator
+from .object_detection import ObjectCropper, object_cropper_for
 from .processing_hvpnet import HVPNetProcessor
 
 
 class _HVPNetPipeline(Pipeline):
     """What both pipelines share: the processor, and batching of examples with different text lengths."""
 
-    _load_processor = False
+    # `pipeline(...)` builds the processor with `AutoProcessor.from_pretrained(model, revision=..., token=...)`; when
+    # it cannot (a model object without its processor), `__init__` reads it from `model.name_or_path`.
+    _load_processor = None
     _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
     _load_video_processor = False
+    # The task a saved model records in `config.custom_pipelines`, and the Auto class that loads its model. It is
+    # not the registered task name: `pipeline("multimodal-ner", model=...)` would otherwise take the saved copy of
+    # this code (and ask for trust_remote_code) even where `hvpnet_hf` is imported.
+    saved_task: str
+    auto_model_class: type
 
     def __init__(self, model, processor: HVPNetProcessor | None = None, **kwargs):
         if processor is None:
             processor = HVPNetProcessor.from_pretrained(model.name_or_path)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
-        self.collator = HVPNetDataCollator(processor)
         self.model.eval()  # the NER head decodes tags in eval mode only
 
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Saves the model, the processor and this pipeline's code (see `save_pipeline_code`)."""
+        save_pipeline_code(self.model, save_directory)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        # As the base class does, but with `_collate`: transformers' default collation pads `pixel_values` only
-        # through an image processor, which HVPNeT's processor does not have.
+        # As the base class does, but with `_collate`: transformers' default collation knows neither the object
+        # crops nor the image masks; the processor pads the text and stacks the images with their masks.
         if isinstance(inputs, Sized):
             dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
         else:  # a generator: read in this process
@@ -64,18 +90,38 @@ class _HVPNetPipeline(Pipeline):
         features = [
             {name: value[0] for name, value in item.items() if isinstance(value, torch.Tensor)} for item in items
         ]
-        batch: dict[str, Any] = self.collator(features)
+        batch: dict[str, Any] = dict(self.processor.pad(features))
         for name, first in items[0].items():
             if not isinstance(first, torch.Tensor):
                 batch[name] = [item[name] for item in items]
         return batch
 
-    def _encode(self, words: list[str], example: Mapping, missing_images: str, **task_inputs) -> dict[str, Any]:
+    def _object_parameters(self, objects: str | ObjectCropper | None, detector) -> dict[str, ObjectCropper]:
+        """`objects="detect"` (with `detector=`) or an `ObjectCropper`: crops found for inputs that have none."""
+        if objects is None:
+            return {}
+        current = getattr(self, "_object_cropper", None)
+        self._object_cropper = object_cropper_for(objects, detector, self.processor.num_object_images, current)
+        return {"object_cropper": self._object_cropper}
+
+    def _encode(
+        self,
+        words: list[str],
+        example: Mapping,
+        missing_images: str,
+        object_cropper: ObjectCropper | None = None,
+        **task_inputs,
+    ) -> dict[str, Any]:
+        objects = example.get("objects") or []
+        if object_cropper is not None and not objects:
+            objects = object_cropper.crops_for_text(
+                example.get("image"), words, task_inputs.get("head"), task_inputs.get("tail")
+            )
         return dict(
             self.processor(
                 words,
                 image=example.get("image"),
-                objects=example.get("objects") or [],
+                objects=objects,
                 missing_images=missing_images,
                 **task_inputs,
             )
@@ -94,11 +140,24 @@ class MultimodalNerPipeline(_HVPNetPipeline):
     transition scores are not in it).
     """
 
-    def _sanitize_parameters(self, max_length: int | None = None, missing_images: str | None = None, **kwargs):
-        return _preprocess_parameters(max_length, missing_images), {}, {}
+    saved_task = "hvpnet-ner"
+    auto_model_class = AutoModelForTokenClassification
+
+    def _sanitize_parameters(
+        self, max_length: int | None = None, missing_images: str | None = None, objects=None, detector=None, **kwargs
+    ):
+        preprocess = {
+            **_preprocess_parameters(max_length, missing_images),
+            **self._object_parameters(objects, detector),
+        }
+        return preprocess, {}, {}
 
     def preprocess(
-        self, inputs: str | Mapping, max_length: int | None = None, missing_images: str = "error"
+        self,
+        inputs: str | Mapping,
+        max_length: int | None = None,
+        missing_images: str = "error",
+        object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
         example = {"text": inputs} if isinstance(inputs, str) else inputs
         if "words" in example:
@@ -110,7 +169,7 @@ class MultimodalNerPipeline(_HVPNetPipeline):
             raise ValueError(f"a multimodal-ner input needs 'text' or 'words', got keys {sorted(example)}")
         if not words:
             raise ValueError("a multimodal-ner input needs at least one word")
-        encoded = self._encode(words, example, missing_images, max_length=max_length)
+        encoded = self._encode(words, example, missing_images, object_cropper, max_length=max_length)
         encoded["example"] = {"words": words, "offsets": offsets}
         return encoded
 
@@ -132,7 +191,7 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         # Words cut by truncation get no tag from the model: "O".
         word_tags += ["O"] * (len(words) - len(word_tags))
         entities = []
-        for entity_type, first, last in get_entities(word_tags):
+        for entity_type, first, last in bio_entities(word_tags):
             entity = {
                 "entity_group": entity_type,
                 "score": sum(word_probabilities[first : last + 1]) / (last + 1 - first),
@@ -155,21 +214,38 @@ class MultimodalRePipeline(_HVPNetPipeline):
     with `top_k=k` the k most probable relations as a list, best first.
     """
 
+    saved_task = "hvpnet-re"
+    auto_model_class = AutoModelForSequenceClassification
+
     def _sanitize_parameters(
-        self, top_k: int | None = None, max_length: int | None = None, missing_images: str | None = None, **kwargs
+        self,
+        top_k: int | None = None,
+        max_length: int | None = None,
+        missing_images: str | None = None,
+        objects=None,
+        detector=None,
+        **kwargs,
     ):
         postprocess = {"top_k": top_k} if top_k is not None else {}
-        return _preprocess_parameters(max_length, missing_images), {}, postprocess
+        preprocess = {
+            **_preprocess_parameters(max_length, missing_images),
+            **self._object_parameters(objects, detector),
+        }
+        return preprocess, {}, postprocess
 
     def preprocess(
-        self, inputs: Mapping, max_length: int | None = None, missing_images: str = "error"
+        self,
+        inputs: Mapping,
+        max_length: int | None = None,
+        missing_images: str = "error",
+        object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
         missing = [key for key in ("words", "head", "tail") if key not in inputs]
         if missing:
             raise ValueError(f"a multimodal-re input needs 'words', 'head' and 'tail'; missing {missing}")
         words = list(inputs["words"])
         spans = {role: _span(inputs[role], role, len(words)) for role in ("head", "tail")}
-        return self._encode(words, inputs, missing_images, max_length=max_length, **spans)
+        return self._encode(words, inputs, missing_images, object_cropper, max_length=max_length, **spans)
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         return {"probabilities": self.model(**model_inputs).logits.softmax(dim=-1)}
@@ -182,6 +258,48 @@ class MultimodalRePipeline(_HVPNetPipeline):
             for score, label in zip(scores, labels, strict=True)
         ]
         return ranked if top_k is not None else ranked[0]
+
+
+def bio_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """
+    `(type, first, last)` word spans of the entities in a BIO tag sequence, read as seqeval (and conlleval) read it,
+    so the pipeline's entities are the ones the NER metric scores: an entity starts at a `B-` tag, at an `I-` tag
+    after `O` or after another type, and ends before the next start or `O`.
+    """
+    entities, current = [], None  # current: [type, first]
+    for position, tag in enumerate([*tags, "O"]):
+        prefix, entity_type = (tag[0], tag[2:]) if tag != "O" else ("O", "")
+        continues = prefix == "I" and current is not None and current[0] == entity_type
+        if current is not None and not continues:
+            entities.append((current[0], current[1], position - 1))
+            current = None
+        if prefix in ("B", "I") and current is None:
+            current = [entity_type, position]
+    return entities
+
+
+def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike) -> None:
+    """
+    Records the model's pipeline in `model.config.custom_pipelines` and copies this file (with the processor files
+    it imports) to `save_directory`, so `pipeline(model=save_directory_or_hub_id, trust_remote_code=True)` builds it
+    without `hvpnet_hf`. Also maps `AutoModel` to the encoder without a head (`HVPNetModel`), which the model's own
+    save does not record for a model with a head. The model (or its config) must be saved to the folder afterwards.
+    """
+    pipeline_class = PIPELINE_FOR_MODEL[type(model).__name__]
+    model.config.custom_pipelines = {
+        pipeline_class.saved_task: {
+            "impl": f"{pipeline_class.__module__.split('.')[-1]}.{pipeline_class.__name__}",
+            "pt": [pipeline_class.auto_model_class.__name__],
+            "type": "multimodal",
+        }
+    }
+    modeling_module = type(model).__module__.split(".")[-1]
+    model.config.auto_map = {
+        **(getattr(model.config, "auto_map", None) or {}),
+        "AutoModel": f"{modeling_module}.HVPNetModel",
+    }
+    os.makedirs(save_directory, exist_ok=True)
+    custom_object_save(pipeline_class, save_directory)
 
 
 def _preprocess_parameters(max_length: int | None, missing_images: str | None) -> dict[str, Any]:
@@ -207,4 +325,10 @@ PIPELINE_REGISTRY.register_pipeline(
     type="multimodal",
 )
 
-__all__ = ["MultimodalNerPipeline", "MultimodalRePipeline"]
+# The pipeline of each HVPNeT head, by model class name (the classes may come from a model repository's code).
+PIPELINE_FOR_MODEL = {
+    "HVPNetForTokenClassification": MultimodalNerPipeline,
+    "HVPNetForSequenceClassification": MultimodalRePipeline,
+}
+
+__all__ = ["MultimodalNerPipeline", "MultimodalRePipeline", "bio_entities", "save_pipeline_code"]

@@ -8,7 +8,8 @@ predictions.
         --object_dir data/img_vg/test/crops --object_map data/txt/mre_test_dict.pth --output mnre_test.jsonl
 
 The task follows from the model. NER input: `IMGID:` blocks of `token<TAB>label` lines (Twitter-2015/2017); output:
-CoNLL columns `word gold predicted`, a blank line after each sentence. RE input: one MNRE record per line; output:
+CoNLL columns `word gold predicted`, a blank line after each sentence (whitespace inside a word is written as `_`,
+an empty word as `_`, so that every line has three columns). RE input: one MNRE record per line; output:
 one JSON object per example with the entity pair, the gold and the predicted relation and its probability (with
 `--top_k`, the k best relations). Every input example gets exactly one output entry, in input order. The file's own
 labels are only copied to the output; when they are present the entity or relation scores are printed too.
@@ -56,6 +57,11 @@ def task_of(model: str) -> str:
     return tasks.pop()
 
 
+def conll_row(word: str, gold: str, predicted: str) -> str:
+    """One `word gold predicted` line; the word's whitespace becomes `_` (an empty word is `_`), keeping 3 columns."""
+    return f"{'_'.join(word.split()) or '_'} {gold} {predicted}\n"
+
+
 def bio_tags(entities: list[dict], num_words: int) -> list[str]:
     """BIO tags of one sentence from the pipeline's entities."""
     tags = ["O"] * num_words
@@ -89,7 +95,7 @@ def predict_ner(args: argparse.Namespace) -> dict[str, float]:
         for row, entities in zip(examples, outputs, strict=True):
             predicted = bio_tags(entities, len(row["tokens"]))
             gold = [names[tag] for tag in row["ner_tags"]]
-            file.writelines(f"{word} {g} {p}\n" for word, g, p in zip(row["tokens"], gold, predicted, strict=True))
+            file.writelines(conll_row(*columns) for columns in zip(row["tokens"], gold, predicted, strict=True))
             file.write("\n")
             predictions.append(predicted)
             references.append(gold)

@@ -1,36 +1,43 @@
 """
-Processor for HVPNeT: a BERT tokenizer plus the image transform of the vision backbone.
+Processor for HVPNeT: a BERT tokenizer plus `HVPNetImageProcessor`, as a transformers `ProcessorMixin`.
 
-`HVPNetProcessor` is a small class rather than a `transformers.ProcessorMixin` subclass: the mixin expects its image
-part to be a `BaseImageProcessor` found through transformers' Auto registries, while the transform here is timm's
-evaluation transform for the backbone (resize, center-crop, normalise). Wrapping it in a registered image-processor
-class would add a second class whose only job is to satisfy the mixin. `save_pretrained` writes the tokenizer files
-plus `processor_config.json` with the image settings; `from_pretrained` reads both back.
+Saved with `save_pretrained`, a processor writes its tokenizer files and `processor_config.json` (the task, the
+maximum length and the image settings under `image_processor`); with `HVPNetProcessor.register_for_auto_class()`
+(done when `hvpnet_hf` is imported) it also copies this file and `image_processing_hvpnet.py`, so
+`AutoProcessor.from_pretrained(folder_or_hub_id, trust_remote_code=True)` loads it where `hvpnet_hf` is not
+installed. This module therefore imports only transformers, timm, torch and PIL (through the image processor).
 """
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
-from transformers import AutoTokenizer, BatchEncoding, BatchFeature, PreTrainedTokenizerBase
+from timm.data import resolve_data_config
+from transformers import AutoTokenizer, BatchEncoding, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
-from .collating import HVPNetDataCollator
-from .loading import MNER_LABELS, load_image
+from .image_processing_hvpnet import IMAGE_INPUT_NAMES, HVPNetImageProcessor
 
 TASKS = ("ner", "re")
+# Order of the NER tag ids. "O" is id 0, so a word cut by truncation can be scored as "O".
+MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 # Entity markers of the relation task: `<s> head </s>`, `<o> tail </o>`.
 HEAD_START, HEAD_END, TAIL_START, TAIL_END = "<s>", "</s>", "<o>", "</o>"
 ENTITY_MARKERS = [HEAD_START, HEAD_END, TAIL_START, TAIL_END]
-PROCESSOR_CONFIG_NAME = "processor_config.json"
-DEFAULT_IMAGE_SIZE = 224
+# Token-level inputs and the value that pads each of them (`input_ids` is padded with the tokenizer's pad id).
+SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
+# The image inputs that replace the pixels when a frozen backbone's features are read from a cache.
+IMAGE_FEATURE_INPUT_NAMES = ("image_features", "image_features_mask")
+# The image settings that releases before the processor became a `ProcessorMixin` wrote at the top level of
+# `processor_config.json`.
+LEGACY_IMAGE_SETTINGS = (
+    "image_size", "crop_pct", "crop_mode", "image_mean", "image_std", "interpolation", "num_object_images"
+)  # fmt: skip
 
 
-class HVPNetProcessor:
+class HVPNetProcessor(ProcessorMixin):
     r"""
     Turns words (NER), or words with a head and a tail span (RE), plus a global image and object crops into the
     inputs of the HVPNeT models.
@@ -41,54 +48,31 @@ class HVPNetProcessor:
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): a BERT-style tokenizer (`[CLS] ... [SEP]`).
+        image_processor (`HVPNetImageProcessor`, *optional*): the image part; when not given it is built from
+            `image_settings`.
         task (`str`): `"ner"` or `"re"`.
-        image_size (`int`): side of the square image after the center crop.
-        crop_pct (`float`): images are first resized so their short side is `image_size / crop_pct`.
-        crop_mode (`str`): `"center"` keeps the aspect ratio and takes the central square; `"squash"` resizes
-            straight to `image_size x image_size` (what the authors' original code does).
-        image_mean, image_std (`Sequence[float]`): normalisation per RGB channel.
-        interpolation (`str`): resize interpolation (`"bilinear"`, `"bicubic"`, ...).
-        num_object_images (`int`): object-crop slots per example; fewer crops are padded with zeros and masked.
         max_length (`int`): maximum token count, special tokens and entity markers included.
+        image_settings: `image_size`, `crop_pct`, `crop_mode`, `image_mean`, `image_std`, `interpolation`,
+            `num_object_images` of a new `HVPNetImageProcessor` (see there).
     """
-
-    # What Trainer's length grouping and pipelines read to know the model inputs.
-    model_input_names = [
-        "input_ids",
-        "attention_mask",
-        "token_type_ids",
-        "pixel_values",
-        "object_pixel_values",
-        "image_mask",
-        "object_mask",
-    ]
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
+        image_processor: HVPNetImageProcessor | None = None,
         task: str = "ner",
-        image_size: int = DEFAULT_IMAGE_SIZE,
-        crop_pct: float = 0.875,
-        crop_mode: str = "center",
-        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        interpolation: str = "bicubic",
-        num_object_images: int = 3,
         max_length: int = 128,
+        **image_settings,
     ):
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if task == "re":
             _check_re_max_length(max_length)
-        self.tokenizer = tokenizer
+        if image_processor is None:
+            image_processor = HVPNetImageProcessor(**image_settings)
+        elif image_settings:
+            raise ValueError(f"give either image_processor or image settings, not both (got {sorted(image_settings)})")
         self.task = task
-        self.image_size = image_size
-        self.crop_pct = crop_pct
-        self.crop_mode = crop_mode
-        self.image_mean = tuple(image_mean)
-        self.image_std = tuple(image_std)
-        self.interpolation = interpolation
-        self.num_object_images = num_object_images
         self.max_length = max_length
         if task == "re":
             missing = [marker for marker in ENTITY_MARKERS if marker not in tokenizer.get_vocab()]
@@ -96,14 +80,18 @@ class HVPNetProcessor:
                 tokenizer.add_special_tokens(
                     {"additional_special_tokens": missing}, replace_extra_special_tokens=False
                 )
-        self.image_transform = create_transform(
-            input_size=(3, image_size, image_size),
-            crop_pct=crop_pct,
-            crop_mode=crop_mode,
-            mean=self.image_mean,
-            std=self.image_std,
-            interpolation=interpolation,
-        )
+        super().__init__(tokenizer=tokenizer, image_processor=image_processor)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """What Trainer's length grouping and pipelines read to know the model inputs."""
+        return ["input_ids", "attention_mask", "token_type_ids", *IMAGE_INPUT_NAMES]
+
+    def __getattr__(self, name: str) -> Any:
+        # The image settings (`image_size`, `num_object_images`, ...) read as before, from the image processor.
+        if name in LEGACY_IMAGE_SETTINGS or name == "image_transform":
+            return getattr(self.image_processor, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_backbone(
@@ -183,7 +171,27 @@ class HVPNetProcessor:
             feature = {name: values[index] for name, values in encoded.items()}
             feature.update(self.preprocess_images(images[index], objects[index], missing_images))
             features.append(feature)
-        return BatchFeature(HVPNetDataCollator(self)(features))
+        return self.pad(features)
+
+    def pad(self, features: Sequence[Mapping]) -> BatchFeature:
+        """
+        Pads and stacks encoded examples with their image tensors into model inputs: `input_ids` (padded with the
+        tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T), NER `word_start_mask` (B, T) and `labels`
+        (B, T, padded with -100) or RE `labels` (B,), and the image tensors: the pixels, or the cached backbone
+        features `image_features` (B, 1 + k, g*g, C) with `image_features_mask` (B, 1 + k) when the examples carry
+        those. Other keys are dropped.
+        """
+        batch = {"input_ids": _pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)}
+        for name, padding_value in SEQUENCE_PADDING.items():
+            if name in features[0]:
+                batch[name] = _pad([f[name] for f in features], padding_value)
+        if "labels" in features[0]:
+            labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
+            batch["labels"] = _pad(labels, -100) if labels[0].ndim else torch.stack(labels)  # NER (B, T), RE (B,)
+        image_names = IMAGE_FEATURE_INPUT_NAMES if "image_features" in features[0] else IMAGE_INPUT_NAMES
+        for name in image_names:
+            batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
+        return BatchFeature(batch)
 
     def encode_ner(
         self,
@@ -272,17 +280,7 @@ class HVPNetProcessor:
         Absent or unreadable images (under `missing_images="mask"`) are zeros with mask False; crops beyond
         `num_object_images` are not used.
         """
-        pixel_values, image_present = self._image_tensor(image, missing_images)
-        objects = list(objects or [])[: self.num_object_images]
-        slots = [self._image_tensor(crop, missing_images) for crop in objects]
-        slots += [self._image_tensor(None, missing_images)] * (self.num_object_images - len(slots))
-        size = (self.num_object_images, 3, self.image_size, self.image_size)
-        return {
-            "pixel_values": pixel_values,
-            "object_pixel_values": torch.stack([tensor for tensor, _ in slots]) if slots else torch.zeros(size),
-            "image_mask": torch.tensor(image_present),
-            "object_mask": torch.tensor([present for _, present in slots], dtype=torch.bool),
-        }
+        return self.image_processor.preprocess_example(image, objects, missing_images)
 
     def post_process_ner(
         self, predicted_tags: Sequence[int] | torch.Tensor, word_ids: Sequence[int], num_words: int
@@ -300,33 +298,18 @@ class HVPNetProcessor:
             previous = word
         return word_tags
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Saves the tokenizer files and the image settings (`processor_config.json`)."""
-        os.makedirs(save_directory, exist_ok=True)
-        self.tokenizer.save_pretrained(save_directory)
-        settings = {
-            "processor_class": type(self).__name__,
-            "task": self.task,
-            "image_size": self.image_size,
-            "crop_pct": self.crop_pct,
-            "crop_mode": self.crop_mode,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-            "interpolation": self.interpolation,
-            "num_object_images": self.num_object_images,
-            "max_length": self.max_length,
-        }
-        with open(Path(save_directory) / PROCESSOR_CONFIG_NAME, "w", encoding="utf-8") as file:
-            json.dump(settings, file, indent=2)
-
     @classmethod
-    def from_pretrained(cls, pretrained_path: str | os.PathLike, **kwargs) -> "HVPNetProcessor":
-        """Loads a processor saved by `save_pretrained`; keyword arguments override the saved settings."""
-        with open(Path(pretrained_path) / PROCESSOR_CONFIG_NAME, encoding="utf-8") as file:
-            settings = json.load(file)
-        settings.pop("processor_class", None)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_path)
-        return cls(tokenizer, **{**settings, **kwargs})
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """
+        The tokenizer and the image processor of a saved processor. A `processor_config.json` written before the
+        processor was a `ProcessorMixin` holds the image settings at its top level; they are read from there.
+        """
+        if processor_dict is None or "image_processor" in processor_dict:
+            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        kwargs.pop("trust_remote_code", None)  # the tokenizer is a plain BERT tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        image_settings = {name: processor_dict.pop(name) for name in LEGACY_IMAGE_SETTINGS if name in processor_dict}
+        return [tokenizer, HVPNetImageProcessor(**image_settings)]
 
     def _tokenize_words(self, words: Sequence[Sequence[str]]) -> tuple[list[list[str]], BatchEncoding]:
         """
@@ -344,24 +327,6 @@ class HVPNetProcessor:
         if any_empty:
             encoding = self.tokenizer(replaced, is_split_into_words=True, add_special_tokens=False)
         return replaced, encoding
-
-    def _image_tensor(self, image, missing_images: str) -> tuple[torch.Tensor, bool]:
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image, missing_images)
-        if image is None:
-            return torch.zeros(3, self.image_size, self.image_size), False
-        return self.image_transform(_to_rgb(image)), True
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode (L, P, CMYK, RGBA, ...) to RGB; transparent pixels are put on a white background."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _check_re_max_length(max_length: int) -> None:
@@ -385,6 +350,12 @@ def _insert_entity_markers(words: Sequence[str], head: Mapping, tail: Mapping, i
     return marked + before[len(words)]
 
 
+def _pad(sequences: Sequence[Sequence], padding_value) -> torch.Tensor:
+    """Right-pads a list of 1-D sequences to the longest one: (B, T)."""
+    tensors = [torch.as_tensor(sequence) for sequence in sequences]
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=padding_value)
+
+
 def _keep_near_markers(token_ids: list[int], marker_ids: set[int], budget: int) -> list[int]:
     """
     Keeps at most `budget` tokens, in order: all marker tokens, then the tokens nearest to a marker. This cuts the
@@ -398,4 +369,4 @@ def _keep_near_markers(token_ids: list[int], marker_ids: set[int], budget: int) 
     return [token_ids[position] for position in kept]
 
 
-__all__ = ["ENTITY_MARKERS", "HVPNetProcessor"]
+__all__ = ["ENTITY_MARKERS", "MNER_LABELS", "HVPNetProcessor"]

@@ -2,9 +2,11 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.utils import filter_repo_objects
 from torch import nn
 from torchcrf import CRF
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, BertConfig
@@ -42,7 +44,7 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def original_layout(base: HVPNetModel, head: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    """A state_dict named as the original code names it (DESIGN §3), from an original-mode `HVPNetModel`."""
+    """A state_dict named as the authors' code (zjunlp/HVPNeT) names it, from an original-mode `HVPNetModel`."""
     generator = torch.Generator().manual_seed(7)
     layout = {f"bert.{key}": value for key, value in base.text_model.state_dict().items()}
     layout["bert.embeddings.word_embeddings.weight"] = layout["bert.embeddings.word_embeddings.weight"][:vocab_size]
@@ -300,3 +302,40 @@ def test_text_model_that_does_not_fit_the_checkpoint_is_refused(converted):
         ValueError, match=f"vocabulary has {len(VOCABULARY) + MARKERS} rows, the re tokenizer {len(VOCABULARY)} "
     ):
         build_config("re", BertConfig(vocab_size=len(VOCABULARY), **TEXT), sizes, ner_tokenizer, ["None"] * 5)
+
+
+def test_push_uploads_the_converted_model_processor_and_pipeline(converted, tmp_path, monkeypatch):
+    uploads = []
+
+    class RecordingHubApi:
+        """Stands in for `HfApi`: lists the files `upload_folder` would send."""
+
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+            files = sorted(
+                str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file()
+            )
+            uploaded = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+            uploads.append((repo_id, sorted(uploaded)))
+
+    monkeypatch.setattr("hvpnet_hf.model_card.HfApi", RecordingHubApi)
+    folder = converted["outputs"]["re"].parent
+    arguments = ["--task", "re", "--checkpoint", str(folder / "re.pth"), "--text_model", str(folder / "text_model")]
+    main([*arguments, "--output_dir", str(tmp_path / "out"), "--push_to_hub", "someone/hvpnet-mnre-original"])
+    assert uploads == [
+        (
+            "someone/hvpnet-mnre-original",
+            sorted([
+                "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
+                "modeling_hvpnet_original.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
+                "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+            ]),
+        )
+    ]  # fmt: skip
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["custom_pipelines"]["hvpnet-re"]["impl"] == "pipelines.MultimodalRePipeline"

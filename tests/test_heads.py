@@ -216,3 +216,17 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for name, parameter in model.named_parameters():
         if name in expected:
             torch.testing.assert_close(parameter.grad, expected[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("build", "make_inputs"), [(ner_model, ner_inputs), (re_model, re_inputs)])
+def test_heads_take_stacked_images_and_return_tuples(build, make_inputs):
+    model = build()
+    inputs = make_inputs()
+    stacked = {name: value for name, value in inputs.items() if name != "object_pixel_values"}
+    stacked["pixel_values"] = torch.cat([inputs["pixel_values"][:, None], inputs["object_pixel_values"]], dim=1)
+    with torch.no_grad():
+        expected = model(**inputs)
+        as_tuple = model(**stacked, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], expected.loss, atol=0, rtol=0)
+    torch.testing.assert_close(as_tuple[1], expected.logits, atol=0, rtol=0)

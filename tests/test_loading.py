@@ -104,6 +104,26 @@ def test_mner_tolerates_crlf_trailing_spaces_and_missing_final_blank_line(tmp_pa
     assert got["ner_tags"] == expected["ner_tags"]
 
 
+def test_utf8_byte_order_mark_is_accepted_by_both_loaders(tmp_path):
+    (tmp_path / "train.txt").write_text("\ufeff" + MNER_TRAIN, encoding="utf-8")
+    train = load_mner_dataset(data_files={"train": tmp_path / "train.txt"})["train"]
+    assert train["image_id"][0] == "101.jpg" and train["tokens"][0][0] == "Kevin"
+    (tmp_path / "mnre_train.txt").write_text("\ufeff" + "\n".join(MRE_TRAIN), encoding="utf-8")
+    mre = load_mre_dataset(data_files={"train": tmp_path / "mnre_train.txt"})["train"]
+    assert mre["tokens"][0][0] == "JFK" and len(mre) == 3
+
+
+def test_non_utf8_bytes_name_file_and_line_in_both_loaders(tmp_path):
+    latin1 = MNER_TRAIN.replace("Boston", "Montréal").encode("latin-1")  # é is the single byte 0xe9
+    (tmp_path / "train.txt").write_bytes(latin1)
+    with pytest.raises(ValueError, match=r"train.txt:5: byte 0xe9 at column 6 is not UTF-8"):
+        load_mner_dataset(data_files={"train": tmp_path / "train.txt"})
+    lines = [*MRE_TRAIN[:2], MRE_TRAIN[2].replace("Paris", "Paré")]
+    (tmp_path / "mnre_train.txt").write_bytes("\n".join(lines).encode("cp1252"))
+    with pytest.raises(ValueError, match=r"mnre_train.txt:3: byte 0xe9 .* is not UTF-8"):
+        load_mre_dataset(data_files={"train": tmp_path / "mnre_train.txt"})
+
+
 def test_mner_accepts_conlleval_style_i_tags(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("IMGID:1\nsome\tO\nBoston\tI-LOC\n", encoding="utf-8")
@@ -260,6 +280,19 @@ def test_mre_malformed_input_names_file_and_line(tmp_path, line, message):
         load_mre_dataset(data_files={"train": path})
 
 
+def test_mre_overlapping_head_and_tail_are_kept_counted_and_named(tmp_path, caplog):
+    lines = [
+        *MRE_TRAIN,
+        mre_line(["Inter", "Miami", "CF"], (0, 2), (1, 3), "None"),
+        mre_line(["New", "York"], (0, 2), (0, 2), "None"),
+    ]
+    (tmp_path / "mnre_train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        train = load_mre_dataset(data_files={"train": tmp_path / "mnre_train.txt"})["train"]
+    assert len(train) == 5
+    assert "mnre_train.txt: 2 of 5 records have overlapping head and tail spans (first: line 4)" in caplog.text
+
+
 def test_mre_per_split_image_folders_and_index_keyed_crops(tmp_path):
     data_dir = write_mre_dir(tmp_path)
     image_dirs = {split: tmp_path / "img_org" / split for split in ("train", "val", "test")}
@@ -300,6 +333,26 @@ def test_load_image_truncated_file(tmp_path, caplog):
     assert "big.jpg" in caplog.text
     with pytest.raises(OSError, match="big.jpg"):
         load_image(path, missing_images="error")
+
+
+def test_decompression_bombs_are_masked_and_named_or_an_error(tmp_path, monkeypatch, caplog):
+    data_dir, image_dir = write_mner_dir(tmp_path)
+    write_image(image_dir / "102.jpg", size=(200, 100))
+    # PIL refuses images of more than twice MAX_IMAGE_PIXELS; lowered here instead of writing a huge file.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        train = load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir)["train"]
+    assert train["image"] == [str(image_dir / "101.jpg"), None, str(image_dir / "103.jpg")]
+    assert "1 of 3 image files" in caplog.text and "102.jpg" in caplog.text and "decompression bomb" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"train.txt:7: image file .*102.jpg .*decompression bomb"):
+        load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir, missing_images="error")
+    # Decoding (the collator, the pipelines) follows the same policy.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
+        assert load_image(image_dir / "102.jpg") is None
+    assert "102.jpg" in caplog.text
+    with pytest.raises(OSError, match="102.jpg.*decompression bomb"):
+        load_image(image_dir / "102.jpg", missing_images="error")
 
 
 def test_load_image_decodes_pixels(tmp_path):

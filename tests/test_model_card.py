@@ -7,6 +7,7 @@ from transformers import BertConfig, TrainingArguments
 
 from hvpnet_hf import HVPNetConfig
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
+from hvpnet_hf.training import HVPNetTrainingArguments
 
 TINY_TEXT = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 
@@ -46,10 +47,17 @@ def test_ner_card_carries_results_settings_and_usage(tmp_path):
     assert "| validation | 74.00 | 76.67 | 75.32 |" in text
     assert "| test | – | – | 74.12 |" in text
     assert "| learning rate | 3e-05 |" in text and "| epochs | 30 |" in text
+    assert "| head learning rate (CRF and emissions / relation classifier) | 3e-05 |" in text  # none set: the same
+    head_args = HVPNetTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-5, head_learning_rate=5e-2)
+    assert training_hyperparameters(head_args)["head learning rate (CRF and emissions / relation classifier)"] == 5e-2
     assert "| vision backbone | test_resnet (randomly initialised) |" in text
     assert (
         'AutoModelForTokenClassification.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text
     )
+    # Machine B's code: everything from the repository, nothing from hvpnet_hf.
+    assert 'pipeline(model="someone/hvpnet-twitter2015", trust_remote_code=True)' in text
+    assert 'AutoProcessor.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text
+    assert "import hvpnet_hf" not in text.split("With `hvpnet_hf` installed")[0]
     assert "Entity types: LOC, PER." in text and "@inproceedings{chen-etal-2022-good" in text
     # The metadata is valid Hub card metadata and survives a save/load round trip.
     card.save(tmp_path / "README.md")
@@ -100,15 +108,24 @@ class RecordingHubApi:
 
 
 def test_push_uploads_the_model_folder_without_training_leftovers(tmp_path):
-    files = [
-        "config.json", "model.safetensors", "modeling_hvpnet.py", "configuration_hvpnet.py", "README.md",
-        "processor_config.json", "tokenizer.json", "all_results.json", "checkpoint-3/model.safetensors",
-        "runs/events.out", "test_predictions.txt", "test_predictions.jsonl", "trainer_state.json", "training_args.bin",
+    published = [
+        "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
+        "modeling_hvpnet_original.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
+        "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
+    ]  # fmt: skip
+    leftovers = [
+        "checkpoint-3/model.safetensors", "checkpoint-3/modeling_hvpnet.py", "checkpoint-3/config.json",
+        "runs/events.out", "test_predictions.txt", "test_predictions.jsonl", "trainer_state.json",
+        "training_args.bin", "train_results.json", "eval_results.json", "test_results.json",
     ]  # fmt: skip
     api = RecordingHubApi()
     push_output_dir_to_hub(tmp_path, "someone/hvpnet", private=True, api=api)
     (_, repo_id, create_kwargs), (_, _, upload_kwargs) = api.calls
     assert repo_id == "someone/hvpnet" and create_kwargs == {"private": True, "exist_ok": True}
     assert upload_kwargs["folder_path"] == str(tmp_path)
-    uploaded = list(filter_repo_objects(files, ignore_patterns=upload_kwargs["ignore_patterns"]))
-    assert uploaded == files[:8]
+    uploaded = filter_repo_objects(
+        published + leftovers,
+        allow_patterns=upload_kwargs["allow_patterns"],
+        ignore_patterns=upload_kwargs["ignore_patterns"],
+    )
+    assert list(uploaded) == published

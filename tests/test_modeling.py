@@ -198,21 +198,80 @@ def test_output_hidden_states():
     torch.testing.assert_close(output.hidden_states[-1], output.last_hidden_state)
 
 
+def stacked_form(inputs: dict) -> dict:
+    """The same inputs with one image tensor (B, 1 + k, 3, H, W) and one mask (B, 1 + k), global image first."""
+    stacked = {name: value for name, value in inputs.items() if name not in IMAGE_INPUTS}
+    stacked["pixel_values"] = torch.cat([inputs["pixel_values"][:, None], inputs["object_pixel_values"]], dim=1)
+    batch_size, num_objects = inputs["object_pixel_values"].shape[:2]
+    image_mask = inputs.get("image_mask", torch.ones(batch_size, dtype=torch.bool))
+    object_mask = inputs.get("object_mask", torch.ones(batch_size, num_objects, dtype=torch.bool))
+    stacked["image_mask"] = torch.cat([image_mask[:, None], object_mask], dim=1)
+    return stacked
+
+
+IMAGE_INPUTS = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_global_image": False}, {"prefix_mode": "original"}], ids=str)
+@pytest.mark.parametrize("num_objects", [1, 2])
+def test_stacked_and_separate_image_inputs_agree(overrides, num_objects):
+    model = build(**overrides)
+    inputs = tiny_inputs(num_objects=num_objects)
+    inputs["image_mask"] = torch.tensor([True, False, True])
+    inputs["object_mask"] = torch.tensor([[True, False], [True, True], [False, True]])[:, :num_objects]
+    separate = model(**inputs, output_gate_weights=True)
+    stacked = model(**stacked_form(inputs), output_gate_weights=True)
+    # One computation on the same stacked tensor either way: the outputs are identical, not merely close.
+    torch.testing.assert_close(stacked.last_hidden_state, separate.last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(stacked.gate_weights, separate.gate_weights, atol=0, rtol=0)
+
+
+def test_global_image_alone_in_the_stacked_form_equals_the_old_form():
+    model = build()
+    inputs = tiny_inputs()
+    inputs.pop("object_pixel_values")
+    old = model(**inputs).last_hidden_state
+    new = model(**{**inputs, "pixel_values": inputs["pixel_values"][:, None]}).last_hidden_state
+    torch.testing.assert_close(new, old, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"pixel_values": torch.randn(3, 64, 64)}, "pixel_values must have shape"),
-        ({"pixel_values": torch.randn(2, 3, 64, 64)}, "batch=3"),
+        ({"pixel_values": torch.randn(2, 3, 64, 64)}, "pixel_values must hold 3 examples"),
+        ({"pixel_values": torch.randn(3, 1, 3, 64, 64)}, "already holds the object crops"),
         ({"object_pixel_values": torch.randn(3, 3, 64, 64)}, "object_pixel_values must have shape"),
-        ({"object_pixel_values": torch.randn(3, 3, 3, 64, 64)}, "at most num_object_images=2"),
+        ({"object_pixel_values": torch.randn(2, 2, 3, 64, 64)}, "object_pixel_values must hold 3 examples"),
+        ({"object_pixel_values": torch.randn(3, 2, 1, 64, 64)}, "object_pixel_values must hold .* 3-channel"),
+        ({"object_pixel_values": torch.randn(3, 3, 3, 64, 64)}, "object_pixel_values has 3 .* num_object_images=2"),
         ({"object_pixel_values": torch.randn(3, 2, 3, 32, 32)}, "share one image shape"),
-        ({"image_mask": torch.ones(2, dtype=torch.bool)}, "image_mask must have shape"),
-        ({"object_mask": torch.ones(3, 1, dtype=torch.bool)}, "object_mask must have shape"),
+        ({"image_mask": torch.ones(2, dtype=torch.bool)}, r"image_mask must have shape \(3,\)"),
+        ({"object_mask": torch.ones(3, 1, dtype=torch.bool)}, r"object_mask must have shape \(3, 2\)"),
     ],
 )
 def test_bad_image_inputs_raise(change, message):
     model = build()
     inputs = {**tiny_inputs(), **change}
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"pixel_values": torch.randn(3, 4, 3, 64, 64), "image_mask": torch.ones(3, 4, dtype=torch.bool)},
+            r"pixel_values \(slot 0 is the global image\) has 3 object images",
+        ),
+        ({"pixel_values": torch.randn(3, 3, 3, 3, 64, 64)}, "pixel_values must have shape"),
+        ({"pixel_values": torch.randn(2, 3, 3, 64, 64)}, "pixel_values must hold 3 examples"),
+        ({"image_mask": torch.ones(3, dtype=torch.bool)}, r"image_mask must have shape \(3, 3\)"),
+    ],
+)
+def test_bad_stacked_image_inputs_raise(change, message):
+    model = build()
+    inputs = {**stacked_form(tiny_inputs()), **change}
     with pytest.raises(ValueError, match=message):
         model(**inputs)
 
@@ -252,6 +311,66 @@ def test_output_attentions_covers_prefix_and_text():
         assert (weights[1, :, :, :4] == 0).all(), "the absent global image of example 1 gets no attention"
         assert (weights[2, :, :, prefix_length + 6 :] == 0).all(), "nor does text padding"
         assert (weights[0, :, :, :prefix_length] > 0).all()
+
+
+@pytest.mark.parametrize("attn_implementation", ["flex_attention", "flash_attention_2"])
+def test_unsupported_attention_backends_are_refused(attn_implementation):
+    """The prefix extends the eager (additive) or sdpa (boolean) mask; the other backends are not claimed."""
+    with pytest.raises(ValueError, match="does not support"):
+        build().set_attn_implementation(attn_implementation)
+
+
+@pytest.mark.parametrize("with_padding", [True, False])
+def test_eager_and_sdpa_agree_on_every_output(with_padding):
+    """Without padding BertModel passes no mask at all; with it, a float (eager) or boolean (sdpa) one."""
+    model = build()
+    inputs = tiny_inputs()
+    inputs["image_mask"] = torch.tensor([True, False, True])
+    if not with_padding:
+        inputs.pop("attention_mask")
+    model.set_attn_implementation("sdpa")
+    sdpa = model(**inputs, output_hidden_states=True)
+    model.set_attn_implementation("eager")
+    eager = model(**inputs, output_hidden_states=True)
+    assert len(sdpa.hidden_states) == len(eager.hidden_states) == 5
+    for sdpa_states, eager_states in zip(sdpa.hidden_states, eager.hidden_states, strict=True):
+        torch.testing.assert_close(sdpa_states, eager_states, atol=ATOL, rtol=0)
+
+
+def test_return_dict_false_gives_the_same_tensors_as_a_tuple():
+    model = build()
+    inputs = tiny_inputs()
+    as_dict = model(**inputs, output_hidden_states=True)
+    as_tuple = model(**inputs, output_hidden_states=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3
+    torch.testing.assert_close(as_tuple[0], as_dict.last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(as_tuple[1], as_dict.pooler_output, atol=0, rtol=0)
+    assert len(as_tuple[2]) == len(as_dict.hidden_states)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn_implementation):
+    model = build(freeze_vision=False)
+    model.set_attn_implementation(attn_implementation)
+    model.train()
+    inputs = tiny_inputs()
+
+    def loss_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(**inputs).last_hidden_state.pow(2).mean()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_gradients = loss_and_gradients()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.text_model.encoder.layer)
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients()
+    # Dropout is off in the tiny config, so the recomputed forward is the same computation.
+    torch.testing.assert_close(checkpointed_loss, plain_loss, atol=0, rtol=0)
+    assert checkpointed_gradients.keys() == plain_gradients.keys()
+    assert "visual_encoder.key_value_weight" in checkpointed_gradients, "the prefix gets gradients through it"
+    for name, gradient in plain_gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_output_attentions_needs_eager_attention():

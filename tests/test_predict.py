@@ -107,3 +107,32 @@ def test_console_command_is_installed(ner_model, tmp_path):
     )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert (tmp_path / "out.txt").read_text().count("\n\n") == 2
+
+
+def test_empty_and_spaced_words_keep_three_columns(ner_model, tmp_path):
+    from hvpnet_hf.demo import read_conll
+
+    data = tmp_path / "tweets.txt"
+    # An empty word, a word of spaces only and a word with a space inside, each on its own token line.
+    data.write_text("IMGID:1\nHello\tO\n\tO\nNew York\tB-LOC\n\nIMGID:2\n \tO\n@anna\tB-PER\n\n", encoding="utf-8")
+    output = tmp_path / "out.txt"
+    predict(["--model", ner_model, "--input", str(data), "--output", str(output)])
+    lines = [line for line in output.read_text(encoding="utf-8").splitlines() if line]
+    assert all(len(line.split()) == 3 for line in lines)
+    assert [line.split()[:2] for line in lines] == [
+        ["Hello", "O"], ["_", "O"], ["New_York", "B-LOC"], ["_", "O"], ["@anna", "B-PER"]
+    ]  # fmt: skip
+    sentences = read_conll(output)
+    assert [(words, gold) for words, gold, _ in sentences] == [
+        (["Hello", "_", "New_York"], ["O", "O", "B-LOC"]),
+        (["_", "@anna"], ["O", "B-PER"]),
+    ]
+
+
+def test_read_conll_names_a_broken_line(tmp_path):
+    from hvpnet_hf.demo import read_conll
+
+    path = tmp_path / "predictions.txt"
+    path.write_text("Hello O O\n O O\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"predictions.txt:2: expected 'word gold predicted'"):
+        read_conll(path)

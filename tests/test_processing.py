@@ -1,12 +1,18 @@
 """HVPNetProcessor: word alignment, entity markers and truncation, image transform, save/load round trip."""
 
+import json
+import logging
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BertTokenizer
+from transformers import AutoImageProcessor, AutoProcessor, BertTokenizer
 
-from hvpnet_hf.loading import MNER_LABELS
-from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, HVPNetProcessor
+import hvpnet_hf  # noqa: F401  (registers the processor with the Auto classes)
+from hvpnet_hf import image_processing_hvpnet
+from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor
+from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "du", "##rant", "plays", "in", "new", "york", "a"]
 MODEL_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "object_pixel_values"}
@@ -150,6 +156,62 @@ def test_every_image_mode_becomes_rgb(mode):
     assert pixels.dtype == torch.float32
 
 
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, caplog):
+    # A 16-bit PNG whose left half is 0x4000 (a quarter of the range) and right half 0xC000 (three quarters).
+    values = np.full((16, 32), 0x4000, dtype=np.uint16)
+    values[:, 16:] = 0xC000
+    path = tmp_path / "depth.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    squashed = processor(crop_mode="squash", image_size=32)
+    image_processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
+    with caplog.at_level(logging.INFO, logger="hvpnet_hf.image_processing_hvpnet"):
+        pixels = squashed.preprocess_images(path)["pixel_values"]
+    # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalised (v / 255 - 0.5) / 0.5. Columns next to the
+    # middle are blended by the resize filter, so only the outer ones are compared (1e-5: float rounding).
+    torch.testing.assert_close(pixels[:, :, :12], torch.full((3, 32, 12), 64 / 127.5 - 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixels[:, :, 20:], torch.full((3, 32, 12), 191 / 127.5 - 1), atol=1e-5, rtol=0)
+    assert "I;16" in caplog.text and "scaled to 8 bits" in caplog.text
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 40 wide and 20 high with its left half black; orientation 6 says: rotate 90 degrees clockwise to view,
+    # which puts the black half on top of a 20 x 40 picture.
+    image = Image.new("L", (40, 20), 255)
+    image.paste(0, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif, quality=100)
+    pixels = processor(crop_mode="squash", image_size=20).preprocess_images(path)["pixel_values"]
+    # Rows away from the middle are pure black (-1) or white (1) up to JPEG noise (0.1 is ~13 of 255 grey levels).
+    assert pixels[:, :8].max() < -0.9 and pixels[:, 12:].min() > 0.9
+    in_memory = processor(crop_mode="squash", image_size=20).preprocess_images(Image.open(path))["pixel_values"]
+    torch.testing.assert_close(in_memory, pixels)
+
+
+@pytest.mark.parametrize("shape", [(20, 40, 3), (20, 40), (20, 40, 1), (20, 40, 4)])
+def test_numpy_images_are_accepted_like_pil_images(shape):
+    array = np.zeros(shape, dtype=np.uint8)
+    array[:, 20:] = 255
+    if len(shape) == 3 and shape[-1] == 4:
+        array[..., 3] = 255  # opaque
+    from_array = processor().preprocess_images(array, [array])
+    pil = Image.fromarray(array[..., 0] if len(shape) == 3 and shape[-1] == 1 else array)
+    from_pil = processor().preprocess_images(pil, [pil])
+    assert from_array["image_mask"] and from_array["object_mask"].tolist() == [True, False, False]
+    torch.testing.assert_close(from_array["pixel_values"], from_pil["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [(np.zeros((3, 20, 40), dtype=np.uint8), "channels last"), (np.zeros((20, 40, 3)), "dtype float64")],
+)
+def test_unsupported_numpy_images_are_an_error(array, message):
+    with pytest.raises(ValueError, match=message):
+        processor().preprocess_images(array)
+
+
 def test_image_values_are_resized_cropped_and_normalised():
     image = Image.new("L", (40, 20), 255)  # white; grayscale is replicated to three channels
     pixels = processor().preprocess_images(image)["pixel_values"]
@@ -244,3 +306,49 @@ def test_save_and_load_round_trip(tmp_path):
     expected, got = re_processor(*arguments, **spans), loaded(*arguments, **spans)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)  # same settings: identical output
+
+
+def test_folders_saved_in_the_earlier_layout_still_load(tmp_path):
+    # What releases before the ProcessorMixin processor wrote: the tokenizer files plus a flat processor_config.json.
+    expected = processor("re", crop_mode="squash", interpolation="bilinear", num_object_images=2, max_length=32)
+    expected.tokenizer.save_pretrained(tmp_path)
+    settings = {
+        "processor_class": "HVPNetProcessor", "task": "re", "image_size": IMAGE_SIZE, "crop_pct": 1.0,
+        "crop_mode": "squash", "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "interpolation": "bilinear",
+        "num_object_images": 2, "max_length": 32,
+    }  # fmt: skip
+    (tmp_path / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
+    spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
+    for loaded in (HVPNetProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert isinstance(loaded, HVPNetProcessor)
+        assert (loaded.task, loaded.max_length, loaded.crop_mode, loaded.num_object_images) == ("re", 32, "squash", 2)
+        got = loaded(*arguments, **spans)
+        for name, tensor in expected(*arguments, **spans).items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
+
+
+def test_processor_and_image_processor_load_with_the_auto_classes(tmp_path):
+    saved = processor("ner", crop_mode="squash", num_object_images=2, max_length=20)
+    saved.save_pretrained(tmp_path)
+    # The folder carries the processing code, for trust_remote_code=True where hvpnet_hf is not installed.
+    assert {"processing_hvpnet.py", "image_processing_hvpnet.py"} <= {path.name for path in tmp_path.iterdir()}
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert config["auto_map"] == {"AutoProcessor": "processing_hvpnet.HVPNetProcessor"}
+    assert (
+        config["image_processor"]["auto_map"]["AutoImageProcessor"] == "image_processing_hvpnet.HVPNetImageProcessor"
+    )
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, HVPNetProcessor) and isinstance(loaded.image_processor, HVPNetImageProcessor)
+    assert (loaded.task, loaded.max_length, loaded.crop_mode, loaded.num_object_images) == ("ner", 20, "squash", 2)
+    image_processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(image_processor, HVPNetImageProcessor)
+    assert image_processor.to_dict() == saved.image_processor.to_dict()
+    image = Image.new("RGB", (30, 20), (9, 99, 199))
+    batch = image_processor([image, None], [[image], []])
+    assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["image_mask"].tolist() == [True, False]
+    assert batch["object_mask"].tolist() == [[True, False], [False, False]]
+    torch.testing.assert_close(
+        batch["pixel_values"][0], saved.preprocess_images(image)["pixel_values"], rtol=0, atol=0
+    )

@@ -2,7 +2,8 @@
 
     python -m hvpnet_hf.sample_data.build [--output_dir DIR] [--seed N]
 
-Two small data sets are written in the published file formats (DESIGN §4), so the real loaders read them:
+Two small data sets are written in the file formats of the published releases (as zjunlp/HVPNeT reads them), so
+the real loaders read them:
 
 - `twitter/`: Twitter-2015/2017-style NER (`IMGID:` blocks of `token<TAB>label`, `images/<id>.jpg`, object crops
   under `aux_images/{train,val,test}/crops/` and `twitter_{train,val,test}_dict.pth` keyed by image file name).

@@ -1,0 +1,189 @@
+"""
+Finds object crops for the images of a data file and writes them in the layout of the published releases.
+
+    python -m hvpnet_hf.extract_objects --input data/twitter2015/train.txt --image_dir data/twitter2015_images \\
+        --output_dir data/twitter2015_objects
+    python -m hvpnet_hf.extract_objects --input data/mnre/txt/ours_val.txt --image_dir data/mnre/img_org/val \\
+        --output_dir data/mnre_objects --detector facebook/detr-resnet-50
+
+The input is a Twitter-2015/2017 file (`IMGID:` blocks) or an MNRE file (one literal per line), told apart by its
+first line. For each image the detector's best `--num_objects` boxes are cut out (see `object_detection`) and
+written to `<output_dir>/<split>/crops/<image stem>_crop_<n>.jpg`; the crop map `<output_dir>/objects_<split>_dict.pth`
+(`torch.save`d `{image file name: [crop file names]}`) lists them, an empty list for an image where nothing was
+found. This is the layout `run_mner.py` / `run_mre.py` read with `--object_dir <output_dir> --object_map_dir
+<output_dir>`. A zero-shot detector is queried per image with `text_queries` of the texts that use it (for MNRE the
+head and tail mentions first).
+
+The command can be stopped and run again: the map is rewritten atomically every `--save_every` images and when the
+command stops, and images already in it are skipped. `<output_dir>/objects_<split>_settings.json` records the
+detector and settings; running again with other settings is an error. Missing or unreadable images are counted,
+logged and left out of the map (a later run tries them again).
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .loading import load_mner_dataset, load_mre_dataset
+from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+_SPLIT_IN_NAME = re.compile(r"(?:^|[_\-\s.])(train|val|valid|dev|test)(?:$|[_\-\s.])", re.IGNORECASE)
+_SPLIT_FOLDER = {"train": "train", "val": "val", "valid": "val", "dev": "val", "test": "test"}
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hvpnet_hf.extract_objects", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="data file (Twitter IMGID: blocks or MNRE lines)")
+    parser.add_argument("--image_dir", required=True, help="folder of the images the data file names")
+    parser.add_argument("--output_dir", required=True, help="folder for <split>/crops/ and the crop map")
+    parser.add_argument("--split", choices=SPLITS, help="split folder and map name (default: from the input's name)")
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR, help="Hub id or folder of a detection model")
+    parser.add_argument("--num_objects", type=int, default=3, help="crops per image at most")
+    parser.add_argument("--threshold", type=float, default=0.1, help="lowest detector score kept")
+    parser.add_argument("--min_size", type=int, default=16, help="smallest box side kept, in pixels")
+    parser.add_argument("--max_overlap", type=float, default=0.5, help="IoU above which a box is a duplicate")
+    parser.add_argument("--save_every", type=int, default=50, help="images between two writes of the crop map")
+    parser.add_argument("--device", default=None, help="device of the detector, e.g. cuda:0 (default: CPU)")
+    return parser.parse_args(argv)
+
+
+def split_of(path: Path) -> str:
+    """`train`, `val` or `test`, from a data file name such as `valid.txt` or `mnre_dev.txt`."""
+    match = _SPLIT_IN_NAME.search(path.stem)
+    if match is None:
+        raise ValueError(f"cannot tell the split from the file name {path.name}; pass --split")
+    return _SPLIT_FOLDER[match.group(1).lower()]
+
+
+def image_queries(data_file: Path) -> dict[str, list[str]]:
+    """Per image file name (in order of first use), the detector queries of the examples that use it."""
+    with open(data_file, encoding="utf-8") as file:
+        first_line = next((line.strip() for line in file if line.strip()), "")
+    if first_line.startswith("IMGID:"):
+        examples = load_mner_dataset(data_files={"test": data_file})["test"]
+        example_queries = [text_queries(tokens) for tokens in examples["tokens"]]
+    elif first_line.startswith("{"):
+        examples = load_mre_dataset(data_files={"test": data_file})["test"]
+        example_queries = [text_queries(row["tokens"], [row["head"]["name"], row["tail"]["name"]]) for row in examples]
+    else:
+        raise ValueError(f"{data_file}: starts neither with 'IMGID:' (Twitter) nor with '{{' (MNRE): {first_line!r}")
+    queries: dict[str, list[str]] = {}
+    for image_file, example_query in zip(examples["image_id"], example_queries, strict=True):
+        merged = queries.setdefault(image_file, [])
+        merged += [query for query in example_query if query not in merged]
+    stems: dict[str, str] = {}
+    for image_file in queries:
+        other = stems.setdefault(Path(image_file).stem, image_file)
+        if other != image_file:
+            raise ValueError(f"{data_file}: images {other} and {image_file} would share crop file names")
+    return queries
+
+
+def save_atomically(crop_map: dict[str, list[str]], path: Path) -> None:
+    """`torch.save`s `crop_map` to a temporary file, then renames it over `path`: a reader never sees half a map."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(crop_map, temporary)
+    os.replace(temporary, path)
+
+
+def extract_objects(
+    data_file: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cropper: ObjectCropper,
+    split: str | None = None,
+    save_every: int = 50,
+) -> dict[str, int]:
+    """
+    Writes the crops and crop map of `data_file`'s images (see the module docstring) and returns counts: `images`
+    in the file, `skipped` (already in the map), `extracted`, `missing`, `without_objects` and `crops` (written now).
+    """
+    if save_every < 1:
+        raise ValueError(f"save_every must be at least 1, got {save_every}")
+    data_file, image_dir, output_dir = Path(data_file), Path(image_dir), Path(output_dir)
+    split = split or split_of(data_file)
+    queries = image_queries(data_file)
+    crop_dir = output_dir / split / "crops"
+    crop_dir.mkdir(parents=True, exist_ok=True)
+    map_path = output_dir / f"objects_{split}_dict.pth"
+    _check_settings(output_dir / f"objects_{split}_settings.json", cropper.settings)
+    crop_map: dict[str, list[str]] = torch.load(map_path, weights_only=True) if map_path.exists() else {}
+    pending = [image_file for image_file in queries if image_file not in crop_map]
+    counts = {"images": len(queries), "skipped": len(queries) - len(pending), "extracted": 0, "missing": 0}
+    counts.update(without_objects=0, crops=0)
+    try:
+        for done, (image_file, image) in enumerate(_read_images(image_dir, pending, counts), start=1):
+            names = []
+            for index, crop in enumerate(cropper.crops(image, queries[image_file])):
+                names.append(f"{Path(image_file).stem}_crop_{index}.jpg")
+                crop.save(crop_dir / names[-1], quality=95)
+            crop_map[image_file] = names
+            counts["extracted"] += 1
+            counts["crops"] += len(names)
+            counts["without_objects"] += not names
+            if done % save_every == 0:
+                save_atomically(crop_map, map_path)
+    finally:
+        save_atomically(crop_map, map_path)
+    if counts["missing"]:
+        logger.warning(
+            "%d of %d images missing or unreadable in %s; not in the map", counts["missing"], len(queries), image_dir
+        )
+    return counts
+
+
+def _read_images(image_dir: Path, image_files: list[str], counts: dict[str, int]) -> Iterator[tuple[str, Image.Image]]:
+    """The readable images among `image_files`, as RGB, with a progress bar; unreadable ones are counted and logged."""
+    for image_file in tqdm(image_files, desc="images", unit="image"):
+        try:
+            with Image.open(image_dir / image_file) as image:
+                rgb = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:
+            logger.warning("cannot read %s (%s); no crops for it", image_dir / image_file, error)
+            counts["missing"] += 1
+            continue
+        yield image_file, rgb
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    if path.exists():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != settings:
+            raise ValueError(f"{path} records crops made with {recorded}, not {settings}; use another --output_dir")
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def run(argv: list[str] | None = None) -> dict[str, int]:
+    """Runs the command with `argv`; returns the counts of `extract_objects`."""
+    args = parse_arguments(argv)
+    cropper = ObjectCropper(
+        args.detector,
+        num_objects=args.num_objects,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        max_overlap=args.max_overlap,
+        device=args.device,
+    )
+    counts = extract_objects(args.input, args.image_dir, args.output_dir, cropper, args.split, args.save_every)
+    print(json.dumps(counts))
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""
+`Trainer` support for a separate learning rate on the task head (the CRF and emission layer for NER, the relation
+classifier for MRE), as the authors' released HVPNeT trainer optimises the CRF and emission layer at 5e-2.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+
+@dataclass
+class HVPNetTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with `head_learning_rate`: the peak learning rate of the task head."""
+
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the task head (NER: CRF and emission layer; RE: relation classifier); "
+            "default: learning_rate. The warm-up and decay schedule applies to it as to every other parameter."
+        },
+    )
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters outside the base model (`model.base_model_prefix`): the task head."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} has no base model, so it has no separate head to give a learning rate"
+        )
+    return {name for name, _ in model.named_parameters() if not name.startswith(f"{prefix}.")}
+
+
+class HVPNetTrainer(Trainer):
+    """
+    A `Trainer` that, given `HVPNetTrainingArguments.head_learning_rate`, optimises the task head at that learning
+    rate. The parameters form four groups, body / head crossed with weight decay / none (biases and normalisation
+    weights, as `Trainer.get_decay_parameter_names` decides); frozen parameters are in none. Body groups come first,
+    so the logged `learning_rate` is the body's. Without `head_learning_rate` it is `Trainer` unchanged.
+    """
+
+    def create_optimizer(self, model: PreTrainedModel | None = None) -> torch.optim.Optimizer:
+        head_learning_rate = getattr(self.args, "head_learning_rate", None)
+        if self.optimizer is not None or head_learning_rate is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        head_names = head_parameter_names(opt_model)
+        groups = []
+        for is_head in (False, True):
+            for decays in (True, False):
+                params = [
+                    parameter
+                    for name, parameter in opt_model.named_parameters()
+                    if parameter.requires_grad and (name in head_names) == is_head and (name in decay_names) == decays
+                ]
+                group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+                if is_head:
+                    group["lr"] = head_learning_rate
+                if params:
+                    groups.append(group)
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        replaced = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
+        if replaced or not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, torch.optim.Optimizer):
+            raise ValueError(f"head_learning_rate needs a plain torch optimizer; optim={self.args.optim} is not one")
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer

@@ -1,0 +1,381 @@
+"""Object crops from a detection pipeline: queries, box selection, the command's layout and resumption, pipelines."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_pipelines import tiny_model_folder
+from transformers import (
+    CLIPTokenizer,
+    OwlViTConfig,
+    OwlViTForObjectDetection,
+    OwlViTImageProcessor,
+    OwlViTProcessor,
+    YolosConfig,
+    YolosForObjectDetection,
+    YolosImageProcessor,
+    pipeline,
+)
+
+import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
+from hvpnet_hf import HVPNetProcessor, load_mner_dataset, load_mre_dataset
+from hvpnet_hf.extract_objects import extract_objects, image_queries, run, split_of
+from hvpnet_hf.object_detection import GENERIC_QUERIES, ObjectCropper, text_queries
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+from hvpnet_examples import find_object_maps, per_split_folders  # noqa: E402
+
+TWEETS = (
+    "IMGID:1001\nRT\tO\n@anna_b\tO\nKevin\tB-PER\nDurant\tI-PER\nat\tO\nOracle\tB-LOC\nArena\tI-LOC\n\n"
+    "IMGID:1002\nThe\tO\n#Liverpool\tB-ORG\nfans\tO\n\n"
+    "IMGID:1003\nmissing\tO\npicture\tO\n"
+)
+MNRE_LINES = [
+    {"token": ["Alice", "and", "Bob", "in", "Paris"], "h": {"name": "Alice", "pos": [0, 1]},
+     "t": {"name": "Bob", "pos": [2, 3]}, "img_id": "p1.jpg", "relation": "/per/per/peer"},
+    {"token": ["Alice", "and", "Bob", "in", "Paris"], "h": {"name": "Bob", "pos": [2, 3]},
+     "t": {"name": "Paris", "pos": [4, 5]}, "img_id": "p1.jpg", "relation": "/per/loc/place_of_residence"},
+    {"token": ["Acme", "owns", "Beta"], "h": {"name": "Acme", "pos": [0, 1]},
+     "t": {"name": "Beta", "pos": [2, 3]}, "img_id": "p2.jpg", "relation": "/org/org/subsidiary"},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def owl_folder(tmp_path_factory):
+    """
+    A random 1-layer OWL-ViT (32 px, 8 px patches) with its processor, saved like a Hub model. Its box head is
+    zeroed, so it predicts the 16 patch-grid boxes (a quarter of the image wide and high, some reaching past the
+    border); its scores are arbitrary but fixed.
+    """
+    folder = tmp_path_factory.mktemp("owlvit")
+    vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}  # OWL-ViT reads token id 0 as padding
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+    image_processor = OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = OwlViTConfig(
+        text_config={
+            **tiny,
+            "vocab_size": len(vocab),
+            "max_position_embeddings": 16,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        vision_config={**tiny, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    model = OwlViTForObjectDetection(config)
+    with torch.no_grad():
+        model.box_head.dense2.weight.zero_()
+        model.box_head.dense2.bias.zero_()
+    model.save_pretrained(folder)
+    OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def yolos_folder(tmp_path_factory):
+    """A random 1-layer YOLOS (a closed-vocabulary detector) with 6 detection tokens."""
+    folder = tmp_path_factory.mktemp("yolos")
+    torch.manual_seed(0)
+    config = YolosConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=[32, 32],
+        patch_size=8,
+        num_detection_tokens=6,
+        id2label={0: "thing", 1: "stuff"},
+        initializer_range=0.5,  # large random weights, so that the boxes differ
+    )
+    model = YolosForObjectDetection(config)
+    with torch.no_grad():  # they start as zeros: every detection token would see and predict the same
+        model.vit.embeddings.detection_tokens.normal_()
+        model.vit.embeddings.position_embeddings.normal_()
+    model.save_pretrained(folder)
+    YolosImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def owl_detector(owl_folder):
+    return pipeline("zero-shot-object-detection", model=str(owl_folder))
+
+
+def owl_cropper(owl_detector, **settings) -> ObjectCropper:
+    """With random weights every score is tiny: threshold 0 keeps all boxes, so the selection is deterministic."""
+    return ObjectCropper(owl_detector, **{"threshold": 0.0, "min_size": 2, **settings})
+
+
+def picture(colour=(200, 40, 40), size=(60, 40)) -> Image.Image:
+    image = Image.new("RGB", size, colour)
+    image.paste((20, 20, 220), (10, 5, 30, 25))
+    return image
+
+
+@pytest.fixture
+def twitter_files(tmp_path):
+    data_file = tmp_path / "train.txt"
+    data_file.write_text(TWEETS, encoding="utf-8")
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    picture().save(image_dir / "1001.jpg")
+    picture((30, 160, 30), (48, 64)).convert("L").save(image_dir / "1002.jpg")  # 1003.jpg is missing
+    return data_file, image_dir
+
+
+def test_text_queries_take_mentions_and_candidate_entity_words():
+    words = ["RT", "@anna_b", ":", "Kevin", "Durant", "enters", "Oracle", "Arena,", "#NBAFinals", "http://t.co/x"]
+    assert text_queries(words) == ["anna b", "Kevin Durant", "Oracle Arena", "NBAFinals", *GENERIC_QUERIES]
+    # Mentions come first; a candidate equal to one of them (ignoring case) is not repeated.
+    assert text_queries(words, ["kevin durant", "a person"]) == [
+        "kevin durant",
+        "a person",
+        "anna b",
+        "Oracle Arena",
+        "NBAFinals",
+        *[query for query in GENERIC_QUERIES if query != "a person"],
+    ]
+    assert text_queries(["The", "rain", "in", "2024"]) == list(GENERIC_QUERIES)
+    assert text_queries(words, max_text_queries=2) == ["anna b", "Kevin Durant", *GENERIC_QUERIES]
+
+
+def test_selection_orders_clips_filters_and_drops_duplicates(owl_detector):
+    cropper = owl_cropper(owl_detector, num_objects=3, threshold=0.2, min_size=5, max_overlap=0.5)
+    found = [
+        {"score": 0.5, "label": "b", "box": {"xmin": 30, "ymin": 0, "xmax": 50, "ymax": 20}},
+        {"score": 0.9, "label": "a", "box": {"xmin": -10, "ymin": 20, "xmax": 20, "ymax": 70}},  # clipped
+        {"score": 0.5, "label": "a", "box": {"xmin": 0, "ymin": 0, "xmax": 20, "ymax": 20}},  # tie: box order
+        {"score": 0.8, "label": "c", "box": {"xmin": 0, "ymin": 0, "xmax": 4, "ymax": 30}},  # 4 px wide
+        {"score": 0.1, "label": "d", "box": {"xmin": 40, "ymin": 20, "xmax": 60, "ymax": 40}},  # below threshold
+        {"score": 0.7, "label": "e", "box": {"xmin": -5, "ymin": 22, "xmax": 19, "ymax": 40}},  # duplicate of "a"
+    ]
+    cropper.detector, cropper.zero_shot = (lambda image, **kwargs: list(found)), False
+    kept = cropper.detect(picture(), ["unused"])
+    assert [(item.score, item.box, item.label) for item in kept] == [
+        (0.9, (0, 20, 20, 40), "a"),
+        (0.5, (0, 0, 20, 20), "a"),
+        (0.5, (30, 0, 50, 20), "b"),
+    ]
+    crops = cropper.crops(picture().convert("L"), ["unused"])
+    assert [crop.size for crop in crops] == [(20, 20)] * 3 and {crop.mode for crop in crops} == {"RGB"}
+    # Nothing found is no error: no crops.
+    cropper.detector = lambda image, **kwargs: []
+    assert cropper.detect(picture()) == [] and cropper.crops(picture()) == []
+
+
+def test_zero_shot_detector_boxes_are_clipped_sorted_and_repeatable(owl_detector):
+    image = picture()
+    queries = ["a person", "a logo"]
+    everything = owl_cropper(owl_detector, num_objects=100, max_overlap=1.0)
+    raw = everything.detector(image, candidate_labels=queries, threshold=0.0)
+    assert any(item["box"]["xmax"] > image.width for item in raw)  # the grid reaches past the right border
+    kept = everything.detect(image, queries)
+    assert len(kept) == len(raw)  # threshold 0, no size or overlap limit: every box, clipped
+    for x0, y0, x1, y1 in (item.box for item in kept):
+        assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
+    order = [(item.score, item.box) for item in kept]
+    assert order == sorted(order, key=lambda score_box: (-score_box[0], score_box[1]))
+    three = owl_cropper(owl_detector, num_objects=3)
+    best = three.detect(image, queries)
+    assert len(best) == 3 and best[0] == kept[0] and best == three.detect(image, queries)
+    with pytest.raises(ValueError, match="needs at least one query"):
+        three.detect(image, [])
+
+
+def test_object_detection_model_gives_the_best_boxes_whatever_their_class(yolos_folder, twitter_files, tmp_path):
+    cropper = ObjectCropper(str(yolos_folder), num_objects=3, threshold=0.0, min_size=1, max_overlap=1.0)
+    assert not cropper.zero_shot
+    image = picture()
+    raw = cropper.detector(image, threshold=0.0)
+    kept = cropper.detect(image, ["queries are not used"])
+    assert len(raw) == 6 and len(kept) == 3 and len({item.box for item in kept}) == 3
+    # The best boxes of any class that keep at least a pixel inside the image.
+    inside = [
+        item["score"]
+        for item in raw
+        if min(item["box"]["xmax"], image.width) - max(item["box"]["xmin"], 0) >= 1
+        and min(item["box"]["ymax"], image.height) - max(item["box"]["ymin"], 0) >= 1
+    ]
+    assert [item.score for item in kept] == sorted(inside, reverse=True)[:3]
+    with pytest.raises(ValueError, match="min_size must be at least 1"):
+        ObjectCropper(cropper.detector, min_size=0)
+    data_file, image_dir = twitter_files
+    counts = extract_objects(data_file, image_dir, tmp_path / "objects", cropper)
+    crop_map = torch.load(tmp_path / "objects" / "objects_train_dict.pth", weights_only=True)
+    assert counts["extracted"] == 2 and counts["crops"] == sum(map(len, crop_map.values())) > 0
+    for image_file, crops in crop_map.items():
+        assert len(crops) == len(cropper.detect(Image.open(image_dir / image_file).convert("RGB")))
+
+
+def test_command_writes_the_layout_the_loaders_and_training_scripts_read(
+    owl_folder, owl_detector, twitter_files, tmp_path
+):
+    data_file, image_dir = twitter_files
+    output_dir = tmp_path / "objects"
+    arguments = ["--input", str(data_file), "--image_dir", str(image_dir), "--output_dir", str(output_dir)]
+    settings = ["--detector", str(owl_folder), "--threshold", "0", "--min_size", "2"]
+    counts = run(arguments + settings)
+    assert counts == {"images": 3, "skipped": 0, "extracted": 2, "missing": 1, "without_objects": 0, "crops": 6}
+    crop_map = torch.load(output_dir / "objects_train_dict.pth", weights_only=True)
+    assert crop_map == {name: [f"{name[:-4]}_crop_{n}.jpg" for n in range(3)] for name in ("1001.jpg", "1002.jpg")}
+    assert sorted(path.name for path in (output_dir / "train" / "crops").iterdir()) == sorted(
+        sum(crop_map.values(), [])
+    )
+    # run_mner.py / run_mre.py find the map and the crop folder of the split from --object_dir / --object_map_dir.
+    assert find_object_maps(str(output_dir)) == {"train": str(output_dir / "objects_train_dict.pth")}
+    assert per_split_folders(str(output_dir)) == {"train": str(output_dir / "train" / "crops")}
+    data = load_mner_dataset(
+        data_files={"train": data_file},
+        image_dir=image_dir,
+        object_dir=per_split_folders(str(output_dir)),
+        object_maps=find_object_maps(str(output_dir)),
+    )["train"]
+    assert [len(objects) for objects in data["objects"]] == [3, 3, 0]  # the missing picture has no crops
+    first_crop = Image.open(data["objects"][0][0])
+    best = owl_cropper(owl_detector).detect(Image.open(image_dir / "1001.jpg"), image_queries(data_file)["1001.jpg"])[
+        0
+    ]
+    assert first_crop.mode == "RGB" and first_crop.size == (best.box[2] - best.box[0], best.box[3] - best.box[1])
+
+
+def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_detector, tmp_path):
+    data_file = tmp_path / "mnre_val.txt"
+    data_file.write_text("".join(repr(line) + "\n" for line in MNRE_LINES), encoding="utf-8")
+    queries = image_queries(data_file)
+    assert list(queries) == ["p1.jpg", "p2.jpg"]
+    # The pairs sharing a picture pool their mentions: head and tail of the first pair, then the new one.
+    assert queries["p1.jpg"][:3] == ["Alice", "Bob", "Paris"] and queries["p2.jpg"][:2] == ["Acme", "Beta"]
+    image_dir = tmp_path / "img_org"
+    image_dir.mkdir()
+    picture().save(image_dir / "p1.jpg")
+    picture((10, 10, 10), (80, 80)).save(image_dir / "p2.jpg")
+    output_dir = tmp_path / "objects"
+    counts = extract_objects(data_file, image_dir, output_dir, owl_cropper(owl_detector, num_objects=2))
+    assert counts["extracted"] == 2 and counts["crops"] == 4
+    data = load_mre_dataset(
+        data_files={"validation": data_file},
+        image_dir=image_dir,
+        object_dir=per_split_folders(str(output_dir)),
+        object_maps=find_object_maps(str(output_dir)),
+    )["validation"]
+    assert [[Path(crop).name for crop in objects] for objects in data["objects"]] == [
+        ["p1_crop_0.jpg", "p1_crop_1.jpg"],
+        ["p1_crop_0.jpg", "p1_crop_1.jpg"],
+        ["p2_crop_0.jpg", "p2_crop_1.jpg"],
+    ]
+
+
+def test_input_errors_name_the_file(tmp_path):
+    assert [split_of(Path(name)) for name in ("valid.txt", "mnre_dev.txt", "ours_train.txt", "test.txt")] == [
+        "val",
+        "val",
+        "train",
+        "test",
+    ]
+    with pytest.raises(ValueError, match="cannot tell the split from the file name tweets.txt; pass --split"):
+        split_of(Path("tweets.txt"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\nhello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="notes.txt: starts neither with 'IMGID:'"):
+        image_queries(notes)
+
+
+def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_map(
+    owl_detector, twitter_files, tmp_path, monkeypatch
+):
+    data_file, image_dir = twitter_files
+    complete = tmp_path / "complete"
+    extract_objects(data_file, image_dir, complete, owl_cropper(owl_detector))
+
+    interrupted = tmp_path / "interrupted"
+    cropper = owl_cropper(owl_detector)
+    real_crops, calls = cropper.crops, []
+
+    def crops_then_stop(image, queries):
+        calls.append(queries)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_crops(image, queries)
+
+    monkeypatch.setattr(cropper, "crops", crops_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract_objects(data_file, image_dir, interrupted, cropper, save_every=100)
+    partial = torch.load(interrupted / "objects_train_dict.pth", weights_only=True)
+    assert list(partial) == ["1001.jpg"] and not list(interrupted.glob("*.tmp"))
+
+    monkeypatch.setattr(cropper, "crops", real_crops)
+    counts = extract_objects(data_file, image_dir, interrupted, cropper)
+    assert counts["skipped"] == 1 and counts["extracted"] == 1
+    finished = torch.load(interrupted / "objects_train_dict.pth", weights_only=True)
+    assert finished == torch.load(complete / "objects_train_dict.pth", weights_only=True)
+    for name in sum(finished.values(), []):
+        assert (interrupted / "train" / "crops" / name).read_bytes() == (
+            complete / "train" / "crops" / name
+        ).read_bytes()
+
+    monkeypatch.setattr(cropper, "crops", crops_then_stop)
+    calls.clear()
+    again = extract_objects(data_file, image_dir, interrupted, cropper)
+    assert calls == [] and again["skipped"] == 2 and again["missing"] == 1  # only the missing picture is tried
+    with pytest.raises(ValueError, match="objects_train_settings.json records crops made with"):
+        extract_objects(data_file, image_dir, interrupted, owl_cropper(owl_detector, num_objects=2))
+
+
+@pytest.fixture(scope="module")
+def ner_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ner")
+    tiny_model_folder(folder, "ner")
+    return str(folder)
+
+
+def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, ner_model):
+    image = picture()
+    words = ["Kevin", "Durant", "at", "Oracle", "Arena"]
+    cropper = owl_cropper(owl_detector, num_objects=2)
+    ner = pipeline("multimodal-ner", model=ner_model, objects=cropper)
+    encoded = ner.preprocess({"words": words, "image": image}, **ner._preprocess_params)
+    crops = cropper.crops_for_text(image, words)
+    expected = HVPNetProcessor.from_pretrained(ner_model)(words, image=image, objects=crops)
+    assert encoded["object_mask"].tolist() == [[True, True]]
+    assert torch.equal(encoded["object_pixel_values"], expected["object_pixel_values"])
+    # Crops the input brings are used as they are; no image, no detection.
+    given = ner.preprocess({"words": words, "image": image, "objects": [image]}, **ner._preprocess_params)
+    assert given["object_mask"].tolist() == [[True, False]]
+    assert ner.preprocess({"words": words}, **ner._preprocess_params)["object_mask"].tolist() == [[False, False]]
+
+
+def test_pipeline_detect_setting_builds_one_detector(owl_folder, ner_model, tmp_path):
+    ner = pipeline("multimodal-ner", model=ner_model, objects="detect", detector=str(owl_folder))
+    cropper = ner._preprocess_params["object_cropper"]
+    assert cropper.num_objects == 2 and cropper.threshold == 0.1  # the model's crop count, the default threshold
+    ner({"text": "Kevin Durant", "image": picture()}, objects="detect", detector=str(owl_folder))
+    assert ner._object_cropper is cropper  # the same detector is not loaded again
+    # The random detector scores nothing above 0.1: no crops, masked, and still a prediction.
+    encoded = ner.preprocess({"text": "Kevin Durant", "image": picture()}, **ner._preprocess_params)
+    assert encoded["object_mask"].tolist() == [[False, False]]
+    with pytest.raises(ValueError, match="objects must be 'detect'"):
+        ner("Kevin", objects="yes")
+
+
+def test_re_pipeline_queries_the_head_and_tail(owl_detector, tmp_path, monkeypatch):
+    tiny_model_folder(tmp_path, "re")
+    cropper = owl_cropper(owl_detector, num_objects=2)
+    asked = []
+    real_crops = cropper.crops
+    monkeypatch.setattr(cropper, "crops", lambda image, queries: asked.append(queries) or real_crops(image, queries))
+    relation = pipeline("multimodal-re", model=str(tmp_path), objects=cropper)
+    example = {"words": ["Alice", "visits", "Acme", "Corp"], "head": (0, 1), "tail": (2, 4), "image": picture()}
+    assert relation(example)["relation"]
+    assert asked == [["Alice", "Acme Corp", *GENERIC_QUERIES]]

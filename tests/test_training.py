@@ -1,0 +1,127 @@
+"""HVPNetTrainer: the task head's own learning rate, its parameter groups, schedule and checkpoints."""
+
+import pytest
+import torch
+from modeling_utils import tiny_config, tiny_inputs
+from transformers import Trainer, TrainerCallback
+
+from hvpnet_hf import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetModel
+from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments, head_parameter_names
+
+BODY_LR, HEAD_LR, WEIGHT_DECAY = 1e-4, 5e-2, 0.01
+
+
+def relation_examples(count: int = 8) -> list[dict[str, torch.Tensor]]:
+    """`count` single examples of random text and images, each with a relation label."""
+    inputs = tiny_inputs(batch_size=count, text_length=7)
+    return [
+        {**{key: value[index] for key, value in inputs.items()}, "labels": torch.tensor(index % 5)}
+        for index in range(count)
+    ]
+
+
+def relation_trainer(tmp_path, **overrides) -> HVPNetTrainer:
+    torch.manual_seed(0)
+    model = HVPNetForSequenceClassification(tiny_config(relation_pooling="cls"))
+    settings = {
+        "output_dir": str(tmp_path),
+        "learning_rate": BODY_LR,
+        "head_learning_rate": HEAD_LR,
+        "weight_decay": WEIGHT_DECAY,
+        "per_device_train_batch_size": 4,
+        "max_steps": 2,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+    }
+    args = HVPNetTrainingArguments(**{**settings, **overrides})
+    return HVPNetTrainer(model=model, args=args, train_dataset=relation_examples())
+
+
+def test_head_is_everything_outside_the_base_model():
+    ner = HVPNetForTokenClassification(tiny_config())
+    assert {name.split(".")[0] for name in head_parameter_names(ner)} == {"classifier", "crf"}
+    assert "crf.transitions" in head_parameter_names(ner)
+    relation = HVPNetForSequenceClassification(tiny_config(relation_pooling="cls"))
+    assert head_parameter_names(relation) == {"classifier.weight", "classifier.bias"}
+    with pytest.raises(ValueError, match="no base model"):
+        head_parameter_names(HVPNetModel(tiny_config()))
+
+
+def test_groups_cross_body_and_head_with_decay_and_frozen_backbone_stays_out(tmp_path):
+    trainer = relation_trainer(tmp_path)
+    optimizer = trainer.create_optimizer()
+    model = trainer.model
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    groups = [
+        (group["lr"], group["weight_decay"], {names[id(parameter)] for parameter in group["params"]})
+        for group in optimizer.param_groups
+    ]
+    assert [(lr, decay) for lr, decay, _ in groups] == [
+        (BODY_LR, WEIGHT_DECAY),
+        (BODY_LR, 0.0),
+        (HEAD_LR, WEIGHT_DECAY),
+        (HEAD_LR, 0.0),
+    ]
+    assert groups[2][2] == {"classifier.weight"} and groups[3][2] == {"classifier.bias"}
+    body_no_decay = groups[1][2]
+    assert body_no_decay and all("bias" in name or "LayerNorm" in name for name in body_no_decay)
+    grouped = [name for _, _, group_names in groups for name in group_names]
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    assert frozen and all(".backbone." in name for name in frozen)  # the frozen vision backbone
+
+
+def test_without_head_learning_rate_it_is_the_plain_trainer(tmp_path):
+    trainer = relation_trainer(tmp_path, head_learning_rate=None)
+    plain = Trainer(model=trainer.model, args=trainer.args)
+    ours, theirs = trainer.create_optimizer(), plain.create_optimizer()
+    assert [(group["lr"], group["weight_decay"], len(group["params"])) for group in ours.param_groups] == [
+        (group["lr"], group["weight_decay"], len(group["params"])) for group in theirs.param_groups
+    ]
+
+
+def test_head_moves_at_its_learning_rate_and_the_schedule_scales_every_group(tmp_path):
+    # With weight decay 0 and a constant schedule, AdamW's first step moves every parameter with a non-zero gradient
+    # by lr * g / (|g| + eps): the learning rate itself, up to eps = 1e-8 against gradients far larger.
+    trainer = relation_trainer(tmp_path, max_steps=1, weight_decay=0.0, lr_scheduler_type="constant")
+    model = trainer.model
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainer.train()
+    moved = {
+        name: (parameter.detach() - before[name]).abs().max().item() for name, parameter in model.named_parameters()
+    }
+    assert moved["classifier.weight"] == pytest.approx(HEAD_LR, rel=1e-4)
+    assert moved["hvpnet.text_model.embeddings.word_embeddings.weight"] == pytest.approx(BODY_LR, rel=1e-4)
+
+    # Linear warm-up then decay: after each step every group's learning rate is its peak times the same factor.
+    factors = []
+
+    class RecordFactors(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            learning_rates = [group["lr"] for group in optimizer.param_groups]
+            factors.append((learning_rates[0] / BODY_LR, learning_rates[-1] / HEAD_LR))
+
+    trainer = relation_trainer(tmp_path, max_steps=4, warmup_steps=2)
+    trainer.add_callback(RecordFactors())
+    trainer.train()
+    assert [body for body, _ in factors] == pytest.approx([0.5, 1.0, 0.5, 0.0])  # up over 2 steps, down over 2
+    assert [head for _, head in factors] == pytest.approx([body for body, _ in factors])
+
+
+def test_optimizer_state_survives_a_checkpoint(tmp_path):
+    settings = {"save_strategy": "steps", "save_steps": 2, "lr_scheduler_type": "constant"}
+    relation_trainer(tmp_path, **settings).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert [group["lr"] for group in saved["param_groups"]] == [BODY_LR, BODY_LR, HEAD_LR, HEAD_LR]
+
+    resumed = relation_trainer(tmp_path, **settings, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == [BODY_LR, BODY_LR, HEAD_LR, HEAD_LR]
+    loaded_steps = {value["step"].item() for value in resumed.optimizer.state_dict()["state"].values()}
+    assert loaded_steps == {3.0}  # two steps loaded from the checkpoint, one more after resuming
