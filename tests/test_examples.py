@@ -191,7 +191,7 @@ def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, 
     assert repo_id == "someone/hvpnet-mnre"
     assert uploaded == sorted([
         "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
-        "modeling_hvpnet_original.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
+        "object_detection.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
         "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
     ])  # fmt: skip
     assert {"training_args.bin", "trainer_state.json", "test_predictions.jsonl"} <= set(written)

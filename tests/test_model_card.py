@@ -110,7 +110,7 @@ class RecordingHubApi:
 def test_push_uploads_the_model_folder_without_training_leftovers(tmp_path):
     published = [
         "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
-        "modeling_hvpnet_original.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
+        "object_detection.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
         "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
     ]  # fmt: skip
     leftovers = [
