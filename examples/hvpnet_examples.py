@@ -20,11 +20,13 @@ import datasets
 import torch
 import transformers
 import yaml
+from huggingface_hub import constants
 from transformers import EvalPrediction, HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PredictionOutput
 
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
+from hvpnet_hf.feature_cache import VisualFeatureCache
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
@@ -132,6 +134,16 @@ class DataArguments:
         metadata={"help": "Longer inputs are cut (NER: cut words count as O; MNRE: the tokens nearest <s>/<o> stay)."},
     )
     image_size: int | None = field(default=None, metadata={"help": "Image side (default: the backbone's)."})
+    feature_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Read the frozen backbone's image features from a disk cache built on first use instead of "
+            "decoding and encoding every image in every epoch (off when the backbone is trained)."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the feature caches (default: $HF_HOME/hvpnet_hf/visual_features)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N test examples."})
@@ -470,6 +482,25 @@ def encode_splits(
         )
 
 
+def build_feature_cache(
+    model: PreTrainedModel, processor: HVPNetProcessor, encoded: datasets.DatasetDict, data_args: DataArguments
+) -> VisualFeatureCache | None:
+    """The backbone features of every image of every split, cached on disk (`--feature_cache`), when the backbone is
+    frozen; None otherwise. Under torchrun / accelerate one process builds while the others wait, then all read."""
+    config = model.config
+    if not (data_args.feature_cache and config.use_visual_prefix and config.freeze_vision):
+        return None
+    cache_dir = data_args.feature_cache_dir or os.path.join(constants.HF_HOME, "hvpnet_hf", "visual_features")
+    cache = VisualFeatureCache(model, processor, cache_dir, missing_images=data_args.missing_images)
+    paths = []
+    for split in encoded.values():
+        paths += split["image"]
+        paths += [path for objects in split["objects"] for path in objects]
+    cache.build(paths)
+    logger.info("visual feature cache %s (%d unreadable images masked)", cache.folder, cache.num_unreadable)
+    return cache
+
+
 def build_trainer(
     model: PreTrainedModel,
     processor: HVPNetProcessor,
@@ -479,14 +510,20 @@ def build_trainer(
     compute_metrics: Callable[[EvalPrediction], dict[str, float]],
     preprocess_logits_for_metrics: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> Trainer:
-    """A `Trainer` (with the head's own learning rate, if set) that hands the examples to the HVPNeT collator."""
+    """A `Trainer` (with the head's own learning rate, if set) that hands the examples, image paths included, to
+    the HVPNeT collator, which serves cached backbone features when `--feature_cache` applies."""
+    collator = HVPNetDataCollator(
+        processor,
+        missing_images=data_args.missing_images,
+        feature_cache=build_feature_cache(model, processor, encoded, data_args),
+    )
     return HVPNetTrainer(
         model=model,
         args=training_args,
         train_dataset=encoded["train"] if training_args.do_train else None,
         eval_dataset=encoded.get("validation"),
         processing_class=processor,
-        data_collator=HVPNetDataCollator(processor, missing_images=data_args.missing_images),
+        data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )

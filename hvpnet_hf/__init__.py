@@ -11,6 +11,7 @@ from transformers import (
 
 from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
 from .configuration_hvpnet import HVPNetConfig
+from .feature_cache import VisualFeatureCache
 from .image_processing_hvpnet import HVPNetImageProcessor
 from .loading import MNER_LABELS, load_image, load_mner_dataset, load_mre_dataset
 from .metrics import align_word_predictions, metric_path
@@ -55,6 +56,7 @@ __all__ = [
     "ImageAttacher",
     "MultimodalNerPipeline",
     "MultimodalRePipeline",
+    "VisualFeatureCache",
     "align_word_predictions",
     "load_image",
     "load_mner_dataset",

@@ -7,7 +7,8 @@ Glue between the loaders, `HVPNetProcessor` and a `Trainer` / `DataLoader`:
     collator = HVPNetDataCollator(processor)
 
 Token ids live in Arrow; pixels never do: images are decoded from the `image` / `objects` paths when a batch is
-drawn. With `Trainer`, set `remove_unused_columns=False` so these path columns reach the transform or collator.
+drawn, or, with a `VisualFeatureCache` (frozen backbone), their cached backbone features are read instead. With
+`Trainer`, set `remove_unused_columns=False` so these path columns reach the transform or collator.
 """
 
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from datasets import Dataset
 from .image_processing_hvpnet import IMAGE_INPUT_NAMES
 
 if TYPE_CHECKING:
+    from .feature_cache import VisualFeatureCache
     from .processing_hvpnet import HVPNetProcessor
 
 MISSING_IMAGE_COLUMNS = (
@@ -80,14 +82,33 @@ class HVPNetDataCollator:
     `attention_mask`, `token_type_ids` (B, T), NER `word_start_mask` (B, T) and `labels` (B, T, padded with -100)
     or RE `labels` (B,), and the image tensors. Examples without attached images get them from their `image` /
     `objects` paths here. Columns that are not model inputs (`tokens`, `id`, `word_ids`, ...) are dropped.
+
+    With a built `feature_cache`, the image inputs are `image_features` (B, 1 + k, g*g, C) and `image_features_mask`
+    (B, 1 + k) read from the cache by the `image` / `objects` paths, instead of pixels.
     """
 
-    def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
+    def __init__(
+        self,
+        processor: "HVPNetProcessor",
+        missing_images: str = "mask",
+        feature_cache: "VisualFeatureCache | None" = None,
+    ):
         self.processor = processor
         self.attacher = ImageAttacher(processor, missing_images)
+        self.feature_cache = feature_cache
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if self.feature_cache is not None:
+            return dict(self.processor.pad([self._with_cached_features(feature) for feature in features]))
         return dict(self.processor.pad([self._with_images(feature) for feature in features]))
+
+    def _with_cached_features(self, feature: Mapping) -> Mapping:
+        if "image" not in feature:
+            raise KeyError(MISSING_IMAGE_COLUMNS)
+        image_features, image_features_mask = self.feature_cache.example_features(
+            feature["image"], feature.get("objects")
+        )
+        return {**feature, "image_features": image_features, "image_features_mask": image_features_mask}
 
     def _with_images(self, feature: Mapping) -> Mapping:
         if "pixel_values" in feature:

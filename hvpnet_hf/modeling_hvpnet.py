@@ -142,7 +142,11 @@ def _prepend_prefix_mask(
 class HVPNetVisionEncoderBase(nn.Module):
     """What the prefix encoders share: sizes read from the config and the timm feature pyramid
     (`features_only=True`, levels `config.vision_out_indices`), frozen when `config.freeze_vision`: no autograd
-    through it and fixed BatchNorm statistics. Building it never downloads weights."""
+    through it and fixed BatchNorm statistics. Building it never downloads weights.
+
+    Every encoder has a fixed part, `visual_features` (backbone and pooling to the prefix grid: what a feature cache
+    stores when the backbone is frozen), and a trainable part, `prefix_from_features`; `forward` chains the two.
+    """
 
     def __init__(self, config: HVPNetConfig):
         super().__init__()
@@ -152,6 +156,7 @@ class HVPNetVisionEncoderBase(nn.Module):
         self.hidden_size = text_config.hidden_size
         self.grid = config.prefix_grid
         self.freeze_backbone = config.freeze_vision
+        self.chunk_size = config.vision_chunk_size
         self.backbone = timm.create_model(
             config.vision_backbone,
             pretrained=False,
@@ -164,6 +169,7 @@ class HVPNetVisionEncoderBase(nn.Module):
             module._is_hf_initialized = True
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
+            self.backbone.eval()
 
     def train(self, mode: bool = True) -> "HVPNetVisionEncoderBase":
         super().train(mode)
@@ -171,10 +177,28 @@ class HVPNetVisionEncoderBase(nn.Module):
             self.backbone.eval()
         return self
 
-    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images (N, 3, H, W) → one feature map (N, C_i, H_i, W_i) per pyramid level."""
+    def visual_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) → (N, g*g, C) the pooled backbone features, C channels over the used stages.
+
+        The backbone sees at most `config.vision_chunk_size` images per call, so its peak memory follows the chunk,
+        in `channels_last` layout (faster for resnet50 on CPU at every chunk size, `benchmarks/bench_train_step.py`).
+        """
+        chunks = images.split(self.chunk_size) if self.chunk_size else (images,)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            return self.backbone(images)
+            return torch.cat(
+                [
+                    self.pool_feature_maps(self.backbone(chunk.contiguous(memory_format=torch.channels_last)))
+                    for chunk in chunks
+                ]
+            )
+
+    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """One map (N, C_i, H_i, W_i) per pyramid level → (N, g*g, C) the features the trainable part reads."""
+        raise NotImplementedError
+
+    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """features (B, n, g*g, C) from `visual_features`, present (B, n) bool → the per-layer visual prefix."""
+        raise NotImplementedError
 
     def load_pretrained_backbone(self, pretrained: bool | str, backbone_name: str, out_indices: list[int]) -> None:
         """Load timm's pretrained weights (`True`) or a local checkpoint file (a path) into the backbone."""
@@ -198,10 +222,11 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         channels = self.backbone.feature_info.channels()
         # "flat" uses the last stage only; the other modes use every stage.
         self.stage_indices = [len(channels) - 1] if self.prefix_mode == "flat" else list(range(len(channels)))
+        self.stage_channels = [channels[i] for i in self.stage_indices]
         num_stages = len(self.stage_indices)
         # Eq. 1-2: a 1x1 convolution per stage. It commutes with average pooling, so it runs on the g*g pooled
         # tokens as a linear layer instead of on the full map.
-        self.stage_projections = nn.ModuleList(nn.Linear(channels[i], self.hidden_size) for i in self.stage_indices)
+        self.stage_projections = nn.ModuleList(nn.Linear(size, self.hidden_size) for size in self.stage_channels)
         if self.prefix_mode == "pyramid":
             # Eq. 3: the L gate MLPs W_l (d -> c) as one linear layer d -> L * c.
             self.gate = nn.Linear(self.hidden_size, self.num_layers * num_stages)
@@ -217,34 +242,46 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         stage_of_layer = torch.arange(self.num_layers) * num_stages // self.num_layers
         return nn.functional.one_hot(stage_of_layer, num_stages).float()
 
-    def gated_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, 3, H, W) → gated prefix features (N, L, g*g, d) and gate weights (N, L, c)."""
-        feature_maps = self.feature_maps(images)
+    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Every used stage average-pooled to g x g, as g*g tokens, concatenated on channels: (N, g*g, C)."""
+        pooled = [nn.functional.adaptive_avg_pool2d(feature_maps[i], self.grid) for i in self.stage_indices]
+        return torch.cat([grid.flatten(2).transpose(1, 2) for grid in pooled], dim=2)
+
+    def gated_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (N, g*g, C) → gated prefix features (N, L, g*g, d) and gate weights (N, L, c)."""
+        stage_features = features.split(self.stage_channels, dim=2)
         stage_tokens = torch.stack(
-            [
-                projection(nn.functional.adaptive_avg_pool2d(feature_maps[i], self.grid).flatten(2).transpose(1, 2))
-                for projection, i in zip(self.stage_projections, self.stage_indices, strict=True)
-            ],
+            [projection(tokens) for projection, tokens in zip(self.stage_projections, stage_features, strict=True)],
             dim=1,
         )  # (N, c, g*g, d)
         if self.prefix_mode == "pyramid":
             # Eq. 3-4: average over stages of each stage's global average pool, then per-layer gate logits.
             summary = stage_tokens.mean(dim=(1, 2))
-            logits = nn.functional.leaky_relu(self.gate(summary)).view(len(images), self.num_layers, -1)
+            logits = nn.functional.leaky_relu(self.gate(summary)).view(len(features), self.num_layers, -1)
             gate_weights = logits.softmax(dim=-1)
         else:
-            gate_weights = self.fixed_gate.to(stage_tokens.dtype).expand(len(images), -1, -1)
+            gate_weights = self.fixed_gate.to(stage_tokens.dtype).expand(len(features), -1, -1)
         # Eq. 5: gated sum over stages, for every layer at once.
         return torch.einsum("nlc,nctd->nltd", gate_weights, stage_tokens), gate_weights
 
     def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool."""
+        flat_present = present.flatten()
+        features = images.new_zeros(flat_present.numel(), self.grid**2, sum(self.stage_channels))
+        if flat_present.any():  # absent images never reach the backbone; autocast may give lower-precision features
+            features[flat_present] = self.visual_features(images.flatten(0, 1)[flat_present]).to(features.dtype)
+        return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
+
+    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """features (B, n, g*g, C) from `visual_features` (rows of absent images are not read); present (B, n)."""
         batch_size, num_images = present.shape
         flat_present = present.flatten()
-        gated = images.new_zeros(batch_size * num_images, self.num_layers, self.grid**2, self.hidden_size)
-        gate_weights = images.new_zeros(batch_size * num_images, self.num_layers, self.num_stages)
-        if flat_present.any():  # absent images never reach the backbone
-            gated[flat_present], gate_weights[flat_present] = self.gated_features(images.flatten(0, 1)[flat_present])
+        gated = features.new_zeros(batch_size * num_images, self.num_layers, self.grid**2, self.hidden_size)
+        gate_weights = features.new_zeros(batch_size * num_images, self.num_layers, self.num_stages)
+        if flat_present.any():
+            present_gated, present_gate_weights = self.gated_features(features.flatten(0, 1)[flat_present])
+            gated[flat_present] = present_gated.to(gated.dtype)
+            gate_weights[flat_present] = present_gate_weights.to(gate_weights.dtype)
 
         # Eq. 6: concatenate the images of one example on the token axis: (B, L, P, d).
         prefix = gated.view(batch_size, num_images, self.num_layers, -1, self.hidden_size).transpose(1, 2)
@@ -290,7 +327,7 @@ ORIGINAL_MLP_HIDDEN_SIZE = 800
 
 
 class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
-    """Images → per-layer visual prefix in the layout of the authors' code, for all images in one backbone pass.
+    """Images → per-layer visual prefix in the layout of the authors' code, for all images in batched backbone calls.
 
     Module names follow that code (`encoder_conv`, one linear `gate` holding its L `gates`) so that its checkpoints
     map key by key.
@@ -308,35 +345,40 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
         # The original's L gate layers Linear(t * 2d, c), stacked as one layer t * 2d -> L * c.
         self.gate = nn.Linear(tokens * 2 * self.hidden_size, self.num_layers * self.num_stages)
 
-    def pooled_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) → (N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
-        feature_maps = self.feature_maps(images)
+    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """(N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
         pooled = []
         for stage, feature_map in enumerate(feature_maps):
             kernel = feature_map.shape[-2] // self.grid  # from the map's height, as in the original
             grid = nn.functional.avg_pool2d(feature_map, kernel_size=kernel, stride=kernel) if kernel > 0 else None
             if grid is None or grid.shape[-2:] != (self.grid, self.grid):
                 raise ValueError(
-                    f"prefix_mode='original' pools backbone stage {stage} (a {tuple(feature_map.shape[-2:])} map for "
-                    f"{tuple(images.shape[-2:])} images) with kernel height // prefix_grid, which does not give a "
-                    f"{self.grid}x{self.grid} grid; use square images large enough (the original code uses 224x224)"
+                    f"prefix_mode='original' pools backbone stage {stage} (a {tuple(feature_map.shape[-2:])} map) "
+                    f"with kernel height // prefix_grid, which does not give a {self.grid}x{self.grid} grid; use "
+                    "square images large enough (the original code uses 224x224)"
                 )
             pooled.append(grid)
-        channels_first = torch.cat(pooled, dim=1)  # (N, C, g, g), contiguous
-        return channels_first.view(len(images), self.grid**2, -1)
+        channels_first = torch.cat(pooled, dim=1).contiguous()  # (N, C, g, g)
+        return channels_first.view(len(channels_first), self.grid**2, -1)
 
     def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool.
 
         Absent images are replaced by zero images and, like every other image, attended.
         """
-        batch_size, num_images = present.shape
         present = present.to(device=images.device, dtype=torch.bool)
-        images = images.masked_fill(~present[:, :, None, None, None], 0.0).flatten(0, 1)
+        images = images.masked_fill(~present[:, :, None, None, None], 0.0)
+        features = self.visual_features(images.flatten(0, 1))
+        return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
 
-        chunks = self.encoder_conv(self.pooled_tokens(images))
-        chunks = chunks.view(len(images), self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
-        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(len(images), self.num_layers, self.num_stages)
+    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
+        """features (B, n, t, C) from `visual_features`; present (B, n). An absent image must hold the features of
+        a zero image (what `forward` and the feature cache give it): it is attended like any other."""
+        batch_size, num_images = present.shape
+        features = features.flatten(0, 1)
+        chunks = self.encoder_conv(features)
+        chunks = chunks.view(len(features), self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
+        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(len(features), self.num_layers, self.num_stages)
         gate_weights = nn.functional.leaky_relu(gate_logits).softmax(dim=-1)  # (N, L, c)
         gated = torch.einsum("nlc,ntcd->nltd", gate_weights, chunks)  # (N, L, t, 2d)
 
@@ -463,6 +505,8 @@ class HVPNetModel(HVPNetPreTrainedModel):
         object_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_gate_weights: bool = False,
+        image_features: torch.Tensor | None = None,
+        image_features_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> HVPNetModelOutput:
         """
@@ -474,6 +518,9 @@ class HVPNetModel(HVPNetPreTrainedModel):
         object_pixel_values, object_mask: the older form, still accepted: `pixel_values` (B, 3, H, W) holds only the
             global image, `image_mask` is (B,), and the crops come as `object_pixel_values` (B, k, 3, H, W) with
             `object_mask` (B, k).
+        image_features: instead of pixels, (B, 1 + num_object_images, g*g, C) the frozen backbone's pooled features
+            of the global image and the crops (`visual_features` of the encoder), as `VisualFeatureCache` serves them;
+            image_features_mask: (B, 1 + num_object_images) bool, False where an image is absent.
         output_gate_weights: return the gate weights (B, n, L, c).
         `output_hidden_states`, `output_attentions` (eager attention only) and `return_dict` work as for `BertModel`.
         """
@@ -482,7 +529,12 @@ class HVPNetModel(HVPNetPreTrainedModel):
         if kwargs.get("output_attentions") and self.config.text_config._attn_implementation != "eager":
             raise ValueError("output_attentions=True needs attn_implementation='eager' (sdpa returns no weights)")
         batch_size = len(input_ids if input_ids is not None else inputs_embeds)
-        prefix = self.visual_prefix(pixel_values, image_mask, object_pixel_values, object_mask, batch_size)
+        if image_features is None:
+            prefix = self.visual_prefix(pixel_values, image_mask, object_pixel_values, object_mask, batch_size)
+        elif any(image is not None for image in (pixel_values, object_pixel_values, image_mask, object_mask)):
+            raise ValueError("Pass either pixel_values (with its masks) or image_features, not both")
+        else:
+            prefix = self.visual_prefix_from_features(image_features, image_features_mask, batch_size)
         text_outputs = self.text_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -527,6 +579,23 @@ class HVPNetModel(HVPNetPreTrainedModel):
             images = torch.cat([images, images.new_zeros(batch_size, missing, *images.shape[2:])], dim=1)
             present = torch.cat([present, present.new_zeros(batch_size, missing)], dim=1)
         return self.visual_encoder(images, present)
+
+    def visual_prefix_from_features(
+        self, image_features: torch.Tensor, image_features_mask: torch.Tensor | None, batch_size: int
+    ) -> VisualPrefix | None:
+        """The prefix from cached backbone features (B, 1 + num_object_images, g*g, C), global image first."""
+        if self.visual_encoder is None:
+            return None
+        num_slots = 1 + self.config.num_object_images
+        if image_features.dim() != 4 or tuple(image_features.shape[:2]) != (batch_size, num_slots):
+            raise ValueError(
+                f"image_features must have shape (batch={batch_size}, 1 + num_object_images={num_slots}, tokens, "
+                f"channels), got {tuple(image_features.shape)}"
+            )
+        present = _presence("image_features_mask", image_features_mask, image_features, batch_size)
+        if not self.config.use_global_image:
+            image_features, present = image_features[:, 1:], present[:, 1:]
+        return self.visual_encoder.prefix_from_features(image_features, present)
 
 
 def stack_image_inputs(
@@ -700,7 +769,8 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         emissions = self.classifier(self.dropout(outputs.last_hidden_state))
 
         word_index, word_mask = _word_positions(word_start_mask)
-        word_emissions = emissions.gather(1, word_index[..., None].expand(-1, -1, self.num_labels))
+        # The CRF runs in float32, also when the model runs under bf16 / fp16 autocast.
+        word_emissions = emissions.float().gather(1, word_index[..., None].expand(-1, -1, self.num_labels))
         # pytorch-crf needs every sequence to start with a real step: examples without words are left out.
         has_words = word_mask[:, 0] if word_mask.shape[1] else word_mask.new_zeros(len(word_mask))
 
@@ -799,7 +869,7 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits, labels)
+            loss = nn.functional.cross_entropy(logits.float(), labels)  # float32 also under autocast
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

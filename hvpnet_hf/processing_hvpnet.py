@@ -28,6 +28,8 @@ HEAD_START, HEAD_END, TAIL_START, TAIL_END = "<s>", "</s>", "<o>", "</o>"
 ENTITY_MARKERS = [HEAD_START, HEAD_END, TAIL_START, TAIL_END]
 # Token-level inputs and the value that pads each of them (`input_ids` is padded with the tokenizer's pad id).
 SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
+# The image inputs that replace the pixels when a frozen backbone's features are read from a cache.
+IMAGE_FEATURE_INPUT_NAMES = ("image_features", "image_features_mask")
 # The image settings that releases before the processor became a `ProcessorMixin` wrote at the top level of
 # `processor_config.json`.
 LEGACY_IMAGE_SETTINGS = (
@@ -175,7 +177,9 @@ class HVPNetProcessor(ProcessorMixin):
         """
         Pads and stacks encoded examples with their image tensors into model inputs: `input_ids` (padded with the
         tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T), NER `word_start_mask` (B, T) and `labels`
-        (B, T, padded with -100) or RE `labels` (B,), and the image tensors. Other keys are dropped.
+        (B, T, padded with -100) or RE `labels` (B,), and the image tensors: the pixels, or the cached backbone
+        features `image_features` (B, 1 + k, g*g, C) with `image_features_mask` (B, 1 + k) when the examples carry
+        those. Other keys are dropped.
         """
         batch = {"input_ids": _pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)}
         for name, padding_value in SEQUENCE_PADDING.items():
@@ -184,7 +188,8 @@ class HVPNetProcessor(ProcessorMixin):
         if "labels" in features[0]:
             labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
             batch["labels"] = _pad(labels, -100) if labels[0].ndim else torch.stack(labels)  # NER (B, T), RE (B,)
-        for name in IMAGE_INPUT_NAMES:
+        image_names = IMAGE_FEATURE_INPUT_NAMES if "image_features" in features[0] else IMAGE_INPUT_NAMES
+        for name in image_names:
             batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
         return BatchFeature(batch)
 

