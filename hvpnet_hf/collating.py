@@ -47,7 +47,7 @@ def tokenize_and_align(
 class ImageAttacher:
     """
     Transform for `Dataset.with_transform`: decodes the `image` and `objects` paths of the rows being read and adds
-    `pixel_values`, `object_pixel_values`, `image_mask` and `object_mask` (see
+    `pixel_values` (1 + k, 3, S, S), global image first, and `image_mask` (1 + k,) per row (see
     `HVPNetProcessor.preprocess_images`). `num_masked` counts the files that could not be decoded and were masked
     (per process: with DataLoader workers each worker keeps its own count); each such file is also logged by name.
     """
@@ -63,11 +63,10 @@ class ImageAttacher:
         attached = {name: [] for name in IMAGE_INPUT_NAMES}
         for image, objects in zip(batch["image"], batch["objects"], strict=True):
             images = self.processor.preprocess_images(image, objects, self.missing_images)
-            self.num_masked += int(image is not None and not images["image_mask"])
-            kept_objects = objects[: self.processor.num_object_images]
+            sources = [image, *objects[: self.processor.num_object_images]]
             self.num_masked += sum(
-                crop is not None and not present
-                for crop, present in zip(kept_objects, images["object_mask"].tolist(), strict=False)
+                source is not None and not present
+                for source, present in zip(sources, images["image_mask"].tolist(), strict=False)
             )
             for name in IMAGE_INPUT_NAMES:
                 attached[name].append(images[name])

@@ -115,7 +115,7 @@ def test_mner_text_only_control_masks_every_image(text_model, tmp_path, monkeypa
 
     def recording_call(self, features):
         batch = original_call(self, features)
-        seen.append(bool(batch["image_mask"].any() or batch["object_mask"].any()))
+        seen.append(bool(batch["image_mask"].any()))
         return batch
 
     monkeypatch.setattr(HVPNetDataCollator, "__call__", recording_call)
