@@ -220,8 +220,8 @@ def test_saved_code_imports_only_what_remote_code_may_need(hub):
     snapshot = hub["root"] / "cache" / f"models--{NER_REPO.replace('/', '--')}" / "snapshots" / hub["commits"]["main"]
     code_files = sorted(path.name for path in snapshot.glob("*.py"))
     assert code_files == [
-        "configuration_hvpnet.py", "image_processing_hvpnet.py", "modeling_hvpnet.py", "modeling_hvpnet_original.py",
-        "pipelines.py", "processing_hvpnet.py",
+        "configuration_hvpnet.py", "image_processing_hvpnet.py", "modeling_hvpnet.py", "pipelines.py",
+        "processing_hvpnet.py",
     ]  # fmt: skip
     for name in code_files:
         third_party = {module for module in get_imports(snapshot / name) if module not in sys.stdlib_module_names}
