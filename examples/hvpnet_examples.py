@@ -1,6 +1,7 @@
 """
-What `run_mner.py` and `run_mre.py` share: the model and data flags, the config-file parsing, the image and crop
-folders, the model, the `Trainer`, and the model card. Each script keeps its own data set, metric and prediction file.
+What `run_mner.py` and `run_mre.py` share: the model and data flags, the config-file parsing, the model, the
+`Trainer`, and the model card. Each script keeps its own data set, metric and prediction file; the data sets' layout
+(image and crop folders, crop maps) is found by `hvpnet_hf.loading`.
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PredictionOutput
 
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
+from hvpnet_hf.loading import find_release_layout, split_folders
 from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
@@ -32,9 +34,6 @@ from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 logger = logging.getLogger(__name__)
 
 SAMPLE_NOTE = "Trained on the small synthetic sample set bundled with hvpnet_hf: a demonstration, not a usable model."
-# Folder names of the splits in the image and crop releases, and in the names of the crop maps (`*_val_dict.pth`,
-# `mre_dev_dict.pth`).
-SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "dev", "valid"), "test": ("test",)}
 # Settings of both scripts that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
 TRAINING_DEFAULTS = {
     "do_train": True,
@@ -304,35 +303,6 @@ def start_run(training_args: TrainingArguments) -> bool:
     return push_to_hub
 
 
-def per_split_folders(folder: str | None) -> str | dict[str, str] | None:
-    """`folder`, or `{split: folder/<split>[/crops]}` when it is laid out per split as the published releases are."""
-    if folder is None:
-        return None
-    per_split = {}
-    for split, names in SPLIT_FOLDERS.items():
-        for name in names:
-            candidate = Path(folder) / name
-            candidate = candidate / "crops" if (candidate / "crops").is_dir() else candidate
-            if candidate.is_dir():
-                per_split[split] = str(candidate)
-                break
-    return per_split or folder
-
-
-def find_object_maps(folder: str) -> dict[str, str]:
-    """The crop maps `*_{train,val,test}_dict.pth` (also `dev`) in `folder`, per split."""
-    maps = {}
-    for split, names in SPLIT_FOLDERS.items():
-        for name in names:
-            found = sorted(Path(folder).glob(f"*_{name}_dict.pth"))
-            if found:
-                maps[split] = str(found[0])
-                break
-    if not maps:
-        raise FileNotFoundError(f"no crop map *_{{train,val,test}}_dict.pth in {folder}; set object_map_dir")
-    return maps
-
-
 def check_no_own_data(data_args: DataArguments) -> None:
     """
     Refuses `dataset: sample` together with data of the user's own: the run would be named (and its model card
@@ -354,17 +324,12 @@ def dataset_sources(data_args: DataArguments) -> dict[str, Any]:
     image_dir, object_dir = data_args.image_dir, data_args.object_dir
     if data_args.mask_images:
         image_dir = object_dir = None
-    object_maps = None
-    if object_dir is not None:
-        if data_args.object_map_dir is None and data_args.data_dir is None:
-            raise ValueError("object_dir needs object_map_dir (or data_dir), the folder of the *_dict.pth crop maps")
-        object_maps = find_object_maps(data_args.object_map_dir or data_args.data_dir)
+    if object_dir is not None and data_args.object_map_dir is None and data_args.data_dir is None:
+        raise ValueError("object_dir needs object_map_dir (or data_dir), the folder of the *_dict.pth crop maps")
     return {
         "data_dir": data_args.data_dir,
         "data_files": files or None,
-        "image_dir": per_split_folders(image_dir),
-        "object_dir": per_split_folders(object_dir),
-        "object_maps": object_maps,
+        **find_release_layout(image_dir, object_dir, data_args.object_map_dir or data_args.data_dir),
         "missing_images": data_args.missing_images,
     }
 
@@ -376,7 +341,7 @@ def check_images_found(raw: datasets.DatasetDict, data_args: DataArguments) -> N
     """
     if data_args.mask_images or data_args.image_dir is None:
         return
-    folders = per_split_folders(data_args.image_dir)
+    folders = split_folders(data_args.image_dir)
     for split, dataset in raw.items():
         if len(dataset) and all(path is None for path in dataset["image"]):
             folder = folders.get(split, data_args.image_dir) if isinstance(folders, dict) else folders
