@@ -332,7 +332,7 @@ def test_push_uploads_the_converted_model_processor_and_pipeline(converted, tmp_
             "someone/hvpnet-mnre-original",
             sorted([
                 "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
-                "modeling_hvpnet_original.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
+                "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
                 "processor_config.json", "tokenizer.json", "tokenizer_config.json",
             ]),
         )
