@@ -11,16 +11,13 @@ drawn. With `Trainer`, set `remove_unused_columns=False` so these path columns r
 """
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from datasets import Dataset
 
 from .image_processing_hvpnet import IMAGE_INPUT_NAMES
-
-if TYPE_CHECKING:
-    from .processing_hvpnet import HVPNetProcessor
+from .processing_hvpnet import HVPNetProcessor
 
 MISSING_IMAGE_COLUMNS = (
     "Examples have neither image tensors nor the `image` / `objects` path columns to load them from; with Trainer, "
@@ -29,7 +26,7 @@ MISSING_IMAGE_COLUMNS = (
 
 
 def tokenize_and_align(
-    examples: Mapping[str, list], processor: "HVPNetProcessor", max_length: int | None = None
+    examples: Mapping[str, list], processor: HVPNetProcessor, max_length: int | None = None
 ) -> dict[str, list]:
     """
     Batched `datasets.map` function: tokenises the `tokens` column and aligns the labels (`ner_tags` for NER,
@@ -52,7 +49,7 @@ class ImageAttacher:
     (per process: with DataLoader workers each worker keeps its own count); each such file is also logged by name.
     """
 
-    def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
+    def __init__(self, processor: HVPNetProcessor, missing_images: str = "mask"):
         self.processor = processor
         self.missing_images = missing_images
         self.num_masked = 0
@@ -81,7 +78,7 @@ class HVPNetDataCollator:
     `objects` paths here. Columns that are not model inputs (`tokens`, `id`, `word_ids`, ...) are dropped.
     """
 
-    def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
+    def __init__(self, processor: HVPNetProcessor, missing_images: str = "mask"):
         self.processor = processor
         self.attacher = ImageAttacher(processor, missing_images)
 
