@@ -23,7 +23,7 @@ labels are only copied to the output; when they are present the entity or relati
 import argparse
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,33 @@ def task_of(model: str) -> str:
 def conll_row(word: str, gold: str, predicted: str) -> str:
     """One `word gold predicted` line; the word's whitespace becomes `_` (an empty word is `_`), keeping 3 columns."""
     return f"{'_'.join(word.split()) or '_'} {gold} {predicted}\n"
+
+
+def write_ner_predictions(
+    path: str | Path, sentences: Iterable[tuple[Sequence[str], Sequence[str], Sequence[str]]]
+) -> None:
+    """Per sentence `(words, gold tags, predicted tags)`: one `conll_row` per word, a blank line after each sentence."""
+    with open(path, "w", encoding="utf-8") as file:
+        for words, gold, predicted in sentences:
+            file.writelines(conll_row(*columns) for columns in zip(words, gold, predicted, strict=True))
+            file.write("\n")
+
+
+def write_re_predictions(
+    path: str | Path, examples: Iterable[Mapping], gold: Iterable[str], ranked: Iterable[list[dict]], top_k: bool
+) -> None:
+    """
+    One JSON object per example: its `id`, `head` and `tail`, the `gold` relation, the `predicted` one and its
+    probability `score`; with `top_k`, also the ranked `[{"relation", "score"}, ...]` list. `ranked` gives, per
+    example, relations with their probabilities, most probable first.
+    """
+    with open(path, "w", encoding="utf-8") as file:
+        for example, gold_relation, relations in zip(examples, gold, ranked, strict=True):
+            record = {"id": example["id"], "head": example["head"], "tail": example["tail"], "gold": gold_relation}
+            record.update({"predicted": relations[0]["relation"], "score": round(relations[0]["score"], 4)})
+            if top_k:
+                record["top_k"] = [{**item, "score": round(item["score"], 4)} for item in relations]
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def bio_tags(entities: list[dict], num_words: int) -> list[str]:
@@ -127,15 +154,9 @@ def predict_ner(args: argparse.Namespace) -> dict[str, float]:
     inputs = ({"words": row["tokens"], "image": row["image"], "objects": row["objects"]} for row in examples)
     outputs: Iterator = tagger(inputs, batch_size=args.batch_size, missing_images=args.missing_images)
     names = examples.features["ner_tags"].feature.names
-    predictions, references = [], []
-    with open(args.output, "w", encoding="utf-8") as file:
-        for row, entities in zip(examples, outputs, strict=True):
-            predicted = bio_tags(entities, len(row["tokens"]))
-            gold = [names[tag] for tag in row["ner_tags"]]
-            file.writelines(conll_row(*columns) for columns in zip(row["tokens"], gold, predicted, strict=True))
-            file.write("\n")
-            predictions.append(predicted)
-            references.append(gold)
+    predictions = [bio_tags(entities, len(row["tokens"])) for row, entities in zip(examples, outputs, strict=True)]
+    references = [[names[tag] for tag in tags] for tags in examples["ner_tags"]]
+    write_ner_predictions(args.output, zip(examples["tokens"], references, predictions, strict=True))
     return evaluate.load(metric_path("ner_seqeval")).compute(predictions=predictions, references=references)
 
 
@@ -157,17 +178,11 @@ def predict_re(args: argparse.Namespace) -> dict[str, float]:
         inputs, batch_size=args.batch_size, top_k=args.top_k or 1, missing_images=args.missing_images
     )
     names = examples.features["relation"].names
-    predictions, references = [], []
-    with open(args.output, "w", encoding="utf-8") as file:
-        for row, ranked in zip(examples, outputs, strict=True):
-            gold = names[row["relation"]]
-            record = {"id": row["id"], "head": row["head"], "tail": row["tail"], "gold": gold}
-            record.update({"predicted": ranked[0]["relation"], "score": round(ranked[0]["score"], 4)})
-            if args.top_k:
-                record["top_k"] = [{**item, "score": round(item["score"], 4)} for item in ranked]
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            predictions.append(label2id[ranked[0]["relation"]])
-            references.append(label2id.get(gold, -1))
+    ranked = list(outputs)
+    gold = [names[relation] for relation in examples["relation"]]
+    write_re_predictions(args.output, examples, gold, ranked, top_k=bool(args.top_k))
+    predictions = [label2id[relations[0]["relation"]] for relations in ranked]
+    references = [label2id.get(relation, -1) for relation in gold]
     if -1 in references:
         logger.warning("the input has relations the model does not know: no scores computed")
         return {}
