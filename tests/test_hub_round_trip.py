@@ -27,7 +27,8 @@ NER_REPO, RE_REPO = "org/hvpnet-ner", "org/hvpnet-mnre"
 # Packages the saved code must not need: machine B has only transformers (with huggingface_hub, which needs yaml),
 # timm, torch, pillow and pytorch-crf.
 BLOCKED = ("hvpnet_hf", "datasets", "seqeval", "evaluate")
-CODE_DEPENDENCIES = {"torch", "transformers", "timm", "PIL", "torchcrf"}
+# numpy comes with torch and transformers (the image processor reads numpy images).
+CODE_DEPENDENCIES = {"torch", "transformers", "timm", "PIL", "torchcrf", "numpy"}
 BLOCKER = textwrap.dedent(
     f"""
     import sys
