@@ -24,6 +24,7 @@ from seqeval.metrics import f1_score
 
 import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
+from hvpnet_hf.loading import find_release_layout
 
 SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data"
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -33,23 +34,14 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 def load_sample_sets():
     twitter, mnre = SAMPLE_DIR / "twitter", SAMPLE_DIR / "mnre"
     ner = load_mner_dataset(
-        data_dir=twitter,
-        image_dir=twitter / "images",
-        object_dir={split: twitter / "aux_images" / name / "crops" for split, name in SPLIT_FOLDERS.items()},
-        object_maps={split: twitter / f"twitter_{name}_dict.pth" for split, name in SPLIT_FOLDERS.items()},
+        data_dir=twitter, **find_release_layout(twitter / "images", twitter / "aux_images", twitter)
     )
     mre = load_mre_dataset(
         data_dir=mnre / "txt",
-        image_dir={split: mnre / "img_org" / name for split, name in SPLIT_FOLDERS.items()},
-        object_dir={split: mnre / "img_vg" / name / "crops" for split, name in SPLIT_FOLDERS.items()},
-        object_maps={split: mnre / "txt" / f"mre_{MRE_DICT_NAMES[split]}_dict.pth" for split in SPLIT_FOLDERS},
+        **find_release_layout(mnre / "img_org", mnre / "img_vg", mnre / "txt"),
         rel2id=mnre / "mnre_rel2id.json",
     )
     return ner, mre
-
-
-SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
-MRE_DICT_NAMES = {"train": "train", "validation": "dev", "test": "test"}
 
 
 def ner_examples(split) -> list[dict]:

@@ -1,9 +1,11 @@
 """
-What `run_mner.py` and `run_mre.py` share: the model and data flags, the config-file parsing, the image and crop
-folders, the model, the `Trainer`, and the model card. Each script keeps its own data set, metric and prediction file.
+What `run_mner.py` and `run_mre.py` share: the model and data flags, the config-file parsing, the model, the
+`Trainer`, and the model card. Each script keeps its own data set, metric and prediction file; the data sets' layout
+(image and crop folders, crop maps) is found by `hvpnet_hf.loading`.
 """
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -26,18 +28,19 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PredictionOutput
 
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
+from hvpnet_hf.configuration_hvpnet import PREFIX_MODES, HVPNetConfig
 from hvpnet_hf.feature_cache import VisualFeatureCache
-from hvpnet_hf.model_card import push_output_dir_to_hub, render_model_card, training_hyperparameters
+from hvpnet_hf.loading import find_release_layout, split_folders
+from hvpnet_hf.model_card import SPLIT_PREFIXES, push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
 
 logger = logging.getLogger(__name__)
 
+# The defaults of the model flags that are `HVPNetConfig` fields.
+DEFAULT_CONFIG = HVPNetConfig()
 SAMPLE_NOTE = "Trained on the small synthetic sample set bundled with hvpnet_hf: a demonstration, not a usable model."
-# Folder names of the splits in the image and crop releases, and in the names of the crop maps (`*_val_dict.pth`,
-# `mre_dev_dict.pth`).
-SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "dev", "valid"), "test": ("test",)}
 # Settings of both scripts that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
 TRAINING_DEFAULTS = {
     "do_train": True,
@@ -68,25 +71,57 @@ class ModelArguments:
         default=None,
         metadata={"help": "A trained HVPNeT folder of this task to start from instead (e.g. to evaluate it only)."},
     )
-    vision_backbone: str = field(default="resnet50", metadata={"help": "timm backbone with features_only support."})
+    vision_backbone: str = field(
+        default=DEFAULT_CONFIG.vision_backbone, metadata={"help": "timm backbone with features_only support."}
+    )
     vision_pretrained: bool = field(
         default=False, metadata={"help": "Start the backbone from timm's pretrained weights (the paper's setting)."}
     )
     vision_checkpoint: str | None = field(
         default=None, metadata={"help": "Local file with backbone weights (instead of downloading them)."}
     )
-    prefix_mode: str = field(default="pyramid", metadata={"choices": ["pyramid", "flat", "one_to_three", "original"]})
+    # The flags from here on are `HVPNetConfig` fields of the same name, with its defaults (see `config_flags`).
+    prefix_mode: str = field(default=DEFAULT_CONFIG.prefix_mode, metadata={"choices": list(PREFIX_MODES)})
     use_visual_prefix: bool = field(
-        default=True, metadata={"help": "False trains plain BERT (a BERT-CRF for NER, a BERT relation classifier)."}
+        default=DEFAULT_CONFIG.use_visual_prefix,
+        metadata={"help": "False trains plain BERT (a BERT-CRF for NER, a BERT relation classifier)."},
     )
-    use_global_image: bool = field(default=True, metadata={"help": "False is the paper's OnlyObj ablation."})
-    num_object_images: int = field(default=3, metadata={"help": "Object crops per example (m in the paper)."})
-    prefix_grid: int = field(default=2, metadata={"help": "Each feature map is pooled to grid x grid tokens."})
+    use_global_image: bool = field(
+        default=DEFAULT_CONFIG.use_global_image, metadata={"help": "False is the paper's OnlyObj ablation."}
+    )
+    num_object_images: int = field(
+        default=DEFAULT_CONFIG.num_object_images, metadata={"help": "Object crops per example (m in the paper)."}
+    )
+    prefix_grid: int = field(
+        default=DEFAULT_CONFIG.prefix_grid, metadata={"help": "Each feature map is pooled to grid x grid tokens."}
+    )
     vision_out_indices: list[int] = field(
-        default_factory=lambda: [-4, -3, -2, -1], metadata={"help": "Backbone feature levels of the pyramid."}
+        default_factory=lambda: list(DEFAULT_CONFIG.vision_out_indices),
+        metadata={"help": "Backbone feature levels of the pyramid."},
     )
-    freeze_vision: bool = field(default=True, metadata={"help": "Keep the backbone (and its BatchNorm) fixed."})
-    classifier_dropout: float | None = field(default=None)
+    freeze_vision: bool = field(
+        default=DEFAULT_CONFIG.freeze_vision, metadata={"help": "Keep the backbone (and its BatchNorm) fixed."}
+    )
+    vision_chunk_size: int | None = field(
+        default=DEFAULT_CONFIG.vision_chunk_size,
+        metadata={
+            "help": "Images per backbone call (peak memory follows it); null in a config file: one call per batch."
+        },
+    )
+    classifier_dropout: float | None = field(default=DEFAULT_CONFIG.classifier_dropout)
+
+
+def config_flags(model_args: ModelArguments) -> dict[str, Any]:
+    """
+    The flags that are `HVPNetConfig` fields of the same name, for `from_text_vision_pretrained`; the backbone and
+    its weights are arguments of that method itself.
+    """
+    config_fields = inspect.signature(HVPNetConfig).parameters.keys() - {"vision_backbone", "vision_pretrained"}
+    return {
+        item.name: getattr(model_args, item.name)
+        for item in dataclasses.fields(model_args)
+        if item.name in config_fields
+    }
 
 
 def dataset_field(known: list[str]) -> Any:
@@ -317,35 +352,6 @@ def start_run(training_args: TrainingArguments) -> bool:
     return push_to_hub
 
 
-def per_split_folders(folder: str | None) -> str | dict[str, str] | None:
-    """`folder`, or `{split: folder/<split>[/crops]}` when it is laid out per split as the published releases are."""
-    if folder is None:
-        return None
-    per_split = {}
-    for split, names in SPLIT_FOLDERS.items():
-        for name in names:
-            candidate = Path(folder) / name
-            candidate = candidate / "crops" if (candidate / "crops").is_dir() else candidate
-            if candidate.is_dir():
-                per_split[split] = str(candidate)
-                break
-    return per_split or folder
-
-
-def find_object_maps(folder: str) -> dict[str, str]:
-    """The crop maps `*_{train,val,test}_dict.pth` (also `dev`) in `folder`, per split."""
-    maps = {}
-    for split, names in SPLIT_FOLDERS.items():
-        for name in names:
-            found = sorted(Path(folder).glob(f"*_{name}_dict.pth"))
-            if found:
-                maps[split] = str(found[0])
-                break
-    if not maps:
-        raise FileNotFoundError(f"no crop map *_{{train,val,test}}_dict.pth in {folder}; set object_map_dir")
-    return maps
-
-
 def check_no_own_data(data_args: DataArguments) -> None:
     """
     Refuses `dataset: sample` together with data of the user's own: the run would be named (and its model card
@@ -367,17 +373,12 @@ def dataset_sources(data_args: DataArguments) -> dict[str, Any]:
     image_dir, object_dir = data_args.image_dir, data_args.object_dir
     if data_args.mask_images:
         image_dir = object_dir = None
-    object_maps = None
-    if object_dir is not None:
-        if data_args.object_map_dir is None and data_args.data_dir is None:
-            raise ValueError("object_dir needs object_map_dir (or data_dir), the folder of the *_dict.pth crop maps")
-        object_maps = find_object_maps(data_args.object_map_dir or data_args.data_dir)
+    if object_dir is not None and data_args.object_map_dir is None and data_args.data_dir is None:
+        raise ValueError("object_dir needs object_map_dir (or data_dir), the folder of the *_dict.pth crop maps")
     return {
         "data_dir": data_args.data_dir,
         "data_files": files or None,
-        "image_dir": per_split_folders(image_dir),
-        "object_dir": per_split_folders(object_dir),
-        "object_maps": object_maps,
+        **find_release_layout(image_dir, object_dir, data_args.object_map_dir or data_args.data_dir),
         "missing_images": data_args.missing_images,
     }
 
@@ -389,7 +390,7 @@ def check_images_found(raw: datasets.DatasetDict, data_args: DataArguments) -> N
     """
     if data_args.mask_images or data_args.image_dir is None:
         return
-    folders = per_split_folders(data_args.image_dir)
+    folders = split_folders(data_args.image_dir)
     for split, dataset in raw.items():
         if len(dataset) and all(path is None for path in dataset["image"]):
             folder = folders.get(split, data_args.image_dir) if isinstance(folders, dict) else folders
@@ -430,7 +431,6 @@ def load_processor_and_model(
     model_args: ModelArguments,
     data_args: DataArguments,
     id2label: dict[int, str],
-    **task_config: Any,
 ) -> tuple[HVPNetProcessor, PreTrainedModel]:
     """A trained folder (`model_name_or_path`), or a new model on a pretrained text encoder, with its processor."""
     if model_args.model_name_or_path is not None:
@@ -452,15 +452,7 @@ def load_processor_and_model(
         num_labels=len(id2label),
         id2label=id2label,
         label2id={label: index for index, label in id2label.items()},
-        prefix_mode=model_args.prefix_mode,
-        use_visual_prefix=model_args.use_visual_prefix,
-        use_global_image=model_args.use_global_image,
-        num_object_images=model_args.num_object_images,
-        prefix_grid=model_args.prefix_grid,
-        vision_out_indices=model_args.vision_out_indices,
-        freeze_vision=model_args.freeze_vision,
-        classifier_dropout=model_args.classifier_dropout,
-        **task_config,
+        **config_flags(model_args),
     )
     return processor, model
 
@@ -549,8 +541,8 @@ def train_and_save(trainer: Trainer, train_dataset: datasets.Dataset) -> dict[st
 
 def evaluated_splits(training_args: TrainingArguments) -> list[tuple[str, str]]:
     """`(split, metric prefix)` of the splits to evaluate: validation (`eval`) and test (`test`) as asked."""
-    wanted = (("validation", "eval", training_args.do_eval), ("test", "test", training_args.do_predict))
-    return [(split, prefix) for split, prefix, asked in wanted if asked]
+    asked = {"validation": training_args.do_eval, "test": training_args.do_predict}
+    return [(split, prefix) for split, prefix in SPLIT_PREFIXES.items() if asked[split]]
 
 
 def predict_split(

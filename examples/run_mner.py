@@ -26,7 +26,7 @@ import hvpnet_hf
 from hvpnet_hf import HVPNetForTokenClassification
 from hvpnet_hf.loading import load_mner_dataset
 from hvpnet_hf.metrics import align_word_predictions, metric_path
-from hvpnet_hf.predict import conll_row
+from hvpnet_hf.predict import write_ner_predictions
 
 import hvpnet_examples
 
@@ -84,16 +84,6 @@ def keep_predicted_tags(outputs: tuple, labels: torch.Tensor) -> torch.Tensor:
     return outputs[1]
 
 
-def write_predictions(path: Path, raw_split: datasets.Dataset, predictions: list[list[str]]) -> None:
-    """CoNLL columns `word gold predicted` (see `conll_row`), one word per line, a blank line after each sentence."""
-    names = raw_split.features["ner_tags"].feature.names
-    with open(path, "w", encoding="utf-8") as file:
-        for tokens, gold, predicted in zip(raw_split["tokens"], raw_split["ner_tags"], predictions, strict=True):
-            for word, gold_tag, predicted_tag in zip(tokens, gold, predicted, strict=True):
-                file.write(conll_row(word, names[gold_tag], predicted_tag))
-            file.write("\n")
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     push_to_hub = hvpnet_examples.start_run(training_args)
@@ -135,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             predictions, _, _ = align_word_predictions(
                 prediction.predictions, prediction.label_ids, gold_tags[split], id2label
             )
-            write_predictions(output_dir / f"{split}_predictions.txt", raw[split], predictions)
+            sentences = zip(raw[split]["tokens"], gold_tags[split], predictions, strict=True)
+            write_ner_predictions(output_dir / f"{split}_predictions.txt", sentences)
 
     hvpnet_examples.save_model_card_and_push(
         trainer, "ner", results, data_args.dataset, model_args.text_model_name_or_path, push_to_hub

@@ -13,7 +13,6 @@ receives the model, the processor, the model card (`README.md`), `all_results.js
 relation, and the predicted relation's probability).
 """
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,10 @@ from transformers import EvalPrediction
 
 import hvpnet_hf
 from hvpnet_hf import HVPNetForSequenceClassification
+from hvpnet_hf.configuration_hvpnet import RELATION_POOLINGS
 from hvpnet_hf.loading import NO_RELATION, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
+from hvpnet_hf.predict import write_re_predictions
 
 import hvpnet_examples
 
@@ -44,10 +45,10 @@ SCRIPT_DEFAULTS = {
 @dataclass
 class RelationModelArguments(hvpnet_examples.ModelArguments):
     relation_pooling: str = field(
-        default="entity_markers",
+        default=hvpnet_examples.DEFAULT_CONFIG.relation_pooling,
         metadata={
             "help": "Classify from the <s>/<o> marker states or from [CLS].",
-            "choices": ["entity_markers", "cls"],
+            "choices": list(RELATION_POOLINGS),
         },
     )
 
@@ -89,21 +90,14 @@ def build_compute_metrics(none_id: int, num_labels: int):
 
 
 def write_predictions(path: Path, raw_split: datasets.Dataset, logits: np.ndarray) -> None:
-    """One JSON object per example: id, head, tail, gold relation, predicted relation and its probability."""
+    """One JSON object per example (see `write_re_predictions`): the pair, gold and predicted relation, probability."""
     names = raw_split.features["relation"].names
     probabilities = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1)
     scores, predicted = probabilities.max(dim=-1)
-    with open(path, "w", encoding="utf-8") as file:
-        for example, label, score in zip(raw_split, predicted.tolist(), scores.tolist(), strict=True):
-            record = {
-                "id": example["id"],
-                "head": example["head"],
-                "tail": example["tail"],
-                "gold": names[example["relation"]],
-                "predicted": names[label],
-                "score": round(score, 4),
-            }
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    pairs = zip(predicted.tolist(), scores.tolist(), strict=True)
+    best = [[{"relation": names[label], "score": score}] for label, score in pairs]
+    gold = [names[relation] for relation in raw_split["relation"]]
+    write_re_predictions(path, raw_split, gold, best, top_k=False)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -120,12 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     hvpnet_examples.limit_and_check_splits(raw, data_args, training_args)
 
     processor, model = hvpnet_examples.load_processor_and_model(
-        HVPNetForSequenceClassification,
-        "re",
-        model_args,
-        data_args,
-        id2label,
-        relation_pooling=model_args.relation_pooling,
+        HVPNetForSequenceClassification, "re", model_args, data_args, id2label
     )
     encoded = hvpnet_examples.encode_splits(raw, processor, data_args, training_args, "Tokenizing with entity markers")
 

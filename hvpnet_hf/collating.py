@@ -12,17 +12,14 @@ drawn, or, with a `VisualFeatureCache` (frozen backbone), their cached backbone 
 """
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from datasets import Dataset
 
+from .feature_cache import VisualFeatureCache
 from .image_processing_hvpnet import IMAGE_INPUT_NAMES
-
-if TYPE_CHECKING:
-    from .feature_cache import VisualFeatureCache
-    from .processing_hvpnet import HVPNetProcessor
+from .processing_hvpnet import HVPNetProcessor
 
 MISSING_IMAGE_COLUMNS = (
     "Examples have neither image tensors nor the `image` / `objects` path columns to load them from; with Trainer, "
@@ -31,7 +28,7 @@ MISSING_IMAGE_COLUMNS = (
 
 
 def tokenize_and_align(
-    examples: Mapping[str, list], processor: "HVPNetProcessor", max_length: int | None = None
+    examples: Mapping[str, list], processor: HVPNetProcessor, max_length: int | None = None
 ) -> dict[str, list]:
     """
     Batched `datasets.map` function: tokenises the `tokens` column and aligns the labels (`ner_tags` for NER,
@@ -49,12 +46,12 @@ def tokenize_and_align(
 class ImageAttacher:
     """
     Transform for `Dataset.with_transform`: decodes the `image` and `objects` paths of the rows being read and adds
-    `pixel_values`, `object_pixel_values`, `image_mask` and `object_mask` (see
+    `pixel_values` (1 + k, 3, S, S), global image first, and `image_mask` (1 + k,) per row (see
     `HVPNetProcessor.preprocess_images`). `num_masked` counts the files that could not be decoded and were masked
     (per process: with DataLoader workers each worker keeps its own count); each such file is also logged by name.
     """
 
-    def __init__(self, processor: "HVPNetProcessor", missing_images: str = "mask"):
+    def __init__(self, processor: HVPNetProcessor, missing_images: str = "mask"):
         self.processor = processor
         self.missing_images = missing_images
         self.num_masked = 0
@@ -65,11 +62,10 @@ class ImageAttacher:
         attached = {name: [] for name in IMAGE_INPUT_NAMES}
         for image, objects in zip(batch["image"], batch["objects"], strict=True):
             images = self.processor.preprocess_images(image, objects, self.missing_images)
-            self.num_masked += int(image is not None and not images["image_mask"])
-            kept_objects = objects[: self.processor.num_object_images]
+            sources = [image, *objects[: self.processor.num_object_images]]
             self.num_masked += sum(
-                crop is not None and not present
-                for crop, present in zip(kept_objects, images["object_mask"].tolist(), strict=False)
+                source is not None and not present
+                for source, present in zip(sources, images["image_mask"].tolist(), strict=False)
             )
             for name in IMAGE_INPUT_NAMES:
                 attached[name].append(images[name])
@@ -89,9 +85,9 @@ class HVPNetDataCollator:
 
     def __init__(
         self,
-        processor: "HVPNetProcessor",
+        processor: HVPNetProcessor,
         missing_images: str = "mask",
-        feature_cache: "VisualFeatureCache | None" = None,
+        feature_cache: VisualFeatureCache | None = None,
     ):
         self.processor = processor
         self.attacher = ImageAttacher(processor, missing_images)

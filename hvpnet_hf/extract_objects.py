@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,13 +31,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .loading import load_mner_dataset, load_mre_dataset
+from .loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset, split_of_file
 from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-_SPLIT_IN_NAME = re.compile(r"(?:^|[_\-\s.])(train|val|valid|dev|test)(?:$|[_\-\s.])", re.IGNORECASE)
-_SPLIT_FOLDER = {"train": "train", "val": "val", "valid": "val", "dev": "val", "test": "test"}
+# The folder and crop-map name of each split, as in the releases (`train/`, `val/`, `test/`, `*_val_dict.pth`).
+_SPLIT_FOLDER = {split: aliases[0] for split, aliases in SPLIT_ALIASES.items()}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -59,10 +58,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def split_of(path: Path) -> str:
     """`train`, `val` or `test`, from a data file name such as `valid.txt` or `mnre_dev.txt`."""
-    match = _SPLIT_IN_NAME.search(path.stem)
-    if match is None:
+    split = split_of_file(path)
+    if split is None:
         raise ValueError(f"cannot tell the split from the file name {path.name}; pass --split")
-    return _SPLIT_FOLDER[match.group(1).lower()]
+    return _SPLIT_FOLDER[split]
 
 
 def image_queries(data_file: Path) -> dict[str, list[str]]:

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 MISSING_IMAGE_POLICIES = ("mask", "error")
 DEFAULT_IMAGE_SIZE = 224
-IMAGE_INPUT_NAMES = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
+# One example's images, stacked: the global image in slot 0, then the object-crop slots; and which slots hold an image.
+IMAGE_INPUT_NAMES = ("pixel_values", "image_mask")
 # What PIL raises for an absent, undecodable or over-large (`Image.MAX_IMAGE_PIXELS`) image file.
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # PIL modes of 16-bit grayscale images (PNG, TIFF). The 32-bit mode "I" has no fixed range and keeps PIL's conversion.
@@ -49,9 +50,9 @@ class HVPNetImagesKwargs(ImagesKwargs, total=False):
 
 class HVPNetImageProcessor(BaseImageProcessor):
     r"""
-    Turns one example's global image and object crops into `pixel_values` (3, S, S), `object_pixel_values`
-    (num_object_images, 3, S, S), `image_mask` () and `object_mask` (num_object_images,); `__call__` /
-    `preprocess` stack a batch of examples.
+    Turns one example's global image and object crops into `pixel_values` (1 + num_object_images, 3, S, S), the
+    global image in slot 0 and the crops after it, and `image_mask` (1 + num_object_images,), False for an absent
+    image; `__call__` / `preprocess` stack a batch of examples.
 
     Args:
         image_size (`int`): side of the square image after the center crop.
@@ -109,8 +110,8 @@ class HVPNetImageProcessor(BaseImageProcessor):
     ) -> BatchFeature:
         """
         One example (`images` a single image, `objects` its crops) or a batch (a list or tuple of images and a list
-        of crop lists). Returns a `BatchFeature` of `pixel_values` (B, 3, S, S), `object_pixel_values` (B, k, 3, S, S),
-        `image_mask` (B,) and `object_mask` (B, k).
+        of crop lists). Returns a `BatchFeature` of `pixel_values` (B, 1 + k, 3, S, S), global image first, and
+        `image_mask` (B, 1 + k), with k = `num_object_images`.
         """
         if not isinstance(images, (list, tuple)):
             images, objects = [images], [objects]
@@ -124,19 +125,16 @@ class HVPNetImageProcessor(BaseImageProcessor):
         self, image: ImageSource, objects: Sequence[ImageSource] | None = None, missing_images: str = "mask"
     ) -> dict[str, torch.Tensor]:
         """
-        Decodes (if given paths) and transforms one example's images. Absent or unreadable images (under
+        Decodes (if given paths) and transforms one example's images: `pixel_values` (1 + num_object_images, 3, S, S),
+        global image first, and `image_mask` (1 + num_object_images,). Absent or unreadable images (under
         `missing_images="mask"`) are zeros with mask False; crops beyond `num_object_images` are not used.
         """
-        pixel_values, image_present = self._image_tensor(image, missing_images)
-        objects = list(objects or [])[: self.num_object_images]
-        slots = [self._image_tensor(crop, missing_images) for crop in objects]
-        slots += [self._image_tensor(None, missing_images)] * (self.num_object_images - len(slots))
-        size = (self.num_object_images, 3, self.image_size, self.image_size)
+        crops = list(objects or [])[: self.num_object_images]
+        crops += [None] * (self.num_object_images - len(crops))
+        slots = [self._image_tensor(source, missing_images) for source in (image, *crops)]
         return {
-            "pixel_values": pixel_values,
-            "object_pixel_values": torch.stack([tensor for tensor, _ in slots]) if slots else torch.zeros(size),
-            "image_mask": torch.tensor(image_present),
-            "object_mask": torch.tensor([present for _, present in slots], dtype=torch.bool),
+            "pixel_values": torch.stack([tensor for tensor, _ in slots]),
+            "image_mask": torch.tensor([present for _, present in slots], dtype=torch.bool),
         }
 
     def _image_tensor(self, image: ImageSource, missing_images: str) -> tuple[torch.Tensor, bool]:

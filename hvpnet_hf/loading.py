@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
@@ -40,9 +41,13 @@ NO_RELATION = "None"
 PathLike = str | os.PathLike
 SplitPaths = PathLike | Mapping[str, PathLike]
 
+# The names the releases give each split in file names, image and crop folders and crop maps (`valid.txt`,
+# `ours_val.txt`, `img_org/val/`, `twitter_val_dict.pth`, `mre_dev_dict.pth`), first the usual one.
+SPLIT_ALIASES = {"train": ("train",), "validation": ("val", "dev", "valid"), "test": ("test",)}
+_SPLIT_OF_ALIAS = {alias: split for split, aliases in SPLIT_ALIASES.items() for alias in aliases}
+# A split name as one word of a file name: `mnre_train.txt`, `ours_val.txt`, `mnre_val .txt`, `valid.txt`.
+_SPLIT_WORD = re.compile(rf"(?:^|[_\-\s.])({'|'.join(_SPLIT_OF_ALIAS)})(?:$|[_\-\s.])", re.IGNORECASE)
 _MNER_SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
-_MRE_SPLIT_PATTERN = re.compile(r"(?:^|[_\-\s.])(train|val|valid|dev|test)(?:$|[_\-\s.])", re.IGNORECASE)
-_MRE_SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation", "dev": "validation", "test": "test"}
 
 
 @dataclass
@@ -178,9 +183,9 @@ def _find_mner_files(data_dir: Path) -> dict[str, Path]:
 def _find_mre_files(data_dir: Path) -> dict[str, Path]:
     candidates: dict[str, list[Path]] = {}
     for path in sorted(data_dir.glob("*.txt")):
-        match = _MRE_SPLIT_PATTERN.search(path.stem)
-        if match:
-            candidates.setdefault(_MRE_SPLIT_NAMES[match.group(1).lower()], []).append(path)
+        split = split_of_file(path)
+        if split is not None:
+            candidates.setdefault(split, []).append(path)
     if not candidates:
         raise FileNotFoundError(f"No *train*.txt, *val*.txt, *dev*.txt or *test*.txt file found in {data_dir}")
     for split, paths in candidates.items():
@@ -328,6 +333,61 @@ def _relation_names(rel2id, parsed: dict[str, list[_Example]], files: dict[str, 
     return names
 
 
+def split_of_file(path: PathLike) -> str | None:
+    """The split (`train`, `validation`, `test`) a file name names as one word (`ours_val.txt`), or None."""
+    match = _SPLIT_WORD.search(Path(path).stem)
+    return _SPLIT_OF_ALIAS[match.group(1).lower()] if match else None
+
+
+def split_folders(folder: PathLike | None) -> PathLike | dict[str, str] | None:
+    """
+    `{split: folder/<split name>[/crops]}` when `folder` is laid out per split as the image and crop releases are
+    (`img_org/{train,val,test}/`, `img_vg/{train,val,test}/crops/`), else `folder` itself (one folder for all).
+    """
+    if folder is None:
+        return None
+    per_split = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            candidate = Path(folder) / alias
+            candidate = candidate / "crops" if (candidate / "crops").is_dir() else candidate
+            if candidate.is_dir():
+                per_split[split] = str(candidate)
+                break
+    return per_split or folder
+
+
+def find_object_maps(folder: PathLike) -> dict[str, str]:
+    """The crop maps `*_{train,val,test}_dict.pth` (or `dev`, `valid`) in `folder`, per split."""
+    maps = {}
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            found = sorted(Path(folder).glob(f"*_{alias}_dict.pth"))
+            if found:
+                maps[split] = str(found[0])
+                break
+    if not maps:
+        raise FileNotFoundError(f"no crop map *_{{train,val,test}}_dict.pth in {folder}")
+    return maps
+
+
+def find_release_layout(
+    image_dir: PathLike | None = None, object_dir: PathLike | None = None, object_map_dir: PathLike | None = None
+) -> dict[str, Any]:
+    """
+    The `image_dir`, `object_dir` and `object_maps` keyword arguments of `load_mner_dataset` / `load_mre_dataset`
+    for a data set laid out as it was published: image and crop folders flat or per split (see `split_folders`),
+    and with crops, the crop maps of every split, found in `object_map_dir` (see `find_object_maps`).
+    """
+    if object_dir is not None and object_map_dir is None:
+        raise ValueError(f"the crops in {object_dir} need the folder of their *_dict.pth crop maps")
+    return {
+        "image_dir": split_folders(image_dir),
+        "object_dir": split_folders(object_dir),
+        "object_maps": find_object_maps(object_map_dir) if object_dir is not None else None,
+    }
+
+
 def _split_path(paths: SplitPaths | None, split: str, what: str) -> Path | None:
     if paths is None or isinstance(paths, (str, os.PathLike)):
         return None if paths is None else Path(paths)
@@ -462,4 +522,15 @@ def _crop_map_keys(crop_map: Mapping, examples: list[_Example], where) -> Sequen
     return indices
 
 
-__all__ = ["MNER_LABELS", "NO_RELATION", "load_image", "load_mner_dataset", "load_mre_dataset"]
+__all__ = [
+    "MNER_LABELS",
+    "NO_RELATION",
+    "SPLIT_ALIASES",
+    "find_object_maps",
+    "find_release_layout",
+    "load_image",
+    "load_mner_dataset",
+    "load_mre_dataset",
+    "split_folders",
+    "split_of_file",
+]

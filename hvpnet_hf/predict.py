@@ -4,8 +4,13 @@ predictions.
 
     hvpnet-predict --model outputs/t15 --input data/twitter2015/test.txt --image_dir data/twitter2015_images \\
         --output t15_test_predictions.txt
-    hvpnet-predict --model outputs/mnre --input data/txt/ours_test.txt --image_dir data/img_org/test \\
-        --object_dir data/img_vg/test/crops --object_map data/txt/mre_test_dict.pth --output mnre_test.jsonl
+    hvpnet-predict --model outputs/mnre --input data/txt/ours_test.txt --image_dir data/img_org \\
+        --object_dir data/img_vg --output mnre_test.jsonl
+
+Image and crop folders are found as the example scripts find them (`hvpnet_hf.loading.find_release_layout`): a folder
+laid out per split (`img_org/{train,val,test}/`, `img_vg/{train,val,test}/crops/`) gives the folder of the input's
+split, read from the input's name (`ours_test.txt`, `valid.txt`); the crop map `*_<split>_dict.pth` is found next to
+the input file, or named with `--object_map`.
 
 The task follows from the model. NER input: `IMGID:` blocks of `token<TAB>label` lines (Twitter-2015/2017); output:
 CoNLL columns `word gold predicted`, a blank line after each sentence (whitespace inside a word is written as `_`,
@@ -18,7 +23,7 @@ labels are only copied to the output; when they are present the entity or relati
 import argparse
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, pipeline
 
 from . import pipelines  # noqa: F401  (registers "multimodal-ner" and "multimodal-re")
-from .loading import NO_RELATION, load_mner_dataset, load_mre_dataset
+from .loading import NO_RELATION, find_object_maps, load_mner_dataset, load_mre_dataset, split_folders, split_of_file
 from .metrics import metric_path
 
 logger = logging.getLogger(__name__)
@@ -39,9 +44,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="folder (or Hub id) of a trained HVPNeT model")
     parser.add_argument("--input", required=True, help="data file in the published format")
     parser.add_argument("--output", required=True, help="file to write the predictions to")
-    parser.add_argument("--image_dir", help="folder of the images named in the input file (none: text only)")
-    parser.add_argument("--object_dir", help="folder of the object crops")
-    parser.add_argument("--object_map", help="torch.save'd crop map of this file (needs --object_dir)")
+    parser.add_argument(
+        "--image_dir", help="folder of the images named in the input file, flat or per split (none: text only)"
+    )
+    parser.add_argument("--object_dir", help="folder of the object crops, flat or per split")
+    parser.add_argument(
+        "--object_map", help="torch.save'd crop map of this file (default: *_<split>_dict.pth next to --input)"
+    )
     parser.add_argument("--rel2id", help="RE: JSON {relation: id} of the data set (to read its gold labels)")
     parser.add_argument("--missing_images", choices=["mask", "error"], default="mask")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -62,6 +71,33 @@ def conll_row(word: str, gold: str, predicted: str) -> str:
     return f"{'_'.join(word.split()) or '_'} {gold} {predicted}\n"
 
 
+def write_ner_predictions(
+    path: str | Path, sentences: Iterable[tuple[Sequence[str], Sequence[str], Sequence[str]]]
+) -> None:
+    """Per sentence `(words, gold tags, predicted tags)`: one `conll_row` per word, a blank line after each sentence."""
+    with open(path, "w", encoding="utf-8") as file:
+        for words, gold, predicted in sentences:
+            file.writelines(conll_row(*columns) for columns in zip(words, gold, predicted, strict=True))
+            file.write("\n")
+
+
+def write_re_predictions(
+    path: str | Path, examples: Iterable[Mapping], gold: Iterable[str], ranked: Iterable[list[dict]], top_k: bool
+) -> None:
+    """
+    One JSON object per example: its `id`, `head` and `tail`, the `gold` relation, the `predicted` one and its
+    probability `score`; with `top_k`, also the ranked `[{"relation", "score"}, ...]` list. `ranked` gives, per
+    example, relations with their probabilities, most probable first.
+    """
+    with open(path, "w", encoding="utf-8") as file:
+        for example, gold_relation, relations in zip(examples, gold, ranked, strict=True):
+            record = {"id": example["id"], "head": example["head"], "tail": example["tail"], "gold": gold_relation}
+            record.update({"predicted": relations[0]["relation"], "score": round(relations[0]["score"], 4)})
+            if top_k:
+                record["top_k"] = [{**item, "score": round(item["score"], 4)} for item in relations]
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def bio_tags(entities: list[dict], num_words: int) -> list[str]:
     """BIO tags of one sentence from the pipeline's entities."""
     tags = ["O"] * num_words
@@ -72,15 +108,43 @@ def bio_tags(entities: list[dict], num_words: int) -> list[str]:
     return tags
 
 
+def input_sources(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    The image folder, crop folder and crop map of the input file, as keyword arguments of the loaders (the input is
+    read as their `test` split): folders laid out per split give the input's split, and the crop map is
+    `--object_map` or the input's `*_<split>_dict.pth` next to it.
+    """
+    split = split_of_file(args.input)
+    object_map = args.object_map
+    if object_map is None and args.object_dir is not None:
+        try:
+            maps = find_object_maps(Path(args.input).parent)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error}; name the crop map of {args.input} with --object_map") from error
+        object_map = _of_split(maps, split, args.input, "the crop maps")
+    return {
+        "image_dir": _of_split(split_folders(args.image_dir), split, args.input, f"--image_dir {args.image_dir}"),
+        "object_dir": _of_split(split_folders(args.object_dir), split, args.input, f"--object_dir {args.object_dir}"),
+        "object_maps": {"test": object_map} if object_map else None,
+    }
+
+
+def _of_split(found: Any, split: str | None, input_file: str, what: str) -> Any:
+    """The entry of `split` when `found` is per split (a dict), else `found` itself."""
+    if not isinstance(found, dict):
+        return found
+    if split not in found:
+        raise ValueError(
+            f"{what} is laid out per split ({', '.join(sorted(found))}), but the split of --input {input_file} is "
+            f"{'not among them' if split else 'not named in its file name'}; give the folder or file of its split"
+        )
+    return found[split]
+
+
 def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:
     """The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`)."""
     return loader(
-        data_files={"test": args.input},
-        image_dir=args.image_dir,
-        object_dir=args.object_dir,
-        object_maps={"test": args.object_map} if args.object_map else None,
-        missing_images=args.missing_images,
-        **task_arguments,
+        data_files={"test": args.input}, **input_sources(args), missing_images=args.missing_images, **task_arguments
     )["test"]
 
 
@@ -90,15 +154,9 @@ def predict_ner(args: argparse.Namespace) -> dict[str, float]:
     inputs = ({"words": row["tokens"], "image": row["image"], "objects": row["objects"]} for row in examples)
     outputs: Iterator = tagger(inputs, batch_size=args.batch_size, missing_images=args.missing_images)
     names = examples.features["ner_tags"].feature.names
-    predictions, references = [], []
-    with open(args.output, "w", encoding="utf-8") as file:
-        for row, entities in zip(examples, outputs, strict=True):
-            predicted = bio_tags(entities, len(row["tokens"]))
-            gold = [names[tag] for tag in row["ner_tags"]]
-            file.writelines(conll_row(*columns) for columns in zip(row["tokens"], gold, predicted, strict=True))
-            file.write("\n")
-            predictions.append(predicted)
-            references.append(gold)
+    predictions = [bio_tags(entities, len(row["tokens"])) for row, entities in zip(examples, outputs, strict=True)]
+    references = [[names[tag] for tag in tags] for tags in examples["ner_tags"]]
+    write_ner_predictions(args.output, zip(examples["tokens"], references, predictions, strict=True))
     return evaluate.load(metric_path("ner_seqeval")).compute(predictions=predictions, references=references)
 
 
@@ -120,17 +178,11 @@ def predict_re(args: argparse.Namespace) -> dict[str, float]:
         inputs, batch_size=args.batch_size, top_k=args.top_k or 1, missing_images=args.missing_images
     )
     names = examples.features["relation"].names
-    predictions, references = [], []
-    with open(args.output, "w", encoding="utf-8") as file:
-        for row, ranked in zip(examples, outputs, strict=True):
-            gold = names[row["relation"]]
-            record = {"id": row["id"], "head": row["head"], "tail": row["tail"], "gold": gold}
-            record.update({"predicted": ranked[0]["relation"], "score": round(ranked[0]["score"], 4)})
-            if args.top_k:
-                record["top_k"] = [{**item, "score": round(item["score"], 4)} for item in ranked]
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            predictions.append(label2id[ranked[0]["relation"]])
-            references.append(label2id.get(gold, -1))
+    ranked = list(outputs)
+    gold = [names[relation] for relation in examples["relation"]]
+    write_re_predictions(args.output, examples, gold, ranked, top_k=bool(args.top_k))
+    predictions = [label2id[relations[0]["relation"]] for relations in ranked]
+    references = [label2id.get(relation, -1) for relation in gold]
     if -1 in references:
         logger.warning("the input has relations the model does not know: no scores computed")
         return {}

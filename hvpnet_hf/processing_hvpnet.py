@@ -150,9 +150,9 @@ class HVPNetProcessor(ProcessorMixin):
         """
         Encodes one example (`words` is a list of strings) or a batch (a list of word lists; the other arguments
         are then lists too) into padded tensors named like the model inputs: `input_ids`, `attention_mask`,
-        `token_type_ids` (B, T), `pixel_values` (B, 3, S, S), `object_pixel_values` (B, k, 3, S, S), `image_mask`
-        (B,), `object_mask` (B, k), plus `word_start_mask` (B, T) for NER and `labels` when `tags` (NER, tag ids
-        per word) or `relation` (RE, a relation id) is given. RE needs `head` and `tail` as
+        `token_type_ids` (B, T), `pixel_values` (B, 1 + k, 3, S, S) (the global image in slot 0, then the k =
+        `num_object_images` crop slots), `image_mask` (B, 1 + k), plus `word_start_mask` (B, T) for NER and `labels`
+        when `tags` (NER, tag ids per word) or `relation` (RE, a relation id) is given. RE needs `head` and `tail` as
         `{"start": int, "end": int}` word spans (end exclusive).
         """
         single = isinstance(words[0], str) if len(words) else True
@@ -177,9 +177,9 @@ class HVPNetProcessor(ProcessorMixin):
         """
         Pads and stacks encoded examples with their image tensors into model inputs: `input_ids` (padded with the
         tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T), NER `word_start_mask` (B, T) and `labels`
-        (B, T, padded with -100) or RE `labels` (B,), and the image tensors: the pixels, or the cached backbone
-        features `image_features` (B, 1 + k, g*g, C) with `image_features_mask` (B, 1 + k) when the examples carry
-        those. Other keys are dropped.
+        (B, T, padded with -100) or RE `labels` (B,), and the image tensors: `pixel_values` (B, 1 + k, 3, S, S) and
+        `image_mask` (B, 1 + k), or the cached backbone features `image_features` (B, 1 + k, g*g, C) with
+        `image_features_mask` (B, 1 + k) when the examples carry those. Other keys are dropped.
         """
         batch = {"input_ids": _pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)}
         for name, padding_value in SEQUENCE_PADDING.items():
@@ -275,8 +275,8 @@ class HVPNetProcessor(ProcessorMixin):
         missing_images: str = "mask",
     ) -> dict[str, torch.Tensor]:
         """
-        Decodes (if given paths) and transforms one example's images. Returns `pixel_values` (3, S, S),
-        `object_pixel_values` (num_object_images, 3, S, S), `image_mask` () and `object_mask` (num_object_images,).
+        Decodes (if given paths) and transforms one example's images. Returns `pixel_values`
+        (1 + num_object_images, 3, S, S), the global image first, and `image_mask` (1 + num_object_images,).
         Absent or unreadable images (under `missing_images="mask"`) are zeros with mask False; crops beyond
         `num_object_images` are not used.
         """

@@ -23,9 +23,10 @@ CONFIG = str(runs.EXAMPLES_DIR / "configs" / "tiny_mner.yaml")
 RE_CONFIG = str(runs.EXAMPLES_DIR / "configs" / "tiny_mre.yaml")
 
 
-def run_flags(text_model_path: str, **overrides: str) -> list[str]:
-    """The tiny runs of test_examples, without their output folder (the analyses choose it)."""
-    flags = tiny_flags(text_model_path, "unused")
+def run_flags(text_model_path: str, folder: Path, **overrides: str) -> list[str]:
+    """The tiny runs of test_examples, without their output folder (the analyses choose it); their feature cache is
+    kept in `folder`."""
+    flags = tiny_flags(text_model_path, folder)
     del flags[flags.index("--output_dir") : flags.index("--output_dir") + 2]
     for name, value in overrides.items():
         if f"--{name}" in flags:
@@ -39,7 +40,7 @@ def run_flags(text_model_path: str, **overrides: str) -> list[str]:
 def seed_report(text_model, tmp_path_factory):  # noqa: F811
     """Two seeds of a tiny NER run (their models serve the later tests)."""
     output_dir = tmp_path_factory.mktemp("seeds")
-    flags = run_flags(text_model)
+    flags = run_flags(text_model, output_dir)
     report = seeds.main([CONFIG, "--seeds", "3", "5", "--output_dir", str(output_dir), *flags])
     return output_dir, flags, report
 
@@ -112,7 +113,7 @@ def test_sample_subsets_of_one_seed_are_nested():
 
 
 def test_low_resource_trains_on_each_fraction_and_plots(text_model, tmp_path):  # noqa: F811
-    flags = run_flags(text_model)
+    flags = run_flags(text_model, tmp_path)
     del flags[flags.index("--max_train_samples") : flags.index("--max_train_samples") + 2]
     report = low_resource.main(
         [CONFIG, "--ratios", "0.1", "0.05", "--seeds", "2", "--output_dir", str(tmp_path), *flags]
@@ -129,7 +130,7 @@ def test_low_resource_trains_on_each_fraction_and_plots(text_model, tmp_path):  
 
 
 def test_cross_task_loads_the_encoder_and_builds_a_new_head(text_model, trained_model, tmp_path):  # noqa: F811
-    flags = run_flags(text_model, max_seq_length="40")
+    flags = run_flags(text_model, tmp_path, max_seq_length="40")
     report = cross_task.main(
         [RE_CONFIG, "--task", "re", "--source", trained_model, "--seeds", "1", "--output_dir", str(tmp_path), *flags]
     )

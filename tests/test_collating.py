@@ -21,9 +21,7 @@ NER_INPUTS = {
     "word_start_mask",
     "labels",
     "pixel_values",
-    "object_pixel_values",
     "image_mask",
-    "object_mask",
 }
 RE_INPUTS = NER_INPUTS - {"word_start_mask"}
 
@@ -91,12 +89,11 @@ def test_lazy_transform_and_collator_build_model_inputs(mner_dir):
 
     assert set(batch) == NER_INPUTS
     assert batch["input_ids"].shape == batch["labels"].shape == batch["word_start_mask"].shape == (4, 12)
-    assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert batch["object_pixel_values"].shape == (4, 2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # One stack per example: the global image in slot 0, then the two crop slots.
+    assert batch["pixel_values"].shape == (4, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
     # 3.jpg passes the header check at load time but cannot be decoded: masked and counted; 4.jpg never existed.
-    assert batch["image_mask"].tolist() == [True, True, False, False]
+    assert batch["image_mask"].tolist() == [[True, True, True], [True, False, False], [False] * 3, [False] * 3]
     assert attacher.num_masked == 1
-    assert batch["object_mask"].tolist() == [[True, True], [False, False], [False, False], [False, False]]
     # Padding: the two-word tweet is [CLS] apple store [SEP] + 8 pads.
     assert batch["input_ids"][1, 4:].tolist() == [processor.tokenizer.pad_token_id] * 8
     assert batch["labels"][1, 4:].tolist() == [-100] * 8

@@ -1,6 +1,7 @@
 """examples/run_mner.py and examples/run_mre.py end to end on the bundled sample data: 1 short epoch, tiny models."""
 
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from transformers import (
 )
 
 import hvpnet_hf
-from hvpnet_hf import load_mner_dataset
+from hvpnet_hf import HVPNetConfig, load_mner_dataset
 from hvpnet_hf.collating import HVPNetDataCollator
 from hvpnet_hf.metrics import metric_path
 
@@ -116,7 +117,7 @@ def test_mner_text_only_control_masks_every_image(text_model, tmp_path, monkeypa
 
     def recording_call(self, features):
         batch = original_call(self, features)
-        masks = [batch[name] for name in ("image_mask", "object_mask", "image_features_mask") if name in batch]
+        masks = [batch[name] for name in ("image_mask", "image_features_mask") if name in batch]
         seen.append(any(bool(mask.any()) for mask in masks))
         return batch
 
@@ -237,6 +238,24 @@ def test_config_files_and_overrides(tmp_path):
     config.write_text("output_dir: out\nlearning_rte: 1e-5\n")
     with pytest.raises(ValueError, match=r"settings.yaml: unknown settings \['learning_rte'\]"):
         run_mner.parse_arguments([str(config)])
+
+
+def test_model_flags_are_the_config_fields():
+    # Every HVPNetConfig setting a user chooses is a flag of the relation script (NER has no relation pooling),
+    # with the config's default, and config_flags hands each one to the config under its own name.
+    run_mre = load_script("run_mre")
+    chosen_elsewhere = {"text_config", "vision_pretrained", "head_start_token_id", "tail_start_token_id"}
+    config_fields = inspect.signature(HVPNetConfig).parameters.keys() - {"kwargs"} - chosen_elsewhere
+    model_args, _, _ = run_mre.parse_arguments(["--output_dir", "out", "--prefix_mode", "flat", "--prefix_grid", "3"])
+    flags = run_mre.hvpnet_examples.config_flags(model_args)
+    assert flags.keys() == config_fields - {"vision_backbone"}
+    defaults = HVPNetConfig()
+    assert {name: flags[name] for name in flags} == {
+        **{name: getattr(defaults, name) for name in flags},
+        "prefix_mode": "flat",
+        "prefix_grid": 3,
+    }
+    assert model_args.vision_backbone == defaults.vision_backbone
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 """Object crops from a detection pipeline: queries, box selection, the command's layout and resumption, pipelines."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,8 @@ from transformers import (
 import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
 from hvpnet_hf import HVPNetProcessor, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.extract_objects import extract_objects, image_queries, run, split_of
+from hvpnet_hf.loading import find_object_maps, split_folders
 from hvpnet_hf.object_detection import GENERIC_QUERIES, ObjectCropper, text_queries
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-from hvpnet_examples import find_object_maps, per_split_folders  # noqa: E402
 
 TWEETS = (
     "IMGID:1001\nRT\tO\n@anna_b\tO\nKevin\tB-PER\nDurant\tI-PER\nat\tO\nOracle\tB-LOC\nArena\tI-LOC\n\n"
@@ -235,11 +230,11 @@ def test_command_writes_the_layout_the_loaders_and_training_scripts_read(
     )
     # run_mner.py / run_mre.py find the map and the crop folder of the split from --object_dir / --object_map_dir.
     assert find_object_maps(str(output_dir)) == {"train": str(output_dir / "objects_train_dict.pth")}
-    assert per_split_folders(str(output_dir)) == {"train": str(output_dir / "train" / "crops")}
+    assert split_folders(str(output_dir)) == {"train": str(output_dir / "train" / "crops")}
     data = load_mner_dataset(
         data_files={"train": data_file},
         image_dir=image_dir,
-        object_dir=per_split_folders(str(output_dir)),
+        object_dir=split_folders(str(output_dir)),
         object_maps=find_object_maps(str(output_dir)),
     )["train"]
     assert [len(objects) for objects in data["objects"]] == [3, 3, 0]  # the missing picture has no crops
@@ -267,7 +262,7 @@ def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_detector, tmp_pat
     data = load_mre_dataset(
         data_files={"validation": data_file},
         image_dir=image_dir,
-        object_dir=per_split_folders(str(output_dir)),
+        object_dir=split_folders(str(output_dir)),
         object_maps=find_object_maps(str(output_dir)),
     )["validation"]
     assert [[Path(crop).name for crop in objects] for objects in data["objects"]] == [
@@ -348,12 +343,12 @@ def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, ner_model)
     encoded = ner.preprocess({"words": words, "image": image}, **ner._preprocess_params)
     crops = cropper.crops_for_text(image, words)
     expected = HVPNetProcessor.from_pretrained(ner_model)(words, image=image, objects=crops)
-    assert encoded["object_mask"].tolist() == [[True, True]]
-    assert torch.equal(encoded["object_pixel_values"], expected["object_pixel_values"])
+    assert encoded["image_mask"][:, 1:].tolist() == [[True, True]]  # slot 0 is the global image, then the crops
+    assert torch.equal(encoded["pixel_values"][:, 1:], expected["pixel_values"][:, 1:])
     # Crops the input brings are used as they are; no image, no detection.
     given = ner.preprocess({"words": words, "image": image, "objects": [image]}, **ner._preprocess_params)
-    assert given["object_mask"].tolist() == [[True, False]]
-    assert ner.preprocess({"words": words}, **ner._preprocess_params)["object_mask"].tolist() == [[False, False]]
+    assert given["image_mask"][:, 1:].tolist() == [[True, False]]
+    assert ner.preprocess({"words": words}, **ner._preprocess_params)["image_mask"][:, 1:].tolist() == [[False, False]]
 
 
 def test_pipeline_detect_setting_builds_one_detector(owl_folder, ner_model, tmp_path):
@@ -364,7 +359,7 @@ def test_pipeline_detect_setting_builds_one_detector(owl_folder, ner_model, tmp_
     assert ner._object_cropper is cropper  # the same detector is not loaded again
     # The random detector scores nothing above 0.1: no crops, masked, and still a prediction.
     encoded = ner.preprocess({"text": "Kevin Durant", "image": picture()}, **ner._preprocess_params)
-    assert encoded["object_mask"].tolist() == [[False, False]]
+    assert encoded["image_mask"][:, 1:].tolist() == [[False, False]]
     with pytest.raises(ValueError, match="objects must be 'detect'"):
         ner("Kevin", objects="yes")
 

@@ -7,7 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from hvpnet_hf.loading import MNER_LABELS, load_image, load_mner_dataset, load_mre_dataset
+from hvpnet_hf.loading import (
+    MNER_LABELS,
+    find_release_layout,
+    load_image,
+    load_mner_dataset,
+    load_mre_dataset,
+    split_of_file,
+)
 
 # Three tweets as the UMT release writes them; Twitter-2015 calls the MISC type OTHER.
 MNER_TRAIN = (
@@ -234,6 +241,28 @@ def test_mre_finds_release_file_names_including_a_space(tmp_path):
     # Collected from all splits, sorted, "None" first.
     assert names == ["None", "/per/loc/place_of_residence", "/per/org/member_of", "/per/per/peer"]
     assert [names[r] for r in train["relation"]] == ["/per/per/peer", "/per/org/member_of", "None"]
+
+
+@pytest.mark.parametrize(
+    "name, split",
+    [("ours_val.txt", "validation"), ("mnre_val .txt", "validation"), ("mre_dev.txt", "validation"),
+     ("valid.txt", "validation"), ("mnre_train.txt", "train"), ("test.txt", "test"), ("trainee.txt", None),
+     ("validation.txt", None)],
+)  # fmt: skip
+def test_split_of_file_reads_the_release_names(name, split):
+    assert split_of_file(name) == split
+
+
+def test_release_layout_needs_the_crop_maps(tmp_path):
+    (tmp_path / "crops").mkdir()
+    with pytest.raises(ValueError, match="crop maps"):
+        find_release_layout(object_dir=tmp_path / "crops")
+    with pytest.raises(FileNotFoundError, match=r"no crop map .* in " + str(tmp_path)):
+        find_release_layout(object_dir=tmp_path / "crops", object_map_dir=tmp_path)
+    # Sub-folders named after only some splits still count as a per-split layout; a plain folder is used as is.
+    (tmp_path / "images" / "dev").mkdir(parents=True)
+    assert find_release_layout(tmp_path / "images")["image_dir"] == {"validation": str(tmp_path / "images" / "dev")}
+    assert find_release_layout(tmp_path / "crops")["image_dir"] == tmp_path / "crops"
 
 
 def test_mre_other_release_names(tmp_path):

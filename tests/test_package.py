@@ -1,5 +1,7 @@
 """Importing the package is enough: Auto classes and pipelines know HVPNeT."""
 
+import ast
+import graphlib
 import subprocess
 import sys
 import textwrap
@@ -49,3 +51,40 @@ def test_wheel_carries_templates_sample_data_and_metrics(tmp_path):
     assert expected <= names, sorted(expected - names)
     sample_images = [name for name in names if name.startswith("hvpnet_hf/sample_data/") and name.endswith(".jpg")]
     assert len(sample_images) > 1000
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hvpnet_hf"
+# The data path, each module importing only modules before it: the image processor and the processor come first
+# because they are saved next to a model and may import nothing of the package but each other.
+DATA_PATH = ["image_processing_hvpnet", "processing_hvpnet", "loading", "collating"]
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its source (module level, functions, TYPE_CHECKING)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                if node.module:
+                    imported.add(f"{base}.{node.module}")
+                else:  # from . import name
+                    imported |= {f"{base}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module.startswith("hvpnet_hf"):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names if alias.name.startswith("hvpnet_hf")}
+        graph[module] = imported - {module}
+    return graph
+
+
+def test_package_imports_point_one_way():
+    graph = package_imports()
+    assert graph["hvpnet_hf.collating"] >= {"hvpnet_hf.processing_hvpnet"}  # the parser sees relative imports
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError naming the cycle
+    for position, name in enumerate(DATA_PATH):
+        later = {f"hvpnet_hf.{module}" for module in DATA_PATH[position + 1 :]}
+        assert not graph[f"hvpnet_hf.{name}"] & later, name

@@ -13,7 +13,7 @@ from test_pipelines import RELATIONS, tiny_model_folder
 import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
-from hvpnet_hf.predict import predict
+from hvpnet_hf.predict import input_sources, parse_arguments, predict
 
 SAMPLE = hvpnet_hf.__path__[0] + "/sample_data"
 
@@ -83,6 +83,38 @@ def test_re_predictions_one_line_per_record(re_model, tmp_path):
         assert record["top_k"][0] == {"relation": record["predicted"], "score": record["score"]}
     # The sample set has relations this 4-relation model does not know: no scores rather than wrong ones.
     assert not set(RELATIONS) >= {record["gold"] for record in records} and scores == {}
+
+
+def test_release_folders_and_crop_map_are_found_as_the_scripts_find_them(re_model, tmp_path):
+    mnre = f"{SAMPLE}/mnre"
+    common = ["--model", re_model, "--input", f"{mnre}/txt/mnre_test.txt", "--rel2id", f"{mnre}/mnre_rel2id.json"]
+    spelled_out = tmp_path / "spelled_out.jsonl"
+    predict(
+        [*common, "--image_dir", f"{mnre}/img_org/test", "--object_dir", f"{mnre}/img_vg/test/crops",
+         "--object_map", f"{mnre}/txt/mre_test_dict.pth", "--output", str(spelled_out)]
+    )  # fmt: skip
+    found = tmp_path / "found.jsonl"
+    predict([*common, "--image_dir", f"{mnre}/img_org", "--object_dir", f"{mnre}/img_vg", "--output", str(found)])
+    assert found.read_text() == spelled_out.read_text()
+    arguments = parse_arguments([*common, "--image_dir", f"{mnre}/img_org", "--object_dir", f"{mnre}/img_vg",
+                                 "--output", str(found)])  # fmt: skip
+    assert input_sources(arguments) == {
+        "image_dir": f"{mnre}/img_org/test",
+        "object_dir": f"{mnre}/img_vg/test/crops",
+        "object_maps": {"test": f"{mnre}/txt/mre_test_dict.pth"},
+    }
+
+
+def test_per_split_folders_need_the_split_of_the_input(re_model, tmp_path):
+    mnre = f"{SAMPLE}/mnre"
+    data = tmp_path / "records.txt"  # no split in the name
+    shutil.copy(f"{mnre}/txt/mnre_test.txt", data)
+    with pytest.raises(ValueError, match="not named in its file name"):
+        predict(["--model", re_model, "--input", str(data), "--image_dir", f"{mnre}/img_org",
+                 "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="--object_map"):
+        predict(["--model", re_model, "--input", str(data), "--object_dir", f"{mnre}/img_vg/test/crops",
+                 "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
 
 
 def test_refuses_to_overwrite_its_input(ner_model, tmp_path):

@@ -15,7 +15,7 @@ from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor
 from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "du", "##rant", "plays", "in", "new", "york", "a"]
-MODEL_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "object_pixel_values"}
+MODEL_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_mask"}
 IMAGE_SIZE = 16
 
 
@@ -151,7 +151,7 @@ def test_re_max_length_must_fit_the_markers():
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGBA", "P", "LA", "I;16"])
 def test_every_image_mode_becomes_rgb(mode):
     image = Image.new(mode, (40, 20))
-    pixels = processor().preprocess_images(image)["pixel_values"]
+    pixels = processor().preprocess_images(image)["pixel_values"][0]
     assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     assert pixels.dtype == torch.float32
 
@@ -166,7 +166,7 @@ def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, caplog):
     squashed = processor(crop_mode="squash", image_size=32)
     image_processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
     with caplog.at_level(logging.INFO, logger="hvpnet_hf.image_processing_hvpnet"):
-        pixels = squashed.preprocess_images(path)["pixel_values"]
+        pixels = squashed.preprocess_images(path)["pixel_values"][0]
     # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalised (v / 255 - 0.5) / 0.5. Columns next to the
     # middle are blended by the resize filter, so only the outer ones are compared (1e-5: float rounding).
     torch.testing.assert_close(pixels[:, :, :12], torch.full((3, 32, 12), 64 / 127.5 - 1), atol=1e-5, rtol=0)
@@ -183,10 +183,10 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6
     path = tmp_path / "phone.jpg"
     image.save(path, exif=exif, quality=100)
-    pixels = processor(crop_mode="squash", image_size=20).preprocess_images(path)["pixel_values"]
+    pixels = processor(crop_mode="squash", image_size=20).preprocess_images(path)["pixel_values"][0]
     # Rows away from the middle are pure black (-1) or white (1) up to JPEG noise (0.1 is ~13 of 255 grey levels).
     assert pixels[:, :8].max() < -0.9 and pixels[:, 12:].min() > 0.9
-    in_memory = processor(crop_mode="squash", image_size=20).preprocess_images(Image.open(path))["pixel_values"]
+    in_memory = processor(crop_mode="squash", image_size=20).preprocess_images(Image.open(path))["pixel_values"][0]
     torch.testing.assert_close(in_memory, pixels)
 
 
@@ -199,7 +199,7 @@ def test_numpy_images_are_accepted_like_pil_images(shape):
     from_array = processor().preprocess_images(array, [array])
     pil = Image.fromarray(array[..., 0] if len(shape) == 3 and shape[-1] == 1 else array)
     from_pil = processor().preprocess_images(pil, [pil])
-    assert from_array["image_mask"] and from_array["object_mask"].tolist() == [True, False, False]
+    assert from_array["image_mask"].tolist() == [True, True, False, False]
     torch.testing.assert_close(from_array["pixel_values"], from_pil["pixel_values"])
 
 
@@ -214,11 +214,11 @@ def test_unsupported_numpy_images_are_an_error(array, message):
 
 def test_image_values_are_resized_cropped_and_normalised():
     image = Image.new("L", (40, 20), 255)  # white; grayscale is replicated to three channels
-    pixels = processor().preprocess_images(image)["pixel_values"]
+    pixels = processor().preprocess_images(image)["pixel_values"][0]
     # (1.0 - 0.5) / 0.5 = 1 everywhere; 1e-5 covers float rounding of the resize.
     torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)
     transparent = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
-    pixels = processor().preprocess_images(transparent)["pixel_values"]
+    pixels = processor().preprocess_images(transparent)["pixel_values"][0]
     torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)  # white background
 
 
@@ -226,8 +226,8 @@ def test_squash_keeps_the_whole_non_square_image():
     # 40x20, its left quarter black: squashing keeps that quarter, a center crop of the middle square drops it.
     image = Image.new("L", (40, 20), 255)
     image.paste(0, (0, 0, 10, 20))
-    squashed = processor(crop_mode="squash").preprocess_images(image)["pixel_values"]
-    cropped = processor().preprocess_images(image)["pixel_values"]
+    squashed = processor(crop_mode="squash").preprocess_images(image)["pixel_values"][0]
+    cropped = processor().preprocess_images(image)["pixel_values"][0]
     assert squashed.shape == cropped.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     # Normalised black is -1 and white is 1; a column or two at the edge is blended by the resize filter.
     assert squashed[:, :, :2].max() < -0.99 and squashed[:, :, IMAGE_SIZE // 4 + 2 :].min() > 0.99
@@ -238,19 +238,21 @@ def test_object_slots_are_padded_truncated_and_masked():
     ner = processor(num_object_images=3)
     crop = Image.new("RGB", (8, 8), (255, 0, 0))
     one = ner.preprocess_images(None, [crop])
-    assert one["object_pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert one["object_mask"].tolist() == [True, False, False]
-    assert not one["image_mask"]
-    assert one["pixel_values"].abs().sum() == 0 and one["object_pixel_values"][1:].abs().sum() == 0
+    # Slot 0 is the (absent) global image, then the crop and two empty crop slots.
+    assert one["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert one["image_mask"].tolist() == [False, True, False, False]
+    assert one["pixel_values"][0].abs().sum() == 0 and one["pixel_values"][2:].abs().sum() == 0
+    assert one["pixel_values"][1].abs().sum() > 0
     many = ner.preprocess_images(crop, [crop] * 5)
-    assert many["object_mask"].tolist() == [True, True, True] and many["image_mask"]
+    assert many["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert many["image_mask"].tolist() == [True, True, True, True]
 
 
 def test_missing_image_path_is_masked_or_raises(tmp_path):
     ner = processor()
     path = tmp_path / "gone.jpg"
     images = ner.preprocess_images(path, [path, None])
-    assert not images["image_mask"] and images["object_mask"].tolist() == [False, False, False]
+    assert images["image_mask"].tolist() == [False, False, False, False]
     with pytest.raises(OSError, match="gone.jpg"):
         ner.preprocess_images(path, missing_images="error")
 
@@ -261,7 +263,7 @@ def test_image_settings_come_from_the_timm_backbone():
     assert from_cfg.image_mean == (0.5, 0.5, 0.5)
     small = HVPNetProcessor.from_backbone(tiny_tokenizer(), "resnet50", image_size=64)
     assert small.image_size == 64 and small.image_std == (0.229, 0.224, 0.225)
-    assert small.preprocess_images(Image.new("RGB", (100, 80)))["pixel_values"].shape == (3, 64, 64)
+    assert small.preprocess_images(Image.new("RGB", (100, 80)))["pixel_values"].shape == (4, 3, 64, 64)
     assert HVPNetProcessor.from_backbone(tiny_tokenizer(), "no_such_backbone").image_size == 224
 
 
@@ -271,7 +273,9 @@ def test_image_settings_come_from_the_timm_backbone():
 def test_call_returns_exactly_the_model_inputs():
     ner = processor()
     single = ner(["Kevin", "plays"], Image.new("RGB", (20, 20)), [], tags=[1, 0])
-    assert set(single) == MODEL_INPUTS | {"image_mask", "object_mask", "word_start_mask", "labels"}
+    assert set(single) == MODEL_INPUTS | {"word_start_mask", "labels"}
+    assert single["pixel_values"].shape == (1, 4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert single["image_mask"].tolist() == [[True, False, False, False]]
     assert single["input_ids"].shape == (1, 4) and single["labels"].tolist() == [[-100, 1, 0, -100]]
 
     re_processor = processor("re")
@@ -282,10 +286,10 @@ def test_call_returns_exactly_the_model_inputs():
         tail=[{"start": 1, "end": 2}, {"start": 2, "end": 3}],
         relation=[2, 0],
     )
-    assert set(batch) == MODEL_INPUTS | {"image_mask", "object_mask", "labels"}
+    assert set(batch) == MODEL_INPUTS | {"labels"}
     assert batch["input_ids"].shape == (2, 10)
     assert batch["attention_mask"].tolist()[0] == [1] * 8 + [0, 0]
-    assert batch["image_mask"].tolist() == [False, True]
+    assert batch["image_mask"][:, 0].tolist() == [False, True]
     assert batch["labels"].tolist() == [2, 0]
 
 
@@ -346,9 +350,8 @@ def test_processor_and_image_processor_load_with_the_auto_classes(tmp_path):
     assert image_processor.to_dict() == saved.image_processor.to_dict()
     image = Image.new("RGB", (30, 20), (9, 99, 199))
     batch = image_processor([image, None], [[image], []])
-    assert batch["pixel_values"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert batch["image_mask"].tolist() == [True, False]
-    assert batch["object_mask"].tolist() == [[True, False], [False, False]]
+    assert batch["pixel_values"].shape == (2, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["image_mask"].tolist() == [[True, True, False], [False, False, False]]
     torch.testing.assert_close(
-        batch["pixel_values"][0], saved.preprocess_images(image)["pixel_values"], rtol=0, atol=0
+        batch["pixel_values"][0], saved.preprocess_images(image, [image])["pixel_values"], rtol=0, atol=0
     )

@@ -14,6 +14,7 @@ from PIL import Image
 
 import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
+from hvpnet_hf.loading import find_release_layout
 from hvpnet_hf.sample_data import build
 
 SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data"
@@ -52,6 +53,22 @@ def mre():
         object_maps={split: MNRE / "txt" / f"mre_{MRE_DICT_NAMES[split]}_dict.pth" for split in SPLIT_FOLDERS},
         rel2id=MNRE / "mnre_rel2id.json",
     )
+
+
+def test_release_layout_is_found_as_spelled_out_here():
+    # The fixtures above name every folder and crop map by hand; the layout discovery must find the same ones.
+    twitter = find_release_layout(TWITTER / "images", TWITTER / "aux_images", TWITTER)
+    assert twitter == {
+        "image_dir": TWITTER / "images",  # flat: one folder for every split
+        "object_dir": {split: str(TWITTER / "aux_images" / name / "crops") for split, name in SPLIT_FOLDERS.items()},
+        "object_maps": {split: str(TWITTER / f"twitter_{name}_dict.pth") for split, name in SPLIT_FOLDERS.items()},
+    }
+    mnre = find_release_layout(MNRE / "img_org", MNRE / "img_vg", MNRE / "txt")
+    assert mnre == {
+        "image_dir": {split: str(MNRE / "img_org" / name) for split, name in SPLIT_FOLDERS.items()},
+        "object_dir": {split: str(MNRE / "img_vg" / name / "crops") for split, name in SPLIT_FOLDERS.items()},
+        "object_maps": {split: str(MNRE / "txt" / f"mre_{MRE_DICT_NAMES[split]}_dict.pth") for split in SPLIT_FOLDERS},
+    }
 
 
 def test_generator_reproduces_the_committed_files(tmp_path):

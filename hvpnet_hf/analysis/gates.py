@@ -20,11 +20,11 @@ from .runs import write_report
 def slot_presence(batch: dict[str, torch.Tensor], config: PretrainedConfig, num_slots: int) -> torch.Tensor:
     """(B, n) True where the image of a prefix slot is present: the global image first (unless the model leaves it
     out), then the object crops, absent past the ones the batch holds."""
-    slots = [batch["image_mask"].bool()[:, None]] if config.use_global_image else []
-    num_objects = num_slots - len(slots)
-    objects = batch["object_mask"].bool()[:, :num_objects]
-    padding = objects.new_zeros(len(objects), num_objects - objects.shape[1])
-    return torch.cat([*slots, objects, padding], dim=1)
+    present = batch["image_mask"].bool()  # (B, 1 + k), the global image in slot 0
+    if not config.use_global_image:
+        present = present[:, 1:]
+    present = present[:, :num_slots]
+    return torch.cat([present, present.new_zeros(len(present), num_slots - present.shape[1])], dim=1)
 
 
 @torch.no_grad()

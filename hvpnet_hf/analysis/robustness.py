@@ -47,14 +47,12 @@ def shuffle_images(examples: Dataset, seed: int) -> Dataset:
 
 def blank_images(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every image a uniform grey one (zero pixels after normalisation); which images are present is unchanged."""
-    return {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"]),
-            "object_pixel_values": torch.zeros_like(batch["object_pixel_values"])}  # fmt: skip
+    return {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}
 
 
 def mask_images(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every image masked: the model sees the text only."""
-    return {**batch, "image_mask": torch.zeros_like(batch["image_mask"]),
-            "object_mask": torch.zeros_like(batch["object_mask"])}  # fmt: skip
+    return {**batch, "image_mask": torch.zeros_like(batch["image_mask"])}
 
 
 @torch.no_grad()
