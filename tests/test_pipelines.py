@@ -83,15 +83,18 @@ def test_ner_on_text_gives_word_and_character_spans(ner_folder, image_files):
         assert entity["score"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_ner_on_words_and_text_only_and_truncation(ner_folder, image_files):
+def test_ner_on_words_and_text_only_and_long_texts(ner_folder, image_files):
     ner = pipeline("multimodal-ner", model=str(ner_folder))
     entities = ner({"words": ["Liverpool", "FC"], "image": image_files[2]})
     assert [(entity["word"], "start" in entity) for entity in entities] == [("Liverpool", False), ("FC", False)]
     assert len(ner("Liverpool today")) == 2  # a plain string: text only
-    # 40 words do not fit max_length=24: the words the model never saw are "O" (no entity), not dropped silently.
-    long_entities = ner({"words": [f"w{i}" for i in range(40)]})
-    assert 0 < len(long_entities) < 40
-    assert [entity["word_start"] for entity in long_entities] == list(range(len(long_entities)))
+    # 400 words do not fit max_length=24 (the processor's): they are read in several windows and every word is
+    # tagged (this model tags every word it sees as PER), none is cut.
+    words = [f"w{i}" for i in range(400)]
+    assert len(ner.processor.encode_ner_windows(words)["input_ids"]) > 1
+    long_entities = ner({"words": words})
+    assert [entity["word_start"] for entity in long_entities] == list(range(400))
+    assert [entity["word"] for entity in long_entities] == words
 
 
 def test_ner_batches_equal_single_calls(ner_folder, image_files):
