@@ -16,8 +16,10 @@ labels are only copied to the output; when they are present the entity or relati
 """
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,23 @@ def bio_tags(entities: list[dict], num_words: int) -> list[str]:
     return tags
 
 
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator:
+    """
+    A text file that becomes `path` only when the block ends without an error (written as `path.partial`, then
+    renamed over `path`), so a failed run leaves neither an empty nor a partial prediction file.
+    """
+    temporary = f"{path}.partial"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            yield file
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
 def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:
     """The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`)."""
     return loader(
@@ -91,7 +110,7 @@ def predict_ner(args: argparse.Namespace) -> dict[str, float]:
     outputs: Iterator = tagger(inputs, batch_size=args.batch_size, missing_images=args.missing_images)
     names = examples.features["ner_tags"].feature.names
     predictions, references = [], []
-    with open(args.output, "w", encoding="utf-8") as file:
+    with atomic_output(args.output) as file:
         for row, entities in zip(examples, outputs, strict=True):
             predicted = bio_tags(entities, len(row["tokens"]))
             gold = [names[tag] for tag in row["ner_tags"]]
@@ -121,7 +140,7 @@ def predict_re(args: argparse.Namespace) -> dict[str, float]:
     )
     names = examples.features["relation"].names
     predictions, references = [], []
-    with open(args.output, "w", encoding="utf-8") as file:
+    with atomic_output(args.output) as file:
         for row, ranked in zip(examples, outputs, strict=True):
             gold = names[row["relation"]]
             record = {"id": row["id"], "head": row["head"], "tail": row["tail"], "gold": gold}
