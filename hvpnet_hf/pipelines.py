@@ -12,8 +12,9 @@ relation = pipeline("multimodal-re", model="path/to/hvpnet-re")
 relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "image": "photo.jpg"}, top_k=3)
 ```
 
-Both take one example (a dict, or for NER also a plain string) or a list of them (`batch_size=` batches them), and
-images as PIL images, file paths or None (the image is then masked and the prediction is text-only). An image file
+Both take one example (a dict, or for NER also a plain string), or a list or generator of them (one result per
+input, in order; `batch_size=` batches them), and images as PIL images, numpy arrays, file paths or None (the image
+is then masked and the prediction is text-only). An image file
 that cannot be read is an error, or with `missing_images="mask"` masked like an absent one (and logged).
 
 `objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
@@ -22,7 +23,7 @@ object crops for inputs that have an image but no crops (see `object_detection.p
 A pipeline's `save_pretrained` (and `save_pipeline_code`) also copies this file (with `object_detection.py`) next to
 the model and records the pipeline in the config's `custom_pipelines`, so `pipeline(model=folder_or_hub_id,
 trust_remote_code=True)` builds it where `hvpnet_hf` is not installed. This module therefore imports only
-transformers, torch and the processor.
+transformers, torch, numpy, PIL and the processor.
 """
 
 import os
@@ -30,7 +31,9 @@ import re
 from collections.abc import Mapping, Sequence, Sized
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -44,6 +47,9 @@ from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 from .object_detection import ObjectCropper, object_cropper_for
 from .processing_hvpnet import HVPNetProcessor, ner_word_positions
+
+# What an input's `"image"` and each of its `"objects"` may be (or None).
+IMAGE_TYPES = (Image.Image, np.ndarray, str, os.PathLike)
 
 
 class _HVPNetPipeline(Pipeline):
@@ -151,6 +157,13 @@ class _HVPNetPipeline(Pipeline):
         objects = inputs.get("objects")
         if objects is not None and (isinstance(objects, str) or not isinstance(objects, Sequence)):
             raise TypeError(f"'objects' must be a list of images or paths, got {type(objects).__name__}")
+        images = {"'image'": inputs.get("image")}
+        images.update({f"'objects'[{position}]": crop for position, crop in enumerate(objects or [])})
+        for name, image in images.items():
+            if image is not None and not isinstance(image, IMAGE_TYPES):
+                raise TypeError(
+                    f"{name} must be a PIL image, a numpy array, a path or None, got {type(image).__name__}"
+                )
         return inputs
 
     def _check_max_length(self, max_length: Any) -> None:
