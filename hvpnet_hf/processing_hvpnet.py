@@ -206,7 +206,10 @@ class HVPNetProcessor(ProcessorMixin):
         """
         words, _ = self._tokenize_words(words)
         encoding = self.tokenizer(
-            words, is_split_into_words=True, truncation=True, max_length=max_length or self.max_length
+            words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length or self.max_length,
         )
         encoded = {name: encoding[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
         encoded["word_start_mask"], encoded["word_ids"] = [], []
@@ -241,20 +244,22 @@ class HVPNetProcessor(ProcessorMixin):
         (`{"start", "end"}` in words, end exclusive). Returns lists of `input_ids`, `attention_mask`,
         `token_type_ids` and, with `relations`, `labels` (relation ids).
 
-        When a sentence is longer than `max_length`, the tokens kept are the ones closest to an entity marker, so
+        A word that spells an entity marker is read as the unknown token. When a sentence is longer than
+        `max_length`, the tokens kept are the ones closest to an entity marker, so
         the four markers and the context around both entities survive, wherever they are in the sentence.
         """
         max_length = max_length or self.max_length
         _check_re_max_length(max_length)
-        marked_words = [
-            _insert_entity_markers(example_words, head, tail, index)
-            for index, (example_words, head, tail) in enumerate(zip(words, heads, tails, strict=True))
-        ]
-        _, encoding = self._tokenize_words(marked_words)
-        marker_ids = set(self.tokenizer.convert_tokens_to_ids(ENTITY_MARKERS))
+        _, encoding = self._tokenize_words(words)
+        marker_ids = dict(zip(ENTITY_MARKERS, self.tokenizer.convert_tokens_to_ids(ENTITY_MARKERS), strict=True))
         encoded = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
-        for token_ids in encoding["input_ids"]:
-            token_ids = _keep_near_markers(token_ids, marker_ids, max_length - 2)
+        for index, (head, tail) in enumerate(zip(heads, tails, strict=True)):
+            # A word that spells a marker ("<s>") is read as unknown, so each marker is in the input exactly once.
+            word_tokens = [[] for _ in words[index]]
+            for token_id, word in zip(encoding["input_ids"][index], encoding.word_ids(index), strict=True):
+                word_tokens[word].append(self.tokenizer.unk_token_id if token_id in marker_ids.values() else token_id)
+            token_ids = _insert_entity_markers(word_tokens, head, tail, index, marker_ids)
+            token_ids = _keep_near_markers(token_ids, set(marker_ids.values()), max_length - 2)
             input_ids = [self.tokenizer.cls_token_id, *token_ids, self.tokenizer.sep_token_id]
             encoded["input_ids"].append(input_ids)
             encoded["attention_mask"].append([1] * len(input_ids))
@@ -416,20 +421,25 @@ def _check_re_max_length(max_length: int) -> None:
         raise ValueError(f"max_length must leave room for [CLS], [SEP] and the 4 entity markers, got {max_length}")
 
 
-def _insert_entity_markers(words: Sequence[str], head: Mapping, tail: Mapping, index: int) -> list[str]:
-    """Inserts `<s>`/`</s>` around the head span and `<o>`/`</o>` around the tail span (word offsets)."""
+def _insert_entity_markers(
+    word_tokens: Sequence[Sequence[int]], head: Mapping, tail: Mapping, index: int, marker_ids: Mapping[str, int]
+) -> list[int]:
+    """
+    The token ids of one example's words (`word_tokens`: the ids of each word) with the ids of `<s>`/`</s>` around
+    the head span and `<o>`/`</o>` around the tail span (word offsets).
+    """
     for name, span in (("head", head), ("tail", tail)):
-        if not 0 <= span["start"] < span["end"] <= len(words):
+        if not 0 <= span["start"] < span["end"] <= len(word_tokens):
             raise ValueError(f"Example {index}: {name} span [{span['start']}, {span['end']}) out of range")
-    before = [[] for _ in range(len(words) + 1)]
+    before = [[] for _ in range(len(word_tokens) + 1)]
     for span, start_marker, end_marker in ((head, HEAD_START, HEAD_END), (tail, TAIL_START, TAIL_END)):
-        before[span["start"]].append(start_marker)
-        before[span["end"]].insert(0, end_marker)
+        before[span["start"]].append(marker_ids[start_marker])
+        before[span["end"]].insert(0, marker_ids[end_marker])
     marked = []
-    for position, word in enumerate(words):
+    for position, tokens in enumerate(word_tokens):
         marked += before[position]
-        marked.append(word)
-    return marked + before[len(words)]
+        marked += tokens
+    return marked + before[len(word_tokens)]
 
 
 def _pad(sequences: Sequence[Sequence], padding_value) -> torch.Tensor:
