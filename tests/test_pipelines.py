@@ -11,7 +11,7 @@ from transformers import BertConfig, BertTokenizerFast, pipeline
 
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
 from hvpnet_hf.pipelines import bio_entities  # importing the module registers the pipelines
-from hvpnet_hf.processing_hvpnet import MNER_LABELS
+from hvpnet_hf.processing_hvpnet import MNER_LABELS, ner_word_positions
 
 RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
 TEXT = "  Visiting   Liverpool with @anna_b today"
@@ -245,6 +245,16 @@ def test_long_text_windows_are_merged_from_the_farthest_window(tmp_path):
         )
         predicted[entity["word_start"]] = f"B-{entity['entity_group']}"
     assert [entity[:3] for entity in bio_entities(predicted)] == bio_entities(expected)
+
+
+def test_each_word_is_read_from_the_window_where_it_is_farthest_from_a_cut():
+    # Six words in two windows: [0, 4) is cut after word 3, [2, 6) before word 2. Word 2 is 1 word from the first
+    # window's cut and 0 from the second's; word 3 the other way round. "##" continues the previous word.
+    word_ids = [[-1, 0, 1, 1, 2, 3, -1], [-1, 2, 3, 4, 5, 5, -1]]
+    positions = ner_word_positions(word_ids, 6)
+    assert positions == [(0, 1), (0, 2), (0, 4), (1, 2), (1, 3), (1, 4)]
+    # A single row that stops early (truncation) leaves the rest unread.
+    assert ner_word_positions([[-1, 0, 1, -1]], 4) == [(0, 1), (0, 2), None, None]
 
 
 def test_max_length_and_stride_are_checked(ner_folder, re_folder):
