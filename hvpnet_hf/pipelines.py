@@ -14,8 +14,8 @@ relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "ima
 
 Both take one example (a dict, or for NER also a plain string), or a list or generator of them (one result per
 input, in order; `batch_size=` batches them), and images as PIL images, numpy arrays, file paths or None (the image
-is then masked and the prediction is text-only). An image file
-that cannot be read is an error, or with `missing_images="mask"` masked like an absent one (and logged).
+is then masked and the prediction is text-only). An image file that cannot be read is an error, or with
+`missing_images="mask"` masked like an absent one (and logged).
 
 `objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
 object crops for inputs that have an image but no crops (see `object_detection.py`).
@@ -29,6 +29,7 @@ transformers, torch, numpy, PIL and the processor.
 import os
 import re
 from collections.abc import Mapping, Sequence, Sized
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -413,7 +414,12 @@ def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike
 
 def _span(span: Sequence[int] | Mapping, role: str, num_words: int) -> dict[str, int]:
     """A `(start, end)` or `{"start", "end"}` word span, checked against the sentence length."""
-    start, end = (span["start"], span["end"]) if isinstance(span, Mapping) else span
+    try:
+        start, end = (span["start"], span["end"]) if isinstance(span, Mapping) else span
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{role} must be a (start, end) pair or {{'start', 'end'}}, got {span!r}") from error
+    if not all(isinstance(bound, Integral) and not isinstance(bound, bool) for bound in (start, end)):
+        raise TypeError(f"{role} span bounds must be integers, got {span!r}")
     if not 0 <= start < end <= num_words:
         raise ValueError(f"{role} span [{start}, {end}) is not a word span of the {num_words}-word input")
     return {"start": int(start), "end": int(end)}

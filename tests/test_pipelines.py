@@ -284,3 +284,7 @@ def test_input_keys_and_types_are_checked(ner_folder, re_folder):
     with pytest.raises(TypeError, match=r"input 2: an input must be a dict .* got int"):
         ner(["a", {"text": "b"}, 7], batch_size=2)
     assert ner(["", "   "]) == [[], []]
+    with pytest.raises(ValueError, match=r"head must be a \(start, end\) pair or \{'start', 'end'\}, got \(1,\)"):
+        relation({"words": ["a", "b"], "head": (1,), "tail": (0, 1)})
+    with pytest.raises(TypeError, match=r"tail span bounds must be integers, got \{'start': 0, 'end': 1.5\}"):
+        relation({"words": ["a", "b"], "head": (1, 2), "tail": {"start": 0, "end": 1.5}})
