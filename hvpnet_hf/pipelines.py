@@ -12,9 +12,10 @@ relation = pipeline("multimodal-re", model="path/to/hvpnet-re")
 relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "image": "photo.jpg"}, top_k=3)
 ```
 
-Both take one example (a dict, or for NER also a plain string) or a list of them (`batch_size=` batches them), and
-images as PIL images, file paths or None (the image is then masked and the prediction is text-only). An image file
-that cannot be read is an error, or with `missing_images="mask"` masked like an absent one (and logged).
+Both take one example (a dict, or for NER also a plain string), or a list or generator of them (one result per
+input, in order; `batch_size=` batches them), and images as PIL images, numpy arrays, file paths or None (the image
+is then masked and the prediction is text-only). An image file that cannot be read is an error, or with
+`missing_images="mask"` masked like an absent one (and logged).
 
 `objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
 object crops for inputs that have an image but no crops (see `object_detection.py`).
@@ -22,15 +23,18 @@ object crops for inputs that have an image but no crops (see `object_detection.p
 A pipeline's `save_pretrained` (and `save_pipeline_code`) also copies this file (with `object_detection.py`) next to
 the model and records the pipeline in the config's `custom_pipelines`, so `pipeline(model=folder_or_hub_id,
 trust_remote_code=True)` builds it where `hvpnet_hf` is not installed. This module therefore imports only
-transformers, torch and the processor.
+transformers, torch, numpy, PIL and the processor.
 """
 
 import os
 import re
 from collections.abc import Mapping, Sequence, Sized
+from numbers import Integral
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
@@ -43,11 +47,19 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
 from .object_detection import ObjectCropper, object_cropper_for
-from .processing_hvpnet import HVPNetProcessor
+from .processing_hvpnet import HVPNetProcessor, ner_word_positions
+
+# What an input's `"image"` and each of its `"objects"` may be (or None).
+IMAGE_TYPES = (Image.Image, np.ndarray, str, os.PathLike)
 
 
 class _HVPNetPipeline(Pipeline):
-    """What both pipelines share: the processor, and batching of examples with different text lengths."""
+    """
+    What both pipelines share: the processor, input checks, and batching. `preprocess` turns one input into
+    `{"features": [one dict of model inputs per row], "example": ...}` (a long NER text has several rows, an empty
+    one none); `_collate` pads the rows of several inputs into one batch; `_forward` runs the model once per batch
+    and returns one output per input, which `postprocess` reads. Single inputs take the same path.
+    """
 
     # `pipeline(...)` builds the processor with `AutoProcessor.from_pretrained(model, revision=..., token=...)`; when
     # it cannot (a model object without its processor), `__init__` reads it from `model.name_or_path`.
@@ -61,12 +73,15 @@ class _HVPNetPipeline(Pipeline):
     # this code (and ask for trust_remote_code) even where `hvpnet_hf` is imported.
     saved_task: str
     auto_model_class: type
+    # The keys an input dict may have.
+    input_keys: tuple[str, ...]
 
     def __init__(self, model, processor: HVPNetProcessor | None = None, **kwargs):
         if processor is None:
             processor = HVPNetProcessor.from_pretrained(model.name_or_path)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
         self.model.eval()  # the NER head decodes tags in eval mode only
+        self._check_max_length(self.processor.max_length)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Saves the model, the processor and this pipeline's code (see `save_pipeline_code`)."""
@@ -74,27 +89,97 @@ class _HVPNetPipeline(Pipeline):
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
 
+    def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
+        model_inputs = self._collate([self.preprocess(inputs, **preprocess_params)])
+        return self.postprocess(self.forward(model_inputs, **forward_params)[0], **postprocess_params)
+
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        # As the base class does, but with `_collate`: transformers' default collation knows neither the object
-        # crops nor the image masks; the processor pads the text and stacks the images with their masks.
+        # As the base class does, with three differences: errors name the failing input's index; `_collate` pads
+        # rows and stacks images (transformers' default collation knows neither crops nor image masks); and
+        # `_forward` splits the outputs per input for every batch size (transformers' unbatching is skipped at
+        # `batch_size=1` and does not split non-tensor values).
         if isinstance(inputs, Sized):
-            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+            dataset = _NumberedPipelineDataset(inputs, self._preprocess_numbered, preprocess_params)
         else:  # a generator: read in this process
-            dataset, num_workers = PipelineIterator(inputs, self.preprocess, preprocess_params), 0
+            dataset = PipelineIterator(enumerate(inputs), self._preprocess_numbered, preprocess_params)
+            num_workers = 0
         loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=self._collate)
-        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
-        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
+        return (
+            self.postprocess(output, **postprocess_params)
+            for batch in loader
+            for output in self.forward(batch, **forward_params)
+        )
+
+    def _preprocess_numbered(self, numbered_input: tuple[int, Any], **preprocess_params) -> dict[str, Any]:
+        index, inputs = numbered_input
+        try:
+            return self.preprocess(inputs, **preprocess_params)
+        except (ValueError, TypeError, OSError) as error:
+            error_class = next(base for base in (ValueError, TypeError, OSError) if isinstance(error, base))
+            raise error_class(f"input {index}: {error}") from error
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Joins `preprocess` outputs (tensors with a batch dimension of 1) into one batch; other values to lists."""
-        features = [
-            {name: value[0] for name, value in item.items() if isinstance(value, torch.Tensor)} for item in items
-        ]
-        batch: dict[str, Any] = dict(self.processor.pad(features))
-        for name, first in items[0].items():
-            if not isinstance(first, torch.Tensor):
-                batch[name] = [item[name] for item in items]
+        """Pads the rows of all `items` into one batch of model inputs, with `examples` and `num_rows` per item."""
+        rows = [features for item in items for features in item["features"]]
+        batch: dict[str, Any] = dict(self.processor.pad(rows)) if rows else {}
+        batch["examples"] = [item["example"] for item in items]
+        batch["num_rows"] = [len(item["features"]) for item in items]
         return batch
+
+    def _forward(self, model_inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        examples, num_rows = model_inputs.pop("examples"), model_inputs.pop("num_rows")
+        row_outputs = self._row_outputs(self.model(**model_inputs)) if sum(num_rows) else {}
+        outputs, first = [], 0
+        for example, count in zip(examples, num_rows, strict=True):
+            rows = {name: value[first : first + count] for name, value in row_outputs.items()}
+            outputs.append({"example": example, **rows})
+            first += count
+        return outputs
+
+    def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
+        """What `postprocess` reads of the model outputs, one entry per row."""
+        raise NotImplementedError
+
+    def _check_input(self, inputs: Any) -> Mapping:
+        """`inputs` if it is a dict of known keys with well-typed words and crops, else an error naming the key."""
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"an input must be a dict with keys {list(self.input_keys)}, got {type(inputs).__name__}")
+        unknown = [key for key in inputs if key not in self.input_keys]
+        if unknown:
+            raise ValueError(f"unknown input keys {unknown}; accepted keys are {list(self.input_keys)}")
+        if "words" in inputs:
+            words = inputs["words"]
+            if isinstance(words, str) or not isinstance(words, Sequence):
+                hint = " (give a string as 'text')" if "text" in self.input_keys else ""
+                raise TypeError(f"'words' must be a list of strings, got {type(words).__name__}{hint}")
+            for position, word in enumerate(words):
+                if not isinstance(word, str):
+                    raise TypeError(f"'words'[{position}] must be a string, got {type(word).__name__}")
+        objects = inputs.get("objects")
+        if objects is not None and (isinstance(objects, str) or not isinstance(objects, Sequence)):
+            raise TypeError(f"'objects' must be a list of images or paths, got {type(objects).__name__}")
+        images = {"'image'": inputs.get("image")}
+        images.update({f"'objects'[{position}]": crop for position, crop in enumerate(objects or [])})
+        for name, image in images.items():
+            if image is not None and not isinstance(image, IMAGE_TYPES):
+                raise TypeError(
+                    f"{name} must be a PIL image, a numpy array, a path or None, got {type(image).__name__}"
+                )
+        return inputs
+
+    def _check_max_length(self, max_length: Any) -> None:
+        limit = self.model.config.text_config.max_position_embeddings
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 3 <= max_length <= limit:
+            raise ValueError(
+                f"max_length must be an integer from 3 to the text model's max_position_embeddings ({limit}), "
+                f"got {max_length!r}"
+            )
+
+    def _preprocess_parameters(self, max_length: int | None, missing_images: str | None) -> dict[str, Any]:
+        if max_length is not None:
+            self._check_max_length(max_length)
+        parameters = {"max_length": max_length, "missing_images": missing_images}
+        return {name: value for name, value in parameters.items() if value is not None}
 
     def _object_parameters(self, objects: str | ObjectCropper | None, detector) -> dict[str, ObjectCropper]:
         """`objects="detect"` (with `detector=`) or an `ObjectCropper`: crops found for inputs that have none."""
@@ -104,28 +189,20 @@ class _HVPNetPipeline(Pipeline):
         self._object_cropper = object_cropper_for(objects, detector, self.processor.num_object_images, current)
         return {"object_cropper": self._object_cropper}
 
-    def _encode(
+    def _image_features(
         self,
         words: list[str],
         example: Mapping,
         missing_images: str,
         object_cropper: ObjectCropper | None = None,
-        **task_inputs,
-    ) -> dict[str, Any]:
+        head: Mapping | None = None,
+        tail: Mapping | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The image tensors of one input (no batch dimension), with crops from `object_cropper` if it has none."""
         objects = example.get("objects") or []
         if object_cropper is not None and not objects:
-            objects = object_cropper.crops_for_text(
-                example.get("image"), words, task_inputs.get("head"), task_inputs.get("tail")
-            )
-        return dict(
-            self.processor(
-                words,
-                image=example.get("image"),
-                objects=objects,
-                missing_images=missing_images,
-                **task_inputs,
-            )
-        )
+            objects = object_cropper.crops_for_text(example.get("image"), words, head, tail)
+        return self.processor.preprocess_images(example.get("image"), objects, missing_images)
 
 
 class MultimodalNerPipeline(_HVPNetPipeline):
@@ -137,59 +214,79 @@ class MultimodalNerPipeline(_HVPNetPipeline):
     `{"entity_group", "score", "word", "word_start", "word_end", "start", "end"}` with the word span
     `[word_start, word_end)` and, when text was given, the character span `[start, end)`. The CRF's tags decide the
     entities; `score` is the mean probability the emission layer gives the tags of the entity's words (the CRF's
-    transition scores are not in it).
+    transition scores are not in it). A text without words gives `[]`.
+
+    Every word is tagged: a text longer than `max_length` tokens is read in overlapping windows (consecutive
+    windows share up to `stride` tokens, by default half a window), and each word takes its tag from the window
+    where it is farthest from a cut.
     """
 
     saved_task = "hvpnet-ner"
     auto_model_class = AutoModelForTokenClassification
+    input_keys = ("text", "words", "image", "objects")
 
     def _sanitize_parameters(
-        self, max_length: int | None = None, missing_images: str | None = None, objects=None, detector=None, **kwargs
+        self,
+        max_length: int | None = None,
+        stride: int | None = None,
+        missing_images: str | None = None,
+        objects=None,
+        detector=None,
+        **kwargs,
     ):
         preprocess = {
-            **_preprocess_parameters(max_length, missing_images),
+            **self._preprocess_parameters(max_length, missing_images),
             **self._object_parameters(objects, detector),
         }
+        if stride is not None:
+            preprocess["stride"] = stride
         return preprocess, {}, {}
 
     def preprocess(
         self,
         inputs: str | Mapping,
         max_length: int | None = None,
+        stride: int | None = None,
         missing_images: str = "error",
         object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
-        example = {"text": inputs} if isinstance(inputs, str) else inputs
+        example = self._check_input({"text": inputs} if isinstance(inputs, str) else inputs)
         if "words" in example:
             words, offsets = list(example["words"]), None
         elif "text" in example:
+            if not isinstance(example["text"], str):
+                raise TypeError(f"'text' must be a string, got {type(example['text']).__name__}")
             matches = list(re.finditer(r"\S+", example["text"]))
             words, offsets = [match.group() for match in matches], [match.span() for match in matches]
         else:
             raise ValueError(f"a multimodal-ner input needs 'text' or 'words', got keys {sorted(example)}")
+        info = {"words": words, "offsets": offsets, "word_ids": []}
         if not words:
-            raise ValueError("a multimodal-ner input needs at least one word")
-        encoded = self._encode(words, example, missing_images, object_cropper, max_length=max_length)
-        encoded["example"] = {"words": words, "offsets": offsets}
-        return encoded
+            return {"features": [], "example": info}
+        windows = self.processor.encode_ner_windows(words, max_length, stride)
+        images = self._image_features(words, example, missing_images, object_cropper)
+        info["word_ids"] = windows["word_ids"]
+        row_names = ("input_ids", "attention_mask", "token_type_ids", "word_start_mask")
+        features = [
+            {**{name: windows[name][row] for name in row_names}, **images} for row in range(len(windows["input_ids"]))
+        ]
+        return {"features": features, "example": info}
 
-    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
-        example = model_inputs.pop("example")
-        outputs = self.model(**model_inputs)
-        probabilities = outputs.logits.softmax(dim=-1)
-        tags = outputs.predicted_tags
-        tag_probabilities = probabilities.gather(-1, tags.clamp(min=0)[..., None])[..., 0]
-        return {"predicted_tags": tags, "tag_probabilities": tag_probabilities, "example": example}
+    def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
+        tags = model_outputs.predicted_tags
+        probabilities = model_outputs.logits.softmax(dim=-1).gather(-1, tags.clamp(min=0)[..., None])[..., 0]
+        return {"predicted_tags": tags, "tag_probabilities": probabilities}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
         example = model_outputs["example"]
         words, offsets = example["words"], example["offsets"]
-        tags = model_outputs["predicted_tags"][0]
-        is_word = tags != -100
-        word_tags = [self.model.config.id2label[int(tag)] for tag in tags[is_word]]
-        word_probabilities = model_outputs["tag_probabilities"][0][is_word].tolist()
-        # Words cut by truncation get no tag from the model: "O".
-        word_tags += ["O"] * (len(words) - len(word_tags))
+        if not words:
+            return []
+        # Every word has a position: the windows cover the whole text.
+        positions = ner_word_positions(example["word_ids"], len(words))
+        tags, probabilities = model_outputs["predicted_tags"].tolist(), model_outputs["tag_probabilities"].tolist()
+        word_tags = [self.model.config.id2label[tags[row][token]] for row, token in positions]
+        word_probabilities = [probabilities[row][token] for row, token in positions]
         entities = []
         for entity_type, first, last in bio_entities(word_tags):
             entity = {
@@ -211,11 +308,13 @@ class MultimodalRePipeline(_HVPNetPipeline):
 
     Input: a dict with `"words"` (list of words), `"head"` and `"tail"` (word spans `(start, end)`, end exclusive,
     or `{"start", "end"}`), and optionally `"image"` and `"objects"`. Output per example: `{"relation", "score"}`, or
-    with `top_k=k` the k most probable relations as a list, best first.
+    with `top_k=k` the k most probable relations as a list, best first. A sentence longer than `max_length` tokens
+    keeps the tokens nearest the entity markers (see `HVPNetProcessor.encode_re`).
     """
 
     saved_task = "hvpnet-re"
     auto_model_class = AutoModelForSequenceClassification
+    input_keys = ("words", "head", "tail", "image", "objects")
 
     def _sanitize_parameters(
         self,
@@ -228,7 +327,7 @@ class MultimodalRePipeline(_HVPNetPipeline):
     ):
         postprocess = {"top_k": top_k} if top_k is not None else {}
         preprocess = {
-            **_preprocess_parameters(max_length, missing_images),
+            **self._preprocess_parameters(max_length, missing_images),
             **self._object_parameters(objects, detector),
         }
         return preprocess, {}, postprocess
@@ -240,15 +339,19 @@ class MultimodalRePipeline(_HVPNetPipeline):
         missing_images: str = "error",
         object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
+        inputs = self._check_input(inputs)
         missing = [key for key in ("words", "head", "tail") if key not in inputs]
         if missing:
             raise ValueError(f"a multimodal-re input needs 'words', 'head' and 'tail'; missing {missing}")
         words = list(inputs["words"])
         spans = {role: _span(inputs[role], role, len(words)) for role in ("head", "tail")}
-        return self._encode(words, inputs, missing_images, object_cropper, max_length=max_length, **spans)
+        encoded = self.processor.encode_re([words], [spans["head"]], [spans["tail"]], max_length=max_length)
+        features = {name: values[0] for name, values in encoded.items()}
+        features.update(self._image_features(words, inputs, missing_images, object_cropper, **spans))
+        return {"features": [features], "example": None}
 
-    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
-        return {"probabilities": self.model(**model_inputs).logits.softmax(dim=-1)}
+    def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
+        return {"probabilities": model_outputs.logits.softmax(dim=-1)}
 
     def postprocess(self, model_outputs: dict[str, Any], top_k: int | None = None) -> dict | list[dict]:
         probabilities = model_outputs["probabilities"][0]
@@ -258,6 +361,13 @@ class MultimodalRePipeline(_HVPNetPipeline):
             for score, label in zip(scores, labels, strict=True)
         ]
         return ranked if top_k is not None else ranked[0]
+
+
+class _NumberedPipelineDataset(PipelineDataset):
+    """A `PipelineDataset` that hands `process` each input with its index."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.process((index, self.dataset[index]), **self.params)
 
 
 def bio_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -302,14 +412,14 @@ def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike
     custom_object_save(pipeline_class, save_directory)
 
 
-def _preprocess_parameters(max_length: int | None, missing_images: str | None) -> dict[str, Any]:
-    parameters = {"max_length": max_length, "missing_images": missing_images}
-    return {name: value for name, value in parameters.items() if value is not None}
-
-
 def _span(span: Sequence[int] | Mapping, role: str, num_words: int) -> dict[str, int]:
     """A `(start, end)` or `{"start", "end"}` word span, checked against the sentence length."""
-    start, end = (span["start"], span["end"]) if isinstance(span, Mapping) else span
+    try:
+        start, end = (span["start"], span["end"]) if isinstance(span, Mapping) else span
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{role} must be a (start, end) pair or {{'start', 'end'}}, got {span!r}") from error
+    if not all(isinstance(bound, Integral) and not isinstance(bound, bool) for bound in (start, end)):
+        raise TypeError(f"{role} span bounds must be integers, got {span!r}")
     if not 0 <= start < end <= num_words:
         raise ValueError(f"{role} span [{start}, {end}) is not a word span of the {num_words}-word input")
     return {"start": int(start), "end": int(end)}

@@ -21,8 +21,10 @@ labels are only copied to the output; when they are present the entity or relati
 """
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,8 +76,9 @@ def conll_row(word: str, gold: str, predicted: str) -> str:
 def write_ner_predictions(
     path: str | Path, sentences: Iterable[tuple[Sequence[str], Sequence[str], Sequence[str]]]
 ) -> None:
-    """Per sentence `(words, gold tags, predicted tags)`: one `conll_row` per word, a blank line after each sentence."""
-    with open(path, "w", encoding="utf-8") as file:
+    """Per sentence `(words, gold tags, predicted tags)`: one `conll_row` per word, a blank line after each sentence.
+    The file appears only when all of it is written (see `atomic_output`)."""
+    with atomic_output(path) as file:
         for words, gold, predicted in sentences:
             file.writelines(conll_row(*columns) for columns in zip(words, gold, predicted, strict=True))
             file.write("\n")
@@ -87,9 +90,10 @@ def write_re_predictions(
     """
     One JSON object per example: its `id`, `head` and `tail`, the `gold` relation, the `predicted` one and its
     probability `score`; with `top_k`, also the ranked `[{"relation", "score"}, ...]` list. `ranked` gives, per
-    example, relations with their probabilities, most probable first.
+    example, relations with their probabilities, most probable first. The file appears only when all of it is
+    written (see `atomic_output`).
     """
-    with open(path, "w", encoding="utf-8") as file:
+    with atomic_output(path) as file:
         for example, gold_relation, relations in zip(examples, gold, ranked, strict=True):
             record = {"id": example["id"], "head": example["head"], "tail": example["tail"], "gold": gold_relation}
             record.update({"predicted": relations[0]["relation"], "score": round(relations[0]["score"], 4)})
@@ -139,6 +143,23 @@ def _of_split(found: Any, split: str | None, input_file: str, what: str) -> Any:
             f"{'not among them' if split else 'not named in its file name'}; give the folder or file of its split"
         )
     return found[split]
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator:
+    """
+    A text file that becomes `path` only when the block ends without an error (written as `path.partial`, then
+    renamed over `path`), so a failed run leaves neither an empty nor a partial prediction file.
+    """
+    temporary = f"{path}.partial"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            yield file
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:

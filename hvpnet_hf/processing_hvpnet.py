@@ -211,7 +211,10 @@ class HVPNetProcessor(ProcessorMixin):
         """
         words, _ = self._tokenize_words(words)
         encoding = self.tokenizer(
-            words, is_split_into_words=True, truncation=True, max_length=max_length or self.max_length
+            words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length or self.max_length,
         )
         encoded = {name: encoding[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
         encoded["word_start_mask"], encoded["word_ids"] = [], []
@@ -246,20 +249,22 @@ class HVPNetProcessor(ProcessorMixin):
         (`{"start", "end"}` in words, end exclusive). Returns lists of `input_ids`, `attention_mask`,
         `token_type_ids` and, with `relations`, `labels` (relation ids).
 
-        When a sentence is longer than `max_length`, the tokens kept are the ones closest to an entity marker, so
+        A word that spells an entity marker is read as the unknown token. When a sentence is longer than
+        `max_length`, the tokens kept are the ones closest to an entity marker, so
         the four markers and the context around both entities survive, wherever they are in the sentence.
         """
         max_length = max_length or self.max_length
         _check_re_max_length(max_length)
-        marked_words = [
-            _insert_entity_markers(example_words, head, tail, index)
-            for index, (example_words, head, tail) in enumerate(zip(words, heads, tails, strict=True))
-        ]
-        _, encoding = self._tokenize_words(marked_words)
-        marker_ids = set(self.tokenizer.convert_tokens_to_ids(ENTITY_MARKERS))
+        _, encoding = self._tokenize_words(words)
+        marker_ids = dict(zip(ENTITY_MARKERS, self.tokenizer.convert_tokens_to_ids(ENTITY_MARKERS), strict=True))
         encoded = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
-        for token_ids in encoding["input_ids"]:
-            token_ids = _keep_near_markers(token_ids, marker_ids, max_length - 2)
+        for index, (head, tail) in enumerate(zip(heads, tails, strict=True)):
+            # A word that spells a marker ("<s>") is read as unknown, so each marker is in the input exactly once.
+            word_tokens = [[] for _ in words[index]]
+            for token_id, word in zip(encoding["input_ids"][index], encoding.word_ids(index), strict=True):
+                word_tokens[word].append(self.tokenizer.unk_token_id if token_id in marker_ids.values() else token_id)
+            token_ids = _insert_entity_markers(word_tokens, head, tail, index, marker_ids)
+            token_ids = _keep_near_markers(token_ids, set(marker_ids.values()), max_length - 2)
             input_ids = [self.tokenizer.cls_token_id, *token_ids, self.tokenizer.sep_token_id]
             encoded["input_ids"].append(input_ids)
             encoded["attention_mask"].append([1] * len(input_ids))
@@ -283,20 +288,56 @@ class HVPNetProcessor(ProcessorMixin):
         return self.image_processor.preprocess_example(image, objects, missing_images)
 
     def post_process_ner(
-        self, predicted_tags: Sequence[int] | torch.Tensor, word_ids: Sequence[int], num_words: int
+        self,
+        predicted_tags: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+        word_ids: Sequence[int] | Sequence[Sequence[int]],
+        num_words: int,
     ) -> list[int]:
         """
-        Maps per-token predictions (T,) back to one tag id per word, using the `word_ids` of `encode_ner`. Words cut
-        by truncation get tag 0 (`"O"`), so they still count in word-level metrics.
+        Maps per-token predictions back to one tag id per word, using the `word_ids` of `encode_ner` or
+        `encode_ner_windows`: one row (T,) or one row per window (W, T). A word seen by several windows takes its tag
+        from the window where it is farthest from a cut (see `ner_word_positions`); a word no row saw (cut by
+        truncation) gets tag 0 (`"O"`), so it still counts in word-level metrics.
         """
         predicted_tags = predicted_tags.tolist() if isinstance(predicted_tags, torch.Tensor) else predicted_tags
-        word_tags = [MNER_LABELS.index("O")] * num_words
-        previous = -1
-        for tag, word in zip(predicted_tags, word_ids, strict=False):
-            if word >= 0 and word != previous:
-                word_tags[word] = int(tag)
-            previous = word
-        return word_tags
+        word_ids = word_ids.tolist() if isinstance(word_ids, torch.Tensor) else word_ids
+        if len(word_ids) and not isinstance(word_ids[0], Sequence):
+            predicted_tags, word_ids = [predicted_tags], [word_ids]
+        outside = MNER_LABELS.index("O")
+        return [
+            outside if position is None else int(predicted_tags[position[0]][position[1]])
+            for position in ner_word_positions(word_ids, num_words)
+        ]
+
+    def encode_ner_windows(
+        self, words: Sequence[str], max_length: int | None = None, stride: int | None = None
+    ) -> dict[str, list]:
+        """
+        Tokenises one word list into as many rows ("windows") as it takes for every word to have its first sub-word
+        in a row of at most `max_length` tokens. Consecutive windows share whole words worth up to `stride` tokens
+        (default: half a window), so each word can be read with context on both sides. Returns the lists of
+        `encode_ner`, one entry per window, with `word_ids` counted in the whole word list, so `post_process_ner`
+        merges the windows. A text that fits gives one row, identical to `encode_ner`.
+        """
+        max_length = max_length or self.max_length
+        budget = max_length - 2  # [CLS] and [SEP]
+        if budget < 1:
+            raise ValueError(f"max_length must leave room for [CLS], [SEP] and one token, got {max_length}")
+        stride = budget // 2 if stride is None else stride
+        if not 0 <= stride < budget:
+            raise ValueError(f"stride must be in [0, {budget}) for max_length={max_length}, got {stride}")
+        words, encoding = self._tokenize_words([words])
+        words = words[0]
+        token_counts = [0] * len(words)
+        for word in encoding.word_ids(0):
+            token_counts[word] += 1
+        windows = _word_windows(token_counts, budget, stride)
+        encoded = self.encode_ner([words[start:end] for start, end in windows], max_length=max_length)
+        encoded["word_ids"] = [
+            [word + start if word >= 0 else -1 for word in row]
+            for row, (start, _) in zip(encoded["word_ids"], windows, strict=True)
+        ]
+        return encoded
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -329,25 +370,81 @@ class HVPNetProcessor(ProcessorMixin):
         return replaced, encoding
 
 
+def ner_word_positions(word_ids: Sequence[Sequence[int]], num_words: int) -> list[tuple[int, int] | None]:
+    """
+    For each of `num_words` words, the `(row, token)` position of its first sub-word in the row that reads it best,
+    or None when no row has it. `word_ids` (W, T) holds a word index per token (-1 or None for special tokens and
+    padding). A row reading a middle part of the text is cut on the sides where it does not reach the text's first
+    or last word; among the rows holding a word, the one where the word is farthest from such a cut wins (the
+    earlier row on ties), as a word near a cut misses the context beyond it.
+    """
+    positions: list[tuple[int, int] | None] = [None] * num_words
+    best_distance = [-1.0] * num_words
+    for row, row_word_ids in enumerate(word_ids):
+        seen = [word for word in row_word_ids if word is not None and word >= 0]
+        if not seen:
+            continue
+        first, last = min(seen), max(seen)
+        previous = -1
+        for token, word in enumerate(row_word_ids):
+            word = -1 if word is None else int(word)
+            if word >= 0 and word != previous:
+                if word >= num_words:
+                    raise ValueError(f"word_ids row {row} names word {word} of a {num_words}-word input")
+                left = word - first if first > 0 else float("inf")
+                right = last - word if last < num_words - 1 else float("inf")
+                if min(left, right) > best_distance[word]:
+                    positions[word], best_distance[word] = (row, token), min(left, right)
+            previous = word
+    return positions
+
+
+def _word_windows(token_counts: Sequence[int], budget: int, stride: int) -> list[tuple[int, int]]:
+    """
+    Word ranges `[start, end)` covering all words, each of at most `budget` tokens (a single longer word fills a
+    window alone, its first sub-word kept); each next window starts at the last words of the previous one that fit
+    in `stride` tokens, and always after the previous start.
+    """
+    windows, start = [], 0
+    while True:
+        end, used = start, 0
+        while end < len(token_counts) and (end == start or used + token_counts[end] <= budget):
+            used += token_counts[end]
+            end += 1
+        windows.append((start, end))
+        if end >= len(token_counts):
+            return windows
+        next_start, shared = end, 0
+        while next_start - 1 > start and shared + token_counts[next_start - 1] <= stride:
+            next_start -= 1
+            shared += token_counts[next_start]
+        start = next_start
+
+
 def _check_re_max_length(max_length: int) -> None:
     if max_length < len(ENTITY_MARKERS) + 2:
         raise ValueError(f"max_length must leave room for [CLS], [SEP] and the 4 entity markers, got {max_length}")
 
 
-def _insert_entity_markers(words: Sequence[str], head: Mapping, tail: Mapping, index: int) -> list[str]:
-    """Inserts `<s>`/`</s>` around the head span and `<o>`/`</o>` around the tail span (word offsets)."""
+def _insert_entity_markers(
+    word_tokens: Sequence[Sequence[int]], head: Mapping, tail: Mapping, index: int, marker_ids: Mapping[str, int]
+) -> list[int]:
+    """
+    The token ids of one example's words (`word_tokens`: the ids of each word) with the ids of `<s>`/`</s>` around
+    the head span and `<o>`/`</o>` around the tail span (word offsets).
+    """
     for name, span in (("head", head), ("tail", tail)):
-        if not 0 <= span["start"] < span["end"] <= len(words):
+        if not 0 <= span["start"] < span["end"] <= len(word_tokens):
             raise ValueError(f"Example {index}: {name} span [{span['start']}, {span['end']}) out of range")
-    before = [[] for _ in range(len(words) + 1)]
+    before = [[] for _ in range(len(word_tokens) + 1)]
     for span, start_marker, end_marker in ((head, HEAD_START, HEAD_END), (tail, TAIL_START, TAIL_END)):
-        before[span["start"]].append(start_marker)
-        before[span["end"]].insert(0, end_marker)
+        before[span["start"]].append(marker_ids[start_marker])
+        before[span["end"]].insert(0, marker_ids[end_marker])
     marked = []
-    for position, word in enumerate(words):
+    for position, tokens in enumerate(word_tokens):
         marked += before[position]
-        marked.append(word)
-    return marked + before[len(words)]
+        marked += tokens
+    return marked + before[len(word_tokens)]
 
 
 def _pad(sequences: Sequence[Sequence], padding_value) -> torch.Tensor:
@@ -369,4 +466,4 @@ def _keep_near_markers(token_ids: list[int], marker_ids: set[int], budget: int) 
     return [token_ids[position] for position in kept]
 
 
-__all__ = ["ENTITY_MARKERS", "MNER_LABELS", "HVPNetProcessor"]
+__all__ = ["ENTITY_MARKERS", "MNER_LABELS", "HVPNetProcessor", "ner_word_positions"]

@@ -340,15 +340,16 @@ def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, ner_model)
     words = ["Kevin", "Durant", "at", "Oracle", "Arena"]
     cropper = owl_cropper(owl_detector, num_objects=2)
     ner = pipeline("multimodal-ner", model=ner_model, objects=cropper)
-    encoded = ner.preprocess({"words": words, "image": image}, **ner._preprocess_params)
+    encoded = ner.preprocess({"words": words, "image": image}, **ner._preprocess_params)["features"][0]
     crops = cropper.crops_for_text(image, words)
     expected = HVPNetProcessor.from_pretrained(ner_model)(words, image=image, objects=crops)
-    assert encoded["image_mask"][:, 1:].tolist() == [[True, True]]  # slot 0 is the global image, then the crops
-    assert torch.equal(encoded["pixel_values"][:, 1:], expected["pixel_values"][:, 1:])
+    assert encoded["image_mask"][1:].tolist() == [True, True]  # slot 0 is the global image, then the crops
+    assert torch.equal(encoded["pixel_values"][1:], expected["pixel_values"][0, 1:])
     # Crops the input brings are used as they are; no image, no detection.
     given = ner.preprocess({"words": words, "image": image, "objects": [image]}, **ner._preprocess_params)
-    assert given["image_mask"][:, 1:].tolist() == [[True, False]]
-    assert ner.preprocess({"words": words}, **ner._preprocess_params)["image_mask"][:, 1:].tolist() == [[False, False]]
+    assert given["features"][0]["image_mask"][1:].tolist() == [True, False]
+    without_image = ner.preprocess({"words": words}, **ner._preprocess_params)["features"][0]
+    assert without_image["image_mask"][1:].tolist() == [False, False]
 
 
 def test_pipeline_detect_setting_builds_one_detector(owl_folder, ner_model, tmp_path):
@@ -359,7 +360,7 @@ def test_pipeline_detect_setting_builds_one_detector(owl_folder, ner_model, tmp_
     assert ner._object_cropper is cropper  # the same detector is not loaded again
     # The random detector scores nothing above 0.1: no crops, masked, and still a prediction.
     encoded = ner.preprocess({"text": "Kevin Durant", "image": picture()}, **ner._preprocess_params)
-    assert encoded["image_mask"][:, 1:].tolist() == [[False, False]]
+    assert encoded["features"][0]["image_mask"][1:].tolist() == [False, False]
     with pytest.raises(ValueError, match="objects must be 'detect'"):
         ner("Kevin", objects="yes")
 

@@ -11,7 +11,7 @@ from transformers import BertConfig, BertTokenizerFast, pipeline
 
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
 from hvpnet_hf.pipelines import bio_entities  # importing the module registers the pipelines
-from hvpnet_hf.processing_hvpnet import MNER_LABELS
+from hvpnet_hf.processing_hvpnet import MNER_LABELS, ner_word_positions
 
 RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
 TEXT = "  Visiting   Liverpool with @anna_b today"
@@ -83,15 +83,18 @@ def test_ner_on_text_gives_word_and_character_spans(ner_folder, image_files):
         assert entity["score"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_ner_on_words_and_text_only_and_truncation(ner_folder, image_files):
+def test_ner_on_words_and_text_only_and_long_texts(ner_folder, image_files):
     ner = pipeline("multimodal-ner", model=str(ner_folder))
     entities = ner({"words": ["Liverpool", "FC"], "image": image_files[2]})
     assert [(entity["word"], "start" in entity) for entity in entities] == [("Liverpool", False), ("FC", False)]
     assert len(ner("Liverpool today")) == 2  # a plain string: text only
-    # 40 words do not fit max_length=24: the words the model never saw are "O" (no entity), not dropped silently.
-    long_entities = ner({"words": [f"w{i}" for i in range(40)]})
-    assert 0 < len(long_entities) < 40
-    assert [entity["word_start"] for entity in long_entities] == list(range(len(long_entities)))
+    # 400 words do not fit max_length=24 (the processor's): they are read in several windows and every word is
+    # tagged (this model tags every word it sees as PER), none is cut.
+    words = [f"w{i}" for i in range(400)]
+    assert len(ner.processor.encode_ner_windows(words)["input_ids"]) > 1
+    long_entities = ner({"words": words})
+    assert [entity["word_start"] for entity in long_entities] == list(range(400))
+    assert [entity["word"] for entity in long_entities] == words
 
 
 def test_ner_batches_equal_single_calls(ner_folder, image_files):
@@ -171,3 +174,117 @@ def test_entities_are_read_from_tags_as_seqeval_reads_them():
     sequences += [["I-PER", "I-PER", "I-LOC"], ["B-PER", "B-PER", "I-PER"], ["O", "I-LOC"], []]
     for sequence in sequences:
         assert bio_entities(sequence) == get_entities(sequence), sequence
+
+
+def _ner_inputs(image_files):
+    return [
+        {"text": "Liverpool", "image": image_files[0]},
+        "",  # no words: no entities, and the other inputs of its batch are not disturbed
+        {"words": [f"w{i}" for i in range(60)], "image": image_files[2]},  # read in several windows
+        {"text": TEXT, "objects": image_files[1:]},
+        "Kevin Durant",
+    ]
+
+
+def _re_inputs(image_files):
+    return [
+        {"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "image": image_files[0]},
+        {"words": ["Bob", "lives", "in", "New", "York", "City"], "head": (0, 1), "tail": (3, 6)},
+        {"words": [f"w{i}" for i in range(80)], "head": (70, 71), "tail": (2, 4), "objects": image_files[1:]},
+        {"words": ["Anna", "and", "Bo"], "head": {"start": 2, "end": 3}, "tail": (0, 1), "image": image_files[1]},
+        {"words": ["x", "y"], "head": (1, 2), "tail": (0, 1)},
+    ]
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_lists_and_generators_give_single_call_results_at_every_batch_size(task, ner_folder, re_folder, image_files):
+    folder, inputs = (ner_folder, _ner_inputs(image_files)) if task == "ner" else (re_folder, _re_inputs(image_files))
+    runner = pipeline(f"multimodal-{task}", model=str(folder))
+    single = [runner(example) for example in inputs]
+    if task == "ner":
+        assert single[1] == []
+    for batch_size in (1, 2, 3):
+        for count in range(1, len(inputs) + 1):
+            for as_generator in (False, True):
+                given = (example for example in inputs[:count]) if as_generator else inputs[:count]
+                results = list(runner(given, batch_size=batch_size))
+                assert len(results) == count, (batch_size, count, as_generator)
+                for result, expected in zip(results, single, strict=False):
+                    _assert_same_result(result, expected)
+
+
+def _assert_same_result(result: dict | list[dict], expected: dict | list[dict]):
+    """Equal entities or relations; scores equal up to float noise (padding to a batch's longest row)."""
+    result, expected = (result, expected) if isinstance(result, list) else ([result], [expected])
+    assert [{k: v for k, v in item.items() if k != "score"} for item in result] == [
+        {k: v for k, v in item.items() if k != "score"} for item in expected
+    ]
+    assert [item["score"] for item in result] == pytest.approx([item["score"] for item in expected], abs=1e-5)
+
+
+def test_long_text_windows_are_merged_from_the_farthest_window(tmp_path):
+    # A random model (no bias): each word's tag must be the one its chosen window gives when run on its own.
+    model = tiny_model_folder(tmp_path, "ner", seed=3)
+    ner = pipeline("multimodal-ner", model=str(tmp_path))
+    words = [random.Random(1).choice(["Liverpool", "a", "rendezvous", "@anna_b", "é", "🙂"]) for _ in range(90)]
+    windows = ner.processor.encode_ner_windows(words, stride=8)
+    assert len(windows["input_ids"]) > 2
+    row_tags = []
+    for row in range(len(windows["input_ids"])):
+        features = {name: windows[name][row] for name in ("input_ids", "attention_mask", "token_type_ids")}
+        features["word_start_mask"] = windows["word_start_mask"][row]
+        features.update(ner.processor.preprocess_images(None))
+        with torch.no_grad():
+            row_tags.append(model.eval()(**ner.processor.pad([features])).predicted_tags[0].tolist())
+    expected = [MNER_LABELS[tag] for tag in ner.processor.post_process_ner(row_tags, windows["word_ids"], len(words))]
+    entities = ner({"words": words}, stride=8)
+    predicted = ["O"] * len(words)
+    for entity in entities:
+        predicted[entity["word_start"] : entity["word_end"]] = [f"I-{entity['entity_group']}"] * (
+            entity["word_end"] - entity["word_start"]
+        )
+        predicted[entity["word_start"]] = f"B-{entity['entity_group']}"
+    assert [entity[:3] for entity in bio_entities(predicted)] == bio_entities(expected)
+
+
+def test_each_word_is_read_from_the_window_where_it_is_farthest_from_a_cut():
+    # Six words in two windows: [0, 4) is cut after word 3, [2, 6) before word 2. Word 2 is 1 word from the first
+    # window's cut and 0 from the second's; word 3 the other way round. "##" continues the previous word.
+    word_ids = [[-1, 0, 1, 1, 2, 3, -1], [-1, 2, 3, 4, 5, 5, -1]]
+    positions = ner_word_positions(word_ids, 6)
+    assert positions == [(0, 1), (0, 2), (0, 4), (1, 2), (1, 3), (1, 4)]
+    # A single row that stops early (truncation) leaves the rest unread.
+    assert ner_word_positions([[-1, 0, 1, -1]], 4) == [(0, 1), (0, 2), None, None]
+
+
+def test_max_length_and_stride_are_checked(ner_folder, re_folder):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    limit = ner.model.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"max_position_embeddings \({limit}\), got {limit + 1}"):
+        ner("hello", max_length=limit + 1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        pipeline("multimodal-re", model=str(re_folder), max_length=limit * 2)
+    with pytest.raises(ValueError, match="stride must be in"):
+        ner("hello", stride=22)  # max_length 24 leaves 22 tokens per window
+    assert len(ner("a b c", max_length=limit)) == 3
+
+
+def test_input_keys_and_types_are_checked(ner_folder, re_folder):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    relation = pipeline("multimodal-re", model=str(re_folder))
+    with pytest.raises(TypeError, match="'words' must be a list of strings, got str \\(give a string as 'text'\\)"):
+        ner({"words": "Kevin Durant"})
+    with pytest.raises(ValueError, match=r"unknown input keys \['img'\]; accepted keys are \['text', 'words'"):
+        ner({"text": "Kevin Durant", "img": "photo.jpg"})
+    with pytest.raises(ValueError, match=r"unknown input keys \['img'\]; accepted keys are \['words', 'head'"):
+        relation({"words": ["a", "b"], "head": (0, 1), "tail": (1, 2), "img": None})
+    with pytest.raises(TypeError, match=r"'words'\[1\] must be a string, got int"):
+        ner({"words": ["a", 3]})
+    # In a list, the error names the input's index.
+    with pytest.raises(TypeError, match=r"input 2: an input must be a dict .* got int"):
+        ner(["a", {"text": "b"}, 7], batch_size=2)
+    assert ner(["", "   "]) == [[], []]
+    with pytest.raises(ValueError, match=r"head must be a \(start, end\) pair or \{'start', 'end'\}, got \(1,\)"):
+        relation({"words": ["a", "b"], "head": (1,), "tail": (0, 1)})
+    with pytest.raises(TypeError, match=r"tail span bounds must be integers, got \{'start': 0, 'end': 1.5\}"):
+        relation({"words": ["a", "b"], "head": (1, 2), "tail": {"start": 0, "end": 1.5}})

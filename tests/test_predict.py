@@ -168,3 +168,45 @@ def test_read_conll_names_a_broken_line(tmp_path):
     path.write_text("Hello O O\n O O\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"predictions.txt:2: expected 'word gold predicted'"):
         read_conll(path)
+
+
+def test_batch_size_one_and_long_sentences_tag_every_word(ner_model, tmp_path):
+    data = tmp_path / "tweets.txt"
+    long_sentence = "".join(f"w{index}\tB-PER\n" for index in range(300))  # far beyond max_length=24
+    data.write_text(f"IMGID:1\nHello\tO\n\nIMGID:2\n{long_sentence}\nIMGID:3\n@anna\tB-PER\n\n", encoding="utf-8")
+    outputs = {}
+    for batch_size in ("1", "2", "8"):
+        output = tmp_path / f"out_{batch_size}.txt"
+        predict(["--model", ner_model, "--input", str(data), "--output", str(output), "--batch_size", batch_size])
+        outputs[batch_size] = output.read_text(encoding="utf-8")
+    assert outputs["1"] == outputs["2"] == outputs["8"]
+    sentences = outputs["1"].strip("\n").split("\n\n")
+    assert [len(sentence.split("\n")) for sentence in sentences] == [1, 300, 1]
+    assert all(len(line.split(" ")) == 3 for line in outputs["1"].splitlines() if line)
+
+
+def test_a_failed_run_leaves_no_output_file(ner_model, tmp_path, monkeypatch):
+    from hvpnet_hf.pipelines import MultimodalNerPipeline
+
+    data = tmp_path / "tweets.txt"
+    data.write_text("IMGID:1\nHello\tO\n\nIMGID:2\nBye\tO\n\n", encoding="utf-8")
+    postprocess = MultimodalNerPipeline.postprocess
+    calls = []
+
+    def failing_postprocess(self, model_outputs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return postprocess(self, model_outputs)
+
+    monkeypatch.setattr(MultimodalNerPipeline, "postprocess", failing_postprocess)
+    output = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        predict(["--model", ner_model, "--input", str(data), "--output", str(output), "--batch_size", "1"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tweets.txt"]
+    # An earlier result is kept rather than replaced by a partial one.
+    output.write_text("earlier\n")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        predict(["--model", ner_model, "--input", str(data), "--output", str(output)])
+    assert output.read_text() == "earlier\n"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..processing_hvpnet import ner_word_positions
+
 METRIC_NAMES = ("ner_seqeval", "re_micro_f1")
 
 
@@ -57,10 +59,14 @@ def align_word_predictions(
             raise ValueError(
                 f"example {index}: the labels seen by the model do not match the example's first gold tags"
             )
-        seen_predicted = [id2label[int(tag)] for tag in example_tags[word_positions]]
-        num_cut = len(words_gold) - len(seen_predicted)
-        num_truncated_words += num_cut
-        predictions.append(seen_predicted + ["O"] * num_cut)
+        # The k-th labelled position holds the k-th word's first sub-word.
+        word_ids = np.where(word_positions, np.cumsum(word_positions) - 1, -1)
+        word_tags = [
+            id2label[int(example_tags[position[1]])] if position is not None else "O"
+            for position in ner_word_positions([word_ids.tolist()], len(words_gold))
+        ]
+        num_truncated_words += len(words_gold) - len(seen_gold)
+        predictions.append(word_tags)
         references.append(list(words_gold))
     return predictions, references, num_truncated_words
 
