@@ -10,7 +10,7 @@ runs are not run again.
 
 from pathlib import Path
 
-from .runs import run_seeds, summarise, summary_table, training_parser, write_report
+from .runs import run_seeds, seed_count, summarise, summary_table, training_parser, write_report
 
 # name: (row label, flags of the training script), in the order of the paper's table.
 VARIANTS = {
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = summarise(runs)
         report["variants"][name] = {"label": label, "flags": variant_flags, "runs": runs, "summary": summary}
         rows[label] = summary
-    write_report(output_dir, "ablations", summary_table(rows, f"variant ({len(args.seeds)} seeds)"), report)
+    write_report(output_dir, "ablations", summary_table(rows, f"variant ({seed_count(len(args.seeds))})"), report)
     return report
 
 

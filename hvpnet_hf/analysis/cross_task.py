@@ -19,7 +19,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from ..processing_hvpnet import HVPNetProcessor
 from .data import AUTO_CLASSES, load_model
-from .runs import format_score, run_script, summarise, training_parser, write_report
+from .runs import format_score, run_script, seed_count, summarise, training_parser, write_report
 
 # Settings the source and target models must share for the source weights to mean the same thing.
 SHARED_SETTINGS = (
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     summaries = {"from scratch": summarise(scratch), f"from {args.source}": summarise(transferred)}
     transfer = transfers[args.seeds[0]]
     lines = [
-        f"| split | from scratch F1 ({len(args.seeds)} seeds) | from {args.source} F1 | change |",
+        f"| split | from scratch F1 ({seed_count(len(args.seeds))}) | from {args.source} F1 | change |",
         "|---|---|---|---|",
     ]
     for split in ("validation", "test"):

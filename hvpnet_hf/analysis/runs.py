@@ -90,6 +90,11 @@ def summarise(runs: Mapping[Any, Mapping[str, float]]) -> Summary:
     return summary
 
 
+def seed_count(count: int) -> str:
+    """`"1 seed"`, `"5 seeds"`: the seed count of a table heading."""
+    return f"{count} seed" if count == 1 else f"{count} seeds"
+
+
 def format_score(mean: float, std: float | None = None) -> str:
     """A score in percent as the paper prints it, with its standard deviation when there is one."""
     return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"

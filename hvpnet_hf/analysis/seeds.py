@@ -9,7 +9,7 @@ back, not run again, so an interrupted call continues where it stopped.
 
 from pathlib import Path
 
-from .runs import run_seeds, single_run_summary, summarise, summary_table, training_parser, write_report
+from .runs import run_seeds, seed_count, single_run_summary, summarise, summary_table, training_parser, write_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = run_seeds(args.task, [args.config, *script_flags], args.seeds, output_dir)
     summary = summarise(runs)
     rows = {f"seed {seed}": single_run_summary(results) for seed, results in runs.items()}
-    rows[f"mean ± std ({len(runs)} seeds)"] = summary
+    rows[f"mean ± std ({seed_count(len(runs))})"] = summary
     report = {"config": args.config, "flags": script_flags, "runs": runs, "summary": summary}
     write_report(output_dir, "seeds", summary_table(rows, "run"), report)
     return report
