@@ -193,7 +193,7 @@ class VisualFeatureCache:
         with tqdm(total=len(items), desc="Caching visual features", unit="image") as progress:
             for start in range(0, len(items), self.batch_size):
                 batch = items[start : start + self.batch_size]
-                decoded = [self.image_processor._image_tensor(path, self.missing_images) for _, path in batch]
+                decoded = [self.image_processor.image_tensor(path, self.missing_images) for _, path in batch]
                 computed = self._compute(torch.stack([pixels for pixels, _ in decoded]))
                 for offset, ((file_hash, _), (_, present)) in enumerate(zip(batch, decoded, strict=True)):
                     row = num_old + start + offset

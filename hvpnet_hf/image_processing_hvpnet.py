@@ -131,13 +131,13 @@ class HVPNetImageProcessor(BaseImageProcessor):
         """
         crops = list(objects or [])[: self.num_object_images]
         crops += [None] * (self.num_object_images - len(crops))
-        slots = [self._image_tensor(source, missing_images) for source in (image, *crops)]
+        slots = [self.image_tensor(source, missing_images) for source in (image, *crops)]
         return {
             "pixel_values": torch.stack([tensor for tensor, _ in slots]),
             "image_mask": torch.tensor([present for _, present in slots], dtype=torch.bool),
         }
 
-    def _image_tensor(self, image: ImageSource, missing_images: str) -> tuple[torch.Tensor, bool]:
+    def image_tensor(self, image: ImageSource, missing_images: str) -> tuple[torch.Tensor, bool]:
         """One image (or path, or None) as a transformed (3, S, S) tensor, and whether it is present."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image, missing_images)

@@ -22,7 +22,7 @@ from transformers import (
 import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
 from hvpnet_hf import HVPNetProcessor, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.extract_objects import extract_objects, image_queries, run, split_of
-from hvpnet_hf.loading import find_object_maps, split_folders
+from hvpnet_hf.loading import find_object_maps, find_release_layout, split_folders
 from hvpnet_hf.object_detection import GENERIC_QUERIES, ObjectCropper, text_queries
 
 TWEETS = (
@@ -233,9 +233,7 @@ def test_command_writes_the_layout_the_loaders_and_training_scripts_read(
     assert split_folders(str(output_dir)) == {"train": str(output_dir / "train" / "crops")}
     data = load_mner_dataset(
         data_files={"train": data_file},
-        image_dir=image_dir,
-        object_dir=split_folders(str(output_dir)),
-        object_maps=find_object_maps(str(output_dir)),
+        **find_release_layout(image_dir, output_dir, output_dir),
     )["train"]
     assert [len(objects) for objects in data["objects"]] == [3, 3, 0]  # the missing picture has no crops
     first_crop = Image.open(data["objects"][0][0])
@@ -261,9 +259,7 @@ def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_detector, tmp_pat
     assert counts["extracted"] == 2 and counts["crops"] == 4
     data = load_mre_dataset(
         data_files={"validation": data_file},
-        image_dir=image_dir,
-        object_dir=split_folders(str(output_dir)),
-        object_maps=find_object_maps(str(output_dir)),
+        **find_release_layout(image_dir, output_dir, output_dir),
     )["validation"]
     assert [[Path(crop).name for crop in objects] for objects in data["objects"]] == [
         ["p1_crop_0.jpg", "p1_crop_1.jpg"],
