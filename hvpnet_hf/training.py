@@ -1,13 +1,16 @@
 """
 `Trainer` support for a separate learning rate on the task head (the CRF and emission layer for NER, the relation
-classifier for MRE), as the authors' released HVPNeT trainer optimises the CRF and emission layer at 5e-2.
+classifier for MRE), as the authors' released HVPNeT trainer optimises the CRF and emission layer at 5e-2, and for
+length-grouped training batches with evaluation kept in the dataset's order.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Sampler, SequentialSampler
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import has_length
 
 
 @dataclass
@@ -39,7 +42,19 @@ class HVPNetTrainer(Trainer):
     rate. The parameters form four groups, body / head crossed with weight decay / none (biases and normalisation
     weights, as `Trainer.get_decay_parameter_names` decides); frozen parameters are in none. Body groups come first,
     so the logged `learning_rate` is the body's. Without `head_learning_rate` it is `Trainer` unchanged.
+
+    Evaluation and prediction always read the dataset in its order, also with
+    `train_sampling_strategy="group_by_length"` (which groups the training batches by length).
     """
+
+    def _get_eval_sampler(self, eval_dataset: Dataset) -> Sampler | None:
+        # `Trainer` groups evaluation batches by length too under "group_by_length", so its predictions come back
+        # permuted. The metrics and prediction files pair the i-th prediction with the i-th example of the split
+        # (gold word tags, words, relation spans), so here evaluation keeps `Trainer`'s default order: sequential
+        # on one process; under several, None lets accelerate shard in order and gather back in order.
+        if eval_dataset is None or not has_length(eval_dataset) or self.args.world_size > 1:
+            return None
+        return SequentialSampler(eval_dataset)
 
     def create_optimizer(self, model: PreTrainedModel | None = None) -> torch.optim.Optimizer:
         head_learning_rate = getattr(self.args, "head_learning_rate", None)

@@ -1,11 +1,13 @@
-"""HVPNetTrainer: the task head's own learning rate, its parameter groups, schedule and checkpoints."""
+"""HVPNetTrainer: the task head's own learning rate, its parameter groups, schedule and checkpoints; length
+grouping for training with evaluation in the dataset's order."""
 
 import pytest
 import torch
-from modeling_utils import tiny_config, tiny_inputs
+from modeling_utils import tiny_config, tiny_inputs, tiny_task_model
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from hvpnet_hf import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetModel
+from hvpnet_hf import HVPNetDataCollator, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetModel
 from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments, head_parameter_names
 
 BODY_LR, HEAD_LR, WEIGHT_DECAY = 1e-4, 5e-2, 0.01
@@ -125,3 +127,52 @@ def test_optimizer_state_survives_a_checkpoint(tmp_path):
     assert [group["lr"] for group in resumed.optimizer.param_groups] == [BODY_LR, BODY_LR, HEAD_LR, HEAD_LR]
     loaded_steps = {value["step"].item() for value in resumed.optimizer.state_dict()["state"].values()}
     assert loaded_steps == {3.0}  # two steps loaded from the checkpoint, one more after resuming
+
+
+def test_length_grouped_training_keeps_evaluation_in_the_dataset_order(tmp_path):
+    # 24 NER examples of 1 to 24 words in a shuffled order, so that any batching by length would reorder them.
+    model, processor = tiny_task_model("ner")
+    generator = torch.Generator().manual_seed(0)
+    word_counts = (torch.randperm(24, generator=generator) + 1).tolist()
+    words = [[f"word{index}"] * count for index, count in enumerate(word_counts)]
+    tags = [
+        torch.randint(0, len(model.config.id2label), (count,), generator=generator).tolist() for count in word_counts
+    ]
+    encoded = processor.encode_ner(words, tags)
+    image_slots = 1 + processor.num_object_images
+    examples = [
+        {
+            **{name: values[index] for name, values in encoded.items()},
+            "pixel_values": torch.zeros(image_slots, 3, 32, 32),
+            "image_mask": torch.zeros(image_slots, dtype=torch.bool),
+        }
+        for index in range(len(words))
+    ]
+    args = HVPNetTrainingArguments(
+        output_dir=str(tmp_path),
+        train_sampling_strategy="group_by_length",
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    trainer = HVPNetTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        processing_class=processor,
+        data_collator=HVPNetDataCollator(processor),
+    )
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    trainer.train()
+
+    label_ids = trainer.predict(examples).label_ids
+    assert len(label_ids) == len(examples)
+    for row, example in zip(label_ids, examples, strict=True):
+        length = len(example["labels"])
+        assert row[:length].tolist() == example["labels"]
+        assert (row[length:] == -100).all()
