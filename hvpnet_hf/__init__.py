@@ -1,5 +1,8 @@
 """HVPNeT for multimodal NER and relation extraction, native to Hugging Face transformers."""
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -9,13 +12,8 @@ from transformers import (
     AutoProcessor,
 )
 
-from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
 from .configuration_hvpnet import HVPNetConfig
-from .feature_cache import VisualFeatureCache
-from .image_processing_hvpnet import HVPNetImageProcessor
-from .loading import MNER_LABELS, load_image, load_mner_dataset, load_mre_dataset
-from .metrics import align_word_predictions, metric_path
-from .model_card import render_model_card
+from .image_processing_hvpnet import HVPNetImageProcessor, load_image
 from .modeling_hvpnet import (
     HVPNetForSequenceClassification,
     HVPNetForTokenClassification,
@@ -23,8 +21,45 @@ from .modeling_hvpnet import (
     HVPNetPreTrainedModel,
 )
 from .pipelines import MultimodalNerPipeline, MultimodalRePipeline  # registers "multimodal-ner" and "multimodal-re"
-from .processing_hvpnet import HVPNetProcessor
-from .training import HVPNetTrainer, HVPNetTrainingArguments
+from .processing_hvpnet import MNER_LABELS, HVPNetProcessor
+
+# The data, training and publishing helpers import `datasets`, `evaluate` and `Trainer` (which bring pandas and
+# pyarrow, about 80 MiB); they are imported on first use, so that using a model or a pipeline does not load them.
+_LAZY_NAMES = {
+    "HVPNetDataCollator": "collating",
+    "ImageAttacher": "collating",
+    "sample_subset": "collating",
+    "tokenize_and_align": "collating",
+    "VisualFeatureCache": "feature_cache",
+    "load_mner_dataset": "loading",
+    "load_mre_dataset": "loading",
+    "align_word_predictions": "metrics",
+    "metric_path": "metrics",
+    "render_model_card": "model_card",
+    "HVPNetTrainer": "training",
+    "HVPNetTrainingArguments": "training",
+}
+
+if TYPE_CHECKING:
+    from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
+    from .feature_cache import VisualFeatureCache
+    from .loading import load_mner_dataset, load_mre_dataset
+    from .metrics import align_word_predictions, metric_path
+    from .model_card import render_model_card
+    from .training import HVPNetTrainer, HVPNetTrainingArguments
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))
+
 
 AutoConfig.register(HVPNetConfig.model_type, HVPNetConfig, exist_ok=True)
 AutoModel.register(HVPNetConfig, HVPNetModel, exist_ok=True)

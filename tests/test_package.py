@@ -32,6 +32,36 @@ def test_import_registers_auto_classes_and_pipelines():
     assert "registered" in result.stdout
 
 
+def test_model_side_import_leaves_the_data_and_training_libraries_unloaded():
+    # Using a model or a pipeline needs neither datasets nor evaluate nor Trainer; each name of the package still
+    # resolves, loading its module on first use.
+    script = textwrap.dedent(
+        """
+        import sys
+
+        import hvpnet_hf
+
+        heavy = {"datasets", "evaluate", "pandas", "pyarrow", "transformers.trainer"}
+        assert not heavy & set(sys.modules), heavy & set(sys.modules)
+        for name in hvpnet_hf.__all__:
+            assert getattr(hvpnet_hf, name) is not None, name
+        assert {"datasets", "transformers.trainer"} <= set(sys.modules)
+        from hvpnet_hf.loading import load_mner_dataset
+        assert hvpnet_hf.load_mner_dataset is load_mner_dataset
+        try:
+            hvpnet_hf.no_such_name
+        except AttributeError as error:
+            assert "no_such_name" in str(error)
+        else:
+            raise AssertionError("an unknown name resolved")
+        print("lazy")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lazy" in result.stdout
+
+
 def test_wheel_carries_templates_sample_data_and_metrics(tmp_path):
     root = Path(__file__).resolve().parents[1]
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
