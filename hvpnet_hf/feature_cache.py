@@ -9,7 +9,9 @@ decoding, transforming and running the backbone on the same images again.
 The cache stores, per image file, the output of the encoder's fixed part (`visual_features`: backbone and pooling to
 the prefix grid, (g*g, C)); the model turns it into the prefix with its trainable part. Rows are found by the
 SHA-256 of the file's bytes. The folder of a cache is named by a hash of everything else that changes the features:
-backbone name and weights, feature levels, prefix mode and grid, image transform, storage dtype. Its files:
+backbone name and weights, feature levels, prefix mode and grid, image transform, storage dtype, the code that
+decodes, transforms and pools (this package's image processing module and the encoder's `visual_features` and
+pooling), and the versions of the libraries they run on (torch, torchvision, timm, Pillow). Its files:
 
     features.npy    (rows, g*g, C) memory-mapped; row 0 holds the features of an all-zero image (absent images)
     index.json      {file SHA-256: row}, row -1 for a file that could not be decoded (it is masked)
@@ -20,6 +22,7 @@ read. A file lock lets one process build while others (`torchrun`, `accelerate l
 """
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -28,9 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import PIL
+import timm
 import torch
+import torchvision
 from filelock import FileLock
 from tqdm.auto import tqdm
+
+from . import image_processing_hvpnet
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -98,6 +106,13 @@ class VisualFeatureCache:
                 "interpolation": image_processor.interpolation,
             },
             "dtype": dtype,
+            "code_sha256": _feature_code_sha256(self.encoder),
+            "libraries": {
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "timm": timm.__version__,
+                "Pillow": PIL.__version__,
+            },
         }
         key_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = Path(cache_dir) / key_hash
@@ -234,6 +249,15 @@ def _file_sha256(path: str | os.PathLike, missing_images: str) -> str:
         if missing_images == "error":
             raise OSError(f"Cannot read image {path}: {error}") from error
         return ""
+
+
+def _feature_code_sha256(encoder: torch.nn.Module) -> str:
+    """SHA-256 of the source of what turns an image file into cached features: the image processing module
+    (decoding, RGB conversion, transform) and the encoder's `visual_features` and `pool_feature_maps`."""
+    digest = hashlib.sha256(inspect.getsource(image_processing_hvpnet).encode())
+    for method in (type(encoder).visual_features, type(encoder).pool_feature_maps):
+        digest.update(inspect.getsource(method).encode())
+    return digest.hexdigest()
 
 
 def _state_dict_sha256(module: torch.nn.Module) -> str:

@@ -4,6 +4,7 @@ import json
 import logging
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -159,6 +160,24 @@ def test_the_key_follows_weights_transform_grid_and_mode(tmp_path):
     ]
     assert len({folder, *(cache.folder for cache in others)}) == 1 + len(others)
     assert VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path).folder == folder
+
+
+def test_the_key_follows_the_pooling_code_and_the_library_versions(tmp_path, monkeypatch):
+    folder = VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path).folder
+    model = tiny_model()
+    encoder_class = type(model.hvpnet.visual_encoder)
+    original_pooling = encoder_class.pool_feature_maps
+
+    def pool_feature_maps(self, feature_maps):  # the same pooling, written otherwise
+        return original_pooling(self, feature_maps)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(encoder_class, "pool_feature_maps", pool_feature_maps)
+        assert VisualFeatureCache(model, tiny_processor(), tmp_path).folder != folder
+    with monkeypatch.context() as patch:
+        patch.setattr(PIL, "__version__", "0.0.1")
+        assert VisualFeatureCache(model, tiny_processor(), tmp_path).folder != folder
+    assert VisualFeatureCache(model, tiny_processor(), tmp_path).folder == folder
 
 
 def test_unfrozen_backbones_and_unknown_files_are_refused(examples, tmp_path):
