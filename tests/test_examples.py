@@ -450,3 +450,11 @@ def test_a_split_without_a_single_image_is_an_error(text_model, tmp_path):
     # Asked for text only, the same run goes ahead.
     results = run_mner.main([*flags, "--image_dir", str(typo), "--mask_images", "true", "--do_train", "false"])
     assert "eval_f1" in results
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in (EXAMPLES / "configs").glob("*.yaml")))
+def test_every_bundled_config_parses_and_real_data_recipes_group_by_length(config):
+    script = load_script("run_mre" if "mre" in config or "mnre" in config else "run_mner")
+    _, data_args, training_args = script.parse_arguments([str(EXAMPLES / "configs" / config)])
+    real_data = data_args.dataset != "sample"
+    assert training_args.train_sampling_strategy == ("group_by_length" if real_data else "random")
