@@ -1,14 +1,22 @@
 """Time a training step and an inference batch at the paper's settings, live backbone against cached features.
 
 Settings (paper appendix B): a bert-base-size text encoder and a resnet50, both random, 1 global image + 3 crops at
-224 px, batch 8, text padded to 80 tokens, NER head with CRF. Every configuration runs in a fresh subprocess, so its
-peak memory (max RSS, model included) is its own:
+224 px, batch 8, text padded to 80 tokens, NER head with CRF, and the optimizer `Trainer` builds by default (fused
+AdamW). Every configuration runs in a fresh subprocess, so its peak memory (max RSS, model included) is its own:
 
 - live, one call: the backbone runs on all 32 images of a batch in one call (`vision_chunk_size=None`);
-- live, chunked: the backbone runs in calls of `vision_chunk_size` images (the default, 8);
+- live, calls of 8 / 4: the backbone runs in calls of `vision_chunk_size` images;
 - cached: the model reads (B, 4, g*g, C) cached features instead of pixels;
-- cached, real lengths: as cached, with each batch padded to its longest sentence, lengths drawn from a normal fit
-  of the data set's word-piece lengths ([CLS]/[SEP] included; mean and 95th percentile given below).
+- cached, <data set> lengths: as cached, with each batch padded to its longest sentence, over one simulated epoch of
+  4,000 sentences whose lengths are drawn from a normal fit of the data set's word-piece lengths ([CLS]/[SEP]
+  included; mean and 95th percentile below), batched in random order (`Trainer`'s default);
+- cached, <data set> lengths, grouped: the same epoch batched by transformers' `LengthGroupedSampler`
+  (`--train_sampling_strategy group_by_length`).
+
+For the real-length configurations the timed batches are taken at evenly spaced quantiles of the epoch's batch
+widths, so that their mean estimates the epoch's mean step time; a table also gives each data set's padded tokens
+per epoch in random and grouped order. The worker also reports the memory a process holds before its first step
+(imports, then the model).
 
 It also times the backbone alone on 32 images per chunk size (the basis of the `vision_chunk_size` default), with
 and without `channels_last` inputs, and builds a feature cache over random JPEG files (build time per image, bytes per
@@ -16,7 +24,7 @@ image).
 
     python benchmarks/bench_train_step.py [--repeats 2] [--cache-images 32] [--skip-backbone-sweep]
 
-Timings are medians over `--repeats` after one warm-up. Compare the ratios of one run: absolute times depend on
+Timings are means over `--repeats` steps after one warm-up. Compare the ratios of one run: absolute times depend on
 the machine and its load.
 """
 
@@ -36,6 +44,7 @@ from PIL import Image
 
 # (mean, 95th percentile, max) of word-piece lengths with [CLS] and [SEP], bert-base-uncased tokenizer.
 REAL_LENGTHS = {"twitter2015": (42, 57, 70), "twitter2017": (20, 31, 56), "mnre": (31, 42, 55)}
+EPOCH_EXAMPLES = 4000  # the size of Twitter-2015's training split
 BATCH_SIZE = 8
 NUM_OBJECTS = 3
 IMAGE_SIZE = 224
@@ -43,11 +52,19 @@ TEXT_LENGTH = 80
 NUM_LABELS = 11  # MNER tags with X, [CLS], [SEP] as in the original code
 CONFIGURATIONS = {
     "live, one call": {"chunk": None, "cached": False, "lengths": None},
-    "live, chunked": {"chunk": 8, "cached": False, "lengths": None},
+    "live, calls of 8": {"chunk": 8, "cached": False, "lengths": None},
+    "live, calls of 4": {"chunk": 4, "cached": False, "lengths": None},
     "cached": {"chunk": 8, "cached": True, "lengths": None},
-    "cached, twitter2015 lengths": {"chunk": 8, "cached": True, "lengths": "twitter2015"},
-    "cached, twitter2017 lengths": {"chunk": 8, "cached": True, "lengths": "twitter2017"},
-    "cached, mnre lengths": {"chunk": 8, "cached": True, "lengths": "mnre"},
+    **{
+        f"cached, {name} lengths{', grouped' if grouped else ''}": {
+            "chunk": 8,
+            "cached": True,
+            "lengths": name,
+            "grouped": grouped,
+        }
+        for name in REAL_LENGTHS
+        for grouped in (False, True)
+    },
 }
 
 
@@ -58,55 +75,112 @@ def build_model(chunk: int | None):
     return HVPNetForTokenClassification(config)
 
 
-def draw_lengths(generator: np.random.Generator, name: str | None) -> list[int]:
-    """Text lengths of one batch: 80 each, or drawn from a normal with the data set's mean and 95th percentile."""
-    if name is None:
-        return [TEXT_LENGTH] * BATCH_SIZE
+def draw_lengths(generator: np.random.Generator, name: str, count: int) -> list[int]:
+    """`count` text lengths from a normal with the data set's mean and 95th percentile, cut to [5, its maximum]."""
     mean, p95, longest = REAL_LENGTHS[name]
-    lengths = generator.normal(mean, (p95 - mean) / 1.645, BATCH_SIZE).round()
+    lengths = generator.normal(mean, (p95 - mean) / 1.645, count).round()
     return [int(length) for length in lengths.clip(5, longest)]
 
 
-def make_batch(generator: np.random.Generator, settings: dict, feature_shape: tuple[int, int]) -> dict:
-    lengths = draw_lengths(generator, settings["lengths"])
+def epoch_batches(name: str, grouped: bool) -> list[list[int]]:
+    """The text lengths of each batch of one simulated epoch of `EPOCH_EXAMPLES` sentences of data set `name`, in
+    random order or in the order of `LengthGroupedSampler`."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    generator = np.random.default_rng(0)
+    lengths = draw_lengths(generator, name, EPOCH_EXAMPLES)
+    if grouped:
+        order = list(LengthGroupedSampler(BATCH_SIZE, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+    else:
+        order = generator.permutation(EPOCH_EXAMPLES).tolist()
+    return [
+        [lengths[index] for index in order[start : start + BATCH_SIZE]]
+        for start in range(0, EPOCH_EXAMPLES, BATCH_SIZE)
+    ]
+
+
+def batch_lengths(settings: dict, count: int) -> list[list[int]]:
+    """The text lengths of `count` batches: 80 each, or batches of a simulated epoch at evenly spaced quantiles of
+    batch width (the padded width, the longest sentence), whose mean step time then estimates the epoch's."""
+    if settings["lengths"] is None:
+        return [[TEXT_LENGTH] * BATCH_SIZE] * count
+    ranked = sorted(epoch_batches(settings["lengths"], settings["grouped"]), key=max)
+    return [ranked[int((index + 0.5) * len(ranked) / count)] for index in range(count)]
+
+
+def make_batch(generator: np.random.Generator, settings: dict, lengths: list[int], feature_shape: tuple) -> dict:
+    """Random model inputs for one batch of these text lengths, padded to the longest."""
     width = max(lengths)
     attention_mask = torch.tensor([[1] * length + [0] * (width - length) for length in lengths])
-    input_ids = torch.randint(1000, 20000, (BATCH_SIZE, width)) * attention_mask
-    labels = torch.randint(0, NUM_LABELS, (BATCH_SIZE, width)).masked_fill(attention_mask == 0, -100)
+    input_ids = torch.randint(1000, 20000, (len(lengths), width)) * attention_mask
+    labels = torch.randint(0, NUM_LABELS, (len(lengths), width)).masked_fill(attention_mask == 0, -100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_start_mask": attention_mask.bool()}
     batch["labels"] = labels
+    slots = 1 + NUM_OBJECTS
     if settings["cached"]:
-        batch["image_features"] = torch.rand(BATCH_SIZE, 1 + NUM_OBJECTS, *feature_shape)
-        batch["image_features_mask"] = torch.ones(BATCH_SIZE, 1 + NUM_OBJECTS, dtype=torch.bool)
+        batch["image_features"] = torch.rand(len(lengths), slots, *feature_shape)
+        batch["image_features_mask"] = torch.ones(len(lengths), slots, dtype=torch.bool)
     else:
-        batch["pixel_values"] = torch.randn(BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE)
-        batch["object_pixel_values"] = torch.randn(BATCH_SIZE, NUM_OBJECTS, 3, IMAGE_SIZE, IMAGE_SIZE)
+        batch["pixel_values"] = torch.randn(len(lengths), slots, 3, IMAGE_SIZE, IMAGE_SIZE)
+        batch["image_mask"] = torch.ones(len(lengths), slots, dtype=torch.bool)
     return batch
 
 
-def median_seconds(step, batches: list[dict]) -> float:
-    step(batches[0])  # warm-up
+def mean_seconds(step, batches) -> float:
+    """Mean seconds of `step` over the batches after the first (a warm-up); each batch is built just before its
+    step, as a data loader would, so only one is held at a time."""
     timings = []
-    for batch in batches[1:]:
+    for index, make in enumerate(batches):
+        batch = make()
         start = time.perf_counter()
         step(batch)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+        if index:
+            timings.append(time.perf_counter() - start)
+    return statistics.mean(timings)
+
+
+def rss_gib() -> float:
+    """The resident memory of this process now."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_worker(name: str, mode: str, repeats: int) -> dict:
-    """One configuration and mode ("train" or "inference") in this process: median seconds and peak RSS."""
+    """One configuration and mode ("train" or "inference") in this process: mean seconds, peak RSS, and the RSS
+    after the imports and after building the model."""
+    import hvpnet_hf  # noqa: F401  (imported before measuring, as any user of the model imports it)
+
+    imports_gib = rss_gib()
     torch.manual_seed(0)
     settings = CONFIGURATIONS[name]
     model = build_model(settings["chunk"])
+    model_gib = rss_gib()
     encoder = model.hvpnet.visual_encoder
     with torch.no_grad():
         feature_shape = tuple(encoder.visual_features(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape[1:])
     generator = np.random.default_rng(0)
-    batches = [make_batch(generator, settings, feature_shape) for _ in range(repeats + 1)]
+    batches = [
+        lambda lengths=lengths: make_batch(generator, settings, lengths, feature_shape)
+        for lengths in [batch_lengths(settings, 1)[0], *batch_lengths(settings, repeats)]
+    ]
     if mode == "train":
+        from transformers import Trainer, TrainingArguments  # a training process imports them; inference does not
+
         model.train()
-        optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad])
+        with tempfile.TemporaryDirectory() as folder:
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(
+                TrainingArguments(output_dir=folder, use_cpu=True, report_to="none")
+            )
+        optimizer = optimizer_cls(
+            [parameter for parameter in model.parameters() if parameter.requires_grad], **optimizer_kwargs
+        )
 
         def step(batch: dict) -> None:
             model(**batch).loss.backward()
@@ -120,8 +194,8 @@ def run_worker(name: str, mode: str, repeats: int) -> dict:
             with torch.no_grad():
                 model(**{key: value for key, value in batch.items() if key != "labels"})
 
-    seconds = median_seconds(step, batches)
-    return {"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    seconds = mean_seconds(step, batches)
+    return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "imports_gib": imports_gib, "model_gib": model_gib}
 
 
 def run_backbone_sweep(repeats: int) -> dict:
@@ -142,8 +216,8 @@ def run_backbone_sweep(repeats: int) -> dict:
                     for part in inputs.split(chunk):
                         backbone(part)
 
-            results[f"chunk {chunk:2d}{', channels_last' if channels_last else ''}"] = median_seconds(
-                step, [None] * (repeats + 1)
+            results[f"chunk {chunk:2d}{', channels_last' if channels_last else ''}"] = mean_seconds(
+                step, [lambda: None] * (repeats + 1)
             )
     return results
 
@@ -171,6 +245,22 @@ def run_cache_build(num_images: int) -> dict:
         seconds = time.perf_counter() - start
         size = (cache.folder / "features.npy").stat().st_size
     return {"seconds_per_image": seconds / num_images, "kib_per_image": size / (num_images + 1) / 1024}
+
+
+def print_padding() -> None:
+    """Padded tokens per epoch in random and in length-grouped order, and the mean padded width, per data set."""
+    print(f"\npadding over one epoch of {EPOCH_EXAMPLES} sentences, batches of {BATCH_SIZE}:")
+    for name in REAL_LENGTHS:
+        tokens = {}
+        for grouped in (False, True):
+            batches = epoch_batches(name, grouped)
+            tokens[grouped] = sum(max(lengths) * len(lengths) for lengths in batches)
+        real = sum(sum(lengths) for lengths in epoch_batches(name, False))
+        print(
+            f"  {name:12s} real {real:7d}  random {tokens[False]:7d} ({tokens[False] / real - 1:5.1%} padding)  "
+            f"grouped {tokens[True]:7d} ({tokens[True] / real - 1:5.1%} padding)  "
+            f"grouped / random {tokens[True] / tokens[False]:.2f}"
+        )
 
 
 def run_in_subprocess(arguments: list[str]) -> dict:
@@ -202,13 +292,14 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats={args.repeats}, batch {BATCH_SIZE}")
+    print_padding()
     common = ["--repeats", str(args.repeats), "--cache-images", str(args.cache_images)]
     rows = {}
     for name in args.configurations:
         rows[name] = {mode: run_in_subprocess([*common, "--worker", mode, name]) for mode in ("train", "inference")}
     reference = rows.get("live, one call")
     print(
-        f"\n{'configuration':30s} {'train s':>8s} {'ratio':>6s} {'GiB':>5s} {'infer s':>8s} {'ratio':>6s} {'GiB':>5s}"
+        f"\n{'configuration':40s} {'train s':>8s} {'ratio':>6s} {'GiB':>5s} {'infer s':>8s} {'ratio':>6s} {'GiB':>5s}"
     )
     for name, row in rows.items():
         cells = []
@@ -216,8 +307,15 @@ def main() -> None:
             seconds = row[mode]["seconds"]
             ratio = reference[mode]["seconds"] / seconds if reference else float("nan")
             cells.append(f"{seconds:8.2f} {ratio:5.2f}x {row[mode]['peak_rss_gib']:5.2f}")
-        print(f"{name:30s} {' '.join(cells)}")
+        print(f"{name:40s} {' '.join(cells)}")
     print("(ratio: speed-up over 'live, one call'; GiB: peak RSS of the process, model included)")
+    for name, row in rows.items():
+        train = row["train"]
+        print(
+            f"before the first step ({name}): {train['imports_gib']:.2f} GiB after the imports, "
+            f"{train['model_gib']:.2f} GiB with the model"
+        )
+        break
 
     if not args.skip_backbone_sweep:
         sweep = run_in_subprocess([*common, "--worker", "sweep", "-"])
