@@ -4,6 +4,7 @@ import argparse
 import ast
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,31 @@ def test_robustness_scores_real_images_as_the_training_run_did(trained_model, se
         "images masked (text only)",
     }
     assert "| images masked (text only) |" in (tmp_path / "robustness.md").read_text()
+
+
+def test_robustness_scores_relations_by_micro_f1_without_none(text_model, tmp_path):  # noqa: F811
+    model_dir = tmp_path / "mre"
+    load_script("run_mre").main([*tiny_flags(text_model, model_dir), "--max_seq_length", "40"])
+    # The model is made to answer the most frequent real relation of the 10 test examples whatever it reads, so
+    # every condition has the same, hand-computed score.
+    examples = load_examples("re", argparse.Namespace(data_file=None, split="test", max_samples=10))
+    gold = [examples.features["relation"].int2str(relation) for relation in examples["relation"]]
+    answer = Counter(relation for relation in gold if relation != "None").most_common(1)[0][0]
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.classifier.bias[model.config.label2id[answer]] = 1e4
+    model.save_pretrained(model_dir)
+
+    scores = robustness.main(["--model", str(model_dir), "--max_samples", "10", "--output_dir", str(tmp_path)])
+    hits = gold.count(answer)
+    precision, recall = hits / len(gold), hits / sum(relation != "None" for relation in gold)
+    assert 0 < precision < 1
+    for condition in scores.values():
+        assert condition["precision"] == pytest.approx(precision)
+        assert condition["recall"] == pytest.approx(recall)
+        assert condition["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+    report = json.loads((tmp_path / "robustness.json").read_text())
+    assert report["examples"] == 10 and set(report["scores"]) == set(scores)
 
 
 @pytest.mark.parametrize("task, script", [("ner", "run_mner"), ("re", "run_mre")])
