@@ -248,18 +248,16 @@ def run_cache_build(num_images: int) -> dict:
 
 
 def print_padding() -> None:
-    """Padded tokens per epoch in random and in length-grouped order, and the mean padded width, per data set."""
+    """Real and padded tokens of one simulated epoch per data set, in random and in length-grouped order."""
     print(f"\npadding over one epoch of {EPOCH_EXAMPLES} sentences, batches of {BATCH_SIZE}:")
     for name in REAL_LENGTHS:
-        tokens = {}
-        for grouped in (False, True):
-            batches = epoch_batches(name, grouped)
-            tokens[grouped] = sum(max(lengths) * len(lengths) for lengths in batches)
-        real = sum(sum(lengths) for lengths in epoch_batches(name, False))
+        epochs = {grouped: epoch_batches(name, grouped) for grouped in (False, True)}
+        real = sum(sum(lengths) for lengths in epochs[False])
+        padded = {grouped: sum(max(lengths) * len(lengths) for lengths in epochs[grouped]) for grouped in epochs}
         print(
-            f"  {name:12s} real {real:7d}  random {tokens[False]:7d} ({tokens[False] / real - 1:5.1%} padding)  "
-            f"grouped {tokens[True]:7d} ({tokens[True] / real - 1:5.1%} padding)  "
-            f"grouped / random {tokens[True] / tokens[False]:.2f}"
+            f"  {name:12s} real {real:7d}  random {padded[False]:7d} ({padded[False] / real - 1:5.1%} padding)  "
+            f"grouped {padded[True]:7d} ({padded[True] / real - 1:5.1%} padding)  "
+            f"grouped / random {padded[True] / padded[False]:.2f}"
         )
 
 
@@ -309,13 +307,11 @@ def main() -> None:
             cells.append(f"{seconds:8.2f} {ratio:5.2f}x {row[mode]['peak_rss_gib']:5.2f}")
         print(f"{name:40s} {' '.join(cells)}")
     print("(ratio: speed-up over 'live, one call'; GiB: peak RSS of the process, model included)")
-    for name, row in rows.items():
-        train = row["train"]
-        print(
-            f"before the first step ({name}): {train['imports_gib']:.2f} GiB after the imports, "
-            f"{train['model_gib']:.2f} GiB with the model"
-        )
-        break
+    first_name, first_row = next(iter(rows.items()))
+    print(
+        f"before the first step ({first_name}): {first_row['train']['imports_gib']:.2f} GiB after the imports, "
+        f"{first_row['train']['model_gib']:.2f} GiB with the model"
+    )
 
     if not args.skip_backbone_sweep:
         sweep = run_in_subprocess([*common, "--worker", "sweep", "-"])

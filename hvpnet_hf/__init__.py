@@ -23,8 +23,8 @@ from .modeling_hvpnet import (
 from .pipelines import MultimodalNerPipeline, MultimodalRePipeline  # registers "multimodal-ner" and "multimodal-re"
 from .processing_hvpnet import MNER_LABELS, HVPNetProcessor
 
-# The data, training and publishing helpers import `datasets`, `evaluate` and `Trainer` (which bring pandas and
-# pyarrow, about 80 MiB); they are imported on first use, so that using a model or a pipeline does not load them.
+# The data, training and publishing helpers import `datasets` and `Trainer` (which bring pandas and pyarrow, about
+# 88 MiB of resident memory); they are imported on first use, so that using a model or a pipeline does not load them.
 _LAZY_NAMES = {
     "HVPNetDataCollator": "collating",
     "ImageAttacher": "collating",
