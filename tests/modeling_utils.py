@@ -68,3 +68,11 @@ def tiny_task_model(task: str, seed: int = 0) -> tuple[torch.nn.Module, HVPNetPr
     )
     model_class = HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification
     return model_class(config), processor
+
+
+def tiny_model_folder(folder, task: str, seed: int = 0):
+    """A random tiny HVPNeT model (see `tiny_task_model`) saved with its processor in `folder`; returns the model."""
+    model, processor = tiny_task_model(task, seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model

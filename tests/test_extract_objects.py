@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from modeling_utils import tiny_model_folder
 from PIL import Image
-from test_pipelines import tiny_model_folder
 from transformers import (
     CLIPTokenizer,
     OwlViTConfig,
@@ -324,21 +324,14 @@ def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_m
         extract_objects(data_file, image_dir, interrupted, owl_cropper(owl_detector, num_objects=2))
 
 
-@pytest.fixture(scope="module")
-def ner_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ner")
-    tiny_model_folder(folder, "ner")
-    return str(folder)
-
-
-def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, ner_model):
+def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, tiny_ner_dir):
     image = picture()
     words = ["Kevin", "Durant", "at", "Oracle", "Arena"]
     cropper = owl_cropper(owl_detector, num_objects=2)
-    ner = pipeline("multimodal-ner", model=ner_model, objects=cropper)
+    ner = pipeline("multimodal-ner", model=tiny_ner_dir, objects=cropper)
     encoded = ner.preprocess({"words": words, "image": image}, **ner._preprocess_params)["features"][0]
     crops = cropper.crops_for_text(image, words)
-    expected = HVPNetProcessor.from_pretrained(ner_model)(words, image=image, objects=crops)
+    expected = HVPNetProcessor.from_pretrained(tiny_ner_dir)(words, image=image, objects=crops)
     assert encoded["image_mask"][1:].tolist() == [True, True]  # slot 0 is the global image, then the crops
     assert torch.equal(encoded["pixel_values"][1:], expected["pixel_values"][0, 1:])
     # Crops the input brings are used as they are; no image, no detection.
@@ -348,8 +341,8 @@ def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, ner_model)
     assert without_image["image_mask"][1:].tolist() == [False, False]
 
 
-def test_pipeline_detect_setting_builds_one_detector(owl_folder, ner_model, tmp_path):
-    ner = pipeline("multimodal-ner", model=ner_model, objects="detect", detector=str(owl_folder))
+def test_pipeline_detect_setting_builds_one_detector(owl_folder, tiny_ner_dir, tmp_path):
+    ner = pipeline("multimodal-ner", model=tiny_ner_dir, objects="detect", detector=str(owl_folder))
     cropper = ner._preprocess_params["object_cropper"]
     assert cropper.num_objects == 2 and cropper.threshold == 0.1  # the model's crop count, the default threshold
     ner({"text": "Kevin Durant", "image": picture()}, objects="detect", detector=str(owl_folder))

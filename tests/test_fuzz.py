@@ -9,8 +9,8 @@ import re
 
 import numpy as np
 import pytest
+from modeling_utils import tiny_model_folder
 from PIL import Image
-from test_pipelines import tiny_model_folder
 from transformers import pipeline
 
 from hvpnet_hf import load_mner_dataset, load_mre_dataset

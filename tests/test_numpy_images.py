@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from modeling_utils import tiny_model_folder
 from PIL import Image
-from test_pipelines import tiny_model_folder
 from transformers import pipeline
 
 import hvpnet_hf  # noqa: F401  (registers the pipelines)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from modeling_utils import RELATIONS, tiny_task_model
+from modeling_utils import RELATIONS, tiny_model_folder
 from PIL import Image
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import pipeline
@@ -15,14 +15,6 @@ from hvpnet_hf.processing_hvpnet import MNER_LABELS, ner_word_positions
 TEXT = "  Visiting   Liverpool with @anna_b today"
 
 
-def tiny_model_folder(folder, task: str, seed: int = 0):
-    """A random tiny HVPNeT model (see `tiny_task_model`) saved with its processor in `folder`."""
-    model, processor = tiny_task_model(task, seed)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model
-
-
 @pytest.fixture(scope="module")
 def ner_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ner")
@@ -31,13 +23,6 @@ def ner_folder(tmp_path_factory):
     with torch.no_grad():
         model.classifier.bias[MNER_LABELS.index("B-PER")] = 30.0
     model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def re_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("re")
-    tiny_model_folder(folder, "re")
     return folder
 
 
@@ -107,8 +92,8 @@ def test_ner_input_errors(ner_folder, tmp_path):
     assert masked == ner({"text": "hello"})
 
 
-def test_re_relation_scores_and_top_k(re_folder, image_files):
-    relation = pipeline("multimodal-re", model=str(re_folder))
+def test_re_relation_scores_and_top_k(tiny_re_dir, image_files):
+    relation = pipeline("multimodal-re", model=str(tiny_re_dir))
     example = {
         "words": ["Alice", "and", "Bob", "at", "Anfield"],
         "head": (0, 1),
@@ -130,8 +115,8 @@ def test_re_relation_scores_and_top_k(re_folder, image_files):
     )
 
 
-def test_re_batches_and_span_errors(re_folder, image_files):
-    relation = pipeline("multimodal-re", model=str(re_folder))
+def test_re_batches_and_span_errors(tiny_re_dir, image_files):
+    relation = pipeline("multimodal-re", model=str(tiny_re_dir))
     inputs = [
         {"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "image": image_files[0]},
         {"words": ["Bob", "lives", "in", "New", "York", "City"], "head": (0, 1), "tail": (3, 6)},
@@ -179,8 +164,10 @@ def _re_inputs(image_files):
 
 
 @pytest.mark.parametrize("task", ["ner", "re"])
-def test_lists_and_generators_give_single_call_results_at_every_batch_size(task, ner_folder, re_folder, image_files):
-    folder, inputs = (ner_folder, _ner_inputs(image_files)) if task == "ner" else (re_folder, _re_inputs(image_files))
+def test_lists_and_generators_give_single_call_results_at_every_batch_size(task, ner_folder, tiny_re_dir, image_files):
+    folder, inputs = (
+        (ner_folder, _ner_inputs(image_files)) if task == "ner" else (tiny_re_dir, _re_inputs(image_files))
+    )
     runner = pipeline(f"multimodal-{task}", model=str(folder))
     single = [runner(example) for example in inputs]
     if task == "ner":
@@ -239,21 +226,21 @@ def test_each_word_is_read_from_the_window_where_it_is_farthest_from_a_cut():
     assert ner_word_positions([[-1, 0, 1, -1]], 4) == [(0, 1), (0, 2), None, None]
 
 
-def test_max_length_and_stride_are_checked(ner_folder, re_folder):
+def test_max_length_and_stride_are_checked(ner_folder, tiny_re_dir):
     ner = pipeline("multimodal-ner", model=str(ner_folder))
     limit = ner.model.config.text_config.max_position_embeddings
     with pytest.raises(ValueError, match=rf"max_position_embeddings \({limit}\), got {limit + 1}"):
         ner("hello", max_length=limit + 1)
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        pipeline("multimodal-re", model=str(re_folder), max_length=limit * 2)
+        pipeline("multimodal-re", model=str(tiny_re_dir), max_length=limit * 2)
     with pytest.raises(ValueError, match="stride must be in"):
         ner("hello", stride=22)  # max_length 24 leaves 22 tokens per window
     assert len(ner("a b c", max_length=limit)) == 3
 
 
-def test_input_keys_and_types_are_checked(ner_folder, re_folder):
+def test_input_keys_and_types_are_checked(ner_folder, tiny_re_dir):
     ner = pipeline("multimodal-ner", model=str(ner_folder))
-    relation = pipeline("multimodal-re", model=str(re_folder))
+    relation = pipeline("multimodal-re", model=str(tiny_re_dir))
     with pytest.raises(TypeError, match="'words' must be a list of strings, got str \\(give a string as 'text'\\)"):
         ner({"words": "Kevin Durant"})
     with pytest.raises(ValueError, match=r"unknown input keys \['img'\]; accepted keys are \['text', 'words'"):

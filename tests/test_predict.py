@@ -8,7 +8,7 @@ import sys
 
 import evaluate
 import pytest
-from test_pipelines import RELATIONS, tiny_model_folder
+from modeling_utils import RELATIONS
 
 import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
@@ -18,26 +18,12 @@ from hvpnet_hf.predict import input_sources, parse_arguments, predict
 SAMPLE = hvpnet_hf.__path__[0] + "/sample_data"
 
 
-@pytest.fixture(scope="module")
-def ner_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ner")
-    tiny_model_folder(folder, "ner")
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def re_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("re")
-    tiny_model_folder(folder, "re")
-    return str(folder)
-
-
-def test_ner_predictions_cover_every_word(ner_model, tmp_path):
+def test_ner_predictions_cover_every_word(tiny_ner_dir, tmp_path):
     twitter = f"{SAMPLE}/twitter"
     output = tmp_path / "test_predictions.txt"
     scores = predict(
         [
-            "--model", ner_model,
+            "--model", tiny_ner_dir,
             "--input", f"{twitter}/test.txt",
             "--image_dir", f"{twitter}/images",
             "--object_dir", f"{twitter}/aux_images/test/crops",
@@ -62,12 +48,12 @@ def test_ner_predictions_cover_every_word(ner_model, tmp_path):
     assert scores == seqeval.compute(predictions=predicted_columns, references=gold_columns)
 
 
-def test_re_predictions_one_line_per_record(re_model, tmp_path):
+def test_re_predictions_one_line_per_record(tiny_re_dir, tmp_path):
     mnre = f"{SAMPLE}/mnre"
     output = tmp_path / "test.jsonl"
     scores = predict(
         [
-            "--model", re_model,
+            "--model", tiny_re_dir,
             "--input", f"{mnre}/txt/mnre_test.txt",
             "--image_dir", f"{mnre}/img_org/test",
             "--rel2id", f"{mnre}/mnre_rel2id.json",
@@ -85,9 +71,9 @@ def test_re_predictions_one_line_per_record(re_model, tmp_path):
     assert not set(RELATIONS) >= {record["gold"] for record in records} and scores == {}
 
 
-def test_release_folders_and_crop_map_are_found_as_the_scripts_find_them(re_model, tmp_path):
+def test_release_folders_and_crop_map_are_found_as_the_scripts_find_them(tiny_re_dir, tmp_path):
     mnre = f"{SAMPLE}/mnre"
-    common = ["--model", re_model, "--input", f"{mnre}/txt/mnre_test.txt", "--rel2id", f"{mnre}/mnre_rel2id.json"]
+    common = ["--model", tiny_re_dir, "--input", f"{mnre}/txt/mnre_test.txt", "--rel2id", f"{mnre}/mnre_rel2id.json"]
     spelled_out = tmp_path / "spelled_out.jsonl"
     predict(
         [*common, "--image_dir", f"{mnre}/img_org/test", "--object_dir", f"{mnre}/img_vg/test/crops",
@@ -105,26 +91,26 @@ def test_release_folders_and_crop_map_are_found_as_the_scripts_find_them(re_mode
     }
 
 
-def test_per_split_folders_need_the_split_of_the_input(re_model, tmp_path):
+def test_per_split_folders_need_the_split_of_the_input(tiny_re_dir, tmp_path):
     mnre = f"{SAMPLE}/mnre"
     data = tmp_path / "records.txt"  # no split in the name
     shutil.copy(f"{mnre}/txt/mnre_test.txt", data)
     with pytest.raises(ValueError, match="not named in its file name"):
-        predict(["--model", re_model, "--input", str(data), "--image_dir", f"{mnre}/img_org",
+        predict(["--model", tiny_re_dir, "--input", str(data), "--image_dir", f"{mnre}/img_org",
                  "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="--object_map"):
-        predict(["--model", re_model, "--input", str(data), "--object_dir", f"{mnre}/img_vg/test/crops",
+        predict(["--model", tiny_re_dir, "--input", str(data), "--object_dir", f"{mnre}/img_vg/test/crops",
                  "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
 
 
-def test_refuses_to_overwrite_its_input(ner_model, tmp_path):
+def test_refuses_to_overwrite_its_input(tiny_ner_dir, tmp_path):
     data = tmp_path / "test.txt"
     data.write_text("IMGID:1\nhello\tO\n\n")
     with pytest.raises(ValueError, match="would overwrite the input"):
-        predict(["--model", ner_model, "--input", str(data), "--output", str(data)])
+        predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(data)])
 
 
-def test_console_command_is_installed(ner_model, tmp_path):
+def test_console_command_is_installed(tiny_ner_dir, tmp_path):
     scripts = {entry.name: entry.value for entry in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("hvpnet-predict") == "hvpnet_hf.predict:main"
     data = tmp_path / "tweets.txt"
@@ -132,7 +118,7 @@ def test_console_command_is_installed(ner_model, tmp_path):
     command = shutil.which("hvpnet-predict", path=str(sys.executable.rsplit("/", 1)[0]))
     assert command is not None
     finished = subprocess.run(
-        [command, "--model", ner_model, "--input", str(data), "--output", str(tmp_path / "out.txt")],
+        [command, "--model", tiny_ner_dir, "--input", str(data), "--output", str(tmp_path / "out.txt")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -141,14 +127,14 @@ def test_console_command_is_installed(ner_model, tmp_path):
     assert (tmp_path / "out.txt").read_text().count("\n\n") == 2
 
 
-def test_empty_and_spaced_words_keep_three_columns(ner_model, tmp_path):
+def test_empty_and_spaced_words_keep_three_columns(tiny_ner_dir, tmp_path):
     from hvpnet_hf.demo import read_conll
 
     data = tmp_path / "tweets.txt"
     # An empty word, a word of spaces only and a word with a space inside, each on its own token line.
     data.write_text("IMGID:1\nHello\tO\n\tO\nNew York\tB-LOC\n\nIMGID:2\n \tO\n@anna\tB-PER\n\n", encoding="utf-8")
     output = tmp_path / "out.txt"
-    predict(["--model", ner_model, "--input", str(data), "--output", str(output)])
+    predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output)])
     lines = [line for line in output.read_text(encoding="utf-8").splitlines() if line]
     assert all(len(line.split()) == 3 for line in lines)
     assert [line.split()[:2] for line in lines] == [
@@ -170,14 +156,14 @@ def test_read_conll_names_a_broken_line(tmp_path):
         read_conll(path)
 
 
-def test_batch_size_one_and_long_sentences_tag_every_word(ner_model, tmp_path):
+def test_batch_size_one_and_long_sentences_tag_every_word(tiny_ner_dir, tmp_path):
     data = tmp_path / "tweets.txt"
     long_sentence = "".join(f"w{index}\tB-PER\n" for index in range(300))  # far beyond max_length=24
     data.write_text(f"IMGID:1\nHello\tO\n\nIMGID:2\n{long_sentence}\nIMGID:3\n@anna\tB-PER\n\n", encoding="utf-8")
     outputs = {}
     for batch_size in ("1", "2", "8"):
         output = tmp_path / f"out_{batch_size}.txt"
-        predict(["--model", ner_model, "--input", str(data), "--output", str(output), "--batch_size", batch_size])
+        predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output), "--batch_size", batch_size])
         outputs[batch_size] = output.read_text(encoding="utf-8")
     assert outputs["1"] == outputs["2"] == outputs["8"]
     sentences = outputs["1"].strip("\n").split("\n\n")
@@ -185,7 +171,7 @@ def test_batch_size_one_and_long_sentences_tag_every_word(ner_model, tmp_path):
     assert all(len(line.split(" ")) == 3 for line in outputs["1"].splitlines() if line)
 
 
-def test_a_failed_run_leaves_no_output_file(ner_model, tmp_path, monkeypatch):
+def test_a_failed_run_leaves_no_output_file(tiny_ner_dir, tmp_path, monkeypatch):
     from hvpnet_hf.pipelines import MultimodalNerPipeline
 
     data = tmp_path / "tweets.txt"
@@ -202,11 +188,11 @@ def test_a_failed_run_leaves_no_output_file(ner_model, tmp_path, monkeypatch):
     monkeypatch.setattr(MultimodalNerPipeline, "postprocess", failing_postprocess)
     output = tmp_path / "out.txt"
     with pytest.raises(RuntimeError, match="interrupted"):
-        predict(["--model", ner_model, "--input", str(data), "--output", str(output), "--batch_size", "1"])
+        predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output), "--batch_size", "1"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tweets.txt"]
     # An earlier result is kept rather than replaced by a partial one.
     output.write_text("earlier\n")
     calls.clear()
     with pytest.raises(RuntimeError, match="interrupted"):
-        predict(["--model", ner_model, "--input", str(data), "--output", str(output)])
+        predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output)])
     assert output.read_text() == "earlier\n"
