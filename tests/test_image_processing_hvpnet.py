@@ -148,17 +148,22 @@ def test_load_image_decodes_pixels_as_rgb(tmp_path):
     assert (image.size, image.mode, image.getpixel((0, 0))) == ((24, 16), "RGB", (7, 7, 7))
 
 
+def assert_unreadable(path, error_pattern: str, caplog) -> None:
+    """`load_image` logs and gives None, or raises naming the file; the processor masks the image."""
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
+        assert load_image(path) is None
+    assert path.name in caplog.text
+    with pytest.raises(OSError, match=error_pattern):
+        load_image(path, missing_images="error")
+    assert image_processor().preprocess_example(path)["image_mask"].tolist() == [False] * 4
+
+
 def test_a_truncated_file_passes_the_header_check_and_fails_decoding(tmp_path, caplog):
     path = tmp_path / "big.jpg"
     Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(path)
     path.write_bytes(path.read_bytes()[:-400])  # header intact, pixel data cut
     assert image_header_problem(path) is None  # so only decoding can notice
-    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
-        assert load_image(path) is None
-    assert "big.jpg" in caplog.text
-    with pytest.raises(OSError, match="big.jpg"):
-        load_image(path, missing_images="error")
-    assert image_processor().preprocess_example(path)["image_mask"].tolist() == [False] * 4
+    assert_unreadable(path, "big.jpg", caplog)
 
 
 def test_decompression_bombs_are_unreadable_not_an_uncaught_error(tmp_path, monkeypatch, caplog):
@@ -168,12 +173,7 @@ def test_decompression_bombs_are_unreadable_not_an_uncaught_error(tmp_path, monk
     # the limit is lowered here instead of writing a huge file.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
     assert "decompression bomb" in image_header_problem(path)
-    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
-        assert load_image(path) is None
-    assert "bomb.png" in caplog.text
-    with pytest.raises(OSError, match="bomb.png.*decompression bomb"):
-        load_image(path, missing_images="error")
-    assert image_processor().preprocess_example(path)["image_mask"].tolist() == [False] * 4
+    assert_unreadable(path, "bomb.png.*decompression bomb", caplog)
 
 
 def test_missing_images_policy_is_checked():
