@@ -367,12 +367,13 @@ def test_crops_of_an_exif_rotated_photo_are_cut_from_the_upright_image(owl_detec
     # The second box lies below row 20: inside the upright picture only.
     boxes = [(2, 2, 18, 14), (4, 22, 16, 38)]
     cropper = fixed_box_cropper(owl_detector, *boxes, num_objects=2, min_size=4)
-    for source in (image_dir / "1001.jpg", Image.open(image_dir / "1001.jpg")):
+    # A path, the opened file (still sideways, with its EXIF) and an array of the upright picture give the same crops.
+    for source in (image_dir / "1001.jpg", Image.open(image_dir / "1001.jpg"), np.asarray(upright)):
         crops = cropper.crops_for_text(source, ["Kevin"])
         assert [crop.size for crop in crops] == [(16, 12), (12, 16)]
         for crop, box in zip(crops, boxes, strict=True):
             assert np.array_equal(np.asarray(crop), np.asarray(upright.crop(box)))
-    assert cropper.detector.seen_sizes == [(20, 40), (20, 40)]  # the detector too is shown the upright picture
+    assert cropper.detector.seen_sizes == [(20, 40)] * 3  # the detector too is shown the upright picture
     data_file = tmp_path / "train.txt"
     data_file.write_text("IMGID:1001\nKevin\tB-PER\n", encoding="utf-8")
     counts = extract_objects(data_file, image_dir, tmp_path / "objects", cropper)
