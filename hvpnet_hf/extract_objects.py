@@ -144,7 +144,7 @@ def extract_objects(
 
 
 def _read_images(image_dir: Path, image_files: list[str], counts: dict[str, int]) -> Iterator[tuple[str, Image.Image]]:
-    """The readable images among `image_files` (see `load_image`), with a progress bar; the others are counted and logged."""
+    """The images among `image_files` that `load_image` reads, with a progress bar; the others are counted, logged."""
     for image_file in tqdm(image_files, desc="images", unit="image"):
         try:
             image = load_image(image_dir / image_file, missing_images="error")

@@ -139,10 +139,13 @@ class HVPNetImageProcessor(BaseImageProcessor):
 
     def image_tensor(self, image: ImageSource, missing_images: str) -> tuple[torch.Tensor, bool]:
         """One image (or path, or None) as a transformed (3, S, S) tensor, and whether it is present."""
-        image = load_image(image, missing_images) if isinstance(image, (str, os.PathLike)) else image
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image, missing_images)
+        elif image is not None:
+            image = to_rgb_image(image)
         if image is None:
             return torch.zeros(3, self.image_size, self.image_size), False
-        return self.image_transform(to_rgb_image(image)), True
+        return self.image_transform(image), True
 
 
 def load_image(path: str | os.PathLike, missing_images: str = "mask") -> Image.Image | None:
