@@ -413,14 +413,11 @@ def build_page(app: HVPNetApp):
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
                 outputs = {
-                    "spans": gr.HighlightedText(
-                        label="With the image", color_map=SPAN_COLOURS, show_legend=True, elem_id="spans"
-                    ),
+                    "spans": gr.HighlightedText(label="With the image", color_map=SPAN_COLOURS, elem_id="spans"),
                     "relations": gr.Label(label="Relations with the image", visible=is_re, elem_id="relations"),
                     "spans_masked": gr.HighlightedText(
                         label="With the image masked",
                         color_map=SPAN_COLOURS,
-                        show_legend=True,
                         visible=not is_re,
                         elem_id="spans-masked",
                     ),
@@ -435,18 +432,8 @@ def build_page(app: HVPNetApp):
             outputs["gates"] = gr.Image(label="Gate weights of this example (text layer x stage)", elem_id="gates")
         inputs = [text, image, objects, detect, head, tail]
         gr.Examples(
-            [
-                [
-                    tweet.text,
-                    str(SAMPLE_DIR / tweet.image),
-                    [str(SAMPLE_DIR / crop) for crop in tweet.objects],
-                    False,
-                    tweet.head,
-                    tweet.tail,
-                ]
-                for tweet in SAMPLE_TWEETS[app.task]
-            ],
-            inputs=inputs,
+            [sample_row(tweet, is_re) for tweet in SAMPLE_TWEETS[app.task]],
+            inputs=[text, head, tail, image, objects] if is_re else [text, image, objects],
             label="Sample tweets (from the bundled sample set)",
         )
         names = ["status", *outputs]
@@ -457,6 +444,12 @@ def build_page(app: HVPNetApp):
 
         submit.click(run, inputs=inputs, outputs=[status, *outputs.values()])
     return page
+
+
+def sample_row(tweet: SampleTweet, is_re: bool) -> list:
+    """The values a sample tweet gives the page's inputs (text, for RE head and tail, image, crops)."""
+    files = [str(SAMPLE_DIR / tweet.image), [str(SAMPLE_DIR / crop) for crop in tweet.objects]]
+    return [tweet.text, tweet.head, tweet.tail, *files] if is_re else [tweet.text, *files]
 
 
 def page_header(app: HVPNetApp) -> str:
@@ -478,6 +471,7 @@ def page_header(app: HVPNetApp) -> str:
 
 def launch(app: HVPNetApp, port: int | None = None, block: bool = True):
     """Serves the page of `app` on localhost; returns the page (serving in the background unless `block`)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page's own analytics are off in `build_page`
     gr = gradio()
     page = build_page(app)
     theme = gr.themes.Default(font=list(FONTS), font_mono=list(MONO_FONTS))
@@ -499,7 +493,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="port on localhost (default: gradio's, 7860 or next)")
     parser.add_argument("--detector", help="detection model (Hub id or folder) that finds crops for images without")
     args = parser.parse_args(argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     launch(HVPNetApp(args.model, detector=args.detector), port=args.port)
 
 
