@@ -470,13 +470,14 @@ def page_header(app: HVPNetApp) -> str:
 
 
 def launch(app: HVPNetApp, port: int | None = None, block: bool = True):
-    """Serves the page of `app` on localhost; returns the page (serving in the background unless `block`)."""
+    """Serves the page of `app` on localhost (or where `GRADIO_SERVER_NAME` says, as on a Space); returns the page
+    (serving in the background unless `block`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page's own analytics are off in `build_page`
     gr = gradio()
     page = build_page(app)
     theme = gr.themes.Default(font=list(FONTS), font_mono=list(MONO_FONTS))
     page.launch(
-        server_name="127.0.0.1",
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),  # a Space sets its own
         server_port=port,
         prevent_thread_lock=not block,
         allowed_paths=[str(SAMPLE_DIR)],
