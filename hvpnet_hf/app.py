@@ -289,8 +289,10 @@ class HVPNetApp:
             found = self.cropper.detect(image, text_queries(words, mentions))
             boxes = [detected.box for detected in found]
             crops = [image.crop(box) for box in boxes]
-        crops = crops[: self.classifier.processor.image_processor.num_object_images]
-        boxes = boxes[: len(crops)]
+        num_slots = self.classifier.processor.image_processor.num_object_images
+        unused = f" ({len(crops) - num_slots} more crop(s) given than the model's {num_slots} slots: not used)"
+        unused = unused if len(crops) > num_slots else ""
+        crops, boxes = crops[:num_slots], boxes[:num_slots]
         if self.task == "multimodal-ner":
             inputs = {"text": text, "image": image, "objects": crops}
             shown = self._ner_outputs(text, inputs)
@@ -300,7 +302,8 @@ class HVPNetApp:
         used = "no image" if image is None else f"the image and {len(crops)} crop(s)"
         return {
             **shown,
-            "status": f"Prediction of `{self.model_name}` with {used}; below it, the same text with the image masked.",
+            "status": f"Prediction of `{self.model_name}` with {used}{unused}; below it, the same text with the image "
+            "masked.",
             "image": draw_boxes(image, boxes) if image is not None else None,
             "crops": crops,
             "gates": gates_figure(example_gates(self.classifier, inputs)),

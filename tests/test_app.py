@@ -173,6 +173,10 @@ def test_detected_crops_are_cut_from_their_boxes_and_drawn(ner_app, monkeypatch)
     assert shown["image"].getpixel((2, 20)) == red  # on the left edge of the first box
     given = ner_app.predict(NER_TWEET.text, image_path, sample_paths(NER_TWEET)[1], detect=True)
     assert len(asked) == 1 and len(given["crops"]) == 2  # crops given: nothing detected
+    too_many = ner_app.predict(NER_TWEET.text, image_path, [image_path] * 3)
+    assert (
+        len(too_many["crops"]) == 2 and "1 more crop(s) given than the model's 2 slots: not used" in too_many["status"]
+    )
 
 
 def test_bad_inputs_get_a_message_naming_the_problem(ner_app, re_app, bad_files):
