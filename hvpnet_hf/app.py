@@ -53,6 +53,8 @@ SPAN_COLOURS = {
     "tail": "#8ab6f9",
 }
 BOX_COLOUR = "#e63946"
+# Images shown smaller than this (pixels, longer side) are enlarged for display.
+DISPLAY_SIZE = 256
 # System fonts, so the page asks no font server for its default web fonts.
 FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "monospace")
@@ -178,11 +180,14 @@ def read_image(path: str | None, what: str) -> Image.Image | None:
 
 
 def draw_boxes(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> Image.Image:
-    """A copy of `image` with the crop `boxes` (xmin, ymin, xmax, ymax) outlined and numbered."""
-    drawn = image.copy()
+    """A copy of `image` for display, with the crop `boxes` (xmin, ymin, xmax, ymax) outlined and numbered; an image
+    smaller than `DISPLAY_SIZE` is first enlarged by a whole factor (its pixels as blocks), so it can be seen."""
+    scale = max(1, DISPLAY_SIZE // max(image.size))
+    drawn = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     pencil = ImageDraw.Draw(drawn)
-    width = max(2, round(min(image.size) / 100))
+    width = max(2, round(min(drawn.size) / 100))
     for number, box in enumerate(boxes, start=1):
+        box = tuple(scale * side for side in box)
         pencil.rectangle(box, outline=BOX_COLOUR, width=width)
         pencil.text((box[0] + width + 2, box[1] + width), str(number), fill=BOX_COLOUR)
     return drawn
@@ -413,6 +418,11 @@ def build_page(app: HVPNetApp):
                     elem_id="detect",
                 )
                 submit = gr.Button("Predict", variant="primary", elem_id="predict")
+                gr.Examples(
+                    [sample_row(tweet, is_re) for tweet in SAMPLE_TWEETS[app.task]],
+                    inputs=[text, head, tail, image, objects] if is_re else [text, image, objects],
+                    label="Sample tweets (from the bundled sample set)",
+                )
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
                 outputs = {
@@ -430,15 +440,16 @@ def build_page(app: HVPNetApp):
                     "changes": gr.Markdown(elem_id="changes"),
                 }
         with gr.Row():
-            outputs["image"] = gr.Image(label="Image (boxes of detected crops)", elem_id="image-used")
-            outputs["crops"] = gr.Gallery(label="Crops the model read", columns=3, height=220, elem_id="crops")
-            outputs["gates"] = gr.Image(label="Gate weights of this example (text layer x stage)", elem_id="gates")
-        inputs = [text, image, objects, detect, head, tail]
-        gr.Examples(
-            [sample_row(tweet, is_re) for tweet in SAMPLE_TWEETS[app.task]],
-            inputs=[text, head, tail, image, objects] if is_re else [text, image, objects],
-            label="Sample tweets (from the bundled sample set)",
+            outputs["image"] = gr.Image(
+                label="The image (boxes drawn where crops were detected)", height=280, elem_id="image-used"
+            )
+            outputs["crops"] = gr.Gallery(label="The crops the model read", columns=3, height=280, elem_id="crops")
+        gr.Markdown(
+            "**Gate weights of this example**: how much each text layer (rows) takes from each backbone stage "
+            "(columns), as in the paper's Figure 4."
         )
+        outputs["gates"] = gr.Image(show_label=False, elem_id="gates")
+        inputs = [text, image, objects, detect, head, tail]
         names = ["status", *outputs]
 
         def run(*values):

@@ -122,7 +122,12 @@ def test_ner_shows_the_pipelines_entities_with_and_without_the_image(ner_app, ti
     assert expected, "the tiny model finds entities in this tweet, so the comparison is not empty"
     assert spans_of(shown["spans"]) == expected
     assert spans_of(shown["spans_masked"]) == entity_pairs(NER_TWEET.text, tagger(NER_TWEET.text))
-    assert len(shown["crops"]) == 2 and shown["image"].size == Image.open(image).size
+    # The 64 x 64 sample picture is shown 4 times larger (DISPLAY_SIZE 256), pixel for pixel.
+    assert len(shown["crops"]) == 2 and shown["image"].size == (256, 256)
+    assert (
+        shown["image"].resize((64, 64), Image.Resampling.NEAREST).tobytes()
+        == Image.open(image).convert("RGB").tobytes()
+    )
     assert "2 crop(s)" in shown["status"]
     assert np.asarray(shown["gates"]).std() > 0  # a drawn heat map, not an empty canvas
 
@@ -170,7 +175,7 @@ def test_detected_crops_are_cut_from_their_boxes_and_drawn(ner_app, monkeypatch)
     assert [crop.size for crop in shown["crops"]] == [(28, 37), (40, 40)]
     assert "United Nations" in asked[0]  # the text's capitalised run is a detector query
     red = tuple(int(BOX_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
-    assert shown["image"].getpixel((2, 20)) == red  # on the left edge of the first box
+    assert shown["image"].getpixel((4 * 2, 4 * 20)) == red  # on the left edge of the first box, shown 4 times larger
     given = ner_app.predict(NER_TWEET.text, image_path, sample_paths(NER_TWEET)[1], detect=True)
     assert len(asked) == 1 and len(given["crops"]) == 2  # crops given: nothing detected
     too_many = ner_app.predict(NER_TWEET.text, image_path, [image_path] * 3)
