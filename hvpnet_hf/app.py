@@ -30,19 +30,15 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoConfig, Pipeline, pipeline
+from transformers import AutoConfig, Pipeline
 
 from .analysis.gates import plot as plot_gates
 from .analysis.gates import slot_presence
 from .image_processing_hvpnet import load_image
 from .object_detection import ObjectCropper, text_queries
+from .pipelines import PIPELINE_FOR_MODEL, MultimodalRePipeline
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
-# The pipeline task of each HVPNeT head, by the architecture its config records.
-TASK_OF_ARCHITECTURE = {
-    "HVPNetForTokenClassification": "multimodal-ner",
-    "HVPNetForSequenceClassification": "multimodal-re",
-}
 # Colours of the highlighted spans: NER entity types, and the RE head and tail.
 SPAN_COLOURS = {
     "PER": "#f4a261",
@@ -127,20 +123,21 @@ class InputError(ValueError):
 
 
 def load_pipeline(model: str) -> Pipeline:
-    """The `multimodal-ner` or `multimodal-re` pipeline of a trained HVPNeT model folder or Hub id, by its config;
-    an `InputError` naming `model` when it is not one."""
+    """The NER or RE pipeline of a trained HVPNeT model folder or Hub id, chosen by the architecture its config
+    records; an `InputError` naming `model` when it is not one."""
     try:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as error:
         raise InputError(f"`{model}` is not an HVPNeT model: its config cannot be read ({error})") from error
-    tasks = {TASK_OF_ARCHITECTURE[name] for name in config.architectures or [] if name in TASK_OF_ARCHITECTURE}
-    if len(tasks) != 1:
+    heads = {name for name in config.architectures or [] if name in PIPELINE_FOR_MODEL}
+    if len(heads) != 1:
         raise InputError(
             f"`{model}` is not an HVPNeT NER or RE model: its config has model type `{config.model_type}` and "
             f"architectures {config.architectures}"
         )
+    pipeline_class = PIPELINE_FOR_MODEL[heads.pop()]
     try:
-        return pipeline(tasks.pop(), model=model)
+        return pipeline_class(model=pipeline_class.auto_model_class.from_pretrained(model))
     except (OSError, ValueError) as error:
         raise InputError(f"`{model}` could not be loaded as an HVPNeT model: {error}") from error
 
@@ -252,7 +249,7 @@ class HVPNetApp:
     @property
     def task(self) -> str:
         """`"multimodal-ner"` or `"multimodal-re"` (NER's layout when the model could not be loaded)."""
-        return self.classifier.task if self.classifier is not None else "multimodal-ner"
+        return "multimodal-re" if isinstance(self.classifier, MultimodalRePipeline) else "multimodal-ner"
 
     def predict(
         self,
