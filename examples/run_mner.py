@@ -22,15 +22,14 @@ import evaluate
 import torch
 from transformers import EvalPrediction
 
-import hvpnet_hf
 from hvpnet_hf import HVPNetForTokenClassification
 from hvpnet_hf.loading import load_mner_dataset
 from hvpnet_hf.metrics import align_word_predictions, metric_path
 from hvpnet_hf.predict import write_ner_predictions
+from hvpnet_hf.sample_data import sample_paths
 
 import hvpnet_examples
 
-SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data" / "twitter"
 # Settings of this script that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
 SCRIPT_DEFAULTS = {
     **hvpnet_examples.TRAINING_DEFAULTS,
@@ -60,9 +59,10 @@ def parse_arguments(
 def load_raw_datasets(data_args: NerDataArguments) -> datasets.DatasetDict:
     if data_args.dataset == "sample":
         hvpnet_examples.check_no_own_data(data_args)
-        data_args.data_dir = str(SAMPLE_DIR)
-        data_args.image_dir = data_args.image_dir or str(SAMPLE_DIR / "images")
-        data_args.object_dir = data_args.object_dir or str(SAMPLE_DIR / "aux_images")
+        sample = sample_paths("ner")
+        data_args.data_dir = sample["data_dir"]
+        data_args.image_dir = data_args.image_dir or sample["image_dir"]
+        data_args.object_dir = data_args.object_dir or sample["object_dir"]
     return load_mner_dataset(**hvpnet_examples.dataset_sources(data_args))
 
 

@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-import hvpnet_hf
 from hvpnet_hf import HVPNetForSequenceClassification
 from hvpnet_hf.configuration_hvpnet import RELATION_POOLINGS
 from hvpnet_hf.loading import NO_RELATION, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.predict import write_re_predictions
+from hvpnet_hf.sample_data import sample_paths
 
 import hvpnet_examples
 
-SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data" / "mnre"
 # Settings of this script that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
 SCRIPT_DEFAULTS = {
     **hvpnet_examples.TRAINING_DEFAULTS,
@@ -69,10 +68,11 @@ def parse_arguments(
 def load_raw_datasets(data_args: RelationDataArguments) -> datasets.DatasetDict:
     if data_args.dataset == "sample":
         hvpnet_examples.check_no_own_data(data_args)
-        data_args.data_dir = str(SAMPLE_DIR / "txt")
-        data_args.image_dir = data_args.image_dir or str(SAMPLE_DIR / "img_org")
-        data_args.object_dir = data_args.object_dir or str(SAMPLE_DIR / "img_vg")
-        data_args.rel2id_file = data_args.rel2id_file or str(SAMPLE_DIR / "mnre_rel2id.json")
+        sample = sample_paths("re")
+        data_args.data_dir = sample["data_dir"]
+        data_args.image_dir = data_args.image_dir or sample["image_dir"]
+        data_args.object_dir = data_args.object_dir or sample["object_dir"]
+        data_args.rel2id_file = data_args.rel2id_file or sample["rel2id"]
     return load_mre_dataset(**hvpnet_examples.dataset_sources(data_args), rel2id=data_args.rel2id_file)
 
 

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     Pipeline,
@@ -395,7 +396,7 @@ def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike
     without `hvpnet_hf`. Also maps `AutoModel` to the encoder without a head (`HVPNetModel`), which the model's own
     save does not record for a model with a head. The model (or its config) must be saved to the folder afterwards.
     """
-    pipeline_class = PIPELINE_FOR_MODEL[type(model).__name__]
+    pipeline_class = PIPELINE_FOR_TASK[TASK_OF_MODEL[type(model).__name__]]
     model.config.custom_pipelines = {
         pipeline_class.saved_task: {
             "impl": f"{pipeline_class.__module__.split('.')[-1]}.{pipeline_class.__name__}",
@@ -435,10 +436,19 @@ PIPELINE_REGISTRY.register_pipeline(
     type="multimodal",
 )
 
-# The pipeline of each HVPNeT head, by model class name (the classes may come from a model repository's code).
-PIPELINE_FOR_MODEL = {
-    "HVPNetForTokenClassification": MultimodalNerPipeline,
-    "HVPNetForSequenceClassification": MultimodalRePipeline,
-}
+# The task of each HVPNeT head, by model class name (the classes may come from a model repository's code), and the
+# pipeline of each task, whose `auto_model_class` loads its models.
+TASK_OF_MODEL = {"HVPNetForTokenClassification": "ner", "HVPNetForSequenceClassification": "re"}
+PIPELINE_FOR_TASK = {"ner": MultimodalNerPipeline, "re": MultimodalRePipeline}
 
-__all__ = ["MultimodalNerPipeline", "MultimodalRePipeline", "bio_entities", "save_pipeline_code"]
+
+def task_of(model: str | os.PathLike) -> str:
+    """The task ("ner" or "re") of a saved HVPNeT model (folder or Hub id), read from its config's architectures."""
+    architectures = AutoConfig.from_pretrained(model).architectures or []
+    tasks = {TASK_OF_MODEL[name] for name in architectures if name in TASK_OF_MODEL}
+    if len(tasks) != 1:
+        raise ValueError(f"{model}: expected an HVPNeT NER or RE model, found architectures {architectures}")
+    return tasks.pop()
+
+
+__all__ = ["MultimodalNerPipeline", "MultimodalRePipeline", "bio_entities", "save_pipeline_code", "task_of"]
