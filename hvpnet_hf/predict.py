@@ -75,6 +75,24 @@ def write_ner_predictions(
             file.write("\n")
 
 
+def read_conll(path: Path) -> list[tuple[list[str], list[str], list[str]]]:
+    """The `(words, gold tags, predicted tags)` sentences of a file `write_ner_predictions` wrote."""
+    sentences, words, gold, predicted = [], [], [], []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
+        if line.strip():
+            columns = line.split()
+            if len(columns) != 3:
+                raise ValueError(f"{path}:{line_no}: expected 'word gold predicted', got {line!r}")
+            word, gold_tag, predicted_tag = columns
+            words.append(word)
+            gold.append(gold_tag)
+            predicted.append(predicted_tag)
+        elif words:
+            sentences.append((words, gold, predicted))
+            words, gold, predicted = [], [], []
+    return sentences
+
+
 def write_re_predictions(
     path: str | Path, examples: Iterable[Mapping], gold: Iterable[str], ranked: Iterable[list[dict]], top_k: bool
 ) -> None:
