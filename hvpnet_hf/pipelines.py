@@ -371,6 +371,10 @@ class _NumberedPipelineDataset(PipelineDataset):
         return self.process((index, self.dataset[index]), **self.params)
 
 
+# The package's one BIO decoder (the demo and the attention analysis use it too). Not seqeval's `get_entities`: that
+# is importable only through `seqeval.metrics`, which loads scikit-learn and scipy on every `import hvpnet_hf`, and
+# this file, copied next to saved models, imports only transformers, torch, numpy and PIL. tests/test_pipelines.py
+# checks that both read every tag sequence alike.
 def bio_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     """
     `(type, first, last)` word spans of the entities in a BIO tag sequence, read as seqeval (and conlleval) read it,
