@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import typing
-from argparse import ArgumentTypeError
+from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,6 @@ import transformers
 import yaml
 from huggingface_hub import constants
 from transformers import EvalPrediction, HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
-from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import PredictionOutput
 
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
@@ -34,6 +33,7 @@ from hvpnet_hf.loading import find_release_layout, split_folders
 from hvpnet_hf.model_card import SPLIT_PREFIXES, push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+from hvpnet_hf.sample_data import sample_paths
 from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -210,8 +210,9 @@ def parse_config_and_flags(
 ) -> tuple[Any, Any, ExampleTrainingArguments]:
     """
     Flags, optionally after one JSON or YAML file whose settings they override; `defaults` come first. The file's
-    settings are type-checked as it is read. Without training, evaluation strategies are switched off: they would
-    only turn `do_eval` back on (`TrainingArguments` does so) and ask for a validation split.
+    settings become flags before the command-line ones, so the flags' types and choices check them. Without
+    training, evaluation strategies are switched off: they would only turn `do_eval` back on (`TrainingArguments`
+    does so) and ask for a validation split.
     """
     dataclass_types = (model_arguments, data_arguments, ExampleTrainingArguments)
     parser = HfArgumentParser(dataclass_types)
@@ -219,9 +220,7 @@ def parse_config_and_flags(
     if argv and argv[0].endswith((".json", ".yaml", ".yml")):
         with open(argv[0], encoding="utf-8") as file:
             settings = yaml.safe_load(file) or {}  # YAML also reads JSON
-        check_settings(argv[0], settings, dataclass_types)
-        parser.set_defaults(**settings)
-        argv = argv[1:]
+        argv = [*settings_as_flags(argv[0], settings, parser, dataclass_types), *argv[1:]]
     arguments = parser.parse_args_into_dataclasses(args=argv)
     if not arguments[-1].do_train:
         parser.set_defaults(eval_strategy="no", load_best_model_at_end=False)
@@ -230,63 +229,50 @@ def parse_config_and_flags(
     return arguments
 
 
-def check_settings(config_file: str, settings: Any, dataclass_types: tuple[type, ...]) -> None:
-    """Checks that a config file is a mapping of known settings whose values have the type of their flag."""
+def settings_as_flags(
+    config_file: str, settings: Any, parser: HfArgumentParser, dataclass_types: tuple[type, ...]
+) -> list[str]:
+    """
+    The settings of a config file as command-line flags, each one read by `parser` on its own first, so that a value
+    its flag refuses (type, choices) is an error naming the file and the setting. A null setting, which no flag can
+    give, becomes the default of its flag, and only of a flag that may be None.
+    """
     if not isinstance(settings, dict):
         raise ValueError(f"{config_file}: expected a mapping of settings, got {type(settings).__name__}")
-    hints, choices = {}, {}
+    hints = {}
     for cls in dataclass_types:
-        fields = {item.name: item for item in dataclasses.fields(cls)}
-        hints.update({name: hint for name, hint in typing.get_type_hints(cls).items() if name in fields})
-        choices.update({name: item.metadata["choices"] for name, item in fields.items() if "choices" in item.metadata})
+        names = {item.name for item in dataclasses.fields(cls) if item.init}
+        hints.update({name: hint for name, hint in typing.get_type_hints(cls).items() if name in names})
     unknown = sorted(set(settings) - set(hints))
     if unknown:
         raise ValueError(f"{config_file}: unknown settings {unknown}")
+    flags = []
     for name, value in settings.items():
-        expected = _checkable_type(hints[name])
-        if expected is not None and not _has_type(value, *expected):
-            raise ValueError(f"{config_file}: setting {name!r} must be {_describe(*expected)}, got {value!r}")
-        if name in choices and value is not None and value not in choices[name]:
-            raise ValueError(f"{config_file}: setting {name!r} must be one of {choices[name]}, got {value!r}")
-
-
-def _checkable_type(hint: Any) -> tuple[type, bool, bool] | None:
-    """`(element type, is a list, may be None)` of a flag of a plain type (bool, int, float, str or a list of one)."""
-    arguments = typing.get_args(hint)
-    optional = type(None) in arguments
-    if optional:
-        remaining = [argument for argument in arguments if argument is not type(None)]
-        if len(remaining) != 1:
-            return None
-        hint = remaining[0]
-    is_list = typing.get_origin(hint) is list
-    element = typing.get_args(hint)[0] if is_list else hint
-    return (element, is_list, optional) if element in (bool, int, float, str) else None
-
-
-def _has_type(value: Any, element: type, is_list: bool, optional: bool) -> bool:
-    if value is None:
-        return optional
-    if is_list:
-        return isinstance(value, list) and all(_has_type(item, element, False, False) for item in value)
-    if isinstance(value, str) and element is not str:
-        # argparse converts a string default with the flag's type, as if it were typed (YAML reads 1e-5 as a string).
+        if value is None:
+            if type(None) not in typing.get_args(hints[name]):
+                raise ValueError(f"{config_file}: setting {name!r} cannot be null")
+            parser.set_defaults(**{name: None})
+            continue
+        values = value if isinstance(value, list) else [value]
+        flag = [f"--{name}", *(_flag_value(item) for item in values)]
+        parser.exit_on_error = False  # raise argparse's error instead of exiting, to name the file
         try:
-            (string_to_bool if element is bool else element)(value)
-        except (ValueError, ArgumentTypeError):
-            return False
-        return True
-    if element is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if element is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, element)
+            _, left_over = parser.parse_known_args(flag)
+        except ArgumentError as error:
+            raise ValueError(f"{config_file}: setting {name!r}: {error}") from None
+        finally:
+            parser.exit_on_error = True
+        if left_over:
+            raise ValueError(f"{config_file}: setting {name!r} takes one value, got {value!r}")
+        flags += flag
+    return flags
 
 
-def _describe(element: type, is_list: bool, optional: bool) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    text = f"a list of {element.__name__}" if is_list else names[element]
-    return f"{text} or null" if optional else text
+def _flag_value(value: Any) -> str:
+    """A setting's value as the command line writes it: true/false for booleans, JSON for a mapping."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
 def _check_range(arguments: Any, name: str, minimum: int) -> None:
@@ -330,10 +316,11 @@ def prepare_output_dir(training_args: ExampleTrainingArguments) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def start_run(training_args: TrainingArguments) -> bool:
+def start_run(training_args: ExampleTrainingArguments) -> bool:
     """
-    Readies `training_args` for the HVPNeT collator, sets up logging and the seed. Returns whether to publish the
-    output folder at the end (once, with its model card), which `Trainer` itself then does not do.
+    Readies `training_args` for the HVPNeT collator, sets up logging and the seed, and clears or refuses a reused
+    output folder (see `prepare_output_dir`). Returns whether to publish the output folder at the end (once, with
+    its model card), which `Trainer` itself then does not do.
     """
     # Image and crop paths must reach the collator, which decodes them batch by batch.
     training_args.remove_unused_columns = False
@@ -349,13 +336,15 @@ def start_run(training_args: TrainingArguments) -> bool:
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
+    prepare_output_dir(training_args)
     return push_to_hub
 
 
-def check_no_own_data(data_args: DataArguments) -> None:
+def use_sample_set(data_args: DataArguments, task: str) -> None:
     """
-    Refuses `dataset: sample` together with data of the user's own: the run would be named (and its model card
-    written) as the bundled sample set, and the sample's image folders must never be used for other data.
+    Points the data flags at the bundled sample set of `task` (its image and crop folders unless given). Refuses
+    data of the user's own alongside: the run would be named (and its model card written) as the sample set, and
+    the sample's image folders must never be used for other data.
     """
     flags = ("data_dir", "train_file", "validation_file", "test_file")
     given = [f"--{flag}" for flag in flags if getattr(data_args, flag) is not None]
@@ -364,6 +353,19 @@ def check_no_own_data(data_args: DataArguments) -> None:
             f"dataset is 'sample' (the bundled sample set), but {', '.join(given)} name data of your own: pass "
             "--dataset with the name of your data set (it is written in the model card)"
         )
+    sample = sample_paths(task)
+    data_args.data_dir = sample["data_dir"]
+    data_args.image_dir = data_args.image_dir or sample["image_dir"]
+    data_args.object_dir = data_args.object_dir or sample["object_dir"]
+
+
+def load_splits(
+    loader: Callable[..., datasets.DatasetDict], data_args: DataArguments, **task_arguments: Any
+) -> datasets.DatasetDict:
+    """The splits the data flags name, read by `loader` (`load_m{ner,re}_dataset`), with their images found."""
+    raw = loader(**dataset_sources(data_args), **task_arguments)
+    check_images_found(raw, data_args)
+    return raw
 
 
 def dataset_sources(data_args: DataArguments) -> dict[str, Any]:

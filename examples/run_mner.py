@@ -22,7 +22,6 @@ import evaluate
 import torch
 from transformers import EvalPrediction
 
-import hvpnet_hf
 from hvpnet_hf import HVPNetForTokenClassification
 from hvpnet_hf.loading import load_mner_dataset
 from hvpnet_hf.metrics import align_word_predictions, metric_path
@@ -30,7 +29,6 @@ from hvpnet_hf.prediction_files import write_ner_predictions
 
 import hvpnet_examples
 
-SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data" / "twitter"
 # Settings of this script that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
 SCRIPT_DEFAULTS = {
     **hvpnet_examples.TRAINING_DEFAULTS,
@@ -59,11 +57,8 @@ def parse_arguments(
 
 def load_raw_datasets(data_args: NerDataArguments) -> datasets.DatasetDict:
     if data_args.dataset == "sample":
-        hvpnet_examples.check_no_own_data(data_args)
-        data_args.data_dir = str(SAMPLE_DIR)
-        data_args.image_dir = data_args.image_dir or str(SAMPLE_DIR / "images")
-        data_args.object_dir = data_args.object_dir or str(SAMPLE_DIR / "aux_images")
-    return load_mner_dataset(**hvpnet_examples.dataset_sources(data_args))
+        hvpnet_examples.use_sample_set(data_args, "ner")
+    return hvpnet_examples.load_splits(load_mner_dataset, data_args)
 
 
 def build_compute_metrics(gold_tags: list[list[str]], id2label: dict[int, str]):
@@ -87,10 +82,8 @@ def keep_predicted_tags(outputs: tuple, labels: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     push_to_hub = hvpnet_examples.start_run(training_args)
-    hvpnet_examples.prepare_output_dir(training_args)
 
     raw = load_raw_datasets(data_args)
-    hvpnet_examples.check_images_found(raw, data_args)
     label_names = raw[next(iter(raw))].features["ner_tags"].feature.names  # every split has the same tag set
     id2label = dict(enumerate(label_names))
     hvpnet_examples.limit_and_check_splits(raw, data_args, training_args)
@@ -101,15 +94,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     encoded = hvpnet_examples.encode_splits(raw, processor, data_args, training_args, "Tokenizing and aligning labels")
     gold_tags = {split: [[id2label[tag] for tag in tags] for tags in raw[split]["ner_tags"]] for split in raw}
 
+    # Only validation is scored during training; each split evaluated afterwards gets its own.
+    compute_metrics = build_compute_metrics(gold_tags["validation"], id2label) if training_args.do_train else None
     trainer = hvpnet_examples.build_trainer(
-        model,
-        processor,
-        encoded,
-        data_args,
-        training_args,
-        # Only validation is scored during training; each split evaluated afterwards gets its own.
-        compute_metrics=build_compute_metrics(gold_tags["validation"], id2label) if training_args.do_train else None,
-        preprocess_logits_for_metrics=keep_predicted_tags,
+        model, processor, encoded, data_args, training_args, compute_metrics, keep_predicted_tags
     )
 
     results: dict[str, float] = {}

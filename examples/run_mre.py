@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-import hvpnet_hf
 from hvpnet_hf import HVPNetForSequenceClassification
 from hvpnet_hf.configuration_hvpnet import RELATION_POOLINGS
 from hvpnet_hf.loading import NO_RELATION, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.prediction_files import write_re_predictions
+from hvpnet_hf.sample_data import sample_paths
 
 import hvpnet_examples
 
-SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data" / "mnre"
 # Settings of this script that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
 SCRIPT_DEFAULTS = {
     **hvpnet_examples.TRAINING_DEFAULTS,
@@ -68,12 +67,9 @@ def parse_arguments(
 
 def load_raw_datasets(data_args: RelationDataArguments) -> datasets.DatasetDict:
     if data_args.dataset == "sample":
-        hvpnet_examples.check_no_own_data(data_args)
-        data_args.data_dir = str(SAMPLE_DIR / "txt")
-        data_args.image_dir = data_args.image_dir or str(SAMPLE_DIR / "img_org")
-        data_args.object_dir = data_args.object_dir or str(SAMPLE_DIR / "img_vg")
-        data_args.rel2id_file = data_args.rel2id_file or str(SAMPLE_DIR / "mnre_rel2id.json")
-    return load_mre_dataset(**hvpnet_examples.dataset_sources(data_args), rel2id=data_args.rel2id_file)
+        hvpnet_examples.use_sample_set(data_args, "re")
+        data_args.rel2id_file = data_args.rel2id_file or sample_paths("re")["rel2id"]
+    return hvpnet_examples.load_splits(load_mre_dataset, data_args, rel2id=data_args.rel2id_file)
 
 
 def build_compute_metrics(none_id: int, num_labels: int):
@@ -103,10 +99,8 @@ def write_predictions(path: Path, raw_split: datasets.Dataset, logits: np.ndarra
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     push_to_hub = hvpnet_examples.start_run(training_args)
-    hvpnet_examples.prepare_output_dir(training_args)
 
     raw = load_raw_datasets(data_args)
-    hvpnet_examples.check_images_found(raw, data_args)
     label_names = raw[next(iter(raw))].features["relation"].names
     id2label = dict(enumerate(label_names))
     if NO_RELATION not in label_names:
@@ -118,14 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     encoded = hvpnet_examples.encode_splits(raw, processor, data_args, training_args, "Tokenizing with entity markers")
 
-    trainer = hvpnet_examples.build_trainer(
-        model,
-        processor,
-        encoded,
-        data_args,
-        training_args,
-        compute_metrics=build_compute_metrics(label_names.index(NO_RELATION), len(label_names)),
-    )
+    compute_metrics = build_compute_metrics(label_names.index(NO_RELATION), len(label_names))
+    trainer = hvpnet_examples.build_trainer(model, processor, encoded, data_args, training_args, compute_metrics)
 
     results: dict[str, float] = {}
     if training_args.do_train:

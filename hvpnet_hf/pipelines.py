@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     Pipeline,
@@ -372,6 +373,10 @@ class _NumberedPipelineDataset(PipelineDataset):
         return self.process((index, self.dataset[index]), **self.params)
 
 
+# The package's one BIO decoder (the demo and the attention analysis use it too). Not seqeval's `get_entities`: that
+# is importable only through `seqeval.metrics`, which loads scikit-learn and scipy on every `import hvpnet_hf`, and
+# this file, copied next to saved models, imports only transformers, torch, numpy and PIL. tests/test_pipelines.py
+# checks that both read every tag sequence alike.
 def bio_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     """
     `(type, first, last)` word spans of the entities in a BIO tag sequence, read as seqeval (and conlleval) read it,
@@ -397,7 +402,7 @@ def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike
     without `hvpnet_hf`. Also maps `AutoModel` to the encoder without a head (`HVPNetModel`), which the model's own
     save does not record for a model with a head. The model (or its config) must be saved to the folder afterwards.
     """
-    pipeline_class = PIPELINE_FOR_MODEL[type(model).__name__]
+    pipeline_class = PIPELINE_FOR_TASK[TASK_OF_MODEL[type(model).__name__]]
     model.config.custom_pipelines = {
         pipeline_class.saved_task: {
             "impl": f"{pipeline_class.__module__.split('.')[-1]}.{pipeline_class.__name__}",
@@ -437,10 +442,19 @@ PIPELINE_REGISTRY.register_pipeline(
     type="multimodal",
 )
 
-# The pipeline of each HVPNeT head, by model class name (the classes may come from a model repository's code).
-PIPELINE_FOR_MODEL = {
-    "HVPNetForTokenClassification": MultimodalNerPipeline,
-    "HVPNetForSequenceClassification": MultimodalRePipeline,
-}
+# The task of each HVPNeT head, by model class name (the classes may come from a model repository's code), and the
+# pipeline of each task, whose `auto_model_class` loads its models.
+TASK_OF_MODEL = {"HVPNetForTokenClassification": "ner", "HVPNetForSequenceClassification": "re"}
+PIPELINE_FOR_TASK = {"ner": MultimodalNerPipeline, "re": MultimodalRePipeline}
 
-__all__ = ["MultimodalNerPipeline", "MultimodalRePipeline", "bio_entities", "save_pipeline_code"]
+
+def task_of(model: str | os.PathLike) -> str:
+    """The task ("ner" or "re") of a saved HVPNeT model (folder or Hub id), read from its config's architectures."""
+    architectures = AutoConfig.from_pretrained(model).architectures or []
+    tasks = {TASK_OF_MODEL[name] for name in architectures if name in TASK_OF_MODEL}
+    if len(tasks) != 1:
+        raise ValueError(f"{model}: expected an HVPNeT NER or RE model, found architectures {architectures}")
+    return tasks.pop()
+
+
+__all__ = ["MultimodalNerPipeline", "MultimodalRePipeline", "bio_entities", "save_pipeline_code", "task_of"]

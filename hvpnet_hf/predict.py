@@ -29,15 +29,14 @@ from typing import Any
 
 import evaluate
 from datasets import Dataset, DatasetDict
-from transformers import AutoConfig, pipeline
+from transformers import pipeline
 
-from . import pipelines  # noqa: F401  (registers "multimodal-ner" and "multimodal-re")
 from .loading import NO_RELATION, find_object_maps, load_mner_dataset, load_mre_dataset, split_folders, split_of_file
 from .metrics import metric_path
+from .pipelines import task_of  # importing it registers "multimodal-ner" and "multimodal-re"
 from .prediction_files import write_ner_predictions, write_re_predictions
 
 logger = logging.getLogger(__name__)
-TASK_OF_ARCHITECTURE = {"HVPNetForTokenClassification": "ner", "HVPNetForSequenceClassification": "re"}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -57,14 +56,6 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--top_k", type=int, default=None, help="RE: write the k most probable relations")
     return parser.parse_args(argv)
-
-
-def task_of(model: str) -> str:
-    architectures = AutoConfig.from_pretrained(model).architectures or []
-    tasks = {TASK_OF_ARCHITECTURE[name] for name in architectures if name in TASK_OF_ARCHITECTURE}
-    if len(tasks) != 1:
-        raise ValueError(f"{model}: expected an HVPNeT NER or RE model, found architectures {architectures}")
-    return tasks.pop()
 
 
 def bio_tags(entities: list[dict], num_words: int) -> list[str]:

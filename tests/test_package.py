@@ -1,12 +1,17 @@
-"""Importing the package is enough: Auto classes and pipelines know HVPNeT."""
+"""The package as installed: importing it registers HVPNeT, its wheel stands alone, its imports point one way."""
 
 import ast
 import graphlib
+import json
+import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import zipfile
 from pathlib import Path
+
+import pytest
 
 
 def test_import_registers_auto_classes_and_pipelines():
@@ -62,12 +67,20 @@ def test_model_side_import_leaves_the_data_and_training_libraries_unloaded():
     assert "lazy" in result.stdout
 
 
-def test_wheel_carries_templates_sample_data_and_metrics(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
-    result = subprocess.run([*build, str(root)], capture_output=True, text=True)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wheel")
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder)]
+    result = subprocess.run([*build, str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    (wheel,) = tmp_path.glob("hvpnet_hf-*.whl")
+    (wheel,) = folder.glob("hvpnet_hf-*.whl")
+    return wheel
+
+
+def test_wheel_carries_templates_sample_data_and_metrics(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {
         "hvpnet_hf/model_cards/hvpnet_ner.md",
@@ -76,14 +89,71 @@ def test_wheel_carries_templates_sample_data_and_metrics(tmp_path):
         "hvpnet_hf/metrics/re_micro_f1.py",
         "hvpnet_hf/sample_data/twitter/train.txt",
         "hvpnet_hf/sample_data/twitter/twitter_train_dict.pth",
+        "hvpnet_hf/sample_data/mnre/txt/mre_dev_dict.pth",
         "hvpnet_hf/sample_data/mnre/mnre_rel2id.json",
+        "hvpnet_hf/analysis/gates.py",
     }
     assert expected <= names, sorted(expected - names)
     sample_images = [name for name in names if name.startswith("hvpnet_hf/sample_data/") and name.endswith(".jpg")]
     assert len(sample_images) > 1000
+    # The drivers that train are scripts of the repository, not modules of the package.
+    assert not [name for name in names if name.startswith("examples/") or name.endswith(("demo.py", "runs.py"))]
 
 
-PACKAGE = Path(__file__).resolve().parents[1] / "hvpnet_hf"
+def test_installed_wheel_runs_its_commands_without_the_source_tree(wheel, tiny_ner_dir, tmp_path):
+    # A fresh venv that reaches this environment's dependencies through a path line of a .pth file. Such a line only
+    # adds the folder to sys.path: the .pth files in it are not run, so the editable install of hvpnet_hf there (an
+    # import hook a .pth file starts) is not active, and only the wheel provides hvpnet_hf.
+    # Nor does PYTHONPATH reach into the source tree, for pip (which would take it for an installed hvpnet_hf) or later.
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    (site_packages,) = venv.glob("lib/python*/site-packages")
+    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index"]
+    result = subprocess.run([*install, str(wheel)], env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Only now: pip would take the editable install it sees through the line for the one it is asked to install.
+    (site_packages / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    outside = tmp_path / "elsewhere"  # the working folder of every command: not the repository
+    outside.mkdir()
+
+    def run(*command: str) -> str:
+        finished = subprocess.run(command, cwd=outside, env=environment, capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+        return finished.stdout
+
+    where = run(str(python), "-c", "import sys, hvpnet_hf; print(hvpnet_hf.__file__); print(sys.meta_path)")
+    installed, finders = where.splitlines()
+    assert Path(installed).is_relative_to(site_packages) and "editable" not in finders, where
+
+    run(
+        str(python),
+        "-m",
+        "hvpnet_hf.analysis.gates",
+        "--model",
+        tiny_ner_dir,
+        "--max_samples",
+        "8",
+        "--output_dir",
+        "gates",
+    )
+    gates = json.loads((outside / "gates" / "gates.json").read_text())
+    assert gates["gates"]["global image"]["images"] > 0 and (outside / "gates" / "gates.png").is_file()
+
+    # The bundled sample data of the installed package as input: every tweet gets one sentence of predictions.
+    twitter = site_packages / "hvpnet_hf" / "sample_data" / "twitter"
+    predict = ["--model", tiny_ner_dir, "--input", str(twitter / "test.txt"), "--image_dir", str(twitter / "images")]
+    run(str(venv / "bin" / "hvpnet-predict"), *predict, "--output", "predictions.txt")
+    sentences = (outside / "predictions.txt").read_text(encoding="utf-8").strip("\n").split("\n\n")
+    assert len(sentences) == (twitter / "test.txt").read_text(encoding="utf-8").count("IMGID:")
+
+    usage = run(str(venv / "bin" / "hvpnet-extract-objects"), "--help")
+    assert usage.startswith("usage:") and "--input INPUT" in usage
+
+
+PACKAGE = ROOT / "hvpnet_hf"
 # The data path, each module importing only modules before it: the image processor and the processor come first
 # because they are saved next to a model and may import nothing of the package but each other.
 DATA_PATH = ["image_processing_hvpnet", "processing_hvpnet", "loading", "collating"]

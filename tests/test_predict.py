@@ -14,6 +14,7 @@ import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.predict import input_sources, parse_arguments, predict
+from hvpnet_hf.prediction_files import read_conll
 
 SAMPLE = hvpnet_hf.__path__[0] + "/sample_data"
 
@@ -128,8 +129,6 @@ def test_console_command_is_installed(tiny_ner_dir, tmp_path):
 
 
 def test_empty_and_spaced_words_keep_three_columns(tiny_ner_dir, tmp_path):
-    from hvpnet_hf.demo import read_conll
-
     data = tmp_path / "tweets.txt"
     # An empty word, a word of spaces only and a word with a space inside, each on its own token line.
     data.write_text("IMGID:1\nHello\tO\n\tO\nNew York\tB-LOC\n\nIMGID:2\n \tO\n@anna\tB-PER\n\n", encoding="utf-8")
@@ -148,8 +147,6 @@ def test_empty_and_spaced_words_keep_three_columns(tiny_ner_dir, tmp_path):
 
 
 def test_read_conll_names_a_broken_line(tmp_path):
-    from hvpnet_hf.demo import read_conll
-
     path = tmp_path / "predictions.txt"
     path.write_text("Hello O O\n O O\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"predictions.txt:2: expected 'word gold predicted'"):

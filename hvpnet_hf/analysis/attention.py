@@ -12,23 +12,24 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from seqeval.metrics.sequence_labeling import get_entities
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
+from ..pipelines import bio_entities
+from ..processing_hvpnet import HEAD_END, HEAD_START, TAIL_END, TAIL_START
 from .data import add_data_arguments, load_examples, load_model
 from .gates import slot_presence
 from .plotting import pyplot
-from .runs import write_report
+from .reporting import write_report
 
-# The relation processor's entity markers around the head and the tail.
-ENTITY_MARKERS = {"head": ("<s>", "</s>"), "tail": ("<o>", "</o>")}
+# The relation processor's entity markers around the head and around the tail.
+ROLE_MARKERS = {"head": (HEAD_START, HEAD_END), "tail": (TAIL_START, TAIL_END)}
 
 
 def ner_entities(example: dict, word_ids: list[int], names: list[str]) -> dict[str, list[int]]:
     """`{"words (TYPE)": token positions}` of the example's gold entities (words cut by truncation have none)."""
     tags = [names[tag] for tag in example["ner_tags"]]
     entities = {}
-    for kind, first, last in get_entities(tags):
+    for kind, first, last in bio_entities(tags):
         positions = [position for position, word in enumerate(word_ids) if first <= word <= last]
         if positions:
             entities[f"{' '.join(example['tokens'][first : last + 1])} ({kind})"] = positions
@@ -38,7 +39,7 @@ def ner_entities(example: dict, word_ids: list[int], names: list[str]) -> dict[s
 def re_entities(example: dict, input_ids: list[int], tokenizer) -> dict[str, list[int]]:
     """`{"head: words" / "tail: words": positions}`: the tokens between `<s>`/`</s>` and between `<o>`/`</o>`."""
     entities = {}
-    for role, markers in ENTITY_MARKERS.items():
+    for role, markers in ROLE_MARKERS.items():
         start_id, end_id = tokenizer.convert_tokens_to_ids(list(markers))
         first, last = input_ids.index(start_id), input_ids.index(end_id)
         entities[f"{role}: {example[role]['name']}"] = list(range(first + 1, last))

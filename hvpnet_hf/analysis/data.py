@@ -5,36 +5,23 @@ of a data file in the published format, and batches of model inputs that keep th
 
 import argparse
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
-from ..loading import load_mner_dataset, load_mre_dataset
-from ..predict import task_of
+from ..loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset
+from ..pipelines import PIPELINE_FOR_TASK, task_of
 from ..processing_hvpnet import HVPNetProcessor
-
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
-# The sample set's folder of each split, and the split name in its crop maps.
-SAMPLE_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
-SAMPLE_FILES = {
-    "ner": {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"},
-    "re": {"train": "mnre_train.txt", "validation": "mnre_val.txt", "test": "mnre_test.txt"},
-}
-SAMPLE_MAPS = {
-    "ner": {"train": "twitter_train_dict.pth", "validation": "twitter_val_dict.pth", "test": "twitter_test_dict.pth"},
-    "re": {"train": "mre_train_dict.pth", "validation": "mre_dev_dict.pth", "test": "mre_test_dict.pth"},
-}
-AUTO_CLASSES = {"ner": AutoModelForTokenClassification, "re": AutoModelForSequenceClassification}
+from ..sample_data import sample_sources
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model` and the data: a split of the bundled sample set (default) or one file with its image folders."""
     parser.add_argument("--model", required=True, help="folder of a trained HVPNeT model (with its processor)")
-    parser.add_argument("--split", choices=list(SAMPLE_FOLDERS), default="test", help="split of the sample set")
+    parser.add_argument("--split", choices=list(SPLIT_ALIASES), default="test", help="split of the sample set")
     parser.add_argument("--data_file", help="instead of the sample set: a data file in the published format")
     parser.add_argument("--image_dir", help="with --data_file: folder of its images")
     parser.add_argument("--object_dir", help="with --data_file: folder of its object crops")
@@ -44,30 +31,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
 
 
-def sample_sources(task: str, split: str) -> dict:
-    """Keyword arguments of `load_m{ner,re}_dataset` for one split of the bundled sample set."""
-    folder = SAMPLE_FOLDERS[split]
-    if task == "ner":  # one image folder for all splits, crops per split
-        root = SAMPLE_DIR / "twitter"
-        files_dir, image_dir, object_dir, extra = root, root / "images", root / "aux_images" / folder / "crops", {}
-    else:  # images and crops per split
-        root = SAMPLE_DIR / "mnre"
-        files_dir, image_dir, object_dir = root / "txt", root / "img_org" / folder, root / "img_vg" / folder / "crops"
-        extra = {"rel2id": str(root / "mnre_rel2id.json")}
-    return {
-        "data_files": {split: str(files_dir / SAMPLE_FILES[task][split])},
-        "image_dir": str(image_dir),
-        "object_dir": str(object_dir),
-        "object_maps": {split: str(files_dir / SAMPLE_MAPS[task][split])},
-        **extra,
-    }
-
-
 def load_examples(task: str, args: argparse.Namespace) -> Dataset:
     """The examples the arguments name: a split of the sample set, or `--data_file` with its images (the first
     `--max_samples`)."""
     if args.data_file is None:
-        sources, split = sample_sources(task, args.split), args.split
+        sources, split = sample_sources(task), args.split
     else:
         split = "test"  # the loaders' name for a lone file; only a key here
         sources = {
@@ -88,7 +56,7 @@ def load_examples(task: str, args: argparse.Namespace) -> Dataset:
 def load_model(path: str, **kwargs) -> tuple[str, HVPNetProcessor, PreTrainedModel]:
     """`(task, processor, model)` of a trained folder; the model in evaluation mode."""
     task = task_of(path)
-    model = AUTO_CLASSES[task].from_pretrained(path, **kwargs).eval()
+    model = PIPELINE_FOR_TASK[task].auto_model_class.from_pretrained(path, **kwargs).eval()
     return task, HVPNetProcessor.from_pretrained(path), model
 
 

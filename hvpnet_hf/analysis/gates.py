@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from .data import add_data_arguments, batches, load_examples, load_model
 from .plotting import pyplot
-from .runs import write_report
+from .reporting import write_report
 
 
 def slot_presence(batch: dict[str, torch.Tensor], config: PretrainedConfig, num_slots: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..loading import NO_RELATION
 from ..metrics import align_word_predictions, metric_path
 from ..processing_hvpnet import HVPNetProcessor
 from .data import add_data_arguments, batches, load_examples, load_model
-from .runs import format_score, write_report
+from .reporting import format_score, write_report
 
 
 def derangement(size: int, seed: int) -> np.ndarray:

@@ -1,24 +1,30 @@
 """
-Runs the example training scripts over seeds and variants, skips the runs that already finished, and summarises
-their `all_results.json` as mean and standard deviation per split.
+What the paper's training experiments share: they run the example training scripts (`examples/run_mner.py`,
+`examples/run_mre.py`) over seeds and variants, skip the runs that already finished, and summarise their
+`all_results.json` as mean and standard deviation per split.
 """
 
 import argparse
 import gc
-import importlib.util
 import json
 import logging
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from hvpnet_hf.analysis.reporting import format_score
+
+# The training scripts are the modules of the folder above, importable with their sibling hvpnet_examples.py as when
+# they run themselves.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import run_mner
+import run_mre
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
-SCRIPTS = {"ner": "run_mner.py", "re": "run_mre.py"}
+SCRIPTS = {"ner": run_mner, "re": run_mre}
 # The seeds whose mean the paper reports (appendix B).
 PAPER_SEEDS = (1, 49, 1234, 2021, 4321)
 # Metric prefixes of `all_results.json` and the splits they score.
@@ -27,19 +33,6 @@ METRICS = ("precision", "recall", "f1")
 RESULTS_FILE = "all_results.json"
 
 Summary = dict[str, dict[str, dict[str, float | None]]]
-
-
-def load_script(task: str) -> ModuleType:
-    """The example script of `task` (`examples/run_mner.py` or `examples/run_mre.py`) as a module."""
-    path = EXAMPLES_DIR / SCRIPTS[task]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the training analyses run from a clone of the repository")
-    if str(EXAMPLES_DIR) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES_DIR))  # the scripts import their sibling hvpnet_examples.py
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_results(output_dir: Path) -> dict[str, float] | None:
@@ -60,8 +53,9 @@ def run_script(task: str, output_dir: Path, arguments: Sequence[str]) -> dict[st
     if results is not None:
         logger.info("%s: finished before, not run again", output_dir)
         return results
-    print(f"\n=== {SCRIPTS[task]} {' '.join(arguments)} --output_dir {output_dir} ===", flush=True)
-    load_script(task).main([*arguments, "--output_dir", str(output_dir)])
+    script = SCRIPTS[task]
+    print(f"\n=== {Path(script.__file__).name} {' '.join(arguments)} --output_dir {output_dir} ===", flush=True)
+    script.main([*arguments, "--output_dir", str(output_dir)])
     gc.collect()
     results = read_results(output_dir)
     if results is None:
@@ -95,11 +89,6 @@ def seed_count(count: int) -> str:
     return f"{count} seed" if count == 1 else f"{count} seeds"
 
 
-def format_score(mean: float, std: float | None = None) -> str:
-    """A score in percent as the paper prints it, with its standard deviation when there is one."""
-    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
 def summary_table(rows: Mapping[str, Summary], first_column: str) -> str:
     """Markdown: one row per entry of `rows`, precision, recall and F1 of validation and test."""
     columns = [(split, metric) for split in SPLITS.values() for metric in METRICS]
@@ -117,14 +106,6 @@ def summary_table(rows: Mapping[str, Summary], first_column: str) -> str:
 def single_run_summary(results: Mapping[str, float]) -> Summary:
     """One run's scores in the shape of `summarise` (no standard deviation)."""
     return summarise({0: results})
-
-
-def write_report(output_dir: Path, name: str, markdown: str, data: Any) -> None:
-    """Writes `<name>.md` and `<name>.json` into `output_dir` and prints the Markdown."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
-    (output_dir / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    print(f"\n{markdown}\n\nwritten: {output_dir / name}.md, {output_dir / name}.json")
 
 
 def training_parser(description: str, default_output_dir: str) -> argparse.ArgumentParser:

@@ -5,13 +5,15 @@ splits. A seed draws nested subsets (the 5% subset is part of the 10% one, and s
 `low_resource.md`, `low_resource.json` and `low_resource.png` (test F1 against the fraction). Finished runs are not
 run again.
 
-    python -m hvpnet_hf.analysis.low_resource examples/configs/twitter2015.yaml --output_dir outputs/t15-low
+    python examples/paper/low_resource.py examples/configs/twitter2015.yaml --output_dir outputs/t15-low
 """
 
 from pathlib import Path
 
-from .plotting import pyplot
-from .runs import format_score, run_seeds, summarise, training_parser, write_report
+from hvpnet_hf.analysis.plotting import pyplot
+from hvpnet_hf.analysis.reporting import format_score, write_report
+
+from runs import run_seeds, summarise, training_parser
 
 # folder: (label, flags of the training script)
 MODELS = {"image_aware": ("image-aware", []), "text_only": ("text-only (images masked)", ["--mask_images", "true"])}

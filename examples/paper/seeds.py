@@ -3,13 +3,15 @@ Trains one config over several seeds (by default the paper's 1, 49, 1234, 2021 a
 standard deviation of precision, recall and F1 per split as `seeds.md` and `seeds.json`. Finished seeds are read
 back, not run again, so an interrupted call continues where it stopped.
 
-    python -m hvpnet_hf.analysis.seeds examples/configs/twitter2015.yaml --output_dir outputs/t15-seeds
-    python -m hvpnet_hf.analysis.seeds examples/configs/mnre.yaml --task re --seeds 1 49
+    python examples/paper/seeds.py examples/configs/twitter2015.yaml --output_dir outputs/t15-seeds
+    python examples/paper/seeds.py examples/configs/mnre.yaml --task re --seeds 1 49
 """
 
 from pathlib import Path
 
-from .runs import run_seeds, seed_count, single_run_summary, summarise, summary_table, training_parser, write_report
+from hvpnet_hf.analysis.reporting import write_report
+
+from runs import run_seeds, seed_count, single_run_summary, summarise, summary_table, training_parser
 
 
 def main(argv: list[str] | None = None) -> dict:

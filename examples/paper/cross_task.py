@@ -6,9 +6,9 @@ target config must build the source's architecture (same text encoder size, back
 `cross_task.md` and `cross_task.json`: the scores from scratch and transferred (mean over the seeds) and which
 parameters were loaded, which are new and which source parameters were left unused. Finished runs are not run again.
 
-    python -m hvpnet_hf.analysis.cross_task examples/configs/mnre.yaml --task re --source outputs/t17 \\
+    python examples/paper/cross_task.py examples/configs/mnre.yaml --task re --source outputs/t17 \\
         --output_dir outputs/t17-to-mnre
-    python -m hvpnet_hf.analysis.cross_task examples/configs/twitter2017.yaml --task ner --source outputs/mnre
+    python examples/paper/cross_task.py examples/configs/twitter2017.yaml --task ner --source outputs/mnre
 """
 
 import json
@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from ..processing_hvpnet import HVPNetProcessor
-from .data import AUTO_CLASSES, load_model
-from .runs import format_score, run_script, seed_count, summarise, training_parser, write_report
+from hvpnet_hf.analysis.data import load_model
+from hvpnet_hf.analysis.reporting import format_score, write_report
+from hvpnet_hf.pipelines import PIPELINE_FOR_TASK
+from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+
+from runs import run_script, seed_count, summarise, training_parser
 
 # Settings the source and target models must share for the source weights to mean the same thing.
 SHARED_SETTINGS = (
@@ -96,7 +99,7 @@ def build_transferred_start(source_dir: str, scratch_dir: Path, init_dir: Path, 
     config = AutoConfig.from_pretrained(scratch_dir)
     check_same_architecture(source.config, config)
     torch.manual_seed(seed)
-    target = AUTO_CLASSES[task].from_config(config)
+    target = PIPELINE_FOR_TASK[task].auto_model_class.from_config(config)
     report = {"source": source_dir, **transfer_weights(source, target)}
     target.save_pretrained(init_dir)
     HVPNetProcessor.from_pretrained(scratch_dir).save_pretrained(init_dir)

@@ -4,13 +4,15 @@ HVPNeT-OnlyObj (no global image), no visual prefix (BERT-CRF for NER, BERT for R
 image masked. Writes `ablations.md` and `ablations.json` (one row per variant: mean ± std over the seeds). Finished
 runs are not run again.
 
-    python -m hvpnet_hf.analysis.ablations examples/configs/twitter2017.yaml --output_dir outputs/t17-ablations
-    python -m hvpnet_hf.analysis.ablations examples/configs/mnre.yaml --task re --variants pyramid flat
+    python examples/paper/ablations.py examples/configs/twitter2017.yaml --output_dir outputs/t17-ablations
+    python examples/paper/ablations.py examples/configs/mnre.yaml --task re --variants pyramid flat
 """
 
 from pathlib import Path
 
-from .runs import run_seeds, seed_count, summarise, summary_table, training_parser, write_report
+from hvpnet_hf.analysis.reporting import write_report
+
+from runs import run_seeds, seed_count, summarise, summary_table, training_parser
 
 # name: (row label, flags of the training script), in the order of the paper's table.
 VARIANTS = {
