@@ -31,7 +31,6 @@ from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 from .configuration_hvpnet import HVPNetConfig
 from .model_card import push_output_dir_to_hub
 from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetPreTrainedModel
-from .pipelines import save_pipeline_code
 from .processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
 # The label list of the original NER code, in its id order.
@@ -293,8 +292,7 @@ def convert(
     for key in unused:
         print(f"  {key}")
 
-    save_pipeline_code(model, output_dir)
-    model.save_pretrained(output_dir)
+    model.save_pretrained(output_dir)  # with its pipeline and the pipeline's code
     processor.save_pretrained(output_dir)
     if push_to_hub is not None:
         push_output_dir_to_hub(output_dir, push_to_hub)

@@ -192,7 +192,7 @@ def converted(tmp_path_factory):
 
     train = synthetic_ner_batch(24, seed=1)
     with torch.no_grad():
-        hidden = base(train[0], train[1], pixel_values=global_images(24, seed=2)).last_hidden_state
+        hidden = base(train[0], train[1], pixel_values=global_images(24, seed=2)[:, None]).last_hidden_state
     ner_head = fit_original_ner_head(hidden, train[1], train[3])
     generator = torch.Generator().manual_seed(3)
     re_head = {
@@ -230,8 +230,9 @@ def test_re_conversion_gives_the_same_logits(converted):
     crops = torch.randn(2, 3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
     inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     with torch.no_grad():
-        logits = model(**inputs, pixel_values=pixels, object_pixel_values=crops).logits
-        hidden = converted["base"](**inputs, pixel_values=pixels, object_pixel_values=crops).last_hidden_state
+        images = torch.cat([pixels[:, None], crops], dim=1)
+        logits = model(**inputs, pixel_values=images).logits
+        hidden = converted["base"](**inputs, pixel_values=images).last_hidden_state
     # The original head: the states at <s> and <o>, concatenated, through `classifier`, no dropout.
     rows = torch.arange(2)
     head = (encoded["input_ids"] == processor.head_start_token_id).int().argmax(1)
@@ -248,8 +249,8 @@ def test_ner_conversion_keeps_emissions_and_folds_cls_sep_into_the_crf(converted
     input_ids, attention_mask, word_start_mask, _ = synthetic_ner_batch(3, seed=6)
     pixels = global_images(3, seed=7)
     with torch.no_grad():
-        output = model(input_ids, attention_mask, pixel_values=pixels, word_start_mask=word_start_mask)
-        hidden = converted["base"](input_ids, attention_mask, pixel_values=pixels).last_hidden_state
+        output = model(input_ids, attention_mask, pixel_values=pixels[:, None], word_start_mask=word_start_mask)
+        hidden = converted["base"](input_ids, attention_mask, pixel_values=pixels[:, None]).last_hidden_state
     head = converted["ner_head"]
     original = nn.functional.linear(hidden, head["fc.weight"], head["fc.bias"])
     rows = [ORIGINAL_NER_LABELS.index(model.config.id2label[index]) for index in range(model.config.num_labels)]
@@ -271,7 +272,7 @@ def test_ner_word_tags_agree_with_the_original_decoding(converted):
     input_ids, attention_mask, word_start_mask, labels = synthetic_ner_batch(24, seed=8)
     with torch.no_grad():
         output = model(
-            input_ids, attention_mask, pixel_values=global_images(24, seed=9), word_start_mask=word_start_mask,
+            input_ids, attention_mask, pixel_values=global_images(24, seed=9)[:, None], word_start_mask=word_start_mask,
             output_hidden_states=True,
         )  # fmt: skip
     predicted = [model.config.id2label[int(tag)] for tag in output.predicted_tags[word_start_mask]]
@@ -481,7 +482,7 @@ def test_forward_equals_bert_with_the_prefix_as_past_key_values():
     attention_mask[1, 6:] = 0
     pixels = images(2, 3, 64)
     with torch.no_grad():
-        output = model(input_ids, attention_mask, pixel_values=pixels[:, 0], object_pixel_values=pixels[:, 1:])
+        output = model(input_ids, attention_mask, pixel_values=pixels)
         prefix = model.visual_encoder(pixels, torch.ones(2, 3, dtype=torch.bool))
 
     bert = BertModel(model.config.text_config, add_pooling_layer=True)
@@ -495,7 +496,7 @@ def test_forward_equals_bert_with_the_prefix_as_past_key_values():
             input_ids,
             attention_mask=torch.cat([torch.ones(2, prefix.keys.shape[3], dtype=torch.long), attention_mask], dim=1),
             position_ids=torch.arange(9).expand(2, -1),
-            past_key_values=cache,
+            cache=cache,
         ).last_hidden_state
     torch.testing.assert_close(output.last_hidden_state, expected, **TOLERANCE)
 
@@ -507,20 +508,16 @@ def test_absent_crops_are_zero_images_that_stay_attended():
     zeroed = pixels.clone()
     zeroed[:, 2] = 0.0
     with torch.no_grad():
-        masked = model(input_ids, pixel_values=pixels[:, 0], object_pixel_values=pixels[:, 1:],
-                       object_mask=torch.tensor([[True, False], [True, False]])).last_hidden_state  # fmt: skip
-        as_zero_image = model(
-            input_ids, pixel_values=pixels[:, 0], object_pixel_values=zeroed[:, 1:]
-        ).last_hidden_state
-        one_crop_given = model(
-            input_ids, pixel_values=pixels[:, 0], object_pixel_values=pixels[:, 1:2]
-        ).last_hidden_state
+        image_mask = torch.tensor([[True, True, False], [True, True, False]])
+        masked = model(input_ids, pixel_values=pixels, image_mask=image_mask).last_hidden_state
+        as_zero_image = model(input_ids, pixel_values=zeroed).last_hidden_state
+        one_crop_given = model(input_ids, pixel_values=pixels[:, :2]).last_hidden_state
         text_only = model(input_ids).last_hidden_state
     torch.testing.assert_close(masked, as_zero_image, **TOLERANCE)
     torch.testing.assert_close(one_crop_given, as_zero_image, **TOLERANCE)
     # Unlike the paper mode, a masked image still changes the result: its zero image is attended.
     with torch.no_grad():
-        global_only = model(input_ids, pixel_values=pixels[:, 0]).last_hidden_state
+        global_only = model(input_ids, pixel_values=pixels[:, :1]).last_hidden_state
     assert (global_only - text_only).abs().max() > 1e-3
 
 
@@ -528,7 +525,7 @@ def test_images_too_small_for_the_pooling_grid_raise():
     model = original_model()
     # test_resnet's last stage is 1x1 for 32-pixel images: kernel 1 // 2 = 0.
     with pytest.raises(ValueError, match="prefix_mode='original' pools backbone stage 3"):
-        model(torch.tensor([[2, 7, 3]]), pixel_values=torch.zeros(1, 3, 32, 32))
+        model(torch.tensor([[2, 7, 3]]), pixel_values=torch.zeros(1, 1, 3, 32, 32))
 
 
 def test_torchvision_resnet50_weights_give_the_same_stages():
@@ -561,7 +558,7 @@ def test_saved_model_loads_with_trust_remote_code_only(tmp_path):
     input_ids = torch.tensor([[2, 11, 12, 13, 3]])
     pixels = images(1, 3, 64)
     with torch.no_grad():
-        expected = model(input_ids, pixel_values=pixels[:, 0], object_pixel_values=pixels[:, 1:]).last_hidden_state
+        expected = model(input_ids, pixel_values=pixels).last_hidden_state
     torch.save({"input_ids": input_ids, "pixels": pixels, "expected": expected}, tmp_path / "case.pt")
     script = textwrap.dedent(
         f"""
@@ -574,8 +571,7 @@ def test_saved_model_loads_with_trust_remote_code_only(tmp_path):
         assert type(model.visual_encoder).__name__ == "HVPNetOriginalVisualPrefixEncoder"
         assert not type(model).__module__.startswith("hvpnet_hf")
         with torch.no_grad():
-            pixels = case["pixels"]
-            output = model(case["input_ids"], pixel_values=pixels[:, 0], object_pixel_values=pixels[:, 1:])
+            output = model(case["input_ids"], pixel_values=case["pixels"])
         torch.testing.assert_close(output.last_hidden_state, case["expected"], atol=1e-5, rtol=1e-5)
         print("remote code ok")
         """

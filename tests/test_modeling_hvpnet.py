@@ -60,12 +60,7 @@ def test_all_images_masked_equals_bert(attn_implementation):
     model = build()
     model.set_attn_implementation(attn_implementation)
     inputs = tiny_inputs()
-    batch_size = len(inputs["input_ids"])
-    masked = model(
-        **inputs,
-        image_mask=torch.zeros(batch_size, dtype=torch.bool),
-        object_mask=torch.zeros(batch_size, 2, dtype=torch.bool),
-    )
+    masked = model(**inputs, image_mask=torch.zeros(3, 3, dtype=torch.bool))
     expected = text_only_reference(model)(inputs["input_ids"], attention_mask=inputs["attention_mask"])
     torch.testing.assert_close(masked.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=0)
     # and the images do matter when they are not masked
@@ -76,7 +71,7 @@ def test_all_images_masked_equals_bert(attn_implementation):
 def test_eager_and_sdpa_agree_with_prefix_and_padding(prefix_mode):
     model = build(prefix_mode=prefix_mode)
     inputs = tiny_inputs()
-    inputs["object_mask"] = torch.tensor([[True, False], [True, True], [False, False]])
+    inputs["image_mask"] = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
     model.set_attn_implementation("sdpa")
     sdpa = model(**inputs).last_hidden_state
     model.set_attn_implementation("eager")
@@ -87,9 +82,9 @@ def test_eager_and_sdpa_agree_with_prefix_and_padding(prefix_mode):
 def test_a_different_image_changes_the_text_states():
     model = build()
     inputs = tiny_inputs()
-    inputs["pixel_values"][0] = 2.0  # a bright image ...
+    inputs["pixel_values"][0, 0] = 2.0  # a bright image ...
     before = model(**inputs).last_hidden_state
-    inputs["pixel_values"][0] = -2.0  # ... replaced by a dark one
+    inputs["pixel_values"][0, 0] = -2.0  # ... replaced by a dark one
     after = model(**inputs).last_hidden_state
     # Freshly initialised projections (std 0.02) keep the prefix small, so the change is small too, but it is two
     # orders of magnitude above float32 noise (~1e-7); the other examples do not move at all.
@@ -112,8 +107,7 @@ def test_extra_text_padding_does_not_change_real_tokens():
 def test_batch_equals_one_at_a_time():
     model = build()
     inputs = tiny_inputs()
-    inputs["image_mask"] = torch.tensor([True, False, True])
-    inputs["object_mask"] = torch.tensor([[True, False], [True, True], [False, False]])
+    inputs["image_mask"] = torch.tensor([[True, True, False], [False, True, True], [True, False, False]])
     batched = model(**inputs).last_hidden_state
     for index in range(len(batched)):
         single = model(**{name: value[index : index + 1] for name, value in inputs.items()}).last_hidden_state
@@ -125,8 +119,7 @@ def test_absent_images_never_reach_the_backbone():
     seen = []
     model.visual_encoder.backbone.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
     inputs = tiny_inputs()
-    inputs["image_mask"] = torch.tensor([True, False, True])
-    inputs["object_mask"] = torch.tensor([[True, False], [False, False], [False, False]])
+    inputs["image_mask"] = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
     model(**inputs)
     assert seen == [3], "one batched backbone call over the 3 present images"
 
@@ -135,8 +128,8 @@ def test_fewer_object_images_than_slots_are_masked():
     model = build()
     inputs = tiny_inputs(num_objects=1)
     padded = dict(inputs)
-    padded["object_pixel_values"] = torch.cat([inputs["object_pixel_values"], torch.randn(3, 1, 3, 64, 64)], dim=1)
-    padded["object_mask"] = torch.tensor([[True, False]] * 3)
+    padded["pixel_values"] = torch.cat([inputs["pixel_values"], torch.randn(3, 1, 3, 64, 64)], dim=1)
+    padded["image_mask"] = torch.tensor([[True, True, False]] * 3)
     torch.testing.assert_close(model(**inputs).last_hidden_state, model(**padded).last_hidden_state, atol=ATOL, rtol=0)
 
 
@@ -155,8 +148,7 @@ def test_prefix_shapes_and_gates(overrides, stages, prefix_tokens):
     config = model.config
     assert config.prefix_length == prefix_tokens
     inputs = tiny_inputs()
-    images = torch.cat([inputs["pixel_values"][:, None], inputs["object_pixel_values"]], dim=1)
-    images = images[:, 1:] if not config.use_global_image else images
+    images = inputs["pixel_values"][:, 1:] if not config.use_global_image else inputs["pixel_values"]
     prefix = model.visual_encoder(images, torch.ones(images.shape[:2], dtype=torch.bool))
     layers, heads = config.text_config.num_hidden_layers, config.text_config.num_attention_heads
     assert prefix.keys.shape == (layers, 3, heads, prefix_tokens, 32 // heads)
@@ -213,56 +205,19 @@ def test_output_hidden_states():
     torch.testing.assert_close(output.hidden_states[-1], output.last_hidden_state)
 
 
-def stacked_form(inputs: dict) -> dict:
-    """The same inputs with one image tensor (B, 1 + k, 3, H, W) and one mask (B, 1 + k), global image first."""
-    stacked = {name: value for name, value in inputs.items() if name not in IMAGE_INPUTS}
-    stacked["pixel_values"] = torch.cat([inputs["pixel_values"][:, None], inputs["object_pixel_values"]], dim=1)
-    batch_size, num_objects = inputs["object_pixel_values"].shape[:2]
-    image_mask = inputs.get("image_mask", torch.ones(batch_size, dtype=torch.bool))
-    object_mask = inputs.get("object_mask", torch.ones(batch_size, num_objects, dtype=torch.bool))
-    stacked["image_mask"] = torch.cat([image_mask[:, None], object_mask], dim=1)
-    return stacked
-
-
-IMAGE_INPUTS = ("pixel_values", "object_pixel_values", "image_mask", "object_mask")
-
-
-@pytest.mark.parametrize("overrides", [{}, {"use_global_image": False}, {"prefix_mode": "original"}], ids=str)
-@pytest.mark.parametrize("num_objects", [1, 2])
-def test_stacked_and_separate_image_inputs_agree(overrides, num_objects):
-    model = build(**overrides)
-    inputs = tiny_inputs(num_objects=num_objects)
-    inputs["image_mask"] = torch.tensor([True, False, True])
-    inputs["object_mask"] = torch.tensor([[True, False], [True, True], [False, True]])[:, :num_objects]
-    separate = model(**inputs, output_gate_weights=True)
-    stacked = model(**stacked_form(inputs), output_gate_weights=True)
-    # One computation on the same stacked tensor either way: the outputs are identical, not merely close.
-    torch.testing.assert_close(stacked.last_hidden_state, separate.last_hidden_state, atol=0, rtol=0)
-    torch.testing.assert_close(stacked.gate_weights, separate.gate_weights, atol=0, rtol=0)
-
-
-def test_global_image_alone_in_the_stacked_form_equals_the_old_form():
-    model = build()
-    inputs = tiny_inputs()
-    inputs.pop("object_pixel_values")
-    old = model(**inputs).last_hidden_state
-    new = model(**{**inputs, "pixel_values": inputs["pixel_values"][:, None]}).last_hidden_state
-    torch.testing.assert_close(new, old, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"pixel_values": torch.randn(3, 64, 64)}, "pixel_values must have shape"),
-        ({"pixel_values": torch.randn(2, 3, 64, 64)}, "pixel_values must hold 3 examples"),
-        ({"pixel_values": torch.randn(3, 1, 3, 64, 64)}, "already holds the object crops"),
-        ({"object_pixel_values": torch.randn(3, 3, 64, 64)}, "object_pixel_values must have shape"),
-        ({"object_pixel_values": torch.randn(2, 2, 3, 64, 64)}, "object_pixel_values must hold 3 examples"),
-        ({"object_pixel_values": torch.randn(3, 2, 1, 64, 64)}, "object_pixel_values must hold .* 3-channel"),
-        ({"object_pixel_values": torch.randn(3, 3, 3, 64, 64)}, "object_pixel_values has 3 .* num_object_images=2"),
-        ({"object_pixel_values": torch.randn(3, 2, 3, 32, 32)}, "share one image shape"),
-        ({"image_mask": torch.ones(2, dtype=torch.bool)}, r"image_mask must have shape \(3,\)"),
-        ({"object_mask": torch.ones(3, 1, dtype=torch.bool)}, r"object_mask must have shape \(3, 2\)"),
+        ({"pixel_values": torch.randn(3, 3, 64, 64)}, r"pixel_values must have shape \(batch=3, num_images, 3"),
+        ({"pixel_values": torch.randn(3, 3, 3, 3, 64, 64)}, "pixel_values must have shape"),
+        ({"pixel_values": torch.randn(2, 3, 3, 64, 64)}, r"pixel_values must have shape \(batch=3,.* got \(2, 3"),
+        ({"pixel_values": torch.randn(3, 3, 1, 64, 64)}, "pixel_values must have shape .* got \\(3, 3, 1"),
+        (
+            {"pixel_values": torch.randn(3, 4, 3, 64, 64), "image_mask": torch.ones(3, 4, dtype=torch.bool)},
+            "pixel_values holds 4 images per example .* 3 object crops.* num_object_images=2",
+        ),
+        ({"image_mask": torch.ones(3, dtype=torch.bool)}, r"image_mask must have shape \(3, 3\)"),
+        ({"pixel_values": None, "image_mask": torch.ones(3, 3, dtype=torch.bool)}, "image_mask was given without"),
     ],
 )
 def test_bad_image_inputs_raise(change, message):
@@ -272,30 +227,10 @@ def test_bad_image_inputs_raise(change, message):
         model(**inputs)
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (
-            {"pixel_values": torch.randn(3, 4, 3, 64, 64), "image_mask": torch.ones(3, 4, dtype=torch.bool)},
-            r"pixel_values \(slot 0 is the global image\) has 3 object images",
-        ),
-        ({"pixel_values": torch.randn(3, 3, 3, 3, 64, 64)}, "pixel_values must have shape"),
-        ({"pixel_values": torch.randn(2, 3, 3, 64, 64)}, "pixel_values must hold 3 examples"),
-        ({"image_mask": torch.ones(3, dtype=torch.bool)}, r"image_mask must have shape \(3, 3\)"),
-    ],
-)
-def test_bad_stacked_image_inputs_raise(change, message):
-    model = build()
-    inputs = {**stacked_form(tiny_inputs()), **change}
-    with pytest.raises(ValueError, match=message):
-        model(**inputs)
-
-
 def test_image_size_is_free():
     model = build()
     inputs = tiny_inputs()
-    inputs["pixel_values"] = torch.randn(3, 3, IMAGE_SIZE + 32, IMAGE_SIZE + 32)
-    inputs["object_pixel_values"] = torch.randn(3, 2, 3, IMAGE_SIZE + 32, IMAGE_SIZE + 32)
+    inputs["pixel_values"] = torch.randn(3, 3, 3, IMAGE_SIZE + 32, IMAGE_SIZE + 32)
     assert model(**inputs).last_hidden_state.shape == (3, 9, 32)
 
 
@@ -303,7 +238,7 @@ def test_output_attentions_covers_prefix_and_text():
     model = build()
     model.set_attn_implementation("eager")
     inputs = tiny_inputs()
-    inputs["image_mask"] = torch.tensor([True, False, True])
+    inputs["image_mask"] = torch.tensor([[True, True, True], [False, True, True], [True, True, True]])
     attentions = model(**inputs, output_attentions=True).attentions
     prefix_length = model.config.prefix_length
     assert len(attentions) == model.config.text_config.num_hidden_layers
@@ -327,7 +262,7 @@ def test_eager_and_sdpa_agree_on_every_output(with_padding):
     """Without padding BertModel passes no mask at all; with it, a float (eager) or boolean (sdpa) one."""
     model = build()
     inputs = tiny_inputs()
-    inputs["image_mask"] = torch.tensor([True, False, True])
+    inputs["image_mask"] = torch.tensor([[True, True, True], [False, True, True], [True, True, True]])
     if not with_padding:
         inputs.pop("attention_mask")
     model.set_attn_implementation("sdpa")
@@ -350,8 +285,9 @@ def test_return_dict_false_gives_the_same_tensors_as_a_tuple():
     assert len(as_tuple[2]) == len(as_dict.hidden_states)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn_implementation):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn_implementation, use_reentrant):
     model = build(freeze_vision=False)
     model.set_attn_implementation(attn_implementation)
     model.train()
@@ -364,7 +300,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn_implement
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain_gradients = loss_and_gradients()
-    model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
     assert all(layer.gradient_checkpointing for layer in model.text_model.encoder.layer)
     checkpointed_loss, checkpointed_gradients = loss_and_gradients()
     # Dropout is off in the tiny config, so the recomputed forward is the same computation.
@@ -375,11 +311,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn_implement
         torch.testing.assert_close(checkpointed_gradients[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_output_attentions_needs_eager_attention():
+def test_output_attentions_under_sdpa_returns_what_bert_returns():
+    """sdpa computes no attention weights: BERT then warns and returns an empty tuple, and so does HVPNeT (with the
+    same hidden states as without the flag)."""
     model = build()
     model.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        model(**tiny_inputs(), output_attentions=True)
+    inputs = tiny_inputs()
+    bert = text_only_reference(model)
+    bert.set_attn_implementation("sdpa")
+    expected = bert(inputs["input_ids"], attention_mask=inputs["attention_mask"], output_attentions=True).attentions
+    output = model(**inputs, output_attentions=True)
+    assert output.attentions == expected == ()
+    torch.testing.assert_close(output.last_hidden_state, model(**inputs).last_hidden_state, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("prefix_mode", ["pyramid", "original"])
@@ -388,7 +331,7 @@ def test_chunked_backbone_gives_the_outputs_of_one_call(prefix_mode):
     seen = []
     model.visual_encoder.backbone.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
     inputs = tiny_inputs(batch_size=2)
-    inputs["image_mask"] = torch.tensor([True, False])
+    inputs["image_mask"] = torch.tensor([[True, True, True], [False, True, True]])
     chunked = model(**inputs).last_hidden_state
     # 5 present images (of 6) in the paper mode, all 6 slots in the original layout (absent ones as zero images).
     assert seen == ([2, 2, 1] if prefix_mode == "pyramid" else [2, 2, 2])
@@ -495,8 +438,7 @@ def test_crf_runs_over_words_not_sub_words():
     """Extra sub-words (continuation pieces) must not change the word-level loss when their emissions are unused."""
     model = ner_model(use_visual_prefix=False)
     inputs = ner_inputs()
-    for name in ("pixel_values", "object_pixel_values"):
-        inputs.pop(name)
+    inputs.pop("pixel_values")
     with torch.no_grad():
         full = model(**inputs)
         emissions = full.logits
@@ -510,7 +452,7 @@ def test_crf_runs_over_words_not_sub_words():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"labels": torch.zeros(3, 8, dtype=torch.long)}, "labels must have the shape of input_ids"),
+        ({"labels": torch.zeros(3, 8, dtype=torch.long)}, r"labels must have the text.s shape \(3, 9\)"),
         ({"labels": torch.full((3, 9), 7)}, "off a word start"),
     ],
 )
@@ -611,14 +553,12 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize(("make_model", "make_inputs"), [(ner_model, ner_inputs), (re_model, re_inputs)])
-def test_heads_take_stacked_images_and_return_tuples(make_model, make_inputs):
+def test_heads_return_tuples(make_model, make_inputs):
     model = make_model()
     inputs = make_inputs()
-    stacked = {name: value for name, value in inputs.items() if name != "object_pixel_values"}
-    stacked["pixel_values"] = torch.cat([inputs["pixel_values"][:, None], inputs["object_pixel_values"]], dim=1)
     with torch.no_grad():
         expected = model(**inputs)
-        as_tuple = model(**stacked, return_dict=False)
+        as_tuple = model(**inputs, return_dict=False)
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], expected.loss, atol=0, rtol=0)
     torch.testing.assert_close(as_tuple[1], expected.logits, atol=0, rtol=0)
@@ -669,7 +609,7 @@ def test_batched_prefix_matches_the_paper_loop(prefix_mode):
     torch.manual_seed(0)
     model = HVPNetModel(tiny_config(prefix_mode=prefix_mode)).eval()
     inputs = tiny_inputs()
-    images = torch.cat([inputs["pixel_values"][:, None], inputs["object_pixel_values"]], dim=1)
+    images = inputs["pixel_values"]
     with torch.no_grad():
         prefix = model.visual_encoder(images, torch.ones(images.shape[:2], dtype=torch.bool))
         for example in range(len(images)):
@@ -692,7 +632,7 @@ def labelled_ner_inputs() -> dict:
     generator = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 5, inputs["input_ids"].shape, generator=generator)
     inputs["labels"] = labels.masked_fill(inputs["attention_mask"] == 0, -100)
-    inputs["object_mask"] = torch.tensor([[True, False], [True, True], [False, False]])
+    inputs["image_mask"] = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
     return inputs
 
 
