@@ -580,6 +580,8 @@ class HVPNetModel(HVPNetPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         batch_size = len(input_ids if input_ids is not None else inputs_embeds)
+        for flag in ("output_attentions", "output_hidden_states"):  # the text model would read its own config's
+            kwargs.setdefault(flag, getattr(self.config, flag))
         if image_features is None:
             prefix = self.visual_prefix(pixel_values, image_mask, batch_size)
         elif pixel_values is not None or image_mask is not None:
