@@ -472,7 +472,8 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         `pipelines.save_pipeline_code`). `push_to_hub`, `Trainer.save_model` and `Trainer.push_to_hub` save through
         it, so every saved task model loads with `pipeline(model=..., trust_remote_code=True)` once its processor is
         saved next to it."""
-        from .pipelines import PIPELINE_FOR_MODEL, save_pipeline_code  # the pipelines import the processor, not this
+        # Imported here: using a model should not load the pipelines (transformers' pipelines, torchvision) first.
+        from .pipelines import PIPELINE_FOR_MODEL, save_pipeline_code
 
         if type(self).__name__ in PIPELINE_FOR_MODEL and kwargs.get("is_main_process", True):
             save_pipeline_code(self, save_directory)
