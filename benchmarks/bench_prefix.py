@@ -45,8 +45,7 @@ def main() -> None:
     batch, size = args.batch_size, args.image_size
     inputs = {
         "input_ids": torch.randint(1000, 2000, (batch, args.text_length)),
-        "pixel_values": torch.randn(batch, 3, size, size),
-        "object_pixel_values": torch.randn(batch, 3, 3, size, size),
+        "pixel_values": torch.randn(batch, 4, 3, size, size),  # the global image and 3 crops
     }
 
     def training_step() -> None:
@@ -65,11 +64,10 @@ def main() -> None:
 
     # About half of the crop slots are empty in the published crop maps; mask one crop of three per example and
     # the third crop of every other example.
-    object_mask = torch.ones(batch, 3, dtype=torch.bool)
-    object_mask[:, 2] = False
-    object_mask[::2, 1] = False
-    images = torch.cat([inputs["pixel_values"][:, None], inputs["object_pixel_values"]], dim=1)
-    present = torch.cat([torch.ones(batch, 1, dtype=torch.bool), object_mask], dim=1)
+    images = inputs["pixel_values"]
+    present = torch.ones(batch, 4, dtype=torch.bool)
+    present[:, 3] = False
+    present[::2, 2] = False
     with torch.no_grad():
         skipped = median_seconds(lambda: encoder(images, present), args.repeats)
         zero_images = images * present[..., None, None, None]

@@ -12,7 +12,7 @@ uses `prefix_mode="original"`, so it computes what the original code computes:
   this package's CRF runs over the first sub-word of each word with the nine BIO tags. The emissions and the
   transitions between BIO tags are copied; a tag's start score is start([CLS]) + transition([CLS] -> tag), its end
   score transition(tag -> [SEP]) + end([SEP]). The X positions inside multi-piece words are skipped, so decoding
-  is an approximation of the original's (`tests/test_convert_original.py` measures how often the word tags agree).
+  is an approximation of the original's (`tests/test_convert_original_checkpoint.py` measures how often the word tags agree).
 
 Every checkpoint entry is either mapped or listed as unused by the original forward (BERT's pooler, the ResNet's
 ImageNet classifier, the old `position_ids` buffer, the NER rows of `PAD`/`X`); anything else is an error, and so
@@ -31,7 +31,6 @@ from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 from .configuration_hvpnet import HVPNetConfig
 from .model_card import push_output_dir_to_hub
 from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetPreTrainedModel
-from .pipelines import save_pipeline_code
 from .processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
 # The label list of the original NER code, in its id order.
@@ -293,8 +292,7 @@ def convert(
     for key in unused:
         print(f"  {key}")
 
-    save_pipeline_code(model, output_dir)
-    model.save_pretrained(output_dir)
+    model.save_pretrained(output_dir)  # with its pipeline and the pipeline's code
     processor.save_pretrained(output_dir)
     if push_to_hub is not None:
         push_output_dir_to_hub(output_dir, push_to_hub)

@@ -7,15 +7,18 @@ Shapes: B = batch, T = text length, n = images per example (global image + objec
 c = backbone stages, g = prefix grid side, P = n * g * g prefix tokens, d = hidden size, H = heads, h = head size.
 """
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import timm
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchcrf import CRF
 from transformers import BertConfig, BertModel, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
@@ -32,8 +35,8 @@ class HVPNetModelOutput(ModelOutput):
     last_hidden_state: (B, T, d) text states of the last layer.
     pooler_output: (B, d) BERT pooler over `[CLS]`, when the model has a pooler.
     hidden_states: tuple of L + 1 tensors (B, T, d), embeddings first, when `output_hidden_states=True`.
-    attentions: tuple of L tensors (B, H, T, P + T), prefix keys first, when `output_attentions=True` (eager
-        attention only).
+    attentions: tuple of L tensors (B, H, T, P + T), prefix keys first, when `output_attentions=True`; under sdpa,
+        which computes no weights, an empty tuple (with transformers' warning), as for BERT.
     gate_weights: (B, n, L, c) the dynamic gate of every image and layer (paper Figure 4), when
         `output_gate_weights=True`; in the paper modes, rows of absent images are zero.
     """
@@ -85,7 +88,6 @@ class HVPNetSelfAttention(BertSelfAttention):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         visual_prefix: VisualPrefix | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,10 +165,12 @@ class HVPNetVisionEncoderBase(nn.Module):
             features_only=True,
             out_indices=tuple(config.vision_out_indices),
         )
-        # Keep timm's own initialisation: transformers' N(0, 0.02) re-init would leave a random CNN with vanishing
-        # activations, and pretrained weights are loaded over it anyway.
-        for module in self.backbone.modules():
-            module._is_hf_initialized = True
+        # timm zero-initialises the last BatchNorm weight of every residual block (`zero_init_last`); mark those
+        # BatchNorms so that `_init_weights` does the same for weights missing from a checkpoint.
+        for block in self.backbone.modules():
+            if hasattr(block, "zero_init_last"):
+                [*_, last_norm] = (child for child in block.children() if isinstance(child, nn.BatchNorm2d))
+                last_norm.zero_init_weight = True
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -400,6 +404,31 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
         )
 
 
+def _prefix_as_checkpoint_inputs(checkpoint_function: Callable) -> Callable:
+    """Wrap the activation checkpoint function of the text layers so that the visual prefix's keys and values are
+    inputs of every checkpointed layer.
+
+    transformers checkpoints a layer as `checkpoint_function(partial(forward, layer, **kwargs), *args)`, and the
+    prefix reaches each layer as the keyword argument `visual_prefix`. Reentrant checkpointing (`use_reentrant=True`)
+    only tracks the positional tensors: its recomputation in backward would backpropagate through the prefix
+    encoder's graph from inside every layer, and the second layer finds that graph freed. As positional inputs, the
+    prefix's gradients leave each layer like the hidden states' do and meet once in the prefix encoder.
+    """
+
+    def checkpointed(layer_forward: partial, *args):
+        prefix = layer_forward.keywords.get("visual_prefix")
+        if prefix is None:
+            return checkpoint_function(layer_forward, *args)
+
+        def forward_with_prefix(*args_and_prefix):
+            *layer_args, keys, values = args_and_prefix
+            return layer_forward(*layer_args, visual_prefix=replace(prefix, keys=keys, values=values))
+
+        return checkpoint_function(forward_with_prefix, *args, prefix.keys, prefix.values)
+
+    return checkpointed
+
+
 class HVPNetPreTrainedModel(PreTrainedModel):
     config_class = HVPNetConfig
     config: HVPNetConfig
@@ -416,11 +445,39 @@ class HVPNetPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """transformers' initialisation, except for the CNN backbone, which gets timm's ResNet initialisation (N(0,
+        0.02) convolutions would leave a random CNN with vanishing activations): He-normal convolutions, BatchNorms
+        reset to the identity, the last one of each residual block with a zero weight. Weights loaded from a
+        checkpoint are left alone (transformers guards `init`)."""
         super()._init_weights(module)
-        if isinstance(module, HVPNetVisualPrefixEncoder):
-            std = self.config.text_config.initializer_range
-            nn.init.normal_(module.key_value_weight, mean=0.0, std=std)
-            nn.init.zeros_(module.key_value_bias)
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif getattr(module, "zero_init_weight", False):
+            init.zeros_(module.weight)
+        elif isinstance(module, HVPNetVisualPrefixEncoder):
+            init.normal_(module.key_value_weight, mean=0.0, std=self.config.text_config.initializer_range)
+            init.zeros_(module.key_value_bias)
+            if module.prefix_mode != "pyramid":
+                init.copy_(module.fixed_gate, module._fixed_gate(module.num_stages))
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        super()._set_gradient_checkpointing(
+            enable, _prefix_as_checkpoint_inputs(gradient_checkpointing_func), every_n_layers
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, which also records a task model's pipeline and copies its code (see
+        `pipelines.save_pipeline_code`). `push_to_hub`, `Trainer.save_model` and `Trainer.push_to_hub` save through
+        it, so every saved task model loads with `pipeline(model=..., trust_remote_code=True)` once its processor is
+        saved next to it."""
+        # Imported here: using a model should not load the pipelines (transformers' pipelines, torchvision) first.
+        from .pipelines import PIPELINE_FOR_MODEL, save_pipeline_code
+
+        if type(self).__name__ in PIPELINE_FOR_MODEL and kwargs.get("is_main_process", True):
+            save_pipeline_code(self, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_text_vision_pretrained(
@@ -500,9 +557,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        object_pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
-        object_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_gate_weights: bool = False,
         image_features: torch.Tensor | None = None,
@@ -514,25 +569,24 @@ class HVPNetModel(HVPNetPreTrainedModel):
             prefix has no positions).
         pixel_values: (B, n, 3, H, W) the images of every example, the global image in slot 0 and the object crops
             after it, n <= 1 + num_object_images; missing slots count as absent.
-        image_mask: (B, n) bool, False where an image is absent (its prefix tokens are masked out).
-        object_pixel_values, object_mask: the older form, still accepted: `pixel_values` (B, 3, H, W) holds only the
-            global image, `image_mask` is (B,), and the crops come as `object_pixel_values` (B, k, 3, H, W) with
-            `object_mask` (B, k).
+        image_mask: (B, n) bool, False where an image is absent (its prefix tokens are masked out); all present
+            when omitted.
         image_features: instead of pixels, (B, 1 + num_object_images, g*g, C) the frozen backbone's pooled features
             of the global image and the crops (`visual_features` of the encoder), as `VisualFeatureCache` serves them;
             image_features_mask: (B, 1 + num_object_images) bool, False where an image is absent.
         output_gate_weights: return the gate weights (B, n, L, c).
-        `output_hidden_states`, `output_attentions` (eager attention only) and `return_dict` work as for `BertModel`.
+        `output_hidden_states`, `output_attentions` and `return_dict` work as for `BertModel` (attention weights need
+        `attn_implementation="eager"`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        if kwargs.get("output_attentions") and self.config.text_config._attn_implementation != "eager":
-            raise ValueError("output_attentions=True needs attn_implementation='eager' (sdpa returns no weights)")
         batch_size = len(input_ids if input_ids is not None else inputs_embeds)
+        for flag in ("output_attentions", "output_hidden_states"):  # the text model would read its own config's
+            kwargs.setdefault(flag, getattr(self.config, flag))
         if image_features is None:
-            prefix = self.visual_prefix(pixel_values, image_mask, object_pixel_values, object_mask, batch_size)
-        elif any(image is not None for image in (pixel_values, object_pixel_values, image_mask, object_mask)):
-            raise ValueError("Pass either pixel_values (with its masks) or image_features, not both")
+            prefix = self.visual_prefix(pixel_values, image_mask, batch_size)
+        elif pixel_values is not None or image_mask is not None:
+            raise ValueError("Pass either pixel_values (with image_mask) or image_features, not both")
         else:
             prefix = self.visual_prefix_from_features(image_features, image_features_mask, batch_size)
         text_outputs = self.text_model(
@@ -554,22 +608,17 @@ class HVPNetModel(HVPNetPreTrainedModel):
         )
 
     def visual_prefix(
-        self,
-        pixel_values: torch.Tensor | None,
-        image_mask: torch.Tensor | None,
-        object_pixel_values: torch.Tensor | None,
-        object_mask: torch.Tensor | None,
-        batch_size: int,
+        self, pixel_values: torch.Tensor | None, image_mask: torch.Tensor | None, batch_size: int
     ) -> VisualPrefix | None:
-        """The visual prefix of the image inputs of `forward` (either form), or None when there are none to use."""
+        """The visual prefix of the image inputs of `forward`, or None when there are none to use."""
+        if pixel_values is None:
+            if image_mask is not None:
+                raise ValueError("image_mask was given without pixel_values")
+            return None
+        present = _image_presence(pixel_values, image_mask, batch_size, self.config.num_object_images)
         if self.visual_encoder is None:
             return None
-        stacked = stack_image_inputs(
-            pixel_values, image_mask, object_pixel_values, object_mask, batch_size, self.config.num_object_images
-        )
-        if stacked is None:
-            return None
-        images, present = stacked
+        images = pixel_values
         if not self.config.use_global_image:  # the paper's OnlyObj ablation
             images, present = images[:, 1:], present[:, 1:]
             if images.shape[1] == 0:
@@ -598,81 +647,22 @@ class HVPNetModel(HVPNetPreTrainedModel):
         return self.visual_encoder.prefix_from_features(image_features, present)
 
 
-def stack_image_inputs(
-    pixel_values: torch.Tensor | None,
-    image_mask: torch.Tensor | None,
-    object_pixel_values: torch.Tensor | None,
-    object_mask: torch.Tensor | None,
-    batch_size: int,
-    num_object_images: int,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Validate the image inputs and return them as images (B, n, 3, H, W), global image first, with a presence
-    mask (B, n) bool; None without images. The one place where the older form (a 4-D global `pixel_values` plus
-    `object_pixel_values`) becomes the stacked one."""
-    if pixel_values is None and object_pixel_values is None:
-        return None
-    if pixel_values is not None and pixel_values.dim() == 5:
-        if object_pixel_values is not None or object_mask is not None:
-            raise ValueError(
-                "pixel_values of shape (batch, num_images, 3, height, width) already holds the object crops; "
-                "do not pass object_pixel_values or object_mask with it"
-            )
-        _check_images("pixel_values", pixel_values, batch_size)
-        images, present = pixel_values, _presence("image_mask", image_mask, pixel_values, batch_size)
-        given = images.shape[1] - 1
-        source = "pixel_values (slot 0 is the global image)"
-    else:
-        if pixel_values is not None and pixel_values.dim() != 4:
-            raise ValueError(
-                "pixel_values must have shape (batch, num_images, 3, height, width), or (batch, 3, height, width) "
-                f"with object_pixel_values, got {tuple(pixel_values.shape)}"
-            )
-        if object_pixel_values is not None and object_pixel_values.dim() != 5:
-            raise ValueError(
-                "object_pixel_values must have shape (batch, num_objects, 3, height, width), got "
-                f"{tuple(object_pixel_values.shape)}"
-            )
-        if image_mask is not None and pixel_values is not None:
-            if tuple(image_mask.shape) != (batch_size,):
-                raise ValueError(
-                    f"image_mask must have shape ({batch_size},) with a 4-D pixel_values, got "
-                    f"{tuple(image_mask.shape)}"
-                )
-            image_mask = image_mask[:, None]
-        parts, masks = [], []
-        for name, mask_name, images, mask in (
-            ("pixel_values", "image_mask", pixel_values, image_mask),
-            ("object_pixel_values", "object_mask", object_pixel_values, object_mask),
-        ):
-            if images is not None:
-                _check_images(name, images, batch_size)
-                images = images[:, None] if images.dim() == 4 else images
-                masks.append(_presence(mask_name, mask, images, batch_size))
-                parts.append(images)
-        shapes = {tuple(part.shape[2:]) for part in parts}
-        if len(shapes) > 1:
-            raise ValueError(f"pixel_values and object_pixel_values must share one image shape, got {sorted(shapes)}")
-        if pixel_values is None:  # crops only: the global slot holds an absent image
-            parts.insert(0, parts[0].new_zeros(batch_size, 1, *parts[0].shape[2:]))
-            masks.insert(0, masks[0].new_zeros(batch_size, 1))
-        images, present = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
-        given = images.shape[1] - 1
-        source = "object_pixel_values"
-    if given > num_object_images:
+def _image_presence(
+    pixel_values: torch.Tensor, image_mask: torch.Tensor | None, batch_size: int, num_object_images: int
+) -> torch.Tensor:
+    """Check the image inputs of `forward` and return which of their slots hold an image: (B, n) bool."""
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != batch_size or pixel_values.shape[2] != 3:
         raise ValueError(
-            f"{source} has {given} object images per example but the model is configured for at most "
-            f"num_object_images={num_object_images}"
+            f"pixel_values must have shape (batch={batch_size}, num_images, 3, height, width), the global image in "
+            f"slot 0 and the object crops after it, got {tuple(pixel_values.shape)}"
         )
-    return images, present
-
-
-def _check_images(name: str, images: torch.Tensor, batch_size: int) -> None:
-    """images: (B, 3, H, W) or (B, n, 3, H, W) with the batch size of the text."""
-    if images.shape[0] != batch_size or images.shape[-3] != 3:
+    if pixel_values.shape[1] > 1 + num_object_images:
         raise ValueError(
-            f"{name} must hold {batch_size} examples (the batch of input_ids) of 3-channel images, got shape "
-            f"{tuple(images.shape)}"
+            f"pixel_values holds {pixel_values.shape[1]} images per example (the global image and "
+            f"{pixel_values.shape[1] - 1} object crops) but the model takes at most num_object_images="
+            f"{num_object_images} crops"
         )
+    return _presence("image_mask", image_mask, pixel_values, batch_size)
 
 
 def _presence(name: str, mask: torch.Tensor | None, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -717,7 +707,7 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CRF):
             for transitions in (module.start_transitions, module.end_transitions, module.transitions):
-                nn.init.uniform_(transitions, -0.1, 0.1)
+                init.uniform_(transitions, -0.1, 0.1)
 
     @can_return_tuple
     def forward(
@@ -725,10 +715,10 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        object_pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
-        object_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         word_start_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_gate_weights: bool = False,
@@ -739,10 +729,11 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
             when omitted.
         labels: (B, T) tag ids at first sub-words, -100 elsewhere.
         """
-        if labels is not None and labels.shape != input_ids.shape:
+        text_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if labels is not None and labels.shape != text_shape:
             raise ValueError(
-                f"labels must have the shape of input_ids {tuple(input_ids.shape)} (one entry per token, -100 off "
-                f"first sub-words), got {tuple(labels.shape)}"
+                f"labels must have the text's shape {tuple(text_shape)} (one entry per token, -100 off first "
+                f"sub-words), got {tuple(labels.shape)}"
             )
         if word_start_mask is None:
             if labels is None:
@@ -758,10 +749,10 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
             input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
+            position_ids=position_ids,
             pixel_values=pixel_values,
-            object_pixel_values=object_pixel_values,
             image_mask=image_mask,
-            object_mask=object_mask,
+            inputs_embeds=inputs_embeds,
             output_gate_weights=output_gate_weights,
             return_dict=True,
             **kwargs,
@@ -834,25 +825,30 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        object_pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
-        object_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_gate_weights: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
-        """labels: (B,) relation ids."""
-        if labels is not None and labels.shape != input_ids.shape[:1]:
-            raise ValueError(f"labels must have shape ({input_ids.shape[0]},), got {tuple(labels.shape)}")
+        """
+        inputs_embeds: (B, T, d) instead of input_ids; with `relation_pooling="entity_markers"` the markers are the
+            positions whose embedding is exactly the marker token's row of the input embeddings.
+        labels: by `config.problem_type`, as for `BertForSequenceClassification`: (B,) relation ids
+            ("single_label_classification", the default for integer labels), (B, num_labels) 0/1 floats
+            ("multi_label_classification": several relations per entity pair, the default for float labels), or
+            (B,) / (B, num_labels) targets ("regression", the default with num_labels=1).
+        """
         outputs = self.hvpnet(
             input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
+            position_ids=position_ids,
             pixel_values=pixel_values,
-            object_pixel_values=object_pixel_values,
             image_mask=image_mask,
-            object_mask=object_mask,
+            inputs_embeds=inputs_embeds,
             output_gate_weights=output_gate_weights,
             return_dict=True,
             **kwargs,
@@ -862,14 +858,12 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
             features = hidden[:, 0]
         else:
             rows = torch.arange(len(hidden), device=hidden.device)
-            head = self._marker_positions(input_ids, self.config.head_start_token_id, "head_start_token_id (<s>)")
-            tail = self._marker_positions(input_ids, self.config.tail_start_token_id, "tail_start_token_id (<o>)")
+            head = self._marker_positions(input_ids, inputs_embeds, "head_start_token_id", "<s>")
+            tail = self._marker_positions(input_ids, inputs_embeds, "tail_start_token_id", "<o>")
             features = torch.cat([hidden[rows, head], hidden[rows, tail]], dim=-1)
         logits = self.classifier(self.dropout(features))
 
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels)  # float32 also under autocast
+        loss = None if labels is None else self._loss(logits.float(), labels)  # float32 also under autocast
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -877,15 +871,52 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
             output["gate_weights"] = outputs.gate_weights
         return output
 
-    @staticmethod
-    def _marker_positions(input_ids: torch.Tensor, marker_id: int | None, name: str) -> torch.Tensor:
-        """(B,) position of the first `marker_id` in every row; a row without it is an error."""
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of `config.problem_type`, chosen from the labels when unset as `BertForSequenceClassification`
+        chooses it."""
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if self.num_labels == 1:
+                problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem_type = "single_label_classification"
+            else:
+                problem_type = "multi_label_classification"
+        batch_size = len(logits)
+        if problem_type == "single_label_classification":
+            if labels.shape != (batch_size,):
+                raise ValueError(
+                    f"labels must have shape ({batch_size},) (one relation id each), got {tuple(labels.shape)}"
+                )
+            return nn.functional.cross_entropy(logits, labels)
+        if problem_type == "multi_label_classification":
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"multi-label labels must have shape {tuple(logits.shape)} (0/1 per relation), got {tuple(labels.shape)}"
+                )
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        if labels.shape not in ((batch_size,), tuple(logits.shape)) or (labels.dim() == 1 and self.num_labels != 1):
+            raise ValueError(f"regression labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+        return nn.functional.mse_loss(logits.view(labels.shape), labels.float())
+
+    def _marker_positions(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, setting: str, token: str
+    ) -> torch.Tensor:
+        """(B,) position of the first marker `config.<setting>` in every row; a row without it is an error."""
+        marker_id = getattr(self.config, setting)
         if marker_id is None:
-            raise ValueError(f"config.{name} is not set; take it from the processor's tokenizer")
-        is_marker = input_ids == marker_id
+            raise ValueError(f"config.{setting} is not set; take it from the processor's tokenizer ({token})")
+        if input_ids is not None:
+            is_marker = input_ids == marker_id
+        else:
+            marker_embedding = self.get_input_embeddings().weight[marker_id].to(inputs_embeds.dtype)
+            is_marker = (inputs_embeds == marker_embedding).all(dim=-1)
         missing = (~is_marker.any(dim=1)).nonzero().flatten().tolist()
         if missing:
-            raise ValueError(f"RE input rows {missing} lack the entity marker {name} = {marker_id}")
+            found_by = "in input_ids" if input_ids is not None else "(by its embedding row) in inputs_embeds"
+            raise ValueError(
+                f"RE input rows {missing} lack the entity marker {setting} {token} = {marker_id} {found_by}"
+            )
         return is_marker.int().argmax(dim=1)
 
 

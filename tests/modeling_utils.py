@@ -34,7 +34,8 @@ def tiny_config(**overrides) -> HVPNetConfig:
 
 
 def tiny_inputs(batch_size: int = 3, text_length: int = 9, num_objects: int = 2, seed: int = 0) -> dict:
-    """Random text with padding in the last example, a global image and object crops per example."""
+    """Random text with padding in the last example, and per example the global image and `num_objects` object crops
+    stacked as `pixel_values` (B, 1 + num_objects, 3, S, S), global image first (no `image_mask`: all present)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(5, TINY_TEXT["vocab_size"], (batch_size, text_length), generator=generator)
     attention_mask = torch.ones(batch_size, text_length, dtype=torch.long)
@@ -43,8 +44,7 @@ def tiny_inputs(batch_size: int = 3, text_length: int = 9, num_objects: int = 2,
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "pixel_values": torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
-        "object_pixel_values": torch.randn(batch_size, num_objects, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
+        "pixel_values": torch.randn(batch_size, 1 + num_objects, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
     }
 
 

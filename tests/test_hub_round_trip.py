@@ -17,7 +17,7 @@ from modeling_utils import tiny_task_model
 from PIL import Image
 from transformers.dynamic_module_utils import get_imports
 
-from hvpnet_hf import HVPNetProcessor
+from hvpnet_hf import HVPNetProcessor, HVPNetTrainer, HVPNetTrainingArguments
 from hvpnet_hf.pipelines import MultimodalNerPipeline, MultimodalRePipeline
 
 NER_REPO, RE_REPO = "org/hvpnet-ner", "org/hvpnet-mnre"
@@ -241,3 +241,49 @@ def assert_same_pipeline_output(got: list[dict], expected: list[dict]) -> None:
             key: value for key, value in expected_item.items() if key != "score"
         }
         assert got_item["score"] == pytest.approx(expected_item["score"], abs=1e-5)
+
+
+def test_every_save_route_gives_a_folder_whose_pipeline_loads_without_hvpnet_hf(tmp_path):
+    """`model.save_pretrained` + `processor.save_pretrained` (the README's Usage) and `HVPNetTrainer.save_model`
+    (which `Trainer.push_to_hub` and the checkpoints go through, as `push_to_hub` goes through `save_pretrained`)
+    both record the pipeline and copy its code: `pipeline(model=folder, trust_remote_code=True)` then builds it
+    offline where `hvpnet_hf` cannot be imported, with the outputs of the pipeline built in this process."""
+    image = tmp_path / "tweet.png"
+    Image.new("RGB", (48, 32), (200, 40, 30)).save(image)
+    examples = {
+        "ner": {"text": "Kevin Durant enters Oracle Arena", "image": str(image)},
+        "re": {"words": ["Alice", "met", "Bob", "in", "Paris"], "head": (0, 1), "tail": (2, 3), "image": str(image)},
+    }
+    ner_model, ner_processor = tiny_task_model("ner")
+    re_model, re_processor = tiny_task_model("re")
+    ner_model.save_pretrained(tmp_path / "ner-save_pretrained")
+    ner_processor.save_pretrained(tmp_path / "ner-save_pretrained")
+    re_model.save_pretrained(tmp_path / "re-save_pretrained")
+    re_processor.save_pretrained(tmp_path / "re-save_pretrained")
+    arguments = HVPNetTrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    HVPNetTrainer(model=ner_model, args=arguments, processing_class=ner_processor).save_model(tmp_path / "ner-trainer")
+    expected = {
+        "ner-save_pretrained": MultimodalNerPipeline(model=ner_model, processor=ner_processor)(examples["ner"]),
+        "re-save_pretrained": MultimodalRePipeline(model=re_model, processor=re_processor)(examples["re"], top_k=2),
+    }
+    expected["ner-trainer"] = expected["ner-save_pretrained"]
+    script = f"""
+    import json
+    import sys
+    from transformers import pipeline
+
+    report = {{}}
+    for name in {sorted(expected)!r}:
+        pipe = pipeline(model=name, trust_remote_code=True)
+        example = {examples!r}[name.split("-")[0]]
+        output = pipe(example, top_k=2) if name.startswith("re") else pipe(example)
+        report[name] = {{"module": type(pipe).__module__, "output": output}}
+    report["imported"] = sorted(module for module in sys.modules if module.split(".")[0] in {BLOCKED!r})
+    print(json.dumps(report))
+    """
+    report = run_offline({"root": tmp_path}, script, block=True)
+    assert report.pop("imported") == []
+    assert sorted(report) == sorted(expected)
+    for name, result in report.items():
+        assert result["module"].startswith("transformers_modules."), result["module"]
+        assert_same_pipeline_output(result["output"], expected[name])
