@@ -31,7 +31,6 @@ from hvpnet_hf.configuration_hvpnet import PREFIX_MODES, HVPNetConfig
 from hvpnet_hf.feature_cache import VisualFeatureCache
 from hvpnet_hf.loading import find_release_layout, split_folders
 from hvpnet_hf.model_card import SPLIT_PREFIXES, push_output_dir_to_hub, render_model_card, training_hyperparameters
-from hvpnet_hf.pipelines import save_pipeline_code
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 from hvpnet_hf.sample_data import sample_paths
 from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
@@ -523,17 +522,10 @@ def build_trainer(
     )
 
 
-def save_model(trainer: Trainer) -> None:
-    """Saves the model and the processor with their code, and the pipeline code, to the output folder."""
-    if trainer.is_world_process_zero():
-        save_pipeline_code(trainer.model, trainer.args.output_dir)  # before the config is written
-    trainer.save_model()
-
-
 def train_and_save(trainer: Trainer, train_dataset: datasets.Dataset) -> dict[str, float]:
     """Trains, saves the best checkpoint on validation F1 (with its processor) and the state; the train metrics."""
     train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    save_model(trainer)
+    trainer.save_model()  # the model, its processor, their code and the pipeline's
     metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
@@ -584,7 +576,7 @@ def save_model_card_and_push(
     )
     card.save(output_dir / "README.md")
     if push_to_hub:
-        save_model(trainer)  # also when nothing was trained
+        trainer.save_model()  # also when nothing was trained
         push_output_dir_to_hub(
             output_dir,
             training_args.hub_model_id or output_dir.name,

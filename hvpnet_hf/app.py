@@ -36,7 +36,7 @@ from .analysis.gates import plot as plot_gates
 from .analysis.gates import slot_presence
 from .image_processing_hvpnet import load_image
 from .object_detection import ObjectCropper, text_queries
-from .pipelines import PIPELINE_FOR_MODEL, MultimodalRePipeline
+from .pipelines import PIPELINE_FOR_TASK, TASK_OF_MODEL, MultimodalRePipeline
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 # Colours of the highlighted spans: NER entity types, and the RE head and tail.
@@ -129,13 +129,13 @@ def load_pipeline(model: str) -> Pipeline:
         config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as error:
         raise InputError(f"`{model}` is not an HVPNeT model: its config cannot be read ({error})") from error
-    heads = {name for name in config.architectures or [] if name in PIPELINE_FOR_MODEL}
+    heads = {name for name in config.architectures or [] if name in TASK_OF_MODEL}
     if len(heads) != 1:
         raise InputError(
             f"`{model}` is not an HVPNeT NER or RE model: its config has model type `{config.model_type}` and "
             f"architectures {config.architectures}"
         )
-    pipeline_class = PIPELINE_FOR_MODEL[heads.pop()]
+    pipeline_class = PIPELINE_FOR_TASK[TASK_OF_MODEL[heads.pop()]]
     try:
         return pipeline_class(model=pipeline_class.auto_model_class.from_pretrained(model))
     except (OSError, ValueError) as error:

@@ -473,9 +473,9 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         it, so every saved task model loads with `pipeline(model=..., trust_remote_code=True)` once its processor is
         saved next to it."""
         # Imported here: using a model should not load the pipelines (transformers' pipelines, torchvision) first.
-        from .pipelines import PIPELINE_FOR_MODEL, save_pipeline_code
+        from .pipelines import TASK_OF_MODEL, save_pipeline_code
 
-        if type(self).__name__ in PIPELINE_FOR_MODEL and kwargs.get("is_main_process", True):
+        if type(self).__name__ in TASK_OF_MODEL and kwargs.get("is_main_process", True):
             save_pipeline_code(self, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
 

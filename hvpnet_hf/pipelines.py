@@ -85,8 +85,7 @@ class _HVPNetPipeline(Pipeline):
         self._check_max_length(self.processor.max_length)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Saves the model, the processor and this pipeline's code (see `save_pipeline_code`)."""
-        save_pipeline_code(self.model, save_directory)
+        """Saves the model (which records this pipeline and copies its code) and the processor."""
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
 
