@@ -448,7 +448,7 @@ def load_processor_and_model(
         model_args.text_model_name_or_path,
         vision_backbone=model_args.vision_backbone,
         vision_pretrained=model_args.vision_checkpoint or model_args.vision_pretrained,
-        tokenizer=processor.tokenizer,
+        processor=processor,
         num_labels=len(id2label),
         id2label=id2label,
         label2id={label: index for index, label in id2label.items()},

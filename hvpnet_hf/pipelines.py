@@ -268,7 +268,8 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         info["word_ids"] = windows["word_ids"]
         row_names = ("input_ids", "attention_mask", "token_type_ids", "word_start_mask")
         features = [
-            {**{name: windows[name][row] for name in row_names}, **images} for row in range(len(windows["input_ids"]))
+            {**{name: windows[name][row] for name in row_names if name in windows}, **images}
+            for row in range(len(windows["input_ids"]))
         ]
         return {"features": features, "example": info}
 
