@@ -621,7 +621,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
         )
         return HVPNetModelOutput(
             last_hidden_state=text_outputs.last_hidden_state,
-            pooler_output=text_outputs.pooler_output,
+            pooler_output=getattr(text_outputs, "pooler_output", None),  # ELECTRA has no pooler
             hidden_states=text_outputs.hidden_states,
             attentions=text_outputs.attentions,
             gate_weights=prefix.gate_weights if output_gate_weights and prefix is not None else None,
