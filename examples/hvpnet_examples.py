@@ -65,7 +65,8 @@ class ModelArguments:
     """The model flags of both tasks; the relation script adds `relation_pooling`."""
 
     text_model_name_or_path: str = field(
-        default="bert-base-uncased", metadata={"help": "Pretrained BERT-architecture text encoder (name or path)."}
+        default="bert-base-uncased",
+        metadata={"help": "Pretrained BERT-family text encoder (name or path): BERT, RoBERTa, XLM-R, ELECTRA, ..."},
     )
     model_name_or_path: str | None = field(
         default=None,
