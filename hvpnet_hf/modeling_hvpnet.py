@@ -596,7 +596,8 @@ class HVPNetModel(HVPNetPreTrainedModel):
             of the global image and the crops (`visual_features` of the encoder), as `VisualFeatureCache` serves them;
             image_features_mask: (B, 1 + num_object_images) bool, False where an image is absent.
         output_gate_weights: return the gate weights (B, n, L, c).
-        `output_hidden_states`, `output_attentions` (eager attention only) and `return_dict` work as for the text model.
+        `output_hidden_states`, `output_attentions` (eager attention only) and `return_dict` work as for the text
+        model.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")

