@@ -560,6 +560,13 @@ class HVPNetModel(HVPNetPreTrainedModel):
             self.visual_encoder = HVPNetVisualPrefixEncoder(config)
         self.post_init()
 
+    @property
+    def max_text_length(self) -> int:
+        """The longest text the position embeddings take: `max_position_embeddings`, less the positions that
+        RoBERTa-style embeddings skip (they count from `padding_idx + 1`; 512 of RoBERTa's 514)."""
+        positions = self.text_model.embeddings.position_embeddings
+        return positions.num_embeddings - (0 if positions.padding_idx is None else positions.padding_idx + 1)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.get_input_embeddings()
 

@@ -203,3 +203,25 @@ def test_models_without_token_type_ids_run_relations_and_the_ner_pipeline(model_
     for entity in ner(text, max_length=8):
         assert entity["word"] == " ".join(TWEET[entity["word_start"] : entity["word_end"]])
         assert text[entity["start"] : entity["end"]] == entity["word"]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "longest"), [("bert", 64), ("electra", 64), ("roberta", 62), ("xlm-roberta", 62)]
+)
+def test_the_longest_text_leaves_out_the_positions_roberta_skips(model_type, longest):
+    model = HVPNetModel(tiny_config(text_config=tiny_text_config(model_type))).eval()
+    assert model.max_text_length == longest
+    inputs = family_inputs(model.config.text_config, text_length=longest)
+    with torch.no_grad():
+        assert model(**inputs).last_hidden_state.shape[1] == longest
+    if longest < model.config.text_config.max_position_embeddings:
+        with pytest.raises((IndexError, RuntimeError), match="out of"):  # one position past the table
+            model(**family_inputs(model.config.text_config, text_length=longest + 1))
+
+
+def test_the_pipeline_refuses_windows_longer_than_roberta_positions():
+    model, processor = tiny_family_task_model("ner", "roberta", byte_level_bpe_tokenizer())
+    ner = MultimodalNerPipeline(model=model, processor=processor)
+    with pytest.raises(ValueError, match=r"max_position_embeddings \(64 less the 2 its embeddings skip: 62\), got 63"):
+        ner("Alice met Bob", max_length=63)
+    assert isinstance(ner("Alice met Bob", max_length=62), list)
