@@ -64,7 +64,8 @@ class ModelArguments:
     """The model flags of both tasks; the relation script adds `relation_pooling`."""
 
     text_model_name_or_path: str = field(
-        default="bert-base-uncased", metadata={"help": "Pretrained BERT-architecture text encoder (name or path)."}
+        default="bert-base-uncased",
+        metadata={"help": "Pretrained BERT-family text encoder (name or path): BERT, RoBERTa, XLM-R, ELECTRA, ..."},
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -449,7 +450,7 @@ def load_processor_and_model(
         model_args.text_model_name_or_path,
         vision_backbone=model_args.vision_backbone,
         vision_pretrained=model_args.vision_checkpoint or model_args.vision_pretrained,
-        tokenizer=processor.tokenizer,
+        processor=processor,
         num_labels=len(id2label),
         id2label=id2label,
         label2id={label: index for index, label in id2label.items()},

@@ -1,19 +1,30 @@
 """HVPNeT model configuration."""
 
-from transformers import BertConfig, PretrainedConfig
+from transformers import AutoConfig, BertConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+# Text encoders whose self-attention has BERT's layout (query, key and value projections of the hidden states into
+# heads, the same attention function and output): the visual prefix is prepended to their keys and values, and with
+# every image masked the model is exactly the encoder's own model. Encoders whose attention differs (DeBERTa's
+# disentangled attention, ModernBERT's rotary local/global attention, DistilBERT's fused layers, ...) are refused.
+TEXT_MODEL_TYPES = (
+    "bert", "camembert", "data2vec-text", "electra", "ernie", "roberta", "roberta-prelayernorm", "xlm-roberta",
+    "xlm-roberta-xl",
+)  # fmt: skip
 PREFIX_MODES = ("pyramid", "flat", "one_to_three", "original")
 RELATION_POOLINGS = ("entity_markers", "cls")
 
 
 class HVPNetConfig(PretrainedConfig):
     r"""
-    Configuration of an HVPNeT model: a BERT text encoder whose self-attention layers also attend to a visual
+    Configuration of an HVPNeT model: a BERT-family text encoder whose self-attention layers also attend to a visual
     prefix built from a timm CNN backbone (Chen et al., NAACL 2022 Findings).
 
     Args:
-        text_config (`BertConfig` or `dict`, *optional*):
-            The text encoder. Defaults to bert-base-uncased sizes.
+        text_config (`PretrainedConfig` or `dict`, *optional*):
+            The text encoder's configuration, of one of the types in `TEXT_MODEL_TYPES` (`BertConfig`,
+            `RobertaConfig`, `XLMRobertaConfig`, `ElectraConfig`, ...), kept as that type; a dict is read by its
+            `model_type` (`"bert"` when it has none). Defaults to bert-base-uncased sizes.
         vision_backbone (`str`, *optional*, defaults to `"resnet50"`):
             Any timm model name that supports `features_only=True`.
         vision_pretrained (`bool`, *optional*, defaults to `False`):
@@ -46,17 +57,19 @@ class HVPNetConfig(PretrainedConfig):
         relation_pooling (`str`, *optional*, defaults to `"entity_markers"`):
             Relation head input: the hidden states at the head and tail start markers, concatenated, or `"cls"`.
         head_start_token_id (`int`, *optional*):
-            Token id of the head entity start marker `<s>`.
+            Token id of the head entity start marker (`HVPNetProcessor.head_start_token_id`: `<s>` with BERT
+            tokenizers).
         tail_start_token_id (`int`, *optional*):
-            Token id of the tail entity start marker `<o>`.
+            Token id of the tail entity start marker (`HVPNetProcessor.tail_start_token_id`: `<o>` with BERT
+            tokenizers).
     """
 
     model_type = "hvpnet"
-    sub_configs = {"text_config": BertConfig}
+    sub_configs = {"text_config": AutoConfig}
 
     def __init__(
         self,
-        text_config: BertConfig | dict | None = None,
+        text_config: PretrainedConfig | dict | None = None,
         vision_backbone: str = "resnet50",
         vision_pretrained: bool = False,
         vision_out_indices: list[int] | tuple[int, ...] = (-4, -3, -2, -1),
@@ -76,7 +89,11 @@ class HVPNetConfig(PretrainedConfig):
         if text_config is None:
             text_config = BertConfig()
         elif isinstance(text_config, dict):
-            text_config = BertConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
+            settings = dict(text_config)
+            model_type = settings.pop("model_type", "bert")
+            _check_text_model_type(model_type)
+            text_config = CONFIG_MAPPING[model_type](**settings)
+        _check_text_model_type(text_config.model_type)
         self.text_config = text_config
         self.vision_backbone = vision_backbone
         self.vision_pretrained = vision_pretrained
@@ -120,6 +137,14 @@ class HVPNetConfig(PretrainedConfig):
     def prefix_length(self) -> int:
         """Visual prefix tokens per layer: `prefix_grid**2` per image."""
         return self.num_images * self.prefix_grid**2
+
+
+def _check_text_model_type(model_type: str) -> None:
+    if model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(
+            f"HVPNeT cannot use a text encoder of model_type {model_type!r}: its self-attention does not have BERT's "
+            f"layout, which the visual prefix extends. Supported text model types: {', '.join(TEXT_MODEL_TYPES)}"
+        )
 
 
 __all__ = ["HVPNetConfig"]

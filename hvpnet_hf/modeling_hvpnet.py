@@ -1,4 +1,4 @@
-"""PyTorch HVPNeT: a BERT encoder whose self-attention layers also attend to a hierarchical visual prefix.
+"""PyTorch HVPNeT: a BERT-family encoder whose self-attention layers also attend to a hierarchical visual prefix.
 
 Chen et al., "Good Visual Guidance Makes A Better Extractor: Hierarchical Visual Prefix for Multimodal Entity and
 Relation Extraction", NAACL 2022 Findings. Section numbers in comments refer to that paper.
@@ -17,11 +17,22 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchcrf import CRF
-from transformers import BertConfig, BertModel, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
+from transformers.models.bert.modeling_bert import BertModel, BertSelfAttention, eager_attention_forward
+from transformers.models.camembert.modeling_camembert import CamembertModel, CamembertSelfAttention
+from transformers.models.data2vec.modeling_data2vec_text import Data2VecTextModel, Data2VecTextSelfAttention
+from transformers.models.electra.modeling_electra import ElectraModel, ElectraSelfAttention
+from transformers.models.ernie.modeling_ernie import ErnieModel, ErnieSelfAttention
+from transformers.models.roberta.modeling_roberta import RobertaModel, RobertaSelfAttention
+from transformers.models.roberta_prelayernorm.modeling_roberta_prelayernorm import (
+    RobertaPreLayerNormModel,
+    RobertaPreLayerNormSelfAttention,
+)
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel, XLMRobertaSelfAttention
+from transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl import XLMRobertaXLModel, XLMRobertaXLSelfAttention
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
@@ -33,7 +44,7 @@ from .configuration_hvpnet import HVPNetConfig
 class HVPNetModelOutput(ModelOutput):
     """
     last_hidden_state: (B, T, d) text states of the last layer.
-    pooler_output: (B, d) BERT pooler over `[CLS]`, when the model has a pooler.
+    pooler_output: (B, d) the text encoder's pooler over its first token, when it has one (ELECTRA has none).
     hidden_states: tuple of L + 1 tensors (B, T, d), embeddings first, when `output_hidden_states=True`.
     attentions: tuple of L tensors (B, H, T, P + T), prefix keys first, when `output_attentions=True`; under sdpa,
         which computes no weights, an empty tuple (with transformers' warning), as for BERT.
@@ -79,9 +90,9 @@ class VisualPrefix:
 class HVPNetSelfAttention(BertSelfAttention):
     """BERT self-attention whose keys and values are prefixed by this layer's visual prefix (paper eq. 9).
 
-    `HVPNetModel` hands the prefix of all layers down through `BertModel` as the keyword argument `visual_prefix`;
-    each layer takes its own keys and values (by `layer_idx`) and prepends the prefix columns to the text mask that
-    `BertModel` built. Queries stay text-only, so the output keeps the text length.
+    `HVPNetModel` hands the prefix of all layers down through the text model as the keyword argument
+    `visual_prefix`; each layer takes its own keys and values (by `layer_idx`) and prepends the prefix columns to the
+    text mask that the text model built. Queries stay text-only, so the output keeps the text length.
     """
 
     def forward(
@@ -117,10 +128,71 @@ class HVPNetSelfAttention(BertSelfAttention):
         return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
 
 
+# The same attention for the other supported families. transformers gives each its own self-attention class, with
+# BERT's modules (`query`, `key`, `value`, `dropout`), sizes and forward; the prefix attention subclasses the
+# family's class, so its weights load under the family's names and `isinstance` checks on that class hold.
+class HVPNetCamembertSelfAttention(CamembertSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+class HVPNetData2VecTextSelfAttention(Data2VecTextSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+class HVPNetElectraSelfAttention(ElectraSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+class HVPNetErnieSelfAttention(ErnieSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+class HVPNetRobertaSelfAttention(RobertaSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+class HVPNetRobertaPreLayerNormSelfAttention(RobertaPreLayerNormSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+class HVPNetXLMRobertaSelfAttention(XLMRobertaSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+class HVPNetXLMRobertaXLSelfAttention(XLMRobertaXLSelfAttention):
+    forward = HVPNetSelfAttention.forward
+
+
+# `text_config.model_type` → the family's own text model and the prefix attention that replaces its self-attention
+# (the types `configuration_hvpnet.TEXT_MODEL_TYPES` accepts).
+TEXT_MODELS: dict[str, tuple[type[PreTrainedModel], type[nn.Module]]] = {
+    "bert": (BertModel, HVPNetSelfAttention),
+    "camembert": (CamembertModel, HVPNetCamembertSelfAttention),
+    "data2vec-text": (Data2VecTextModel, HVPNetData2VecTextSelfAttention),
+    "electra": (ElectraModel, HVPNetElectraSelfAttention),
+    "ernie": (ErnieModel, HVPNetErnieSelfAttention),
+    "roberta": (RobertaModel, HVPNetRobertaSelfAttention),
+    "roberta-prelayernorm": (RobertaPreLayerNormModel, HVPNetRobertaPreLayerNormSelfAttention),
+    "xlm-roberta": (XLMRobertaModel, HVPNetXLMRobertaSelfAttention),
+    "xlm-roberta-xl": (XLMRobertaXLModel, HVPNetXLMRobertaXLSelfAttention),
+}
+
+
+def build_text_model(text_config, add_pooling_layer: bool) -> PreTrainedModel:
+    """The family's own text model for `text_config`, its self-attention modules replaced by the prefix attention
+    (ELECTRA has no pooler, whatever `add_pooling_layer` says)."""
+    model_class, attention_class = TEXT_MODELS[text_config.model_type]
+    pooling = {} if model_class is ElectraModel else {"add_pooling_layer": add_pooling_layer}
+    text_model = model_class(text_config, **pooling)
+    for index, layer in enumerate(text_model.encoder.layer):
+        layer.attention.self = attention_class(text_config, layer_idx=index)
+    return text_model
+
+
 def _prepend_prefix_mask(
     attention_mask: torch.Tensor | None, prefix_mask: torch.Tensor, query: torch.Tensor
 ) -> torch.Tensor:
-    """Extend the text mask `BertModel` built to the prefix keys, which come first.
+    """Extend the text mask the text model built to the prefix keys, which come first.
 
     attention_mask: None (every text key visible), boolean (B, 1, T, T) True where visible (sdpa), or additive
         (B, 1, T, T) with 0 or the dtype's minimum (eager). prefix_mask: (B, P) True where the image is present.
@@ -436,10 +508,10 @@ class HVPNetPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("text", "image")
     supports_gradient_checkpointing = True
-    # The prefix extends the additive (eager) or boolean (sdpa) mask BertModel builds; flash and flex attention take
-    # other mask forms and are not supported.
+    # The prefix extends the additive (eager) or boolean (sdpa) mask the text model builds; flash and flex attention
+    # take other mask forms and are not supported.
     _supports_sdpa = True
-    _no_split_modules = ["BertEmbeddings", "BertLayer"]
+    # No `_no_split_modules` of its own: `post_init` collects the text model's (its embeddings and layers).
     # The heads average their losses over the batch themselves; Trainer must not expect `num_items_in_batch` use.
     accepts_loss_kwargs = False
 
@@ -485,20 +557,21 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         text_model_name_or_path: str,
         vision_backbone: str = "resnet50",
         vision_pretrained: bool | str = False,
-        tokenizer=None,
+        processor=None,
         **config_kwargs,
     ) -> "HVPNetPreTrainedModel":
-        """Build an HVPNeT model around a pretrained BERT (and optionally pretrained backbone weights).
+        """Build an HVPNeT model around a pretrained text encoder of a supported family (its type is read from the
+        checkpoint's config) and optionally pretrained backbone weights.
 
         `vision_pretrained`: False (random backbone), True (timm's pretrained weights) or a local checkpoint path.
-        `tokenizer`: when given, the embeddings are resized to `len(tokenizer)` and the relation marker ids are read
-        from its `<s>` and `<o>` tokens if present.
+        `processor`: an `HVPNetProcessor`; when given, the embeddings are resized to `len(processor.tokenizer)` and,
+        for a relation processor, the marker ids are its `head_start_token_id` and `tail_start_token_id`.
         """
-        text_config = BertConfig.from_pretrained(text_model_name_or_path)
-        if tokenizer is not None:
-            vocabulary = tokenizer.get_vocab()
-            config_kwargs.setdefault("head_start_token_id", vocabulary.get("<s>"))
-            config_kwargs.setdefault("tail_start_token_id", vocabulary.get("<o>"))
+        text_config = AutoConfig.from_pretrained(text_model_name_or_path)
+        tokenizer = processor.tokenizer if processor is not None else None
+        if processor is not None and processor.task == "re":
+            config_kwargs.setdefault("head_start_token_id", processor.head_start_token_id)
+            config_kwargs.setdefault("tail_start_token_id", processor.tail_start_token_id)
         config = HVPNetConfig(
             text_config=text_config,
             vision_backbone=vision_backbone,
@@ -507,8 +580,9 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         )
         model = cls(config)
         base = model if isinstance(model, HVPNetModel) else model.hvpnet
-        pretrained_text = BertModel.from_pretrained(text_model_name_or_path).state_dict()
-        if base.text_model.pooler is None:  # the task heads read token states, not the pooler
+        text_model_class, _ = TEXT_MODELS[text_config.model_type]
+        pretrained_text = text_model_class.from_pretrained(text_model_name_or_path).state_dict()
+        if getattr(base.text_model, "pooler", None) is None:  # the task heads read token states, not the pooler
             pretrained_text = {
                 name: weight for name, weight in pretrained_text.items() if not name.startswith("pooler.")
             }
@@ -521,20 +595,20 @@ class HVPNetPreTrainedModel(PreTrainedModel):
 
 
 class HVPNetModel(HVPNetPreTrainedModel):
-    """The HVPNeT encoder: BERT with a visual prefix in every self-attention layer.
+    """The HVPNeT encoder: a BERT-family text encoder with a visual prefix in every self-attention layer.
 
-    Its text encoder is a `BertModel` whose self-attention modules are `HVPNetSelfAttention`, so pretrained BERT
-    weights load into it unchanged. `forward` builds the visual prefix and runs that `BertModel` with it as the keyword
-    argument `visual_prefix`, which transformers hands down to every self-attention module; hidden states and
-    attention weights are recorded by transformers as for BERT. With `use_visual_prefix=False`, or when every image
-    is masked (paper modes), it computes exactly what `BertModel` computes.
+    Its text encoder is the family's own model (`BertModel`, `RobertaModel`, `XLMRobertaModel`, `ElectraModel`, ...,
+    see `TEXT_MODELS`) whose self-attention modules are the prefix attention, so the family's pretrained weights load
+    into it unchanged and its embeddings keep their conventions (RoBERTa's positions after the padding index,
+    ELECTRA's embedding projection). `forward` builds the visual prefix and runs that text model with it as the
+    keyword argument `visual_prefix`, which transformers hands down to every self-attention module; hidden states and
+    attention weights are recorded by transformers as for the text model. With `use_visual_prefix=False`, or when
+    every image is masked (paper modes), it computes exactly what the text model computes.
     """
 
     def __init__(self, config: HVPNetConfig, add_pooling_layer: bool = True):
         super().__init__(config)
-        self.text_model = BertModel(config.text_config, add_pooling_layer=add_pooling_layer)
-        for index, layer in enumerate(self.text_model.encoder.layer):
-            layer.attention.self = HVPNetSelfAttention(config.text_config, layer_idx=index)
+        self.text_model = build_text_model(config.text_config, add_pooling_layer)
         if not config.use_visual_prefix:
             self.visual_encoder = None
         elif config.prefix_mode == "original":
@@ -543,11 +617,18 @@ class HVPNetModel(HVPNetPreTrainedModel):
             self.visual_encoder = HVPNetVisualPrefixEncoder(config)
         self.post_init()
 
+    @property
+    def max_text_length(self) -> int:
+        """The longest text the position embeddings take: `max_position_embeddings`, less the positions that
+        RoBERTa-style embeddings skip (they count from `padding_idx + 1`; 512 of RoBERTa's 514)."""
+        positions = self.text_model.embeddings.position_embeddings
+        return positions.num_embeddings - (0 if positions.padding_idx is None else positions.padding_idx + 1)
+
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.text_model.embeddings.word_embeddings
+        return self.text_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.text_model.embeddings.word_embeddings = value
+        self.text_model.set_input_embeddings(value)
 
     @can_return_tuple
     def forward(
@@ -575,8 +656,8 @@ class HVPNetModel(HVPNetPreTrainedModel):
             of the global image and the crops (`visual_features` of the encoder), as `VisualFeatureCache` serves them;
             image_features_mask: (B, 1 + num_object_images) bool, False where an image is absent.
         output_gate_weights: return the gate weights (B, n, L, c).
-        `output_hidden_states`, `output_attentions` and `return_dict` work as for `BertModel` (attention weights need
-        `attn_implementation="eager"`).
+        `output_hidden_states`, `output_attentions` and `return_dict` work as for the text model (attention weights
+        need `attn_implementation="eager"`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -601,7 +682,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
         )
         return HVPNetModelOutput(
             last_hidden_state=text_outputs.last_hidden_state,
-            pooler_output=text_outputs.pooler_output,
+            pooler_output=getattr(text_outputs, "pooler_output", None),  # ELECTRA has no pooler
             hidden_states=text_outputs.hidden_states,
             attentions=text_outputs.attentions,
             gate_weights=prefix.gate_weights if output_gate_weights and prefix is not None else None,

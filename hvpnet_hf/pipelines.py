@@ -168,11 +168,13 @@ class _HVPNetPipeline(Pipeline):
         return inputs
 
     def _check_max_length(self, max_length: Any) -> None:
-        limit = self.model.config.text_config.max_position_embeddings
+        positions = self.model.config.text_config.max_position_embeddings
+        limit = self.model.base_model.max_text_length
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 3 <= max_length <= limit:
+            skipped = f" less the {positions - limit} its embeddings skip: {limit}" if limit < positions else ""
             raise ValueError(
-                f"max_length must be an integer from 3 to the text model's max_position_embeddings ({limit}), "
-                f"got {max_length!r}"
+                f"max_length must be an integer from 3 to the text model's max_position_embeddings ({positions}"
+                f"{skipped}), got {max_length!r}"
             )
 
     def _preprocess_parameters(self, max_length: int | None, missing_images: str | None) -> dict[str, Any]:
@@ -270,7 +272,8 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         info["word_ids"] = windows["word_ids"]
         row_names = ("input_ids", "attention_mask", "token_type_ids", "word_start_mask")
         features = [
-            {**{name: windows[name][row] for name in row_names}, **images} for row in range(len(windows["input_ids"]))
+            {**{name: windows[name][row] for name in row_names if name in windows}, **images}
+            for row in range(len(windows["input_ids"]))
         ]
         return {"features": features, "example": info}
 

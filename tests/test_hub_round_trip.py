@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from modeling_utils import tiny_task_model
+from modeling_utils import TOKENIZERS, tiny_family_task_model, tiny_task_model
 from PIL import Image
 from transformers.dynamic_module_utils import get_imports
 
@@ -287,3 +287,77 @@ def test_every_save_route_gives_a_folder_whose_pipeline_loads_without_hvpnet_hf(
     for name, result in report.items():
         assert result["module"].startswith("transformers_modules."), result["module"]
         assert_same_pipeline_output(result["output"], expected[name])
+
+
+FAMILY_REPOS = {
+    "ner": ("org/hvpnet-roberta-ner", "roberta", "byte-level-bpe"),
+    "re": ("org/hvpnet-xlmr-mnre", "xlm-roberta", "unigram"),
+}
+
+
+@pytest.fixture(scope="module")
+def family_hub(tmp_path_factory):
+    """A Hub cache with a RoBERTa-based NER model and an XLM-R-based RE model (byte-level BPE and Unigram tokenizers
+    without token type ids, RE markers `<e1> </e1> <e2> </e2>`), each trained a few steps, with their outputs."""
+    root = tmp_path_factory.mktemp("family_hub")
+    image = root / "tweet.png"
+    Image.new("RGB", (48, 32), (30, 140, 200)).save(image)
+    examples = {
+        "ner": {"text": "Kevin Durant enters Oracle Arena", "image": str(image)},
+        "re": {"words": ["Alice", "met", "Bob", "in", "Paris"], "head": (0, 1), "tail": (2, 3), "image": str(image)},
+    }
+    expected = {}
+    for task, (repo_id, model_type, tokenizer_family) in FAMILY_REPOS.items():
+        model, processor = tiny_family_task_model(task, model_type, TOKENIZERS[tokenizer_family]())
+        words = [["Kevin", "Durant", "enters", "Oracle", "Arena"], ["Alice", "met", "Bob", "in", "Paris"]]
+        if task == "ner":
+            batch = processor(words, [str(image), None], tags=[[1, 2, 0, 5, 6], [1, 0, 1, 0, 3]])
+        else:
+            spans = {"head": [{"start": 0, "end": 1}] * 2, "tail": [{"start": 2, "end": 3}, {"start": 4, "end": 5}]}
+            batch = processor(words, [str(image), None], **spans, relation=[1, 2])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(5):
+            optimizer.zero_grad()
+            model.train()(**batch).loss.backward()
+            optimizer.step()
+        pipe = (MultimodalNerPipeline if task == "ner" else MultimodalRePipeline)(
+            model=model.eval(), processor=processor
+        )
+        pipe.save_pretrained(root / task)
+        add_snapshot(root / "cache", repo_id, root / task, "c" * 40)
+        expected[task] = pipe(examples[task], top_k=3) if task == "re" else pipe(examples[task])
+    return {"root": root, "examples": examples, "expected": expected}
+
+
+def test_roberta_and_xlm_r_models_load_by_repo_id_without_hvpnet_hf(family_hub):
+    script = f"""
+    import json
+    from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline
+
+    report = {{}}
+    for task, repo_id in (("ner", {FAMILY_REPOS["ner"][0]!r}), ("re", {FAMILY_REPOS["re"][0]!r})):
+        example = {family_hub["examples"]!r}[task]
+        processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
+        pipe = pipeline(model=repo_id, trust_remote_code=True)
+        report[task] = {{
+            "text_config": type(AutoConfig.from_pretrained(repo_id, trust_remote_code=True).text_config).__name__,
+            "text_model": type(AutoModel.from_pretrained(repo_id, trust_remote_code=True).text_model).__name__,
+            "tokenizer": type(processor.tokenizer).__name__,
+            "entity_markers": processor.entity_markers,
+            "model_input_names": processor.model_input_names,
+            "pipeline": pipe(example, top_k=3) if task == "re" else pipe(example),
+        }}
+    import sys
+    report["imported"] = sorted(name for name in sys.modules if name.split(".")[0] in {BLOCKED!r})
+    print(json.dumps(report))
+    """
+    report = run_offline(family_hub, script, block=True)
+    assert report["imported"] == []
+    assert report["ner"]["text_config"] == "RobertaConfig" and report["ner"]["text_model"] == "RobertaModel"
+    assert report["re"]["text_config"] == "XLMRobertaConfig" and report["re"]["text_model"] == "XLMRobertaModel"
+    assert report["ner"]["tokenizer"] == "RobertaTokenizer" and report["re"]["tokenizer"] == "XLMRobertaTokenizer"
+    assert report["ner"]["entity_markers"] is None
+    assert report["re"]["entity_markers"] == ["<e1>", "</e1>", "<e2>", "</e2>"]
+    for task in ("ner", "re"):
+        assert "token_type_ids" not in report[task]["model_input_names"]
+        assert_same_pipeline_output(report[task]["pipeline"], family_hub["expected"][task])

@@ -21,7 +21,13 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
-from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetModel
+from hvpnet_hf import (
+    HVPNetConfig,
+    HVPNetForSequenceClassification,
+    HVPNetForTokenClassification,
+    HVPNetModel,
+    HVPNetProcessor,
+)
 from hvpnet_hf.modeling_hvpnet import HVPNetSelfAttention
 
 # float32 attention over a few dozen positions: differences between equivalent computations stay near 1e-6.
@@ -761,11 +767,11 @@ def test_builder_loads_the_pretrained_text_encoder(tiny_bert_folder):
     assert model.config.num_labels == 3
 
 
-def test_builder_resizes_embeddings_and_reads_markers_from_the_tokenizer(tiny_bert_folder):
-    tokenizer = BertTokenizerFast.from_pretrained(tiny_bert_folder)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<s>", "</s>", "<o>", "</o>"]})
+def test_builder_resizes_embeddings_and_reads_markers_from_the_processor(tiny_bert_folder):
+    processor = HVPNetProcessor(BertTokenizerFast.from_pretrained(tiny_bert_folder), task="re")
+    tokenizer = processor.tokenizer
     model = HVPNetForSequenceClassification.from_text_vision_pretrained(
-        str(tiny_bert_folder), vision_backbone="test_resnet", tokenizer=tokenizer, num_labels=4
+        str(tiny_bert_folder), vision_backbone="test_resnet", processor=processor, num_labels=4
     ).eval()
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) == TINY_TEXT["vocab_size"] + 4
     assert model.config.text_config.vocab_size == len(tokenizer)

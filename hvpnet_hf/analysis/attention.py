@@ -15,14 +15,10 @@ from datasets import Dataset
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
 from ..pipelines import bio_entities
-from ..processing_hvpnet import HEAD_END, HEAD_START, TAIL_END, TAIL_START
 from .data import add_data_arguments, load_examples, load_model
 from .gates import slot_presence
 from .plotting import pyplot
 from .reporting import write_report
-
-# The relation processor's entity markers around the head and around the tail.
-ROLE_MARKERS = {"head": (HEAD_START, HEAD_END), "tail": (TAIL_START, TAIL_END)}
 
 
 def ner_entities(example: dict, word_ids: list[int], names: list[str]) -> dict[str, list[int]]:
@@ -36,11 +32,13 @@ def ner_entities(example: dict, word_ids: list[int], names: list[str]) -> dict[s
     return entities
 
 
-def re_entities(example: dict, input_ids: list[int], tokenizer) -> dict[str, list[int]]:
-    """`{"head: words" / "tail: words": positions}`: the tokens between `<s>`/`</s>` and between `<o>`/`</o>`."""
+def re_entities(example: dict, input_ids: list[int], processor) -> dict[str, list[int]]:
+    """`{"head: words" / "tail: words": positions}`: the tokens between the processor's head markers (`<s>`/`</s>`
+    for BERT) and between its tail markers (`<o>`/`</o>`)."""
     entities = {}
-    for role, markers in ROLE_MARKERS.items():
-        start_id, end_id = tokenizer.convert_tokens_to_ids(list(markers))
+    markers = processor.entity_markers
+    for role, role_markers in (("head", markers[:2]), ("tail", markers[2:])):
+        start_id, end_id = processor.tokenizer.convert_tokens_to_ids(list(role_markers))
         first, last = input_ids.index(start_id), input_ids.index(end_id)
         entities[f"{role}: {example[role]['name']}"] = list(range(first + 1, last))
     return entities
@@ -68,7 +66,7 @@ def entity_attention(model, processor, examples: Dataset, index: int, task: str)
     if task == "ner":
         entities = ner_entities(example, encoded["word_ids"], examples.features["ner_tags"].feature.names)
     else:
-        entities = re_entities(example, encoded["input_ids"], processor.tokenizer)
+        entities = re_entities(example, encoded["input_ids"], processor)
     if not entities:
         raise ValueError(f"example {index} has no entity within the model's input")
     outputs = model(**batch, output_attentions=True)
