@@ -10,12 +10,20 @@ import json
 import pytest
 import timm
 import torch
-from modeling_utils import TINY_BACKBONES, TINY_TEXT, tiny_images, tiny_task_model, tiny_vision_config
+from modeling_utils import (
+    TINY_BACKBONES,
+    TINY_TEXT,
+    TINY_VIT,
+    VIT_B_LEVELS,
+    tiny_images,
+    tiny_task_model,
+    tiny_vision_config,
+)
 from PIL import Image
 from test_hub_round_trip import run_offline
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetModel, HVPNetProcessor
+from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetModel, HVPNetProcessor, VisualFeatureCache
 from hvpnet_hf.modeling_hvpnet import default_out_indices
 from hvpnet_hf.pipelines import MultimodalNerPipeline
 
@@ -166,6 +174,25 @@ def test_ablations_chunking_and_cached_features_work_with_every_backbone(models,
         assert output.gate_weights.shape[:2] == (2, 2 if "use_global_image" in overrides else 3)
 
 
+@pytest.mark.parametrize("kind", ["swin", "dinov2_registers"])
+def test_the_feature_cache_serves_what_the_backbone_gives_the_pixels(models, kind, tmp_path):
+    model = models(kind)
+    side = TINY_BACKBONES[kind][2]
+    processor = HVPNetProcessor(tiny_task_model("ner")[1].tokenizer, image_size=side, num_object_images=2)
+    paths = []
+    for index, color in enumerate([(200, 40, 30), (10, 120, 250)]):
+        paths.append(tmp_path / f"{index}.png")
+        Image.new("RGB", (side + 10, side), color).save(paths[-1])
+    cache = VisualFeatureCache(model, processor, tmp_path / "cache").build(paths)
+    features, present = cache.example_features(paths[0], [paths[1]])
+    images = processor.image_processor.preprocess_example(paths[0], [paths[1]])
+    with torch.no_grad():
+        expected = model.visual_encoder.visual_features(images["pixel_values"][:2])
+    assert present.tolist() == [True, True, False]
+    assert (features[:2] - expected).abs().max() <= SAME
+    assert differs(features[0], features[1])
+
+
 @pytest.mark.parametrize(
     "backbone, model_args",
     [("resnet_with_a_typo", {}), ("inception_v3", {"aux_logits": True}), ("test_resnet", {"no_such_argument": 1})],
@@ -233,7 +260,7 @@ def test_a_vit_model_works_from_its_saved_folder_where_hvpnet_hf_cannot_be_impor
     base_config = base_model.config.to_dict()
     base_config.update(
         vision_backbone="vit_base_patch16_clip_224.openai",
-        vision_model_args={"img_size": 32, "embed_dim": 32, "depth": 12, "num_heads": 2},
+        vision_model_args={**TINY_VIT, "img_size": 32},
         vision_out_indices=None,
     )
     torch.manual_seed(0)
@@ -274,6 +301,6 @@ def test_a_vit_model_works_from_its_saved_folder_where_hvpnet_hf_cannot_be_impor
     report = run_offline({"root": tmp_path}, script, block=True)
     assert report["imported"] == []
     assert all(module.startswith("transformers_modules.") for module in report["classes"]), report["classes"]
-    assert report["backbone"] == "FeatureGetterNet" and report["levels"] == [2, 5, 8, 11]
+    assert report["backbone"] == "FeatureGetterNet" and report["levels"] == VIT_B_LEVELS
     assert report["same_pixels"] and report["logits_difference"] <= SAME
     assert [entity["word"] for entity in report["pipeline"]] == [entity["word"] for entity in pipe(example)]
