@@ -3,9 +3,9 @@
 Settings (paper appendix B, as in `bench_train_step.py`): a bert-base-size text encoder, random weights, 1 global
 image + 3 crops at 224 px, batch 8, text padded to 80 tokens, NER head with CRF, the frozen backbone
 (`freeze_vision=True`, the default) run in calls of 8 images, and the optimizer `Trainer` builds by default. The
-backbones are random too, each at its default levels (`vision_out_indices=None`): resnet50 (the paper's), a ViT-B/32
-and a ViT-B/16 (CLIP's architecture, blocks 3, 6, 9, 12) and a Swin-T. Every backbone runs in a fresh subprocess, so
-its peak memory (max RSS, model included) is its own.
+backbones are random too, each at its default levels (`vision_out_indices=None`): resnet50 (the paper's), a ViT-B/16
+and a ViT-B/32 (CLIP's architecture, blocks 3, 6, 9, 12) and a Swin-T. Every backbone runs in a fresh subprocess, so
+its peak memory (max RSS, model included) is its own; each row is printed when its subprocess ends.
 
     python benchmarks/bench_backbones.py [--repeats 2] [--backbones resnet50 vit_base_patch16_clip_224]
 
@@ -22,7 +22,7 @@ import tempfile
 import torch
 from bench_train_step import BATCH_SIZE, IMAGE_SIZE, NUM_LABELS, NUM_OBJECTS, TEXT_LENGTH, mean_seconds, peak_rss_gib
 
-BACKBONES = ("resnet50", "vit_base_patch32_clip_224", "vit_base_patch16_clip_224", "swin_tiny_patch4_window7_224")
+BACKBONES = ("resnet50", "vit_base_patch16_clip_224", "vit_base_patch32_clip_224", "swin_tiny_patch4_window7_224")
 
 
 def make_batch() -> dict:
@@ -79,19 +79,19 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats={args.repeats}, batch {BATCH_SIZE}")
-    rows = {}
-    for backbone in args.backbones:
+    print(f"\n{'backbone':30s} {'params':>7s} {'levels':>15s} {'train s':>8s} {'ratio':>6s} {'GiB':>5s}")
+    reference = None
+    for backbone in args.backbones:  # each row is printed as soon as its subprocess ends
         command = [sys.executable, __file__, "--repeats", str(args.repeats), "--worker", backbone]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{backbone} failed:\n{result.stderr[-3000:]}")
-        rows[backbone] = json.loads(result.stdout.strip().splitlines()[-1])
-    reference = rows[args.backbones[0]]
-    print(f"\n{'backbone':30s} {'params':>7s} {'levels':>15s} {'train s':>8s} {'ratio':>6s} {'GiB':>5s}")
-    for backbone, row in rows.items():
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        reference = reference or row
         print(
             f"{backbone:30s} {row['backbone_parameters'] / 1e6:6.1f}M {str(row['levels']):>15s} "
-            f"{row['seconds']:8.2f} {row['seconds'] / reference['seconds']:5.2f}x {row['peak_rss_gib']:5.2f}"
+            f"{row['seconds']:8.2f} {row['seconds'] / reference['seconds']:5.2f}x {row['peak_rss_gib']:5.2f}",
+            flush=True,
         )
     print(f"(ratio: step time over {args.backbones[0]}'s; GiB: peak RSS of the process, model included)")
 
