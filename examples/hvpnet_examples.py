@@ -95,9 +95,9 @@ class ModelArguments:
     prefix_grid: int = field(
         default=DEFAULT_CONFIG.prefix_grid, metadata={"help": "Each feature map is pooled to grid x grid tokens."}
     )
-    vision_out_indices: list[int] = field(
-        default_factory=lambda: list(DEFAULT_CONFIG.vision_out_indices),
-        metadata={"help": "Backbone feature levels of the pyramid."},
+    vision_out_indices: list[int] | None = field(
+        default=DEFAULT_CONFIG.vision_out_indices,
+        metadata={"help": "Backbone feature levels of the pyramid (default: chosen from the backbone)."},
     )
     freeze_vision: bool = field(
         default=DEFAULT_CONFIG.freeze_vision, metadata={"help": "Keep the backbone (and its BatchNorm) fixed."}

@@ -18,7 +18,7 @@ RELATION_POOLINGS = ("entity_markers", "cls")
 class HVPNetConfig(PretrainedConfig):
     r"""
     Configuration of an HVPNeT model: a BERT-family text encoder whose self-attention layers also attend to a visual
-    prefix built from a timm CNN backbone (Chen et al., NAACL 2022 Findings).
+    prefix built from a timm vision backbone (Chen et al., NAACL 2022 Findings).
 
     Args:
         text_config (`PretrainedConfig` or `dict`, *optional*):
@@ -26,13 +26,19 @@ class HVPNetConfig(PretrainedConfig):
             `RobertaConfig`, `XLMRobertaConfig`, `ElectraConfig`, ...), kept as that type; a dict is read by its
             `model_type` (`"bert"` when it has none). Defaults to bert-base-uncased sizes.
         vision_backbone (`str`, *optional*, defaults to `"resnet50"`):
-            Any timm model name that supports `features_only=True`.
+            Any timm model name that supports `features_only=True`: a CNN, a hierarchical transformer (Swin) or a
+            plain ViT (CLIP, DINOv2); a tag (`"vit_base_patch16_clip_224.openai"`) picks the pretrained weights.
         vision_pretrained (`bool`, *optional*, defaults to `False`):
             Records whether the backbone started from pretrained weights. Building a model from a config never
             downloads weights; `from_text_vision_pretrained` loads them.
-        vision_out_indices (`list[int]`, *optional*, defaults to `[-4, -3, -2, -1]`):
-            Which backbone feature levels form the pyramid (timm `out_indices`; the default takes the last four,
-            the four ResNet stages).
+        vision_out_indices (`list[int]`, *optional*):
+            Which backbone feature levels form the pyramid (timm `out_indices`). `None` lets the backbone choose when
+            the model is built, which then records the levels here: the last four levels of a CNN or hierarchical
+            transformer (the four ResNet or Swin stages), and for a plain ViT, whose levels are blocks of one
+            resolution, four blocks spread evenly over its depth (blocks 3, 6, 9 and 12 of a 12-block ViT).
+        vision_model_args (`dict`, *optional*):
+            Extra keyword arguments of `timm.create_model` for the backbone, e.g. `{"img_size": 384}` for a ViT at
+            another resolution, or the sizes of a small test model.
         freeze_vision (`bool`, *optional*, defaults to `True`):
             Run the backbone without autograd and keep its BatchNorm statistics fixed.
         vision_chunk_size (`int`, *optional*, defaults to 8):
@@ -72,7 +78,8 @@ class HVPNetConfig(PretrainedConfig):
         text_config: PretrainedConfig | dict | None = None,
         vision_backbone: str = "resnet50",
         vision_pretrained: bool = False,
-        vision_out_indices: list[int] | tuple[int, ...] = (-4, -3, -2, -1),
+        vision_out_indices: list[int] | tuple[int, ...] | None = None,
+        vision_model_args: dict | None = None,
         freeze_vision: bool = True,
         vision_chunk_size: int | None = 8,
         num_object_images: int = 3,
@@ -97,7 +104,8 @@ class HVPNetConfig(PretrainedConfig):
         self.text_config = text_config
         self.vision_backbone = vision_backbone
         self.vision_pretrained = vision_pretrained
-        self.vision_out_indices = list(vision_out_indices)
+        self.vision_out_indices = None if vision_out_indices is None else list(vision_out_indices)
+        self.vision_model_args = dict(vision_model_args or {})
         self.freeze_vision = freeze_vision
         self.vision_chunk_size = vision_chunk_size
         self.num_object_images = num_object_images
@@ -123,8 +131,20 @@ class HVPNetConfig(PretrainedConfig):
             raise ValueError(f"prefix_grid must be >= 1, got {self.prefix_grid}")
         if self.vision_chunk_size is not None and self.vision_chunk_size < 1:
             raise ValueError(f"vision_chunk_size must be >= 1 or None (all at once), got {self.vision_chunk_size}")
-        if not self.vision_out_indices:
-            raise ValueError("vision_out_indices must name at least one backbone feature level")
+        if self.vision_out_indices is not None:
+            if not self.vision_out_indices or not all(isinstance(index, int) for index in self.vision_out_indices):
+                raise ValueError(
+                    f"vision_out_indices must be None (chosen from the backbone) or a non-empty list of backbone "
+                    f"feature levels (int), got {self.vision_out_indices!r}"
+                )
+            if len(set(self.vision_out_indices)) < len(self.vision_out_indices):
+                raise ValueError(f"vision_out_indices names a level twice: {self.vision_out_indices}")
+        reserved = {"pretrained", "features_only", "out_indices"} & set(self.vision_model_args)
+        if reserved:
+            raise ValueError(
+                f"vision_model_args must not set {sorted(reserved)}: they follow vision_pretrained and "
+                "vision_out_indices"
+            )
         if self.use_visual_prefix and not self.use_global_image and self.num_object_images == 0:
             raise ValueError("use_global_image=False with num_object_images=0 leaves no image to build a prefix from")
 

@@ -96,6 +96,7 @@ class VisualFeatureCache:
             "backbone": config.vision_backbone,
             "backbone_weights_sha256": _state_dict_sha256(self.encoder.backbone),
             "vision_out_indices": list(config.vision_out_indices),
+            "vision_model_args": config.vision_model_args,
             "prefix_mode": config.prefix_mode,
             "prefix_grid": config.prefix_grid,
             "image_transform": {

@@ -14,6 +14,7 @@ from functools import partial
 
 import timm
 import torch
+from timm.layers import Format
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchcrf import CRF
@@ -213,6 +214,50 @@ def _prepend_prefix_mask(
     return torch.cat([prefix_columns, text_columns], dim=-1)
 
 
+# When `vision_out_indices` is None, the prefix reads this many backbone levels: the paper's four ResNet stages.
+NUM_DEFAULT_LEVELS = 4
+
+
+def create_feature_backbone(config: HVPNetConfig, pretrained: bool | str = False) -> nn.Module:
+    """The timm feature extractor (`features_only=True`) of `config.vision_backbone` at the levels
+    `config.vision_out_indices`, which is first set to `default_out_indices` when None. `pretrained`: False (random
+    weights, nothing downloaded), True (timm's pretrained weights) or the path of a local checkpoint file."""
+    if config.vision_out_indices is None:
+        config.vision_out_indices = default_out_indices(config.vision_backbone, config.vision_model_args)
+    return _timm_features(
+        config.vision_backbone,
+        config.vision_model_args,
+        pretrained=bool(pretrained),
+        out_indices=tuple(config.vision_out_indices),
+        pretrained_cfg_overlay={"file": pretrained} if isinstance(pretrained, str) else None,
+    )
+
+
+def default_out_indices(backbone: str, model_args: dict) -> list[int]:
+    """The backbone levels a prefix reads by default. A plain ViT's levels are its blocks, all of one resolution:
+    four of them spread evenly over its depth, as DPT (Ranftl et al., ICCV 2021) reads blocks 3, 6, 9 and 12 of a
+    ViT-B (its last four blocks would see nearly the same features). Any other backbone (CNN, Swin): its last four
+    levels, the four ResNet stages of the paper."""
+    with torch.device("meta"):  # only the layout of the levels is read: no weights are allocated or initialised
+        levels = _timm_features(backbone, model_args, pretrained=False).feature_info.info
+    count = len(levels)
+    if len({level["reduction"] for level in levels}) == 1 and count > NUM_DEFAULT_LEVELS:
+        return [count * (level + 1) // NUM_DEFAULT_LEVELS - 1 for level in range(NUM_DEFAULT_LEVELS)]
+    return list(range(max(count - NUM_DEFAULT_LEVELS, 0), count))
+
+
+def _timm_features(backbone: str, model_args: dict, **kwargs) -> nn.Module:
+    """`timm.create_model(backbone, features_only=True, ...)`, with an error naming the backbone when timm cannot
+    build it as a feature extractor (an unknown name, a model without feature maps, a wrong model argument)."""
+    try:
+        return timm.create_model(backbone, features_only=True, **model_args, **kwargs)
+    except (AssertionError, AttributeError, RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"vision_backbone {backbone!r}: timm cannot build it with features_only=True, which HVPNeT reads its "
+            f"visual prefix from ({type(error).__name__}: {error})"
+        ) from error
+
+
 class HVPNetVisionEncoderBase(nn.Module):
     """What the prefix encoders share: sizes read from the config and the timm feature pyramid
     (`features_only=True`, levels `config.vision_out_indices`), frozen when `config.freeze_vision`: no autograd
@@ -231,12 +276,10 @@ class HVPNetVisionEncoderBase(nn.Module):
         self.grid = config.prefix_grid
         self.freeze_backbone = config.freeze_vision
         self.chunk_size = config.vision_chunk_size
-        self.backbone = timm.create_model(
-            config.vision_backbone,
-            pretrained=False,
-            features_only=True,
-            out_indices=tuple(config.vision_out_indices),
-        )
+        self.backbone = create_feature_backbone(config)
+        # EfficientNet and MobileNetV3 features come from timm classes of their own, channels first, that do not
+        # set `output_fmt`.
+        self.maps_channels_last = Format(getattr(self.backbone, "output_fmt", Format.NCHW)) == Format.NHWC
         # timm zero-initialises the last BatchNorm weight of every residual block (`zero_init_last`); mark those
         # BatchNorms so that `_init_weights` does the same for weights missing from a checkpoint.
         for block in self.backbone.modules():
@@ -276,17 +319,17 @@ class HVPNetVisionEncoderBase(nn.Module):
         """features (B, n, g*g, C) from `visual_features`, present (B, n) bool → the per-layer visual prefix."""
         raise NotImplementedError
 
-    def load_pretrained_backbone(self, pretrained: bool | str, backbone_name: str, out_indices: list[int]) -> None:
+    def load_pretrained_backbone(self, pretrained: bool | str, config: HVPNetConfig) -> None:
         """Load timm's pretrained weights (`True`) or a local checkpoint file (a path) into the backbone."""
-        overlay = {"file": pretrained} if isinstance(pretrained, str) else None
-        source = timm.create_model(
-            backbone_name,
-            pretrained=True,
-            features_only=True,
-            out_indices=tuple(out_indices),
-            pretrained_cfg_overlay=overlay,
-        )
-        self.backbone.load_state_dict(source.state_dict())
+        self.backbone.load_state_dict(create_feature_backbone(config, pretrained).state_dict())
+
+    def channels_first(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The backbone's maps as (N, C_i, H_i, W_i). Hierarchical transformers such as Swin give them channels last,
+        (N, H_i, W_i, C_i), as timm's `output_fmt` says; plain ViTs come as grids of their patch tokens, without the
+        class and register tokens (timm's `forward_intermediates` leaves those out)."""
+        if self.maps_channels_last:
+            return [feature_map.permute(0, 3, 1, 2) for feature_map in feature_maps]
+        return feature_maps
 
 
 class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
@@ -320,6 +363,7 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
 
     def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
         """Every used stage average-pooled to g x g, as g*g tokens, concatenated on channels: (N, g*g, C)."""
+        feature_maps = self.channels_first(feature_maps)
         pooled = [nn.functional.adaptive_avg_pool2d(feature_maps[i], self.grid) for i in self.stage_indices]
         return torch.cat([grid.flatten(2).transpose(1, 2) for grid in pooled], dim=2)
 
@@ -411,6 +455,14 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
 
     def __init__(self, config: HVPNetConfig):
         super().__init__(config)
+        reductions = self.backbone.feature_info.reduction()
+        if self.maps_channels_last or len(set(reductions)) < len(reductions):
+            layout = "channels-last maps" if self.maps_channels_last else "several levels of one resolution"
+            raise ValueError(
+                "prefix_mode='original' reproduces the authors' code, which pools the stage pyramid of a ResNet-50 "
+                f"(channels first, one resolution per stage); vision_backbone {config.vision_backbone!r} gives "
+                f"{layout}. Use prefix_mode='pyramid' with it."
+            )
         self.num_stages = len(self.backbone.feature_info.channels())
         tokens = self.grid**2
         self.encoder_conv = nn.Sequential(
@@ -588,7 +640,7 @@ class HVPNetPreTrainedModel(PreTrainedModel):
             }
         base.text_model.load_state_dict(pretrained_text)
         if vision_pretrained and base.visual_encoder is not None:
-            base.visual_encoder.load_pretrained_backbone(vision_pretrained, vision_backbone, config.vision_out_indices)
+            base.visual_encoder.load_pretrained_backbone(vision_pretrained, config)
         if tokenizer is not None and len(tokenizer) != text_config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
         return model

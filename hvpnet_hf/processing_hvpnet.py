@@ -108,9 +108,12 @@ class HVPNetProcessor(ProcessorMixin):
     ) -> "HVPNetProcessor":
         """
         Builds a processor whose image transform follows the timm pretrained config of `vision_backbone` (read from
-        timm's registry, nothing is downloaded); `image_size` overrides the crop size. Backbones without a
-        pretrained config get ImageNet statistics and 224 pixels. A tokenizer given by name is loaded with
-        `add_prefix_space=True`, which byte-level BPE tokenizers need for words (the others ignore it).
+        timm's registry, nothing is downloaded): its size, mean and std (CLIP's differ from ImageNet's),
+        interpolation, crop_pct and crop mode; a tag picks the config of those weights
+        (`"vit_base_patch16_clip_224.openai"`). `image_size` overrides the crop size (a plain ViT then needs the same
+        `img_size` in `HVPNetConfig.vision_model_args`). Backbones without a pretrained config get ImageNet
+        statistics and 224 pixels. A tokenizer given by name is loaded with `add_prefix_space=True`, which byte-level
+        BPE tokenizers need for words (the others ignore it).
         """
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, add_prefix_space=True)
@@ -124,6 +127,7 @@ class HVPNetProcessor(ProcessorMixin):
                 "image_mean": data_config["mean"],
                 "image_std": data_config["std"],
                 "interpolation": data_config["interpolation"],
+                "crop_mode": data_config["crop_mode"],
             }
         if image_size is not None:
             settings["image_size"] = image_size

@@ -178,3 +178,31 @@ def tiny_family_task_model(task: str, model_type: str, tokenizer, seed: int = 0)
     with its processor."""
     text_config = tiny_text_config(model_type, pad_token_id=tokenizer.pad_token_id)
     return tiny_model_with_processor(task, tokenizer, text_config, seed)
+
+
+# Tiny random timm backbones of every supported kind, built from timm's own architectures with small sizes (nothing is
+# downloaded): timm name, `vision_model_args`, image side, and the levels `vision_out_indices=None` resolves to.
+# A 12-block ViT of width 32: the depth of ViT-B, so its default levels are those of ViT-B.
+TINY_VIT = {"embed_dim": 32, "depth": 12, "num_heads": 2}
+VIT_B_LEVELS = [2, 5, 8, 11]
+TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 2, "img_size": 64}
+TINY_BACKBONES = {
+    "cnn": ("test_resnet", {}, 64, [1, 2, 3, 4]),
+    "convnext": ("test_convnext", {}, 64, [0, 1, 2, 3]),
+    "swin": ("swin_tiny_patch4_window7_224", TINY_SWIN, 64, [0, 1, 2, 3]),
+    "clip_vit_b16": ("vit_base_patch16_clip_224.openai", {**TINY_VIT, "img_size": 64}, 64, VIT_B_LEVELS),
+    "clip_vit_b32": ("vit_base_patch32_clip_224.openai", {**TINY_VIT, "img_size": 64}, 64, VIT_B_LEVELS),
+    "dinov2_registers": ("vit_small_patch14_reg4_dinov2", {**TINY_VIT, "img_size": 56}, 56, VIT_B_LEVELS),
+}
+
+
+def tiny_vision_config(kind: str, **overrides) -> HVPNetConfig:
+    """`tiny_config` with the tiny backbone `TINY_BACKBONES[kind]` and its default levels."""
+    backbone, model_args, _, _ = TINY_BACKBONES[kind]
+    return tiny_config(**{"vision_backbone": backbone, "vision_model_args": model_args, **overrides})
+
+
+def tiny_images(kind: str, batch_size: int = 2, num_images: int = 3, seed: int = 0) -> torch.Tensor:
+    """Random images (B, n, 3, S, S) at the side `TINY_BACKBONES[kind]` was built for."""
+    side = TINY_BACKBONES[kind][2]
+    return torch.randn(batch_size, num_images, 3, side, side, generator=torch.Generator().manual_seed(seed))
