@@ -1,6 +1,6 @@
 """
-The README and the pages under docs/ stay true: every relative link and `#anchor` resolves, and every Python code
-block runs as written, offline.
+The README and the pages under docs/ stay true: every relative link and `#anchor` resolves, every repository file
+and `hvpnet_hf` module a page names exists, and every Python code block runs as written, offline.
 
 The blocks of a page run in order in one namespace, in a scratch folder that holds what they name: small images
 (`tweet.jpg`, `crop0.jpg`, ...), tiny random model folders at the paths and Hub ids the pages use
