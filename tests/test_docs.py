@@ -1,6 +1,6 @@
 """
-The README and the pages under docs/ stay true: every relative link and `#anchor` resolves, and every Python code
-block runs as written, offline.
+The README and the pages under docs/ stay true: every relative link and `#anchor` resolves, every repository file
+and `hvpnet_hf` module a page names exists, and every Python code block runs as written, offline.
 
 The blocks of a page run in order in one namespace, in a scratch folder that holds what they name: small images
 (`tweet.jpg`, `crop0.jpg`, ...), tiny random model folders at the paths and Hub ids the pages use
@@ -37,7 +37,7 @@ CHECKED_BLOCKS = {
     "docs/encoders-and-backbones.md": 1,
     "docs/export.md": 0,
     "docs/fast-epochs.md": 1,
-    "docs/inference.md": 2,
+    "docs/inference.md": 3,
     "docs/model.md": 3,
     "docs/object-crops.md": 1,
     "docs/original-code.md": 1,
@@ -45,11 +45,17 @@ CHECKED_BLOCKS = {
     "docs/training.md": 2,
 }
 NO_TEST = re.compile(r"^<!-- no-test: (\S.*?) -->$")
-# Names of the older image-input form and processor settings, which no longer exist.
+# Names of the older image-input form and processor settings, and of the older task maps, which no longer exist.
 REMOVED_NAMES = re.compile(
     r"object_pixel_values|object_mask|stack_image_inputs|preprocess_images|LEGACY_IMAGE_SETTINGS"
-    r"|(?<!\w)processor\.image_size"
+    r"|(?<!\w)processor\.image_size|TASK_OF_ARCHITECTURE|PIPELINE_FOR_MODEL"
 )
+# Files of the repository (`tests/test_x.py`, `examples/demo.py`, ...) and modules (`hvpnet_hf.analysis.gates`,
+# `hvpnet_hf.pipelines.task_of`) a page names; each must exist, so a renamed or moved one is caught.
+REPOSITORY_PATH = re.compile(r"(?<![\w$/.-])(?:hvpnet_hf|tests|examples|benchmarks|docs)/[\w./-]*\w")
+MODULE_NAME = re.compile(r"(?<![\w/.-])hvpnet_hf(?:\.\w+)+")
+# Named by the export page as planned, before it exists.
+PLANNED_FILES = {"hvpnet_hf/onnx_export.py"}
 # The tiny model folders a block may load, at the paths and Hub ids the pages name (a local folder is found first).
 MODEL_FOLDERS = {
     "outputs/demo/image_aware": "ner",
@@ -182,6 +188,63 @@ def test_no_removed_names_and_markers_sit_on_blocks(page):
             )
 
 
+def missing_module(name: str) -> str | None:
+    """Why the dotted name `hvpnet_hf.a.b` names nothing in the package (None when it does): its modules are files
+    or folders under `hvpnet_hf/`, and the name after the last module is one that module defines."""
+    folder, parts = ROOT, name.split(".")
+    for index, part in enumerate(parts):
+        if (folder / part).is_dir():
+            folder = folder / part
+            continue
+        module = folder / f"{part}.py"
+        if module.is_file():
+            attribute = parts[index + 1] if index + 1 < len(parts) else None
+        elif index > 0 and (folder / "__init__.py").is_file():
+            module, attribute = folder / "__init__.py", part
+        else:
+            return f"no module {'.'.join(parts[: index + 1])}"
+        source = module.read_text(encoding="utf-8")
+        # Defined at the top of the module, or exported by name (`__all__`, the package's lazy names).
+        if attribute and not re.search(rf"^(?:def |class )?{attribute}\b|[\"']{attribute}[\"']", source, re.MULTILINE):
+            return f"{module.relative_to(ROOT)} defines no {attribute}"
+        return None
+    return None
+
+
+def test_names_are_found():
+    line = "`tests/test_x.py`, examples/demo.py. $HF_HOME/hvpnet_hf/cache, `python -m hvpnet_hf.analysis.gates`"
+    assert REPOSITORY_PATH.findall(line) == ["tests/test_x.py", "examples/demo.py"]
+    assert MODULE_NAME.findall(line) == ["hvpnet_hf.analysis.gates"]
+    assert missing_module("hvpnet_hf.analysis.gates") is None
+    assert missing_module("hvpnet_hf.pipelines.task_of") is None
+    assert missing_module("hvpnet_hf.sample_data.SAMPLE_LAYOUT") is None
+    assert missing_module("hvpnet_hf.analysis.seeds") == "hvpnet_hf/analysis/__init__.py defines no seeds"
+    assert missing_module("hvpnet_hf.HVPNetDataCollator") is None  # one of the package's lazy names
+    assert missing_module("hvpnet_hf.demo") == "hvpnet_hf/__init__.py defines no demo"
+    assert missing_module("hvpnet_hf.analysis.seeds.main") == "hvpnet_hf/analysis/__init__.py defines no seeds"
+    assert missing_module("hvpnet_hf.predict.write_ner_predictions") == (
+        "hvpnet_hf/predict.py defines no write_ner_predictions"
+    )
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_named_files_and_modules_exist(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    missing = [
+        (number, path)
+        for number, line in enumerate(text.splitlines(), 1)
+        for path in REPOSITORY_PATH.findall(line)
+        if not (ROOT / path).exists() and path not in PLANNED_FILES
+    ]
+    missing += [
+        (number, f"{name}: {problem}")
+        for number, line in enumerate(text.splitlines(), 1)
+        for name in MODULE_NAME.findall(line)
+        if (problem := missing_module(name))
+    ]
+    assert missing == [], f"{page} names what does not exist"
+
+
 @pytest.fixture(scope="module")
 def scratch_template(tmp_path_factory) -> Path:
     """A folder with what the blocks name: the tiny model folders, small images and the package's sample data."""
@@ -241,6 +304,13 @@ def check_publishing(namespace):
     assert type(namespace["ner"]).__module__.startswith("transformers_modules")  # the folder's copy, not hvpnet_hf
 
 
+def check_inference(namespace):
+    assert namespace["tasks"] == ("ner", "re")
+    space = namespace["space"]
+    assert sorted(path.name for path in space.iterdir()) == ["README.md", "app.py", "requirements.txt"]
+    assert "you/hvpnet-twitter2015" in (space / "app.py").read_text()
+
+
 def check_analyses(namespace):
     assert len(namespace["scores"]) == 4  # real, shuffled, blank and masked images
 
@@ -252,6 +322,7 @@ CHECKS = {
     "docs/data.md": check_data,
     "docs/fast-epochs.md": check_fast_epochs,
     "docs/training.md": check_training,
+    "docs/inference.md": check_inference,
     "docs/publishing.md": check_publishing,
     "docs/analyses.md": check_analyses,
 }
