@@ -82,7 +82,7 @@ def test_every_level_and_layer_of_the_prefix_depends_on_the_image(models, kind):
     images = tiny_images(kind, batch_size=1, num_images=2)
     with torch.no_grad():
         features = encoder.visual_features(images[0])  # the two images: (2, g*g, C)
-        prefix = model.visual_prefix(images.transpose(0, 1), None, None, None, batch_size=2)
+        prefix = model.visual_prefix(images.transpose(0, 1), None, batch_size=2)
     for level in features.split(encoder.stage_channels, dim=2):
         assert differs(level[0], level[1])
     for layer_keys, layer_values in zip(prefix.keys, prefix.values, strict=True):
