@@ -15,7 +15,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq $(TORCH_PINS)
-	$(PY) -m pip install -qq -e ".[test,demo,analysis]"
+	$(PY) -m pip install -qq -e ".[test,demo,analysis,app]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -102,7 +102,7 @@ def main() -> None:
             lambda: [batch for batch, _ in zip(loader, range(num_batches), strict=False)],
         )
         arrow_mb = encoded.data.nbytes / 2**20
-        pixel_mb = NUM_LINES * (1 + processor.num_object_images) * 3 * 224 * 224 * 4 / 2**20
+        pixel_mb = NUM_LINES * (1 + processor.image_processor.num_object_images) * 3 * 224 * 224 * 4 / 2**20
         print(
             f"Arrow table: {arrow_mb:.1f} MB; float pixels at 224 px would need {pixel_mb:,.0f} MB "
             f"({pixel_mb / arrow_mb:,.0f}x)"

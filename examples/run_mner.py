@@ -26,7 +26,7 @@ import hvpnet_hf
 from hvpnet_hf import HVPNetForTokenClassification
 from hvpnet_hf.loading import load_mner_dataset
 from hvpnet_hf.metrics import align_word_predictions, metric_path
-from hvpnet_hf.predict import write_ner_predictions
+from hvpnet_hf.prediction_files import write_ner_predictions
 
 import hvpnet_examples
 

@@ -28,7 +28,7 @@ from hvpnet_hf import HVPNetForSequenceClassification
 from hvpnet_hf.configuration_hvpnet import RELATION_POOLINGS
 from hvpnet_hf.loading import NO_RELATION, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
-from hvpnet_hf.predict import write_re_predictions
+from hvpnet_hf.prediction_files import write_re_predictions
 
 import hvpnet_examples
 

@@ -47,8 +47,9 @@ class ImageAttacher:
     """
     Transform for `Dataset.with_transform`: decodes the `image` and `objects` paths of the rows being read and adds
     `pixel_values` (1 + k, 3, S, S), global image first, and `image_mask` (1 + k,) per row (see
-    `HVPNetProcessor.preprocess_images`). `num_masked` counts the files that could not be decoded and were masked
-    (per process: with DataLoader workers each worker keeps its own count); each such file is also logged by name.
+    `HVPNetImageProcessor.preprocess_example`). `num_masked` counts the files that could not be decoded and were
+    masked (per process: with DataLoader workers each worker keeps its own count); each such file is also logged by
+    name.
     """
 
     def __init__(self, processor: HVPNetProcessor, missing_images: str = "mask"):
@@ -61,8 +62,8 @@ class ImageAttacher:
             raise KeyError(MISSING_IMAGE_COLUMNS)
         attached = {name: [] for name in IMAGE_INPUT_NAMES}
         for image, objects in zip(batch["image"], batch["objects"], strict=True):
-            images = self.processor.preprocess_images(image, objects, self.missing_images)
-            sources = [image, *objects[: self.processor.num_object_images]]
+            images = self.processor.image_processor.preprocess_example(image, objects, self.missing_images)
+            sources = [image, *objects[: self.processor.image_processor.num_object_images]]
             self.num_masked += sum(
                 source is not None and not present
                 for source, present in zip(sources, images["image_mask"].tolist(), strict=False)

@@ -16,8 +16,9 @@ head and tail mentions first).
 
 The command can be stopped and run again: the map is rewritten atomically every `--save_every` images and when the
 command stops, and images already in it are skipped. `<output_dir>/objects_<split>_settings.json` records the
-detector and settings; running again with other settings is an error. Missing or unreadable images are counted,
-logged and left out of the map (a later run tries them again).
+detector and settings; running again with other settings is an error. Images are read as the image processor reads
+them (`load_image`: RGB, upright by their EXIF orientation). Missing or unreadable images, and images over PIL's
+decompression-bomb limit, are counted, logged and left out of the map (a later run tries them again).
 """
 
 import argparse
@@ -31,6 +32,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .file_utils import atomic_write
+from .image_processing_hvpnet import load_image
 from .loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset, split_of_file
 from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
 
@@ -88,11 +91,10 @@ def image_queries(data_file: Path) -> dict[str, list[str]]:
     return queries
 
 
-def save_atomically(crop_map: dict[str, list[str]], path: Path) -> None:
-    """`torch.save`s `crop_map` to a temporary file, then renames it over `path`: a reader never sees half a map."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(crop_map, temporary)
-    os.replace(temporary, path)
+def save_crop_map(crop_map: dict[str, list[str]], path: Path) -> None:
+    """`torch.save`s `crop_map` to `path` atomically (see `atomic_write`): a reader never sees half a map."""
+    with atomic_write(path) as temporary:
+        torch.save(crop_map, temporary)
 
 
 def extract_objects(
@@ -131,9 +133,9 @@ def extract_objects(
             counts["crops"] += len(names)
             counts["without_objects"] += not names
             if done % save_every == 0:
-                save_atomically(crop_map, map_path)
+                save_crop_map(crop_map, map_path)
     finally:
-        save_atomically(crop_map, map_path)
+        save_crop_map(crop_map, map_path)
     if counts["missing"]:
         logger.warning(
             "%d of %d images missing or unreadable in %s; not in the map", counts["missing"], len(queries), image_dir
@@ -142,16 +144,15 @@ def extract_objects(
 
 
 def _read_images(image_dir: Path, image_files: list[str], counts: dict[str, int]) -> Iterator[tuple[str, Image.Image]]:
-    """The readable images among `image_files`, as RGB, with a progress bar; unreadable ones are counted and logged."""
+    """The images among `image_files` that `load_image` reads, with a progress bar; the others are counted, logged."""
     for image_file in tqdm(image_files, desc="images", unit="image"):
         try:
-            with Image.open(image_dir / image_file) as image:
-                rgb = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:
-            logger.warning("cannot read %s (%s); no crops for it", image_dir / image_file, error)
+            image = load_image(image_dir / image_file, missing_images="error")
+        except OSError as error:
+            logger.warning("%s; no crops for it", error)
             counts["missing"] += 1
             continue
-        yield image_file, rgb
+        yield image_file, image
 
 
 def _check_settings(path: Path, settings: dict) -> None:

@@ -39,6 +39,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from . import image_processing_hvpnet
+from .file_utils import atomic_write
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -198,38 +199,41 @@ class VisualFeatureCache:
         size = self.image_processor.image_size
         zero_image = self._compute(torch.zeros(1, 3, size, size))
         num_old = len(old_features) if old_features is not None else 1  # a new cache starts with the zero image
-        temporary = self.folder / "features.npy.tmp"
         # Every missing file gets a row; the row of a file that cannot be decoded stays unused (index -1).
         shape = (num_old + len(missing), *zero_image.shape[1:])
-        features = np.lib.format.open_memmap(temporary, mode="w+", dtype=STORAGE_DTYPES[self.dtype], shape=shape)
-        features[:num_old] = old_features if old_features is not None else zero_image
         new_rows = dict(rows)
         items = list(missing.items())
-        with tqdm(total=len(items), desc="Caching visual features", unit="image") as progress:
-            for start in range(0, len(items), self.batch_size):
-                batch = items[start : start + self.batch_size]
-                decoded = [self.image_processor.image_tensor(path, self.missing_images) for _, path in batch]
-                computed = self._compute(torch.stack([pixels for pixels, _ in decoded]))
-                for offset, ((file_hash, _), (_, present)) in enumerate(zip(batch, decoded, strict=True)):
-                    row = num_old + start + offset
-                    features[row] = computed[offset] if present else zero_image[0]
-                    new_rows[file_hash] = row if present else UNREADABLE_ROW
-                progress.update(len(batch))
-        features.flush()
-        del features, old_features
-        index_temporary = self.folder / "index.json.tmp"
-        index_temporary.write_text(json.dumps(new_rows), encoding="utf-8")
-        meta = {
-            "key": self.key,
-            "shape": list(shape),
-            "features_sha256": _file_sha256(temporary, "error"),
-            "index_sha256": _file_sha256(index_temporary, "error"),
-        }
-        os.replace(temporary, self.folder / "features.npy")
-        os.replace(index_temporary, self.folder / "index.json")
-        meta_temporary = self.folder / "meta.json.tmp"
-        meta_temporary.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        os.replace(meta_temporary, self.folder / "meta.json")
+        # features.npy and index.json replace the old ones only when both are written; meta.json, which holds their
+        # checksums, is written last, so a cache interrupted at any point is rebuilt rather than read.
+        with (
+            atomic_write(self.folder / "features.npy") as features_temporary,
+            atomic_write(self.folder / "index.json") as index_temporary,
+        ):
+            features = np.lib.format.open_memmap(
+                features_temporary, mode="w+", dtype=STORAGE_DTYPES[self.dtype], shape=shape
+            )
+            features[:num_old] = old_features if old_features is not None else zero_image
+            with tqdm(total=len(items), desc="Caching visual features", unit="image") as progress:
+                for start in range(0, len(items), self.batch_size):
+                    batch = items[start : start + self.batch_size]
+                    decoded = [self.image_processor.image_tensor(path, self.missing_images) for _, path in batch]
+                    computed = self._compute(torch.stack([pixels for pixels, _ in decoded]))
+                    for offset, ((file_hash, _), (_, present)) in enumerate(zip(batch, decoded, strict=True)):
+                        row = num_old + start + offset
+                        features[row] = computed[offset] if present else zero_image[0]
+                        new_rows[file_hash] = row if present else UNREADABLE_ROW
+                    progress.update(len(batch))
+            features.flush()
+            del features, old_features
+            index_temporary.write_text(json.dumps(new_rows), encoding="utf-8")
+            meta = {
+                "key": self.key,
+                "shape": list(shape),
+                "features_sha256": _file_sha256(features_temporary, "error"),
+                "index_sha256": _file_sha256(index_temporary, "error"),
+            }
+        with atomic_write(self.folder / "meta.json") as meta_temporary:
+            meta_temporary.write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return new_rows
 
     def _compute(self, pixels: torch.Tensor) -> np.ndarray:

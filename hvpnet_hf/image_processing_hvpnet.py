@@ -141,21 +141,25 @@ class HVPNetImageProcessor(BaseImageProcessor):
         """One image (or path, or None) as a transformed (3, S, S) tensor, and whether it is present."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image, missing_images)
+        elif image is not None:
+            image = to_rgb_image(image)
         if image is None:
             return torch.zeros(3, self.image_size, self.image_size), False
-        return self.image_transform(_to_rgb(image)), True
+        return self.image_transform(image), True
 
 
 def load_image(path: str | os.PathLike, missing_images: str = "mask") -> Image.Image | None:
     """
-    Decodes an image file fully. Under `missing_images="mask"` a missing or unreadable file (or one over PIL's
-    decompression-bomb limit) is logged and gives None; under `"error"` it raises an `OSError` naming the file.
+    Decodes an image file fully, as an upright RGB image (see `to_rgb_image`). Every image file the package reads
+    (the processor, object crops, `extract_objects`, the feature cache) is read here. Under `missing_images="mask"`
+    a missing or unreadable file, or one over PIL's decompression-bomb limit, is logged and gives None; under
+    `"error"` it raises an `OSError` naming the file.
     """
     _check_policy(missing_images)
     try:
         with Image.open(path) as image:
             image.load()
-            return image
+            return to_rgb_image(image)
     except UNREADABLE_IMAGE_ERRORS as error:
         if missing_images == "error":
             raise OSError(f"Cannot read image {path}: {error}") from error
@@ -163,7 +167,20 @@ def load_image(path: str | os.PathLike, missing_images: str = "mask") -> Image.I
         return None
 
 
-def _to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+def image_header_problem(path: str | os.PathLike) -> str | None:
+    """
+    Why `load_image` would refuse `path`, judged from the file's header alone (no pixels are decoded): None when the
+    file exists and PIL recognises it within its decompression-bomb limit. Truncated pixel data shows only when the
+    file is decoded.
+    """
+    try:
+        with Image.open(path):
+            return None
+    except UNREADABLE_IMAGE_ERRORS as error:
+        return str(error) or type(error).__name__
+
+
+def to_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
     """
     Converts any PIL mode (L, P, CMYK, RGBA, 16-bit grayscale, ...) or a numpy array (H, W) or (H, W, C) to an
     upright RGB image: the EXIF orientation is applied, 16-bit values are scaled to 8 bits and transparent pixels are
@@ -215,4 +232,4 @@ def _check_policy(missing_images: str) -> None:
         raise ValueError(f"missing_images must be one of {MISSING_IMAGE_POLICIES}, got {missing_images!r}")
 
 
-__all__ = ["HVPNetImageProcessor", "load_image"]
+__all__ = ["HVPNetImageProcessor", "image_header_problem", "load_image", "to_rgb_image"]

@@ -8,8 +8,9 @@ Missing images follow one policy, `missing_images`:
 - `"mask"` (default): the example is kept, the absent file becomes None (its image is masked out by the model),
   and the loader logs how many files were missing or unreadable per split.
 - `"error"`: the first missing or unreadable file raises an error naming it and the data line that refers to it.
-At load time a file counts as readable when it exists and PIL recognises its header; a file whose pixel data turns
-out to be truncated is caught when it is decoded, under the same policy (see `load_image`). An image PIL refuses as a
+At load time a file counts as readable when it exists and PIL recognises its header (`image_header_problem`); a
+file whose pixel data turns out to be truncated is caught when it is decoded, under the same policy (`load_image`;
+both live in `image_processing_hvpnet`, which reads every image of the package). An image PIL refuses as a
 decompression bomb (more than twice `PIL.Image.MAX_IMAGE_PIXELS`, about 179 million pixels by default) counts as
 unreadable: it is never decoded, so a hostile or broken file cannot exhaust the memory. Raise the limit to use such
 images.
@@ -27,9 +28,8 @@ from typing import Any
 
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
-from PIL import Image
 
-from .image_processing_hvpnet import UNREADABLE_IMAGE_ERRORS, _check_policy, load_image
+from .image_processing_hvpnet import _check_policy, image_header_problem
 from .processing_hvpnet import MNER_LABELS
 
 logger = logging.getLogger(__name__)
@@ -454,7 +454,7 @@ class _ImageChecker:
             return None
         self.num_checked += 1
         if path not in self._problems:
-            self._problems[path] = _image_header_problem(path)
+            self._problems[path] = image_header_problem(path)
         problem = self._problems[path]
         if problem is None:
             return str(path)
@@ -463,15 +463,6 @@ class _ImageChecker:
         self.num_missing += 1
         self.first_missing = self.first_missing or f"{path} ({problem})"
         return None
-
-
-def _image_header_problem(path: Path) -> str | None:
-    """None when PIL opens `path` (its header only), otherwise why it cannot."""
-    try:
-        with Image.open(path):
-            return None
-    except UNREADABLE_IMAGE_ERRORS as error:
-        return str(error) or type(error).__name__
 
 
 def _crop_lists(
@@ -528,7 +519,6 @@ __all__ = [
     "SPLIT_ALIASES",
     "find_object_maps",
     "find_release_layout",
-    "load_image",
     "load_mner_dataset",
     "load_mre_dataset",
     "split_folders",

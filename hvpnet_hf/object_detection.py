@@ -15,7 +15,11 @@ dropped, a box overlapping an already kept one by more than `max_overlap` (IoU) 
 by score (highest first; ties by box coordinates, then label), so the same image and queries always give the same
 crops. An image where nothing is found gives no crops (its object slots are masked by the model).
 
-This module imports only torch, torchvision, PIL and transformers, so the pipelines can use it as remote code.
+Images are read and converted as the image processor reads them (`load_image`, `to_rgb_image`: RGB, upright by
+their EXIF orientation), so the boxes are cut from the picture the model sees as the global image.
+
+This module imports only torch, torchvision, numpy, PIL, transformers and the image processing module, so the
+pipelines can use it as remote code.
 """
 
 import os
@@ -23,11 +27,14 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.ops import box_iou
 from transformers import AutoConfig, Pipeline, ZeroShotObjectDetectionPipeline, pipeline
 from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_OBJECT_DETECTION_MAPPING_NAMES
+
+from .image_processing_hvpnet import load_image, to_rgb_image
 
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 # Categories a detector can ground whatever the text names: the people, places, organisations (through their logos)
@@ -151,31 +158,27 @@ class ObjectCropper:
         candidates.sort(key=lambda candidate: (-candidate.score, candidate.box, candidate.label))
         return self._without_duplicates(candidates)
 
-    def crops(self, image: Image.Image, queries: Sequence[str] = ()) -> list[Image.Image]:
-        """Up to `num_objects` RGB crops of `image`, best first."""
-        image = image.convert("RGB")
+    def crops(self, image: Image.Image | np.ndarray, queries: Sequence[str] = ()) -> list[Image.Image]:
+        """Up to `num_objects` RGB crops of `image` (made upright and RGB by `to_rgb_image` first), best first."""
+        image = to_rgb_image(image)
         return [image.crop(found.box) for found in self.detect(image, queries)]
 
     def crops_for_text(
         self,
-        image: Image.Image | str | os.PathLike | None,
+        image: Image.Image | np.ndarray | str | os.PathLike | None,
         words: Sequence[str],
         head: Mapping | None = None,
         tail: Mapping | None = None,
     ) -> list[Image.Image]:
         """
         The crops of one example's image, queried with `text_queries` of its words (and of its head and tail word
-        spans `{"start", "end"}` for relation extraction). No image, or a file that cannot be read, gives no crops:
-        what happens to such an image is the processor's `missing_images` policy.
+        spans `{"start", "end"}` for relation extraction). No image, or a file that `load_image` cannot read (it
+        logs it), gives no crops: what happens to such an image is the processor's `missing_images` policy.
         """
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
         if image is None:
             return []
-        if not isinstance(image, Image.Image):
-            try:
-                with Image.open(image) as opened:
-                    image = opened.convert("RGB")
-            except (OSError, SyntaxError, ValueError):
-                return []
         mentions = [" ".join(words[span["start"] : span["end"]]) for span in (head, tail) if span is not None]
         return self.crops(image, text_queries(words, mentions))
 

@@ -186,7 +186,9 @@ class _HVPNetPipeline(Pipeline):
         if objects is None:
             return {}
         current = getattr(self, "_object_cropper", None)
-        self._object_cropper = object_cropper_for(objects, detector, self.processor.num_object_images, current)
+        self._object_cropper = object_cropper_for(
+            objects, detector, self.processor.image_processor.num_object_images, current
+        )
         return {"object_cropper": self._object_cropper}
 
     def _image_features(
@@ -202,7 +204,7 @@ class _HVPNetPipeline(Pipeline):
         objects = example.get("objects") or []
         if object_cropper is not None and not objects:
             objects = object_cropper.crops_for_text(example.get("image"), words, head, tail)
-        return self.processor.preprocess_images(example.get("image"), objects, missing_images)
+        return self.processor.image_processor.preprocess_example(example.get("image"), objects, missing_images)
 
 
 class MultimodalNerPipeline(_HVPNetPipeline):

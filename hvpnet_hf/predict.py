@@ -21,11 +21,9 @@ labels are only copied to the output; when they are present the entity or relati
 """
 
 import argparse
-import contextlib
 import json
 import logging
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from transformers import AutoConfig, pipeline
 from . import pipelines  # noqa: F401  (registers "multimodal-ner" and "multimodal-re")
 from .loading import NO_RELATION, find_object_maps, load_mner_dataset, load_mre_dataset, split_folders, split_of_file
 from .metrics import metric_path
+from .prediction_files import write_ner_predictions, write_re_predictions
 
 logger = logging.getLogger(__name__)
 TASK_OF_ARCHITECTURE = {"HVPNetForTokenClassification": "ner", "HVPNetForSequenceClassification": "re"}
@@ -66,40 +65,6 @@ def task_of(model: str) -> str:
     if len(tasks) != 1:
         raise ValueError(f"{model}: expected an HVPNeT NER or RE model, found architectures {architectures}")
     return tasks.pop()
-
-
-def conll_row(word: str, gold: str, predicted: str) -> str:
-    """One `word gold predicted` line; the word's whitespace becomes `_` (an empty word is `_`), keeping 3 columns."""
-    return f"{'_'.join(word.split()) or '_'} {gold} {predicted}\n"
-
-
-def write_ner_predictions(
-    path: str | Path, sentences: Iterable[tuple[Sequence[str], Sequence[str], Sequence[str]]]
-) -> None:
-    """Per sentence `(words, gold tags, predicted tags)`: one `conll_row` per word, a blank line after each sentence.
-    The file appears only when all of it is written (see `atomic_output`)."""
-    with atomic_output(path) as file:
-        for words, gold, predicted in sentences:
-            file.writelines(conll_row(*columns) for columns in zip(words, gold, predicted, strict=True))
-            file.write("\n")
-
-
-def write_re_predictions(
-    path: str | Path, examples: Iterable[Mapping], gold: Iterable[str], ranked: Iterable[list[dict]], top_k: bool
-) -> None:
-    """
-    One JSON object per example: its `id`, `head` and `tail`, the `gold` relation, the `predicted` one and its
-    probability `score`; with `top_k`, also the ranked `[{"relation", "score"}, ...]` list. `ranked` gives, per
-    example, relations with their probabilities, most probable first. The file appears only when all of it is
-    written (see `atomic_output`).
-    """
-    with atomic_output(path) as file:
-        for example, gold_relation, relations in zip(examples, gold, ranked, strict=True):
-            record = {"id": example["id"], "head": example["head"], "tail": example["tail"], "gold": gold_relation}
-            record.update({"predicted": relations[0]["relation"], "score": round(relations[0]["score"], 4)})
-            if top_k:
-                record["top_k"] = [{**item, "score": round(item["score"], 4)} for item in relations]
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def bio_tags(entities: list[dict], num_words: int) -> list[str]:
@@ -143,23 +108,6 @@ def _of_split(found: Any, split: str | None, input_file: str, what: str) -> Any:
             f"{'not among them' if split else 'not named in its file name'}; give the folder or file of its split"
         )
     return found[split]
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator:
-    """
-    A text file that becomes `path` only when the block ends without an error (written as `path.partial`, then
-    renamed over `path`), so a failed run leaves neither an empty nor a partial prediction file.
-    """
-    temporary = f"{path}.partial"
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            yield file
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
 
 
 def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:

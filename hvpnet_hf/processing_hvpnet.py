@@ -10,7 +10,6 @@ installed. This module therefore imports only transformers, timm, torch and PIL 
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import timm
 import torch
@@ -30,11 +29,6 @@ ENTITY_MARKERS = [HEAD_START, HEAD_END, TAIL_START, TAIL_END]
 SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
 # The image inputs that replace the pixels when a frozen backbone's features are read from a cache.
 IMAGE_FEATURE_INPUT_NAMES = ("image_features", "image_features_mask")
-# The image settings that releases before the processor became a `ProcessorMixin` wrote at the top level of
-# `processor_config.json`.
-LEGACY_IMAGE_SETTINGS = (
-    "image_size", "crop_pct", "crop_mode", "image_mean", "image_std", "interpolation", "num_object_images"
-)  # fmt: skip
 
 
 class HVPNetProcessor(ProcessorMixin):
@@ -86,12 +80,6 @@ class HVPNetProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         """What Trainer's length grouping and pipelines read to know the model inputs."""
         return ["input_ids", "attention_mask", "token_type_ids", *IMAGE_INPUT_NAMES]
-
-    def __getattr__(self, name: str) -> Any:
-        # The image settings (`image_size`, `num_object_images`, ...) read as before, from the image processor.
-        if name in LEGACY_IMAGE_SETTINGS or name == "image_transform":
-            return getattr(self.image_processor, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @classmethod
     def from_backbone(
@@ -169,7 +157,7 @@ class HVPNetProcessor(ProcessorMixin):
         features = []
         for index in range(len(words)):
             feature = {name: values[index] for name, values in encoded.items()}
-            feature.update(self.preprocess_images(images[index], objects[index], missing_images))
+            feature.update(self.image_processor.preprocess_example(images[index], objects[index], missing_images))
             features.append(feature)
         return self.pad(features)
 
@@ -273,20 +261,6 @@ class HVPNetProcessor(ProcessorMixin):
             encoded["labels"] = list(relations)
         return encoded
 
-    def preprocess_images(
-        self,
-        image: Image.Image | str | os.PathLike | None,
-        objects: Sequence[Image.Image | str | os.PathLike | None] | None = None,
-        missing_images: str = "mask",
-    ) -> dict[str, torch.Tensor]:
-        """
-        Decodes (if given paths) and transforms one example's images. Returns `pixel_values`
-        (1 + num_object_images, 3, S, S), the global image first, and `image_mask` (1 + num_object_images,).
-        Absent or unreadable images (under `missing_images="mask"`) are zeros with mask False; crops beyond
-        `num_object_images` are not used.
-        """
-        return self.image_processor.preprocess_example(image, objects, missing_images)
-
     def post_process_ner(
         self,
         predicted_tags: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
@@ -338,19 +312,6 @@ class HVPNetProcessor(ProcessorMixin):
             for row, (start, _) in zip(encoded["word_ids"], windows, strict=True)
         ]
         return encoded
-
-    @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """
-        The tokenizer and the image processor of a saved processor. A `processor_config.json` written before the
-        processor was a `ProcessorMixin` holds the image settings at its top level; they are read from there.
-        """
-        if processor_dict is None or "image_processor" in processor_dict:
-            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-        kwargs.pop("trust_remote_code", None)  # the tokenizer is a plain BERT tokenizer
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        image_settings = {name: processor_dict.pop(name) for name in LEGACY_IMAGE_SETTINGS if name in processor_dict}
-        return [tokenizer, HVPNetImageProcessor(**image_settings)]
 
     def _tokenize_words(self, words: Sequence[Sequence[str]]) -> tuple[list[list[str]], BatchEncoding]:
         """

@@ -1,12 +1,15 @@
 """Object crops from a detection pipeline: queries, box selection, the command's layout and resumption, pipelines."""
 
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from modeling_utils import tiny_model_folder
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import (
     CLIPTokenizer,
     OwlViTConfig,
@@ -22,6 +25,7 @@ from transformers import (
 import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
 from hvpnet_hf import HVPNetProcessor, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.extract_objects import extract_objects, image_queries, run, split_of
+from hvpnet_hf.image_processing_hvpnet import load_image
 from hvpnet_hf.loading import find_object_maps, find_release_layout, split_folders
 from hvpnet_hf.object_detection import GENERIC_QUERIES, ObjectCropper, text_queries
 
@@ -211,7 +215,7 @@ def test_object_detection_model_gives_the_best_boxes_whatever_their_class(yolos_
     crop_map = torch.load(tmp_path / "objects" / "objects_train_dict.pth", weights_only=True)
     assert counts["extracted"] == 2 and counts["crops"] == sum(map(len, crop_map.values())) > 0
     for image_file, crops in crop_map.items():
-        assert len(crops) == len(cropper.detect(Image.open(image_dir / image_file).convert("RGB")))
+        assert len(crops) == len(cropper.detect(load_image(image_dir / image_file)))
 
 
 def test_command_writes_the_layout_the_loaders_and_training_scripts_read(
@@ -304,7 +308,7 @@ def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_m
     with pytest.raises(KeyboardInterrupt):
         extract_objects(data_file, image_dir, interrupted, cropper, save_every=100)
     partial = torch.load(interrupted / "objects_train_dict.pth", weights_only=True)
-    assert list(partial) == ["1001.jpg"] and not list(interrupted.glob("*.tmp"))
+    assert list(partial) == ["1001.jpg"] and not list(interrupted.glob("*.partial"))
 
     monkeypatch.setattr(cropper, "crops", real_crops)
     counts = extract_objects(data_file, image_dir, interrupted, cropper)
@@ -322,6 +326,88 @@ def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_m
     assert calls == [] and again["skipped"] == 2 and again["missing"] == 1  # only the missing picture is tried
     with pytest.raises(ValueError, match="objects_train_settings.json records crops made with"):
         extract_objects(data_file, image_dir, interrupted, owl_cropper(owl_detector, num_objects=2))
+
+
+class FixedBoxes:
+    """A stand-in detector that finds `boxes` (xmin, ymin, xmax, ymax) in any image and records the sizes it saw."""
+
+    model = SimpleNamespace(name_or_path="fixed-boxes")
+
+    def __init__(self, *boxes: tuple[int, int, int, int]):
+        self.boxes = boxes
+        self.seen_sizes: list[tuple[int, int]] = []
+
+    def __call__(self, image: Image.Image, **kwargs) -> list[dict]:
+        self.seen_sizes.append(image.size)
+        names = ("xmin", "ymin", "xmax", "ymax")
+        return [
+            {"score": 0.9 - index / 10, "label": "a", "box": dict(zip(names, box, strict=True))}
+            for index, box in enumerate(self.boxes)
+        ]
+
+
+def fixed_box_cropper(owl_detector, *boxes: tuple[int, int, int, int], **settings) -> ObjectCropper:
+    cropper = owl_cropper(owl_detector, **settings)
+    cropper.detector, cropper.zero_shot = FixedBoxes(*boxes), False
+    return cropper
+
+
+def test_crops_of_an_exif_rotated_photo_are_cut_from_the_upright_image(owl_detector, tmp_path):
+    # Stored 40 wide and 20 high, every pixel a different colour; EXIF orientation 6 says: rotate 90 degrees
+    # clockwise to view, so the picture (and the model's global image) is 20 wide and 40 high.
+    rows, columns = np.mgrid[0:20, 0:40]
+    stored = np.stack([rows * 12, columns * 6, 255 - columns * 6], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    Image.fromarray(stored).save(image_dir / "1001.jpg", exif=exif, quality=100)
+    upright = ImageOps.exif_transpose(Image.open(image_dir / "1001.jpg")).convert("RGB")
+    assert upright.size == (20, 40)
+    # The second box lies below row 20: inside the upright picture only.
+    boxes = [(2, 2, 18, 14), (4, 22, 16, 38)]
+    cropper = fixed_box_cropper(owl_detector, *boxes, num_objects=2, min_size=4)
+    # A path, the opened file (still sideways, with its EXIF) and an array of the upright picture give the same crops.
+    for source in (image_dir / "1001.jpg", Image.open(image_dir / "1001.jpg"), np.asarray(upright)):
+        crops = cropper.crops_for_text(source, ["Kevin"])
+        assert [crop.size for crop in crops] == [(16, 12), (12, 16)]
+        for crop, box in zip(crops, boxes, strict=True):
+            assert np.array_equal(np.asarray(crop), np.asarray(upright.crop(box)))
+    assert cropper.detector.seen_sizes == [(20, 40)] * 3  # the detector too is shown the upright picture
+    data_file = tmp_path / "train.txt"
+    data_file.write_text("IMGID:1001\nKevin\tB-PER\n", encoding="utf-8")
+    counts = extract_objects(data_file, image_dir, tmp_path / "objects", cropper)
+    assert counts["crops"] == 2
+    written = [Image.open(tmp_path / "objects" / "train" / "crops" / f"1001_crop_{index}.jpg") for index in (0, 1)]
+    assert [crop.size for crop in written] == [(16, 12), (12, 16)]
+
+
+def test_a_decompression_bomb_is_counted_as_missing_and_extraction_goes_on(
+    owl_detector, twitter_files, tmp_path, monkeypatch, caplog
+):
+    data_file, image_dir = twitter_files
+    picture(size=(200, 100)).save(image_dir / "1001.jpg")  # the first image of the file
+    # PIL refuses images of more than twice MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError); the limit
+    # is lowered instead of writing a huge file: 200 x 100 is over 2 x 5000, 1002.jpg's 48 x 64 is under 5000.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.extract_objects"):
+        counts = extract_objects(data_file, image_dir, tmp_path / "objects", owl_cropper(owl_detector))
+    assert counts == {"images": 3, "skipped": 0, "extracted": 1, "missing": 2, "without_objects": 0, "crops": 3}
+    assert "1001.jpg" in caplog.text and "decompression bomb" in caplog.text
+    crop_map = torch.load(tmp_path / "objects" / "objects_train_dict.pth", weights_only=True)
+    assert list(crop_map) == ["1002.jpg"]  # the bomb and the missing picture are tried again by a later run
+
+
+def test_pipeline_masks_a_decompression_bomb_instead_of_detecting_in_it(owl_detector, tiny_ner_dir, tmp_path):
+    path = tmp_path / "bomb.jpg"
+    picture(size=(200, 100)).save(path)
+    cropper = fixed_box_cropper(owl_detector, (0, 0, 20, 20), num_objects=2)
+    ner = pipeline("multimodal-ner", model=tiny_ner_dir, objects=cropper, missing_images="mask")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+        encoded = ner.preprocess({"words": ["Kevin"], "image": str(path)}, **ner._preprocess_params)["features"][0]
+        assert isinstance(ner({"words": ["Kevin"], "image": str(path)}), list)
+    assert encoded["image_mask"].tolist() == [False, False, False] and cropper.detector.seen_sizes == []
 
 
 def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, tiny_ner_dir):

@@ -117,6 +117,31 @@ def test_a_built_cache_is_reused_and_grows_by_new_files_only(examples, tmp_path)
     torch.testing.assert_close(from_cache, from_pixels, atol=FLOAT32_ATOL, rtol=0)
 
 
+def test_an_interrupted_build_keeps_the_earlier_cache_and_leaves_no_partial_files(examples, tmp_path, monkeypatch):
+    model, processor = tiny_model(), tiny_processor()
+    first_paths = [examples[0]["image"], *examples[0]["objects"]]
+    folder = VisualFeatureCache(model, processor, tmp_path).build(first_paths).folder
+    files = ("features.npy", "index.json", "meta.json")
+    before = {name: (folder / name).read_bytes() for name in files}
+    compute, calls = VisualFeatureCache._compute, []
+
+    def compute_then_stop(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:  # the first call is the zero image, the second the first batch of new files
+            raise KeyboardInterrupt
+        return compute(self, pixels)
+
+    monkeypatch.setattr(VisualFeatureCache, "_compute", compute_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
+    assert {name: (folder / name).read_bytes() for name in files} == before
+    assert {path.name for path in folder.iterdir()} - {".lock"} == set(files)  # no temporary file left behind
+    monkeypatch.setattr(VisualFeatureCache, "_compute", compute)
+    seen = count_backbone_images(model)
+    VisualFeatureCache(model, processor, tmp_path).build(first_paths)
+    assert seen == [], "the earlier cache is still valid and read"
+
+
 @pytest.mark.parametrize("damage", ["flip_feature_byte", "drop_meta", "edit_index"])
 def test_a_damaged_cache_is_rebuilt_not_read(examples, tmp_path, caplog, damage):
     model, processor = tiny_model(), tiny_processor()

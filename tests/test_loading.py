@@ -10,7 +10,6 @@ from PIL import Image
 from hvpnet_hf.loading import (
     MNER_LABELS,
     find_release_layout,
-    load_image,
     load_mner_dataset,
     load_mre_dataset,
     split_of_file,
@@ -348,20 +347,7 @@ def test_mre_image_dir_mapping_must_cover_every_split(tmp_path):
         load_mre_dataset(data_dir, image_dir={"train": tmp_path, "test": tmp_path})
 
 
-# ---------------------------------------------------------------- decoding
-
-
-def test_load_image_truncated_file(tmp_path, caplog):
-    path = tmp_path / "big.jpg"
-    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(path)
-    path.write_bytes(path.read_bytes()[:-400])  # header intact, pixel data cut
-    with Image.open(path) as image:
-        assert image.size == (64, 64)  # so only decoding can notice
-    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
-        assert load_image(path) is None
-    assert "big.jpg" in caplog.text
-    with pytest.raises(OSError, match="big.jpg"):
-        load_image(path, missing_images="error")
+# ---------------------------------------------------------------- image checks
 
 
 def test_decompression_bombs_are_masked_and_named_or_an_error(tmp_path, monkeypatch, caplog):
@@ -375,16 +361,3 @@ def test_decompression_bombs_are_masked_and_named_or_an_error(tmp_path, monkeypa
     assert "1 of 3 image files" in caplog.text and "102.jpg" in caplog.text and "decompression bomb" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"train.txt:7: image file .*102.jpg .*decompression bomb"):
         load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir, missing_images="error")
-    # Decoding (the collator, the pipelines) follows the same policy.
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.loading"):
-        assert load_image(image_dir / "102.jpg") is None
-    assert "102.jpg" in caplog.text
-    with pytest.raises(OSError, match="102.jpg.*decompression bomb"):
-        load_image(image_dir / "102.jpg", missing_images="error")
-
-
-def test_load_image_decodes_pixels(tmp_path):
-    image = load_image(write_image(tmp_path / "ok.png", color=(1, 2, 3)))
-    assert image.size == (24, 16)
-    assert image.getpixel((0, 0)) == (1, 2, 3)

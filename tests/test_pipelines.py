@@ -1,7 +1,9 @@
-"""The "multimodal-ner" and "multimodal-re" pipelines on raw inputs: text or words, PIL images, paths or none."""
+"""The "multimodal-ner" and "multimodal-re" pipelines on raw inputs: text or words, PIL images, numpy arrays, paths or
+none."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from modeling_utils import RELATIONS, tiny_model_folder
@@ -202,7 +204,7 @@ def test_long_text_windows_are_merged_from_the_farthest_window(tmp_path):
     for row in range(len(windows["input_ids"])):
         features = {name: windows[name][row] for name in ("input_ids", "attention_mask", "token_type_ids")}
         features["word_start_mask"] = windows["word_start_mask"][row]
-        features.update(ner.processor.preprocess_images(None))
+        features.update(ner.processor.image_processor.preprocess_example(None))
         with torch.no_grad():
             row_tags.append(model.eval()(**ner.processor.pad([features])).predicted_tags[0].tolist())
     expected = [MNER_LABELS[tag] for tag in ner.processor.post_process_ner(row_tags, windows["word_ids"], len(words))]
@@ -257,3 +259,29 @@ def test_input_keys_and_types_are_checked(ner_folder, tiny_re_dir):
         relation({"words": ["a", "b"], "head": (1,), "tail": (0, 1)})
     with pytest.raises(TypeError, match=r"tail span bounds must be integers, got \{'start': 0, 'end': 1.5\}"):
         relation({"words": ["a", "b"], "head": (1, 2), "tail": {"start": 0, "end": 1.5}})
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_pipelines_take_numpy_images_like_pil_images(tmp_path, task):
+    # The processor's own conversion of arrays is tested in test_image_processing_hvpnet.py.
+    tiny_model_folder(tmp_path, task)
+    generator = np.random.default_rng(0)
+    array = generator.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    gray = generator.integers(0, 256, (12, 12), dtype=np.uint8)
+    example = {"words": ["Kevin", "Durant", "in", "Boston"]}
+    if task == "re":
+        example.update(head=(0, 2), tail=(3, 4))
+    runner = pipeline("multimodal-ner" if task == "ner" else "multimodal-re", model=str(tmp_path))
+    calls = []
+    original_forward = runner.model.forward
+
+    def recording_forward(**inputs):
+        calls.append({name: value.clone() for name, value in inputs.items() if torch.is_tensor(value)})
+        return original_forward(**inputs)
+
+    runner.model.forward = recording_forward
+    from_arrays = runner({**example, "image": array, "objects": [gray]})
+    from_pil = runner({**example, "image": Image.fromarray(array), "objects": [Image.fromarray(gray)]})
+    assert from_arrays == from_pil
+    assert calls[0]["image_mask"][0].tolist() == [True, True, False]
+    torch.testing.assert_close(calls[0]["pixel_values"], calls[1]["pixel_values"])

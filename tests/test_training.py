@@ -139,7 +139,7 @@ def test_length_grouped_training_keeps_evaluation_in_the_dataset_order(tmp_path)
         torch.randint(0, len(model.config.id2label), (count,), generator=generator).tolist() for count in word_counts
     ]
     encoded = processor.encode_ner(words, tags)
-    image_slots = 1 + processor.num_object_images
+    image_slots = 1 + processor.image_processor.num_object_images
     examples = [
         {
             **{name: values[index] for name, values in encoded.items()},

@@ -1,16 +1,15 @@
-"""HVPNetProcessor: word alignment, entity markers and truncation, image transform, save/load round trip."""
+"""HVPNetProcessor: word alignment, entity markers and truncation, settings from a backbone, save/load round trip.
+
+The image part (decoding, transform, object slots) is tested in test_image_processing_hvpnet.py."""
 
 import json
-import logging
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, BertTokenizer
 
 import hvpnet_hf  # noqa: F401  (registers the processor with the Auto classes)
-from hvpnet_hf import image_processing_hvpnet
 from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor
 from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
@@ -145,126 +144,27 @@ def test_re_max_length_must_fit_the_markers():
         processor("re").encode_re([["a", "b"]], [{"start": 0, "end": 1}], [{"start": 1, "end": 2}], max_length=4)
 
 
-# ---------------------------------------------------------------- images
-
-
-@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGBA", "P", "LA", "I;16"])
-def test_every_image_mode_becomes_rgb(mode):
-    image = Image.new(mode, (40, 20))
-    pixels = processor().preprocess_images(image)["pixel_values"][0]
-    assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
-    assert pixels.dtype == torch.float32
-
-
-def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, caplog):
-    # A 16-bit PNG whose left half is 0x4000 (a quarter of the range) and right half 0xC000 (three quarters).
-    values = np.full((16, 32), 0x4000, dtype=np.uint16)
-    values[:, 16:] = 0xC000
-    path = tmp_path / "depth.png"
-    Image.fromarray(values).save(path)
-    assert Image.open(path).mode == "I;16"
-    squashed = processor(crop_mode="squash", image_size=32)
-    image_processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
-    with caplog.at_level(logging.INFO, logger="hvpnet_hf.image_processing_hvpnet"):
-        pixels = squashed.preprocess_images(path)["pixel_values"][0]
-    # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalised (v / 255 - 0.5) / 0.5. Columns next to the
-    # middle are blended by the resize filter, so only the outer ones are compared (1e-5: float rounding).
-    torch.testing.assert_close(pixels[:, :, :12], torch.full((3, 32, 12), 64 / 127.5 - 1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(pixels[:, :, 20:], torch.full((3, 32, 12), 191 / 127.5 - 1), atol=1e-5, rtol=0)
-    assert "I;16" in caplog.text and "scaled to 8 bits" in caplog.text
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    # Stored 40 wide and 20 high with its left half black; orientation 6 says: rotate 90 degrees clockwise to view,
-    # which puts the black half on top of a 20 x 40 picture.
-    image = Image.new("L", (40, 20), 255)
-    image.paste(0, (0, 0, 20, 20))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    path = tmp_path / "phone.jpg"
-    image.save(path, exif=exif, quality=100)
-    pixels = processor(crop_mode="squash", image_size=20).preprocess_images(path)["pixel_values"][0]
-    # Rows away from the middle are pure black (-1) or white (1) up to JPEG noise (0.1 is ~13 of 255 grey levels).
-    assert pixels[:, :8].max() < -0.9 and pixels[:, 12:].min() > 0.9
-    in_memory = processor(crop_mode="squash", image_size=20).preprocess_images(Image.open(path))["pixel_values"][0]
-    torch.testing.assert_close(in_memory, pixels)
-
-
-@pytest.mark.parametrize("shape", [(20, 40, 3), (20, 40), (20, 40, 1), (20, 40, 4)])
-def test_numpy_images_are_accepted_like_pil_images(shape):
-    array = np.zeros(shape, dtype=np.uint8)
-    array[:, 20:] = 255
-    if len(shape) == 3 and shape[-1] == 4:
-        array[..., 3] = 255  # opaque
-    from_array = processor().preprocess_images(array, [array])
-    pil = Image.fromarray(array[..., 0] if len(shape) == 3 and shape[-1] == 1 else array)
-    from_pil = processor().preprocess_images(pil, [pil])
-    assert from_array["image_mask"].tolist() == [True, True, False, False]
-    torch.testing.assert_close(from_array["pixel_values"], from_pil["pixel_values"])
-
-
-@pytest.mark.parametrize(
-    "array, message",
-    [(np.zeros((3, 20, 40), dtype=np.uint8), "channels last"), (np.zeros((20, 40, 3)), "dtype float64")],
-)
-def test_unsupported_numpy_images_are_an_error(array, message):
-    with pytest.raises(ValueError, match=message):
-        processor().preprocess_images(array)
-
-
-def test_image_values_are_resized_cropped_and_normalised():
-    image = Image.new("L", (40, 20), 255)  # white; grayscale is replicated to three channels
-    pixels = processor().preprocess_images(image)["pixel_values"][0]
-    # (1.0 - 0.5) / 0.5 = 1 everywhere; 1e-5 covers float rounding of the resize.
-    torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)
-    transparent = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
-    pixels = processor().preprocess_images(transparent)["pixel_values"][0]
-    torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)  # white background
-
-
-def test_squash_keeps_the_whole_non_square_image():
-    # 40x20, its left quarter black: squashing keeps that quarter, a center crop of the middle square drops it.
-    image = Image.new("L", (40, 20), 255)
-    image.paste(0, (0, 0, 10, 20))
-    squashed = processor(crop_mode="squash").preprocess_images(image)["pixel_values"][0]
-    cropped = processor().preprocess_images(image)["pixel_values"][0]
-    assert squashed.shape == cropped.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
-    # Normalised black is -1 and white is 1; a column or two at the edge is blended by the resize filter.
-    assert squashed[:, :, :2].max() < -0.99 and squashed[:, :, IMAGE_SIZE // 4 + 2 :].min() > 0.99
-    assert cropped[:, :, 2:].min() > 0.99
-
-
-def test_object_slots_are_padded_truncated_and_masked():
-    ner = processor(num_object_images=3)
-    crop = Image.new("RGB", (8, 8), (255, 0, 0))
-    one = ner.preprocess_images(None, [crop])
-    # Slot 0 is the (absent) global image, then the crop and two empty crop slots.
-    assert one["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert one["image_mask"].tolist() == [False, True, False, False]
-    assert one["pixel_values"][0].abs().sum() == 0 and one["pixel_values"][2:].abs().sum() == 0
-    assert one["pixel_values"][1].abs().sum() > 0
-    many = ner.preprocess_images(crop, [crop] * 5)
-    assert many["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert many["image_mask"].tolist() == [True, True, True, True]
-
-
-def test_missing_image_path_is_masked_or_raises(tmp_path):
-    ner = processor()
-    path = tmp_path / "gone.jpg"
-    images = ner.preprocess_images(path, [path, None])
-    assert images["image_mask"].tolist() == [False, False, False, False]
-    with pytest.raises(OSError, match="gone.jpg"):
-        ner.preprocess_images(path, missing_images="error")
+# ---------------------------------------------------------------- image settings
 
 
 def test_image_settings_come_from_the_timm_backbone():
-    from_cfg = HVPNetProcessor.from_backbone(tiny_tokenizer(), "test_resnet")
+    from_cfg = HVPNetProcessor.from_backbone(tiny_tokenizer(), "test_resnet").image_processor
     assert (from_cfg.image_size, from_cfg.crop_pct, from_cfg.interpolation) == (160, 0.95, "bilinear")
     assert from_cfg.image_mean == (0.5, 0.5, 0.5)
-    small = HVPNetProcessor.from_backbone(tiny_tokenizer(), "resnet50", image_size=64)
+    small = HVPNetProcessor.from_backbone(tiny_tokenizer(), "resnet50", image_size=64).image_processor
     assert small.image_size == 64 and small.image_std == (0.229, 0.224, 0.225)
-    assert small.preprocess_images(Image.new("RGB", (100, 80)))["pixel_values"].shape == (4, 3, 64, 64)
-    assert HVPNetProcessor.from_backbone(tiny_tokenizer(), "no_such_backbone").image_size == 224
+    assert small.preprocess_example(Image.new("RGB", (100, 80)))["pixel_values"].shape == (4, 3, 64, 64)
+    assert HVPNetProcessor.from_backbone(tiny_tokenizer(), "no_such_backbone").image_processor.image_size == 224
+
+
+def test_image_settings_are_read_from_the_image_processor_only():
+    # One place for the image settings: the processor neither mirrors them nor resizes images itself.
+    ner = processor(num_object_images=2)
+    assert ner.image_processor.num_object_images == 2
+    for name in ("image_size", "num_object_images", "image_transform", "preprocess_images"):
+        assert not hasattr(ner, name), name
+    with pytest.raises(ValueError, match="either image_processor or image settings"):
+        HVPNetProcessor(tiny_tokenizer(), image_processor=ner.image_processor, image_size=32)
 
 
 # ---------------------------------------------------------------- __call__ and round trip
@@ -300,11 +200,17 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = HVPNetProcessor.from_pretrained(tmp_path)
     assert len(loaded.tokenizer) == len(re_processor.tokenizer)
     assert loaded.head_start_token_id == re_processor.head_start_token_id
+    assert (loaded.task, loaded.max_length) == (re_processor.task, re_processor.max_length)
     for name in (
-        "task", "image_size", "crop_pct", "crop_mode", "image_mean", "image_std", "interpolation",
-        "num_object_images", "max_length",
-    ):  # fmt: skip
-        assert getattr(loaded, name) == getattr(re_processor, name)
+        "image_size",
+        "crop_pct",
+        "crop_mode",
+        "image_mean",
+        "image_std",
+        "interpolation",
+        "num_object_images",
+    ):
+        assert getattr(loaded.image_processor, name) == getattr(re_processor.image_processor, name)
     arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
     spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
     expected, got = re_processor(*arguments, **spans), loaded(*arguments, **spans)
@@ -312,24 +218,14 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)  # same settings: identical output
 
 
-def test_folders_saved_in_the_earlier_layout_still_load(tmp_path):
-    # What releases before the ProcessorMixin processor wrote: the tokenizer files plus a flat processor_config.json.
-    expected = processor("re", crop_mode="squash", interpolation="bilinear", num_object_images=2, max_length=32)
-    expected.tokenizer.save_pretrained(tmp_path)
-    settings = {
-        "processor_class": "HVPNetProcessor", "task": "re", "image_size": IMAGE_SIZE, "crop_pct": 1.0,
-        "crop_mode": "squash", "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "interpolation": "bilinear",
-        "num_object_images": 2, "max_length": 32,
-    }  # fmt: skip
+def test_a_flat_processor_config_is_refused_not_read_with_default_image_settings(tmp_path):
+    # A processor_config.json with the image settings at its top level (no "image_processor" entry) is not a layout
+    # this package writes; loading it is an error rather than a processor with default image settings.
+    processor("re").tokenizer.save_pretrained(tmp_path)
+    settings = {"processor_class": "HVPNetProcessor", "task": "re", "image_size": IMAGE_SIZE, "max_length": 32}
     (tmp_path / "processor_config.json").write_text(json.dumps(settings, indent=2))
-    arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
-    spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
-    for loaded in (HVPNetProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
-        assert isinstance(loaded, HVPNetProcessor)
-        assert (loaded.task, loaded.max_length, loaded.crop_mode, loaded.num_object_images) == ("re", 32, "squash", 2)
-        got = loaded(*arguments, **spans)
-        for name, tensor in expected(*arguments, **spans).items():
-            torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
+    with pytest.raises(OSError, match="Can't load image processor"):
+        HVPNetProcessor.from_pretrained(tmp_path)
 
 
 def test_processor_and_image_processor_load_with_the_auto_classes(tmp_path):
@@ -344,7 +240,8 @@ def test_processor_and_image_processor_load_with_the_auto_classes(tmp_path):
     )
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, HVPNetProcessor) and isinstance(loaded.image_processor, HVPNetImageProcessor)
-    assert (loaded.task, loaded.max_length, loaded.crop_mode, loaded.num_object_images) == ("ner", 20, "squash", 2)
+    assert (loaded.task, loaded.max_length) == ("ner", 20)
+    assert (loaded.image_processor.crop_mode, loaded.image_processor.num_object_images) == ("squash", 2)
     image_processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(image_processor, HVPNetImageProcessor)
     assert image_processor.to_dict() == saved.image_processor.to_dict()
@@ -353,5 +250,8 @@ def test_processor_and_image_processor_load_with_the_auto_classes(tmp_path):
     assert batch["pixel_values"].shape == (2, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch["image_mask"].tolist() == [[True, True, False], [False, False, False]]
     torch.testing.assert_close(
-        batch["pixel_values"][0], saved.preprocess_images(image, [image])["pixel_values"], rtol=0, atol=0
+        batch["pixel_values"][0],
+        saved.image_processor.preprocess_example(image, [image])["pixel_values"],
+        rtol=0,
+        atol=0,
     )

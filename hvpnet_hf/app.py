@@ -1,0 +1,512 @@
+"""
+A web page to try a trained HVPNeT model on a tweet and its image (the optional `app` extra: gradio, matplotlib):
+
+    python -m hvpnet_hf.app --model outputs/demo/image_aware [--port 7860] [--detector FOLDER_OR_HUB_ID]
+
+The model (a folder or Hub id) is a NER or a RE model, told apart by its config. The page takes a text (for RE also
+the head and tail entities, as they are written in the text) and an image, an upload or one of the bundled sample
+tweets, and optionally object crops: uploaded, or found by the `--detector` model (see `object_detection.py`). It
+shows
+
+- the text with the entities highlighted by type (RE: the head and tail, and the relations with their scores);
+- the image with the crops the model read (their boxes drawn when they were detected);
+- the gate weights of this example, text layer by backbone stage (the paper's Figure 4 for one input);
+- the same prediction with the image and crops masked, and what the image changed.
+
+Predictions come from the package's pipelines (`pipelines.py`); the gate weights from the model run on the inputs the
+pipeline prepared. An empty text, a file that is not an image, an image too large to decode (a PIL decompression
+bomb) and a model that is not an HVPNeT model each get a message in the page, and the server goes on serving.
+The page loads nothing from outside the machine: gradio's analytics are off and the theme uses the system's fonts.
+"""
+
+import argparse
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoConfig, Pipeline
+
+from .analysis.gates import plot as plot_gates
+from .analysis.gates import slot_presence
+from .image_processing_hvpnet import load_image
+from .object_detection import ObjectCropper, text_queries
+from .pipelines import PIPELINE_FOR_MODEL, MultimodalRePipeline
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+# Colours of the highlighted spans: NER entity types, and the RE head and tail.
+SPAN_COLOURS = {
+    "PER": "#f4a261",
+    "LOC": "#2a9d8f",
+    "ORG": "#8ab6f9",
+    "MISC": "#e9c46a",
+    "head": "#f4a261",
+    "tail": "#8ab6f9",
+}
+BOX_COLOUR = "#e63946"
+# Images shown smaller than this (pixels, longer side) are enlarged for display.
+DISPLAY_SIZE = 256
+# System fonts, so the page asks no font server for its default web fonts.
+FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
+MONO_FONTS = ("ui-monospace", "monospace")
+
+
+@dataclass(frozen=True)
+class SampleTweet:
+    """A bundled sample tweet: its text, its image and crops (paths under `sample_data/`), for RE its entities."""
+
+    text: str
+    image: str
+    objects: tuple[str, ...] = ()
+    head: str = ""
+    tail: str = ""
+
+
+# A few test tweets of the bundled sample sets (see sample_data/README.md); `tests/test_app.py` checks them against
+# the data files. Madison is a person here, which only the picture tells.
+SAMPLE_TWEETS = {
+    "multimodal-ner": [
+        SampleTweet(
+            "Breaking : United Nations confirms Lionel Messi as new CEO http://t.co/rdKHSKV309 #throwback",
+            "twitter/images/108434.jpg",
+            ("twitter/aux_images/test/crops/108434_crop_0.jpg", "twitter/aux_images/test/crops/108434_crop_1.jpg"),
+        ),
+        SampleTweet(
+            "First time at Madison and it was worth every penny while everyone else watches the Champions League "
+            "#nofilter 💯",
+            "twitter/images/108530.jpg",
+            ("twitter/aux_images/test/crops/108530_crop_0.jpg", "twitter/aux_images/test/crops/108530_crop_1.jpg"),
+        ),
+        SampleTweet(
+            "@travelbug Mayor of Bali says the city will host the Coachella next year http://t.co/1qR4PaD6yr",
+            "twitter/images/108423.jpg",
+            ("twitter/aux_images/test/crops/108423_crop_0.jpg",),
+        ),
+    ],
+    "multimodal-re": [
+        SampleTweet(
+            "Serena Williams married Shakira in Dubai last weekend 💍 #fridayfeeling",
+            "mnre/img_org/test/sample_test_0000.jpg",
+            ("mnre/img_vg/test/crops/sample_test_0000_crop_0.jpg",),
+            head="Serena Williams",
+            tail="Shakira",
+        ),
+        SampleTweet(
+            "Manchester United , a subsidiary of NASA , opened an office in California",
+            "mnre/img_org/test/sample_test_0003.jpg",
+            ("mnre/img_vg/test/crops/sample_test_0003_crop_0.jpg",),
+            head="Manchester United",
+            tail="NASA",
+        ),
+        SampleTweet(
+            "LeBron James , Wimbledon . Unreal night ✨ http://t.co/2wwmxmYx66",
+            "mnre/img_org/test/sample_test_0007.jpg",
+            (
+                "mnre/img_vg/test/crops/sample_test_0007_crop_0.jpg",
+                "mnre/img_vg/test/crops/sample_test_0007_crop_1.jpg",
+                "mnre/img_vg/test/crops/sample_test_0007_crop_2.jpg",
+            ),
+            head="LeBron James",
+            tail="Wimbledon",
+        ),
+    ],
+}
+
+
+class InputError(ValueError):
+    """An input the page reports to the person, in their terms."""
+
+
+def load_pipeline(model: str) -> Pipeline:
+    """The NER or RE pipeline of a trained HVPNeT model folder or Hub id, chosen by the architecture its config
+    records; an `InputError` naming `model` when it is not one."""
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise InputError(f"`{model}` is not an HVPNeT model: its config cannot be read ({error})") from error
+    heads = {name for name in config.architectures or [] if name in PIPELINE_FOR_MODEL}
+    if len(heads) != 1:
+        raise InputError(
+            f"`{model}` is not an HVPNeT NER or RE model: its config has model type `{config.model_type}` and "
+            f"architectures {config.architectures}"
+        )
+    pipeline_class = PIPELINE_FOR_MODEL[heads.pop()]
+    try:
+        return pipeline_class(model=pipeline_class.auto_model_class.from_pretrained(model))
+    except (OSError, ValueError) as error:
+        raise InputError(f"`{model}` could not be loaded as an HVPNeT model: {error}") from error
+
+
+def words_and_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The whitespace-separated words of `text` and their character spans, as the NER pipeline splits a text."""
+    matches = list(re.finditer(r"\S+", text))
+    return [match.group() for match in matches], [match.span() for match in matches]
+
+
+def find_span(words: Sequence[str], mention: str, role: str) -> tuple[int, int]:
+    """The word span `(start, end)` of the first occurrence of `mention`'s words in `words`."""
+    wanted = mention.split()
+    if not wanted:
+        raise InputError(f"Enter the {role} entity, as it is written in the text.")
+    for start in range(len(words) - len(wanted) + 1):
+        if list(words[start : start + len(wanted)]) == wanted:
+            return start, start + len(wanted)
+    raise InputError(f"The {role} entity `{mention}` is not in the text (its words must appear as written).")
+
+
+def read_image(path: str | None, what: str) -> Image.Image | None:
+    """The uploaded image file at `path` decoded as RGB (None for no upload); an `InputError` naming the file when
+    PIL cannot decode it or refuses it as a decompression bomb."""
+    if path is None:
+        return None
+    try:
+        image = load_image(path, missing_images="error")
+    except OSError as error:
+        cause = error.__cause__ if error.__cause__ is not None else error
+        if isinstance(cause, Image.DecompressionBombError):
+            reason = f"it is too large to decode ({cause})"
+        else:
+            reason = f"it is not an image this page can read ({cause})"
+        raise InputError(f"The {what} `{Path(path).name}` was not used: {reason}") from error
+    return image.convert("RGB")
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> Image.Image:
+    """A copy of `image` for display, with the crop `boxes` (xmin, ymin, xmax, ymax) outlined and numbered; an image
+    smaller than `DISPLAY_SIZE` is first enlarged by a whole factor (its pixels as blocks), so it can be seen."""
+    scale = max(1, DISPLAY_SIZE // max(image.size))
+    drawn = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    pencil = ImageDraw.Draw(drawn)
+    width = max(2, round(min(drawn.size) / 100))
+    for number, box in enumerate(boxes, start=1):
+        box = tuple(scale * side for side in box)
+        pencil.rectangle(box, outline=BOX_COLOUR, width=width)
+        pencil.text((box[0] + width + 2, box[1] + width), str(number), fill=BOX_COLOUR)
+    return drawn
+
+
+@torch.no_grad()
+def example_gates(classifier: Pipeline, inputs: dict[str, Any]) -> dict[str, dict] | None:
+    """
+    The gate weights of one input, as `analysis.gates.plot` draws them: the global image's, and the mean over its
+    present crops, each `{"mean": (L, c) list or None, "images": count}`; None when no image is present. The gates
+    depend on the images only, so the first row of a long NER text (read in windows) stands for all of them.
+    """
+    features = classifier.preprocess(inputs)["features"]
+    if not features:
+        return None
+    batch = classifier.processor.pad(features[:1])
+    config = classifier.model.config
+    gate_weights = classifier.model(**batch, output_gate_weights=True).gate_weights  # (1, n, L, c)
+    if gate_weights is None:
+        return None
+    present = slot_presence(batch, config, gate_weights.shape[1])[0]  # (n,)
+    is_global = torch.zeros_like(present)
+    is_global[0] = config.use_global_image
+    gates = {}
+    for group, slots in (("global image", is_global), ("object crops", ~is_global)):
+        chosen = present & slots
+        count = int(chosen.sum())
+        gates[group] = {"mean": gate_weights[0][chosen].mean(dim=0).tolist() if count else None, "images": count}
+    return gates if any(entry["images"] for entry in gates.values()) else None
+
+
+def gates_figure(gates: dict[str, dict] | None) -> Image.Image | None:
+    """The heat map of `example_gates` as an image (None without gates)."""
+    if gates is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "gates.png"
+        plot_gates(gates, path)
+        with Image.open(path) as figure:
+            return figure.convert("RGB")
+
+
+class HVPNetApp:
+    """
+    What the page runs: one model's pipeline (or the message saying why it could not be loaded) and, with
+    `detector`, an `ObjectCropper` for inputs without crops.
+    """
+
+    def __init__(self, model: str, detector: str | None = None):
+        self.model_name = model
+        self.load_error: str | None = None
+        self.classifier: Pipeline | None = None
+        try:
+            self.classifier = load_pipeline(model)
+        except InputError as error:
+            self.load_error = str(error)
+        self.cropper = None
+        if detector is not None and self.classifier is not None:
+            num_objects = self.classifier.processor.image_processor.num_object_images
+            self.cropper = ObjectCropper(detector, num_objects=num_objects)
+
+    @property
+    def task(self) -> str:
+        """`"multimodal-ner"` or `"multimodal-re"` (NER's layout when the model could not be loaded)."""
+        return "multimodal-re" if isinstance(self.classifier, MultimodalRePipeline) else "multimodal-ner"
+
+    def predict(
+        self,
+        text: str | None,
+        image_path: str | None,
+        object_paths: Sequence[str] | None,
+        detect: bool = False,
+        head: str = "",
+        tail: str = "",
+    ) -> dict[str, Any]:
+        """
+        Everything the page shows for one input, under the names of its output boxes: `status` (Markdown; the
+        message for bad input, when the other entries are empty), `spans` (highlighted text), `relations` and
+        `relations_masked` ({relation: score}, RE), `spans_masked`, `changes` (Markdown), `image` (with the crop
+        boxes drawn), `crops` (the crop images used) and `gates` (the heat map image).
+        """
+        try:
+            return self._predict(text, image_path, object_paths, detect, head, tail)
+        except InputError as error:
+            return {"status": f"**{error}**"}
+        except (ValueError, TypeError, OSError) as error:  # what the pipelines raise for inputs they refuse
+            return {"status": f"**The model could not read this input: {error}**"}
+
+    def _predict(self, text, image_path, object_paths, detect, head, tail) -> dict[str, Any]:
+        if self.classifier is None:
+            raise InputError(self.load_error)
+        text = (text or "").strip()
+        words, offsets = words_and_offsets(text)
+        if not words:
+            raise InputError("Enter a text: it is empty.")
+        image = read_image(image_path, "image")
+        crops = [read_image(path, "crop") for path in object_paths or []]
+        spans = {}
+        if self.task == "multimodal-re":
+            spans = {role: find_span(words, mention, role) for role, mention in (("head", head), ("tail", tail))}
+        boxes = []
+        if detect and not crops and image is not None and self.cropper is not None:
+            mentions = [" ".join(words[start:end]) for start, end in spans.values()]
+            found = self.cropper.detect(image, text_queries(words, mentions))
+            boxes = [detected.box for detected in found]
+            crops = [image.crop(box) for box in boxes]
+        num_slots = self.classifier.processor.image_processor.num_object_images
+        unused = f" ({len(crops) - num_slots} more crop(s) given than the model's {num_slots} slots: not used)"
+        unused = unused if len(crops) > num_slots else ""
+        crops, boxes = crops[:num_slots], boxes[:num_slots]
+        if self.task == "multimodal-ner":
+            inputs = {"text": text, "image": image, "objects": crops}
+            shown = self._ner_outputs(text, inputs)
+        else:
+            inputs = {"words": words, "head": spans["head"], "tail": spans["tail"], "image": image, "objects": crops}
+            shown = self._re_outputs(text, offsets, inputs)
+        used = "no image" if image is None else f"the image and {len(crops)} crop(s)"
+        return {
+            **shown,
+            "status": f"Prediction of `{self.model_name}` with {used}{unused}; below it, the same text with the image "
+            "masked.",
+            "image": draw_boxes(image, boxes) if image is not None else None,
+            "crops": crops,
+            "gates": gates_figure(example_gates(self.classifier, inputs)),
+        }
+
+    def _ner_outputs(self, text: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        with_image = self.classifier(inputs)
+        masked = self.classifier({"text": text})
+        return {
+            "spans": highlighted(text, with_image),
+            "spans_masked": highlighted(text, masked),
+            "changes": entity_changes(with_image, masked),
+        }
+
+    def _re_outputs(self, text: str, offsets: list[tuple[int, int]], inputs: dict[str, Any]) -> dict[str, Any]:
+        num_relations = len(self.classifier.model.config.id2label)
+        with_image = self.classifier(inputs, top_k=num_relations)
+        masked = self.classifier({**inputs, "image": None, "objects": None}, top_k=num_relations)
+        entities = [
+            {"entity_group": role, "start": offsets[inputs[role][0]][0], "end": offsets[inputs[role][1] - 1][1]}
+            for role in ("head", "tail")
+        ]
+        return {
+            "spans": highlighted(text, entities),
+            "relations": {ranked["relation"]: ranked["score"] for ranked in with_image},
+            "relations_masked": {ranked["relation"]: ranked["score"] for ranked in masked},
+            "changes": relation_change(with_image[0], masked[0]),
+        }
+
+
+def highlighted(text: str, entities: Sequence[dict]) -> dict[str, Any]:
+    """`text` with the character spans of `entities` (pipeline outputs with `start` and `end`), labelled by type, as
+    gradio's `HighlightedText` takes it."""
+    return {
+        "text": text,
+        "entities": [
+            {"entity": entity["entity_group"], "start": entity["start"], "end": entity["end"]} for entity in entities
+        ],
+    }
+
+
+def entity_changes(with_image: Sequence[dict], masked: Sequence[dict]) -> str:
+    """A Markdown table of the entities found with the image or with it masked, and their scores in each."""
+    keyed_with = {(entity["start"], entity["end"], entity["entity_group"]): entity for entity in with_image}
+    keyed_masked = {(entity["start"], entity["end"], entity["entity_group"]): entity for entity in masked}
+    if not keyed_with and not keyed_masked:
+        return "No entity found, with the image or without it."
+    rows = ["| entity | type | score with the image | score with the image masked |", "|---|---|---|---|"]
+    for key in sorted(keyed_with.keys() | keyed_masked.keys()):
+        entity = keyed_with.get(key) or keyed_masked[key]
+        scores = [
+            f"{found[key]['score']:.3f}" if key in found else "not found" for found in (keyed_with, keyed_masked)
+        ]
+        rows.append(f"| {entity['word']} | {key[2]} | {scores[0]} | {scores[1]} |")
+    changed = len(keyed_with.keys() ^ keyed_masked.keys())
+    summary = (
+        f"The image changed {changed} entit{'y' if changed == 1 else 'ies'}."
+        if changed
+        else ("The image changed no entity (only the scores).")
+    )
+    return summary + "\n\n" + "\n".join(rows)
+
+
+def relation_change(with_image: dict, masked: dict) -> str:
+    """One sentence saying whether masking the image changes the predicted relation."""
+    if with_image["relation"] == masked["relation"]:
+        return (
+            f"With the image masked the relation stays `{masked['relation']}` "
+            f"(score {with_image['score']:.3f} with the image, {masked['score']:.3f} without)."
+        )
+    return (
+        f"The image changed the relation: `{with_image['relation']}` ({with_image['score']:.3f}) with it, "
+        f"`{masked['relation']}` ({masked['score']:.3f}) with it masked."
+    )
+
+
+def gradio():
+    """The `gradio` module, or a clear error naming the extra to install."""
+    try:
+        import gradio
+    except ImportError as error:
+        raise ImportError("the web app needs gradio: pip install 'hvpnet_hf[app]'") from error
+    return gradio
+
+
+def build_page(app: HVPNetApp):
+    """The gradio page of `app` (a `gradio.Blocks`, not yet launched)."""
+    gr = gradio()
+    is_re = app.task == "multimodal-re"
+    with gr.Blocks(title="HVPNeT", analytics_enabled=False) as page:
+        gr.Markdown(page_header(app))
+        if app.classifier is None:
+            gr.Markdown(f"**{app.load_error}**", elem_id="load-error")
+            return page
+        with gr.Row():
+            with gr.Column():
+                text = gr.Textbox(label="Text", lines=2, elem_id="text")
+                head = gr.Textbox(label="Head entity (as written in the text)", visible=is_re, elem_id="head")
+                tail = gr.Textbox(label="Tail entity (as written in the text)", visible=is_re, elem_id="tail")
+                image = gr.File(label="Image", type="filepath", elem_id="image")
+                objects = gr.File(
+                    label="Object crops (optional)", file_count="multiple", type="filepath", elem_id="objects"
+                )
+                detect = gr.Checkbox(
+                    label="Detect object crops (for an image without crops)",
+                    visible=app.cropper is not None,
+                    elem_id="detect",
+                )
+                submit = gr.Button("Predict", variant="primary", elem_id="predict")
+                gr.Examples(
+                    [sample_row(tweet, is_re) for tweet in SAMPLE_TWEETS[app.task]],
+                    inputs=[text, head, tail, image, objects] if is_re else [text, image, objects],
+                    label="Sample tweets (from the bundled sample set)",
+                )
+            with gr.Column():
+                status = gr.Markdown(elem_id="status")
+                outputs = {
+                    "spans": gr.HighlightedText(label="With the image", color_map=SPAN_COLOURS, elem_id="spans"),
+                    "relations": gr.Label(label="Relations with the image", visible=is_re, elem_id="relations"),
+                    "spans_masked": gr.HighlightedText(
+                        label="With the image masked",
+                        color_map=SPAN_COLOURS,
+                        visible=not is_re,
+                        elem_id="spans-masked",
+                    ),
+                    "relations_masked": gr.Label(
+                        label="Relations with the image masked", visible=is_re, elem_id="relations-masked"
+                    ),
+                    "changes": gr.Markdown(elem_id="changes"),
+                }
+        with gr.Row():
+            outputs["image"] = gr.Image(
+                label="The image (boxes drawn where crops were detected)", height=280, elem_id="image-used"
+            )
+            outputs["crops"] = gr.Gallery(label="The crops the model read", columns=3, height=280, elem_id="crops")
+        gr.Markdown(
+            "**Gate weights of this example**: how much each text layer (rows) takes from each backbone stage "
+            "(columns), as in the paper's Figure 4."
+        )
+        outputs["gates"] = gr.Image(show_label=False, elem_id="gates")
+        inputs = [text, image, objects, detect, head, tail]
+        names = ["status", *outputs]
+
+        def run(*values):
+            shown = app.predict(*values)
+            return [shown.get(name) for name in names]
+
+        submit.click(run, inputs=inputs, outputs=[status, *outputs.values()])
+    return page
+
+
+def sample_row(tweet: SampleTweet, is_re: bool) -> list:
+    """The values a sample tweet gives the page's inputs (text, for RE head and tail, image, crops)."""
+    files = [str(SAMPLE_DIR / tweet.image), [str(SAMPLE_DIR / crop) for crop in tweet.objects]]
+    return [tweet.text, tweet.head, tweet.tail, *files] if is_re else [tweet.text, *files]
+
+
+def page_header(app: HVPNetApp) -> str:
+    """The page's title and what the model does."""
+    title = "# HVPNeT: multimodal entities and relations in tweets"
+    if app.classifier is None:
+        return title
+    labels = app.classifier.model.config.id2label
+    if app.task == "multimodal-ner":
+        types = sorted({label[2:] for label in labels.values() if label != "O"})
+        what = f"named entities ({', '.join(types)})"
+    else:
+        what = f"the relation (one of {len(labels)}) between a head and a tail entity"
+    return (
+        f"{title}\n\nModel `{app.model_name}` finds {what} in a text, helped by its image and object crops "
+        "(Chen et al., NAACL 2022 Findings). Pick a sample tweet or give your own text and image."
+    )
+
+
+def launch(app: HVPNetApp, port: int | None = None, block: bool = True):
+    """Serves the page of `app` on localhost (or where `GRADIO_SERVER_NAME` says, as on a Space); returns the page
+    (serving in the background unless `block`)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page's own analytics are off in `build_page`
+    gr = gradio()
+    page = build_page(app)
+    theme = gr.themes.Default(font=list(FONTS), font_mono=list(MONO_FONTS))
+    page.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),  # a Space sets its own
+        server_port=port,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(SAMPLE_DIR)],
+        theme=theme,
+        footer_links=[],
+        quiet=not block,
+    )
+    return page
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--model", required=True, help="folder or Hub id of a trained HVPNeT NER or RE model")
+    parser.add_argument("--port", type=int, default=None, help="port on localhost (default: gradio's, 7860 or next)")
+    parser.add_argument("--detector", help="detection model (Hub id or folder) that finds crops for images without")
+    args = parser.parse_args(argv)
+    launch(HVPNetApp(args.model, detector=args.detector), port=args.port)
+
+
+if __name__ == "__main__":
+    main()

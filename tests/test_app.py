@@ -1,0 +1,311 @@
+"""The web app: what it shows for an input (against the pipelines), bad input, and the page in headless Chromium."""
+
+import ast
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig, pipeline
+
+from hvpnet_hf.app import (
+    BOX_COLOUR,
+    SAMPLE_DIR,
+    SAMPLE_TWEETS,
+    HVPNetApp,
+    entity_changes,
+    example_gates,
+    launch,
+    relation_change,
+)
+from hvpnet_hf.object_detection import DetectedObject
+
+CHROMIUM = "/usr/bin/chromium"
+# The flags that keep a headless Chromium from reaching out (updates, sync, field trials) and from needing a GPU.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+NER_TWEET = SAMPLE_TWEETS["multimodal-ner"][0]
+RE_TWEET = SAMPLE_TWEETS["multimodal-re"][0]
+
+
+def sample_paths(tweet):
+    return str(SAMPLE_DIR / tweet.image), [str(SAMPLE_DIR / crop) for crop in tweet.objects]
+
+
+def entity_pairs(text: str, entities) -> list[tuple[str, str]]:
+    """(text of the span, type) of pipeline entities, the form the page shows them in."""
+    return [(text[entity["start"] : entity["end"]], entity["entity_group"]) for entity in entities]
+
+
+def spans_of(highlighted: dict) -> list[tuple[str, str]]:
+    return [(highlighted["text"][span["start"] : span["end"]], span["entity"]) for span in highlighted["entities"]]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG file that declares `width` x `height` pixels and holds none: PIL sizes it before decoding anything."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def ner_app(tiny_ner_dir):
+    return HVPNetApp(tiny_ner_dir)
+
+
+@pytest.fixture(scope="module")
+def re_app(tiny_re_dir):
+    return HVPNetApp(tiny_re_dir)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_files")
+    (folder / "notes.txt").write_text("not a picture\n")
+    # 20000 x 20000 = 400 million pixels, over twice PIL's MAX_IMAGE_PIXELS (about 89 million): a decompression bomb.
+    (folder / "bomb.png").write_bytes(png_header(20000, 20000))
+    not_hvpnet = folder / "bert"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
+        not_hvpnet
+    )
+    return folder
+
+
+def test_sample_tweets_are_tweets_of_the_sample_sets():
+    """Every bundled example is a test tweet of the sample data, with its image and its crops."""
+    twitter = SAMPLE_DIR / "twitter"
+    blocks = {
+        block.splitlines()[0].removeprefix("IMGID:") + ".jpg": [line.split("\t")[0] for line in block.splitlines()[1:]]
+        for block in (twitter / "test.txt").read_text().strip().split("\n\n")
+    }
+    crop_map = torch.load(twitter / "twitter_test_dict.pth")
+    for tweet in SAMPLE_TWEETS["multimodal-ner"]:
+        name = Path(tweet.image).name
+        assert " ".join(blocks[name]) == tweet.text
+        assert [Path(crop).name for crop in tweet.objects] == crop_map[name]
+    mnre = SAMPLE_DIR / "mnre"
+    records = [ast.literal_eval(line) for line in (mnre / "txt" / "mnre_test.txt").read_text().splitlines()]
+    crop_map = torch.load(mnre / "txt" / "mre_test_dict.pth")
+    for tweet in SAMPLE_TWEETS["multimodal-re"]:
+        index = next(
+            index
+            for index, record in enumerate(records)
+            if (record["img_id"], record["h"]["name"], record["t"]["name"])
+            == (Path(tweet.image).name, tweet.head, tweet.tail)
+        )
+        assert " ".join(records[index]["token"]) == tweet.text
+        assert [Path(crop).name for crop in tweet.objects] == crop_map[index]
+    for tweet in [*SAMPLE_TWEETS["multimodal-ner"], *SAMPLE_TWEETS["multimodal-re"]]:
+        assert all((SAMPLE_DIR / path).is_file() for path in (tweet.image, *tweet.objects))
+
+
+def test_ner_shows_the_pipelines_entities_with_and_without_the_image(ner_app, tiny_ner_dir):
+    image, crops = sample_paths(NER_TWEET)
+    shown = ner_app.predict(NER_TWEET.text, image, crops)
+    tagger = pipeline("multimodal-ner", model=tiny_ner_dir)
+    expected = entity_pairs(NER_TWEET.text, tagger({"text": NER_TWEET.text, "image": image, "objects": crops}))
+    assert expected, "the tiny model finds entities in this tweet, so the comparison is not empty"
+    assert spans_of(shown["spans"]) == expected
+    assert spans_of(shown["spans_masked"]) == entity_pairs(NER_TWEET.text, tagger(NER_TWEET.text))
+    # The 64 x 64 sample picture is shown 4 times larger (DISPLAY_SIZE 256), pixel for pixel.
+    assert len(shown["crops"]) == 2 and shown["image"].size == (256, 256)
+    assert (
+        shown["image"].resize((64, 64), Image.Resampling.NEAREST).tobytes()
+        == Image.open(image).convert("RGB").tobytes()
+    )
+    assert "2 crop(s)" in shown["status"]
+    assert np.asarray(shown["gates"]).std() > 0  # a drawn heat map, not an empty canvas
+
+
+def test_re_shows_the_marked_pair_and_the_pipelines_relation_scores(re_app, tiny_re_dir):
+    image, crops = sample_paths(RE_TWEET)
+    shown = re_app.predict(RE_TWEET.text, image, crops, head=RE_TWEET.head, tail=RE_TWEET.tail)
+    assert spans_of(shown["spans"]) == [("Serena Williams", "head"), ("Shakira", "tail")]
+    classifier = pipeline("multimodal-re", model=tiny_re_dir)
+    words = RE_TWEET.text.split()
+    example = {"words": words, "head": (0, 2), "tail": (3, 4), "image": image, "objects": crops}
+    ranked = classifier(example, top_k=4)
+    assert shown["relations"] == pytest.approx({entry["relation"]: entry["score"] for entry in ranked})
+    masked = classifier({"words": words, "head": (0, 2), "tail": (3, 4)}, top_k=4)
+    assert shown["relations_masked"] == pytest.approx({entry["relation"]: entry["score"] for entry in masked})
+    assert shown["changes"] == relation_change(ranked[0], masked[0])
+
+
+def test_gates_of_one_example_are_per_layer_distributions_over_present_images(ner_app):
+    image, crops = sample_paths(NER_TWEET)
+    config = ner_app.classifier.model.config
+    gates = example_gates(ner_app.classifier, {"text": NER_TWEET.text, "image": image, "objects": crops[:1]})
+    assert [gates[group]["images"] for group in ("global image", "object crops")] == [1, 1]
+    for entry in gates.values():
+        weights = torch.tensor(entry["mean"])  # (L, c): one softmax over the stages per text layer
+        assert weights.shape == (config.text_config.num_hidden_layers, len(config.vision_out_indices))
+        # A softmax sums to 1; float32 rounding over 4 stages stays far below 1e-5.
+        torch.testing.assert_close(weights.sum(dim=-1), torch.ones(len(weights)), atol=1e-5, rtol=0)
+    assert example_gates(ner_app.classifier, {"text": NER_TWEET.text}) is None  # no image, no gate
+    assert ner_app.predict(NER_TWEET.text, None, None)["gates"] is None
+
+
+def test_detected_crops_are_cut_from_their_boxes_and_drawn(ner_app, monkeypatch):
+    image_path, _ = sample_paths(NER_TWEET)
+    boxes = [(2, 3, 30, 40), (20, 10, 60, 50)]
+    asked = []
+
+    class FakeCropper:  # stands in for an ObjectCropper: what the app asks of it is `detect`
+        def detect(self, image, queries):
+            asked.append(queries)
+            return [DetectedObject(0.9, box, "thing") for box in boxes]
+
+    monkeypatch.setattr(ner_app, "cropper", FakeCropper())
+    shown = ner_app.predict(NER_TWEET.text, image_path, None, detect=True)
+    assert [crop.size for crop in shown["crops"]] == [(28, 37), (40, 40)]
+    assert "United Nations" in asked[0]  # the text's capitalised run is a detector query
+    red = tuple(int(BOX_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
+    assert shown["image"].getpixel((4 * 2, 4 * 20)) == red  # on the left edge of the first box, shown 4 times larger
+    given = ner_app.predict(NER_TWEET.text, image_path, sample_paths(NER_TWEET)[1], detect=True)
+    assert len(asked) == 1 and len(given["crops"]) == 2  # crops given: nothing detected
+    too_many = ner_app.predict(NER_TWEET.text, image_path, [image_path] * 3)
+    assert (
+        len(too_many["crops"]) == 2 and "1 more crop(s) given than the model's 2 slots: not used" in too_many["status"]
+    )
+
+
+def test_bad_inputs_get_a_message_naming_the_problem(ner_app, re_app, bad_files):
+    image, _ = sample_paths(NER_TWEET)
+    assert ner_app.predict("   ", image, None) == {"status": "**Enter a text: it is empty.**"}
+    shown = ner_app.predict(NER_TWEET.text, str(bad_files / "notes.txt"), None)
+    assert list(shown) == ["status"] and "`notes.txt` was not used: it is not an image" in shown["status"]
+    shown = ner_app.predict(NER_TWEET.text, image, [str(bad_files / "bomb.png")])
+    assert "crop `bomb.png` was not used: it is too large to decode" in shown["status"]
+    shown = re_app.predict(RE_TWEET.text, image, None, head="Serena Williams", tail="Beyonce")
+    assert "tail entity `Beyonce` is not in the text" in shown["status"]
+    assert "Enter the head entity" in re_app.predict(RE_TWEET.text, image, None, tail="Shakira")["status"]
+    for folder in (bad_files / "bert", bad_files):  # another model's folder; a folder without a model
+        app = HVPNetApp(str(folder))
+        assert app.classifier is None and f"`{folder}` is not an HVPNeT" in app.load_error
+        assert app.predict(NER_TWEET.text, image, None) == {"status": f"**{app.load_error}**"}
+    # The app still answers after all of them.
+    assert ner_app.predict(NER_TWEET.text, image, None)["spans"]["text"] == NER_TWEET.text
+
+
+def test_changes_list_entities_found_only_with_or_without_the_image():
+    paris = {"start": 0, "end": 5, "word": "Paris", "score": 0.9}
+    with_image = [{**paris, "entity_group": "PER"}]
+    masked = [{**paris, "entity_group": "LOC", "score": 0.6}]
+    table = entity_changes(with_image, masked)
+    assert table.startswith("The image changed 2 entities.")
+    assert "| Paris | LOC | not found | 0.600 |" in table and "| Paris | PER | 0.900 | not found |" in table
+    assert entity_changes(with_image, with_image).startswith("The image changed no entity")
+    assert entity_changes([], []) == "No entity found, with the image or without it."
+    changed = relation_change({"relation": "/per/per/couple", "score": 0.7}, {"relation": "None", "score": 0.5})
+    assert (
+        changed == "The image changed the relation: `/per/per/couple` (0.700) with it, `None` (0.500) with it masked."
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def served(browser, tmp_path):
+    """Serves apps on free localhost ports and opens them in fresh browser contexts (fresh profiles); records every
+    request the pages make to anywhere else."""
+    pages, outside = [], []
+
+    def serve(app: HVPNetApp):
+        page_app = launch(app, port=free_port(), block=False)
+        pages.append(page_app)
+        tab = browser.new_context(viewport={"width": 1280, "height": 1100}).new_page()
+        tab.on("request", lambda request: outside.append(request.url) if not is_local(request.url) else None)
+        tab.goto(page_app.local_url)
+        return tab
+
+    yield serve, outside
+    for page_app in pages:
+        page_app.close()
+
+
+def is_local(url: str) -> bool:
+    return url.startswith(("http://127.0.0.1", "data:", "blob:"))
+
+
+def page_entities(tab, selector: str) -> list[tuple[str, str]]:
+    """(text, label) of the highlighted spans of a `HighlightedText` on the page."""
+    return tab.eval_on_selector_all(
+        f"{selector} .token.highlighted",
+        "tokens => tokens.map(token => [token.querySelector('.text').innerText.trim(),"
+        " token.querySelector('.label').innerText.trim()])",
+    )
+
+
+def test_page_in_a_browser_shows_the_pipelines_entities(served, ner_app, tiny_ner_dir, bad_files, tmp_path):
+    from playwright.sync_api import expect
+
+    serve, outside = served
+    tab = serve(ner_app)
+    status = tab.locator("#status")
+    tab.locator("#predict").click()
+    expect(status).to_contain_text("Enter a text: it is empty.", timeout=30_000)
+
+    image, _ = sample_paths(NER_TWEET)
+    tab.locator("#text textarea").fill(NER_TWEET.text)
+    tab.locator("#image input[type=file]").set_input_files(image)
+    expect(tab.locator("#image")).to_contain_text(Path(image).name, timeout=30_000)
+    tab.locator("#predict").click()
+    expect(status).to_contain_text("Prediction of", timeout=30_000)
+    tagger = pipeline("multimodal-ner", model=tiny_ner_dir)
+    expected = entity_pairs(NER_TWEET.text, tagger({"text": NER_TWEET.text, "image": image}))
+    assert expected and page_entities(tab, "#spans") == [list(pair) for pair in expected]
+    assert page_entities(tab, "#spans-masked") == [
+        list(pair) for pair in entity_pairs(NER_TWEET.text, tagger(NER_TWEET.text))
+    ]
+    expect(tab.locator("#gates img")).to_be_visible()
+
+    screenshot = tmp_path / "app.png"
+    tab.screenshot(path=screenshot, full_page=True)
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
+    # A blank or single-colour page has a variance near 0; text, highlights and images give far more than 100.
+    assert pixels.var() > 100
+
+    # A crop that is not an image: a message in the page, then the page still predicts once it is removed.
+    tab.locator("#objects input[type=file]").set_input_files(str(bad_files / "notes.txt"))
+    expect(tab.locator("#objects")).to_contain_text("notes.txt", timeout=30_000)
+    tab.locator("#predict").click()
+    expect(status).to_contain_text("The crop notes.txt was not used", timeout=30_000)
+    tab.locator("#objects button[aria-label='Clear']").click()
+    tab.locator("#predict").click()
+    expect(status).to_contain_text("Prediction of", timeout=30_000)
+
+    # A folder that is not an HVPNeT model: its page says so.
+    bad_tab = serve(HVPNetApp(str(bad_files / "bert")))
+    expect(bad_tab.locator("#load-error")).to_contain_text("is not an HVPNeT NER or RE model", timeout=30_000)
+    assert outside == []

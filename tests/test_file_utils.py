@@ -1,0 +1,31 @@
+"""`atomic_write`: a file is replaced whole or not at all."""
+
+import pytest
+
+from hvpnet_hf.file_utils import atomic_write
+
+
+def test_the_file_appears_when_the_block_ends(tmp_path):
+    path = tmp_path / "out.txt"
+    with atomic_write(path) as temporary:
+        temporary.write_text("new\n")
+        assert temporary.parent == tmp_path and not path.exists()  # nothing to read until the block is done
+    assert path.read_text() == "new\n"
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["out.txt"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_block_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, error):
+    path = tmp_path / "out.txt"
+    path.write_text("old\n")
+    with pytest.raises(type(error)):
+        with atomic_write(path) as temporary:
+            temporary.write_text("half")
+            raise error
+    assert path.read_text() == "old\n"
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["out.txt"]
+    # A block that fails before writing anything leaves nothing either.
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "never.txt"):
+            raise RuntimeError("before writing")
+    assert sorted(item.name for item in tmp_path.iterdir()) == ["out.txt"]

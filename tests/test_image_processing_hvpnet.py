@@ -1,0 +1,182 @@
+"""HVPNetImageProcessor and the package's one image decoder, `load_image`: modes, EXIF, 16 bits, numpy arrays,
+the transform, object slots, and unreadable files (missing, truncated, decompression bombs)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hvpnet_hf import image_processing_hvpnet
+from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor, image_header_problem, load_image
+
+IMAGE_SIZE = 16
+
+
+def image_processor(**kwargs) -> HVPNetImageProcessor:
+    settings = {"image_size": IMAGE_SIZE, "crop_pct": 1.0, "image_mean": (0.5,) * 3, "image_std": (0.5,) * 3}
+    return HVPNetImageProcessor(**{**settings, **kwargs})
+
+
+def sideways_photo(path):
+    """
+    A JPEG stored 40 wide and 20 high with its left half black and EXIF orientation 6 (rotate 90 degrees clockwise
+    to view), so that upright it is 20 x 40 with the black half on top.
+    """
+    image = Image.new("L", (40, 20), 255)
+    image.paste(0, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif, quality=100)
+    return path
+
+
+# ---------------------------------------------------------------- conversion and transform
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGBA", "P", "LA", "I;16"])
+def test_every_image_mode_becomes_rgb(mode):
+    image = Image.new(mode, (40, 20))
+    pixels = image_processor().preprocess_example(image)["pixel_values"][0]
+    assert pixels.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert pixels.dtype == torch.float32
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, caplog):
+    # A 16-bit PNG whose left half is 0x4000 (a quarter of the range) and right half 0xC000 (three quarters).
+    values = np.full((16, 32), 0x4000, dtype=np.uint16)
+    values[:, 16:] = 0xC000
+    path = tmp_path / "depth.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    squashed = image_processor(crop_mode="squash", image_size=32)
+    image_processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
+    with caplog.at_level(logging.INFO, logger="hvpnet_hf.image_processing_hvpnet"):
+        pixels = squashed.preprocess_example(path)["pixel_values"][0]
+    # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalised (v / 255 - 0.5) / 0.5. Columns next to the
+    # middle are blended by the resize filter, so only the outer ones are compared (1e-5: float rounding).
+    torch.testing.assert_close(pixels[:, :, :12], torch.full((3, 32, 12), 64 / 127.5 - 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixels[:, :, 20:], torch.full((3, 32, 12), 191 / 127.5 - 1), atol=1e-5, rtol=0)
+    assert "I;16" in caplog.text and "scaled to 8 bits" in caplog.text
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = sideways_photo(tmp_path / "phone.jpg")
+    assert load_image(path).size == (20, 40)
+    pixels = image_processor(crop_mode="squash", image_size=20).preprocess_example(path)["pixel_values"][0]
+    # Rows away from the middle are pure black (-1) or white (1) up to JPEG noise (0.1 is ~13 of 255 grey levels).
+    assert pixels[:, :8].max() < -0.9 and pixels[:, 12:].min() > 0.9
+    in_memory = image_processor(crop_mode="squash", image_size=20).preprocess_example(Image.open(path))
+    torch.testing.assert_close(in_memory["pixel_values"][0], pixels)
+
+
+@pytest.mark.parametrize("shape", [(20, 40, 3), (20, 40), (20, 40, 1), (20, 40, 4)])
+def test_numpy_images_are_accepted_like_pil_images(shape):
+    array = np.zeros(shape, dtype=np.uint8)
+    array[:, 20:] = 255
+    if len(shape) == 3 and shape[-1] == 4:
+        array[..., 3] = 255  # opaque
+    from_array = image_processor().preprocess_example(array, [array])
+    pil = Image.fromarray(array[..., 0] if len(shape) == 3 and shape[-1] == 1 else array)
+    from_pil = image_processor().preprocess_example(pil, [pil])
+    assert from_array["image_mask"].tolist() == [True, True, False, False]
+    torch.testing.assert_close(from_array["pixel_values"], from_pil["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [(np.zeros((3, 20, 40), dtype=np.uint8), "channels last"), (np.zeros((20, 40, 3)), "dtype float64")],
+)
+def test_unsupported_numpy_images_are_an_error(array, message):
+    with pytest.raises(ValueError, match=message):
+        image_processor().preprocess_example(array)
+
+
+def test_image_values_are_resized_cropped_and_normalised():
+    image = Image.new("L", (40, 20), 255)  # white; grayscale is replicated to three channels
+    pixels = image_processor().preprocess_example(image)["pixel_values"][0]
+    # (1.0 - 0.5) / 0.5 = 1 everywhere; 1e-5 covers float rounding of the resize.
+    torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)
+    transparent = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    pixels = image_processor().preprocess_example(transparent)["pixel_values"][0]
+    torch.testing.assert_close(pixels, torch.ones(3, IMAGE_SIZE, IMAGE_SIZE), atol=1e-5, rtol=0)  # white background
+
+
+def test_squash_keeps_the_whole_non_square_image():
+    # 40x20, its left quarter black: squashing keeps that quarter, a center crop of the middle square drops it.
+    image = Image.new("L", (40, 20), 255)
+    image.paste(0, (0, 0, 10, 20))
+    squashed = image_processor(crop_mode="squash").preprocess_example(image)["pixel_values"][0]
+    cropped = image_processor().preprocess_example(image)["pixel_values"][0]
+    assert squashed.shape == cropped.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    # Normalised black is -1 and white is 1; a column or two at the edge is blended by the resize filter.
+    assert squashed[:, :, :2].max() < -0.99 and squashed[:, :, IMAGE_SIZE // 4 + 2 :].min() > 0.99
+    assert cropped[:, :, 2:].min() > 0.99
+
+
+def test_object_slots_are_padded_truncated_and_masked():
+    processing = image_processor(num_object_images=3)
+    crop = Image.new("RGB", (8, 8), (255, 0, 0))
+    one = processing.preprocess_example(None, [crop])
+    # Slot 0 is the (absent) global image, then the crop and two empty crop slots.
+    assert one["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert one["image_mask"].tolist() == [False, True, False, False]
+    assert one["pixel_values"][0].abs().sum() == 0 and one["pixel_values"][2:].abs().sum() == 0
+    assert one["pixel_values"][1].abs().sum() > 0
+    many = processing.preprocess_example(crop, [crop] * 5)
+    assert many["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert many["image_mask"].tolist() == [True, True, True, True]
+
+
+# ---------------------------------------------------------------- unreadable files
+
+
+def test_missing_image_path_is_masked_or_raises(tmp_path):
+    processing = image_processor()
+    path = tmp_path / "gone.jpg"
+    images = processing.preprocess_example(path, [path, None])
+    assert images["image_mask"].tolist() == [False, False, False, False]
+    with pytest.raises(OSError, match="gone.jpg"):
+        processing.preprocess_example(path, missing_images="error")
+
+
+def test_load_image_decodes_pixels_as_rgb(tmp_path):
+    path = tmp_path / "ok.png"
+    Image.new("L", (24, 16), 7).save(path)
+    image = load_image(path)
+    assert (image.size, image.mode, image.getpixel((0, 0))) == ((24, 16), "RGB", (7, 7, 7))
+
+
+def assert_unreadable(path, error_pattern: str, caplog) -> None:
+    """`load_image` logs and gives None, or raises naming the file; the processor masks the image."""
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
+        assert load_image(path) is None
+    assert path.name in caplog.text
+    with pytest.raises(OSError, match=error_pattern):
+        load_image(path, missing_images="error")
+    assert image_processor().preprocess_example(path)["image_mask"].tolist() == [False] * 4
+
+
+def test_a_truncated_file_passes_the_header_check_and_fails_decoding(tmp_path, caplog):
+    path = tmp_path / "big.jpg"
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(path)
+    path.write_bytes(path.read_bytes()[:-400])  # header intact, pixel data cut
+    assert image_header_problem(path) is None  # so only decoding can notice
+    assert_unreadable(path, "big.jpg", caplog)
+
+
+def test_decompression_bombs_are_unreadable_not_an_uncaught_error(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (200, 100)).save(path)
+    # PIL refuses images of more than twice MAX_IMAGE_PIXELS with DecompressionBombError, which is not an OSError;
+    # the limit is lowered here instead of writing a huge file.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    assert "decompression bomb" in image_header_problem(path)
+    assert_unreadable(path, "bomb.png.*decompression bomb", caplog)
+
+
+def test_missing_images_policy_is_checked():
+    with pytest.raises(ValueError, match="missing_images must be one of"):
+        load_image("any.jpg", missing_images="skip")
+    assert image_header_problem("no/such/file.jpg")
