@@ -207,7 +207,7 @@ def _prepend_prefix_mask(
     prefix_columns = prefix_columns.masked_fill(~prefix_mask.to(query.device), torch.finfo(dtype).min)
     prefix_columns = prefix_columns[:, None, None, :]
     if attention_mask is None:
-        text_columns = prefix_columns.new_zeros(len(query), 1, 1, query.shape[2])
+        text_columns = prefix_columns.new_zeros(query.shape[0], 1, 1, query.shape[2])
     else:
         text_columns = attention_mask
         prefix_columns = prefix_columns.expand(-1, 1, attention_mask.shape[2], -1)
@@ -302,7 +302,9 @@ class HVPNetVisionEncoderBase(nn.Module):
         The backbone sees at most `config.vision_chunk_size` images per call, so its peak memory follows the chunk,
         in `channels_last` layout (faster for resnet50 on CPU at every chunk size, `benchmarks/bench_train_step.py`).
         """
-        chunks = images.split(self.chunk_size) if self.chunk_size else (images,)
+        # An exported graph runs all images in one call: the number of chunks would tie it to one batch size.
+        chunked = self.chunk_size and not torch.compiler.is_exporting()
+        chunks = images.split(self.chunk_size) if chunked else (images,)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             return torch.cat(
                 [
@@ -377,31 +379,41 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         if self.prefix_mode == "pyramid":
             # Eq. 3-4: average over stages of each stage's global average pool, then per-layer gate logits.
             summary = stage_tokens.mean(dim=(1, 2))
-            logits = nn.functional.leaky_relu(self.gate(summary)).view(len(features), self.num_layers, -1)
+            logits = nn.functional.leaky_relu(self.gate(summary)).view(features.shape[0], self.num_layers, -1)
             gate_weights = logits.softmax(dim=-1)
         else:
-            gate_weights = self.fixed_gate.to(stage_tokens.dtype).expand(len(features), -1, -1)
+            gate_weights = self.fixed_gate.to(stage_tokens.dtype).expand(features.shape[0], -1, -1)
         # Eq. 5: gated sum over stages, for every layer at once.
         return torch.einsum("nlc,nctd->nltd", gate_weights, stage_tokens), gate_weights
 
     def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool."""
+        if torch.compiler.is_compiling() and not self.backbone.training:
+            # A compiled or exported graph cannot branch on the mask or index by it: every image goes through the
+            # backbone and `prefix_from_features` masks out the absent ones. With BatchNorm's running statistics
+            # (eval mode) each image is encoded on its own, so the prefix is the same as below.
+            features = self.visual_features(images.flatten(0, 1))
+            return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
+        # Eager PyTorch skips absent images before the backbone: with 6 of 16 absent that is 1.6x faster than
+        # pushing them through (`benchmarks/bench_prefix.py`), and in training a trainable backbone's batch
+        # statistics see only real images.
         flat_present = present.flatten()
         features = images.new_zeros(flat_present.numel(), self.grid**2, sum(self.stage_channels))
-        if flat_present.any():  # absent images never reach the backbone; autocast may give lower-precision features
+        if flat_present.any():  # autocast may give lower-precision features
             features[flat_present] = self.visual_features(images.flatten(0, 1)[flat_present]).to(features.dtype)
         return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
 
     def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """features (B, n, g*g, C) from `visual_features` (rows of absent images are not read); present (B, n)."""
         batch_size, num_images = present.shape
-        flat_present = present.flatten()
-        gated = features.new_zeros(batch_size * num_images, self.num_layers, self.grid**2, self.hidden_size)
-        gate_weights = features.new_zeros(batch_size * num_images, self.num_layers, self.num_stages)
-        if flat_present.any():
-            present_gated, present_gate_weights = self.gated_features(features.flatten(0, 1)[flat_present])
-            gated[flat_present] = present_gated.to(gated.dtype)
-            gate_weights[flat_present] = present_gate_weights.to(gate_weights.dtype)
+        # Masks, not indexing, so that the graph has no data-dependent shapes (torch.export, torch.compile). Absent
+        # rows are zeroed first (a cache may hold anything there, and NaN would reach the gradients of the weights),
+        # gated like the others, and zeroed again.
+        flat_present = present.flatten()[:, None, None].to(features.device)
+        flat_features = features.flatten(0, 1).masked_fill(~flat_present, 0.0)
+        gated, gate_weights = self.gated_features(flat_features)
+        gated = gated.masked_fill(~flat_present[..., None], 0.0).to(features.dtype)
+        gate_weights = gate_weights.masked_fill(~flat_present, 0.0).to(features.dtype)
 
         # Eq. 6: concatenate the images of one example on the token axis: (B, L, P, d).
         prefix = gated.view(batch_size, num_images, self.num_layers, -1, self.hidden_size).transpose(1, 2)
@@ -487,7 +499,7 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
                 )
             pooled.append(grid)
         channels_first = torch.cat(pooled, dim=1).contiguous()  # (N, C, g, g)
-        return channels_first.view(len(channels_first), self.grid**2, -1)
+        return channels_first.view(channels_first.shape[0], self.grid**2, -1)
 
     def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool.
@@ -505,8 +517,8 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
         batch_size, num_images = present.shape
         features = features.flatten(0, 1)
         chunks = self.encoder_conv(features)
-        chunks = chunks.view(len(features), self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
-        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(len(features), self.num_layers, self.num_stages)
+        chunks = chunks.view(features.shape[0], self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
+        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(-1, self.num_layers, self.num_stages)
         gate_weights = nn.functional.leaky_relu(gate_logits).softmax(dim=-1)  # (N, L, c)
         gated = torch.einsum("nlc,ntcd->nltd", gate_weights, chunks)  # (N, L, t, 2d)
 
@@ -713,7 +725,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        batch_size = len(input_ids if input_ids is not None else inputs_embeds)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         for flag in ("output_attentions", "output_hidden_states"):  # the text model would read its own config's
             kwargs.setdefault(flag, getattr(self.config, flag))
         if image_features is None:
