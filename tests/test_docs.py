@@ -34,7 +34,7 @@ CHECKED_BLOCKS = {
     "docs/benchmarks.md": 0,
     "docs/data.md": 2,
     "docs/development.md": 0,
-    "docs/encoders-and-backbones.md": 1,
+    "docs/encoders-and-backbones.md": 2,
     "docs/export.md": 0,
     "docs/fast-epochs.md": 1,
     "docs/inference.md": 3,
@@ -292,6 +292,12 @@ def check_data(namespace):
     )
 
 
+def check_encoders(namespace):
+    assert namespace["same"]  # no image: the RoBERTa-based model computes RobertaModel
+    assert type(namespace["roberta"].config).__name__ == "RobertaConfig"  # the type the dict named, kept
+    assert namespace["levels"] == [1, 2, 3, 4]  # chosen from the backbone and recorded in the config
+
+
 def check_fast_epochs(namespace):
     assert namespace["same"]  # the cached features give the pixel path's logits
 
@@ -320,6 +326,7 @@ CHECKS = {
     "README.md": check_readme,
     "docs/model.md": check_model,
     "docs/data.md": check_data,
+    "docs/encoders-and-backbones.md": check_encoders,
     "docs/fast-epochs.md": check_fast_epochs,
     "docs/training.md": check_training,
     "docs/inference.md": check_inference,
