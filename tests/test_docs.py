@@ -54,8 +54,6 @@ REMOVED_NAMES = re.compile(
 # `hvpnet_hf.pipelines.task_of`) a page names; each must exist, so a renamed or moved one is caught.
 REPOSITORY_PATH = re.compile(r"(?<![\w$/.-])(?:hvpnet_hf|tests|examples|benchmarks|docs)/[\w./-]*\w")
 MODULE_NAME = re.compile(r"(?<![\w/.-])hvpnet_hf(?:\.\w+)+")
-# Named by the export page as planned, before it exists.
-PLANNED_FILES = {"hvpnet_hf/onnx_export.py"}
 # The tiny model folders a block may load, at the paths and Hub ids the pages name (a local folder is found first).
 MODEL_FOLDERS = {
     "outputs/demo/image_aware": "ner",
@@ -234,7 +232,7 @@ def test_named_files_and_modules_exist(page):
         (number, path)
         for number, line in enumerate(text.splitlines(), 1)
         for path in REPOSITORY_PATH.findall(line)
-        if not (ROOT / path).exists() and path not in PLANNED_FILES
+        if not (ROOT / path).exists()
     ]
     missing += [
         (number, f"{name}: {problem}")
