@@ -30,25 +30,27 @@ the machine and its load.
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_utils import (
+    BATCH_SIZE,
+    IMAGE_SIZE,
+    NUM_OBJECTS,
+    TEXT_LENGTH,
+    mean_seconds,
+    peak_rss_gib,
+    run_in_subprocess,
+    train_step,
+)
 from PIL import Image
 
 # (mean, 95th percentile, max) of word-piece lengths with [CLS] and [SEP], bert-base-uncased tokenizer.
 REAL_LENGTHS = {"twitter2015": (42, 57, 70), "twitter2017": (20, 31, 56), "mnre": (31, 42, 55)}
 EPOCH_EXAMPLES = 4000  # the size of Twitter-2015's training split
-BATCH_SIZE = 8
-NUM_OBJECTS = 3
-IMAGE_SIZE = 224
-TEXT_LENGTH = 80
 NUM_LABELS = 11  # MNER tags with X, [CLS], [SEP] as in the original code
 CONFIGURATIONS = {
     "live, one call": {"chunk": None, "cached": False, "lengths": None},
@@ -126,19 +128,6 @@ def make_batch(generator: np.random.Generator, settings: dict, lengths: list[int
     return batch
 
 
-def mean_seconds(step, batches) -> float:
-    """Mean seconds of `step` over the batches after the first (a warm-up); each batch is built just before its
-    step, as a data loader would, so only one is held at a time."""
-    timings = []
-    for index, make in enumerate(batches):
-        batch = make()
-        start = time.perf_counter()
-        step(batch)
-        if index:
-            timings.append(time.perf_counter() - start)
-    return statistics.mean(timings)
-
-
 def rss_gib() -> float:
     """The resident memory of this process now."""
     with open("/proc/self/status") as status:
@@ -146,10 +135,6 @@ def rss_gib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 2**20
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_worker(name: str, mode: str, repeats: int) -> dict:
@@ -171,22 +156,7 @@ def run_worker(name: str, mode: str, repeats: int) -> dict:
         for lengths in [batch_lengths(settings, 1)[0], *batch_lengths(settings, repeats)]
     ]
     if mode == "train":
-        from transformers import Trainer, TrainingArguments  # a training process imports them; inference does not
-
-        model.train()
-        with tempfile.TemporaryDirectory() as folder:
-            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(
-                TrainingArguments(output_dir=folder, use_cpu=True, report_to="none")
-            )
-        optimizer = optimizer_cls(
-            [parameter for parameter in model.parameters() if parameter.requires_grad], **optimizer_kwargs
-        )
-
-        def step(batch: dict) -> None:
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
+        step = train_step(model)
     else:
         model.eval()
 
@@ -261,14 +231,6 @@ def print_padding() -> None:
         )
 
 
-def run_in_subprocess(arguments: list[str]) -> dict:
-    command = [sys.executable, __file__, *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(arguments)} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per configuration (after one warm-up)")
@@ -294,7 +256,9 @@ def main() -> None:
     common = ["--repeats", str(args.repeats), "--cache-images", str(args.cache_images)]
     rows = {}
     for name in args.configurations:
-        rows[name] = {mode: run_in_subprocess([*common, "--worker", mode, name]) for mode in ("train", "inference")}
+        rows[name] = {
+            mode: run_in_subprocess(__file__, [*common, "--worker", mode, name]) for mode in ("train", "inference")
+        }
     reference = rows.get("live, one call")
     print(
         f"\n{'configuration':40s} {'train s':>8s} {'ratio':>6s} {'GiB':>5s} {'infer s':>8s} {'ratio':>6s} {'GiB':>5s}"
@@ -314,13 +278,13 @@ def main() -> None:
     )
 
     if not args.skip_backbone_sweep:
-        sweep = run_in_subprocess([*common, "--worker", "sweep", "-"])
+        sweep = run_in_subprocess(__file__, [*common, "--worker", "sweep", "-"])
         print(f"\nresnet50 forward on {BATCH_SIZE * (1 + NUM_OBJECTS)} images at {IMAGE_SIZE} px, per chunk size:")
         slowest = max(sweep.values())
         for name, seconds in sweep.items():
             print(f"  {name:28s} {seconds:6.2f} s  ({slowest / seconds:4.2f}x the slowest)")
 
-    cache = run_in_subprocess([*common, "--worker", "cache", "-"])
+    cache = run_in_subprocess(__file__, [*common, "--worker", "cache", "-"])
     print(
         f"\ncache build: {cache['seconds_per_image']:.3f} s per image, {cache['kib_per_image']:.1f} KiB per image "
         f"(float32; {args.cache_images} random 500x375 JPEG files)"

@@ -1,0 +1,75 @@
+"""What the benchmarks share: the paper's batch shape, a fresh process per measurement, the training step `Trainer`
+runs, the mean step time and the peak memory of a process.
+
+The scripts run as `python benchmarks/<name>.py`, so they import this module as a sibling (`import bench_utils`).
+"""
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+# Paper appendix B (Chen et al., NAACL 2022 Findings): batch 8, text padded to 80 tokens, 1 global image + 3 object
+# crops at 224 px.
+BATCH_SIZE = 8
+TEXT_LENGTH = 80
+NUM_OBJECTS = 3
+IMAGE_SIZE = 224
+
+
+def run_in_subprocess(script: str, arguments: list[str]) -> dict:
+    """Run `python script *arguments` in a fresh process, so that its peak memory is its own, and return the JSON
+    object its last line of output holds."""
+    result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(arguments)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a training step updates (a frozen backbone's are left out)."""
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def train_step(model: torch.nn.Module) -> Callable[[dict], None]:
+    """One training step on a batch of model inputs (labels included): forward, backward and an update by the
+    optimizer `Trainer` builds by default (fused AdamW on CPU) over the trained parameters."""
+    from transformers import Trainer, TrainingArguments  # a training process imports them; inference does not
+
+    with tempfile.TemporaryDirectory() as folder:
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(
+            TrainingArguments(output_dir=folder, use_cpu=True, report_to="none")
+        )
+    optimizer = optimizer_cls(trained_parameters(model), **optimizer_kwargs)
+    model.train()
+
+    def step(batch: dict) -> None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def mean_seconds(step: Callable, batches: list[Callable]) -> float:
+    """Mean seconds of `step` over the batches after the first (a warm-up); each batch is built just before its
+    step, as a data loader would, so only one is held at a time."""
+    timings = []
+    for index, make in enumerate(batches):
+        batch = make()
+        start = time.perf_counter()
+        step(batch)
+        if index:
+            timings.append(time.perf_counter() - start)
+    return statistics.mean(timings)
+
+
+def peak_rss_gib() -> float:
+    """The peak resident memory of this process so far (Linux reports `ru_maxrss` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
