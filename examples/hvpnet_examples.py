@@ -108,7 +108,23 @@ class ModelArguments:
             "help": "Images per backbone call (peak memory follows it); null in a config file: one call per batch."
         },
     )
+    vision_model_args: str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra keyword arguments of timm.create_model for the backbone, as JSON (e.g. "
+            "'{\"img_size\": 384}'); a mapping in a config file. Read into a dict."
+        },
+    )
     classifier_dropout: float | None = field(default=DEFAULT_CONFIG.classifier_dropout)
+
+    def __post_init__(self):
+        text = self.vision_model_args
+        try:
+            self.vision_model_args = {} if text is None else json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"vision_model_args must be a JSON mapping, got {text!r}") from error
+        if not isinstance(self.vision_model_args, dict):
+            raise ValueError(f"vision_model_args must be a JSON mapping, got {text!r}")
 
 
 def config_flags(model_args: ModelArguments) -> dict[str, Any]:

@@ -14,11 +14,10 @@ def stacked_inputs(batch_size: int, text_length: int, seed: int = 0) -> dict[str
     """Text with padding, the global image and two crops per example, some of them absent (and the last example
     without any image)."""
     inputs = tiny_inputs(batch_size, text_length, seed=seed)
-    images = torch.cat([inputs.pop("pixel_values")[:, None], inputs.pop("object_pixel_values")], dim=1)
-    image_mask = torch.ones(images.shape[:2], dtype=torch.bool)
+    image_mask = torch.ones(inputs["pixel_values"].shape[:2], dtype=torch.bool)
     image_mask[0, -1] = False
     image_mask[-1] = False
-    return {**inputs, "pixel_values": images, "image_mask": image_mask}
+    return {**inputs, "image_mask": image_mask}
 
 
 def tiny_model() -> HVPNetModel:
