@@ -285,3 +285,19 @@ def test_pipelines_take_numpy_images_like_pil_images(tmp_path, task):
     assert from_arrays == from_pil
     assert calls[0]["image_mask"][0].tolist() == [True, True, False]
     torch.testing.assert_close(calls[0]["pixel_values"], calls[1]["pixel_values"])
+
+
+def test_a_saved_pipeline_loaded_from_its_own_code_leaves_the_package_tasks_alone(tmp_path, image_files):
+    """Loading a folder's copy of the pipeline code (as `pipeline(model=folder, trust_remote_code=True)` does)
+    imports a second `pipelines` module; the task names must keep pointing at the package's classes."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    from hvpnet_hf.pipelines import MultimodalNerPipeline, MultimodalRePipeline
+
+    folder = tmp_path / "ner"
+    tiny_model_folder(folder, "ner")
+    remote = pipeline(model=str(folder), trust_remote_code=True)
+    assert type(remote).__module__.startswith("transformers_modules.")
+    assert PIPELINE_REGISTRY.check_task("multimodal-ner")[1]["impl"] is MultimodalNerPipeline
+    assert PIPELINE_REGISTRY.check_task("multimodal-re")[1]["impl"] is MultimodalRePipeline
+    assert type(pipeline("multimodal-ner", model=str(folder))) is MultimodalNerPipeline
