@@ -10,30 +10,41 @@ c = backbone stages, g = prefix grid side, P = n * g * g prefix tokens, d = hidd
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 
 import timm
 import torch
 from timm.layers import Format
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchcrf import CRF
 from transformers import AutoConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import BertModel, BertSelfAttention, eager_attention_forward
-from transformers.models.camembert.modeling_camembert import CamembertModel, CamembertSelfAttention
-from transformers.models.data2vec.modeling_data2vec_text import Data2VecTextModel, Data2VecTextSelfAttention
-from transformers.models.electra.modeling_electra import ElectraModel, ElectraSelfAttention
-from transformers.models.ernie.modeling_ernie import ErnieModel, ErnieSelfAttention
-from transformers.models.roberta.modeling_roberta import RobertaModel, RobertaSelfAttention
+from transformers.models.bert.modeling_bert import BertLayer, BertModel, BertSelfAttention, eager_attention_forward
+from transformers.models.camembert.modeling_camembert import CamembertLayer, CamembertModel, CamembertSelfAttention
+from transformers.models.data2vec.modeling_data2vec_text import (
+    Data2VecTextLayer,
+    Data2VecTextModel,
+    Data2VecTextSelfAttention,
+)
+from transformers.models.electra.modeling_electra import ElectraLayer, ElectraModel, ElectraSelfAttention
+from transformers.models.ernie.modeling_ernie import ErnieLayer, ErnieModel, ErnieSelfAttention
+from transformers.models.roberta.modeling_roberta import RobertaLayer, RobertaModel, RobertaSelfAttention
 from transformers.models.roberta_prelayernorm.modeling_roberta_prelayernorm import (
+    RobertaPreLayerNormLayer,
     RobertaPreLayerNormModel,
     RobertaPreLayerNormSelfAttention,
 )
-from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel, XLMRobertaSelfAttention
-from transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl import XLMRobertaXLModel, XLMRobertaXLSelfAttention
+from transformers.models.xlm_roberta.modeling_xlm_roberta import (
+    XLMRobertaLayer,
+    XLMRobertaModel,
+    XLMRobertaSelfAttention,
+)
+from transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl import (
+    XLMRobertaXLLayer,
+    XLMRobertaXLModel,
+    XLMRobertaXLSelfAttention,
+)
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
@@ -164,29 +175,122 @@ class HVPNetXLMRobertaXLSelfAttention(XLMRobertaXLSelfAttention):
     forward = HVPNetSelfAttention.forward
 
 
-# `text_config.model_type` → the family's own text model and the prefix attention that replaces its self-attention
-# (the types `configuration_hvpnet.TEXT_MODEL_TYPES` accepts).
+class HVPNetLayerMixin:
+    """Makes a text layer of the family it is mixed into take the visual prefix's keys and values as positional
+    inputs, and its self-attention the prefix attention `prefix_attention_class`.
+
+    The text model hands the prefix to every layer as the keyword argument `visual_prefix`. Reentrant activation
+    checkpointing (`use_reentrant=True`) only tracks a layer's positional tensors: with the prefix as a keyword, each
+    layer's recomputation in backward would backpropagate through the prefix encoder's graph on its own, and the
+    second layer finds that graph freed. So `__call__` (which checkpoints, in transformers' `GradientCheckpointingLayer`)
+    gets the keys and values as positional arguments, as BERT passes `encoder_hidden_states`, whatever checkpoint
+    function is installed, and `forward` puts them back into the prefix.
+    """
+
+    prefix_attention_class: type[nn.Module]
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx=layer_idx)
+        self.attention.self = self.prefix_attention_class(config, layer_idx=layer_idx)
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        visual_prefix: VisualPrefix | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if visual_prefix is None:
+            return super().__call__(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
+        return super().__call__(
+            hidden_states,
+            attention_mask,
+            encoder_hidden_states,
+            visual_prefix.keys,
+            visual_prefix.values,
+            visual_prefix=visual_prefix,
+            **kwargs,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        prefix_keys: torch.Tensor | None = None,
+        prefix_values: torch.Tensor | None = None,
+        visual_prefix: VisualPrefix | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """prefix_keys, prefix_values: (L, B, H, P, h) the keys and values of `visual_prefix`, as positional inputs."""
+        if visual_prefix is not None:
+            visual_prefix = replace(visual_prefix, keys=prefix_keys, values=prefix_values)
+        return super().forward(
+            hidden_states, attention_mask, encoder_hidden_states, visual_prefix=visual_prefix, **kwargs
+        )
+
+
+class HVPNetLayer(HVPNetLayerMixin, BertLayer):
+    prefix_attention_class = HVPNetSelfAttention
+
+
+class HVPNetCamembertLayer(HVPNetLayerMixin, CamembertLayer):
+    prefix_attention_class = HVPNetCamembertSelfAttention
+
+
+class HVPNetData2VecTextLayer(HVPNetLayerMixin, Data2VecTextLayer):
+    prefix_attention_class = HVPNetData2VecTextSelfAttention
+
+
+class HVPNetElectraLayer(HVPNetLayerMixin, ElectraLayer):
+    prefix_attention_class = HVPNetElectraSelfAttention
+
+
+class HVPNetErnieLayer(HVPNetLayerMixin, ErnieLayer):
+    prefix_attention_class = HVPNetErnieSelfAttention
+
+
+class HVPNetRobertaLayer(HVPNetLayerMixin, RobertaLayer):
+    prefix_attention_class = HVPNetRobertaSelfAttention
+
+
+class HVPNetRobertaPreLayerNormLayer(HVPNetLayerMixin, RobertaPreLayerNormLayer):
+    prefix_attention_class = HVPNetRobertaPreLayerNormSelfAttention
+
+
+class HVPNetXLMRobertaLayer(HVPNetLayerMixin, XLMRobertaLayer):
+    prefix_attention_class = HVPNetXLMRobertaSelfAttention
+
+
+class HVPNetXLMRobertaXLLayer(HVPNetLayerMixin, XLMRobertaXLLayer):
+    prefix_attention_class = HVPNetXLMRobertaXLSelfAttention
+
+
+# `text_config.model_type` → the family's own text model and the prefix layer that replaces its layers (the types
+# `configuration_hvpnet.TEXT_MODEL_TYPES` accepts).
 TEXT_MODELS: dict[str, tuple[type[PreTrainedModel], type[nn.Module]]] = {
-    "bert": (BertModel, HVPNetSelfAttention),
-    "camembert": (CamembertModel, HVPNetCamembertSelfAttention),
-    "data2vec-text": (Data2VecTextModel, HVPNetData2VecTextSelfAttention),
-    "electra": (ElectraModel, HVPNetElectraSelfAttention),
-    "ernie": (ErnieModel, HVPNetErnieSelfAttention),
-    "roberta": (RobertaModel, HVPNetRobertaSelfAttention),
-    "roberta-prelayernorm": (RobertaPreLayerNormModel, HVPNetRobertaPreLayerNormSelfAttention),
-    "xlm-roberta": (XLMRobertaModel, HVPNetXLMRobertaSelfAttention),
-    "xlm-roberta-xl": (XLMRobertaXLModel, HVPNetXLMRobertaXLSelfAttention),
+    "bert": (BertModel, HVPNetLayer),
+    "camembert": (CamembertModel, HVPNetCamembertLayer),
+    "data2vec-text": (Data2VecTextModel, HVPNetData2VecTextLayer),
+    "electra": (ElectraModel, HVPNetElectraLayer),
+    "ernie": (ErnieModel, HVPNetErnieLayer),
+    "roberta": (RobertaModel, HVPNetRobertaLayer),
+    "roberta-prelayernorm": (RobertaPreLayerNormModel, HVPNetRobertaPreLayerNormLayer),
+    "xlm-roberta": (XLMRobertaModel, HVPNetXLMRobertaLayer),
+    "xlm-roberta-xl": (XLMRobertaXLModel, HVPNetXLMRobertaXLLayer),
 }
 
 
 def build_text_model(text_config, add_pooling_layer: bool) -> PreTrainedModel:
-    """The family's own text model for `text_config`, its self-attention modules replaced by the prefix attention
-    (ELECTRA has no pooler, whatever `add_pooling_layer` says)."""
-    model_class, attention_class = TEXT_MODELS[text_config.model_type]
+    """The family's own text model for `text_config`, its layers replaced by the prefix layers (same weight names;
+    ELECTRA has no pooler, whatever `add_pooling_layer` says)."""
+    model_class, layer_class = TEXT_MODELS[text_config.model_type]
     pooling = {} if model_class is ElectraModel else {"add_pooling_layer": add_pooling_layer}
     text_model = model_class(text_config, **pooling)
-    for index, layer in enumerate(text_model.encoder.layer):
-        layer.attention.self = attention_class(text_config, layer_idx=index)
+    text_model.encoder.layer = nn.ModuleList(
+        layer_class(text_config, layer_idx=index) for index in range(text_config.num_hidden_layers)
+    )
     return text_model
 
 
@@ -540,31 +644,6 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
         )
 
 
-def _prefix_as_checkpoint_inputs(checkpoint_function: Callable) -> Callable:
-    """Wrap the activation checkpoint function of the text layers so that the visual prefix's keys and values are
-    inputs of every checkpointed layer.
-
-    transformers checkpoints a layer as `checkpoint_function(partial(forward, layer, **kwargs), *args)`, and the
-    prefix reaches each layer as the keyword argument `visual_prefix`. Reentrant checkpointing (`use_reentrant=True`)
-    only tracks the positional tensors: its recomputation in backward would backpropagate through the prefix
-    encoder's graph from inside every layer, and the second layer finds that graph freed. As positional inputs, the
-    prefix's gradients leave each layer like the hidden states' do and meet once in the prefix encoder.
-    """
-
-    def checkpointed(layer_forward: partial, *args):
-        prefix = layer_forward.keywords.get("visual_prefix")
-        if prefix is None:
-            return checkpoint_function(layer_forward, *args)
-
-        def forward_with_prefix(*args_and_prefix):
-            *layer_args, keys, values = args_and_prefix
-            return layer_forward(*layer_args, visual_prefix=replace(prefix, keys=keys, values=values))
-
-        return checkpoint_function(forward_with_prefix, *args, prefix.keys, prefix.values)
-
-    return checkpointed
-
-
 class HVPNetPreTrainedModel(PreTrainedModel):
     config_class = HVPNetConfig
     config: HVPNetConfig
@@ -595,13 +674,6 @@ class HVPNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.key_value_bias)
             if module.prefix_mode != "pyramid":
                 init.copy_(module.fixed_gate, module._fixed_gate(module.num_stages))
-
-    def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
-    ) -> None:
-        super()._set_gradient_checkpointing(
-            enable, _prefix_as_checkpoint_inputs(gradient_checkpointing_func), every_n_layers
-        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, which also records a task model's pipeline and copies its code (see
@@ -1068,6 +1140,8 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
 __all__ = [
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
+    "HVPNetLayer",
+    "HVPNetLayerMixin",
     "HVPNetModel",
     "HVPNetOriginalVisualPrefixEncoder",
     "HVPNetPreTrainedModel",
