@@ -223,6 +223,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# How long the page may take to answer: a prediction on 2 CPU cores that other processes share can take tens of
+# seconds; a page that never answers still fails.
+PAGE_TIMEOUT_MS = 120_000
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
@@ -245,6 +250,7 @@ def served(browser, tmp_path):
         page_app = launch(app, port=free_port(), block=False)
         pages.append(page_app)
         tab = browser.new_context(viewport={"width": 1280, "height": 1100}).new_page()
+        tab.set_default_timeout(PAGE_TIMEOUT_MS)
         tab.on("request", lambda request: outside.append(request.url) if not is_local(request.url) else None)
         tab.goto(page_app.local_url)
         return tab
@@ -274,14 +280,14 @@ def test_page_in_a_browser_shows_the_pipelines_entities(served, ner_app, tiny_ne
     tab = serve(ner_app)
     status = tab.locator("#status")
     tab.locator("#predict").click()
-    expect(status).to_contain_text("Enter a text: it is empty.", timeout=30_000)
+    expect(status).to_contain_text("Enter a text: it is empty.", timeout=PAGE_TIMEOUT_MS)
 
     image, _ = sample_paths(NER_TWEET)
     tab.locator("#text textarea").fill(NER_TWEET.text)
     tab.locator("#image input[type=file]").set_input_files(image)
-    expect(tab.locator("#image")).to_contain_text(Path(image).name, timeout=30_000)
+    expect(tab.locator("#image")).to_contain_text(Path(image).name, timeout=PAGE_TIMEOUT_MS)
     tab.locator("#predict").click()
-    expect(status).to_contain_text("Prediction of", timeout=30_000)
+    expect(status).to_contain_text("Prediction of", timeout=PAGE_TIMEOUT_MS)
     tagger = pipeline("multimodal-ner", model=tiny_ner_dir)
     expected = entity_pairs(NER_TWEET.text, tagger({"text": NER_TWEET.text, "image": image}))
     assert expected and page_entities(tab, "#spans") == [list(pair) for pair in expected]
@@ -298,14 +304,14 @@ def test_page_in_a_browser_shows_the_pipelines_entities(served, ner_app, tiny_ne
 
     # A crop that is not an image: a message in the page, then the page still predicts once it is removed.
     tab.locator("#objects input[type=file]").set_input_files(str(bad_files / "notes.txt"))
-    expect(tab.locator("#objects")).to_contain_text("notes.txt", timeout=30_000)
+    expect(tab.locator("#objects")).to_contain_text("notes.txt", timeout=PAGE_TIMEOUT_MS)
     tab.locator("#predict").click()
-    expect(status).to_contain_text("The crop notes.txt was not used", timeout=30_000)
+    expect(status).to_contain_text("The crop notes.txt was not used", timeout=PAGE_TIMEOUT_MS)
     tab.locator("#objects button[aria-label='Clear']").click()
     tab.locator("#predict").click()
-    expect(status).to_contain_text("Prediction of", timeout=30_000)
+    expect(status).to_contain_text("Prediction of", timeout=PAGE_TIMEOUT_MS)
 
     # A folder that is not an HVPNeT model: its page says so.
     bad_tab = serve(HVPNetApp(str(bad_files / "bert")))
-    expect(bad_tab.locator("#load-error")).to_contain_text("is not an HVPNeT NER or RE model", timeout=30_000)
+    expect(bad_tab.locator("#load-error")).to_contain_text("is not an HVPNeT NER or RE model", timeout=PAGE_TIMEOUT_MS)
     assert outside == []
