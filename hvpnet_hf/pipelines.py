@@ -437,14 +437,18 @@ def _span(span: Sequence[int] | Mapping, role: str, num_words: int) -> dict[str,
 # The package's pipelines own the task names. A copy of this file loaded from a model folder's code (a module of
 # `transformers_modules`) registers them only where they are not registered yet, so that loading a saved pipeline
 # never replaces the package's classes in a process that imported `hvpnet_hf`.
-for task_name, pipeline_class, auto_model_class in (
-    ("multimodal-ner", MultimodalNerPipeline, AutoModelForTokenClassification),
-    ("multimodal-re", MultimodalRePipeline, AutoModelForSequenceClassification),
-):
-    if __name__.startswith("hvpnet_hf.") or task_name not in PIPELINE_REGISTRY.get_supported_tasks():
-        PIPELINE_REGISTRY.register_pipeline(
-            task_name, pipeline_class=pipeline_class, pt_model=auto_model_class, type="multimodal"
-        )
+def _register_tasks() -> None:
+    for task_name, pipeline_class in (
+        ("multimodal-ner", MultimodalNerPipeline),
+        ("multimodal-re", MultimodalRePipeline),
+    ):
+        if __name__.startswith("hvpnet_hf.") or task_name not in PIPELINE_REGISTRY.get_supported_tasks():
+            PIPELINE_REGISTRY.register_pipeline(
+                task_name, pipeline_class=pipeline_class, pt_model=pipeline_class.auto_model_class, type="multimodal"
+            )
+
+
+_register_tasks()
 
 # The task of each HVPNeT head, by model class name (the classes may come from a model repository's code), and the
 # pipeline of each task, whose `auto_model_class` loads its models.
