@@ -409,13 +409,26 @@ class HVPNetVisionEncoderBase(nn.Module):
         # An exported graph runs all images in one call: the number of chunks would tie it to one batch size.
         chunked = self.chunk_size and not torch.compiler.is_exporting()
         chunks = images.split(self.chunk_size) if chunked else (images,)
+        # Pixels arrive in float32; a backbone held in bfloat16 (`hold_backbone_in`, a bf16 model) takes them in its
+        # own dtype.
+        dtype = next(self.backbone.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             return torch.cat(
                 [
-                    self.pool_feature_maps(self.backbone(chunk.contiguous(memory_format=torch.channels_last)))
+                    self.pool_feature_maps(
+                        self.backbone(chunk.to(dtype).contiguous(memory_format=torch.channels_last))
+                    )
                     for chunk in chunks
                 ]
             )
+
+    def hold_backbone_in(self, dtype: torch.dtype) -> None:
+        """Keep the frozen backbone's weights in `dtype` (bfloat16 for bf16 training): under autocast its
+        convolutions compute in bfloat16 anyway, but autocast only caches the casts of trainable weights, so it
+        would cast every frozen weight again on every call. The trainable prefix layers stay as they are."""
+        if not self.freeze_backbone:
+            raise ValueError("only a frozen backbone (freeze_vision=True) can be held in another dtype")
+        self.backbone.to(dtype)
 
     def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
         """One map (N, C_i, H_i, W_i) per pyramid level → (N, g*g, C) the features the trainable part reads."""
@@ -484,7 +497,8 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
             # Eq. 3-4: average over stages of each stage's global average pool, then per-layer gate logits.
             summary = stage_tokens.mean(dim=(1, 2))
             logits = nn.functional.leaky_relu(self.gate(summary)).view(features.shape[0], self.num_layers, -1)
-            gate_weights = logits.softmax(dim=-1)
+            # The softmax in float32 also under autocast or in a bf16 model; the gated sum in the stages' dtype.
+            gate_weights = logits.float().softmax(dim=-1).to(stage_tokens.dtype)
         else:
             gate_weights = self.fixed_gate.to(stage_tokens.dtype).expand(features.shape[0], -1, -1)
         # Eq. 5: gated sum over stages, for every layer at once.
@@ -510,6 +524,7 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
     def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """features (B, n, g*g, C) from `visual_features` (rows of absent images are not read); present (B, n)."""
         batch_size, num_images = present.shape
+        features = features.to(self.key_value_weight.dtype)  # cached or backbone features, to the layers' dtype
         # Masks, not indexing, so that the graph has no data-dependent shapes (torch.export, torch.compile). Absent
         # rows are zeroed first (a cache may hold anything there, and NaN would reach the gradients of the weights),
         # gated like the others, and zeroed again.
@@ -619,11 +634,11 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
         """features (B, n, t, C) from `visual_features`; present (B, n). An absent image must hold the features of
         a zero image (what `forward` and the feature cache give it): it is attended like any other."""
         batch_size, num_images = present.shape
-        features = features.flatten(0, 1)
+        features = features.flatten(0, 1).to(self.gate.weight.dtype)  # to the layers' dtype
         chunks = self.encoder_conv(features)
         chunks = chunks.view(features.shape[0], self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
         gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(-1, self.num_layers, self.num_stages)
-        gate_weights = nn.functional.leaky_relu(gate_logits).softmax(dim=-1)  # (N, L, c)
+        gate_weights = nn.functional.leaky_relu(gate_logits).float().softmax(dim=-1).to(chunks.dtype)  # (N, L, c)
         gated = torch.einsum("nlc,ntcd->nltd", gate_weights, chunks)  # (N, L, t, 2d)
 
         # Images of one example side by side on the token axis: (B, L, P, 2d).
@@ -908,6 +923,9 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
     The CRF runs over the first sub-word of every word. Labels follow transformers' word-level convention: the tag id
     at a word's first sub-word and -100 on other sub-words, special tokens and padding.
     """
+
+    # The CRF's sums of transition scores over a sentence stay in float32 in a bf16 or fp16 model.
+    _keep_in_fp32_modules_strict = ["crf"]
 
     def __init__(self, config: HVPNetConfig):
         super().__init__(config)

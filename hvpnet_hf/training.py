@@ -45,7 +45,17 @@ class HVPNetTrainer(Trainer):
 
     Evaluation and prediction always read the dataset in its order, also with
     `train_sampling_strategy="group_by_length"` (which groups the training batches by length).
+
+    With `bf16=True` a frozen backbone is held in bfloat16 (`hold_backbone_in`): autocast would compute its
+    convolutions in bfloat16 anyway, after casting every frozen weight again on every call. Checkpoints then store
+    the backbone in bfloat16.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        encoder = getattr(getattr(self.model, "base_model", None), "visual_encoder", None)
+        if self.args.bf16 and encoder is not None and encoder.freeze_backbone:
+            encoder.hold_backbone_in(torch.bfloat16)
 
     def _get_eval_sampler(self, eval_dataset: Dataset) -> Sampler | None:
         # `Trainer` groups evaluation batches by length too under "group_by_length", so its predictions come back

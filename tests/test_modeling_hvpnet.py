@@ -670,6 +670,59 @@ def test_relation_classification_trains_under_bf16_autocast():
     assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
 
+@pytest.mark.parametrize("prefix_mode", ["pyramid", "original"])
+def test_bf16_model_keeps_its_crf_in_float32_and_takes_float32_images(prefix_mode, tmp_path):
+    torch.manual_seed(0)
+    HVPNetForTokenClassification(tiny_config(prefix_mode=prefix_mode)).eval().save_pretrained(tmp_path)
+    reference = HVPNetForTokenClassification.from_pretrained(tmp_path).eval()
+    model = HVPNetForTokenClassification.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    float32 = {name for name, parameter in model.named_parameters() if parameter.dtype == torch.float32}
+    assert float32 == {f"crf.{name}" for name, _ in model.crf.named_parameters()}
+    inputs = labelled_ner_inputs()  # float32 pixels, as the processor gives them
+    expected, output = reference(**inputs), model(**inputs)
+    assert output.logits.dtype == torch.bfloat16 and output.loss.dtype == torch.float32
+    scale = expected.logits.abs().max().item()
+    torch.testing.assert_close(output.logits.float(), expected.logits, atol=RELATIVE_TOLERANCE * scale, rtol=0)
+    assert output.predicted_tags.shape == expected.predicted_tags.shape
+    with torch.no_grad():  # float32 cached features too
+        features = reference.hvpnet.visual_encoder.visual_features(inputs["pixel_values"].flatten(0, 1))
+    cached = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        word_start_mask=inputs["attention_mask"].bool(),
+        image_features=features.view(*inputs["pixel_values"].shape[:2], *features.shape[1:]),
+        image_features_mask=torch.ones(inputs["pixel_values"].shape[:2], dtype=torch.bool),
+    )
+    assert torch.isfinite(cached.logits).all()
+
+
+def test_frozen_backbone_held_in_bf16_under_autocast():
+    torch.manual_seed(0)
+    model = HVPNetForTokenClassification(tiny_config()).train()
+    inputs = labelled_ner_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        expected = model(**inputs)
+        model.hvpnet.visual_encoder.hold_backbone_in(torch.bfloat16)
+        torch.manual_seed(1)  # the same dropout masks
+        held = model(**inputs)
+    held_dtypes = {parameter.dtype for parameter in model.hvpnet.visual_encoder.backbone.parameters()}
+    assert held_dtypes == {torch.bfloat16}
+    assert model.hvpnet.visual_encoder.key_value_weight.dtype == torch.float32, "the trainable prefix stays float32"
+    # Under autocast the convolutions took bf16 weights before too; only the BatchNorm affine terms and the rounding
+    # of the conv weights' casts can differ, within the bf16 tolerance above.
+    assert held.loss.item() == pytest.approx(expected.loss.item(), rel=RELATIVE_TOLERANCE)
+    held.loss.backward()
+    gradient = model.hvpnet.visual_encoder.key_value_weight.grad
+    assert gradient.dtype == torch.float32 and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def test_only_a_frozen_backbone_is_held_in_another_dtype():
+    model = HVPNetModel(tiny_config(freeze_vision=False))
+    with pytest.raises(ValueError, match="frozen backbone"):
+        model.visual_encoder.hold_backbone_in(torch.bfloat16)
+
+
 # Saving, reloading (also as remote code where hvpnet_hf is not importable) and building from pretrained parts.
 
 

@@ -176,3 +176,24 @@ def test_length_grouped_training_keeps_evaluation_in_the_dataset_order(tmp_path)
         length = len(example["labels"])
         assert row[:length].tolist() == example["labels"]
         assert (row[length:] == -100).all()
+
+
+def test_bf16_training_holds_the_frozen_backbone_in_bf16_and_keeps_the_rest_float32(tmp_path):
+    trainer = relation_trainer(tmp_path, bf16=True, head_learning_rate=None)
+    model = trainer.model
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainer.train()
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    assert {dtype for name, dtype in dtypes.items() if ".backbone." in name} == {torch.bfloat16}
+    assert {dtype for name, dtype in dtypes.items() if ".backbone." not in name} == {torch.float32}
+    trained = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert all(not torch.equal(before[name], model.get_parameter(name)) for name in trained[-4:])
+    assert trainer.state.log_history[-1]["train_loss"] > 0
+
+
+def test_bf16_training_leaves_a_trainable_backbone_alone(tmp_path):
+    torch.manual_seed(0)
+    model = HVPNetForSequenceClassification(tiny_config(relation_pooling="cls", freeze_vision=False))
+    args = HVPNetTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none")
+    HVPNetTrainer(model=model, args=args)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
