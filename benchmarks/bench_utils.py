@@ -73,6 +73,12 @@ def mean_seconds(step: Callable, batches: list[Callable]) -> float:
     return statistics.mean(timings)
 
 
+def rss_gib() -> float:
+    """The resident memory of this process now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
+
+
 def peak_rss_gib() -> float:
     """The peak resident memory of this process so far (Linux reports `ru_maxrss` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
