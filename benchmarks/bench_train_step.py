@@ -43,6 +43,7 @@ from bench_utils import (
     TEXT_LENGTH,
     mean_seconds,
     peak_rss_gib,
+    rss_gib,
     run_in_subprocess,
     train_step,
 )
@@ -126,15 +127,6 @@ def make_batch(generator: np.random.Generator, settings: dict, lengths: list[int
         batch["pixel_values"] = torch.randn(len(lengths), slots, 3, IMAGE_SIZE, IMAGE_SIZE)
         batch["image_mask"] = torch.ones(len(lengths), slots, dtype=torch.bool)
     return batch
-
-
-def rss_gib() -> float:
-    """The resident memory of this process now."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def run_worker(name: str, mode: str, repeats: int) -> dict:

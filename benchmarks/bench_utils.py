@@ -23,10 +23,10 @@ NUM_OBJECTS = 3
 IMAGE_SIZE = 224
 
 
-def run_in_subprocess(script: str, arguments: list[str]) -> dict:
+def run_in_subprocess(script: str, arguments: list[str], python: str = sys.executable) -> dict:
     """Run `python script *arguments` in a fresh process, so that its peak memory is its own, and return the JSON
     object its last line of output holds."""
-    result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False)
+    result = subprocess.run([python, script, *arguments], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(arguments)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -37,9 +37,10 @@ def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def train_step(model: torch.nn.Module) -> Callable[[dict], None]:
+def train_step(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> Callable[[dict], None]:
     """One training step on a batch of model inputs (labels included): forward, backward and an update by the
-    optimizer `Trainer` builds by default (fused AdamW on CPU) over the trained parameters."""
+    optimizer `Trainer` builds by default (fused AdamW on CPU) over the trained parameters. With `autocast_dtype`
+    the forward runs under CPU autocast to it, as `Trainer` runs it with `--bf16`."""
     from transformers import Trainer, TrainingArguments  # a training process imports them; inference does not
 
     with tempfile.TemporaryDirectory() as folder:
@@ -50,7 +51,9 @@ def train_step(model: torch.nn.Module) -> Callable[[dict], None]:
     model.train()
 
     def step(batch: dict) -> None:
-        model(**batch).loss.backward()
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -68,6 +71,12 @@ def mean_seconds(step: Callable, batches: list[Callable]) -> float:
         if index:
             timings.append(time.perf_counter() - start)
     return statistics.mean(timings)
+
+
+def rss_gib() -> float:
+    """The resident memory of this process now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
 
 
 def peak_rss_gib() -> float:

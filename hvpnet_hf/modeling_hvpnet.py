@@ -288,9 +288,10 @@ def build_text_model(text_config, add_pooling_layer: bool) -> PreTrainedModel:
     model_class, layer_class = TEXT_MODELS[text_config.model_type]
     pooling = {} if model_class is ElectraModel else {"add_pooling_layer": add_pooling_layer}
     text_model = model_class(text_config, **pooling)
-    text_model.encoder.layer = nn.ModuleList(
-        layer_class(text_config, layer_idx=index) for index in range(text_config.num_hidden_layers)
-    )
+    # One layer at a time, so that the family's layer is freed before the next prefix layer is built: building all
+    # of them first would hold two sets of layer weights at once (the peak memory of building a model).
+    for index in range(text_config.num_hidden_layers):
+        text_model.encoder.layer[index] = layer_class(text_config, layer_idx=index)
     return text_model
 
 
