@@ -42,6 +42,7 @@ from .prediction_files import write_ner_predictions, write_re_predictions
 
 logger = logging.getLogger(__name__)
 
+# Workers hide at most the time spent reading the inputs, and each is a process of its own (see docs/inference.md).
 DEFAULT_NUM_WORKERS = 0
 # The pipeline input keys of each task and the columns of the loaded examples they are read from.
 NER_INPUT_COLUMNS = {"words": "tokens", "image": "image", "objects": "objects"}
