@@ -40,7 +40,9 @@ from bench_utils import (
     BATCH_SIZE,
     IMAGE_SIZE,
     NUM_OBJECTS,
+    REAL_LENGTHS,
     TEXT_LENGTH,
+    draw_lengths,
     mean_seconds,
     peak_rss_gib,
     rss_gib,
@@ -49,8 +51,6 @@ from bench_utils import (
 )
 from PIL import Image
 
-# (mean, 95th percentile, max) of word-piece lengths with [CLS] and [SEP], bert-base-uncased tokenizer.
-REAL_LENGTHS = {"twitter2015": (42, 57, 70), "twitter2017": (20, 31, 56), "mnre": (31, 42, 55)}
 EPOCH_EXAMPLES = 4000  # the size of Twitter-2015's training split
 NUM_LABELS = 11  # MNER tags with X, [CLS], [SEP] as in the original code
 CONFIGURATIONS = {
@@ -76,13 +76,6 @@ def build_model(chunk: int | None):
 
     config = HVPNetConfig(vision_backbone="resnet50", num_labels=NUM_LABELS, vision_chunk_size=chunk)
     return HVPNetForTokenClassification(config)
-
-
-def draw_lengths(generator: np.random.Generator, name: str, count: int) -> list[int]:
-    """`count` text lengths from a normal with the data set's mean and 95th percentile, cut to [5, its maximum]."""
-    mean, p95, longest = REAL_LENGTHS[name]
-    lengths = generator.normal(mean, (p95 - mean) / 1.645, count).round()
-    return [int(length) for length in lengths.clip(5, longest)]
 
 
 def epoch_batches(name: str, grouped: bool) -> list[list[int]]:

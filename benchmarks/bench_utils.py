@@ -1,5 +1,5 @@
-"""What the benchmarks share: the paper's batch shape, a fresh process per measurement, the training step `Trainer`
-runs, the mean step time and the peak memory of a process.
+"""What the benchmarks share: the paper's batch shape, the data sets' text lengths, a fresh process per measurement,
+the training step `Trainer` runs, the mean step time and the peak memory of a process.
 
 The scripts run as `python benchmarks/<name>.py`, so they import this module as a sibling (`import bench_utils`).
 """
@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 # Paper appendix B (Chen et al., NAACL 2022 Findings): batch 8, text padded to 80 tokens, 1 global image + 3 object
@@ -21,6 +22,15 @@ BATCH_SIZE = 8
 TEXT_LENGTH = 80
 NUM_OBJECTS = 3
 IMAGE_SIZE = 224
+# (mean, 95th percentile, max) of word-piece lengths with [CLS] and [SEP], bert-base-uncased tokenizer.
+REAL_LENGTHS = {"twitter2015": (42, 57, 70), "twitter2017": (20, 31, 56), "mnre": (31, 42, 55)}
+
+
+def draw_lengths(generator: np.random.Generator, name: str, count: int) -> list[int]:
+    """`count` text lengths from a normal with the data set's mean and 95th percentile, cut to [5, its maximum]."""
+    mean, p95, longest = REAL_LENGTHS[name]
+    lengths = generator.normal(mean, (p95 - mean) / 1.645, count).round()
+    return [int(length) for length in lengths.clip(5, longest)]
 
 
 def run_in_subprocess(script: str, arguments: list[str], python: str = sys.executable) -> dict:
@@ -79,6 +89,7 @@ def rss_gib() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
 
 
-def peak_rss_gib() -> float:
-    """The peak resident memory of this process so far (Linux reports `ru_maxrss` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def peak_rss_gib(who: int = resource.RUSAGE_SELF) -> float:
+    """The peak resident memory of this process so far, or with `resource.RUSAGE_CHILDREN` that of its largest
+    child process that has ended (Linux reports `ru_maxrss` in KiB)."""
+    return resource.getrusage(who).ru_maxrss / 2**20

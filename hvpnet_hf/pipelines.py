@@ -12,10 +12,14 @@ relation = pipeline("multimodal-re", model="path/to/hvpnet-re")
 relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "image": "photo.jpg"}, top_k=3)
 ```
 
-Both take one example (a dict, or for NER also a plain string), or a list or generator of them (one result per
-input, in order; `batch_size=` batches them), and images as PIL images, numpy arrays, file paths or None (the image
-is then masked and the prediction is text-only). An image file that cannot be read is an error, or with
+Both take one example (a dict, or for NER also a plain string), or a list, torch `Dataset` or generator of them (one
+result per input, in order; `batch_size=` batches them), and images as PIL images, numpy arrays, file paths or None
+(the image is then masked and the prediction is text-only). An image file that cannot be read is an error, or with
 `missing_images="mask"` masked like an absent one (and logged).
+
+`num_workers=N` decodes and tokenises the inputs of a list or `Dataset` in N DataLoader worker processes while the
+model runs (a generator is read in the calling process). `pipeline(..., dtype=torch.bfloat16)` runs the model in
+bfloat16 (its CRF in float32); scores are computed in float32 from its logits.
 
 `objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
 object crops for inputs that have an image but no crops (see `object_detection.py`).
@@ -279,7 +283,8 @@ class MultimodalNerPipeline(_HVPNetPipeline):
 
     def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
         tags = model_outputs.predicted_tags
-        probabilities = model_outputs.logits.softmax(dim=-1).gather(-1, tags.clamp(min=0)[..., None])[..., 0]
+        # In float32 also for a bfloat16 model, as transformers' pipelines read logits.
+        probabilities = model_outputs.logits.float().softmax(dim=-1).gather(-1, tags.clamp(min=0)[..., None])[..., 0]
         return {"predicted_tags": tags, "tag_probabilities": probabilities}
 
     def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -356,7 +361,7 @@ class MultimodalRePipeline(_HVPNetPipeline):
         return {"features": [features], "example": None}
 
     def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
-        return {"probabilities": model_outputs.logits.softmax(dim=-1)}
+        return {"probabilities": model_outputs.logits.float().softmax(dim=-1)}  # float32 as for NER
 
     def postprocess(self, model_outputs: dict[str, Any], top_k: int | None = None) -> dict | list[dict]:
         probabilities = model_outputs["probabilities"][0]

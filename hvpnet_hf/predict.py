@@ -18,16 +18,20 @@ an empty word as `_`, so that every line has three columns). RE input: one MNRE 
 one JSON object per example with the entity pair, the gold and the predicted relation and its probability (with
 `--top_k`, the k best relations). Every input example gets exactly one output entry, in input order. The file's own
 labels are only copied to the output; when they are present the entity or relation scores are printed too.
+
+`--dtype bfloat16` loads the model in bfloat16; `--num_workers N` reads, decodes and tokenises the examples in N
+worker processes while the model runs.
 """
 
 import argparse
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import evaluate
+import torch
 from datasets import Dataset, DatasetDict
 from transformers import pipeline
 
@@ -37,6 +41,12 @@ from .pipelines import task_of  # importing it registers "multimodal-ner" and "m
 from .prediction_files import write_ner_predictions, write_re_predictions
 
 logger = logging.getLogger(__name__)
+
+# Workers hide at most the time spent reading the inputs, and each is a process of its own (see docs/inference.md).
+DEFAULT_NUM_WORKERS = 0
+# The pipeline input keys of each task and the columns of the loaded examples they are read from.
+NER_INPUT_COLUMNS = {"words": "tokens", "image": "image", "objects": "objects"}
+RE_INPUT_COLUMNS = {**NER_INPUT_COLUMNS, "head": "head", "tail": "tail"}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +64,18 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rel2id", help="RE: JSON {relation: id} of the data set (to read its gold labels)")
     parser.add_argument("--missing_images", choices=["mask", "error"], default="mask")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "auto"],
+        default="float32",
+        help="the dtype the model runs in (auto: the one it was saved in)",
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=DEFAULT_NUM_WORKERS,
+        help="processes that decode the images and tokenise while the model runs (0: all in this process)",
+    )
     parser.add_argument("--top_k", type=int, default=None, help="RE: write the k most probable relations")
     return parser.parse_args(argv)
 
@@ -108,11 +130,33 @@ def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **t
     )["test"]
 
 
+class PipelineInputs(torch.utils.data.Dataset):
+    """
+    The pipeline input of each example, by index: `columns` maps an input key to the column it is read from. An
+    indexable input lets the pipeline's DataLoader workers read the examples (a generator is read in one process).
+    """
+
+    def __init__(self, examples: Dataset, columns: Mapping[str, str]):
+        self.examples = examples
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.examples[index]
+        return {key: row[column] for key, column in self.columns.items()}
+
+
+def call_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """What both tasks pass to the pipeline call."""
+    return {"batch_size": args.batch_size, "num_workers": args.num_workers, "missing_images": args.missing_images}
+
+
 def predict_ner(args: argparse.Namespace) -> dict[str, float]:
     examples = load_input(args, load_mner_dataset)
-    tagger = pipeline("multimodal-ner", model=args.model)
-    inputs = ({"words": row["tokens"], "image": row["image"], "objects": row["objects"]} for row in examples)
-    outputs: Iterator = tagger(inputs, batch_size=args.batch_size, missing_images=args.missing_images)
+    tagger = pipeline("multimodal-ner", model=args.model, dtype=args.dtype)
+    outputs: Iterator = tagger(PipelineInputs(examples, NER_INPUT_COLUMNS), **call_arguments(args))
     names = examples.features["ner_tags"].feature.names
     predictions = [bio_tags(entities, len(row["tokens"])) for row, entities in zip(examples, outputs, strict=True)]
     references = [[names[tag] for tag in tags] for tags in examples["ner_tags"]]
@@ -122,23 +166,11 @@ def predict_ner(args: argparse.Namespace) -> dict[str, float]:
 
 def predict_re(args: argparse.Namespace) -> dict[str, float]:
     examples = load_input(args, load_mre_dataset, rel2id=args.rel2id)
-    classifier = pipeline("multimodal-re", model=args.model)
+    classifier = pipeline("multimodal-re", model=args.model, dtype=args.dtype)
     label2id = classifier.model.config.label2id
-    inputs = (
-        {
-            "words": row["tokens"],
-            "head": row["head"],
-            "tail": row["tail"],
-            "image": row["image"],
-            "objects": row["objects"],
-        }
-        for row in examples
-    )
-    outputs: Iterator = classifier(
-        inputs, batch_size=args.batch_size, top_k=args.top_k or 1, missing_images=args.missing_images
-    )
+    inputs = PipelineInputs(examples, RE_INPUT_COLUMNS)
+    ranked = list(classifier(inputs, top_k=args.top_k or 1, **call_arguments(args)))
     names = examples.features["relation"].names
-    ranked = list(outputs)
     gold = [names[relation] for relation in examples["relation"]]
     write_re_predictions(args.output, examples, gold, ranked, top_k=bool(args.top_k))
     predictions = [label2id[relations[0]["relation"]] for relations in ranked]

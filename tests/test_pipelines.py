@@ -301,3 +301,84 @@ def test_a_saved_pipeline_loaded_from_its_own_code_leaves_the_package_tasks_alon
     assert PIPELINE_REGISTRY.check_task("multimodal-ner")[1]["impl"] is MultimodalNerPipeline
     assert PIPELINE_REGISTRY.check_task("multimodal-re")[1]["impl"] is MultimodalRePipeline
     assert type(pipeline("multimodal-ner", model=str(folder))) is MultimodalNerPipeline
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_workers_give_single_call_results_in_input_order(task, ner_folder, tiny_re_dir, image_files):
+    folder, inputs = (
+        (ner_folder, _ner_inputs(image_files)) if task == "ner" else (tiny_re_dir, _re_inputs(image_files))
+    )
+    runner = pipeline(f"multimodal-{task}", model=str(folder))
+    single = [runner(example) for example in inputs]
+    for batch_size in (1, 3):  # one input per batch, and batches that split the inputs unevenly
+        results = runner(inputs, batch_size=batch_size, num_workers=2)
+        assert len(results) == len(inputs), batch_size
+        for result, expected in zip(results, single, strict=True):
+            _assert_same_result(result, expected)
+    with pytest.raises(TypeError, match=r"input 2: an input must be a dict .* got int"):
+        runner([inputs[0], inputs[1], 7], batch_size=2, num_workers=2)
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_bfloat16_models_keep_only_their_crf_in_float32(task, ner_folder, tiny_re_dir):
+    runner = pipeline(f"multimodal-{task}", model=str(ner_folder if task == "ner" else tiny_re_dir), dtype="bfloat16")
+    dtypes = {name: parameter.dtype for name, parameter in runner.model.named_parameters()}
+    assert {name for name, dtype in dtypes.items() if dtype != torch.bfloat16} == {
+        name for name in dtypes if name.startswith("crf.")
+    }
+    assert all(dtypes[name] == torch.float32 for name in dtypes if name.startswith("crf."))
+    assert (task == "ner") == any(name.startswith("crf.") for name in dtypes)
+
+
+def _recorded_logits(runner) -> list[torch.Tensor]:
+    """The logits of every model call `runner` makes from now on."""
+    calls = []
+    forward = runner.model.forward
+
+    def recording_forward(**inputs):
+        outputs = forward(**inputs)
+        calls.append(outputs.logits)
+        return outputs
+
+    runner.model.forward = recording_forward
+    return calls
+
+
+# bfloat16 pipelines against float32, as tests/test_modeling_hvpnet.py compares the models: bfloat16 keeps 8
+# significant bits, every matmul rounds by up to 2**-8 of its size, and 5% of the largest logit leaves room for a
+# few such steps per layer.
+BF16_RELATIVE_TOLERANCE = 0.05
+
+
+def test_bfloat16_relations_agree_with_float32_and_are_scored_in_float32(tiny_re_dir, image_files):
+    inputs = _re_inputs(image_files)
+    logits, results = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = pipeline("multimodal-re", model=str(tiny_re_dir), dtype=dtype)
+        calls = _recorded_logits(runner)
+        results[dtype] = runner(inputs, batch_size=len(inputs), top_k=len(RELATIONS))
+        [logits[dtype]] = calls  # one batch
+    assert logits[torch.bfloat16].dtype == torch.bfloat16
+    scale = logits[torch.float32].abs().max().item()
+    torch.testing.assert_close(
+        logits[torch.bfloat16].float(), logits[torch.float32], atol=BF16_RELATIVE_TOLERANCE * scale, rtol=0
+    )
+    # The scores are the float32 softmax of the bfloat16 logits: a bfloat16 softmax would be off by up to 2**-9 of
+    # each probability (5e-4 at 0.25), far beyond float32 rounding.
+    probabilities = logits[torch.bfloat16].float().softmax(dim=-1)
+    for result, row in zip(results[torch.bfloat16], probabilities, strict=True):
+        assert {item["relation"]: item["score"] for item in result} == pytest.approx(
+            {runner.model.config.id2label[label]: float(score) for label, score in enumerate(row)}, abs=1e-7
+        )
+
+
+def test_bfloat16_ner_tags_what_float32_tags(ner_folder, image_files):
+    inputs = _ner_inputs(image_files)  # with a text read in several windows and one without words
+    results = {
+        dtype: pipeline("multimodal-ner", model=str(ner_folder), dtype=dtype)(inputs, batch_size=2)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    assert len(results[torch.bfloat16]) == len(inputs)
+    for result, expected in zip(results[torch.bfloat16], results[torch.float32], strict=True):
+        # The B-PER emission dominates by 30 logits in either dtype: every word is tagged, with probability 1.
+        _assert_same_result(result, expected)

@@ -2,17 +2,21 @@
 
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import evaluate
 import pytest
+import torch
 from modeling_utils import RELATIONS
+from transformers import pipeline
 
 import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
+from hvpnet_hf.pipelines import MultimodalNerPipeline, MultimodalRePipeline
 from hvpnet_hf.predict import input_sources, parse_arguments, predict
 from hvpnet_hf.prediction_files import read_conll
 
@@ -193,3 +197,76 @@ def test_a_failed_run_leaves_no_output_file(tiny_ner_dir, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="interrupted"):
         predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output)])
     assert output.read_text() == "earlier\n"
+
+
+@pytest.fixture
+def recorded_runs(monkeypatch, tmp_path):
+    """What the runs of `predict` in a test used: the dtype of each pipeline's model, and the id of the process
+    that preprocessed each input (a DataLoader worker or this process), appended to a file as workers are processes."""
+    dtypes = []
+    readers = tmp_path / "readers.txt"
+
+    def recording_pipeline(*args, **kwargs):
+        runner = pipeline(*args, **kwargs)
+        dtypes.append(runner.model.dtype)
+        return runner
+
+    monkeypatch.setattr("hvpnet_hf.predict.pipeline", recording_pipeline)
+    for pipeline_class in (MultimodalNerPipeline, MultimodalRePipeline):
+
+        def recording_preprocess(self, inputs, original=pipeline_class.preprocess, **parameters):
+            with open(readers, "a", encoding="utf-8") as file:
+                file.write(f"{os.getpid()}\n")
+            return original(self, inputs, **parameters)
+
+        monkeypatch.setattr(pipeline_class, "preprocess", recording_preprocess)
+    return dtypes, readers
+
+
+def test_workers_and_bfloat16_keep_one_sentence_per_example_in_order(tiny_ner_dir, tmp_path, recorded_runs):
+    twitter = f"{SAMPLE}/twitter"
+    common = [
+        "--model", tiny_ner_dir,
+        "--input", f"{twitter}/test.txt",
+        "--image_dir", f"{twitter}/images",
+        "--object_dir", f"{twitter}/aux_images/test/crops",
+        "--object_map", f"{twitter}/twitter_test_dict.pth",
+        "--batch_size", "3",
+    ]  # fmt: skip
+    runs = {"serial": [], "workers": ["--num_workers", "2"], "bf16": ["--num_workers", "2", "--dtype", "bfloat16"]}
+    dtypes, readers_file = recorded_runs
+    outputs, readers = {}, {}
+    for name, options in runs.items():
+        predict([*common, "--output", str(tmp_path / f"{name}.txt"), *options])
+        outputs[name] = (tmp_path / f"{name}.txt").read_text(encoding="utf-8")
+        readers[name] = readers_file.read_text().split()
+        readers_file.unlink()
+    assert dtypes == [torch.float32, torch.float32, torch.bfloat16]
+    num_examples = len(load_mner_dataset(data_files={"test": f"{twitter}/test.txt"})["test"])
+    # Every example is read once, in this process without workers, in the two worker processes with them.
+    assert {name: len(pids) for name, pids in readers.items()} == dict.fromkeys(runs, num_examples)
+    assert set(readers["serial"]) == {str(os.getpid())}
+    assert len(set(readers["workers"])) == 2 and str(os.getpid()) not in readers["workers"]
+    # The same float32 computation on the same inputs: the same file, so the outputs came back in input order.
+    assert outputs["workers"] == outputs["serial"]
+    # bfloat16 may tag a word of this random model otherwise (its emissions are close), not the words or gold tags.
+    sentences = {name: read_conll(tmp_path / f"{name}.txt") for name in ("serial", "bf16")}
+    assert [(words, gold) for words, gold, _ in sentences["bf16"]] == [
+        (words, gold) for words, gold, _ in sentences["serial"]
+    ]
+
+
+def test_relation_workers_and_bfloat16_keep_one_record_per_line_in_order(tiny_re_dir, tmp_path, recorded_runs):
+    mnre = f"{SAMPLE}/mnre"
+    common = ["--model", tiny_re_dir, "--input", f"{mnre}/txt/mnre_test.txt", "--image_dir", f"{mnre}/img_org/test",
+              "--rel2id", f"{mnre}/mnre_rel2id.json", "--batch_size", "4", "--num_workers", "2"]  # fmt: skip
+    dtypes, readers_file = recorded_runs
+    for dtype in ("float32", "bfloat16"):
+        predict([*common, "--dtype", dtype, "--output", str(tmp_path / f"{dtype}.jsonl")])
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert str(os.getpid()) not in readers_file.read_text().split()
+    examples = load_mre_dataset(data_files={"test": f"{mnre}/txt/mnre_test.txt"}, rel2id=f"{mnre}/mnre_rel2id.json")
+    for dtype in ("float32", "bfloat16"):
+        records = [json.loads(line) for line in (tmp_path / f"{dtype}.jsonl").read_text().splitlines()]
+        assert [record["id"] for record in records] == examples["test"]["id"]
+        assert all(record["predicted"] in RELATIONS for record in records)
