@@ -90,11 +90,14 @@ class HVPNetTokenClassifierOutput(ModelOutput):
 
 @dataclass
 class VisualPrefix:
-    """Per-layer visual prefix: keys and values (L, B, H, P, h), mask (B, P) True where an image is present,
-    gate weights (B, n, L, c)."""
+    """Per-layer visual prefix: keys and values, one (B, H, P, h) tensor per layer (tuples of L; inside a layer, that
+    layer's own), mask (B, P) True where an image is present, gate weights (B, n, L, c).
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    One tensor per layer rather than one (L, B, H, P, h) tensor: the backward of a layer's slice of a stacked tensor
+    would fill a zero tensor of the whole stack for each layer."""
+
+    keys: tuple[torch.Tensor, ...] | torch.Tensor
+    values: tuple[torch.Tensor, ...] | torch.Tensor
     mask: torch.Tensor
     gate_weights: torch.Tensor
 
@@ -103,8 +106,9 @@ class HVPNetSelfAttention(BertSelfAttention):
     """BERT self-attention whose keys and values are prefixed by this layer's visual prefix (paper eq. 9).
 
     `HVPNetModel` hands the prefix of all layers down through the text model as the keyword argument
-    `visual_prefix`; each layer takes its own keys and values (by `layer_idx`) and prepends the prefix columns to the
-    text mask that the text model built. Queries stay text-only, so the output keeps the text length.
+    `visual_prefix`; each layer (`HVPNetLayerMixin`) hands its attention its own keys and values, which it prepends
+    to the text's, and the prefix columns to the text mask that the text model built. Queries stay text-only, so the
+    output keeps the text length.
     """
 
     def forward(
@@ -120,8 +124,8 @@ class HVPNetSelfAttention(BertSelfAttention):
         key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
         if visual_prefix is not None:
-            key = torch.cat([visual_prefix.keys[self.layer_idx].to(key.dtype), key], dim=2)
-            value = torch.cat([visual_prefix.values[self.layer_idx].to(value.dtype), value], dim=2)
+            key = torch.cat([visual_prefix.keys.to(key.dtype), key], dim=2)
+            value = torch.cat([visual_prefix.values.to(value.dtype), value], dim=2)
             attention_mask = _prepend_prefix_mask(attention_mask, visual_prefix.mask, query)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -183,8 +187,8 @@ class HVPNetLayerMixin:
     checkpointing (`use_reentrant=True`) only tracks a layer's positional tensors: with the prefix as a keyword, each
     layer's recomputation in backward would backpropagate through the prefix encoder's graph on its own, and the
     second layer finds that graph freed. So `__call__` (which checkpoints, in transformers' `GradientCheckpointingLayer`)
-    gets the keys and values as positional arguments, as BERT passes `encoder_hidden_states`, whatever checkpoint
-    function is installed, and `forward` puts them back into the prefix.
+    gets this layer's keys and values as positional arguments, as BERT passes `encoder_hidden_states`, whatever
+    checkpoint function is installed, and `forward` hands them to the attention in the prefix.
     """
 
     prefix_attention_class: type[nn.Module]
@@ -203,12 +207,13 @@ class HVPNetLayerMixin:
     ) -> torch.Tensor:
         if visual_prefix is None:
             return super().__call__(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
+        layer = self.attention.self.layer_idx
         return super().__call__(
             hidden_states,
             attention_mask,
             encoder_hidden_states,
-            visual_prefix.keys,
-            visual_prefix.values,
+            visual_prefix.keys[layer],
+            visual_prefix.values[layer],
             visual_prefix=visual_prefix,
             **kwargs,
         )
@@ -223,7 +228,8 @@ class HVPNetLayerMixin:
         visual_prefix: VisualPrefix | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        """prefix_keys, prefix_values: (L, B, H, P, h) the keys and values of `visual_prefix`, as positional inputs."""
+        """prefix_keys, prefix_values: (B, H, P, h) this layer's keys and values of `visual_prefix`, as positional
+        inputs."""
         if visual_prefix is not None:
             visual_prefix = replace(visual_prefix, keys=prefix_keys, values=prefix_values)
         return super().forward(
@@ -410,6 +416,8 @@ class HVPNetVisionEncoderBase(nn.Module):
         # An exported graph runs all images in one call: the number of chunks would tie it to one batch size.
         chunked = self.chunk_size and not torch.compiler.is_exporting()
         chunks = images.split(self.chunk_size) if chunked else (images,)
+        if self.freeze_backbone and not torch.compiler.is_compiling():
+            self._hold_convolutions_channels_last()
         # Pixels arrive in float32; a backbone held in bfloat16 (`hold_backbone_in`, a bf16 model) takes them in its
         # own dtype.
         dtype = next(self.backbone.parameters()).dtype
@@ -422,6 +430,13 @@ class HVPNetVisionEncoderBase(nn.Module):
                     for chunk in chunks
                 ]
             )
+
+    def _hold_convolutions_channels_last(self) -> None:
+        """Give a frozen backbone's convolution weights the channels_last layout of its inputs, once after it is
+        built or loaded: with weights as saved, every convolution call would reorder its weights first."""
+        weights = [parameter for parameter in self.backbone.parameters() if parameter.dim() == 4]
+        if weights and not weights[0].is_contiguous(memory_format=torch.channels_last):
+            self.backbone.to(memory_format=torch.channels_last)
 
     def hold_backbone_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen backbone's weights in `dtype` (bfloat16 for bf16 training): under autocast its
@@ -538,13 +553,15 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         # Eq. 6: concatenate the images of one example on the token axis: (B, L, P, d).
         prefix = gated.view(batch_size, num_images, self.num_layers, -1, self.hidden_size).transpose(1, 2)
         prefix = prefix.flatten(2, 3)
-        # Eq. 8: per-layer projection to keys and values, split into heads: (2, L, B, H, P, h).
-        key_value = torch.einsum("blpd,led->blpe", prefix, self.key_value_weight) + self.key_value_bias[:, None]
-        key_value = key_value.view(batch_size, self.num_layers, prefix.shape[2], 2, self.num_heads, -1)
-        key_value = key_value.permute(3, 1, 0, 4, 2, 5)
+        # Eq. 8: per-layer projection to keys and values, as one batched matmul over layers (L, B * P, d) x (L, d, 2d)
+        # that reads the weights transposed in place, then split into heads: (2, L, B, H, P, h).
+        tokens = prefix.transpose(0, 1).reshape(self.num_layers, -1, self.hidden_size)
+        key_value = torch.baddbmm(self.key_value_bias[:, None], tokens, self.key_value_weight.transpose(1, 2))
+        key_value = key_value.view(self.num_layers, batch_size, prefix.shape[2], 2, self.num_heads, -1)
+        key_value = key_value.permute(3, 0, 1, 4, 2, 5)
         return VisualPrefix(
-            keys=key_value[0],
-            values=key_value[1],
+            keys=key_value[0].unbind(),
+            values=key_value[1].unbind(),
             mask=present.repeat_interleave(self.grid**2, dim=1),
             gate_weights=gate_weights.view(batch_size, num_images, self.num_layers, -1),
         )
@@ -647,10 +664,10 @@ class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
         prefix = prefix.flatten(2, 3)
         num_tokens = prefix.shape[2]
 
-        def to_heads(states: torch.Tensor) -> torch.Tensor:
-            """(B, L, P, d) → (L, B, H, P, h) by the original's raw reshape of each layer's (P, d) memory."""
+        def to_heads(states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            """(B, L, P, d) → L tensors (B, H, P, h) by the original's raw reshape of each layer's (P, d) memory."""
             states = states.contiguous().view(batch_size, self.num_layers, self.num_heads, num_tokens, -1)
-            return states.transpose(0, 1)
+            return states.unbind(1)
 
         return VisualPrefix(
             keys=to_heads(prefix[..., : self.hidden_size]),

@@ -494,7 +494,9 @@ def test_forward_equals_bert_with_the_prefix_as_past_key_values():
     with torch.no_grad():
         expected = bert(
             input_ids,
-            attention_mask=torch.cat([torch.ones(2, prefix.keys.shape[3], dtype=torch.long), attention_mask], dim=1),
+            attention_mask=torch.cat(
+                [torch.ones(2, prefix.keys[0].shape[2], dtype=torch.long), attention_mask], dim=1
+            ),
             position_ids=torch.arange(9).expand(2, -1),
             cache=cache,
         ).last_hidden_state

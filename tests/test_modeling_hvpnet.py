@@ -157,8 +157,10 @@ def test_prefix_shapes_and_gates(overrides, stages, prefix_tokens):
     images = inputs["pixel_values"][:, 1:] if not config.use_global_image else inputs["pixel_values"]
     prefix = model.visual_encoder(images, torch.ones(images.shape[:2], dtype=torch.bool))
     layers, heads = config.text_config.num_hidden_layers, config.text_config.num_attention_heads
-    assert prefix.keys.shape == (layers, 3, heads, prefix_tokens, 32 // heads)
-    assert prefix.values.shape == prefix.keys.shape
+    assert len(prefix.keys) == len(prefix.values) == layers
+    assert {tuple(tensor.shape) for tensor in (*prefix.keys, *prefix.values)} == {
+        (3, heads, prefix_tokens, 32 // heads)
+    }
     gates = model(**inputs, output_gate_weights=True).gate_weights
     assert gates.shape == (3, config.num_images, layers, stages)
     torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[:-1]))
@@ -621,8 +623,8 @@ def test_batched_prefix_matches_the_paper_loop(prefix_mode):
         for example in range(len(images)):
             keys, values = paper_prefix(model, list(images[example]))
             # Same arithmetic in another order (einsum vs. loops, pool-then-project vs. conv): float32 rounding only.
-            torch.testing.assert_close(prefix.keys[:, example], keys, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(prefix.values[:, example], values, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(torch.stack(prefix.keys)[:, example], keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(torch.stack(prefix.values)[:, example], values, atol=1e-5, rtol=1e-4)
 
 
 # The models under bfloat16 autocast on CPU (what `Trainer`'s `--bf16` does) against float32.
