@@ -407,7 +407,8 @@ def reference_prefix(encoder: nn.Module, global_images: torch.Tensor, crops: tor
         for feature_map in encoder.backbone(image):
             kernel = feature_map.shape[2] // 2
             pooled.append(nn.AvgPool2d(kernel_size=(kernel, kernel), stride=kernel)(feature_map))
-        tokens = torch.cat(pooled, dim=1).view(batch_size, 4, -1)
+        # The original's maps are laid out channels first (a frozen backbone here may give channels_last ones).
+        tokens = torch.cat(pooled, dim=1).contiguous().view(batch_size, 4, -1)
         return encoder.encoder_conv(tokens).split(2 * hidden, dim=-1)  # c x (B, 4, 2d)
 
     def gated(split: tuple, layer: int) -> torch.Tensor:

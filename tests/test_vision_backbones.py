@@ -15,6 +15,7 @@ from modeling_utils import (
     TINY_TEXT,
     TINY_VIT,
     VIT_B_LEVELS,
+    tiny_config,
     tiny_images,
     tiny_task_model,
     tiny_vision_config,
@@ -304,3 +305,45 @@ def test_a_vit_model_works_from_its_saved_folder_where_hvpnet_hf_cannot_be_impor
     assert report["backbone"] == "FeatureGetterNet" and report["levels"] == VIT_B_LEVELS
     assert report["same_pixels"] and report["logits_difference"] <= SAME
     assert [entity["word"] for entity in report["pipeline"]] == [entity["word"] for entity in pipe(example)]
+
+
+def with_trained_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine terms far from the identity that a fresh backbone's norms are."""
+    generator = torch.Generator().manual_seed(0)
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            for tensor, low, high in [
+                (norm.running_mean, -0.5, 0.5),
+                (norm.running_var, 0.5, 2.0),
+                (norm.weight, 0.5, 1.5),
+                (norm.bias, -0.2, 0.2),
+            ]:
+                tensor.data.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
+    return model
+
+
+def test_a_frozen_cnn_runs_with_its_batch_norms_folded_into_its_convolutions():
+    torch.manual_seed(0)
+    model = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18"))).eval()
+    encoder = model.visual_encoder
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    images = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        folded = encoder.visual_features(images)
+        plain = encoder.pool_feature_maps(encoder.backbone(images))  # the backbone's own modules, unfolded
+    assert len(encoder._foldable_norms) == 20, "every BatchNorm of resnet18 follows its convolution"
+    # Folding reorders float32 arithmetic (the scale is applied to the weights instead of the maps): rounding only.
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+    assert not any("forward" in vars(module) for module in encoder.backbone.modules()), "the folding is undone"
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_a_trainable_backbone_keeps_its_batch_norms():
+    torch.manual_seed(0)
+    model = HVPNetModel(tiny_config(vision_backbone="resnet18", freeze_vision=False)).train()
+    images = torch.randn(4, 3, 64, 64)
+    features = model.visual_encoder.visual_features(images)
+    # In training mode the norms use the batch's statistics, which no folding can give.
+    expected = model.visual_encoder.pool_feature_maps(model.visual_encoder.backbone(images))
+    torch.testing.assert_close(features, expected)
+    assert model.visual_encoder._foldable_norms is None, "a trainable backbone's graph is never read"
