@@ -114,9 +114,8 @@ def prepared(name: str, mode: str) -> tuple:
     torch.manual_seed(0)
     settings = CONFIGURATIONS[name]
     model = build_model(settings, mode)
-    with torch.no_grad():
-        probe = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-        feature_shape = tuple(model.hvpnet.visual_encoder.visual_features(probe).shape[1:])
+    encoder = model.hvpnet.visual_encoder  # the (g*g, C) features the cache would serve, without running it
+    feature_shape = (model.config.prefix_grid**2, sum(encoder.stage_channels))
     generator = torch.Generator().manual_seed(0)
     step = make_step(model, settings, mode)
     memory = {"imports_gib": imports_gib, "model_gib": rss_gib()}
