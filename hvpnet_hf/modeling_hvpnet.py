@@ -457,7 +457,7 @@ class HVPNetVisionEncoderBase(nn.Module):
         """
         pairs = self._find_foldable_norms() if fold else []
         for convolution, norm in pairs:
-            convolution.forward = partial(_folded_convolution, convolution, norm)
+            convolution.forward = partial(_folded_convolution, convolution, *_norm_as_affine(convolution, norm))
             norm.forward = nn.Identity.forward.__get__(norm)
         try:
             yield
@@ -621,16 +621,23 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         return len(self.stage_indices)
 
 
-def _folded_convolution(convolution: nn.Conv2d, norm: nn.BatchNorm2d, inputs: torch.Tensor) -> torch.Tensor:
-    """convolution then norm (running statistics) as one convolution. The folded weight is made for this call only
-    (one weight at a time: folding them all first would hold a second copy of the backbone during its pass); the
-    scale and bias are computed in float32 and used in the convolution's dtype."""
+def _norm_as_affine(convolution: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (C, 1, 1, 1) scale of the convolution's weight and the (C,) bias that make convolution then norm (running
+    statistics) one convolution: computed in float32, given in the convolution's dtype."""
     scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
     bias = norm.bias.float() - norm.running_mean.float() * scale
     if convolution.bias is not None:
         bias = bias + convolution.bias.float() * scale
-    weight = convolution.weight * scale.view(-1, 1, 1, 1).to(convolution.weight.dtype)
-    return convolution._conv_forward(inputs, weight, bias.to(convolution.weight.dtype))
+    dtype = convolution.weight.dtype
+    return scale.view(-1, 1, 1, 1).to(dtype), bias.to(dtype)
+
+
+def _folded_convolution(
+    convolution: nn.Conv2d, scale: torch.Tensor, bias: torch.Tensor, inputs: torch.Tensor
+) -> torch.Tensor:
+    """The convolution with its weight scaled and `bias` added. The scaled weight is made for this call only (one
+    weight at a time: scaling them all first would hold a second copy of the backbone during its pass)."""
+    return convolution._conv_forward(inputs, convolution.weight * scale, bias)
 
 
 # The visual prefix as the authors' released HVPNeT code computes it (`prefix_mode="original"`).

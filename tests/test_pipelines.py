@@ -165,13 +165,18 @@ def _re_inputs(image_files):
     ]
 
 
-@pytest.mark.parametrize("task", ["ner", "re"])
-def test_lists_and_generators_give_single_call_results_at_every_batch_size(task, ner_folder, tiny_re_dir, image_files):
+def runner_and_single_results(task: str, ner_folder, tiny_re_dir, image_files) -> tuple:
+    """The pipeline of `task` on its tiny model, the task's example inputs, and each input's result alone."""
     folder, inputs = (
         (ner_folder, _ner_inputs(image_files)) if task == "ner" else (tiny_re_dir, _re_inputs(image_files))
     )
     runner = pipeline(f"multimodal-{task}", model=str(folder))
-    single = [runner(example) for example in inputs]
+    return runner, inputs, [runner(example) for example in inputs]
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_lists_and_generators_give_single_call_results_at_every_batch_size(task, ner_folder, tiny_re_dir, image_files):
+    runner, inputs, single = runner_and_single_results(task, ner_folder, tiny_re_dir, image_files)
     if task == "ner":
         assert single[1] == []
     for batch_size in (1, 2, 3):
@@ -305,11 +310,7 @@ def test_a_saved_pipeline_loaded_from_its_own_code_leaves_the_package_tasks_alon
 
 @pytest.mark.parametrize("task", ["ner", "re"])
 def test_workers_give_single_call_results_in_input_order(task, ner_folder, tiny_re_dir, image_files):
-    folder, inputs = (
-        (ner_folder, _ner_inputs(image_files)) if task == "ner" else (tiny_re_dir, _re_inputs(image_files))
-    )
-    runner = pipeline(f"multimodal-{task}", model=str(folder))
-    single = [runner(example) for example in inputs]
+    runner, inputs, single = runner_and_single_results(task, ner_folder, tiny_re_dir, image_files)
     for batch_size in (1, 3):  # one input per batch, and batches that split the inputs unevenly
         results = runner(inputs, batch_size=batch_size, num_workers=2)
         assert len(results) == len(inputs), batch_size
