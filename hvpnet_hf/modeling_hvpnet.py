@@ -8,8 +8,9 @@ c = backbone stages, g = prefix grid side, P = n * g * g prefix tokens, d = hidd
 """
 
 import os
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -456,14 +457,16 @@ class HVPNetVisionEncoderBase(nn.Module):
         weights are made in each call: the parameters and the saved weights stay as they are.
         """
         pairs = self._find_foldable_norms() if fold else []
-        for convolution, norm in pairs:
-            convolution.forward = partial(_folded_convolution, convolution, *_norm_as_affine(convolution, norm))
-            norm.forward = nn.Identity.forward.__get__(norm)
-        try:
-            yield
-        finally:
+        # The folding swaps the modules' forward for the length of a pass: threads that share a model take turns.
+        with _FOLDING_LOCK if pairs else nullcontext():
             for convolution, norm in pairs:
-                del convolution.forward, norm.forward
+                convolution.forward = partial(_folded_convolution, convolution, *_norm_as_affine(convolution, norm))
+                norm.forward = nn.Identity.forward.__get__(norm)
+            try:
+                yield
+            finally:
+                for convolution, norm in pairs:
+                    del convolution.forward, norm.forward
 
     def _find_foldable_norms(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         """The (convolution, BatchNorm2d) pairs where the BatchNorm's only input is the convolution's output and
@@ -619,6 +622,9 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
     @property
     def num_stages(self) -> int:
         return len(self.stage_indices)
+
+
+_FOLDING_LOCK = threading.RLock()
 
 
 def _norm_as_affine(convolution: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -347,3 +347,18 @@ def test_a_trainable_backbone_keeps_its_batch_norms():
     expected = model.visual_encoder.pool_feature_maps(model.visual_encoder.backbone(images))
     torch.testing.assert_close(features, expected)
     assert model.visual_encoder._foldable_norms is None, "a trainable backbone's graph is never read"
+
+
+def test_threads_that_share_a_frozen_cnn_get_the_features_each_would_get_alone():
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18"))).eval()
+    batches = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
+    with torch.no_grad():
+        alone = [model.visual_encoder.visual_features(images) for images in batches]
+        with ThreadPoolExecutor(max_workers=4) as pool:  # the folding swaps module methods during each pass
+            shared = list(pool.map(model.visual_encoder.visual_features, batches))
+    for expected, features in zip(alone, shared, strict=True):
+        torch.testing.assert_close(features, expected)
+    assert not any("forward" in vars(module) for module in model.visual_encoder.backbone.modules())
