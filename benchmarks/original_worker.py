@@ -20,15 +20,14 @@ model (and optimizer) built, parameter counts.
 
 import argparse
 import json
-import resource
-import statistics
 import sys
-import time
 import types
+
+# The benchmarks' shared batch shape, timing and memory readings (torch and numpy, which their environment has).
+from bench_utils import BATCH_SIZE, IMAGE_SIZE, NUM_OBJECTS, TEXT_LENGTH, mean_seconds, peak_rss_gib, rss_gib
 
 # Their label list (processor/dataset.py, `MMPNERProcessor.get_label_mapping`): PAD = 0, then these.
 LABELS = ["PAD", "O", "B-MISC", "I-MISC", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "X", "[CLS]", "[SEP]"]
-BATCH_SIZE, TEXT_LENGTH, NUM_OBJECTS, IMAGE_SIZE = 8, 80, 3, 224
 TRAIN_BATCHES_PER_EPOCH, EPOCHS = 500, 30  # only the scheduler's length reads them
 
 
@@ -46,12 +45,6 @@ def load_original(checkout: str) -> tuple:
     modeling_bert.BertModel.from_pretrained = classmethod(lambda cls, *args, **kwargs: cls(BertConfig()))
     bert_model.resnet50 = lambda pretrained=False, **kwargs: torchvision.models.resnet50(weights=None)
     return bert_model.HMNeTNERModel, NERTrainer
-
-
-def rss_gib() -> float:
-    """The resident memory of this process now."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
 
 
 def make_batch(generator) -> tuple:
@@ -116,19 +109,13 @@ def main() -> None:
 
     model.train() if args.mode == "train" else model.eval()
     step = train if args.mode == "train" else infer
-    timings = []
-    for index in range(args.repeats + 1):
-        batch = make_batch(generator)
-        start = time.perf_counter()
-        step(batch)
-        if index:
-            timings.append(time.perf_counter() - start)
+    seconds = mean_seconds(step, [lambda: make_batch(generator)] * (args.repeats + 1))
     optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
     print(
         json.dumps(
             {
-                "seconds": statistics.mean(timings),
-                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "seconds": seconds,
+                "peak_rss_gib": peak_rss_gib(),
                 "imports_gib": imports_gib,
                 "model_gib": model_gib,
                 "parameters": sum(p.numel() for p in model.parameters()),

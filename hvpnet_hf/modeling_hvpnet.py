@@ -421,15 +421,15 @@ class HVPNetVisionEncoderBase(nn.Module):
         # An exported graph runs all images in one call: the number of chunks would tie it to one batch size.
         chunked = self.chunk_size and not torch.compiler.is_exporting()
         chunks = images.split(self.chunk_size) if chunked else (images,)
-        fold = self.freeze_backbone and not torch.compiler.is_compiling()
-        if fold:
+        frozen_eager = self.freeze_backbone and not torch.compiler.is_compiling()
+        if frozen_eager:
             self._hold_convolutions_channels_last()
         # Pixels arrive in float32; a backbone held in bfloat16 (`hold_backbone_in`, a bf16 model) takes them in its
         # own dtype.
         dtype = next(self.backbone.parameters()).dtype
         with (
             torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone),
-            self._batch_norms_folded(fold),
+            self._batch_norms_folded(frozen_eager),
         ):
             return torch.cat(
                 [
@@ -443,8 +443,8 @@ class HVPNetVisionEncoderBase(nn.Module):
     def _hold_convolutions_channels_last(self) -> None:
         """Give a frozen backbone's convolution weights the channels_last layout of its inputs, when it is built and
         again if loading replaced them: with weights as saved, every convolution call would reorder its weights."""
-        weights = [parameter for parameter in self.backbone.parameters() if parameter.dim() == 4]
-        if weights and not weights[0].is_contiguous(memory_format=torch.channels_last):
+        weight = next((parameter for parameter in self.backbone.parameters() if parameter.dim() == 4), None)
+        if weight is not None and not weight.is_contiguous(memory_format=torch.channels_last):
             self.backbone.to(memory_format=torch.channels_last)
 
     @contextmanager
