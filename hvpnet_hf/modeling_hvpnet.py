@@ -584,13 +584,13 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         # Eager PyTorch skips absent images before the backbone: with 6 of 16 absent that is 1.6x faster than
         # pushing them through (`benchmarks/bench_prefix.py`), and in training a trainable backbone's batch
         # statistics see only real images.
-        flat_present = present.flatten()
+        flat_present, flat_images = present.flatten(), images.flatten(0, 1)
         if flat_present.all():  # nothing to skip: no copy of the pixels (19 MB at the paper's batch) and no scatter
-            features = self.visual_features(images.flatten(0, 1))
+            features = self.visual_features(flat_images)
         else:
             features = images.new_zeros(flat_present.numel(), self.grid**2, sum(self.stage_channels))
             if flat_present.any():  # autocast may give lower-precision features
-                features[flat_present] = self.visual_features(images.flatten(0, 1)[flat_present]).to(features.dtype)
+                features[flat_present] = self.visual_features(flat_images[flat_present]).to(features.dtype)
         return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
 
     def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
