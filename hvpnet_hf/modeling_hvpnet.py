@@ -192,13 +192,12 @@ class HVPNetLayerMixin:
     second layer finds that graph freed. So `__call__` (which checkpoints, in transformers' `GradientCheckpointingLayer`)
     gets this layer's keys and values as positional arguments, as BERT passes `encoder_hidden_states`, whatever
     checkpoint function is installed, and `forward` hands them to the attention in the prefix.
+
+    The prefix layer and attention classes add forwards only, no weights or other state: `build_text_model` turns
+    the family's layers into them as they are built.
     """
 
     prefix_attention_class: type[nn.Module]
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx=layer_idx)
-        self.attention.self = self.prefix_attention_class(config, layer_idx=layer_idx)
 
     def __call__(
         self,
@@ -297,10 +296,12 @@ def build_text_model(text_config, add_pooling_layer: bool) -> PreTrainedModel:
     model_class, layer_class = TEXT_MODELS[text_config.model_type]
     pooling = {} if model_class is ElectraModel else {"add_pooling_layer": add_pooling_layer}
     text_model = model_class(text_config, **pooling)
-    # One layer at a time, so that the family's layer is freed before the next prefix layer is built: building all
-    # of them first would hold two sets of layer weights at once (the peak memory of building a model).
-    for index in range(text_config.num_hidden_layers):
-        text_model.encoder.layer[index] = layer_class(text_config, layer_idx=index)
+    # The family's layers become prefix layers in place (the prefix classes add forwards only): building prefix
+    # layers to replace them would build every layer's weights twice, and the freed set would stay behind as holes
+    # in the heap, raising the peak memory of the steps that follow (`benchmarks/bench_original.py`).
+    for layer in text_model.encoder.layer:
+        layer.__class__ = layer_class
+        layer.attention.self.__class__ = layer_class.prefix_attention_class
     return text_model
 
 
