@@ -364,8 +364,10 @@ def default_out_indices(backbone: str, model_args: dict) -> list[int]:
 def _timm_features(backbone: str, model_args: dict, **kwargs) -> nn.Module:
     """`timm.create_model(backbone, features_only=True, ...)`, with an error naming the backbone when timm cannot
     build it as a feature extractor (an unknown name, a model without feature maps, a wrong model argument)."""
+    # Without a classifier (`num_classes=0`): the feature extractor drops it, and building it would only allocate
+    # and free its weights (8 MB for resnet50's).
     try:
-        return timm.create_model(backbone, features_only=True, **model_args, **kwargs)
+        return timm.create_model(backbone, features_only=True, **{"num_classes": 0, **model_args}, **kwargs)
     except (AssertionError, AttributeError, RuntimeError, TypeError) as error:
         raise ValueError(
             f"vision_backbone {backbone!r}: timm cannot build it with features_only=True, which HVPNeT reads its "
