@@ -8,11 +8,12 @@ c = backbone stages, g = prefix grid side, P = n * g * g prefix tokens, d = hidd
 """
 
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 
 import timm
 import torch
@@ -49,10 +50,12 @@ from transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl import (
     XLMRobertaXLSelfAttention,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_hvpnet import HVPNetConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -911,6 +914,7 @@ class HVPNetModel(HVPNetPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        _warn_if_bfloat16_is_emulated(self)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         for flag in ("output_attentions", "output_hidden_states"):  # the text model would read its own config's
             kwargs.setdefault(flag, getattr(self.config, flag))
@@ -976,6 +980,29 @@ class HVPNetModel(HVPNetPreTrainedModel):
         if not self.config.use_global_image:
             image_features, present = image_features[:, 1:], present[:, 1:]
         return self.visual_encoder.prefix_from_features(image_features, present)
+
+
+@cache
+def cpu_computes_bfloat16_natively() -> bool:
+    """Whether this CPU has bfloat16 instructions (on x86, AVX512-BF16 or AMX). Without them torch emulates
+    bfloat16, many times slower than float32: a training step at the paper's settings took 16x as long as in float32
+    on an AVX2-only CPU (`benchmarks/bench_original.py`). Other architectures are taken to have them (torch has no
+    check for them)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def _warn_if_bfloat16_is_emulated(model: nn.Module) -> None:
+    """Warns once when `model` computes in bfloat16 (its weights or CPU autocast) on a CPU that emulates it."""
+    if model.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if (autocast or model.dtype == torch.bfloat16) and not cpu_computes_bfloat16_natively():
+        logger.warning_once(
+            "This CPU has no bfloat16 instructions (AVX512-BF16 or AMX): torch emulates bfloat16 on it, many times "
+            "slower than float32. Run in float32 here (no --bf16, dtype=torch.float32)."
+        )
 
 
 def _image_presence(

@@ -2,6 +2,7 @@
 the prefix against the paper's equations, mixed precision, and saving and loading."""
 
 import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from hvpnet_hf import (
     HVPNetForTokenClassification,
     HVPNetModel,
     HVPNetProcessor,
+    modeling_hvpnet,
 )
 from hvpnet_hf.modeling_hvpnet import HVPNetSelfAttention
 
@@ -670,6 +672,23 @@ def test_relation_classification_trains_under_bf16_autocast():
     loss.backward()
     gradient = model.hvpnet.visual_encoder.key_value_weight.grad
     assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_once(native, monkeypatch, caplog):
+    monkeypatch.setattr(modeling_hvpnet, "cpu_computes_bfloat16_natively", lambda: native)
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only cache, shared by every logger
+    torch.manual_seed(0)
+    model = HVPNetModel(tiny_config()).eval()
+    inputs = tiny_inputs()
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.modeling_hvpnet"), torch.no_grad():
+        model(**inputs)  # float32: nothing to warn about
+        assert "bfloat16" not in caplog.text
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(**inputs)
+        model.to(torch.bfloat16)(**inputs)
+    assert caplog.text.count("emulates bfloat16") == (0 if native else 1)
 
 
 @pytest.mark.parametrize("prefix_mode", ["pyramid", "original"])
