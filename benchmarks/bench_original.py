@@ -5,7 +5,8 @@ Settings (paper appendix B): bert-base and resnet50, both random, 1 global image
 padded to 80 tokens, NER. The authors' code (a checkout of zjunlp/HVPNeT, run by the Python of its own environment,
 see `original_worker.py`) trains and evaluates as its `NERTrainer` does. hvpnet_hf runs in four ways:
 
-- fp32 live: float32, the backbone run on the pixels (`vision_chunk_size=8`);
+- fp32 live: float32, the backbone run on the pixels in calls of `--chunk-size` images (`vision_chunk_size`, the
+  model's default of 4 unless given; the original runs it in calls of 8, one per image slot);
 - bf16 live: training under CPU autocast to bfloat16 with the frozen backbone held in bfloat16 (what
   `HVPNetTrainer` does with `--bf16`); inference with the model built in bfloat16 (CRF in float32, what
   `from_pretrained(..., dtype=torch.bfloat16)` gives);
@@ -19,7 +20,7 @@ original's time over ours (above 1: we are faster) and our peak over the origina
 the rest of the forward, backward, optimizer, and the costliest operators.
 
     python benchmarks/bench_original.py --original HVPNeT --original-python HVPNeT/venv/bin/python \\
-        [--rounds 3] [--repeats 3] [--profile]
+        [--rounds 3] [--repeats 3] [--chunk-size 4] [--profile]
 
 The authors' environment needs torch and torchvision (the releases this package is tested with),
 transformers==4.11.3, pytorch-crf, seqeval, scikit-learn and tqdm; `docs/benchmarks.md` says how to set it up.
@@ -43,6 +44,8 @@ from bench_utils import (
     run_in_subprocess,
 )
 
+from hvpnet_hf import HVPNetConfig
+
 NUM_LABELS = 9  # the BIO tags over PER, LOC, ORG, MISC
 CONFIGURATIONS = {
     "fp32 live": {"dtype": None, "cached": False},
@@ -53,11 +56,12 @@ CONFIGURATIONS = {
 MODES = ("train", "inference")
 
 
-def build_model(settings: dict, mode: str):
-    """The paper's NER model with random weights: float32, or built in bfloat16 for bf16 inference."""
-    from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification
+def build_model(settings: dict, mode: str, chunk_size: int):
+    """The paper's NER model with random weights, its backbone run in calls of `chunk_size` images: float32, or
+    built in bfloat16 for bf16 inference."""
+    from hvpnet_hf import HVPNetForTokenClassification
 
-    config = HVPNetConfig(vision_backbone="resnet50", num_labels=NUM_LABELS, vision_chunk_size=8)
+    config = HVPNetConfig(vision_backbone="resnet50", num_labels=NUM_LABELS, vision_chunk_size=chunk_size)
     if settings["dtype"] is None or mode == "train":
         model = HVPNetForTokenClassification(config)
         if settings["dtype"] is not None:
@@ -103,17 +107,15 @@ def make_step(model, settings: dict, mode: str):
     return infer
 
 
-def prepared(name: str, mode: str) -> tuple:
+def prepared(name: str, mode: str, chunk_size: int) -> tuple:
     """The model, its step, a batch maker of configuration `name` in `mode`, and the RSS after the imports and
-    with the model and optimizer built."""
-    import hvpnet_hf  # noqa: F401  (imported before anything is measured, as every user imports it)
-
+    with the model and optimizer built (hvpnet_hf is imported with this module, as every user imports it)."""
     if mode == "train":
         import transformers.trainer  # noqa: F401  (a training process imports it)
     imports_gib = rss_gib()
     torch.manual_seed(0)
     settings = CONFIGURATIONS[name]
-    model = build_model(settings, mode)
+    model = build_model(settings, mode, chunk_size)
     encoder = model.hvpnet.visual_encoder  # the (g*g, C) features the cache would serve, without running it
     feature_shape = (model.config.prefix_grid**2, sum(encoder.stage_channels))
     generator = torch.Generator().manual_seed(0)
@@ -122,8 +124,8 @@ def prepared(name: str, mode: str) -> tuple:
     return model, step, lambda: make_batch(generator, settings, feature_shape), memory
 
 
-def run_worker(name: str, mode: str, repeats: int) -> dict:
-    model, step, batch, memory = prepared(name, mode)
+def run_worker(name: str, mode: str, repeats: int, chunk_size: int) -> dict:
+    model, step, batch, memory = prepared(name, mode, chunk_size)
     seconds = mean_seconds(step, [batch] * (repeats + 1))
     optimized = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     return {
@@ -135,10 +137,10 @@ def run_worker(name: str, mode: str, repeats: int) -> dict:
     }
 
 
-def run_profile(name: str, mode: str) -> dict:
+def run_profile(name: str, mode: str, chunk_size: int) -> dict:
     """Seconds of one step after a warm-up: in the backbone, in the rest of the forward, and after the forward
     (backward and optimizer); and the ten costliest operators (self time)."""
-    model, step, batch, _ = prepared(name, mode)
+    model, step, batch, _ = prepared(name, mode, chunk_size)
     step(batch())
     seconds = {"backbone": 0.0, "forward": 0.0}
     starts = []
@@ -180,21 +182,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per process (after one warm-up)")
     parser.add_argument("--configurations", nargs="*", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=HVPNetConfig().vision_chunk_size,
+        help="images per backbone call (`vision_chunk_size`) in our live modes; default: the model's default",
+    )
     parser.add_argument("--profile", action="store_true", help="also show where one hvpnet_hf step's time goes")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--profile-worker", nargs=2, metavar=("MODE", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker[1], args.worker[0], args.repeats)))
+        print(json.dumps(run_worker(args.worker[1], args.worker[0], args.repeats, args.chunk_size)))
         return
     if args.profile_worker:
-        print(json.dumps(run_profile(args.profile_worker[1], args.profile_worker[0])))
+        print(json.dumps(run_profile(args.profile_worker[1], args.profile_worker[0], args.chunk_size)))
         return
 
     if not (args.original and args.original_python):
         parser.error("--original and --original-python are required")
     worker = str(Path(__file__).with_name("original_worker.py"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.repeats} steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.repeats} steps, "
+        f"backbone calls of {args.chunk_size}"
+    )
+    chunk = ["--chunk-size", str(args.chunk_size)]
     results: dict[tuple[str, str], list[dict]] = {}
     for round_index in range(args.rounds):
         for mode in MODES:
@@ -202,7 +214,7 @@ def main() -> None:
                 if name == "original":
                     row = run_in_subprocess(worker, original_arguments(args, mode), python=args.original_python)
                 else:
-                    row = run_in_subprocess(__file__, ["--repeats", str(args.repeats), "--worker", mode, name])
+                    row = run_in_subprocess(__file__, ["--repeats", str(args.repeats), *chunk, "--worker", mode, name])
                 results.setdefault((name, mode), []).append(row)
                 print(
                     f"  round {round_index + 1} {mode:9s} {name:12s} {row['seconds']:6.2f} s {row['peak_rss_gib']:5.2f} GiB",
@@ -240,7 +252,7 @@ def main() -> None:
     if args.profile:
         for name in ("fp32 live", "bf16 live"):
             for mode in MODES:
-                profile = run_in_subprocess(__file__, ["--profile-worker", mode, name])
+                profile = run_in_subprocess(__file__, [*chunk, "--profile-worker", mode, name])
                 phases = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in profile["phases"].items())
                 print(f"\nprofile, {name}, {mode}: {phases}")
                 for operator, seconds, count in profile["operators"]:
