@@ -197,7 +197,7 @@ class HVPNetLayerMixin:
     checkpoint function is installed, and `forward` hands them to the attention in the prefix.
 
     The prefix layer and attention classes add forwards only, no weights or other state: `build_text_model` turns
-    the family's layers into them as they are built.
+    the layers the family built into them by changing their class.
     """
 
     prefix_attention_class: type[nn.Module]
@@ -994,11 +994,12 @@ def cpu_computes_bfloat16_natively() -> bool:
 
 
 def _warn_if_bfloat16_is_emulated(model: nn.Module) -> None:
-    """Warns once when `model` computes in bfloat16 (its weights or CPU autocast) on a CPU that emulates it."""
-    if model.device.type != "cpu" or torch.compiler.is_compiling():
+    """Warns once when `model` computes in bfloat16 (its weights or CPU autocast) on a CPU that emulates it. Called
+    on every forward: on a CPU with bfloat16 instructions it returns after one cached check."""
+    if torch.compiler.is_compiling() or cpu_computes_bfloat16_natively() or model.device.type != "cpu":
         return
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if (autocast or model.dtype == torch.bfloat16) and not cpu_computes_bfloat16_natively():
+    if autocast or model.dtype == torch.bfloat16:
         logger.warning_once(
             "This CPU has no bfloat16 instructions (AVX512-BF16 or AMX): torch emulates bfloat16 on it, many times "
             "slower than float32. Run in float32 here (no --bf16, dtype=torch.float32)."
