@@ -51,21 +51,17 @@ def test_the_supported_types_are_the_ones_the_model_builds_and_the_tests_cover()
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_the_family_layers_become_prefix_layers_in_place_with_their_own_state(model_type):
-    """`build_text_model` changes the class of the layers the family built: valid only while the prefix classes add
-    no state (no `__init__`), so that each layer holds exactly what its family's `__init__` gave it."""
-    family_class, layer_class = TEXT_MODELS[model_type]
+def test_the_family_layers_become_prefix_layers_in_place(model_type):
+    """`build_text_model` changes the class of the layers the family built, which never runs a constructor of ours:
+    valid only while the prefix classes define none (no state of their own)."""
+    _, layer_class = TEXT_MODELS[model_type]
     for prefix_class in (layer_class, layer_class.prefix_attention_class):
         ours = [base for base in prefix_class.__mro__ if base.__module__ == "hvpnet_hf.modeling_hvpnet"]
         assert ours and not any("__init__" in vars(base) for base in ours)
     text_config = tiny_config(text_config=tiny_text_config(model_type)).text_config
-    text_model = build_text_model(text_config, add_pooling_layer=False)
-    reference = family_class(text_config, **({} if model_type == "electra" else {"add_pooling_layer": False}))
-    for layer, family_layer in zip(text_model.encoder.layer, reference.encoder.layer, strict=True):
-        assert type(layer) is layer_class and type(layer.attention.self) is layer_class.prefix_attention_class
-        assert vars(layer).keys() == vars(family_layer).keys()
-        assert vars(layer.attention.self).keys() == vars(family_layer.attention.self).keys()
-    assert text_model.state_dict().keys() == reference.state_dict().keys()
+    layers = build_text_model(text_config, add_pooling_layer=False).encoder.layer
+    assert all(type(layer) is layer_class for layer in layers)
+    assert all(type(layer.attention.self) is layer_class.prefix_attention_class for layer in layers)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
