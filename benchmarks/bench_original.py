@@ -28,6 +28,7 @@ transformers==4.11.3, pytorch-crf, seqeval, scikit-learn and tqdm; `docs/benchma
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -125,14 +126,21 @@ def prepared(name: str, mode: str, chunk_size: int) -> tuple:
 
 
 def run_worker(name: str, mode: str, repeats: int, chunk_size: int) -> dict:
+    """One configuration's mean step time, memory and parameter counts, and the pages a step faults in once the
+    first one has allocated everything (fresh memory from the system: what an allocator that hands freed memory
+    back costs in time)."""
     model, step, batch, memory = prepared(name, mode, chunk_size)
+    step(batch())  # the optimizer state and the first allocations, left out of the fault count
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     seconds = mean_seconds(step, [batch] * (repeats + 1))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     optimized = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     return {
         "seconds": seconds,
         "peak_rss_gib": peak_rss_gib(),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "optimized_parameters": optimized if mode == "train" else 0,
+        "page_faults_per_step": faults / (repeats + 1),
         **memory,
     }
 
