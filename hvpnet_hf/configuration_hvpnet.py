@@ -45,7 +45,7 @@ class HVPNetConfig(PretrainedConfig):
             The backbone runs on at most this many images per call, so its peak memory follows the chunk (and on
             CPU, calls of a few resnet50 images are faster than one call on a whole batch of 32); `None` runs all
             the images of a batch in one call. At the paper's settings calls of 4 lower the peak memory of an fp32
-            inference batch by 0.07 GiB against calls of 8, at the same speed, and make a training step about 4%
+            inference batch by 0.07 GiB against calls of 8, at the same speed, and make a training step 3-4%
             slower (`benchmarks/bench_original.py --chunk-size`).
         num_object_images (`int`, *optional*, defaults to 3):
             Maximum number of object crops per example (`m` in the paper).
