@@ -545,9 +545,13 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
             self.gate = nn.Linear(self.hidden_size, self.num_layers * num_stages)
         else:
             self.register_buffer("fixed_gate", self._fixed_gate(num_stages), persistent=False)
-        # Eq. 8: the L key/value projections W_l^phi (d -> 2d), applied to all layers in one einsum.
-        self.key_value_weight = nn.Parameter(torch.empty(self.num_layers, 2 * self.hidden_size, self.hidden_size))
-        self.key_value_bias = nn.Parameter(torch.empty(self.num_layers, 2 * self.hidden_size))
+        # Eq. 8: the L key/value projections W_l^phi (d -> 2d), one module per layer. Not one stacked (L, 2d, d)
+        # weight: glibc's malloc maps blocks over 32 MiB fresh from the system and unmaps them when freed, so that
+        # weight's gradient (57 MB at bert-base) was faulted in anew every step, at the end of backward, where the
+        # training peak is. Built without the constructor's random draws, which `_init_weights` would overwrite.
+        self.key_value_projections = nn.ModuleList(
+            torch.nn.utils.skip_init(nn.Linear, self.hidden_size, 2 * self.hidden_size) for _ in range(self.num_layers)
+        )
 
     def _fixed_gate(self, num_stages: int) -> torch.Tensor:
         """(L, c) one-hot routing of the ablations: "flat" (one stage) or "one_to_three" (stage i feeds a contiguous
@@ -602,7 +606,8 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
     def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """features (B, n, g*g, C) from `visual_features` (rows of absent images are not read); present (B, n)."""
         batch_size, num_images = present.shape
-        features = features.to(self.key_value_weight.dtype)  # cached or backbone features, to the layers' dtype
+        # Cached or backbone features, to the layers' dtype.
+        features = features.to(self.stage_projections[0].weight.dtype)
         # Masks, not indexing, so that the graph has no data-dependent shapes (torch.export, torch.compile). Absent
         # rows are zeroed first (a cache may hold anything there, and NaN would reach the gradients of the weights),
         # gated like the others, and zeroed again.
@@ -615,15 +620,16 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         # Eq. 6: concatenate the images of one example on the token axis: (B, L, P, d).
         prefix = gated.view(batch_size, num_images, self.num_layers, -1, self.hidden_size).transpose(1, 2)
         prefix = prefix.flatten(2, 3)
-        # Eq. 8: per-layer projection to keys and values, as one batched matmul over layers (L, B * P, d) x (L, d, 2d)
-        # that reads the weights transposed in place, then split into heads: (2, L, B, H, P, h).
-        tokens = prefix.transpose(0, 1).reshape(self.num_layers, -1, self.hidden_size)
-        key_value = torch.baddbmm(self.key_value_bias[:, None], tokens, self.key_value_weight.transpose(1, 2))
-        key_value = key_value.view(self.num_layers, batch_size, prefix.shape[2], 2, self.num_heads, -1)
-        key_value = key_value.permute(3, 0, 1, 4, 2, 5)
+        # Eq. 8: each layer's projection to keys and values, split into heads: (2, B, H, P, h) per layer.
+        key_values = [
+            projection(prefix[:, layer])
+            .view(batch_size, prefix.shape[2], 2, self.num_heads, -1)
+            .permute(2, 0, 3, 1, 4)
+            for layer, projection in enumerate(self.key_value_projections)
+        ]
         return VisualPrefix(
-            keys=key_value[0].unbind(),
-            values=key_value[1].unbind(),
+            keys=tuple(key_value[0] for key_value in key_values),
+            values=tuple(key_value[1] for key_value in key_values),
             mask=present.repeat_interleave(self.grid**2, dim=1),
             gate_weights=gate_weights.view(batch_size, num_images, self.num_layers, -1),
         )
@@ -786,11 +792,8 @@ class HVPNetPreTrainedModel(PreTrainedModel):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif getattr(module, "zero_init_weight", False):
             init.zeros_(module.weight)
-        elif isinstance(module, HVPNetVisualPrefixEncoder):
-            init.normal_(module.key_value_weight, mean=0.0, std=self.config.text_config.initializer_range)
-            init.zeros_(module.key_value_bias)
-            if module.prefix_mode != "pyramid":
-                init.copy_(module.fixed_gate, module._fixed_gate(module.num_stages))
+        elif isinstance(module, HVPNetVisualPrefixEncoder) and module.prefix_mode != "pyramid":
+            init.copy_(module.fixed_gate, module._fixed_gate(module.num_stages))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, which also records a task model's pipeline and copies its code (see

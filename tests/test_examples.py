@@ -601,7 +601,7 @@ def test_cross_task_loads_the_encoder_and_builds_a_new_head(text_model, trained_
     source = AutoModelForTokenClassification.from_pretrained(trained_model)
     start = AutoModelForSequenceClassification.from_pretrained(tmp_path / "transferred_start" / "seed-1")
     for name in (
-        "hvpnet.visual_encoder.key_value_weight",
+        "hvpnet.visual_encoder.key_value_projections.0.weight",
         "hvpnet.text_model.encoder.layer.0.attention.self.query.weight",
     ):
         assert torch.equal(source.get_parameter(name), start.get_parameter(name))

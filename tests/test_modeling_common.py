@@ -173,7 +173,8 @@ def test_activation_checkpointing_keeps_the_gradients(model_class, use_reentrant
     checkpointed = parameter_gradients(model, inputs)
     base = "" if model_class is HVPNetModel else "hvpnet."
     assert (
-        f"{base}visual_encoder.key_value_weight" in plain and f"{base}visual_encoder.backbone.conv1.0.weight" in plain
+        f"{base}visual_encoder.key_value_projections.0.weight" in plain
+        and f"{base}visual_encoder.backbone.conv1.0.weight" in plain
     )
     assert checkpointed.keys() == plain.keys()
     for name, gradient in plain.items():

@@ -195,7 +195,8 @@ def test_frozen_backbone_gets_no_gradient_and_keeps_its_statistics():
     for name, buffer in backbone.named_buffers():
         torch.testing.assert_close(buffer, statistics[name], atol=0, rtol=0)
     encoder = model.visual_encoder
-    trained = [encoder.key_value_weight, encoder.gate.weight, encoder.stage_projections[0].weight]
+    trained = [encoder.gate.weight, encoder.stage_projections[0].weight]
+    trained += [projection.weight for projection in encoder.key_value_projections]
     trained.append(model.text_model.encoder.layer[0].attention.self.query.weight)
     assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in trained)
 
@@ -316,7 +317,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn_implement
     # Dropout is off in the tiny config, so the recomputed forward is the same computation.
     torch.testing.assert_close(checkpointed_loss, plain_loss, atol=0, rtol=0)
     assert checkpointed_gradients.keys() == plain_gradients.keys()
-    assert "visual_encoder.key_value_weight" in checkpointed_gradients, "the prefix gets gradients through it"
+    assert "visual_encoder.key_value_projections.0.weight" in checkpointed_gradients, (
+        "the prefix gets gradients through it"
+    )
     for name, gradient in plain_gradients.items():
         torch.testing.assert_close(checkpointed_gradients[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
 
@@ -607,7 +610,8 @@ def paper_prefix(model: HVPNetModel, images: list[torch.Tensor]) -> tuple[torch.
     keys, values = [], []
     for layer in range(layers):
         prefix = torch.cat([features[layer] for features in per_image])  # eq. 6: (P, d)
-        key_value = prefix @ encoder.key_value_weight[layer].T + encoder.key_value_bias[layer]  # eq. 8
+        projection = encoder.key_value_projections[layer]
+        key_value = prefix @ projection.weight.T + projection.bias  # eq. 8
         key, value = key_value.chunk(2, dim=-1)
         keys.append(key.view(len(prefix), heads, -1).transpose(0, 1))
         values.append(value.view(len(prefix), heads, -1).transpose(0, 1))
@@ -670,7 +674,7 @@ def test_relation_classification_trains_under_bf16_autocast():
         loss = model(**inputs).loss
     assert loss.dtype == torch.float32
     loss.backward()
-    gradient = model.hvpnet.visual_encoder.key_value_weight.grad
+    gradient = model.hvpnet.visual_encoder.key_value_projections[-1].weight.grad
     assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
 
@@ -731,12 +735,14 @@ def test_frozen_backbone_held_in_bf16_under_autocast():
         held = model(**inputs)
     held_dtypes = {parameter.dtype for parameter in model.hvpnet.visual_encoder.backbone.parameters()}
     assert held_dtypes == {torch.bfloat16}
-    assert model.hvpnet.visual_encoder.key_value_weight.dtype == torch.float32, "the trainable prefix stays float32"
+    assert model.hvpnet.visual_encoder.key_value_projections[0].weight.dtype == torch.float32, (
+        "the trainable prefix stays float32"
+    )
     # Under autocast the convolutions took bf16 weights before too; only the BatchNorm affine terms and the rounding
     # of the conv weights' casts can differ, within the bf16 tolerance above.
     assert held.loss.item() == pytest.approx(expected.loss.item(), rel=RELATIVE_TOLERANCE)
     held.loss.backward()
-    gradient = model.hvpnet.visual_encoder.key_value_weight.grad
+    gradient = model.hvpnet.visual_encoder.key_value_projections[-1].weight.grad
     assert gradient.dtype == torch.float32 and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
 
 
