@@ -12,6 +12,10 @@ see `original_worker.py`) trains and evaluates as its `NERTrainer` does. hvpnet_
   `from_pretrained(..., dtype=torch.bfloat16)` gives);
 - fp32 cached / bf16 cached: the same, reading cached backbone features instead of pixels (`--feature_cache`).
 
+Our training processes start as the example training scripts do, with `hvpnet_hf.training.keep_freed_memory` (glibc
+keeps freed blocks); the original's run with the C allocator's defaults. Setting `MALLOC_MMAP_THRESHOLD_` and
+`MALLOC_TRIM_THRESHOLD_` in this command's environment runs every process, theirs too, with those settings instead.
+
 Every measurement runs in a fresh process, so its peak memory (maximum RSS: imports, model, optimizer state,
 activations) is its own, and the configurations are interleaved over `--rounds` rounds, so that a change of load
 moves all of them; the tables give the median over the rounds of each process's mean step time. Ratios are the
@@ -113,6 +117,10 @@ def prepared(name: str, mode: str, chunk_size: int) -> tuple:
     with the model and optimizer built (hvpnet_hf is imported with this module, as every user imports it)."""
     if mode == "train":
         import transformers.trainer  # noqa: F401  (a training process imports it)
+
+        from hvpnet_hf.training import keep_freed_memory
+
+        keep_freed_memory()  # as the example training scripts start
     imports_gib = rss_gib()
     torch.manual_seed(0)
     settings = CONFIGURATIONS[name]

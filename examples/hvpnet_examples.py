@@ -33,7 +33,7 @@ from hvpnet_hf.loading import find_release_layout, split_folders
 from hvpnet_hf.model_card import SPLIT_PREFIXES, push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 from hvpnet_hf.sample_data import sample_paths
-from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments
+from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -334,8 +334,8 @@ def prepare_output_dir(training_args: ExampleTrainingArguments) -> None:
 
 def start_run(training_args: ExampleTrainingArguments) -> bool:
     """
-    Readies `training_args` for the HVPNeT collator, sets up logging and the seed, and clears or refuses a reused
-    output folder (see `prepare_output_dir`). Returns whether to publish the output folder at the end (once, with
+    Readies `training_args` for the HVPNeT collator, sets up logging and the seed, lets a training run's C allocator
+    keep freed memory (`keep_freed_memory`), and clears or refuses a reused output folder (see `prepare_output_dir`). Returns whether to publish the output folder at the end (once, with
     its model card), which `Trainer` itself then does not do.
     """
     # Image and crop paths must reach the collator, which decodes them batch by batch.
@@ -352,6 +352,10 @@ def start_run(training_args: ExampleTrainingArguments) -> bool:
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
+    if training_args.do_train and keep_freed_memory():
+        logger.info(
+            "glibc's malloc keeps freed blocks of up to 32 MiB for reuse (hvpnet_hf.training.keep_freed_memory)"
+        )
     prepare_output_dir(training_args)
     return push_to_hub
 

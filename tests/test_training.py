@@ -1,6 +1,11 @@
 """HVPNetTrainer: the task head's own learning rate, its parameter groups, schedule and checkpoints; length
 grouping for training with evaluation in the dataset's order."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from modeling_utils import tiny_config, tiny_inputs, tiny_task_model
@@ -197,3 +202,50 @@ def test_bf16_training_leaves_a_trainable_backbone_alone(tmp_path):
     args = HVPNetTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none")
     HVPNetTrainer(model=model, args=args)
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+
+
+# A child process: four rounds of allocating ten 8 MB tensors (as a step allocates its gradients) and freeing them
+# all; prints whether the setting was applied and the pages each round faulted in.
+REUSE_PROBE = """
+import resource, sys, torch
+from hvpnet_hf.training import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+faults = []
+for _ in range(4):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(2_000_000) for _ in range(10)]
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+    del blocks
+print(applied, sum(faults[1:]))
+"""
+ROUND_PAGES = 10 * 2_000_000 * 4 // 4096
+
+
+def _faults_after_first_round(mode: str, **environment: str) -> tuple[str, int]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")} | environment
+    result = subprocess.run(
+        [sys.executable, "-c", REUSE_PROBE, mode], capture_output=True, text=True, check=True, env=env
+    )
+    applied, faults = result.stdout.split()
+    return applied, int(faults)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_keep_freed_memory_lets_later_rounds_reuse_the_freed_blocks():
+    # By default glibc hands freed blocks back (unmapped, or trimmed off its heap) and a round faults their pages in
+    # anew, one fault per 4 KiB page; whether it can trim depends on where other small allocations landed, so some
+    # rounds reuse the blocks: at least one of the 3 after the first faults them in. Kept, none does (a few pages
+    # differ: aligned allocations do not always fit a freed block exactly; about a tenth of a round seen).
+    applied, default_faults = _faults_after_first_round("default")
+    assert default_faults > ROUND_PAGES // 2, f"the default allocator already reused the blocks ({default_faults})"
+    applied, kept_faults = _faults_after_first_round("keep")
+    assert applied == "True"
+    assert kept_faults < ROUND_PAGES // 4, f"{kept_faults} page faults in rounds that should reuse freed blocks"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_keep_freed_memory_leaves_a_process_that_chose_its_own_setting():
+    # A threshold from the environment turns glibc's adjustment of both off: every 8 MB block is mapped fresh.
+    applied, faults = _faults_after_first_round("keep", MALLOC_TRIM_THRESHOLD_="0")
+    assert applied == "False"
+    assert faults > 2 * ROUND_PAGES, "the environment's own setting was overridden"
