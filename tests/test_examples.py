@@ -608,3 +608,12 @@ def test_cross_task_loads_the_encoder_and_builds_a_new_head(text_model, trained_
     assert start.config.num_labels == len(start.config.id2label) > 2
     table = (tmp_path / "cross_task.md").read_text()
     assert f"{100 * report['runs']['transferred'][1]['test_f1']:.2f}" in table
+
+
+@pytest.mark.parametrize("do_train", [True, False])
+def test_start_run_keeps_freed_memory_only_when_training(do_train, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hvpnet_examples, "keep_freed_memory", lambda: calls.append("kept") or True)
+    arguments = hvpnet_examples.ExampleTrainingArguments(output_dir=str(tmp_path), do_train=do_train, use_cpu=True)
+    hvpnet_examples.start_run(arguments)
+    assert calls == (["kept"] if do_train else [])
