@@ -335,8 +335,9 @@ def prepare_output_dir(training_args: ExampleTrainingArguments) -> None:
 def start_run(training_args: ExampleTrainingArguments) -> bool:
     """
     Readies `training_args` for the HVPNeT collator, sets up logging and the seed, lets a training run's C allocator
-    keep freed memory (`keep_freed_memory`), and clears or refuses a reused output folder (see `prepare_output_dir`). Returns whether to publish the output folder at the end (once, with
-    its model card), which `Trainer` itself then does not do.
+    keep freed memory (`keep_freed_memory`), and clears or refuses a reused output folder (see
+    `prepare_output_dir`). Returns whether to publish the output folder at the end (once, with its model card), which
+    `Trainer` itself then does not do.
     """
     # Image and crop paths must reach the collator, which decodes them batch by batch.
     training_args.remove_unused_columns = False

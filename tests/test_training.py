@@ -3,6 +3,7 @@ grouping for training with evaluation in the dataset's order."""
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 
@@ -218,7 +219,7 @@ for _ in range(4):
     del blocks
 print(applied, sum(faults[1:]))
 """
-ROUND_PAGES = 10 * 2_000_000 * 4 // 4096
+ROUND_PAGES = 10 * 2_000_000 * 4 // resource.getpagesize()
 
 
 def _faults_after_first_round(mode: str, **environment: str) -> tuple[str, int]:
@@ -233,7 +234,7 @@ def _faults_after_first_round(mode: str, **environment: str) -> tuple[str, int]:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
 def test_keep_freed_memory_lets_later_rounds_reuse_the_freed_blocks():
     # By default glibc hands freed blocks back (unmapped, or trimmed off its heap) and a round faults their pages in
-    # anew, one fault per 4 KiB page; whether it can trim depends on where other small allocations landed, so some
+    # anew, one fault per page; whether it can trim depends on where other small allocations landed, so some
     # rounds reuse the blocks: at least one of the 3 after the first faults them in. Kept, none does (a few pages
     # differ: aligned allocations do not always fit a freed block exactly; about a tenth of a round seen).
     applied, default_faults = _faults_after_first_round("default")
