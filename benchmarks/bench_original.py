@@ -18,8 +18,9 @@ keeps freed blocks); the original's run with the C allocator's defaults. Setting
 
 Every measurement runs in a fresh process, so its peak memory (maximum RSS: imports, model, optimizer state,
 activations) is its own, and the configurations are interleaved over `--rounds` rounds, so that a change of load
-moves all of them; the tables give the median over the rounds of each process's mean step time. Ratios are the
-original's time over ours (above 1: we are faster) and our peak over the original's (below 1: we use less).
+moves all of them; the tables give the median over the rounds of each process's mean step time, and the lowest and
+highest speed-up within one round. Ratios are the original's time over ours (above 1: we are faster) and our peak
+over the original's (below 1: we use less).
 `--profile` adds where the time of one hvpnet_hf training step and inference batch goes, fp32 and bf16: backbone,
 the rest of the forward, backward, optimizer, and the costliest operators.
 
@@ -240,17 +241,28 @@ def main() -> None:
     def median(name: str, mode: str, key: str) -> float:
         return statistics.median(row[key] for row in results[(name, mode)])
 
+    def round_speed_ups(name: str, mode: str) -> list[float]:
+        """The original's time over ours within each round: what a change of the machine's load moves least."""
+        pairs = zip(results[("original", mode)], results[(name, mode)], strict=True)
+        return [original["seconds"] / ours["seconds"] for original, ours in pairs]
+
     for mode in MODES:
-        print(f"\n{mode} (median of {args.rounds} rounds)")
-        print(f"{'':14s} {'s':>7s} {'speed-up':>9s} {'peak GiB':>9s} {'vs orig':>8s} {'params':>8s} {'optimized':>9s}")
+        print(f"\n{mode} (median of {args.rounds} rounds; speed-up per round: lowest-highest)")
+        print(
+            f"{'':14s} {'s':>7s} {'speed-up':>9s} {'per round':>12s} {'peak GiB':>9s} {'vs orig':>8s} "
+            f"{'params':>8s} {'optimized':>9s}"
+        )
         for name in ["original", *args.configurations]:
             seconds, peak = median(name, mode, "seconds"), median(name, mode, "peak_rss_gib")
             speed_up = median("original", mode, "seconds") / seconds
+            per_round = round_speed_ups(name, mode)
+            spread = f"{min(per_round):.2f}-{max(per_round):.2f}x"
             memory = peak / median("original", mode, "peak_rss_gib")
             parameters = results[(name, mode)][0]["parameters"] / 1e6
             optimized = results[(name, mode)][0]["optimized_parameters"] / 1e6
             print(
-                f"{name:14s} {seconds:7.2f} {speed_up:8.2f}x {peak:9.2f} {memory:7.2f}x {parameters:7.1f}M {optimized:8.1f}M"
+                f"{name:14s} {seconds:7.2f} {speed_up:8.2f}x {spread:>12s} {peak:9.2f} {memory:7.2f}x "
+                f"{parameters:7.1f}M {optimized:8.1f}M"
             )
 
     print("\nwhere the memory goes (GiB, median): after the imports, model (and optimizer) built, peak; the peak")
