@@ -13,8 +13,9 @@ see `original_worker.py`) trains and evaluates as its `NERTrainer` does. hvpnet_
 - fp32 cached / bf16 cached: the same, reading cached backbone features instead of pixels (`--feature_cache`).
 
 Our training processes start as the example training scripts do, with `hvpnet_hf.training.keep_freed_memory` (glibc
-keeps freed blocks); the original's run with the C allocator's defaults. Setting `MALLOC_MMAP_THRESHOLD_` and
-`MALLOC_TRIM_THRESHOLD_` in this command's environment runs every process, theirs too, with those settings instead.
+keeps freed memory); the original's run with the C allocator's defaults. Setting `MALLOC_MMAP_MAX_`,
+`MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` in this command's environment runs every process, theirs too,
+with those settings instead.
 
 Every measurement runs in a fresh process, so its peak memory (maximum RSS: imports, model, optimizer state,
 activations) is its own, and the configurations are interleaved over `--rounds` rounds, so that a change of load

@@ -354,9 +354,7 @@ def start_run(training_args: ExampleTrainingArguments) -> bool:
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
     if training_args.do_train and keep_freed_memory():
-        logger.info(
-            "glibc's malloc keeps freed blocks of up to 32 MiB for reuse (hvpnet_hf.training.keep_freed_memory)"
-        )
+        logger.info("glibc's malloc keeps the memory the run frees for reuse (hvpnet_hf.training.keep_freed_memory)")
     prepare_output_dir(training_args)
     return push_to_hub
 

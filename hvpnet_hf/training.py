@@ -31,23 +31,24 @@ class HVPNetTrainingArguments(TrainingArguments):
 
 
 # glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` gives them.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEPT_BLOCK_BYTES = 32 * 2**20  # glibc's largest mmap threshold on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 KEPT_TOP_BYTES = 2**31 - 1  # mallopt takes an int
-MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed blocks of up to 32 MiB for the process to reuse, instead of handing them back to
-    the system. Returns whether it did.
+    """Let glibc's malloc keep the memory the process frees, to hand out again, instead of giving it back to the
+    system. Returns whether it did.
 
-    By default glibc maps large blocks fresh from the system and unmaps them when they are freed, and it gives back
-    the free top of its heap; a training step frees its gradients and activations, so the next step faults the same
-    memory in again. At the paper's settings that was half of a bf16 step's page faults and 5-17% of its time, at the
-    same peak memory (`benchmarks/bench_original.py`). A setting of the whole process, so the library never makes it
-    on import: the example training scripts call this when they train. Nothing changes where the process's
-    environment already sets `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (the process chose), or where the C
-    library is not glibc.
+    By default glibc maps every block over its mmap threshold (at most 32 MiB) fresh from the system and unmaps it
+    when it is freed, and it gives back the free top of its heap; a training step frees its gradients and
+    activations, so the next step faults the same memory in again, and at the paper's settings the (30522, 768)
+    word-embedding gradient alone, 94 MB zero-filled every step, took 8-12% of a step. Here blocks of every size come
+    from the heap (no mmap) and the heap keeps up to 2 GiB of free top: at the paper's settings a training step
+    then faults in a tenth to a fifth of the pages, at the same peak memory (`benchmarks/bench_original.py`). A
+    setting of the whole process, so the library never makes it on import: the example training scripts call this
+    when they train. Nothing changes where the process's environment already sets one of `MALLOC_VARIABLES` (the
+    process chose), or where the C library is not glibc.
     """
     if any(variable in os.environ for variable in MALLOC_VARIABLES):
         return False
@@ -56,7 +57,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):  # no C library found, or one without glibc's mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_TOP_BYTES))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_TOP_BYTES))
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:

@@ -205,43 +205,54 @@ def test_bf16_training_leaves_a_trainable_backbone_alone(tmp_path):
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
 
 
-# A child process: four rounds of allocating ten 8 MB tensors (as a step allocates its gradients) and freeing them
-# all; prints whether the setting was applied and the pages each round faulted in.
+# A child process: four rounds of allocating ten blocks of `floats` float32 values (as a step allocates its gradients)
+# and freeing them all; prints whether the setting was applied and the pages the rounds after the first faulted in.
 REUSE_PROBE = """
 import resource, sys, torch
 from hvpnet_hf.training import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+floats = int(sys.argv[2])
 faults = []
 for _ in range(4):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(2_000_000) for _ in range(10)]
+    blocks = [torch.ones(floats) for _ in range(10)]
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
     del blocks
 print(applied, sum(faults[1:]))
 """
-ROUND_PAGES = 10 * 2_000_000 * 4 // resource.getpagesize()
+SMALL_BLOCK, LARGE_BLOCK = 2_000_000, 12_000_000  # 8 MB, and 48 MB: over glibc's largest mmap threshold (32 MiB)
 
 
-def _faults_after_first_round(mode: str, **environment: str) -> tuple[str, int]:
+def round_pages(floats: int) -> int:
+    return 10 * floats * 4 // resource.getpagesize()
+
+
+def _faults_after_first_round(mode: str, floats: int = SMALL_BLOCK, **environment: str) -> tuple[str, int]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")} | environment
     result = subprocess.run(
-        [sys.executable, "-c", REUSE_PROBE, mode], capture_output=True, text=True, check=True, env=env
+        [sys.executable, "-c", REUSE_PROBE, mode, str(floats)], capture_output=True, text=True, check=True, env=env
     )
     applied, faults = result.stdout.split()
     return applied, int(faults)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
-def test_keep_freed_memory_lets_later_rounds_reuse_the_freed_blocks():
+@pytest.mark.parametrize("floats", [SMALL_BLOCK, LARGE_BLOCK], ids=["8MB", "48MB"])
+def test_keep_freed_memory_lets_later_rounds_reuse_the_freed_blocks(floats):
     # By default glibc hands freed blocks back (unmapped, or trimmed off its heap) and a round faults their pages in
     # anew, one fault per page; whether it can trim depends on where other small allocations landed, so some
-    # rounds reuse the blocks: at least one of the 3 after the first faults them in. Kept, none does (a few pages
-    # differ: aligned allocations do not always fit a freed block exactly; about a tenth of a round seen).
-    applied, default_faults = _faults_after_first_round("default")
-    assert default_faults > ROUND_PAGES // 2, f"the default allocator already reused the blocks ({default_faults})"
-    applied, kept_faults = _faults_after_first_round("keep")
+    # rounds reuse the blocks: at least one of the 3 after the first faults them in. Kept, none does, also for
+    # blocks that glibc would map fresh at any mmap threshold (a few pages differ: aligned allocations do not
+    # always fit a freed block exactly; about a tenth of a round seen).
+    applied, default_faults = _faults_after_first_round("default", floats)
+    assert default_faults > round_pages(floats) // 2, (
+        f"the default allocator already reused the blocks ({default_faults})"
+    )
+    applied, kept_faults = _faults_after_first_round("keep", floats)
     assert applied == "True"
-    assert kept_faults < ROUND_PAGES // 4, f"{kept_faults} page faults in rounds that should reuse freed blocks"
+    assert kept_faults < round_pages(floats) // 4, (
+        f"{kept_faults} page faults in rounds that should reuse freed blocks"
+    )
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
@@ -249,4 +260,4 @@ def test_keep_freed_memory_leaves_a_process_that_chose_its_own_setting():
     # A threshold from the environment turns glibc's adjustment of both off: every 8 MB block is mapped fresh.
     applied, faults = _faults_after_first_round("keep", MALLOC_TRIM_THRESHOLD_="0")
     assert applied == "False"
-    assert faults > 2 * ROUND_PAGES, "the environment's own setting was overridden"
+    assert faults > 2 * round_pages(SMALL_BLOCK), "the environment's own setting was overridden"
