@@ -43,9 +43,10 @@ def keep_freed_memory() -> bool:
     By default glibc maps every block over its mmap threshold (at most 32 MiB) fresh from the system and unmaps it
     when it is freed, and it gives back the free top of its heap; a training step frees its gradients and
     activations, so the next step faults the same memory in again, and at the paper's settings the (30522, 768)
-    word-embedding gradient alone, 94 MB zero-filled every step, took 8-12% of a step. Here blocks of every size come
-    from the heap (no mmap) and the heap keeps up to 2 GiB of free top: at the paper's settings a training step
-    then faults in a tenth to a fifth of the pages, at the same peak memory (`benchmarks/bench_original.py`). A
+    word-embedding gradient alone, 94 MB zero-filled every step, took 7% of a step. Here blocks of every size come
+    from the heap (no mmap) and the heap keeps up to 2 GiB of free top: at the paper's settings a training step then
+    faults in a fraction of the pages, at the same peak memory, and runs faster (measured in `docs/fast-epochs.md`,
+    with `benchmarks/bench_original.py`). A
     setting of the whole process, so the library never makes it on import: the example training scripts call this
     when they train. Nothing changes where the process's environment already sets one of `MALLOC_VARIABLES` (the
     process chose), or where the C library is not glibc.
