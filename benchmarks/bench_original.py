@@ -23,7 +23,7 @@ moves all of them; the tables give the median over the rounds of each process's 
 highest speed-up within one round. Ratios are the original's time over ours (above 1: we are faster) and our peak
 over the original's (below 1: we use less).
 `--profile` adds where the time of one hvpnet_hf training step and inference batch goes, fp32 and bf16: backbone,
-the rest of the forward, backward, optimizer, and the costliest operators.
+the rest of the forward, backward, optimizer, and the costliest operators; and the original's costliest operators.
 
     python benchmarks/bench_original.py --original HVPNeT --original-python HVPNeT/venv/bin/python \\
         [--rounds 3] [--repeats 3] [--chunk-size 4] [--profile]
@@ -47,6 +47,7 @@ from bench_utils import (
     TEXT_LENGTH,
     mean_seconds,
     peak_rss_gib,
+    profiled_step,
     rss_gib,
     run_in_subprocess,
 )
@@ -171,22 +172,14 @@ def run_profile(name: str, mode: str, chunk_size: int) -> dict:
 
     timer(model, "forward")
     timer(model.hvpnet.visual_encoder.backbone, "backbone")
-    inputs = batch()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        start = time.perf_counter()
-        step(inputs)
-        total = time.perf_counter() - start
-    operators = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)[:10]
+    total, operators = profiled_step(step, batch())
     phases = {
         "backbone": seconds["backbone"],
         "rest of forward": seconds["forward"] - seconds["backbone"],
         "backward and optimizer": total - seconds["forward"],
         "total": total,
     }
-    return {
-        "phases": phases,
-        "operators": [(event.key, event.self_cpu_time_total / 1e6, event.count) for event in operators],
-    }
+    return {"phases": phases, "operators": operators}
 
 
 def original_arguments(args: argparse.Namespace, mode: str) -> list[str]:
@@ -279,9 +272,13 @@ def main() -> None:
             )
 
     if args.profile:
-        for name in ("fp32 live", "bf16 live"):
+        for name in ("original", "fp32 live", "bf16 live"):
             for mode in MODES:
-                profile = run_in_subprocess(__file__, [*chunk, "--profile-worker", mode, name])
+                if name == "original":
+                    arguments = [*original_arguments(args, mode), "--profile"]
+                    profile = run_in_subprocess(worker, arguments, python=args.original_python)
+                else:
+                    profile = run_in_subprocess(__file__, [*chunk, "--profile-worker", mode, name])
                 phases = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in profile["phases"].items())
                 print(f"\nprofile, {name}, {mode}: {phases}")
                 for operator, seconds, count in profile["operators"]:

@@ -1,5 +1,5 @@
 """What the benchmarks share: the paper's batch shape, the data sets' text lengths, a fresh process per measurement,
-the training step `Trainer` runs, the mean step time and the peak memory of a process.
+the training step `Trainer` runs, the mean step time, a profiled step and the peak memory of a process.
 
 The scripts run as `python benchmarks/<name>.py`, so they import this module as a sibling (`import bench_utils`).
 """
@@ -81,6 +81,17 @@ def mean_seconds(step: Callable, batches: list[Callable]) -> float:
         if index:
             timings.append(time.perf_counter() - start)
     return statistics.mean(timings)
+
+
+def profiled_step(step: Callable, batch) -> tuple[float, list[tuple[str, float, int]]]:
+    """Seconds of `step(batch)` under torch's CPU profiler, and its ten costliest operators by self time:
+    (name, seconds, calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        step(batch)
+        seconds = time.perf_counter() - start
+    events = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)[:10]
+    return seconds, [(event.key, event.self_cpu_time_total / 1e6, event.count) for event in events]
 
 
 def rss_gib() -> float:

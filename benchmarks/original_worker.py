@@ -15,7 +15,8 @@ Their code loads pretrained weights and a tokenizer in its constructors and impo
 public repository lacks; here, without touching their files: BERT is built from `BertConfig()` (bert-base-uncased's
 sizes), resnet50 with `weights=None`, and `modules.metrics` is an empty stand-in (only their RE evaluation reads it).
 Prints one JSON line: mean seconds per step after one warm-up, peak RSS, the RSS after the imports and with the
-model (and optimizer) built, parameter counts.
+model (and optimizer) built, parameter counts; or with `--profile`, the seconds of one step after a warm-up and its
+costliest operators.
 """
 
 import argparse
@@ -24,7 +25,16 @@ import sys
 import types
 
 # The benchmarks' shared batch shape, timing and memory readings (torch and numpy, which their environment has).
-from bench_utils import BATCH_SIZE, IMAGE_SIZE, NUM_OBJECTS, TEXT_LENGTH, mean_seconds, peak_rss_gib, rss_gib
+from bench_utils import (
+    BATCH_SIZE,
+    IMAGE_SIZE,
+    NUM_OBJECTS,
+    TEXT_LENGTH,
+    mean_seconds,
+    peak_rss_gib,
+    profiled_step,
+    rss_gib,
+)
 
 # Their label list (processor/dataset.py, `MMPNERProcessor.get_label_mapping`): PAD = 0, then these.
 LABELS = ["PAD", "O", "B-MISC", "I-MISC", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "X", "[CLS]", "[SEP]"]
@@ -66,6 +76,7 @@ def main() -> None:
     parser.add_argument("--checkout", required=True, help="a checkout of zjunlp/HVPNeT")
     parser.add_argument("--mode", choices=["train", "inference"], required=True)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="profile one step after a warm-up instead")
     args = parser.parse_args()
 
     import torch
@@ -109,6 +120,11 @@ def main() -> None:
 
     model.train() if args.mode == "train" else model.eval()
     step = train if args.mode == "train" else infer
+    if args.profile:
+        step(make_batch(generator))
+        total, operators = profiled_step(step, make_batch(generator))
+        print(json.dumps({"phases": {"total": total}, "operators": operators}))
+        return
     seconds = mean_seconds(step, [lambda: make_batch(generator)] * (args.repeats + 1))
     optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
     print(
