@@ -45,11 +45,11 @@ def keep_freed_memory() -> bool:
     activations, so the next step faults the same memory in again, and at the paper's settings the (30522, 768)
     word-embedding gradient alone, 94 MB zero-filled every step, took 7% of a step. Here blocks of every size come
     from the heap (no mmap) and the heap keeps up to 2 GiB of free top: at the paper's settings a training step then
-    faults in a fraction of the pages, at the same peak memory, and runs faster (measured in `docs/fast-epochs.md`,
-    with `benchmarks/bench_original.py`). A
-    setting of the whole process, so the library never makes it on import: the example training scripts call this
-    when they train. Nothing changes where the process's environment already sets one of `MALLOC_VARIABLES` (the
-    process chose), or where the C library is not glibc.
+    faults in a fraction of the pages and runs faster, at about the same peak memory (measured in
+    `docs/fast-epochs.md`, with `benchmarks/bench_original.py`). A setting of the whole process, so the library
+    never makes it on import: the example training scripts call this when they train. Nothing changes where the
+    process's environment already sets one of `MALLOC_VARIABLES` (the process chose), or where the C library is not
+    glibc.
     """
     if any(variable in os.environ for variable in MALLOC_VARIABLES):
         return False

@@ -261,3 +261,11 @@ def test_keep_freed_memory_leaves_a_process_that_chose_its_own_setting():
     applied, faults = _faults_after_first_round("keep", MALLOC_TRIM_THRESHOLD_="0")
     assert applied == "False"
     assert faults > 2 * round_pages(SMALL_BLOCK), "the environment's own setting was overridden"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+@pytest.mark.parametrize("variable", ["MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"])
+def test_keep_freed_memory_defers_to_each_allocator_variable(variable):
+    # Each of glibc's variables for what the call sets: a process that set one chose its allocator.
+    applied, _ = _faults_after_first_round("keep", **{variable: "0"})
+    assert applied == "False", f"{variable} in the environment was overridden"
