@@ -7,20 +7,22 @@ Shapes: B = batch, T = text length, n = images per example (global image + objec
 c = backbone stages, g = prefix grid side, P = n * g * g prefix tokens, d = hidden size, H = heads, h = head size.
 """
 
+import inspect
 import os
 import platform
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
-from functools import cache, partial
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from difflib import get_close_matches
+from functools import cache
 
 import timm
 import torch
 from timm.layers import Format
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torchcrf import CRF
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -409,8 +411,8 @@ class HVPNetVisionEncoderBase(nn.Module):
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
+            fold_batch_norms(self.backbone)
             self._hold_convolutions_channels_last()
-        self._foldable_norms: list[tuple[nn.Conv2d, nn.BatchNorm2d]] | None = None  # found on first use
 
     def train(self, mode: bool = True) -> "HVPNetVisionEncoderBase":
         super().train(mode)
@@ -427,16 +429,12 @@ class HVPNetVisionEncoderBase(nn.Module):
         # An exported graph runs all images in one call: the number of chunks would tie it to one batch size.
         chunked = self.chunk_size and not torch.compiler.is_exporting()
         chunks = images.split(self.chunk_size) if chunked else (images,)
-        frozen_eager = self.freeze_backbone and not torch.compiler.is_compiling()
-        if frozen_eager:
+        if self.freeze_backbone and not torch.compiler.is_compiling():
             self._hold_convolutions_channels_last()
         # Pixels arrive in float32; a backbone held in bfloat16 (`hold_backbone_in`, a bf16 model) takes them in its
         # own dtype.
         dtype = next(self.backbone.parameters()).dtype
-        with (
-            torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone),
-            self._batch_norms_folded(frozen_eager),
-        ):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
             return torch.cat(
                 [
                     self.pool_feature_maps(
@@ -452,50 +450,6 @@ class HVPNetVisionEncoderBase(nn.Module):
         weight = next((parameter for parameter in self.backbone.parameters() if parameter.dim() == 4), None)
         if weight is not None and not weight.is_contiguous(memory_format=torch.channels_last):
             self.backbone.to(memory_format=torch.channels_last)
-
-    @contextmanager
-    def _batch_norms_folded(self, fold: bool) -> Iterator[None]:
-        """Within it (when `fold`), every BatchNorm of the frozen backbone that only normalises a convolution's output
-        is folded into that convolution: the convolution runs with weight * s and bias beta - mean * s, where
-        s = gamma / sqrt(var + eps), and the BatchNorm passes its input on. A frozen backbone's BatchNorms use their
-        running statistics (eval mode), so this computes the same maps while skipping a pass over every map (11% of
-        an fp32 inference batch at the paper's settings, `benchmarks/bench_original.py --profile`). The folded
-        weights are made in each call: the parameters and the saved weights stay as they are.
-        """
-        pairs = self._find_foldable_norms() if fold else []
-        # The folding swaps the modules' forward for the length of a pass: threads that share a model take turns.
-        with _FOLDING_LOCK if pairs else nullcontext():
-            for convolution, norm in pairs:
-                convolution.forward = partial(_folded_convolution, convolution, *_norm_as_affine(convolution, norm))
-                norm.forward = nn.Identity.forward.__get__(norm)
-            try:
-                yield
-            finally:
-                for convolution, norm in pairs:
-                    del convolution.forward, norm.forward
-
-    def _find_foldable_norms(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-        """The (convolution, BatchNorm2d) pairs where the BatchNorm's only input is the convolution's output and
-        nothing else reads that output, read once from the backbone's graph (torch.fx). A backbone that torch.fx
-        cannot trace, or without such pairs (ViTs, Swin, ConvNeXt, EfficientNet's fused norm-activation layers),
-        keeps all its norms."""
-        if self._foldable_norms is None:
-            modules = dict(self.backbone.named_modules())
-            try:
-                graph = torch.fx.symbolic_trace(self.backbone).graph
-            except Exception:  # tracing is an optimisation here: any failure only leaves the norms as they are
-                graph = torch.fx.Graph()
-            self._foldable_norms = [
-                (modules[node.args[0].target], modules[node.target])
-                for node in graph.nodes
-                if node.op == "call_module"
-                and type(modules[node.target]) is nn.BatchNorm2d
-                and modules[node.target].track_running_stats
-                and node.args[0].op == "call_module"
-                and type(modules[node.args[0].target]) is nn.Conv2d
-                and len(node.args[0].users) == 1
-            ]
-        return self._foldable_norms
 
     def hold_backbone_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen backbone's weights in `dtype` (bfloat16 for bf16 training): under autocast its
@@ -639,7 +593,149 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         return len(self.stage_indices)
 
 
-_FOLDING_LOCK = threading.RLock()
+def fold_batch_norms(backbone: nn.Module) -> int:
+    """Fold every BatchNorm of a frozen backbone that only normalises a convolution's output into that convolution;
+    returns how many were folded. Both modules are replaced by ones that keep their parameters and buffers, under the
+    same names (the state dict does not change): the convolution runs with weight * s and bias beta - mean * s,
+    where s = gamma / sqrt(var + eps) from the norm's running statistics, and the norm passes its input on. A frozen
+    backbone's norms use their running statistics, so the maps are the same up to rounding, without a pass over
+    every map for each norm (the saving is measured in `docs/benchmarks.md`)."""
+    pairs = _convolution_norm_pairs(backbone)
+    for convolution_name, norm_name in pairs:
+        norm = NormFoldedIntoConvolution.taking_over(backbone.get_submodule(norm_name))
+        convolution = ConvolutionWithFoldedNorm.taking_over(backbone.get_submodule(convolution_name), norm)
+        backbone.set_submodule(norm_name, norm)
+        backbone.set_submodule(convolution_name, convolution)
+    return len(pairs)
+
+
+def _convolution_norm_pairs(backbone: nn.Module) -> list[tuple[str, str]]:
+    """The names of the (Conv2d, BatchNorm2d) pairs where, in one pass of a blank image, the norm's input is the
+    convolution's output and nothing else reads that output, each module running once. The pass is watched with
+    hooks on these modules and a torch function mode, which is local to this thread; not traced with torch.fx, which
+    patches `nn.Module.__call__` for the whole process while it traces and so breaks models other threads run. A
+    backbone that cannot run the blank image, or without such pairs (ViTs, Swin, ConvNeXt, EfficientNet's fused
+    norm-activation layers), keeps all its norms."""
+    names = {module: name for name, module in backbone.named_modules()}
+    watched = [
+        module
+        for module in names
+        if not (module._forward_hooks or module._forward_pre_hooks)
+        and (type(module) is nn.Conv2d or (type(module) is nn.BatchNorm2d and module.affine))
+    ]
+    if not any(isinstance(module, nn.BatchNorm2d) for module in watched):
+        return []
+    watcher = _ReadWatcher()
+    calls: Counter = Counter()
+    input_of: dict[nn.Module, nn.Module | None] = {}  # norm -> the convolution whose output it took
+
+    def before_call(module: nn.Module, args: tuple) -> None:
+        calls[module] += 1
+        if isinstance(module, nn.BatchNorm2d):
+            input_of[module] = watcher.made_by.get(id(args[0]))
+            watcher.reader = module
+
+    def after_call(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            watcher.watch(output, module)
+        watcher.reader = None
+
+    handles = [module.register_forward_pre_hook(before_call) for module in watched]
+    handles += [module.register_forward_hook(after_call) for module in watched]
+    parameter = next(backbone.parameters())
+    timm_config = getattr(backbone, "pretrained_cfg", None) or {}
+    size = timm_config["input_size"] if timm_config.get("fixed_input_size") else (3, 128, 128)
+    try:
+        with torch.no_grad(), watcher:
+            outputs = backbone(torch.zeros(1, *size, device=parameter.device, dtype=parameter.dtype))
+    except Exception:  # folding is an optimisation: a backbone that cannot run this pass keeps its norms
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    for output in torch.utils._pytree.tree_leaves(outputs):  # a map the backbone returns is read by its caller
+        watcher.read(output)
+    return [
+        (names[convolution], names[norm])
+        for norm, convolution in input_of.items()
+        if convolution is not None
+        and calls[norm] == calls[convolution] == 1
+        and watcher.readers[convolution] == {norm}
+    ]
+
+
+class _ReadWatcher(TorchFunctionMode):
+    """Records which modules read each watched convolution output: the norm running at the time (`reader`), or None
+    outside every norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.reader: nn.Module | None = None
+        self.made_by: dict[int, nn.Module] = {}  # id of a watched output -> the convolution that made it
+        self.readers: defaultdict[nn.Module, set] = defaultdict(set)
+        self._outputs: list[torch.Tensor] = []  # kept alive, so that no other tensor takes their ids
+
+    def watch(self, output: torch.Tensor, convolution: nn.Module) -> None:
+        self._outputs.append(output)
+        self.made_by[id(output)] = convolution
+
+    def read(self, value: object) -> None:
+        if isinstance(value, torch.Tensor) and id(value) in self.made_by:
+            self.readers[self.made_by[id(value)]].add(self.reader)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for value in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+            self.read(value)
+        return func(*args, **(kwargs or {}))
+
+
+class NormFoldedIntoConvolution(nn.BatchNorm2d):
+    """A BatchNorm2d whose affine map is applied by the convolution before it (`ConvolutionWithFoldedNorm`): it
+    keeps its parameters and statistics and passes its input on."""
+
+    @classmethod
+    def taking_over(cls, norm: nn.BatchNorm2d) -> "NormFoldedIntoConvolution":
+        """The folded norm with `norm`'s parameters, buffers and marks (built on the meta device: nothing is copied)."""
+        folded = cls(norm.num_features, eps=norm.eps, momentum=norm.momentum, device="meta")
+        folded.weight, folded.bias = norm.weight, norm.bias
+        folded.running_mean, folded.running_var = norm.running_mean, norm.running_var
+        folded.num_batches_tracked = norm.num_batches_tracked
+        folded.zero_init_weight = getattr(norm, "zero_init_weight", False)
+        return folded.train(norm.training)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs
+
+
+class ConvolutionWithFoldedNorm(nn.Conv2d):
+    """A Conv2d followed by its BatchNorm (running statistics) as one convolution. The norm stays a module of the
+    backbone (a `NormFoldedIntoConvolution`, which owns its parameters); this one only reads it."""
+
+    @classmethod
+    def taking_over(cls, convolution: nn.Conv2d, norm: NormFoldedIntoConvolution) -> "ConvolutionWithFoldedNorm":
+        """The folded convolution with `convolution`'s parameters (built on the meta device: nothing is copied)."""
+        folded = cls(
+            convolution.in_channels,
+            convolution.out_channels,
+            convolution.kernel_size,
+            stride=convolution.stride,
+            padding=convolution.padding,
+            dilation=convolution.dilation,
+            groups=convolution.groups,
+            bias=convolution.bias is not None,
+            padding_mode=convolution.padding_mode,
+            device="meta",
+        )
+        folded.weight, folded.bias = convolution.weight, convolution.bias
+        # Not a submodule: the norm is registered where it stands in the backbone, and would otherwise be saved twice.
+        folded.__dict__["folded_norm"] = norm
+        return folded.train(convolution.training)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        # The scaled weight is made for this call only (scaling every weight once would hold a second copy of the
+        # backbone).
+        scale, bias = _norm_as_affine(self, self.folded_norm)
+        return self._conv_forward(inputs, self.weight * scale, bias)
 
 
 def _norm_as_affine(convolution: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -651,14 +747,6 @@ def _norm_as_affine(convolution: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch
         bias = bias + convolution.bias.float() * scale
     dtype = convolution.weight.dtype
     return scale.view(-1, 1, 1, 1).to(dtype), bias.to(dtype)
-
-
-def _folded_convolution(
-    convolution: nn.Conv2d, scale: torch.Tensor, bias: torch.Tensor, inputs: torch.Tensor
-) -> torch.Tensor:
-    """The convolution with its weight scaled and `bias` added. The scaled weight is made for this call only (one
-    weight at a time: scaling them all first would hold a second copy of the backbone during its pass)."""
-    return convolution._conv_forward(inputs, convolution.weight * scale, bias)
 
 
 # The visual prefix as the authors' released HVPNeT code computes it (`prefix_mode="original"`).
@@ -822,7 +910,10 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         `vision_pretrained`: False (random backbone), True (timm's pretrained weights) or a local checkpoint path.
         `processor`: an `HVPNetProcessor`; when given, the embeddings are resized to `len(processor.tokenizer)` and,
         for a relation processor, the marker ids are its `head_start_token_id` and `tail_start_token_id`.
+        `config_kwargs`: settings of `HVPNetConfig` (and `num_labels`, `id2label`, ... of every config); any other
+        keyword is an error, before anything is loaded.
         """
+        _check_config_kwargs(config_kwargs)
         text_config = AutoConfig.from_pretrained(text_model_name_or_path)
         tokenizer = processor.tokenizer if processor is not None else None
         if processor is not None and processor.task == "re":
@@ -848,6 +939,25 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         if tokenizer is not None and len(tokenizer) != text_config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
         return model
+
+
+def _check_config_kwargs(config_kwargs: dict) -> None:
+    """Refuse keywords of `from_text_vision_pretrained` that no configuration reads. `PreTrainedConfig` keeps unknown
+    keys as attributes (for configs written by other versions), so a misspelt setting would otherwise build the
+    model with the default in its place."""
+    builder_arguments = {"text_model_name_or_path", "vision_backbone", "vision_pretrained", "processor"}
+    known = {name for name in inspect.signature(HVPNetConfig.__init__).parameters if name not in ("self", "kwargs")}
+    known |= {item.name for item in fields(PreTrainedConfig)} | {"num_labels"}
+    known -= builder_arguments | {"text_config"}
+    unknown = sorted(set(config_kwargs) - known)
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(name, known, n=1)) else repr(name)
+            for name in unknown
+        ]
+        raise TypeError(
+            f"from_text_vision_pretrained got unknown settings {', '.join(hints)}; it takes the arguments {sorted(builder_arguments)} and the settings of HVPNetConfig"
+        )
 
 
 class HVPNetModel(HVPNetPreTrainedModel):

@@ -849,6 +849,13 @@ def test_builder_loads_the_pretrained_text_encoder(tiny_bert_folder):
     assert model.config.num_labels == 3
 
 
+def test_builder_refuses_settings_that_no_configuration_reads(tiny_bert_folder):
+    with pytest.raises(TypeError, match=r"'num_object_image' \(did you mean 'num_object_images'\?\).*'tokenizer'"):
+        HVPNetForTokenClassification.from_text_vision_pretrained(
+            str(tiny_bert_folder), vision_backbone="test_resnet", tokenizer=object(), num_object_image=5
+        )
+
+
 def test_builder_resizes_embeddings_and_reads_markers_from_the_processor(tiny_bert_folder):
     processor = HVPNetProcessor(BertTokenizerFast.from_pretrained(tiny_bert_folder), task="re")
     tokenizer = processor.tokenizer

@@ -6,6 +6,8 @@ B/32) or a class token and register tokens (DINOv2). The backbones are timm's ar
 """
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import timm
@@ -25,7 +27,7 @@ from test_hub_round_trip import run_offline
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetModel, HVPNetProcessor, VisualFeatureCache
-from hvpnet_hf.modeling_hvpnet import default_out_indices
+from hvpnet_hf.modeling_hvpnet import NormFoldedIntoConvolution, create_feature_backbone, default_out_indices
 from hvpnet_hf.pipelines import MultimodalNerPipeline
 
 KINDS = list(TINY_BACKBONES)
@@ -322,20 +324,46 @@ def with_trained_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def unfolded_backbone(model: HVPNetModel) -> torch.nn.Module:
+    """A backbone as timm builds it, with the weights and statistics of `model`'s (whose norms may be folded)."""
+    backbone = create_feature_backbone(model.config).eval()
+    backbone.load_state_dict(model.visual_encoder.backbone.state_dict())
+    return backbone
+
+
+def folded_norms(module: torch.nn.Module) -> int:
+    return sum(isinstance(child, NormFoldedIntoConvolution) for child in module.modules())
+
+
 def test_a_frozen_cnn_runs_with_its_batch_norms_folded_into_its_convolutions():
     torch.manual_seed(0)
     model = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18"))).eval()
     encoder = model.visual_encoder
+    reference = unfolded_backbone(model)
     saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     images = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
         folded = encoder.visual_features(images)
-        plain = encoder.pool_feature_maps(encoder.backbone(images))  # the backbone's own modules, unfolded
-    assert len(encoder._foldable_norms) == 20, "every BatchNorm of resnet18 follows its convolution"
+        plain = encoder.pool_feature_maps(reference(images))
+    assert folded_norms(encoder.backbone) == 20, "every BatchNorm of resnet18 follows its convolution"
+    assert folded_norms(reference) == 0
     # Folding reorders float32 arithmetic (the scale is applied to the weights instead of the maps): rounding only.
     torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
-    assert not any("forward" in vars(module) for module in encoder.backbone.modules()), "the folding is undone"
+    assert encoder.backbone.state_dict().keys() == reference.state_dict().keys(), "the saved names do not change"
     assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_the_folded_norms_read_the_weights_that_loading_puts_in_place():
+    torch.manual_seed(0)
+    model = HVPNetModel(tiny_config(vision_backbone="resnet18")).eval()
+    trained = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18")))
+    # `assign=True` puts the checkpoint's tensors in place of the parameters, as loading from the meta device does.
+    model.visual_encoder.backbone.load_state_dict(trained.visual_encoder.backbone.state_dict(), assign=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.visual_encoder.visual_features(images)
+        expected = trained.visual_encoder.pool_feature_maps(unfolded_backbone(trained)(images))
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_a_trainable_backbone_keeps_its_batch_norms():
@@ -346,19 +374,44 @@ def test_a_trainable_backbone_keeps_its_batch_norms():
     # In training mode the norms use the batch's statistics, which no folding can give.
     expected = model.visual_encoder.pool_feature_maps(model.visual_encoder.backbone(images))
     torch.testing.assert_close(features, expected)
-    assert model.visual_encoder._foldable_norms is None, "a trainable backbone's graph is never read"
+    assert folded_norms(model) == 0
 
 
-def test_threads_that_share_a_frozen_cnn_get_the_features_each_would_get_alone():
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_threads_that_share_a_new_frozen_cnn_get_the_features_each_would_get_alone():
     torch.manual_seed(0)
     model = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18"))).eval()
     batches = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
+    start = threading.Barrier(4, timeout=60)
+
+    def first_pass(images: torch.Tensor) -> torch.Tensor:
+        if not start.broken:
+            start.wait()  # the first passes of a new model come at once, as a web app's first requests do
+        with torch.no_grad():
+            return model.visual_encoder.visual_features(images)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        shared = list(pool.map(first_pass, batches))
     with torch.no_grad():
         alone = [model.visual_encoder.visual_features(images) for images in batches]
-        with ThreadPoolExecutor(max_workers=4) as pool:  # the folding swaps module methods during each pass
-            shared = list(pool.map(model.visual_encoder.visual_features, batches))
     for expected, features in zip(alone, shared, strict=True):
         torch.testing.assert_close(features, expected)
-    assert not any("forward" in vars(module) for module in model.visual_encoder.backbone.modules())
+
+
+def test_threads_that_share_a_model_run_their_backbone_passes_at_the_same_time():
+    torch.manual_seed(0)
+    model = HVPNetModel(tiny_config(vision_backbone="resnet18")).eval()
+    with torch.no_grad():
+        model.visual_encoder.visual_features(torch.randn(1, 3, 64, 64))  # anything done on a first pass is done
+    # Each pass waits inside the backbone until the other thread's pass is inside it too: passes that took turns
+    # would never meet there, and the barrier would break.
+    inside = threading.Barrier(2, timeout=20)
+    stem = next(module for module in model.visual_encoder.backbone.modules() if isinstance(module, torch.nn.Conv2d))
+
+    def meet(*_) -> None:
+        inside.wait()
+
+    stem.register_forward_hook(meet)
+    batches = [torch.randn(1, 3, 64, 64) for _ in range(2)]
+    with torch.no_grad(), ThreadPoolExecutor(max_workers=2) as pool:
+        features = list(pool.map(model.visual_encoder.visual_features, batches))
+    assert [tuple(item.shape[:1]) for item in features] == [(1,), (1,)]
