@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .feature_cache import VisualFeatureCache
-from .image_processing_hvpnet import IMAGE_INPUT_NAMES
+from .feature_cache import VisualFeatureCache, check_decoding_policy, decoding_policy
+from .image_processing_hvpnet import IMAGE_INPUT_NAMES, _check_policy
 from .processing_hvpnet import HVPNetProcessor
 
 MISSING_IMAGE_COLUMNS = (
@@ -50,16 +50,23 @@ class ImageAttacher:
     `HVPNetImageProcessor.preprocess_example`). `num_masked` counts the files that could not be decoded and were
     masked (per process: with DataLoader workers each worker keeps its own count); each such file is also logged by
     name.
+
+    Images are decoded under PIL's decoding settings (`decoding_policy`) of the process that made the attacher: a
+    process where they differ (a DataLoader worker started by spawn or forkserver, which does not inherit a raised
+    `PIL.Image.MAX_IMAGE_PIXELS`) is refused with the setting named.
     """
 
     def __init__(self, processor: HVPNetProcessor, missing_images: str = "mask"):
+        _check_policy(missing_images)
         self.processor = processor
         self.missing_images = missing_images
+        self.decoding_policy = decoding_policy()
         self.num_masked = 0
 
     def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
         if "image" not in batch or "objects" not in batch:
             raise KeyError(MISSING_IMAGE_COLUMNS)
+        check_decoding_policy(self.decoding_policy, "ImageAttacher")
         attached = {name: [] for name in IMAGE_INPUT_NAMES}
         for image, objects in zip(batch["image"], batch["objects"], strict=True):
             images = self.processor.image_processor.preprocess_example(image, objects, self.missing_images)
@@ -81,7 +88,8 @@ class HVPNetDataCollator:
     `objects` paths here. Columns that are not model inputs (`tokens`, `id`, `word_ids`, ...) are dropped.
 
     With a built `feature_cache`, the image inputs are `image_features` (B, 1 + k, g*g, C) and `image_features_mask`
-    (B, 1 + k) read from the cache by the `image` / `objects` paths, instead of pixels.
+    (B, 1 + k) read from the cache by the `image` / `objects` paths, instead of pixels; the cache decoded them, so its
+    `missing_images` must be the collator's.
     """
 
     def __init__(
@@ -90,6 +98,11 @@ class HVPNetDataCollator:
         missing_images: str = "mask",
         feature_cache: VisualFeatureCache | None = None,
     ):
+        if feature_cache is not None and feature_cache.missing_images != missing_images:
+            raise ValueError(
+                f"The collator's missing_images={missing_images!r} differs from its feature cache's "
+                f"missing_images={feature_cache.missing_images!r}, which decided how unreadable images are handled"
+            )
         self.processor = processor
         self.attacher = ImageAttacher(processor, missing_images)
         self.feature_cache = feature_cache

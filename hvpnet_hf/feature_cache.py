@@ -11,20 +11,26 @@ the prefix grid, (g*g, C)); the model turns it into the prefix with its trainabl
 SHA-256 of the file's bytes. The folder of a cache is named by a hash of everything else that changes the features:
 backbone name and weights, feature levels, prefix mode and grid, image transform, storage dtype, the code that
 decodes, transforms and pools (this package's image processing module and the encoder's `visual_features` and
-pooling), and the versions of the libraries they run on (torch, torchvision, timm, Pillow). Its files:
+pooling), the versions of the libraries they run on (torch, torchvision, timm, Pillow and its codecs), PIL's
+process-wide decoding settings (`decoding_policy`), and the device the backbone computes on with torch's float32
+precision settings there (TF32, bfloat16). Its files:
 
     features.npy    (rows, g*g, C) memory-mapped; row 0 holds the features of an all-zero image (absent images)
-    index.json      {file SHA-256: row}, row -1 for a file that could not be decoded (it is masked)
+    index.json      {file SHA-256: row} for the files that decoded
     meta.json       the key, the shape and the SHA-256 of the two files above, written last
 
-A cache whose `meta.json` is missing, or whose key or checksums do not match, is rebuilt (with a warning), never
-read. A file lock lets one process build while others (`torchrun`, `accelerate launch`) wait and then read.
+A file that cannot be decoded gets no row: it is masked for the run and tried again by the next build, so a file
+that a later build can read (a raised limit, a new Pillow plugin, a passing read error) is never served as
+unreadable. A cache whose `meta.json` is missing, or whose key or checksums do not match, is rebuilt (with a
+warning), never read. A file lock lets one process build while others (`torchrun`, `accelerate launch`) wait and then
+read.
 """
 
 import hashlib
 import inspect
 import json
 import logging
+import operator
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,10 +42,12 @@ import timm
 import torch
 import torchvision
 from filelock import FileLock
+from PIL import GifImagePlugin, Image, ImageFile, PngImagePlugin, TiffImagePlugin, features
 from tqdm.auto import tqdm
 
 from . import image_processing_hvpnet
 from .file_utils import atomic_write
+from .image_processing_hvpnet import _check_policy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -48,11 +56,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 # float16 halves the size; tests/test_feature_cache.py states how far the outputs then move.
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 ZERO_IMAGE_ROW = 0
 UNREADABLE_ROW = -1
+# The image codecs Pillow decodes with (their versions), and its plugins that read formats of their own.
+PIL_DECODERS = (*features.codecs, "webp", "avif")
 
 
 class VisualFeatureCache:
@@ -67,6 +77,9 @@ class VisualFeatureCache:
         missing_images (`str`): `"mask"` masks unreadable files (logged and counted in `num_unreadable`),
             `"error"` raises.
         batch_size (`int`): images per backbone call while building.
+
+    PIL's decoding settings (`decoding_policy`), the model's device and torch's float32 precision settings are read
+    when the cache is made: set them before, and leave them so until `build` has run.
     """
 
     def __init__(
@@ -86,6 +99,7 @@ class VisualFeatureCache:
             raise ValueError("Features can only be cached for a frozen backbone (freeze_vision=True)")
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+        _check_policy(missing_images)
         self.image_processor = image_processor = processor.image_processor
         self.dtype = dtype
         self.missing_images = missing_images
@@ -114,18 +128,29 @@ class VisualFeatureCache:
                 "torchvision": torchvision.__version__,
                 "timm": timm.__version__,
                 "Pillow": PIL.__version__,
+                "Pillow decoders": {name: features.version(name) for name in PIL_DECODERS},
             },
+            "decoding": decoding_policy(),
+            "compute": self._compute_settings(),
         }
         key_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = Path(cache_dir) / key_hash
-        self.num_unreadable = 0
-        self._rows: dict[str, int] = {}  # file SHA-256 -> row
+        self.num_unreadable = 0  # files of all builds so far that are missing or could not be decoded
+        self._rows: dict[str, int] = {}  # file SHA-256 -> row, for the files that decoded
         self._path_hashes: dict[str, str] = {}  # path -> file SHA-256, "" for a file that cannot be read
         self._features: np.ndarray | None = None
 
     def build(self, paths: Iterable[str | os.PathLike | None]) -> "VisualFeatureCache":
-        """Makes sure every readable file in `paths` has a row (computing only the missing ones), then opens the
-        cache for reading. `None` entries (no image) are skipped."""
+        """Makes sure every readable file in `paths` has a row (computing only the files without one, and trying
+        again those that could not be decoded before), then opens the cache for reading. `None` entries (no image)
+        are skipped."""
+        check_decoding_policy(self.key["decoding"], "VisualFeatureCache")
+        if self._compute_settings() != self.key["compute"]:
+            raise ValueError(
+                f"The backbone now computes with {self._compute_settings()}, but with {self.key['compute']} when "
+                "this VisualFeatureCache was made; make the cache after moving the model and setting torch's "
+                "float32 precision"
+            )
         unique_paths = sorted({str(path) for path in paths if path is not None})
         hashes = {path: _file_sha256(path, self.missing_images) for path in unique_paths}
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -136,14 +161,14 @@ class VisualFeatureCache:
                 if file_hash and file_hash not in rows:
                     missing.setdefault(file_hash, path)
             if missing or not rows:
-                rows = self._write(rows, missing)
+                rows = self._add(rows, missing)
         self._rows = rows
         self._path_hashes.update(hashes)
         self._features = np.load(self.folder / "features.npy", mmap_mode="r")
         for path, file_hash in hashes.items():
-            if not file_hash or rows[file_hash] == UNREADABLE_ROW:
+            if file_hash not in rows:
                 logger.warning("Image %s is missing or unreadable; it is masked out.", path)
-                self.num_unreadable += 1
+        self.num_unreadable = sum(file_hash not in rows for file_hash in self._path_hashes.values())
         return self
 
     def row(self, path: str | os.PathLike | None) -> int:
@@ -154,7 +179,7 @@ class VisualFeatureCache:
         file_hash = self._path_hashes.get(str(path))
         if file_hash is None:
             raise KeyError(f"Image {path} is not in the feature cache {self.folder}; pass it to build() first")
-        return self._rows.get(file_hash, UNREADABLE_ROW) if file_hash else UNREADABLE_ROW
+        return self._rows.get(file_hash, UNREADABLE_ROW)
 
     def example_features(
         self, image: str | os.PathLike | None, objects: Sequence[str | os.PathLike | None] | None
@@ -194,16 +219,57 @@ class VisualFeatureCache:
             return {}
         return json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
 
-    def _write(self, rows: dict[str, int], missing: dict[str, str]) -> dict[str, int]:
-        """Writes a cache with the old rows plus features of the `missing` {file SHA-256: path}; meta.json last."""
-        old_features = np.load(self.folder / "features.npy", mmap_mode="r") if rows else None
-        size = self.image_processor.image_size
-        zero_image = self._compute(torch.zeros(1, 3, size, size))
-        num_old = len(old_features) if old_features is not None else 1  # a new cache starts with the zero image
-        # Every missing file gets a row; the row of a file that cannot be decoded stays unused (index -1).
-        shape = (num_old + len(missing), *zero_image.shape[1:])
-        new_rows = dict(rows)
-        items = list(missing.items())
+    def _add(self, rows: dict[str, int], missing: dict[str, str]) -> dict[str, int]:
+        """Computes the features of the `missing` {file SHA-256: path} that decode, into a scratch file, and writes
+        the cache with them added (a new cache also when none decodes); returns the rows of the cache now."""
+        if rows:
+            old_features = np.load(self.folder / "features.npy", mmap_mode="r")
+        else:  # a new cache starts with the zero image
+            size = self.image_processor.image_size
+            old_features = self._compute(torch.zeros(1, 3, size, size))
+        scratch_path = self.folder / "new_features.partial"  # one name: a killed build's leftover is overwritten
+        scratch = np.lib.format.open_memmap(
+            scratch_path, mode="w+", dtype=old_features.dtype, shape=(len(missing), *old_features.shape[1:])
+        )
+        try:
+            found = self._compute_files(missing, scratch)
+            if found or not rows:
+                rows = self._write(rows, old_features, scratch[: len(found)], found)
+        finally:
+            del scratch
+            scratch_path.unlink()
+        return rows
+
+    def _compute_files(self, files: dict[str, str], into: np.ndarray) -> dict[str, int]:
+        """Decodes the {file SHA-256: path} `files` and writes the features of those that decode to the first rows
+        of `into`, in order; returns {file SHA-256: row of `into`} for them."""
+        found: dict[str, int] = {}
+        items = list(files.items())
+        with tqdm(total=len(items), desc="Caching visual features", unit="image") as progress:
+            for start in range(0, len(items), self.batch_size):
+                batch = items[start : start + self.batch_size]
+                decoded = [
+                    (file_hash, self.image_processor.image_tensor(path, self.missing_images))
+                    for file_hash, path in batch
+                ]
+                readable = [(file_hash, pixels) for file_hash, (pixels, present) in decoded if present]
+                if readable:
+                    first = len(found)
+                    into[first : first + len(readable)] = self._compute(
+                        torch.stack([pixels for _, pixels in readable])
+                    )
+                    found.update((file_hash, first + offset) for offset, (file_hash, _) in enumerate(readable))
+                progress.update(len(batch))
+        return found
+
+    def _write(
+        self, rows: dict[str, int], old_features: np.ndarray, new_features: np.ndarray, new_rows: dict[str, int]
+    ) -> dict[str, int]:
+        """Writes a cache of `old_features` (whose rows `rows` gives) followed by `new_features` (whose rows
+        `new_rows` gives, from 0); meta.json last. Returns the rows written."""
+        num_old = len(old_features)
+        shape = (num_old + len(new_features), *old_features.shape[1:])
+        rows = {**rows, **{file_hash: num_old + row for file_hash, row in new_rows.items()}}
         # features.npy and index.json replace the old ones only when both are written; meta.json, which holds their
         # checksums, is written last, so a cache interrupted at any point is rebuilt rather than read.
         with (
@@ -213,20 +279,11 @@ class VisualFeatureCache:
             features = np.lib.format.open_memmap(
                 features_temporary, mode="w+", dtype=STORAGE_DTYPES[self.dtype], shape=shape
             )
-            features[:num_old] = old_features if old_features is not None else zero_image
-            with tqdm(total=len(items), desc="Caching visual features", unit="image") as progress:
-                for start in range(0, len(items), self.batch_size):
-                    batch = items[start : start + self.batch_size]
-                    decoded = [self.image_processor.image_tensor(path, self.missing_images) for _, path in batch]
-                    computed = self._compute(torch.stack([pixels for pixels, _ in decoded]))
-                    for offset, ((file_hash, _), (_, present)) in enumerate(zip(batch, decoded, strict=True)):
-                        row = num_old + start + offset
-                        features[row] = computed[offset] if present else zero_image[0]
-                        new_rows[file_hash] = row if present else UNREADABLE_ROW
-                    progress.update(len(batch))
+            features[:num_old] = old_features
+            features[num_old:] = new_features
             features.flush()
-            del features, old_features
-            index_temporary.write_text(json.dumps(new_rows), encoding="utf-8")
+            del features
+            index_temporary.write_text(json.dumps(rows), encoding="utf-8")
             meta = {
                 "key": self.key,
                 "shape": list(shape),
@@ -235,14 +292,49 @@ class VisualFeatureCache:
             }
         with atomic_write(self.folder / "meta.json") as meta_temporary:
             meta_temporary.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        return new_rows
+        return rows
+
+    def _compute_settings(self) -> dict[str, str]:
+        """The device the backbone computes on and torch's process-wide float32 precision settings there (TF32 or
+        bfloat16 for float32 convolutions and matmuls, on by default for cuDNN's convolutions)."""
+        device = next(self.encoder.parameters()).device.type
+        backends = {"cuda": ("cudnn.conv", "cudnn", "cuda.matmul"), "cpu": ("mkldnn.conv", "mkldnn", "mkldnn.matmul")}
+        settings = {"device": device, "fp32_precision": torch.backends.fp32_precision}
+        for backend in backends.get(device, ()):
+            settings[f"{backend}.fp32_precision"] = operator.attrgetter(backend)(torch.backends).fp32_precision
+        return settings
 
     def _compute(self, pixels: torch.Tensor) -> np.ndarray:
-        """pixels (N, 3, S, S) → (N, g*g, C) features as the storage dtype."""
+        """pixels (N, 3, S, S) → (N, g*g, C) features as the storage dtype, in the backbone's own dtype also when
+        the caller runs under autocast (which the key does not hold)."""
         device = next(self.encoder.parameters()).device
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             features = self.encoder.visual_features(pixels.to(device))
         return features.float().cpu().numpy().astype(STORAGE_DTYPES[self.dtype])
+
+
+def decoding_policy() -> dict[str, int | bool | str | None]:
+    """PIL's process-wide settings that change what `load_image` makes of an image file (whether it is refused, how
+    far it is read, which decoder reads it), by their names."""
+    return {
+        "PIL.Image.MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS,
+        "PIL.ImageFile.LOAD_TRUNCATED_IMAGES": ImageFile.LOAD_TRUNCATED_IMAGES,
+        "PIL.PngImagePlugin.MAX_TEXT_CHUNK": PngImagePlugin.MAX_TEXT_CHUNK,
+        "PIL.PngImagePlugin.MAX_TEXT_MEMORY": PngImagePlugin.MAX_TEXT_MEMORY,
+        "PIL.TiffImagePlugin.READ_LIBTIFF": TiffImagePlugin.READ_LIBTIFF,
+        "PIL.GifImagePlugin.LOADING_STRATEGY": GifImagePlugin.LOADING_STRATEGY.name,
+    }
+
+
+def check_decoding_policy(policy: dict[str, int | bool | str | None], made: str) -> None:
+    """Refuses to decode under PIL settings other than `policy`, those of the process where a `made` was made."""
+    for setting, value in decoding_policy().items():
+        if value != policy[setting]:
+            raise ValueError(
+                f"{setting} is {value!r} here but was {policy[setting]!r} where this {made} was made: set PIL's "
+                "decoding settings before making it (and in DataLoader workers that are not forked, with "
+                "worker_init_fn)"
+            )
 
 
 def _file_sha256(path: str | os.PathLike, missing_images: str) -> str:
@@ -274,4 +366,4 @@ def _state_dict_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["VisualFeatureCache"]
+__all__ = ["VisualFeatureCache", "check_decoding_policy", "decoding_policy"]

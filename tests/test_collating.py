@@ -9,6 +9,7 @@ from transformers import BertTokenizer
 
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification
 from hvpnet_hf.collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
+from hvpnet_hf.feature_cache import VisualFeatureCache
 from hvpnet_hf.loading import MNER_LABELS, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 
@@ -115,6 +116,31 @@ def test_collator_attaches_images_itself_and_refuses_dropped_paths(mner_dir):
         collator([without_paths[0]])
     with pytest.raises(KeyError, match="remove_unused_columns=False"):
         without_paths.with_transform(ImageAttacher(processor))[0]
+
+
+def test_policies_are_checked_when_the_collator_is_made(mner_dir, tmp_path):
+    processor = tiny_processor()
+    with pytest.raises(ValueError, match="missing_images must be one of"):
+        ImageAttacher(processor, missing_images="Mask")
+    model = HVPNetForTokenClassification(tiny_model_config(num_labels=len(MNER_LABELS)))
+    cache = VisualFeatureCache(model, processor, tmp_path, missing_images="mask")
+    # The cache masks unreadable files; a collator asked to raise would pass them on masked.
+    with pytest.raises(ValueError, match="missing_images='error' differs from its feature cache's"):
+        HVPNetDataCollator(processor, missing_images="error", feature_cache=cache)
+
+
+def test_images_are_decoded_under_the_pil_settings_of_the_process_that_made_the_attacher(mner_dir, monkeypatch):
+    processor = tiny_processor()
+    encoded = mner_dir.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})["train"]
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 10**10)  # raised in the main process
+        collator = HVPNetDataCollator(processor)
+        assert collator([encoded[0]])["image_mask"].all()
+    # A DataLoader worker that was not forked starts with PIL's default limit.
+    with pytest.raises(
+        ValueError, match=f"PIL.Image.MAX_IMAGE_PIXELS is {Image.MAX_IMAGE_PIXELS} here but was 10000000000 where"
+    ):
+        collator([encoded[0]])
 
 
 def test_batches_run_through_the_models(mner_dir, tmp_path):

@@ -1,16 +1,18 @@
 """The visual feature cache: same outputs as the pixel path, reuse, damage and key changes, float16 storage."""
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import PIL
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, PngImagePlugin, TiffImagePlugin, features
 from transformers import BertTokenizer
 
-from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification
+from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, image_processing_hvpnet
 from hvpnet_hf.collating import HVPNetDataCollator
 from hvpnet_hf.feature_cache import VisualFeatureCache
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
@@ -74,11 +76,26 @@ def logits(model: HVPNetForTokenClassification, collator: HVPNetDataCollator, ex
         return model(**batch).logits
 
 
+def assert_pixel_path_features(model: HVPNetForTokenClassification, cache: VisualFeatureCache, examples: list[dict]):
+    """The cache serves what the encoder makes of the pixel path's images (the logits of the tiny models move by
+    only about 1e-4 when every feature is zeroed, so they alone would not show a small error in the features)."""
+    processor = tiny_processor()
+    pixels = HVPNetDataCollator(processor)(examples)
+    cached = HVPNetDataCollator(processor, feature_cache=cache)(examples)
+    with torch.no_grad():
+        features = model.hvpnet.visual_encoder.visual_features(pixels["pixel_values"].flatten(0, 1))
+    torch.testing.assert_close(
+        cached["image_features"], features.unflatten(0, (len(examples), -1)), atol=FLOAT32_ATOL, rtol=0
+    )
+    assert torch.equal(cached["image_features_mask"], pixels["image_mask"])
+
+
 @pytest.mark.parametrize("prefix_mode", ["pyramid", "flat", "one_to_three", "original"])
 def test_cached_features_give_the_outputs_of_the_pixel_path(examples, tmp_path, prefix_mode):
     model, processor = tiny_model(prefix_mode=prefix_mode), tiny_processor()
     cache = VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
     assert cache.num_unreadable == 2  # the truncated file and the missing crop
+    assert_pixel_path_features(model, cache, examples)
     from_pixels = logits(model, HVPNetDataCollator(processor), examples)
     from_cache = logits(model, HVPNetDataCollator(processor, feature_cache=cache), examples)
     torch.testing.assert_close(from_cache, from_pixels, atol=FLOAT32_ATOL, rtol=0)
@@ -110,11 +127,15 @@ def test_a_built_cache_is_reused_and_grows_by_new_files_only(examples, tmp_path)
     VisualFeatureCache(model, processor, tmp_path).build(first_paths)
     assert seen == [], "a complete cache is read, not recomputed"
     cache = VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
-    # The zero image, then b.jpg and the truncated file (decoded, found unreadable, stored as unused row).
-    assert sum(seen) == 1 + 2
+    assert sum(seen) == 1, "b.jpg only: the truncated file is decoded, found unreadable and given no row"
     from_pixels = logits(model, HVPNetDataCollator(processor), examples)
     from_cache = logits(model, HVPNetDataCollator(processor, feature_cache=cache), examples)
     torch.testing.assert_close(from_cache, from_pixels, atol=FLOAT32_ATOL, rtol=0)
+    files = {name: (cache.folder / name).stat().st_mtime_ns for name in ("features.npy", "index.json", "meta.json")}
+    seen.clear()
+    again = VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
+    assert seen == [] and again.num_unreadable == 2, "the truncated file is tried again, and stays masked"
+    assert {name: (cache.folder / name).stat().st_mtime_ns for name in files} == files, "nothing new to write"
 
 
 def test_an_interrupted_build_keeps_the_earlier_cache_and_leaves_no_partial_files(examples, tmp_path, monkeypatch):
@@ -127,7 +148,7 @@ def test_an_interrupted_build_keeps_the_earlier_cache_and_leaves_no_partial_file
 
     def compute_then_stop(self, pixels):
         calls.append(len(pixels))
-        if len(calls) == 2:  # the first call is the zero image, the second the first batch of new files
+        if len(calls) == 1:  # the first batch of new files (the cache has its zero image already)
             raise KeyboardInterrupt
         return compute(self, pixels)
 
@@ -169,6 +190,83 @@ def test_a_damaged_cache_is_rebuilt_not_read(examples, tmp_path, caplog, damage)
     torch.testing.assert_close(from_cache, from_pixels, atol=FLOAT32_ATOL, rtol=0)
 
 
+def test_a_file_that_failed_to_decode_is_read_by_the_next_build(examples, tmp_path, monkeypatch):
+    model, processor = tiny_model(), tiny_processor()
+    paths = [examples[0]["image"], *examples[0]["objects"]]  # a.png, c.png, d.png
+    load_image = image_processing_hvpnet.load_image
+    with monkeypatch.context() as patch:  # a read error that passes (on a network file system, say) on d.png
+        patch.setattr(
+            image_processing_hvpnet,
+            "load_image",
+            lambda path, missing_images: None if path.endswith("d.png") else load_image(path, missing_images),
+        )
+        first = VisualFeatureCache(model, processor, tmp_path).build(paths)
+    assert first.num_unreadable == 1
+    cache = VisualFeatureCache(model, processor, tmp_path).build(paths)
+    assert cache.folder == first.folder and cache.num_unreadable == 0
+    assert_pixel_path_features(model, cache, examples[:1])
+
+
+# The 64 x 64 crop of the transform is over the lowered limit too (a warning only).
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_the_pixel_limit_is_read_once_the_limit_is_raised(examples, tmp_path, monkeypatch):
+    model, processor = tiny_model(), tiny_processor()
+    paths = [examples[0]["image"], *examples[0]["objects"]]  # a.png (2,000 pixels), c.png (900), d.png (6,300)
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # PIL refuses images over twice the limit: d.png
+        refused = VisualFeatureCache(model, processor, tmp_path).build(paths)
+        assert refused.num_unreadable == 1
+        assert not HVPNetDataCollator(processor, feature_cache=refused)(examples[:1])["image_features_mask"].all()
+    cache = VisualFeatureCache(model, processor, tmp_path).build(paths)  # the default limit again
+    assert cache.num_unreadable == 0
+    assert_pixel_path_features(model, cache, examples[:1])
+
+
+def test_load_truncated_images_gets_a_cache_of_its_own(examples, tmp_path, monkeypatch):
+    model, processor = tiny_model(), tiny_processor()
+    paths = [examples[1]["image"], *examples[1]["objects"]]  # broken.jpg (truncated), a.png
+    strict = VisualFeatureCache(model, processor, tmp_path).build(paths)
+    assert strict.num_unreadable == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # PIL decodes what is there, the rest grey
+        lenient = VisualFeatureCache(model, processor, tmp_path).build(paths)
+        assert lenient.folder != strict.folder and lenient.num_unreadable == 0
+        assert_pixel_path_features(model, lenient, examples[1:2])
+    again = VisualFeatureCache(model, processor, tmp_path).build(paths)  # strict again: the features are not served
+    assert again.folder == strict.folder and again.num_unreadable == 1
+    assert_pixel_path_features(model, again, examples[1:2])
+
+
+@contextlib.contextmanager
+def cpu_convolutions_in_bfloat16() -> Iterator[None]:
+    """torch's process-wide setting for float32 CPU (oneDNN) convolutions computed in bfloat16, within the block
+    (monkeypatch cannot restore it: the setting is read through `__getattr__`)."""
+    setting = torch.backends.mkldnn.conv
+    before, setting.fp32_precision = setting.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before
+
+
+def test_a_setting_changed_between_making_and_building_the_cache_is_refused(examples, tmp_path, monkeypatch):
+    cache = VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        with pytest.raises(ValueError, match="PIL.Image.MAX_IMAGE_PIXELS is None here but was"):
+            cache.build(image_paths(examples))
+    with cpu_convolutions_in_bfloat16(), pytest.raises(ValueError, match="'mkldnn.conv.fp32_precision': 'bf16'"):
+        cache.build(image_paths(examples))
+    assert not cache.folder.exists(), "refused before any work"
+
+
+def test_features_built_under_autocast_are_the_backbones_own(examples, tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
+    assert_pixel_path_features(model, cache, examples)
+
+
 def test_the_key_follows_weights_transform_grid_and_mode(tmp_path):
     processor = tiny_processor()
     folder = VisualFeatureCache(tiny_model(), processor, tmp_path).folder
@@ -187,7 +285,7 @@ def test_the_key_follows_weights_transform_grid_and_mode(tmp_path):
     assert VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path).folder == folder
 
 
-def test_the_key_follows_the_pooling_code_and_the_library_versions(tmp_path, monkeypatch):
+def test_the_key_follows_the_pooling_code_the_libraries_and_the_process_settings(tmp_path, monkeypatch):
     folder = VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path).folder
     model = tiny_model()
     encoder_class = type(model.hvpnet.visual_encoder)
@@ -199,15 +297,26 @@ def test_the_key_follows_the_pooling_code_and_the_library_versions(tmp_path, mon
     with monkeypatch.context() as patch:
         patch.setattr(encoder_class, "pool_feature_maps", pool_feature_maps)
         assert VisualFeatureCache(model, tiny_processor(), tmp_path).folder != folder
-    with monkeypatch.context() as patch:
-        patch.setattr(PIL, "__version__", "0.0.1")
+    changes = [
+        (PIL, "__version__", "0.0.1"),
+        (features, "version", lambda name: "0.0.1"),  # another libjpeg, zlib, ...
+        (TiffImagePlugin, "READ_LIBTIFF", True),
+        (PngImagePlugin, "MAX_TEXT_CHUNK", 1),
+    ]
+    for module, name, value in changes:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, value)
+            assert VisualFeatureCache(model, tiny_processor(), tmp_path).folder != folder, name
+    with cpu_convolutions_in_bfloat16():
         assert VisualFeatureCache(model, tiny_processor(), tmp_path).folder != folder
     assert VisualFeatureCache(model, tiny_processor(), tmp_path).folder == folder
 
 
-def test_unfrozen_backbones_and_unknown_files_are_refused(examples, tmp_path):
+def test_unfrozen_backbones_unknown_policies_and_unknown_files_are_refused(examples, tmp_path):
     with pytest.raises(ValueError, match="frozen backbone"):
         VisualFeatureCache(tiny_model(freeze_vision=False), tiny_processor(), tmp_path)
+    with pytest.raises(ValueError, match="missing_images must be one of"):
+        VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path, missing_images="Mask")
     cache = VisualFeatureCache(tiny_model(), tiny_processor(), tmp_path).build([examples[0]["image"]])
     with pytest.raises(KeyError, match="not in the feature cache"):
         HVPNetDataCollator(tiny_processor(), feature_cache=cache)(examples)
