@@ -59,7 +59,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
     args, run_flags = parser.parse_known_args(argv)
     started = time.perf_counter()

@@ -29,7 +29,8 @@ from transformers.trainer_utils import PredictionOutput
 from hvpnet_hf.collating import HVPNetDataCollator, sample_subset, tokenize_and_align
 from hvpnet_hf.configuration_hvpnet import PREFIX_MODES, HVPNetConfig
 from hvpnet_hf.feature_cache import VisualFeatureCache
-from hvpnet_hf.loading import find_release_layout, split_folders
+from hvpnet_hf.file_utils import check_output_dir
+from hvpnet_hf.loading import check_images_found, find_release_layout, labels_on_model_ids, split_folders
 from hvpnet_hf.model_card import SPLIT_PREFIXES, push_output_dir_to_hub, render_model_card, training_hyperparameters
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 from hvpnet_hf.sample_data import sample_paths
@@ -317,6 +318,7 @@ def prepare_output_dir(training_args: ExampleTrainingArguments) -> None:
     earlier run's checkpoints, results and predictions first so that nothing of it is mixed into the new run.
     """
     output_dir = Path(training_args.output_dir)
+    check_output_dir(output_dir, "output_dir")
     if not training_args.do_train or training_args.resume_from_checkpoint or not output_dir.is_dir():
         return
     if not any(output_dir.iterdir()):
@@ -383,7 +385,12 @@ def load_splits(
 ) -> datasets.DatasetDict:
     """The splits the data flags name, read by `loader` (`load_m{ner,re}_dataset`), with their images found."""
     raw = loader(**dataset_sources(data_args), **task_arguments)
-    check_images_found(raw, data_args)
+    if not data_args.mask_images and data_args.image_dir is not None:
+        folders = split_folders(data_args.image_dir)
+        for split, dataset in raw.items():
+            folder = folders.get(split, data_args.image_dir) if isinstance(folders, dict) else folders
+            text_only = "pass --mask_images true to use the text only"
+            check_images_found(dataset, f"the {split} split", folder, "image_dir", text_only)
     return raw
 
 
@@ -402,24 +409,6 @@ def dataset_sources(data_args: DataArguments) -> dict[str, Any]:
         **find_release_layout(image_dir, object_dir, data_args.object_map_dir or data_args.data_dir),
         "missing_images": data_args.missing_images,
     }
-
-
-def check_images_found(raw: datasets.DatasetDict, data_args: DataArguments) -> None:
-    """
-    Stops when not a single image of a split could be read: the image folder is wrong. Masking some missing files
-    is a counted fallback (see `hvpnet_hf.loading`); masking all of them would silently train on text only.
-    """
-    if data_args.mask_images or data_args.image_dir is None:
-        return
-    folders = split_folders(data_args.image_dir)
-    for split, dataset in raw.items():
-        if len(dataset) and all(path is None for path in dataset["image"]):
-            folder = folders.get(split, data_args.image_dir) if isinstance(folders, dict) else folders
-            raise FileNotFoundError(
-                f"none of the {len(dataset)} images of the {split} split was found in image_dir {folder} (looked "
-                f"for e.g. {Path(folder) / dataset[0]['image_id']}); check the folder, or pass --mask_images true "
-                "to use the text only"
-            )
 
 
 def limit_and_check_splits(
@@ -476,6 +465,27 @@ def load_processor_and_model(
         **config_flags(model_args),
     )
     return processor, model
+
+
+def labels_of_model(raw: datasets.DatasetDict, column: str, model: PreTrainedModel) -> datasets.DatasetDict:
+    """
+    The splits with their `column` labels on the model's ids (see `labels_on_model_ids`): a trained model
+    (`model_name_or_path`) keeps its own label names and ids; a new one was built with the data's.
+    """
+    id2label, name = model.config.id2label, model.name_or_path
+    return datasets.DatasetDict(
+        {split: labels_on_model_ids(dataset, column, id2label, name) for split, dataset in raw.items()}
+    )
+
+
+def check_settings_fit_model(model: PreTrainedModel, data_args: DataArguments) -> None:
+    """Refuses, before any tokenising, a `max_seq_length` beyond the positions of the model's text encoder."""
+    limit = model.base_model.max_text_length
+    if data_args.max_seq_length > limit:
+        raise ValueError(
+            f"max_seq_length must be at most {limit}, the tokens the text model of {model.name_or_path} takes, "
+            f"got {data_args.max_seq_length}"
+        )
 
 
 def encode_splits(

@@ -84,13 +84,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     push_to_hub = hvpnet_examples.start_run(training_args)
 
     raw = load_raw_datasets(data_args)
-    label_names = raw[next(iter(raw))].features["ner_tags"].feature.names  # every split has the same tag set
-    id2label = dict(enumerate(label_names))
     hvpnet_examples.limit_and_check_splits(raw, data_args, training_args)
 
+    data_labels = dict(enumerate(raw[next(iter(raw))].features["ner_tags"].feature.names))  # the same in every split
     processor, model = hvpnet_examples.load_processor_and_model(
-        HVPNetForTokenClassification, "ner", model_args, data_args, id2label
+        HVPNetForTokenClassification, "ner", model_args, data_args, data_labels
     )
+    hvpnet_examples.check_settings_fit_model(model, data_args)
+    raw = hvpnet_examples.labels_of_model(raw, "ner_tags", model)
+    id2label = model.config.id2label
     encoded = hvpnet_examples.encode_splits(raw, processor, data_args, training_args, "Tokenizing and aligning labels")
     gold_tags = {split: [[id2label[tag] for tag in tags] for tags in raw[split]["ner_tags"]] for split in raw}
 

@@ -101,15 +101,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     push_to_hub = hvpnet_examples.start_run(training_args)
 
     raw = load_raw_datasets(data_args)
-    label_names = raw[next(iter(raw))].features["relation"].names
-    id2label = dict(enumerate(label_names))
-    if NO_RELATION not in label_names:
-        raise ValueError(f"the relation labels {label_names} lack {NO_RELATION!r}, which the metric leaves out")
     hvpnet_examples.limit_and_check_splits(raw, data_args, training_args)
 
+    data_labels = dict(enumerate(raw[next(iter(raw))].features["relation"].names))
     processor, model = hvpnet_examples.load_processor_and_model(
-        HVPNetForSequenceClassification, "re", model_args, data_args, id2label
+        HVPNetForSequenceClassification, "re", model_args, data_args, data_labels
     )
+    hvpnet_examples.check_settings_fit_model(model, data_args)
+    raw = hvpnet_examples.labels_of_model(raw, "relation", model)
+    label_names = raw[next(iter(raw))].features["relation"].names
+    if NO_RELATION not in label_names:
+        raise ValueError(f"the relation labels {label_names} lack {NO_RELATION!r}, which the metric leaves out")
     encoded = hvpnet_examples.encode_splits(raw, processor, data_args, training_args, "Tokenizing with entity markers")
 
     compute_metrics = build_compute_metrics(label_names.index(NO_RELATION), len(label_names))

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from .configuration_hvpnet import HVPNetConfig
+from .file_utils import check_output_dir
 from .model_card import push_output_dir_to_hub
 from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetPreTrainedModel
 from .processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
@@ -300,7 +301,7 @@ def convert(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["ner", "re"], required=True)
     parser.add_argument("--checkpoint", required=True, help="the state_dict saved by the original code")
     parser.add_argument("--text_model", required=True, help="the BERT the checkpoint was trained from (name or path)")
@@ -310,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rel2id is not None and args.task != "re":
         parser.error("--rel2id applies to --task re only")
+    check_output_dir(args.output_dir, "--output_dir")
     convert(args.task, args.checkpoint, args.text_model, args.output_dir, args.rel2id, args.push_to_hub)
     print(f"Saved to {args.output_dir}")
 

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .file_utils import atomic_write
+from .file_utils import atomic_write, check_output_dir
 from .image_processing_hvpnet import load_image
 from .loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset, split_of_file
 from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
@@ -44,7 +44,11 @@ _SPLIT_FOLDER = {split: aliases[0] for split, aliases in SPLIT_ALIASES.items()}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hvpnet_hf.extract_objects", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hvpnet_hf.extract_objects",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--input", required=True, help="data file (Twitter IMGID: blocks or MNRE lines)")
     parser.add_argument("--image_dir", required=True, help="folder of the images the data file names")
     parser.add_argument("--output_dir", required=True, help="folder for <split>/crops/ and the crop map")
@@ -56,7 +60,23 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_overlap", type=float, default=0.5, help="IoU above which a box is a duplicate")
     parser.add_argument("--save_every", type=int, default=50, help="images between two writes of the crop map")
     parser.add_argument("--device", default=None, help="device of the detector, e.g. cuda:0 (default: CPU)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("num_objects", "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuses, before the detector is loaded, an input file, image folder or output folder the command cannot use,
+    and an input whose split is neither given nor in its name."""
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input} is not a file")
+    if not Path(args.image_dir).is_dir():
+        raise NotADirectoryError(f"--image_dir {args.image_dir} is not a folder")
+    check_output_dir(args.output_dir, "--output_dir")
+    if args.split is None:
+        split_of(Path(args.input))
 
 
 def split_of(path: Path) -> str:
@@ -167,6 +187,7 @@ def _check_settings(path: Path, settings: dict) -> None:
 def run(argv: list[str] | None = None) -> dict[str, int]:
     """Runs the command with `argv`; returns the counts of `extract_objects`."""
     args = parse_arguments(argv)
+    check_paths(args)
     cropper = ObjectCropper(
         args.detector,
         num_objects=args.num_objects,

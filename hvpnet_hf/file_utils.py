@@ -1,4 +1,7 @@
-"""Writing files so that a reader (or a run after a crash) sees either the old file or the whole new one."""
+"""
+Writing files so that a reader (or a run after a crash) sees either the old file or the whole new one, and checking
+the output paths a command is given before it starts its work.
+"""
 
 import contextlib
 import os
@@ -23,4 +26,24 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-__all__ = ["atomic_write"]
+def check_output_file(path: str | os.PathLike, setting: str) -> None:
+    """
+    Refuses an output file that `setting` names when it could not be written: an existing folder, or a file in a
+    folder that does not exist (it is not created, so that a mistyped path is not taken for a new folder).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{setting} {path} is a folder; name the file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{setting} {path}: the folder {path.parent} does not exist")
+
+
+def check_output_dir(path: str | os.PathLike, setting: str) -> None:
+    """Refuses an output folder that `setting` names when it is an existing file (a missing folder is created)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{setting} {path}: {folder} is a file, not a folder")
+
+
+__all__ = ["atomic_write", "check_output_dir", "check_output_file"]

@@ -513,12 +513,63 @@ def _crop_map_keys(crop_map: Mapping, examples: list[_Example], where) -> Sequen
     return indices
 
 
+def labels_on_model_ids(examples: Dataset, column: str, id2label: Mapping[int, str], model: str) -> Dataset:
+    """
+    `examples` with the labels of `column` (a `ClassLabel`, or a list of them for NER tags) re-encoded by name onto
+    the ids of the model's `id2label`, so that a model's ids are read with its own label names. A label of the data
+    that the model does not know is an error naming it: the model can never predict it, so its scores would be
+    wrong. (`Dataset.align_labels_with_mapping` is not used: it fails on a list of labels and matches names
+    case-insensitively.)
+    """
+    feature = examples.features[column]
+    is_list = isinstance(feature, List)
+    names = (feature.feature if is_list else feature).names
+    model_names = [id2label[index] for index in range(len(id2label))]
+    if names == model_names:
+        return examples
+    used = {tag for tags in examples[column] for tag in tags} if is_list else set(examples[column])
+    unknown = sorted({names[index] for index in used} - set(model_names))
+    if unknown:
+        raise ValueError(
+            f"the {examples.split} split has labels {unknown} that the model {model} does not know (its labels: "
+            f"{model_names}); evaluate or train it on data of its own labels"
+        )
+    new_ids = [model_names.index(name) if name in model_names else -1 for name in names]
+    features = examples.features.copy()
+    features[column] = List(ClassLabel(names=model_names)) if is_list else ClassLabel(names=model_names)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        if is_list:
+            return {column: [[new_ids[tag] for tag in tags] for tags in batch[column]]}
+        return {column: [new_ids[label] for label in batch[column]]}
+
+    return examples.map(encode, batched=True, features=features, desc="Labels on the model's ids")
+
+
+def check_images_found(
+    examples: Dataset, source: str, image_dir: str | os.PathLike, setting: str, text_only: str
+) -> None:
+    """
+    Stops when not a single image of `examples` (read from `source`) was found in `image_dir`, given as `setting`:
+    the folder is wrong.
+    Masking some missing files is a counted fallback (see `hvpnet_hf.loading`); masking all of them would silently
+    give text-only results. `text_only` says how to ask for those.
+    """
+    if len(examples) and all(path is None for path in examples["image"]):
+        raise FileNotFoundError(
+            f"none of the {len(examples)} images of {source} was found in {setting} {image_dir} "
+            f"(looked for e.g. {Path(image_dir) / examples[0]['image_id']}); check the folder, or {text_only}"
+        )
+
+
 __all__ = [
     "MNER_LABELS",
     "NO_RELATION",
     "SPLIT_ALIASES",
+    "check_images_found",
     "find_object_maps",
     "find_release_layout",
+    "labels_on_model_ids",
     "load_mner_dataset",
     "load_mre_dataset",
     "split_folders",

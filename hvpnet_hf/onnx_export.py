@@ -19,6 +19,7 @@ from torch import nn
 from torchcrf import CRF
 
 from .configuration_hvpnet import HVPNetConfig
+from .file_utils import check_output_dir
 from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, _word_positions
 from .processing_hvpnet import HVPNetProcessor
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="folder written by save_pretrained (model and processor)")
     parser.add_argument("--output", required=True, help="folder for model.onnx, hvpnet_onnx.json and the processor")
     args = parser.parse_args(argv)
+    check_output_dir(args.output, "--output")
     export_onnx(args.model, args.output)
     print(f"wrote {Path(args.output) / ONNX_FILE}, {METADATA_FILE} and the processor")
 

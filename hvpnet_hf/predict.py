@@ -21,6 +21,11 @@ labels are only copied to the output; when they are present the entity or relati
 
 `--dtype bfloat16` loads the model in bfloat16; `--num_workers N` reads, decodes and tokenises the examples in N
 worker processes while the model runs.
+
+Before the model runs, the command refuses an `--output` it could not write (a folder, or a file in a folder that
+does not exist), a `--top_k` above the model's number of relations (and `--top_k` or `--rel2id` for an NER
+model), and an `--image_dir` that holds none of the input's images (leave it out to predict from the text only;
+some missing images are masked and counted).
 """
 
 import argparse
@@ -33,9 +38,18 @@ from typing import Any
 import evaluate
 import torch
 from datasets import Dataset, DatasetDict
-from transformers import pipeline
+from transformers import AutoConfig, pipeline
 
-from .loading import NO_RELATION, find_object_maps, load_mner_dataset, load_mre_dataset, split_folders, split_of_file
+from .file_utils import check_output_file
+from .loading import (
+    NO_RELATION,
+    check_images_found,
+    find_object_maps,
+    load_mner_dataset,
+    load_mre_dataset,
+    split_folders,
+    split_of_file,
+)
 from .metrics import metric_path
 from .pipelines import task_of  # importing it registers "multimodal-ner" and "multimodal-re"
 from .prediction_files import write_ner_predictions, write_re_predictions
@@ -50,7 +64,9 @@ RE_INPUT_COLUMNS = {**NER_INPUT_COLUMNS, "head": "head", "tail": "tail"}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hvpnet-predict", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hvpnet-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="folder (or Hub id) of a trained HVPNeT model")
     parser.add_argument("--input", required=True, help="data file in the published format")
     parser.add_argument("--output", required=True, help="file to write the predictions to")
@@ -77,7 +93,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="processes that decode the images and tokenise while the model runs (0: all in this process)",
     )
     parser.add_argument("--top_k", type=int, default=None, help="RE: write the k most probable relations")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name, minimum in (("batch_size", 1), ("num_workers", 0), ("top_k", 1)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name} must be at least {minimum}, got {value}")
+    return args
 
 
 def bio_tags(entities: list[dict], num_words: int) -> list[str]:
@@ -124,10 +145,18 @@ def _of_split(found: Any, split: str | None, input_file: str, what: str) -> Any:
 
 
 def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:
-    """The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`)."""
-    return loader(
-        data_files={"test": args.input}, **input_sources(args), missing_images=args.missing_images, **task_arguments
+    """
+    The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`); an `--image_dir`
+    that holds none of their images is an error (see `check_images_found`).
+    """
+    sources = input_sources(args)
+    examples = loader(
+        data_files={"test": args.input}, **sources, missing_images=args.missing_images, **task_arguments
     )["test"]
+    if sources["image_dir"] is not None:
+        text_only = "leave --image_dir out to predict from the text only"
+        check_images_found(examples, f"--input {args.input}", sources["image_dir"], "--image_dir", text_only)
+    return examples
 
 
 class PipelineInputs(torch.utils.data.Dataset):
@@ -183,12 +212,31 @@ def predict_re(args: argparse.Namespace) -> dict[str, float]:
     )
 
 
+def check_arguments(args: argparse.Namespace, task: str) -> None:
+    """
+    Refuses, before any example is read, an output file that could not be written, and relation settings that the
+    model's task or relations do not allow.
+    """
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError(f"--output {args.output} would overwrite the input file")
+    check_output_file(args.output, "--output")
+    if task == "ner":
+        given = [f"--{name}" for name in ("top_k", "rel2id") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: settings of relation models, but {args.model} is an NER model")
+    if args.top_k is None:
+        return
+    num_relations = AutoConfig.from_pretrained(args.model).num_labels
+    if args.top_k > num_relations:
+        raise ValueError(f"--top_k must be at most {num_relations}, the relations of {args.model}; got {args.top_k}")
+
+
 def predict(argv: list[str] | None = None) -> dict[str, float]:
     """Runs the command with `argv`; returns the scores against the file's own labels."""
     args = parse_arguments(argv)
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise ValueError(f"--output {args.output} would overwrite the input file")
-    scores = predict_ner(args) if task_of(args.model) == "ner" else predict_re(args)
+    task = task_of(args.model)
+    check_arguments(args, task)
+    scores = predict_ner(args) if task == "ner" else predict_re(args)
     logger.info("wrote %s", args.output)
     if scores:
         print(json.dumps({name: round(value, 4) for name, value in scores.items()}))

@@ -11,7 +11,13 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from test_examples import run_mner, run_mre, text_model, tiny_flags  # noqa: F401  (text_model is a fixture)
+from test_examples import (  # noqa: F401  (text_model is a fixture)
+    model_predicting_one_label,
+    run_mner,
+    run_mre,
+    text_model,
+    tiny_flags,
+)
 from transformers import AutoModelForSequenceClassification
 
 import hvpnet_hf
@@ -144,3 +150,39 @@ def test_only_the_plotting_helper_imports_matplotlib():
     assert not any(
         isinstance(node, (ast.Import, ast.ImportFrom)) and "matplotlib" in ast.unparse(node) for node in plotting.body
     )
+
+
+@pytest.mark.parametrize("module", [attention, gates, robustness])
+def test_help_gives_the_whole_description(module, capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert " ".join(module.__doc__.split()) in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("module", [attention, gates, robustness])
+def test_arguments_are_checked_before_the_model_is_loaded(module, tmp_path, monkeypatch):
+    monkeypatch.setattr(module, "load_model", lambda *args: pytest.fail("loaded the model"))
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    cases = [
+        (["--output_dir", str(taken)], NotADirectoryError, "--output_dir .*taken: .*taken is a file"),
+        (["--data_file", str(tmp_path / "absent.txt")], FileNotFoundError, "--data_file .*absent.txt is not a file"),
+        (["--batch_size", "0"], ValueError, "--batch_size must be at least 1, got 0"),
+        (["--max_samples", "0"], ValueError, "--max_samples must be at least 1, got 0"),
+    ]
+    for flags, error, message in cases:
+        with pytest.raises(error, match=message):
+            module.main(["--model", "unused", "--output_dir", str(tmp_path / "out"), *flags])
+
+
+def test_robustness_reads_the_models_ids_with_its_own_label_names(text_model, tmp_path):  # noqa: F811
+    # The model's relation ids run in another order than the sample set's; it answers one relation whatever it reads.
+    examples = load_examples("re", argparse.Namespace(data_file=None, split="test", max_samples=10))
+    names = list(reversed(examples.features["relation"].names))
+    gold = [examples.features["relation"].int2str(relation) for relation in examples["relation"]]
+    answer = Counter(relation for relation in gold if relation != "None").most_common(1)[0][0]
+    model_dir = tmp_path / "mre"
+    model_predicting_one_label(run_mre, "re", text_model, model_dir, names, answer)
+
+    scores = robustness.main(["--model", str(model_dir), "--max_samples", "10", "--output_dir", str(tmp_path)])
+    assert scores["real images"]["precision"] == pytest.approx(gold.count(answer) / len(gold))

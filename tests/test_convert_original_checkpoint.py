@@ -26,6 +26,7 @@ from transformers import (
     DynamicCache,
 )
 
+import hvpnet_hf.convert_original_checkpoint
 from hvpnet_hf import (
     MNER_LABELS,
     HVPNetConfig,
@@ -628,3 +629,18 @@ def test_paper_and_original_modes_learn_the_sample_set(tmp_path, prefix_mode):
     # Measured: 33.9 -> 14.8 (pyramid) and 35.8 -> 15.5 (original) after six full-batch steps; 0.7 leaves room for
     # other machines' rounding while a model that does not learn stays near its initial loss.
     assert evaluation_loss() < 0.7 * initial
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_converting(tmp_path, monkeypatch):
+    monkeypatch.setattr(hvpnet_hf.convert_original_checkpoint, "convert", lambda *args: pytest.fail("converted"))
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    arguments = ["--task", "ner", "--checkpoint", "unused.pt", "--text_model", "unused", "--output_dir", str(taken)]
+    with pytest.raises(NotADirectoryError, match="--output_dir .*taken: .*taken is a file"):
+        main(arguments)
+
+
+def test_help_gives_the_whole_description(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert " ".join(hvpnet_hf.convert_original_checkpoint.__doc__.split()) in " ".join(capsys.readouterr().out.split())

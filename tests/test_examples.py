@@ -31,6 +31,7 @@ import hvpnet_hf
 from hvpnet_hf import HVPNetConfig, load_mner_dataset, sample_subset
 from hvpnet_hf.collating import HVPNetDataCollator
 from hvpnet_hf.metrics import metric_path
+from hvpnet_hf.prediction_files import read_conll
 from hvpnet_hf.sample_data import sample_paths
 
 # The drivers are scripts, not a package: their folders go on the path, as when each runs as `python <script>`.
@@ -523,7 +524,8 @@ def test_seeds_aggregate_every_run_and_resume(seed_report, monkeypatch):
 
     # Resuming: finished seeds are read back; only the seed without results runs.
     started = []
-    monkeypatch.setitem(runs.SCRIPTS, "ner", type("Script", (), {"main": started.append, "__file__": "run_mner.py"}))
+    script = {"main": started.append, "parse_arguments": run_mner.parse_arguments, "__file__": "run_mner.py"}
+    monkeypatch.setitem(runs.SCRIPTS, "ner", type("Script", (), script))
     again = seeds.main([CONFIG, "--seeds", "3", "5", "--output_dir", str(output_dir), *flags])
     assert started == [] and again["summary"] == report["summary"]
     with pytest.raises(RuntimeError, match="lacks eval_f1 or test_f1"):
@@ -617,3 +619,107 @@ def test_start_run_keeps_freed_memory_only_when_training(do_train, tmp_path, mon
     arguments = hvpnet_examples.ExampleTrainingArguments(output_dir=str(tmp_path), do_train=do_train, use_cpu=True)
     hvpnet_examples.start_run(arguments)
     assert calls == (["kept"] if do_train else [])
+
+
+def model_predicting_one_label(script, task: str, text_model: str, folder: Path, names: list[str], label: str) -> None:
+    """An untrained HVPNeT folder with the label names `names` (in that id order) that predicts `label` for every
+    word or pair: its classifier gives that label alone a score, and the CRF (NER) has no transition scores."""
+    model_class = (
+        hvpnet_hf.HVPNetForTokenClassification if task == "ner" else hvpnet_hf.HVPNetForSequenceClassification
+    )
+    save_untrained_model(script, task, model_class, text_model, folder, dict(enumerate(names)))
+    model = model_class.from_pretrained(folder)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.bias[names.index(label)] = 10.0
+        if task == "ner":
+            for transitions in (model.crf.start_transitions, model.crf.end_transitions, model.crf.transitions):
+                transitions.zero_()
+    model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_a_trained_model_is_read_with_its_own_label_names(text_model, tmp_path, task):
+    # The model's label ids run in another order than the data's: its ids must be read with its own names, in the
+    # prediction file and in the scores.
+    if task == "ner":
+        script, data_file, label = run_mner, Path(SAMPLE_NER["data_dir"]) / "test.txt", "B-PER"
+        names = list(reversed(hvpnet_hf.MNER_LABELS))
+        examples = load_mner_dataset(data_files={"test": str(data_file)})["test"]
+        data_names = examples.features["ner_tags"].feature.names
+        gold = [[data_names[tag] for tag in tags] for tags in examples["ner_tags"]]
+    else:
+        script, data_file, label = run_mre, Path(SAMPLE_RE["data_dir"]) / "mnre_test.txt", "/per/per/peer"
+        names = list(reversed(json.loads(Path(SAMPLE_RE["rel2id"]).read_text())))
+        examples = hvpnet_hf.load_mre_dataset(data_files={"test": str(data_file)})["test"]
+        data_names = examples.features["relation"].names  # without --rel2id_file: the data's, sorted
+        gold = [data_names[relation] for relation in examples["relation"]]
+    assert data_names.index(label) != names.index(label)
+    model_folder = tmp_path / "model"
+    model_predicting_one_label(script, task, text_model, model_folder, names, label)
+
+    flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--dataset", "my_data", "--test_file", str(data_file)]
+    flags += ["--model_name_or_path", str(model_folder), "--do_train", "false", "--do_eval", "false"]
+    flags += ["--max_predict_samples", "1000", "--max_seq_length", "128"]
+    results = script.main(flags)
+
+    if task == "ner":
+        sentences = read_conll(tmp_path / "evaluation" / "test_predictions.txt")
+        assert [sentence[1] for sentence in sentences] == gold
+        assert all(set(sentence[2]) == {label} for sentence in sentences)
+        predicted = [[label] * len(tags) for tags in gold]
+        expected = evaluate.load(metric_path("ner_seqeval")).compute(predictions=predicted, references=gold)
+        assert results["test_f1"] == pytest.approx(expected["f1"]) and expected["f1"] > 0
+    else:
+        records = [json.loads(line) for line in (tmp_path / "evaluation" / "test_predictions.jsonl").open()]
+        assert [record["gold"] for record in records] == gold
+        assert {record["predicted"] for record in records} == {label}
+        assert results["test_precision"] == pytest.approx(gold.count(label) / len(gold))
+
+
+def test_a_data_label_the_trained_model_lacks_is_an_error(text_model, tmp_path):
+    model_folder = tmp_path / "model"
+    model_predicting_one_label(run_mre, "re", text_model, model_folder, ["None", "/per/per/peer"], "None")
+    flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--dataset", "my_data"]
+    flags += ["--test_file", str(Path(SAMPLE_RE["data_dir"]) / "mnre_test.txt"), "--max_predict_samples", "1000"]
+    flags += ["--model_name_or_path", str(model_folder), "--do_train", "false", "--do_eval", "false"]
+    with pytest.raises(
+        ValueError, match=f"the test split has labels .*'/org/org/subsidiary'.* the model {model_folder}"
+    ):
+        run_mre.main(flags)
+
+
+def test_max_seq_length_beyond_the_text_model_is_refused_before_tokenizing(text_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(hvpnet_examples, "encode_splits", lambda *args: pytest.fail("tokenized"))
+    with pytest.raises(ValueError, match="max_seq_length must be at most 512, .* got 600"):
+        run_mner.main([*tiny_flags(text_model, tmp_path / "run"), "--max_seq_length", "600"])
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(text_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(hvpnet_examples, "load_splits", lambda *args, **kwargs: pytest.fail("loaded the data"))
+    output_file = tmp_path / "results.txt"
+    output_file.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=f"output_dir {output_file}/run: {output_file} is a file"):
+        run_mner.main(tiny_flags(text_model, output_file / "run"))
+
+
+@pytest.mark.parametrize("script", [demo, seeds, ablations, low_resource, cross_task])
+def test_help_gives_the_whole_description(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    assert " ".join(script.__doc__.split()) in " ".join(capsys.readouterr().out.split())
+
+
+def test_paper_analyses_check_their_settings_before_the_first_run(text_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "run_script", lambda *args: pytest.fail("a run started"))
+    monkeypatch.setattr(cross_task, "run_script", lambda *args: pytest.fail("a run started"))
+    flags = run_flags(text_model, tmp_path)
+    with pytest.raises(ValueError, match=r"sample_ratio must be in \(0, 1\], got 1.5"):
+        low_resource.main([CONFIG, "--ratios", "0.5", "1.5", "--output_dir", str(tmp_path / "low"), *flags])
+    with pytest.raises(ValueError, match="max_seq_length must be at least 1, got 0"):
+        ablations.main(
+            [CONFIG, "--variants", "flat", "--output_dir", str(tmp_path / "ab"), *flags, "--max_seq_length", "0"]
+        )
+    with pytest.raises(OSError, match=str(tmp_path / "absent")):
+        cross_task.main([CONFIG, "--source", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "ct"), *flags])

@@ -22,6 +22,7 @@ from transformers import (
     pipeline,
 )
 
+import hvpnet_hf.extract_objects
 import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
 from hvpnet_hf import HVPNetProcessor, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.extract_objects import extract_objects, image_queries, run, split_of
@@ -450,3 +451,31 @@ def test_re_pipeline_queries_the_head_and_tail(owl_detector, tmp_path, monkeypat
     example = {"words": ["Alice", "visits", "Acme", "Corp"], "head": (0, 1), "tail": (2, 4), "image": picture()}
     assert relation(example)["relation"]
     assert asked == [["Alice", "Acme Corp", *GENERIC_QUERIES]]
+
+
+def test_paths_are_checked_before_the_detector_is_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(hvpnet_hf.extract_objects, "ObjectCropper", lambda *args, **kwargs: pytest.fail("loaded"))
+    data = tmp_path / "test.txt"
+    data.write_text("IMGID:1\nhello\tO\n\n", encoding="utf-8")
+    (tmp_path / "taken").write_text("a file", encoding="utf-8")
+    arguments = ["--input", str(data), "--image_dir", str(tmp_path), "--output_dir", str(tmp_path / "objects")]
+    cases = [
+        (["--input", str(tmp_path / "absent.txt")], FileNotFoundError, "--input .*absent.txt is not a file"),
+        (["--image_dir", str(data)], NotADirectoryError, "--image_dir .*test.txt is not a folder"),
+        (["--output_dir", str(tmp_path / "taken")], NotADirectoryError, "--output_dir .*taken: .*taken is a file"),
+    ]
+    for override, error, message in cases:
+        with pytest.raises(error, match=message):
+            run([*arguments, *override])
+    data.rename(tmp_path / "tweets.txt")
+    with pytest.raises(ValueError, match="cannot tell the split from the file name tweets.txt"):
+        run([*arguments, "--input", str(tmp_path / "tweets.txt")])
+    assert not (tmp_path / "objects").exists()
+    with pytest.raises(SystemExit):
+        run([*arguments, "--save_every", "0"])
+
+
+def test_help_gives_the_whole_description(capsys):
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    assert " ".join(hvpnet_hf.extract_objects.__doc__.split()) in " ".join(capsys.readouterr().out.split())

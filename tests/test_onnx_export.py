@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import hvpnet_hf.onnx_export
 from hvpnet_hf import HVPNetConfig, HVPNetProcessor
 from hvpnet_hf.onnx_export import METADATA_FILE, ONNX_FILE, HVPNetOnnxModel, export_onnx, load_task_model, main
 
@@ -128,3 +129,11 @@ def test_a_folder_without_a_task_model_is_refused(tmp_path):
     HVPNetConfig().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="expected an HVPNeT NER or RE model"):
         load_task_model(tmp_path)
+
+
+def test_an_output_that_is_a_file_is_refused_before_exporting(tmp_path, monkeypatch):
+    monkeypatch.setattr(hvpnet_hf.onnx_export, "export_onnx", lambda *args: pytest.fail("exported"))
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(NotADirectoryError, match="--output .*taken: .*taken is a file"):
+        main(["--model", "unused", "--output", str(taken)])

@@ -270,3 +270,53 @@ def test_relation_workers_and_bfloat16_keep_one_record_per_line_in_order(tiny_re
         records = [json.loads(line) for line in (tmp_path / f"{dtype}.jsonl").read_text().splitlines()]
         assert [record["id"] for record in records] == examples["test"]["id"]
         assert all(record["predicted"] in RELATIONS for record in records)
+
+
+@pytest.fixture
+def no_model_run(monkeypatch):
+    """Fails the test if the command loads a model to predict."""
+    monkeypatch.setattr(hvpnet_hf.predict, "pipeline", lambda *args, **kwargs: pytest.fail("the model ran"))
+
+
+def test_an_image_dir_without_the_inputs_images_is_an_error(tiny_ner_dir, tmp_path, no_model_run):
+    empty = tmp_path / "images"
+    empty.mkdir()
+    output = tmp_path / "out.txt"
+    with pytest.raises(
+        FileNotFoundError, match=f"none of the 100 images of --input .* was found in --image_dir {empty}"
+    ):
+        predict(["--model", tiny_ner_dir, "--input", f"{SAMPLE}/twitter/test.txt", "--image_dir", str(empty),
+                 "--output", str(output)])  # fmt: skip
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "output, error, message",
+    [
+        ("missing/out.txt", FileNotFoundError, "--output .*missing/out.txt: the folder .*missing does not exist"),
+        ("", IsADirectoryError, "--output .* is a folder; name the file to write"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_first(tiny_ner_dir, tmp_path, output, error, message):
+    with pytest.raises(error, match=message):
+        predict(["--model", tiny_ner_dir, "--input", f"{SAMPLE}/twitter/test.txt", "--output", str(tmp_path / output)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relation_settings_the_model_cannot_use_are_refused(tiny_re_dir, tiny_ner_dir, tmp_path, no_model_run):
+    arguments = ["--input", f"{SAMPLE}/mnre/txt/mnre_test.txt", "--output", str(tmp_path / "out.jsonl")]
+    with pytest.raises(ValueError, match=f"--top_k must be at most 4, the relations of {tiny_re_dir}; got 5"):
+        predict(["--model", tiny_re_dir, *arguments, "--top_k", "5"])
+    with pytest.raises(ValueError, match=f"--top_k: settings of relation models, but {tiny_ner_dir} is an NER model"):
+        predict(["--model", tiny_ner_dir, *arguments, "--top_k", "1"])
+    with pytest.raises(ValueError, match="--top_k and --rel2id: settings of relation models"):
+        predict(["--model", tiny_ner_dir, *arguments, "--top_k", "1", "--rel2id", f"{SAMPLE}/mnre/mnre_rel2id.json"])
+    for flag, value in (("--batch_size", "0"), ("--num_workers", "-1"), ("--top_k", "0")):
+        with pytest.raises(SystemExit):
+            parse_arguments(["--model", tiny_re_dir, *arguments, flag, value])
+
+
+def test_help_gives_the_whole_description(capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(["--help"])
+    assert " ".join(hvpnet_hf.predict.__doc__.split()) in " ".join(capsys.readouterr().out.split())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hvpnet_hf.analysis.reporting import write_report
 
-from runs import run_seeds, seed_count, summarise, summary_table, training_parser
+from runs import check_script_arguments, run_seeds, seed_count, summarise, summary_table, training_parser
 
 # name: (row label, flags of the training script), in the order of the paper's table.
 VARIANTS = {
@@ -26,11 +26,13 @@ VARIANTS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = training_parser(__doc__.strip().splitlines()[0], "outputs/ablations")
+    parser = training_parser(__doc__, "outputs/ablations")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args, script_flags = parser.parse_known_args(argv)
     output_dir = Path(args.output_dir)
     report = {"config": args.config, "flags": script_flags, "variants": {}}
+    for name in args.variants:
+        check_script_arguments(args.task, [args.config, *script_flags, *VARIANTS[name][1]])
     rows = {}
     for name in args.variants:
         label, variant_flags = VARIANTS[name]

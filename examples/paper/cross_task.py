@@ -19,10 +19,10 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hvpnet_hf.analysis.data import load_model
 from hvpnet_hf.analysis.reporting import format_score, write_report
-from hvpnet_hf.pipelines import PIPELINE_FOR_TASK
+from hvpnet_hf.pipelines import PIPELINE_FOR_TASK, task_of
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 
-from runs import run_script, seed_count, summarise, training_parser
+from runs import check_script_arguments, run_script, seed_count, summarise, training_parser
 
 # Settings the source and target models must share for the source weights to mean the same thing.
 SHARED_SETTINGS = (
@@ -117,9 +117,11 @@ def module_counts(names: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = training_parser(__doc__.strip().splitlines()[0], "outputs/cross_task")
+    parser = training_parser(__doc__, "outputs/cross_task")
     parser.add_argument("--source", required=True, help="folder of a model trained on the other task")
     args, script_flags = parser.parse_known_args(argv)
+    check_script_arguments(args.task, [args.config, *script_flags])
+    task_of(args.source)  # an error naming the folder unless it holds an HVPNeT model
     output_dir = Path(args.output_dir)
     scratch, transferred, transfers = {}, {}, {}
     for seed in args.seeds:

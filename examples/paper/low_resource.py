@@ -13,7 +13,7 @@ from pathlib import Path
 from hvpnet_hf.analysis.plotting import pyplot
 from hvpnet_hf.analysis.reporting import format_score, write_report
 
-from runs import run_seeds, summarise, training_parser
+from runs import check_script_arguments, run_seeds, summarise, training_parser
 
 # folder: (label, flags of the training script)
 MODELS = {"image_aware": ("image-aware", []), "text_only": ("text-only (images masked)", ["--mask_images", "true"])}
@@ -39,11 +39,14 @@ def plot(curves: dict[str, dict[float, dict]], split: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = training_parser(__doc__.strip().splitlines()[0], "outputs/low_resource")
+    parser = training_parser(__doc__, "outputs/low_resource")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(PAPER_RATIOS))
     args, script_flags = parser.parse_known_args(argv)
     output_dir = Path(args.output_dir)
     ratios = sorted(args.ratios)
+    for _, model_flags in MODELS.values():
+        for ratio in ratios:
+            check_script_arguments(args.task, [args.config, *script_flags, *model_flags, "--sample_ratio", str(ratio)])
     curves: dict[str, dict[float, dict]] = {}
     report = {"config": args.config, "flags": script_flags, "models": {}}
     for folder_name, (model, model_flags) in MODELS.items():

@@ -63,6 +63,12 @@ def run_script(task: str, output_dir: Path, arguments: Sequence[str]) -> dict[st
     return results
 
 
+def check_script_arguments(task: str, arguments: Sequence[str]) -> None:
+    """Reads `arguments` (a config file, then flags) as the task's script will, so that a setting it refuses stops
+    the analysis before its first run rather than after some runs have finished."""
+    SCRIPTS[task].parse_arguments([*arguments, "--output_dir", "unused"])
+
+
 def run_seeds(
     task: str, arguments: Sequence[str], seeds: Sequence[int], output_dir: Path
 ) -> dict[int, dict[str, float]]:
@@ -109,9 +115,13 @@ def single_run_summary(results: Mapping[str, float]) -> Summary:
 
 
 def training_parser(description: str, default_output_dir: str) -> argparse.ArgumentParser:
-    """The arguments every training analysis takes; the flags it does not know go to the training script."""
+    """
+    The arguments every training analysis takes, after its `description` (its module docstring, printed as written);
+    the flags it does not know go to the training script.
+    """
     parser = argparse.ArgumentParser(
         description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # so that a script flag such as --seed is never read as an abbreviation of --seeds
         epilog="Any other flag is passed on to the training script (e.g. --num_train_epochs 3).",
     )

@@ -11,13 +11,22 @@ from pathlib import Path
 
 from hvpnet_hf.analysis.reporting import write_report
 
-from runs import run_seeds, seed_count, single_run_summary, summarise, summary_table, training_parser
+from runs import (
+    check_script_arguments,
+    run_seeds,
+    seed_count,
+    single_run_summary,
+    summarise,
+    summary_table,
+    training_parser,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = training_parser(__doc__.strip().splitlines()[0], "outputs/seeds")
+    parser = training_parser(__doc__, "outputs/seeds")
     args, script_flags = parser.parse_known_args(argv)
     output_dir = Path(args.output_dir)
+    check_script_arguments(args.task, [args.config, *script_flags])
     runs = run_seeds(args.task, [args.config, *script_flags], args.seeds, output_dir)
     summary = summarise(runs)
     rows = {f"seed {seed}": single_run_summary(results) for seed, results in runs.items()}

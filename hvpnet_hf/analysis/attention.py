@@ -15,7 +15,7 @@ from datasets import Dataset
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
 from ..pipelines import bio_entities
-from .data import add_data_arguments, load_examples, load_model
+from .data import add_data_arguments, check_arguments, load_examples, load_model
 from .gates import slot_presence
 from .plotting import pyplot
 from .reporting import write_report
@@ -149,11 +149,12 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--index", type=int, help="example of the split (default: the first with an image and entity)")
     parser.add_argument("--output_dir", default="outputs/attention")
     args = parser.parse_args(argv)
+    check_arguments(args)
     task, processor, model = load_model(args.model, attn_implementation="eager")
     examples = load_examples(task, args)
     index = first_example_with_entities_and_images(examples, task) if args.index is None else args.index

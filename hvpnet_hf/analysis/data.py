@@ -5,6 +5,7 @@ of a data file in the published format, and batches of model inputs that keep th
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
+from ..file_utils import check_output_dir
 from ..loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset
 from ..pipelines import PIPELINE_FOR_TASK, task_of
 from ..processing_hvpnet import HVPNetProcessor
@@ -29,6 +31,18 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rel2id", help="with --data_file (RE): JSON {relation: id} of the data set")
     parser.add_argument("--max_samples", type=int, help="only the first N examples (a quick look at a large split)")
     parser.add_argument("--batch_size", type=int, default=16)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses, before the model is loaded, sizes out of range, a `--data_file` that is not a file and an
+    `--output_dir` that is a file."""
+    for name in ("batch_size", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    if args.data_file is not None and not Path(args.data_file).is_file():
+        raise FileNotFoundError(f"--data_file {args.data_file} is not a file")
+    check_output_dir(args.output_dir, "--output_dir")
 
 
 def load_examples(task: str, args: argparse.Namespace) -> Dataset:

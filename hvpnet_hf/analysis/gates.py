@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .data import add_data_arguments, batches, load_examples, load_model
+from .data import add_data_arguments, batches, check_arguments, load_examples, load_model
 from .plotting import pyplot
 from .reporting import write_report
 
@@ -101,10 +101,11 @@ def plot(gates: dict[str, dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--output_dir", default="outputs/gates")
     args = parser.parse_args(argv)
+    check_arguments(args)
     task, processor, model = load_model(args.model)
     gates = mean_gates(model, processor, load_examples(task, args), args.batch_size)
     output_dir = Path(args.output_dir)

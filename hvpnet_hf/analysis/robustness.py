@@ -19,10 +19,10 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 
-from ..loading import NO_RELATION
+from ..loading import NO_RELATION, labels_on_model_ids
 from ..metrics import align_word_predictions, metric_path
 from ..processing_hvpnet import HVPNetProcessor
-from .data import add_data_arguments, batches, load_examples, load_model
+from .data import add_data_arguments, batches, check_arguments, load_examples, load_model
 from .reporting import format_score, write_report
 
 
@@ -91,13 +91,15 @@ def score(
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="draws which example's images each example gets")
     parser.add_argument("--output_dir", default="outputs/robustness")
     args = parser.parse_args(argv)
+    check_arguments(args)
     task, processor, model = load_model(args.model)
-    examples = load_examples(task, args)
+    column = "ner_tags" if task == "ner" else "relation"
+    examples = labels_on_model_ids(load_examples(task, args), column, model.config.id2label, args.model)
     conditions = {
         "real images": (examples, None),
         "images shuffled across examples": (shuffle_images(examples, args.seed), None),
