@@ -16,7 +16,10 @@ by score (highest first; ties by box coordinates, then label), so the same image
 crops. An image where nothing is found gives no crops (its object slots are masked by the model).
 
 Images are read and converted as the image processor reads them (`load_image`, `to_rgb_image`: RGB, upright by
-their EXIF orientation), so the boxes are cut from the picture the model sees as the global image.
+their EXIF orientation), so the boxes are cut from the picture the model sees as the global image. An image longer
+than `DETECTION_MAX_SIDE` pixels on a side is given to the detector scaled down, so that no shape of image (a strip
+of 40000 x 1 pixels, which a detector padding to a square would make 40000 x 40000) grows its memory without bound;
+an image without pixels gets no crops.
 
 This module imports only torch, torchvision, numpy, PIL, transformers and the image processing module, so the
 pipelines can use it as remote code.
@@ -41,6 +44,10 @@ DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 # and things that the entities of tweets and MNRE sentences mostly are.
 GENERIC_QUERIES = ("a person", "a building", "a logo", "an animal", "a vehicle")
 MAX_TEXT_QUERIES = 6
+# The longest side of the image a detector is given: larger images are scaled down for detection (their boxes scaled
+# back), so a detector that pads images to a square (OWLv2) needs at most this squared whatever the image's shape.
+# 12-megapixel photos (4032 x 3024) are given as they are; the detectors above read images at 1333 pixels or less.
+DETECTION_MAX_SIDE = 4096
 # Capitalised words that name nothing: sentence-initial function words and Twitter markers.
 STOP_WORDS = frozenset(
     "a an and are as at be but by for from he her his i if in is it its me my no not of on or our rt she so that the "
@@ -142,16 +149,27 @@ class ObjectCropper:
         }
 
     def detect(self, image: Image.Image, queries: Sequence[str] = ()) -> list[DetectedObject]:
-        """The kept objects of `image`, best first; `queries` are needed by (and only used for) zero-shot detectors."""
+        """
+        The kept objects of `image`, best first; `queries` are needed by (and only used for) zero-shot detectors. An
+        image longer than `DETECTION_MAX_SIDE` on a side is detected in scaled down; its boxes are in its own pixels.
+        """
+        if self.zero_shot and not queries:
+            raise ValueError("a zero-shot detector needs at least one query")
+        scale = min(1.0, DETECTION_MAX_SIDE / max(image.size))
+        seen = image
+        if scale < 1:
+            seen = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+            )
         if self.zero_shot:
-            if not queries:
-                raise ValueError("a zero-shot detector needs at least one query")
-            found = self.detector(image, candidate_labels=list(queries), threshold=self.threshold)
+            found = self.detector(seen, candidate_labels=list(queries), threshold=self.threshold)
         else:
-            found = self.detector(image, threshold=self.threshold)
+            found = self.detector(seen, threshold=self.threshold)
+        to_image = {"x": image.width / seen.width, "y": image.height / seen.height}
         candidates = []
         for item in found:
-            box = _clip(item["box"], image.width, image.height)
+            box = {key: value * to_image[key[0]] for key, value in item["box"].items()}
+            box = _clip(box, image.width, image.height)
             large_enough = min(box[2] - box[0], box[3] - box[1]) >= self.min_size
             if large_enough and item["score"] >= self.threshold:
                 candidates.append(DetectedObject(float(item["score"]), box, str(item["label"])))
@@ -159,8 +177,13 @@ class ObjectCropper:
         return self._without_duplicates(candidates)
 
     def crops(self, image: Image.Image | np.ndarray, queries: Sequence[str] = ()) -> list[Image.Image]:
-        """Up to `num_objects` RGB crops of `image` (made upright and RGB by `to_rgb_image` first), best first."""
+        """
+        Up to `num_objects` RGB crops of `image` (made upright and RGB by `to_rgb_image` first), best first; none for
+        an image without pixels (what happens to it is the processor's `missing_images` policy).
+        """
         image = to_rgb_image(image)
+        if 0 in image.size:
+            return []
         return [image.crop(found.box) for found in self.detect(image, queries)]
 
     def crops_for_text(
@@ -222,4 +245,11 @@ def _clip(box: Mapping[str, float], width: int, height: int) -> tuple[int, int, 
     return xmin, ymin, xmax, ymax
 
 
-__all__ = ["DEFAULT_DETECTOR", "GENERIC_QUERIES", "DetectedObject", "ObjectCropper", "text_queries"]
+__all__ = [
+    "DEFAULT_DETECTOR",
+    "DETECTION_MAX_SIDE",
+    "GENERIC_QUERIES",
+    "DetectedObject",
+    "ObjectCropper",
+    "text_queries",
+]

@@ -50,6 +50,8 @@ from transformers import (
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
+from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
+from transformers.utils import PROCESSOR_NAME
 
 from .object_detection import ObjectCropper, object_cropper_for
 from .processing_hvpnet import HVPNetProcessor, ner_word_positions
@@ -83,10 +85,16 @@ class _HVPNetPipeline(Pipeline):
 
     def __init__(self, model, processor: HVPNetProcessor | None = None, **kwargs):
         if processor is None:
-            processor = HVPNetProcessor.from_pretrained(model.name_or_path)
+            processor = _saved_processor(model.name_or_path)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
         self.model.eval()  # the NER head decodes tags in eval mode only
         self._check_max_length(self.processor.max_length)
+
+    def __call__(self, inputs, *args, **kwargs):
+        # transformers' `Pipeline.__call__` reads the first element of a list: an empty list gives no results.
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Saves the model (which records this pipeline and copies its code) and the processor."""
@@ -247,7 +255,9 @@ class MultimodalNerPipeline(_HVPNetPipeline):
             **self._object_parameters(objects, detector),
         }
         if stride is not None:
-            preprocess["stride"] = stride
+            if isinstance(stride, bool) or not isinstance(stride, Integral):
+                raise ValueError(f"stride must be an integer, got {stride!r}")
+            preprocess["stride"] = int(stride)
         return preprocess, {}, {}
 
     def preprocess(
@@ -259,6 +269,8 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
         example = self._check_input({"text": inputs} if isinstance(inputs, str) else inputs)
+        if "words" in example and "text" in example:
+            raise ValueError("a multimodal-ner input takes 'text' or 'words', not both")
         if "words" in example:
             words, offsets = list(example["words"]), None
         elif "text" in example:
@@ -335,7 +347,9 @@ class MultimodalRePipeline(_HVPNetPipeline):
         detector=None,
         **kwargs,
     ):
-        postprocess = {"top_k": top_k} if top_k is not None else {}
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        postprocess = {"top_k": int(top_k)} if top_k is not None else {}
         preprocess = {
             **self._preprocess_parameters(max_length, missing_images),
             **self._object_parameters(objects, detector),
@@ -424,6 +438,27 @@ def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike
     }
     os.makedirs(save_directory, exist_ok=True)
     custom_object_save(pipeline_class, save_directory)
+
+
+def _saved_processor(model_name: str) -> HVPNetProcessor:
+    """
+    The processor saved with the model `model_name` (a folder or Hub id); a folder without it is an error naming
+    the missing files, before the tokenizer's own error for them (which suggests installing libraries).
+    """
+    if not model_name:
+        raise ValueError("this model was not loaded from a folder or the Hub: pass its processor (processor=...)")
+    if os.path.isdir(model_name):
+        missing = [
+            name
+            for name in (PROCESSOR_NAME, TOKENIZER_CONFIG_FILE)
+            if not os.path.isfile(os.path.join(model_name, name))
+        ]
+        if missing:
+            raise ValueError(
+                f"{model_name} holds no HVPNeT processor (missing {', '.join(missing)}): save it with the model, "
+                f"processor.save_pretrained({model_name!r})"
+            )
+    return HVPNetProcessor.from_pretrained(model_name)
 
 
 def _span(span: Sequence[int] | Mapping, role: str, num_words: int) -> dict[str, int]:

@@ -300,18 +300,23 @@ class HVPNetProcessor(ProcessorMixin):
         predicted_tags: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
         word_ids: Sequence[int] | Sequence[Sequence[int]],
         num_words: int,
+        id2label: Mapping[int, str] | None = None,
     ) -> list[int]:
         """
         Maps per-token predictions back to one tag id per word, using the `word_ids` of `encode_ner` or
         `encode_ner_windows`: one row (T,) or one row per window (W, T). A word seen by several windows takes its tag
         from the window where it is farthest from a cut (see `ner_word_positions`); a word no row saw (cut by
-        truncation) gets tag 0 (`"O"`), so it still counts in word-level metrics.
+        truncation) gets the id of `"O"`, so it still counts in word-level metrics: its id in `id2label` (the
+        model's `config.id2label`), or without it in `MNER_LABELS` (0).
         """
+        labels = dict(id2label) if id2label is not None else dict(enumerate(MNER_LABELS))
+        outside = next((int(tag) for tag, name in labels.items() if name == "O"), None)
+        if outside is None:
+            raise ValueError(f"id2label has no 'O' label to give the words no row saw: {sorted(labels.values())}")
         predicted_tags = predicted_tags.tolist() if isinstance(predicted_tags, torch.Tensor) else predicted_tags
         word_ids = word_ids.tolist() if isinstance(word_ids, torch.Tensor) else word_ids
         if len(word_ids) and not isinstance(word_ids[0], Sequence):
             predicted_tags, word_ids = [predicted_tags], [word_ids]
-        outside = MNER_LABELS.index("O")
         return [
             outside if position is None else int(predicted_tags[position[0]][position[1]])
             for position in ner_word_positions(word_ids, num_words)

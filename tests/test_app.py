@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_image_processing_hvpnet import resize_pixels
 from transformers import BertConfig, pipeline
 
 from hvpnet_hf.app import (
@@ -23,6 +24,7 @@ from hvpnet_hf.app import (
     launch,
     relation_change,
 )
+from hvpnet_hf.image_processing_hvpnet import MAX_RESIZE_SQUARES
 from hvpnet_hf.object_detection import DetectedObject
 
 CHROMIUM = "/usr/bin/chromium"
@@ -201,6 +203,25 @@ def test_bad_inputs_get_a_message_naming_the_problem(ner_app, re_app, bad_files)
         assert app.predict(NER_TWEET.text, image, None) == {"status": f"**{app.load_error}**"}
     # The app still answers after all of them.
     assert ner_app.predict(NER_TWEET.text, image, None)["spans"]["text"] == NER_TWEET.text
+
+
+def test_a_strip_upload_is_read_in_bounded_memory(ner_app, tmp_path, monkeypatch):
+    # A 40000 x 1 PNG of a few hundred bytes: timm's transform alone would resize it to 10 million x 256 pixels.
+    # Every resize is checked before PIL runs it (see test_image_processing_hvpnet.py), so nothing large is allocated.
+    size = ner_app.classifier.processor.image_processor.image_size
+    resize = Image.Image.resize
+
+    def checked_resize(image, new_size, resample=None, box=None, reducing_gap=None):
+        extra = resize_pixels(image, new_size, box) - image.width * image.height
+        assert extra <= (MAX_RESIZE_SQUARES + 1) * size**2, (image.size, new_size, box)
+        return resize(image, new_size, resample, box, reducing_gap)
+
+    monkeypatch.setattr(Image.Image, "resize", checked_resize)
+    for shape in ((1, 40000, 3), (40000, 1, 3)):
+        path = tmp_path / f"strip_{shape[0]}.png"
+        Image.fromarray(np.full(shape, 200, np.uint8)).save(path)
+        shown = ner_app.predict(NER_TWEET.text, str(path), [str(path)])
+        assert shown["status"].startswith("Prediction of") and shown["spans"]["text"] == NER_TWEET.text
 
 
 def test_changes_list_entities_found_only_with_or_without_the_image():

@@ -2,6 +2,7 @@
 the transform, object slots, and unreadable files (missing, truncated, decompression bombs)."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,12 @@ import torch
 from PIL import Image
 
 from hvpnet_hf import image_processing_hvpnet
-from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor, image_header_problem, load_image
+from hvpnet_hf.image_processing_hvpnet import (
+    MAX_RESIZE_SQUARES,
+    HVPNetImageProcessor,
+    image_header_problem,
+    load_image,
+)
 
 IMAGE_SIZE = 16
 
@@ -115,6 +121,14 @@ def test_squash_keeps_the_whole_non_square_image():
     assert cropped[:, :, 2:].min() > 0.99
 
 
+def test_crop_mode_is_checked():
+    # timm reads an unknown crop mode as "center": a misspelt "squash" would silently crop.
+    with pytest.raises(ValueError, match=r"crop_mode must be one of \('center', 'squash', 'border'\), got 'sqaush'"):
+        image_processor(crop_mode="sqaush")
+    bordered = image_processor(crop_mode="border").preprocess_example(Image.new("L", (40, 20), 255))
+    assert bordered["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
 def test_object_slots_are_padded_truncated_and_masked():
     processing = image_processor(num_object_images=3)
     crop = Image.new("RGB", (8, 8), (255, 0, 0))
@@ -180,3 +194,83 @@ def test_missing_images_policy_is_checked():
     with pytest.raises(ValueError, match="missing_images must be one of"):
         load_image("any.jpg", missing_images="skip")
     assert image_header_problem("no/such/file.jpg")
+
+
+# ---------------------------------------------------------------- memory and empty images
+
+
+def resize_pixels(image: Image.Image, size: tuple[int, int], box: tuple[float, ...] | None) -> int:
+    """
+    The pixels PIL allocates to resize `box` of `image` to `size`: the output, and the image of its first pass,
+    which is horizontal (except for an image over 100 times taller than wide that gets shorter) and holds the rows
+    (or columns) the second pass reads: the box's, widened by the largest filter support (3 pixels, Lanczos).
+    """
+    left, top, right, bottom = box or (0, 0, *image.size)
+    if image.height > 100 * image.width and size[1] < image.height:
+        first_pass = size[1] * min(image.width, math.ceil(right - left + 6 * max((right - left) / size[0], 1)) + 2)
+    else:
+        first_pass = size[0] * min(image.height, math.ceil(bottom - top + 6 * max((bottom - top) / size[1], 1)) + 2)
+    return size[0] * size[1] + first_pass
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_strip_images_are_transformed_in_bounded_memory(tmp_path, monkeypatch, crop_mode):
+    # A 40000 x 1 PNG is a few hundred bytes; timm's transform alone would resize it to 10 million x 256 pixels
+    # (center crop mode), or to 256 x 0, which PIL refuses (border mode). Every resize is checked before PIL runs it,
+    # so the test allocates nothing large.
+    processing = HVPNetImageProcessor(crop_mode=crop_mode)  # 224 pixels, crop_pct 0.875
+    strip = np.random.default_rng(0).integers(0, 256, (1, 40000, 3), dtype=np.uint8)
+    path = tmp_path / "strip.png"
+    Image.fromarray(strip).save(path)
+    assert path.stat().st_size < 200_000
+    largest = []
+    resize = Image.Image.resize
+
+    def checked_resize(image, size, resample=None, box=None, reducing_gap=None):
+        largest.append(resize_pixels(image, size, box) - image.width * image.height)
+        assert largest[-1] <= (MAX_RESIZE_SQUARES + 1) * 224**2, (image.size, size, box)
+        return resize(image, size, resample, box, reducing_gap)
+
+    monkeypatch.setattr(Image.Image, "resize", checked_resize)
+    tall = np.ascontiguousarray(strip.transpose(1, 0, 2))
+    for image in (path, strip, tall, Image.fromarray(strip), np.zeros((1_000_000, 1), np.uint8)):
+        images = processing.preprocess_example(image)
+        assert images["image_mask"][0] and images["pixel_values"].shape == (4, 3, 224, 224)
+    assert largest
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_bounded_resizes_give_timm_s_pixels(crop_mode, interpolation):
+    processing = HVPNetImageProcessor(
+        crop_mode=crop_mode, interpolation=interpolation, image_mean=(0, 0, 0), image_std=(1, 1, 1)
+    )
+    generator = np.random.default_rng(0)
+    # Ordinary shapes take timm's transform itself: the same values, bit for bit.
+    for height, width in [(480, 640), (3000, 4000), (20, 40), (1, 1), (7, 300), (300, 14), (1000, 60)]:
+        image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        assert torch.equal(processing.preprocess_example(image)["pixel_values"][0], processing.image_transform(image))
+    # Strips too long for that are resized over the crop's region only: at most 2 grey levels away.
+    for height, width in [(3, 3000), (3000, 3), (27, 3644), (3644, 27), (1, 2000), (2000, 1), (50, 30000)]:
+        image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        bounded = processing.preprocess_example(image)["pixel_values"][0]
+        torch.testing.assert_close(bounded, processing.image_transform(image), atol=2 / 255 + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [np.zeros((0, 5, 3), np.uint8), np.zeros((5, 0), np.uint8), Image.new("RGB", (0, 0))],
+    ids=["0x5 array", "5x0 array", "0x0 PIL image"],
+)
+def test_images_without_pixels_are_masked_or_named(empty, caplog):
+    processing = image_processor()
+    crop = Image.new("RGB", (8, 8), (255, 0, 0))
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
+        images = processing.preprocess_example(crop, [crop, empty])
+    assert images["image_mask"].tolist() == [True, True, False, False]
+    assert images["pixel_values"][2].abs().sum() == 0
+    assert "'objects'[1] has no pixels" in caplog.text
+    with pytest.raises(ValueError, match=r"'objects'\[1\] has no pixels \(\d x \d\)"):
+        processing.preprocess_example(crop, [crop, empty], missing_images="error")
+    with pytest.raises(ValueError, match=r"'image' has no pixels"):
+        processing.preprocess_example(empty, missing_images="error")

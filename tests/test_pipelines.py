@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from modeling_utils import RELATIONS, tiny_model_folder
+from modeling_utils import RELATIONS, tiny_model_folder, tiny_task_model
 from PIL import Image
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import pipeline
@@ -108,6 +108,9 @@ def test_re_relation_scores_and_top_k(tiny_re_dir, image_files):
     ranked = relation(example, top_k=10)
     assert [item["relation"] for item in ranked][0] == best["relation"]
     assert len(ranked) == len(RELATIONS)  # top_k is capped at the number of relations
+    for top_k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"top_k must be a positive integer, got {top_k!r}"):
+            relation(example, top_k=top_k)
     scores = [item["score"] for item in ranked]
     assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-5)
     # The image reaches the model: masking it changes the probabilities of this random model.
@@ -242,6 +245,8 @@ def test_max_length_and_stride_are_checked(ner_folder, tiny_re_dir):
         pipeline("multimodal-re", model=str(tiny_re_dir), max_length=limit * 2)
     with pytest.raises(ValueError, match="stride must be in"):
         ner("hello", stride=22)  # max_length 24 leaves 22 tokens per window
+    with pytest.raises(ValueError, match="stride must be an integer, got 2.5"):
+        ner("hello", stride=2.5)
     assert len(ner("a b c", max_length=limit)) == 3
 
 
@@ -383,3 +388,56 @@ def test_bfloat16_ner_tags_what_float32_tags(ner_folder, image_files):
     for result, expected in zip(results[torch.bfloat16], results[torch.float32], strict=True):
         # The B-PER emission dominates by 30 logits in either dtype: every word is tagged, with probability 1.
         _assert_same_result(result, expected)
+
+
+def test_ner_input_with_both_text_and_words_is_refused(ner_folder):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    with pytest.raises(ValueError, match="takes 'text' or 'words', not both"):
+        ner({"text": "a b", "words": ["a", "b"]})
+    with pytest.raises(ValueError, match="input 1: a multimodal-ner input takes 'text' or 'words', not both"):
+        ner(["a b", {"text": "a b", "words": ["a", "b"]}])
+
+
+class _EmptyDataset(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, index: int):
+        raise IndexError(index)
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_no_inputs_give_no_results(task, ner_folder, tiny_re_dir):
+    runner = pipeline(f"multimodal-{task}", model=str(ner_folder if task == "ner" else tiny_re_dir))
+    assert runner([]) == []
+    assert runner([], batch_size=4, num_workers=2) == []
+    assert list(runner(_EmptyDataset())) == []
+    assert list(runner(example for example in [])) == []
+
+
+@pytest.mark.parametrize(
+    "empty", [np.zeros((0, 5, 3), np.uint8), Image.new("RGB", (0, 0))], ids=["0x5 array", "0x0 PIL image"]
+)
+def test_images_without_pixels_are_named_or_masked(ner_folder, image_files, empty, caplog):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    inputs = [{"text": "Liverpool today"}, {"text": "Liverpool today", "image": image_files[0], "objects": [empty]}]
+    with pytest.raises(ValueError, match=r"input 1: 'objects'\[0\] has no pixels"):
+        ner(inputs)
+    with pytest.raises(ValueError, match=r"input 0: 'image' has no pixels"):
+        ner([{"text": "Liverpool", "image": empty}])
+    masked = ner(inputs, missing_images="mask")
+    assert masked[1] == ner({"text": "Liverpool today", "image": image_files[0]})
+    assert "'objects'[0] has no pixels" in caplog.text
+
+
+def test_a_model_folder_without_its_processor_is_named(tmp_path):
+    model, _ = tiny_task_model("ner")
+    model.save_pretrained(tmp_path)  # the processor is not saved
+    message = (
+        rf"{tmp_path} holds no HVPNeT processor \(missing processor_config.json, tokenizer_config.json\): save it "
+        rf"with the model, processor.save_pretrained\('{tmp_path}'\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        pipeline("multimodal-ner", model=str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        pipeline(model=str(tmp_path), trust_remote_code=True)

@@ -69,6 +69,11 @@ def test_ner_truncated_words_are_accounted_for():
     predicted = [-100, tag("B-PER"), tag("I-PER"), -100, tag("O"), -100]
     assert ner.post_process_ner(predicted, word_ids, len(words)) == [tag("B-PER"), tag("I-PER"), 0, 0, 0, 0]
     assert ner.post_process_ner(torch.tensor(predicted + [-100] * 4), word_ids, len(words))[:2] == [1, 2]
+    # A model whose labels run in another order: the cut words take its own id of "O".
+    id2label = dict(enumerate(reversed(MNER_LABELS)))
+    assert ner.post_process_ner(predicted, word_ids, len(words), id2label)[3:] == [len(MNER_LABELS) - 1] * 3
+    with pytest.raises(ValueError, match=r"id2label has no 'O' label .*\['B-PER', 'I-PER'\]"):
+        ner.post_process_ner(predicted, word_ids, len(words), {0: "B-PER", 1: "I-PER"})
 
 
 def test_ner_tag_count_must_match_words():
