@@ -445,7 +445,9 @@ def load_processor_and_model(
     """A trained folder (`model_name_or_path`), or a new model on a pretrained text encoder, with its processor."""
     if model_args.model_name_or_path is not None:
         processor = HVPNetProcessor.from_pretrained(model_args.model_name_or_path)
-        return processor, model_class.from_pretrained(model_args.model_name_or_path)
+        model = model_class.from_pretrained(model_args.model_name_or_path)
+        check_flags_apply_to_loaded_model(model, processor, model_args, data_args)
+        return processor, model
     processor = HVPNetProcessor.from_backbone(
         model_args.text_model_name_or_path,
         vision_backbone=model_args.vision_backbone,
@@ -465,6 +467,30 @@ def load_processor_and_model(
         **config_flags(model_args),
     )
     return processor, model
+
+
+def check_flags_apply_to_loaded_model(
+    model: PreTrainedModel, processor: HVPNetProcessor, model_args: ModelArguments, data_args: DataArguments
+) -> None:
+    """
+    A trained folder brings its own architecture and image processing: refuses a model flag (or `image_size`) that
+    was set away from its default to something the loaded model does not have, since it would be ignored.
+    """
+    defaults = type(model_args)()
+    loaded = {**config_flags(model_args), "vision_backbone": model_args.vision_backbone}
+    ignored = [
+        f"{name}={value!r} (the model has {getattr(model.config, name)!r})"
+        for name, value in loaded.items()
+        if value != getattr(defaults, name) and value != getattr(model.config, name)
+    ]
+    image_size = processor.image_processor.image_size
+    if data_args.image_size is not None and data_args.image_size != image_size:
+        ignored.append(f"image_size={data_args.image_size!r} (its processor has {image_size!r})")
+    if ignored:
+        raise ValueError(
+            f"model_name_or_path {model_args.model_name_or_path} is a trained model, which keeps its own settings; "
+            f"these would be ignored: {', '.join(ignored)}. Leave them out (or train a new model)"
+        )
 
 
 def labels_of_model(raw: datasets.DatasetDict, column: str, model: PreTrainedModel) -> datasets.DatasetDict:

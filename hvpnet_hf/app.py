@@ -500,7 +500,9 @@ def launch(app: HVPNetApp, port: int | None = None, block: bool = True):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hvpnet_hf.app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="folder or Hub id of a trained HVPNeT NER or RE model")
     parser.add_argument("--port", type=int, default=None, help="port on localhost (default: gradio's, 7860 or next)")
     parser.add_argument("--detector", help="detection model (Hub id or folder) that finds crops for images without")

@@ -419,6 +419,14 @@ def _build_split(
         [checker(path, f"{data_file}:{example.line}") for path in crops]
         for example, crops in zip(examples, crop_lists, strict=True)
     ]
+    listed = [path for crops in crop_lists for path in crops]
+    if listed and all(path is None for crops in objects for path in crops):
+        # Masking some missing crops is a counted fallback; masking every one means the folder is wrong.
+        raise FileNotFoundError(
+            f"none of the {len(listed)} object crops that the crop map of the {split} split lists was found in "
+            f"object_dir {_split_path(object_dir, split, 'object_dir')} (looked for e.g. {listed[0]}); check the "
+            "folder, or leave object_dir and the crop maps out to use the images without crops"
+        )
     if checker.num_missing:
         logger.warning(
             "%s split (%s): %d of %d image files missing or unreadable, masked out (first: %s).",

@@ -14,6 +14,7 @@ from PIL import Image
 from test_image_processing_hvpnet import resize_pixels
 from transformers import BertConfig, pipeline
 
+from hvpnet_hf import app
 from hvpnet_hf.app import (
     BOX_COLOUR,
     SAMPLE_DIR,
@@ -344,3 +345,9 @@ def test_page_in_a_browser_shows_the_pipelines_entities(served, ner_app, tiny_ne
     bad_tab = serve(HVPNetApp(str(bad_files / "bert")))
     expect(bad_tab.locator("#load-error")).to_contain_text("is not an HVPNeT NER or RE model", timeout=PAGE_TIMEOUT_MS)
     assert outside == []
+
+
+def test_help_gives_the_whole_description(capsys):
+    with pytest.raises(SystemExit):
+        app.main(["--help"])
+    assert " ".join(app.__doc__.split()) in " ".join(capsys.readouterr().out.split())

@@ -408,6 +408,19 @@ def save_untrained_model(script, task: str, model_class, text_model: str, folder
     processor.save_pretrained(folder)
 
 
+def test_model_flags_a_trained_model_would_ignore_are_refused(text_model, tmp_path):
+    model_folder = tmp_path / "model"
+    id2label = dict(enumerate(hvpnet_hf.MNER_LABELS))
+    save_untrained_model(run_mner, "ner", hvpnet_hf.HVPNetForTokenClassification, text_model, model_folder, id2label)
+    flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--model_name_or_path", str(model_folder)]
+    flags += ["--do_train", "false", "--num_object_images", "4", "--image_size", "48"]
+    with pytest.raises(
+        ValueError, match=r"num_object_images=4 \(the model has 2\).*image_size=48 \(its processor has 32\)"
+    ):
+        run_mner.main(flags)
+    assert not (tmp_path / "evaluation" / "test_predictions.txt").exists()
+
+
 @pytest.mark.parametrize("task", ["ner", "re"])
 def test_a_test_file_alone_is_evaluated(text_model, tmp_path, task):
     if task == "ner":

@@ -200,6 +200,19 @@ def test_mner_crop_maps_keyed_by_file_name_or_sample_index(tmp_path, keying):
     ]
 
 
+def test_an_object_dir_without_any_of_the_listed_crops_is_an_error(tmp_path):
+    data_dir, image_dir = write_mner_dir(tmp_path)
+    wrong_dir = tmp_path / "elsewhere"
+    wrong_dir.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"none of the 3 object crops .* train split .*elsewhere"):
+        load_mner_dataset(
+            data_files={"train": data_dir / "train.txt"},
+            image_dir=image_dir,
+            object_dir=wrong_dir,
+            object_maps={"train": {0: ["101_crop0.png", "101_crop1.png"], 2: ["103_crop0.png"]}},
+        )
+
+
 def test_crop_map_with_unmatched_keys_is_an_error(tmp_path):
     data_dir, _ = write_mner_dir(tmp_path)
     for crop_map, message in (({"999.jpg": ["x.png"]}, "match neither"), ({7: ["x.png"]}, "index 7 >= 3")):
