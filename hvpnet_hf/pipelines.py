@@ -89,6 +89,12 @@ class _HVPNetPipeline(Pipeline):
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
         self.model.eval()  # the NER head decodes tags in eval mode only
         self._check_max_length(self.processor.max_length)
+        crops, model_crops = self.processor.image_processor.num_object_images, self.model.config.num_object_images
+        if crops > model_crops:
+            raise ValueError(
+                f"the processor gives {crops} object crops per example, but the model takes at most "
+                f"num_object_images={model_crops}: use the processor saved with the model"
+            )
 
     def __call__(self, inputs, *args, **kwargs):
         # transformers' `Pipeline.__call__` reads the first element of a list: an empty list gives no results.

@@ -9,8 +9,9 @@ import torch
 from modeling_utils import RELATIONS, tiny_model_folder, tiny_task_model
 from PIL import Image
 from seqeval.metrics.sequence_labeling import get_entities
-from transformers import pipeline
+from transformers import AutoModelForTokenClassification, pipeline
 
+from hvpnet_hf import HVPNetProcessor
 from hvpnet_hf.pipelines import bio_entities  # importing the module registers the pipelines
 from hvpnet_hf.processing_hvpnet import MNER_LABELS, ner_word_positions
 
@@ -248,6 +249,14 @@ def test_max_length_and_stride_are_checked(ner_folder, tiny_re_dir):
     with pytest.raises(ValueError, match="stride must be an integer, got 2.5"):
         ner("hello", stride=2.5)
     assert len(ner("a b c", max_length=limit)) == 3
+
+
+def test_a_processor_with_more_crops_than_the_model_takes_is_refused(ner_folder):
+    processor = HVPNetProcessor.from_pretrained(ner_folder)
+    model = AutoModelForTokenClassification.from_pretrained(ner_folder)
+    processor.image_processor.num_object_images = model.config.num_object_images + 1
+    with pytest.raises(ValueError, match=rf"gives {model.config.num_object_images + 1} object crops .* at most"):
+        pipeline("multimodal-ner", model=model, processor=processor)
 
 
 def test_input_keys_and_types_are_checked(ner_folder, tiny_re_dir):
