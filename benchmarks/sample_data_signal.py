@@ -10,7 +10,10 @@ For the examples whose label is decided by the picture (the same text occurs wit
 and prints the text-only ceiling of the whole task's test F1 (perfect on everything the text decides, best guess on
 the rest), which an image-aware model can exceed.
 
-    python benchmarks/sample_data_signal.py [--backbone resnet18] [--image_size 64] [--seeds 3]
+    python benchmarks/sample_data_signal.py [--backbone resnet18] [--image_size 64] [--seeds 3] [--data_dir DIR]
+
+`--data_dir` measures a set written by `python -m hvpnet_hf.sample_data.build --output_dir DIR` instead (e.g. the
+harder `--cues texture` variant).
 """
 
 import argparse
@@ -31,8 +34,9 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
-def load_sample_sets():
-    twitter, mnre = SAMPLE_DIR / "twitter", SAMPLE_DIR / "mnre"
+def load_sample_sets(root: Path = SAMPLE_DIR):
+    """The NER and MRE sets under `root` (the bundled ones, or a folder written by `hvpnet_hf.sample_data.build`)."""
+    twitter, mnre = root / "twitter", root / "mnre"
     ner = load_mner_dataset(
         data_dir=twitter, **find_release_layout(twitter / "images", twitter / "aux_images", twitter)
     )
@@ -187,8 +191,9 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18", help="timm model name, built with pretrained=False")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3, help="backbone initialisations to probe")
+    parser.add_argument("--data_dir", type=Path, default=SAMPLE_DIR, help="a folder written by the sample generator")
     args = parser.parse_args()
-    ner, mre = load_sample_sets()
+    ner, mre = load_sample_sets(args.data_dir)
 
     ner_test = ner_examples(ner["test"])
     ner_oracle = text_oracle(ner_test, "tags")

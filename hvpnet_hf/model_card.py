@@ -38,9 +38,8 @@ def training_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
     """The settings of a `Trainer` run that a reader needs to reproduce it."""
     return {
         "learning rate": args.learning_rate,
-        "head learning rate (CRF and emissions / relation classifier)": args.learning_rate
-        if getattr(args, "head_learning_rate", None) is None
-        else args.head_learning_rate,
+        "head learning rate (CRF and emissions / relation classifier)": _own_learning_rate(args, "head_learning_rate"),
+        "visual prefix learning rate": _own_learning_rate(args, "prefix_learning_rate"),
         "train batch size (total)": args.per_device_train_batch_size
         * args.gradient_accumulation_steps
         * max(args.world_size, 1),
@@ -52,6 +51,12 @@ def training_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
         "seed": args.seed,
         "model selection": f"best validation {args.metric_for_best_model}",
     }
+
+
+def _own_learning_rate(args: TrainingArguments, name: str) -> float:
+    """The learning rate `name` of `HVPNetTrainingArguments`, which is `learning_rate` when it is not set."""
+    own = getattr(args, name, None)
+    return args.learning_rate if own is None else own
 
 
 def _is_hub_id(name: str) -> bool:

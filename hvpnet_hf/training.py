@@ -1,8 +1,9 @@
 """
-`Trainer` support for a separate learning rate on the task head (the CRF and emission layer for NER, the relation
-classifier for MRE), as the authors' released HVPNeT trainer optimises the CRF and emission layer at 5e-2, and for
-length-grouped training batches with evaluation kept in the dataset's order; and the C allocator setting that the
-example training scripts start with (`keep_freed_memory`).
+`Trainer` support for separate learning rates on the task head (the CRF and emission layer for NER, the relation
+classifier for MRE), as the authors' released HVPNeT trainer optimises the CRF and emission layer at 5e-2, and on
+the visual prefix (the modules under the visual encoder, which start from random weights); for length-grouped
+training batches with evaluation kept in the dataset's order; and the C allocator setting that the example training
+scripts start with (`keep_freed_memory`).
 """
 
 import ctypes
@@ -19,13 +20,22 @@ from transformers.trainer_utils import has_length
 
 @dataclass
 class HVPNetTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with `head_learning_rate`: the peak learning rate of the task head."""
+    """`TrainingArguments` with `head_learning_rate` and `prefix_learning_rate`: the peak learning rates of the task
+    head and of the visual prefix."""
 
     head_learning_rate: float | None = field(
         default=None,
         metadata={
             "help": "Peak learning rate of the task head (NER: CRF and emission layer; RE: relation classifier); "
             "default: learning_rate. The warm-up and decay schedule applies to it as to every other parameter."
+        },
+    )
+    prefix_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the visual prefix: every trained parameter under the visual encoder (stage "
+            "projections, gates, key/value projections, the backbone when it is trained); default: learning_rate. "
+            "The warm-up and decay schedule applies to it as to every other parameter."
         },
     )
 
@@ -71,12 +81,24 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if not name.startswith(f"{prefix}.")}
 
 
+def prefix_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters under the base model's visual encoder: the visual prefix (and its backbone)."""
+    encoder = getattr(getattr(model, "base_model", None), "visual_encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} has no visual encoder, so it has no visual prefix to give a learning rate"
+        )
+    owned = {id(parameter) for parameter in encoder.parameters()}
+    return {name for name, parameter in model.named_parameters() if id(parameter) in owned}
+
+
 class HVPNetTrainer(Trainer):
     """
-    A `Trainer` that, given `HVPNetTrainingArguments.head_learning_rate`, optimises the task head at that learning
-    rate. The parameters form four groups, body / head crossed with weight decay / none (biases and normalisation
-    weights, as `Trainer.get_decay_parameter_names` decides); frozen parameters are in none. Body groups come first,
-    so the logged `learning_rate` is the body's. Without `head_learning_rate` it is `Trainer` unchanged.
+    A `Trainer` that, given `HVPNetTrainingArguments.head_learning_rate` or `prefix_learning_rate`, optimises the task
+    head or the visual prefix at that learning rate. The parameters form up to six groups, body / head / prefix crossed
+    with weight decay / none (biases and normalisation weights, as `Trainer.get_decay_parameter_names` decides); a
+    part without its own learning rate stays in the body, and frozen parameters are in no group. Body groups come
+    first, so the logged `learning_rate` is the body's. Without either learning rate it is `Trainer` unchanged.
 
     Evaluation and prediction always read the dataset in its order, also with
     `train_sampling_strategy="group_by_length"` (which groups the training batches by length).
@@ -102,23 +124,28 @@ class HVPNetTrainer(Trainer):
         return SequentialSampler(eval_dataset)
 
     def create_optimizer(self, model: PreTrainedModel | None = None) -> torch.optim.Optimizer:
-        head_learning_rate = getattr(self.args, "head_learning_rate", None)
-        if self.optimizer is not None or head_learning_rate is None:
+        rates = {
+            "head": getattr(self.args, "head_learning_rate", None),
+            "prefix": getattr(self.args, "prefix_learning_rate", None),
+        }
+        if self.optimizer is not None or all(rate is None for rate in rates.values()):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay_names = set(self.get_decay_parameter_names(opt_model))
-        head_names = head_parameter_names(opt_model)
+        finders = {"head": head_parameter_names, "prefix": prefix_parameter_names}
+        owners = {part: finders[part](opt_model) for part, rate in rates.items() if rate is not None}
+        parts = {"body": [], "head": [], "prefix": []}  # (name, parameter) of each part, in the model's order
+        for name, parameter in opt_model.named_parameters():
+            if parameter.requires_grad:
+                part = next((part for part, names in owners.items() if name in names), "body")
+                parts[part].append((name, parameter))
         groups = []
-        for is_head in (False, True):
+        for part, named in parts.items():  # the body first: its learning rate is the one logged
             for decays in (True, False):
-                params = [
-                    parameter
-                    for name, parameter in opt_model.named_parameters()
-                    if parameter.requires_grad and (name in head_names) == is_head and (name in decay_names) == decays
-                ]
+                params = [parameter for name, parameter in named if (name in decay_names) == decays]
                 group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-                if is_head:
-                    group["lr"] = head_learning_rate
+                if rates.get(part) is not None:
+                    group["lr"] = rates[part]
                 if params:
                     groups.append(group)
         if self.optimizer_cls_and_kwargs is not None:
@@ -127,6 +154,7 @@ class HVPNetTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         replaced = {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)
         if replaced or not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, torch.optim.Optimizer):
-            raise ValueError(f"head_learning_rate needs a plain torch optimizer; optim={self.args.optim} is not one")
+            given = " and ".join(f"{part}_learning_rate" for part, rate in rates.items() if rate is not None)
+            raise ValueError(f"{given} needs a plain torch optimizer; optim={self.args.optim} is not one")
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer

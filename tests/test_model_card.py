@@ -48,8 +48,12 @@ def test_ner_card_carries_results_settings_and_usage(tmp_path):
     assert "| test | – | – | 74.12 |" in text
     assert "| learning rate | 3e-05 |" in text and "| epochs | 30 |" in text
     assert "| head learning rate (CRF and emissions / relation classifier) | 3e-05 |" in text  # none set: the same
-    head_args = HVPNetTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-5, head_learning_rate=5e-2)
-    assert training_hyperparameters(head_args)["head learning rate (CRF and emissions / relation classifier)"] == 5e-2
+    assert "| visual prefix learning rate | 3e-05 |" in text
+    own_args = HVPNetTrainingArguments(
+        output_dir=str(tmp_path), learning_rate=3e-5, head_learning_rate=5e-2, prefix_learning_rate=1e-3
+    )
+    assert training_hyperparameters(own_args)["head learning rate (CRF and emissions / relation classifier)"] == 5e-2
+    assert training_hyperparameters(own_args)["visual prefix learning rate"] == 1e-3
     assert "| vision backbone | test_resnet (randomly initialised) |" in text
     assert (
         'AutoModelForTokenClassification.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text

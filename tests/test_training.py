@@ -1,5 +1,5 @@
-"""HVPNetTrainer: the task head's own learning rate, its parameter groups, schedule and checkpoints; length
-grouping for training with evaluation in the dataset's order."""
+"""HVPNetTrainer: the task head's and the visual prefix's own learning rates, their parameter groups, schedule and
+checkpoints; length grouping for training with evaluation in the dataset's order."""
 
 import os
 import platform
@@ -14,9 +14,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hvpnet_hf import HVPNetDataCollator, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetModel
-from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments, head_parameter_names
+from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments, head_parameter_names, prefix_parameter_names
 
-BODY_LR, HEAD_LR, WEIGHT_DECAY = 1e-4, 5e-2, 0.01
+BODY_LR, HEAD_LR, PREFIX_LR, WEIGHT_DECAY = 1e-4, 5e-2, 1e-3, 0.01
 
 
 def relation_examples(count: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -28,9 +28,9 @@ def relation_examples(count: int = 8) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def relation_trainer(tmp_path, **overrides) -> HVPNetTrainer:
+def relation_trainer(tmp_path, config_overrides: dict | None = None, **overrides) -> HVPNetTrainer:
     torch.manual_seed(0)
-    model = HVPNetForSequenceClassification(tiny_config(relation_pooling="cls"))
+    model = HVPNetForSequenceClassification(tiny_config(relation_pooling="cls", **(config_overrides or {})))
     settings = {
         "output_dir": str(tmp_path),
         "learning_rate": BODY_LR,
@@ -58,15 +58,26 @@ def test_head_is_everything_outside_the_base_model():
         head_parameter_names(HVPNetModel(tiny_config()))
 
 
-def test_groups_cross_body_and_head_with_decay_and_frozen_backbone_stays_out(tmp_path):
-    trainer = relation_trainer(tmp_path)
+def named_groups(trainer: HVPNetTrainer) -> list[tuple[float, float, set[str]]]:
+    """(lr, weight decay, parameter names) of every group of the trainer's optimizer, in order."""
     optimizer = trainer.create_optimizer()
-    model = trainer.model
-    names = {id(parameter): name for name, parameter in model.named_parameters()}
-    groups = [
+    names = {id(parameter): name for name, parameter in trainer.model.named_parameters()}
+    return [
         (group["lr"], group["weight_decay"], {names[id(parameter)] for parameter in group["params"]})
         for group in optimizer.param_groups
     ]
+
+
+def assert_each_trainable_parameter_in_one_group(trainer: HVPNetTrainer, groups: list) -> None:
+    grouped = [name for _, _, group_names in groups for name in group_names]
+    trainable = {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
+    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable
+
+
+def test_groups_cross_body_and_head_with_decay_and_frozen_backbone_stays_out(tmp_path):
+    trainer = relation_trainer(tmp_path)
+    model = trainer.model
+    groups = named_groups(trainer)
     assert [(lr, decay) for lr, decay, _ in groups] == [
         (BODY_LR, WEIGHT_DECAY),
         (BODY_LR, 0.0),
@@ -76,14 +87,69 @@ def test_groups_cross_body_and_head_with_decay_and_frozen_backbone_stays_out(tmp
     assert groups[2][2] == {"classifier.weight"} and groups[3][2] == {"classifier.bias"}
     body_no_decay = groups[1][2]
     assert body_no_decay and all("bias" in name or "LayerNorm" in name for name in body_no_decay)
-    grouped = [name for _, _, group_names in groups for name in group_names]
-    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable
+    assert_each_trainable_parameter_in_one_group(trainer, groups)
     frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     assert frozen and all(".backbone." in name for name in frozen)  # the frozen vision backbone
 
 
-def test_without_head_learning_rate_it_is_the_plain_trainer(tmp_path):
+def test_prefix_groups_hold_every_trained_parameter_under_the_visual_encoder(tmp_path):
+    trainer = relation_trainer(tmp_path, prefix_learning_rate=PREFIX_LR)
+    groups = named_groups(trainer)
+    assert [(lr, decay) for lr, decay, _ in groups] == [
+        (BODY_LR, WEIGHT_DECAY),
+        (BODY_LR, 0.0),
+        (HEAD_LR, WEIGHT_DECAY),
+        (HEAD_LR, 0.0),
+        (PREFIX_LR, WEIGHT_DECAY),
+        (PREFIX_LR, 0.0),
+    ]
+    prefix = groups[4][2] | groups[5][2]
+    under_encoder = {
+        name
+        for name, parameter in trainer.model.named_parameters()
+        if name.startswith("hvpnet.visual_encoder.") and parameter.requires_grad
+    }
+    assert prefix == under_encoder
+    assert {name.split(".")[2] for name in prefix} == {"stage_projections", "gate", "key_value_projections"}
+    assert groups[5][2] == {name for name in prefix if name.endswith(".bias")}
+    assert_each_trainable_parameter_in_one_group(trainer, groups)  # the frozen backbone in none
+
+
+def test_trained_backbone_and_prefix_move_at_the_prefix_learning_rate(tmp_path):
+    # Without a head rate the head stays in the body. A trained backbone is part of the prefix's groups; after one
+    # AdamW step without weight decay every parameter with a gradient has moved by its group's learning rate.
+    settings = {"max_steps": 1, "weight_decay": 0.0, "lr_scheduler_type": "constant", "head_learning_rate": None}
+    trainer = relation_trainer(tmp_path, {"freeze_vision": False}, prefix_learning_rate=PREFIX_LR, **settings)
+    model = trainer.model
+    groups = named_groups(trainer)
+    assert [lr for lr, _, _ in groups] == [BODY_LR, BODY_LR, PREFIX_LR, PREFIX_LR]
+    assert {"classifier.weight", "classifier.bias"} <= groups[0][2] | groups[1][2]
+    backbone = {name for name in prefix_parameter_names(model) if ".backbone." in name}
+    assert backbone and backbone <= groups[2][2] | groups[3][2]
+    assert_each_trainable_parameter_in_one_group(trainer, groups)
+
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainer.train()
+    moved = {
+        name: (parameter.detach() - before[name]).abs().max().item() for name, parameter in model.named_parameters()
+    }
+    # At most the learning rate (less where a gradient is not far above eps, as in parts of the tiny backbone): the
+    # prefix and the backbone at the prefix's, the head at the body's; the gate further than the body's rate allows.
+    prefix = groups[2][2] | groups[3][2]
+    assert max(moved[name] for name in prefix) == pytest.approx(PREFIX_LR, rel=1e-4)
+    assert max(moved[name] for name in backbone) == pytest.approx(PREFIX_LR, rel=1e-2)
+    assert all(moved[name] <= PREFIX_LR * (1 + 1e-4) for name in prefix)
+    assert moved["hvpnet.visual_encoder.gate.weight"] > 5 * BODY_LR
+    assert moved["classifier.weight"] == pytest.approx(BODY_LR, rel=1e-4)
+
+
+def test_prefix_learning_rate_needs_a_visual_prefix(tmp_path):
+    trainer = relation_trainer(tmp_path, {"use_visual_prefix": False}, prefix_learning_rate=PREFIX_LR)
+    with pytest.raises(ValueError, match="HVPNetForSequenceClassification has no visual encoder"):
+        trainer.create_optimizer()
+
+
+def test_without_head_or_prefix_learning_rate_it_is_the_plain_trainer(tmp_path):
     trainer = relation_trainer(tmp_path, head_learning_rate=None)
     plain = Trainer(model=trainer.model, args=trainer.args)
     ours, theirs = trainer.create_optimizer(), plain.create_optimizer()

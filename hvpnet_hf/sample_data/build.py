@@ -1,6 +1,6 @@
 """Build the bundled multimodal sample sets from a fixed seed.
 
-    python -m hvpnet_hf.sample_data.build [--output_dir DIR] [--seed N]
+    python -m hvpnet_hf.sample_data.build [--output_dir DIR] [--seed N] [--cues {colour,texture}]
 
 Two small data sets are written in the file formats of the published releases (as zjunlp/HVPNeT reads them), so
 the real loaders read them:
@@ -14,7 +14,10 @@ the real loaders read them:
 About half of the examples are ambiguous from the text: the same tweet occurs once per candidate label (an entity
 type, or a relation) with a different picture, and only the picture tells which label is right. Every picture is
 a painted scene whose dominant colours and large shape encode a class, with jitter and noise; irrelevant pictures
-are low-saturation clutter. The README next to this file explains the construction.
+are low-saturation clutter. `--cues texture` writes a harder variant (not bundled; `benchmarks/bench_image_use.py`
+measures with it): the same construction and sizes, but the field and the object of a cue picture are covered with
+a texture that encodes the class, in colours and a shape drawn at random for every picture, so the colours tell
+nothing. The README next to this file explains the construction.
 """
 
 import argparse
@@ -104,6 +107,29 @@ MRE_STYLES = {
 SHAPES = ("face", "mountain", "logo", "stripes", "pair", "desk", "trophy", "towers")
 
 
+@dataclass(frozen=True)
+class TextureStyle:
+    """A visual class of the harder variant (`--cues texture`): a texture covering the field and the large object.
+
+    Colours and the object's shape are drawn at random for every picture, the same way for every class, so only the
+    texture tells the classes apart.
+    """
+
+    texture: str
+
+
+TEXTURES = ("horizontal", "vertical", "rising", "falling", "checks", "diamonds")
+NER_TEXTURES = {
+    "PER": TextureStyle("horizontal"),
+    "LOC": TextureStyle("vertical"),
+    "ORG": TextureStyle("checks"),
+    "MISC": TextureStyle("rising"),
+}
+MRE_TEXTURES = {relation: TextureStyle(texture) for relation, texture in zip(MRE_STYLES, TEXTURES, strict=True)}
+# What decides the image-decided labels: each class's colours and shape (the bundled sets), or its texture alone.
+CUES = {"colour": (NER_STYLES, MRE_STYLES), "texture": (NER_TEXTURES, MRE_TEXTURES)}
+
+
 def _rgb(hsv: tuple[float, float, float]) -> np.ndarray:
     hue, saturation, value = hsv
     return np.array(colorsys.hsv_to_rgb((hue % 360) / 360, saturation, value))
@@ -162,43 +188,92 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         raise ValueError(f"unknown shape {shape!r}")
 
 
+def texture_mask(texture: str, period: int, phase: int) -> np.ndarray:
+    """(IMAGE_SIZE, IMAGE_SIZE) bool: the pixels of a two-colour `texture` painted in its second colour (about half
+    of them for an even `period`), repeating every `period` pixels and shifted by `phase`."""
+    rows, columns = np.indices((IMAGE_SIZE, IMAGE_SIZE)) + phase
+    half = period // 2
+    patterns = {
+        "horizontal": rows % period < half,
+        "vertical": columns % period < half,
+        "rising": (rows + columns) % period < half,
+        "falling": (rows - columns) % period < half,
+        "checks": (rows // half + columns // half) % 2 == 0,
+        "diamonds": ((rows + columns) // half + (rows - columns) // half) % 2 == 0,
+    }
+    if texture not in patterns:
+        raise ValueError(f"unknown texture {texture!r}")
+    return patterns[texture]
+
+
+def _paint_texture(rng: random.Random, style: TextureStyle) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(IMAGE_SIZE, IMAGE_SIZE, 3) floats in [0, 1]: a field and one large object of random colours and shape, both
+    covered with `style.texture` (each with its own period and phase); and the object's box."""
+    canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3))
+    object_box = _random_box(rng, 26, 40)
+    outline = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+    # Any shape but "stripes", whose outline is itself a texture.
+    shape = rng.choice([shape for shape in SHAPES if shape != "stripes"])
+    _draw_shape(ImageDraw.Draw(outline), shape, object_box, np.ones(3), rng)
+    for region in (np.ones((IMAGE_SIZE, IMAGE_SIZE), dtype=bool), np.asarray(outline)[..., 0] > 0):
+        light = (rng.uniform(0, 360), rng.uniform(0.35, 0.8), rng.uniform(0.7, 0.95))
+        dark = _jitter(rng, (light[0], light[1], light[2] * 0.5))
+        mask = texture_mask(style.texture, 2 * rng.randint(2, 4), rng.randint(0, 7))
+        canvas[region] = np.where(mask[..., None], _rgb(dark), _rgb(light))[region]
+    return canvas, object_box
+
+
 def _random_box(rng: random.Random, low: int, high: int) -> tuple[int, int, int, int]:
     width, height = rng.randint(low, high), rng.randint(low, high)
     left, top = rng.randint(0, IMAGE_SIZE - width), rng.randint(0, IMAGE_SIZE - height)
     return left, top, left + width, top + height
 
 
-def paint_scene(rng: random.Random, style: SceneStyle | None):
-    """Paint a `IMAGE_SIZE` square RGB scene.
-
-    `style=None` paints an irrelevant scene: a low-saturation field with grey clutter. Returns the image, the box of
-    the large object (what a detector would crop) and the boxes of 1-2 small clutter objects (distractor crops).
-    """
-    if style is None:
-        neutral = (rng.uniform(0, 360), rng.uniform(0.0, 0.15), rng.uniform(0.3, 0.85))
-        style = SceneStyle(field=neutral, thing=(rng.uniform(0, 360), 0.12, rng.uniform(0.2, 0.95)),
-                           shape=rng.choice(SHAPES))  # fmt: skip
-        field, thing = style.field, style.thing
-    else:
-        field, thing = _jitter(rng, style.field), _jitter(rng, style.thing)
-    # Vertical shading, so the field is not one flat colour.
-    shade = np.linspace(rng.uniform(0.8, 1.0), rng.uniform(1.0, 1.2), IMAGE_SIZE)[:, None, None]
-    canvas = np.clip(_rgb(field)[None, None, :] * shade * np.ones((IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 1)
-    if style.ground is not None:
-        horizon = rng.randint(IMAGE_SIZE * 3 // 5, IMAGE_SIZE * 3 // 4)
-        canvas[horizon:] = _rgb(_jitter(rng, style.ground))
-    image = Image.fromarray((canvas * 255).round().astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-
-    clutter_boxes = []
+def _add_clutter(rng: random.Random, draw: ImageDraw.ImageDraw) -> list[tuple[int, int, int, int]]:
+    """Paint 1-2 small grey clutter objects (the distractor crops); returns their boxes."""
+    boxes = []
     for _ in range(rng.randint(1, 2)):
         box = _random_box(rng, 8, 16)
         clutter = (rng.uniform(0, 360), rng.uniform(0.0, 0.2), rng.uniform(0.2, 0.95))
         paint = draw.rectangle if rng.random() < 0.5 else draw.ellipse
         paint(box, fill=_fill(_rgb(clutter)))
-        clutter_boxes.append(box)
-    object_box = _random_box(rng, 26, 40)
-    _draw_shape(draw, style.shape, object_box, _rgb(thing), rng)
+        boxes.append(box)
+    return boxes
+
+
+def _to_image(canvas: np.ndarray) -> Image.Image:
+    return Image.fromarray((canvas * 255).round().astype(np.uint8))
+
+
+def paint_scene(rng: random.Random, style: SceneStyle | TextureStyle | None):
+    """Paint a `IMAGE_SIZE` square RGB scene.
+
+    `style=None` paints an irrelevant scene: a low-saturation field with grey clutter. Returns the image, the box of
+    the large object (what a detector would crop) and the boxes of 1-2 small clutter objects (distractor crops).
+    """
+    if isinstance(style, TextureStyle):
+        canvas, object_box = _paint_texture(rng, style)
+        image = _to_image(canvas)
+        clutter_boxes = _add_clutter(rng, ImageDraw.Draw(image))
+    else:
+        if style is None:
+            neutral = (rng.uniform(0, 360), rng.uniform(0.0, 0.15), rng.uniform(0.3, 0.85))
+            style = SceneStyle(field=neutral, thing=(rng.uniform(0, 360), 0.12, rng.uniform(0.2, 0.95)),
+                               shape=rng.choice(SHAPES))  # fmt: skip
+            field, thing = style.field, style.thing
+        else:
+            field, thing = _jitter(rng, style.field), _jitter(rng, style.thing)
+        # Vertical shading, so the field is not one flat colour.
+        shade = np.linspace(rng.uniform(0.8, 1.0), rng.uniform(1.0, 1.2), IMAGE_SIZE)[:, None, None]
+        canvas = np.clip(_rgb(field)[None, None, :] * shade * np.ones((IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 1)
+        if style.ground is not None:
+            horizon = rng.randint(IMAGE_SIZE * 3 // 5, IMAGE_SIZE * 3 // 4)
+            canvas[horizon:] = _rgb(_jitter(rng, style.ground))
+        image = _to_image(canvas)
+        draw = ImageDraw.Draw(image)
+        clutter_boxes = _add_clutter(rng, draw)
+        object_box = _random_box(rng, 26, 40)
+        _draw_shape(draw, style.shape, object_box, _rgb(thing), rng)
 
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 10.0, (IMAGE_SIZE, IMAGE_SIZE, 3))
     pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
@@ -215,7 +290,7 @@ def save_jpeg(image: Image.Image, path: Path) -> None:
 class Picture:
     """What to paint for one example: a style (None = irrelevant scene), whether the file exists, crops wanted."""
 
-    style: SceneStyle | None
+    style: SceneStyle | TextureStyle | None
     present: bool = True
     num_cue_crops: int = 1
     num_distractor_crops: int = 1
@@ -403,7 +478,9 @@ def plain_tweet(rng: random.Random):
     return tokens, labels, types
 
 
-def irrelevant_picture(rng: random.Random, styles: dict[str, SceneStyle], congruent: list[str]) -> Picture:
+def irrelevant_picture(
+    rng: random.Random, styles: dict[str, SceneStyle | TextureStyle], congruent: list[str]
+) -> Picture:
     """Picture for a text-determined example: mostly unrelated clutter, sometimes a matching or a misleading
     scene (the text decides, so the picture must not be trusted blindly), sometimes missing or not RGB."""
     draw = rng.random()
@@ -420,7 +497,7 @@ def irrelevant_picture(rng: random.Random, styles: dict[str, SceneStyle], congru
     return Picture(style=style, num_cue_crops=num_cue, num_distractor_crops=num_distractor, mode=mode)
 
 
-def cue_picture(rng: random.Random, style: SceneStyle | None) -> Picture:
+def cue_picture(rng: random.Random, style: SceneStyle | TextureStyle | None) -> Picture:
     num_cue, num_distractor = crop_plan(rng, relevant=style is not None)
     return Picture(style=style, num_cue_crops=num_cue, num_distractor_crops=num_distractor)
 
@@ -435,7 +512,7 @@ def draw_unique(seen: set, make, *args):
             return drawn
 
 
-def build_twitter(rng: random.Random, root: Path) -> None:
+def build_twitter(rng: random.Random, root: Path, styles: dict[str, SceneStyle | TextureStyle] = NER_STYLES) -> None:
     ambiguous_pool = [(types, name) for types, names in AMBIGUOUS_NAMES.items() for name in names]
     image_counter = 100000
     for split in SPLITS:
@@ -445,10 +522,10 @@ def build_twitter(rng: random.Random, root: Path) -> None:
             types, name = rng.choice(ambiguous_pool)
             tokens, readings = draw_unique(seen, ambiguous_tweet, rng, types, name)
             for entity_type in types:
-                examples.append((tokens, readings[entity_type], cue_picture(rng, NER_STYLES[entity_type])))
+                examples.append((tokens, readings[entity_type], cue_picture(rng, styles[entity_type])))
         for _ in range(num_plain):
             tokens, labels, types = draw_unique(seen, plain_tweet, rng)
-            examples.append((tokens, labels, irrelevant_picture(rng, NER_STYLES, types)))
+            examples.append((tokens, labels, irrelevant_picture(rng, styles, types)))
         rng.shuffle(examples)
 
         crop_map = {}
@@ -562,7 +639,7 @@ def _mre_record(tokens: list[str], head, tail, image_file: str, relation: str) -
     }
 
 
-def build_mnre(rng: random.Random, root: Path) -> None:
+def build_mnre(rng: random.Random, root: Path, styles: dict[str, SceneStyle | TextureStyle] = MRE_STYLES) -> None:
     (root / "txt").mkdir(parents=True, exist_ok=True)
     (root / "mnre_rel2id.json").write_text(json.dumps({r: i for i, r in enumerate(MNRE_RELATIONS)}) + "\n")
     for split in SPLITS:
@@ -575,7 +652,7 @@ def build_mnre(rng: random.Random, root: Path) -> None:
             tokens, spans = draw_unique(seen, _relation_sentence, rng, frames, kinds)
             for relation in relations:
                 sentences.append(
-                    (tokens, [(spans["H"], spans["T"], relation)], cue_picture(rng, MRE_STYLES.get(relation)))
+                    (tokens, [(spans["H"], spans["T"], relation)], cue_picture(rng, styles.get(relation)))
                 )
         while num_plain > 0:
             frame, pairs = rng.choice(MRE_FRAMES)
@@ -583,9 +660,9 @@ def build_mnre(rng: random.Random, root: Path) -> None:
             pairs = rng.sample(pairs, k=min(len(pairs), num_plain, rng.randint(1, len(pairs))))
             num_plain -= len(pairs)
             relations = [relation for _, _, relation in pairs]
-            congruent = [relation for relation in relations if relation in MRE_STYLES]
+            congruent = [relation for relation in relations if relation in styles]
             records = [(spans[h], spans[t], relation) for h, t, relation in pairs]
-            sentences.append((tokens, records, irrelevant_picture(rng, MRE_STYLES, congruent)))
+            sentences.append((tokens, records, irrelevant_picture(rng, styles, congruent)))
         rng.shuffle(sentences)
 
         lines, crop_map = [], {}
@@ -603,19 +680,29 @@ def build_mnre(rng: random.Random, root: Path) -> None:
         torch.save(crop_map, root / "txt" / f"mre_{MNRE_DICT_SPLIT_NAMES[split]}_dict.pth")
 
 
-def build(output_dir: str | Path, seed: int = DEFAULT_SEED) -> None:
-    """Write `twitter/` and `mnre/` under `output_dir`, deterministically from `seed`."""
+def build(output_dir: str | Path, seed: int = DEFAULT_SEED, cues: str = "colour") -> None:
+    """Write `twitter/` and `mnre/` under `output_dir`, deterministically from `seed`; `cues` (a key of `CUES`) says
+    what decides the image-decided labels."""
+    if cues not in CUES:
+        raise ValueError(f"cues must be one of {sorted(CUES)}, got {cues!r}")
+    ner_styles, mre_styles = CUES[cues]
     output_dir = Path(output_dir)
-    build_twitter(random.Random(seed), output_dir / "twitter")
-    build_mnre(random.Random(seed + 1), output_dir / "mnre")
+    build_twitter(random.Random(seed), output_dir / "twitter", ner_styles)
+    build_mnre(random.Random(seed + 1), output_dir / "mnre", mre_styles)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=str(Path(__file__).parent), help="defaults to the package folder")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument(
+        "--cues",
+        choices=sorted(CUES),
+        default="colour",
+        help="what decides the image-decided labels: colours and shapes (the bundled sets) or textures alone",
+    )
     args = parser.parse_args(argv)
-    build(args.output_dir, args.seed)
+    build(args.output_dir, args.seed, args.cues)
 
 
 if __name__ == "__main__":
