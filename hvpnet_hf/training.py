@@ -39,6 +39,13 @@ class HVPNetTrainingArguments(TrainingArguments):
         },
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("head_learning_rate", "prefix_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be at least 0, got {value}")
+
 
 # glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` gives them.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4

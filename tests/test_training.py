@@ -68,6 +68,17 @@ def named_groups(trainer: HVPNetTrainer) -> list[tuple[float, float, set[str]]]:
     ]
 
 
+def expected_groups(*rates: float) -> list[tuple[float, float]]:
+    """(learning rate, weight decay) of the groups, in order: each part with, then without, weight decay."""
+    return [(rate, decay) for rate in rates for decay in (WEIGHT_DECAY, 0.0)]
+
+
+def test_negative_head_or_prefix_learning_rates_are_refused(tmp_path):
+    for name in ("head_learning_rate", "prefix_learning_rate"):
+        with pytest.raises(ValueError, match=f"{name} must be at least 0, got -0.001"):
+            HVPNetTrainingArguments(output_dir=str(tmp_path), **{name: -1e-3})
+
+
 def assert_each_trainable_parameter_in_one_group(trainer: HVPNetTrainer, groups: list) -> None:
     grouped = [name for _, _, group_names in groups for name in group_names]
     trainable = {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
@@ -78,12 +89,7 @@ def test_groups_cross_body_and_head_with_decay_and_frozen_backbone_stays_out(tmp
     trainer = relation_trainer(tmp_path)
     model = trainer.model
     groups = named_groups(trainer)
-    assert [(lr, decay) for lr, decay, _ in groups] == [
-        (BODY_LR, WEIGHT_DECAY),
-        (BODY_LR, 0.0),
-        (HEAD_LR, WEIGHT_DECAY),
-        (HEAD_LR, 0.0),
-    ]
+    assert [(lr, decay) for lr, decay, _ in groups] == expected_groups(BODY_LR, HEAD_LR)
     assert groups[2][2] == {"classifier.weight"} and groups[3][2] == {"classifier.bias"}
     body_no_decay = groups[1][2]
     assert body_no_decay and all("bias" in name or "LayerNorm" in name for name in body_no_decay)
@@ -95,14 +101,7 @@ def test_groups_cross_body_and_head_with_decay_and_frozen_backbone_stays_out(tmp
 def test_prefix_groups_hold_every_trained_parameter_under_the_visual_encoder(tmp_path):
     trainer = relation_trainer(tmp_path, prefix_learning_rate=PREFIX_LR)
     groups = named_groups(trainer)
-    assert [(lr, decay) for lr, decay, _ in groups] == [
-        (BODY_LR, WEIGHT_DECAY),
-        (BODY_LR, 0.0),
-        (HEAD_LR, WEIGHT_DECAY),
-        (HEAD_LR, 0.0),
-        (PREFIX_LR, WEIGHT_DECAY),
-        (PREFIX_LR, 0.0),
-    ]
+    assert [(lr, decay) for lr, decay, _ in groups] == expected_groups(BODY_LR, HEAD_LR, PREFIX_LR)
     prefix = groups[4][2] | groups[5][2]
     under_encoder = {
         name
