@@ -4,6 +4,7 @@ import ast
 import graphlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -72,15 +73,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy of the sources without the build outputs, as from a fresh clone: setuptools builds in the
+    # source folder, and would also pack what a stale `build/` there still holds (a module since moved or removed).
+    source = tmp_path_factory.mktemp("source") / "hvpnet_hf"
+    outputs = shutil.ignore_patterns(".*", "__pycache__", "build", "dist", "*.egg-info", "outputs", "runs", "wandb")
+    shutil.copytree(ROOT, source, ignore=outputs)
     folder = tmp_path_factory.mktemp("wheel")
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder)]
-    result = subprocess.run([*build, str(ROOT)], capture_output=True, text=True)
+    result = subprocess.run([*build, str(source)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = folder.glob("hvpnet_hf-*.whl")
     return wheel
 
 
-def test_wheel_carries_templates_sample_data_and_metrics(wheel):
+def test_wheel_carries_templates_sample_data_and_metrics_but_no_development_tools(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {
         "hvpnet_hf/model_cards/hvpnet_ner.md",
@@ -96,8 +102,13 @@ def test_wheel_carries_templates_sample_data_and_metrics(wheel):
     assert expected <= names, sorted(expected - names)
     sample_images = [name for name in names if name.startswith("hvpnet_hf/sample_data/") and name.endswith(".jpg")]
     assert len(sample_images) > 1000
-    # The drivers that train are scripts of the repository, not modules of the package.
-    assert not [name for name in names if name.startswith("examples/") or name.endswith(("demo.py", "runs.py"))]
+    # The drivers that train and the generator of the sample sets are scripts of the repository, not modules of the
+    # package: of the sample data, only the files and their layout ship.
+    assert not [
+        name for name in names if name.startswith(("examples/", "tools/")) or name.endswith(("demo.py", "runs.py"))
+    ]
+    sample_modules = [name for name in names if name.startswith("hvpnet_hf/sample_data/") and name.endswith(".py")]
+    assert sample_modules == ["hvpnet_hf/sample_data/__init__.py"]
 
 
 def test_installed_wheel_runs_its_commands_without_the_source_tree(wheel, tiny_ner_dir, tmp_path):

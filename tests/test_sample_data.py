@@ -6,20 +6,22 @@ import hashlib
 import json
 import random
 import re
+import runpy
 from collections import Counter, defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
 from hvpnet_hf.loading import find_release_layout
-from hvpnet_hf.sample_data import build
+from hvpnet_hf.sample_data import SAMPLE_DIR
 
-SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data"
+# The generator is a development tool of the repository, not a module of the package.
+build = SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "build_sample_data.py")))
 TWITTER, MNRE = SAMPLE_DIR / "twitter", SAMPLE_DIR / "mnre"
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
 MRE_DICT_NAMES = {"train": "train", "validation": "dev", "test": "test"}
@@ -79,7 +81,7 @@ def test_generator_reproduces_the_committed_files(tmp_path):
     assert sorted(rebuilt) == sorted(committed)
     changed = [name for name in committed if committed[name] != rebuilt[name]]
     # Text and crop maps must match byte for byte. JPEG bytes can differ only with another libjpeg build inside
-    # another Pillow release: then the decoded pixels must still agree to within one grey level on average.
+    # another Pillow release: then the decoded pixels must still agree to within one gray level on average.
     assert not [name for name in changed if not name.endswith(".jpg")]
     for name in changed:
         old, new = (np.asarray(Image.open(root / name), dtype=np.float64) for root in (SAMPLE_DIR, tmp_path))
@@ -190,18 +192,18 @@ def test_mre_ambiguity_is_exact(mre):
         assert sum(len(group) for group in groups) >= 0.4 * len(texts)
 
 
-def mean_colour(path: str) -> np.ndarray:
+def mean_color(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
 
 
 def nearest_centroid_accuracy(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> float:
-    """Accuracy of labelling each test picture with the label whose mean train colour is nearest."""
-    colours = defaultdict(list)
+    """Accuracy of labelling each test picture with the label whose mean train color is nearest."""
+    colors = defaultdict(list)
     for path, label in train:
-        colours[label].append(mean_colour(path))
-    centroids = {label: np.mean(values, axis=0) for label, values in colours.items()}
+        colors[label].append(mean_color(path))
+    centroids = {label: np.mean(values, axis=0) for label, values in colors.items()}
     hits = [
-        min(centroids, key=lambda label: np.linalg.norm(centroids[label] - mean_colour(path))) == gold
+        min(centroids, key=lambda label: np.linalg.norm(centroids[label] - mean_color(path))) == gold
         for path, gold in test
     ]
     return sum(hits) / len(hits)
@@ -219,7 +221,7 @@ def image_decided_ner(split) -> list[tuple[str, str]]:
 
 
 def test_pictures_carry_a_learnable_cue(ner):
-    # Even the crudest image feature, the mean colour, decides the ambiguous type far above the best text-only
+    # Even the crudest image feature, the mean color, decides the ambiguous type far above the best text-only
     # answer (50%: two readings per text). 0.9 leaves room for the jitter of the generator's palettes.
     train, test = image_decided_ner(ner["train"]), image_decided_ner(ner["test"])
     assert nearest_centroid_accuracy(train, test) >= 0.9
@@ -236,9 +238,9 @@ def texture_ner(tmp_path_factory):
     )
 
 
-def test_texture_variant_keeps_the_ambiguity_and_hides_the_type_from_the_mean_colour(ner, texture_ner):
+def test_texture_variant_keeps_the_ambiguity_and_hides_the_type_from_the_mean_color(ner, texture_ner):
     # The same construction as the bundled set (sizes, groups of identical text with one type per picture), but the
-    # mean colour, which decides the bundled set's ambiguous types (test above), is no better than chance here.
+    # mean color, which decides the bundled set's ambiguous types (test above), is no better than chance here.
     assert texture_ner.num_rows == ner.num_rows
     train, test = image_decided_ner(texture_ner["train"]), image_decided_ner(texture_ner["test"])
     assert len(test) >= 0.4 * len(image_decided_ner(ner["test"]))
@@ -247,8 +249,8 @@ def test_texture_variant_keeps_the_ambiguity_and_hides_the_type_from_the_mean_co
 
 
 def test_texture_styles_differ_only_in_their_texture():
-    # The same draws paint the same colours, shape and clutter whatever the texture: per picture the mean colour
-    # moves by a few grey levels between textures while the pixels differ widely.
+    # The same draws paint the same colors, shape and clutter whatever the texture: per picture the mean color
+    # moves by a few gray levels between textures while the pixels differ widely.
     for seed in range(5):
         images = [
             np.asarray(build.paint_scene(random.Random(seed), build.TextureStyle(texture))[0], dtype=np.float64)
@@ -260,5 +262,5 @@ def test_texture_styles_differ_only_in_their_texture():
 
 
 def test_unknown_cues_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="cues must be one of \\['colour', 'texture'\\], got 'shape'"):
+    with pytest.raises(ValueError, match="cues must be one of \\['color', 'texture'\\], got 'shape'"):
         build.build(tmp_path, cues="shape")

@@ -1,6 +1,7 @@
 """
-The bundled multimodal sample sets (Twitter-style NER and MNRE-style RE), their generator `build`, and where their
-files are. Each set is laid out as its published release, so the loaders read it as they read the real data.
+The bundled multimodal sample sets (Twitter-style NER and MNRE-style RE) and where their files are. Each set is laid
+out as its published release, so the loaders read it as they read the real data. The repository's
+`tools/build_sample_data.py` generates them.
 """
 
 from pathlib import Path

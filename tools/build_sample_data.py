@@ -1,6 +1,7 @@
-"""Build the bundled multimodal sample sets from a fixed seed.
+"""Build the multimodal sample sets bundled in `hvpnet_hf/sample_data/` from a fixed seed (a development tool of the
+repository, not part of the package).
 
-    python -m hvpnet_hf.sample_data.build [--output_dir DIR] [--seed N] [--cues {colour,texture}]
+    python tools/build_sample_data.py [--output_dir DIR] [--seed N] [--cues {color,texture}]
 
 Two small data sets are written in the file formats of the published releases (as zjunlp/HVPNeT reads them), so
 the real loaders read them:
@@ -13,11 +14,11 @@ the real loaders read them:
 
 About half of the examples are ambiguous from the text: the same tweet occurs once per candidate label (an entity
 type, or a relation) with a different picture, and only the picture tells which label is right. Every picture is
-a painted scene whose dominant colours and large shape encode a class, with jitter and noise; irrelevant pictures
+a painted scene whose dominant colors and large shape encode a class, with jitter and noise; irrelevant pictures
 are low-saturation clutter. `--cues texture` writes a harder variant (not bundled; `benchmarks/bench_image_use.py`
 measures with it): the same construction and sizes, but the field and the object of a cue picture are covered with
-a texture that encodes the class, in colours and a shape drawn at random for every picture, so the colours tell
-nothing. The README next to this file explains the construction.
+a texture that encodes the class, in colors and a shape drawn at random for every picture, so the colors tell
+nothing. `hvpnet_hf/sample_data/README.md` explains the construction.
 """
 
 import argparse
@@ -32,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from hvpnet_hf.sample_data import SAMPLE_DIR
 
 DEFAULT_SEED = 2022
 IMAGE_SIZE = 64
@@ -79,9 +82,9 @@ MNRE_RELATIONS = (
 
 @dataclass(frozen=True)
 class SceneStyle:
-    """A visual class: a dominant colour field and one large object (the part the object crop shows).
+    """A visual class: a dominant color field and one large object (the part the object crop shows).
 
-    Colours are (hue in degrees, saturation, value); `ground` optionally paints the lower third in a second colour.
+    Colors are (hue in degrees, saturation, value); `ground` optionally paints the lower third in a second color.
     """
 
     field: tuple[float, float, float]
@@ -111,7 +114,7 @@ SHAPES = ("face", "mountain", "logo", "stripes", "pair", "desk", "trophy", "towe
 class TextureStyle:
     """A visual class of the harder variant (`--cues texture`): a texture covering the field and the large object.
 
-    Colours and the object's shape are drawn at random for every picture, the same way for every class, so only the
+    Colors and the object's shape are drawn at random for every picture, the same way for every class, so only the
     texture tells the classes apart.
     """
 
@@ -126,8 +129,8 @@ NER_TEXTURES = {
     "MISC": TextureStyle("rising"),
 }
 MRE_TEXTURES = {relation: TextureStyle(texture) for relation, texture in zip(MRE_STYLES, TEXTURES, strict=True)}
-# What decides the image-decided labels: each class's colours and shape (the bundled sets), or its texture alone.
-CUES = {"colour": (NER_STYLES, MRE_STYLES), "texture": (NER_TEXTURES, MRE_TEXTURES)}
+# What decides the image-decided labels: each class's colors and shape (the bundled sets), or its texture alone.
+CUES = {"color": (NER_STYLES, MRE_STYLES), "texture": (NER_TEXTURES, MRE_TEXTURES)}
 
 
 def _rgb(hsv: tuple[float, float, float]) -> np.ndarray:
@@ -147,11 +150,11 @@ def _fill(rgb: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(round(c * 255)) for c in rgb)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour, rng: random.Random):
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], color, rng: random.Random):
     """Paint one large object filling most of `box` (left, top, right, bottom)."""
     left, top, right, bottom = box
     width, height = right - left, bottom - top
-    fill = _fill(colour)
+    fill = _fill(color)
     if shape == "face":
         draw.ellipse(box, fill=fill)
     elif shape == "mountain":
@@ -159,7 +162,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
     elif shape == "logo":
         draw.rectangle(box, fill=fill)
         inset = max(width // 4, 2)
-        draw.rectangle((left + inset, top + inset, right - inset, bottom - inset), fill=_fill(colour * 0.6))
+        draw.rectangle((left + inset, top + inset, right - inset, bottom - inset), fill=_fill(color * 0.6))
     elif shape == "stripes":
         step = rng.randint(5, 7)
         for offset in range(-height, width, step * 2):
@@ -174,7 +177,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.ellipse((right - 2 * radius, bottom - 2 * radius, right, bottom), fill=fill)
     elif shape == "desk":
         draw.rectangle((left, top + height // 2, right, bottom), fill=fill)
-        draw.rectangle((left + width // 4, top, right - width // 4, top + height // 2), fill=_fill(colour * 0.7))
+        draw.rectangle((left + width // 4, top, right - width // 4, top + height // 2), fill=_fill(color * 0.7))
     elif shape == "trophy":
         draw.polygon([(left, top), (right, top), ((left + right) // 2, top + 2 * height // 3)], fill=fill)
         draw.rectangle((left + width // 3, top + 2 * height // 3, right - width // 3, bottom), fill=fill)
@@ -189,7 +192,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 
 def texture_mask(texture: str, period: int, phase: int) -> np.ndarray:
-    """(IMAGE_SIZE, IMAGE_SIZE) bool: the pixels of a two-colour `texture` painted in its second colour (about half
+    """(IMAGE_SIZE, IMAGE_SIZE) bool: the pixels of a two-color `texture` painted in its second color (about half
     of them for an even `period`), repeating every `period` pixels and shifted by `phase`."""
     rows, columns = np.indices((IMAGE_SIZE, IMAGE_SIZE)) + phase
     half = period // 2
@@ -207,7 +210,7 @@ def texture_mask(texture: str, period: int, phase: int) -> np.ndarray:
 
 
 def _paint_texture(rng: random.Random, style: TextureStyle) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """(IMAGE_SIZE, IMAGE_SIZE, 3) floats in [0, 1]: a field and one large object of random colours and shape, both
+    """(IMAGE_SIZE, IMAGE_SIZE, 3) floats in [0, 1]: a field and one large object of random colors and shape, both
     covered with `style.texture` (each with its own period and phase); and the object's box."""
     canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3))
     object_box = _random_box(rng, 26, 40)
@@ -230,7 +233,7 @@ def _random_box(rng: random.Random, low: int, high: int) -> tuple[int, int, int,
 
 
 def _add_clutter(rng: random.Random, draw: ImageDraw.ImageDraw) -> list[tuple[int, int, int, int]]:
-    """Paint 1-2 small grey clutter objects (the distractor crops); returns their boxes."""
+    """Paint 1-2 small gray clutter objects (the distractor crops); returns their boxes."""
     boxes = []
     for _ in range(rng.randint(1, 2)):
         box = _random_box(rng, 8, 16)
@@ -248,7 +251,7 @@ def _to_image(canvas: np.ndarray) -> Image.Image:
 def paint_scene(rng: random.Random, style: SceneStyle | TextureStyle | None):
     """Paint a `IMAGE_SIZE` square RGB scene.
 
-    `style=None` paints an irrelevant scene: a low-saturation field with grey clutter. Returns the image, the box of
+    `style=None` paints an irrelevant scene: a low-saturation field with gray clutter. Returns the image, the box of
     the large object (what a detector would crop) and the boxes of 1-2 small clutter objects (distractor crops).
     """
     if isinstance(style, TextureStyle):
@@ -263,7 +266,7 @@ def paint_scene(rng: random.Random, style: SceneStyle | TextureStyle | None):
             field, thing = style.field, style.thing
         else:
             field, thing = _jitter(rng, style.field), _jitter(rng, style.thing)
-        # Vertical shading, so the field is not one flat colour.
+        # Vertical shading, so the field is not one flat color.
         shade = np.linspace(rng.uniform(0.8, 1.0), rng.uniform(1.0, 1.2), IMAGE_SIZE)[:, None, None]
         canvas = np.clip(_rgb(field)[None, None, :] * shade * np.ones((IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 1)
         if style.ground is not None:
@@ -680,7 +683,7 @@ def build_mnre(rng: random.Random, root: Path, styles: dict[str, SceneStyle | Te
         torch.save(crop_map, root / "txt" / f"mre_{MNRE_DICT_SPLIT_NAMES[split]}_dict.pth")
 
 
-def build(output_dir: str | Path, seed: int = DEFAULT_SEED, cues: str = "colour") -> None:
+def build(output_dir: str | Path, seed: int = DEFAULT_SEED, cues: str = "color") -> None:
     """Write `twitter/` and `mnre/` under `output_dir`, deterministically from `seed`; `cues` (a key of `CUES`) says
     what decides the image-decided labels."""
     if cues not in CUES:
@@ -693,13 +696,13 @@ def build(output_dir: str | Path, seed: int = DEFAULT_SEED, cues: str = "colour"
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default=str(Path(__file__).parent), help="defaults to the package folder")
+    parser.add_argument("--output_dir", default=str(SAMPLE_DIR), help="defaults to the package's sample_data folder")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument(
         "--cues",
         choices=sorted(CUES),
-        default="colour",
-        help="what decides the image-decided labels: colours and shapes (the bundled sets) or textures alone",
+        default="color",
+        help="what decides the image-decided labels: colors and shapes (the bundled sets) or textures alone",
     )
     args = parser.parse_args(argv)
     build(args.output_dir, args.seed, args.cues)
