@@ -12,7 +12,7 @@ the rest), which an image-aware model can exceed.
 
     python benchmarks/sample_data_signal.py [--backbone resnet18] [--image_size 64] [--seeds 3] [--data_dir DIR]
 
-`--data_dir` measures a set written by `python -m hvpnet_hf.sample_data.build --output_dir DIR` instead (e.g. the
+`--data_dir` measures a set written by `python tools/build_sample_data.py --output_dir DIR` instead (e.g. the
 harder `--cues texture` variant).
 """
 
@@ -25,27 +25,27 @@ import torch
 from PIL import Image
 from seqeval.metrics import f1_score
 
-import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
 from hvpnet_hf.loading import find_release_layout
+from hvpnet_hf.sample_data import SAMPLE_DIR, SAMPLE_LAYOUT
 
-SAMPLE_DIR = Path(hvpnet_hf.__file__).parent / "sample_data"
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 
 
 def load_sample_sets(root: Path = SAMPLE_DIR):
-    """The NER and MRE sets under `root` (the bundled ones, or a folder written by `hvpnet_hf.sample_data.build`)."""
-    twitter, mnre = root / "twitter", root / "mnre"
-    ner = load_mner_dataset(
-        data_dir=twitter, **find_release_layout(twitter / "images", twitter / "aux_images", twitter)
+    """The NER and MRE sets under `root` (the bundled ones, or a folder written by `tools/build_sample_data.py`)."""
+    ner, mre = ({name: root / path for name, path in SAMPLE_LAYOUT[task].items()} for task in ("ner", "re"))
+    return (
+        load_mner_dataset(
+            data_dir=ner["data_dir"], **find_release_layout(ner["image_dir"], ner["object_dir"], ner["data_dir"])
+        ),
+        load_mre_dataset(
+            data_dir=mre["data_dir"],
+            **find_release_layout(mre["image_dir"], mre["object_dir"], mre["data_dir"]),
+            rel2id=mre["rel2id"],
+        ),
     )
-    mre = load_mre_dataset(
-        data_dir=mnre / "txt",
-        **find_release_layout(mnre / "img_org", mnre / "img_vg", mnre / "txt"),
-        rel2id=mnre / "mnre_rel2id.json",
-    )
-    return ner, mre
 
 
 def ner_examples(split) -> list[dict]:

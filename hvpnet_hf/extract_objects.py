@@ -32,15 +32,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .file_utils import atomic_write, check_output_dir
+from .output_files import atomic_write, check_output_dir
 from .image_processing_hvpnet import load_image
 from .loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset, split_of_file
 from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
 
 logger = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 # The folder and crop-map name of each split, as in the releases (`train/`, `val/`, `test/`, `*_val_dict.pth`).
 _SPLIT_FOLDER = {split: aliases[0] for split, aliases in SPLIT_ALIASES.items()}
+SPLITS = tuple(_SPLIT_FOLDER.values())
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -47,7 +47,6 @@ SPLIT_ALIASES = {"train": ("train",), "validation": ("val", "dev", "valid"), "te
 _SPLIT_OF_ALIAS = {alias: split for split, aliases in SPLIT_ALIASES.items() for alias in aliases}
 # A split name as one word of a file name: `mnre_train.txt`, `ours_val.txt`, `mnre_val .txt`, `valid.txt`.
 _SPLIT_WORD = re.compile(rf"(?:^|[_\-\s.])({'|'.join(_SPLIT_OF_ALIAS)})(?:$|[_\-\s.])", re.IGNORECASE)
-_MNER_SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
 
 
 @dataclass
@@ -73,7 +72,8 @@ def load_mner_dataset(
     each starting with `IMGID:<id>` (image `<id>.jpg`) followed by one `token<TAB>label` line per token.
 
     Args:
-        data_dir: folder holding `train.txt`, `valid.txt` and/or `test.txt`.
+        data_dir: folder of the split files, found by their names (`train.txt`, `valid.txt`, `test.txt`; see
+            `find_split_files`).
         data_files: explicit `{"train": ..., "validation": ..., "test": ...}` (relative paths are resolved in
             `data_dir` when it is given).
         image_dir: folder of the images, or one folder per split; None loads text only (`image` is None).
@@ -86,7 +86,7 @@ def load_mner_dataset(
         `DatasetDict` with the splits found, columns `id` (sample index in its file), `tokens`, `ner_tags`
         (`ClassLabel` over `MNER_LABELS`; OTHER is read as MISC), `image_id`, `image` (path or None), `objects`.
     """
-    files = _resolve_data_files(data_dir, data_files, _find_mner_files)
+    files = _resolve_data_files(data_dir, data_files)
     features = Features(
         {
             "id": Value("string"),
@@ -121,8 +121,8 @@ def load_mre_dataset(
     (`{"name", "pos": [start, end)}` in word offsets), `img_id` and `relation`.
 
     Args:
-        data_dir: folder searched for `*train*.txt`, `*val*.txt` / `*dev*.txt` and `*test*.txt` (release file
-            names vary, e.g. `mnre_train.txt`, `ours_val.txt`, `mnre_val .txt`).
+        data_dir: folder of the split files, found by their names (release file names vary: `mnre_train.txt`,
+            `ours_val.txt`, `mnre_val .txt`; see `find_split_files`).
         data_files: explicit `{"train": ..., "validation": ..., "test": ...}`.
         image_dir, object_dir, object_maps, missing_images: as in `load_mner_dataset` (MNRE keeps one image folder
             per split, e.g. `img_org/train`).
@@ -134,7 +134,7 @@ def load_mre_dataset(
         `head` and `tail` (`name`, `start`, `end`; word offsets, end exclusive), `relation` (`ClassLabel`),
         `image_id`, `image`, `objects`.
     """
-    files = _resolve_data_files(data_dir, data_files, _find_mre_files)
+    files = _resolve_data_files(data_dir, data_files)
     parsed = {split: _read_mre_file(path) for split, path in files.items()}
     relation_names = _relation_names(rel2id, parsed, files)
     entity = {"name": Value("string"), "start": Value("int32"), "end": Value("int32")}
@@ -159,42 +159,18 @@ def load_mre_dataset(
     return DatasetDict(splits)
 
 
-def _resolve_data_files(data_dir, data_files, find_files) -> dict[str, Path]:
+def _resolve_data_files(data_dir, data_files) -> dict[str, Path]:
     if data_files is not None:
         base = Path(data_dir) if data_dir is not None else Path()
         files = {split: base / path for split, path in data_files.items()}
     elif data_dir is not None:
-        files = find_files(Path(data_dir))
+        files = find_split_files(data_dir)
     else:
         raise ValueError("Pass data_dir or data_files.")
     for split, path in files.items():
         if not path.is_file():
             raise FileNotFoundError(f"Data file for split {split!r} not found: {path}")
     return files
-
-
-def _find_mner_files(data_dir: Path) -> dict[str, Path]:
-    files = {split: data_dir / name for split, name in _MNER_SPLIT_FILES.items() if (data_dir / name).is_file()}
-    if not files:
-        raise FileNotFoundError(f"None of {list(_MNER_SPLIT_FILES.values())} found in {data_dir}")
-    return files
-
-
-def _find_mre_files(data_dir: Path) -> dict[str, Path]:
-    candidates: dict[str, list[Path]] = {}
-    for path in sorted(data_dir.glob("*.txt")):
-        split = split_of_file(path)
-        if split is not None:
-            candidates.setdefault(split, []).append(path)
-    if not candidates:
-        raise FileNotFoundError(f"No *train*.txt, *val*.txt, *dev*.txt or *test*.txt file found in {data_dir}")
-    for split, paths in candidates.items():
-        if len(paths) > 1:
-            raise ValueError(
-                f"Several files in {data_dir} look like the {split} split: {[p.name for p in paths]}; "
-                "pass data_files explicitly."
-            )
-    return {split: paths[0] for split, paths in candidates.items()}
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -339,6 +315,31 @@ def split_of_file(path: PathLike) -> str | None:
     return _SPLIT_OF_ALIAS[match.group(1).lower()] if match else None
 
 
+def find_split_files(data_dir: PathLike) -> dict[str, Path]:
+    """
+    `{split: file}`, in the order train, validation, test, of the `.txt` files in `data_dir` whose names name a split
+    (see `split_of_file`): the Twitter releases' `train.txt`, `valid.txt`, `test.txt`, MNRE's `mnre_train.txt`,
+    `ours_dev.txt`, `mnre_val .txt`. Two files of one split are an error naming them.
+    """
+    candidates: dict[str, list[Path]] = {}
+    for path in sorted(Path(data_dir).glob("*.txt")):
+        split = split_of_file(path)
+        if split is not None:
+            candidates.setdefault(split, []).append(path)
+    if not candidates:
+        raise FileNotFoundError(
+            f"no data file of a split in {data_dir}: a .txt file named by one of {list(_SPLIT_OF_ALIAS)} as a word "
+            "of its name (train.txt, valid.txt, mnre_test.txt), or pass data_files"
+        )
+    for split, paths in candidates.items():
+        if len(paths) > 1:
+            raise ValueError(
+                f"Several files in {data_dir} look like the {split} split: {[p.name for p in paths]}; "
+                "pass data_files explicitly."
+            )
+    return {split: candidates[split][0] for split in SPLIT_ALIASES if split in candidates}
+
+
 def split_folders(folder: PathLike | None) -> PathLike | dict[str, str] | None:
     """
     `{split: folder/<split name>[/crops]}` when `folder` is laid out per split as the image and crop releases are
@@ -386,6 +387,46 @@ def find_release_layout(
         "object_dir": split_folders(object_dir),
         "object_maps": find_object_maps(object_map_dir) if object_dir is not None else None,
     }
+
+
+def find_file_layout(
+    data_file: PathLike,
+    image_dir: PathLike | None = None,
+    object_dir: PathLike | None = None,
+    object_map: PathLike | None = None,
+) -> dict[str, Any]:
+    """
+    The keyword arguments of `load_mner_dataset` / `load_mre_dataset` that read one data file of a published data set
+    as their `test` split, with the images and crops of the file's split, which its name gives (`ours_test.txt`,
+    `valid.txt`; see `split_of_file`): of a folder laid out per split (see `split_folders`), the folder of that split;
+    with crops, `object_map`, or else that split's crop map next to the file (see `find_object_maps`).
+    """
+    split = split_of_file(data_file)
+    if object_map is None and object_dir is not None:
+        try:
+            maps = find_object_maps(Path(data_file).parent)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{error}; name the crop map of {data_file} with object_map") from error
+        object_map = _of_split(maps, split, data_file, "the crop maps next to it are")
+    return {
+        "data_files": {"test": data_file},
+        "image_dir": _of_split(split_folders(image_dir), split, data_file, f"image_dir {image_dir} is"),
+        "object_dir": _of_split(split_folders(object_dir), split, data_file, f"object_dir {object_dir} is"),
+        "object_maps": None if object_map is None else {"test": object_map},
+    }
+
+
+def _of_split(found: Any, split: str | None, data_file: PathLike, what: str) -> Any:
+    """The entry of `split` when `found` is per split (a dict), else `found` itself; `what` names `found`."""
+    if not isinstance(found, dict):
+        return found
+    if split not in found:
+        named = "not among them" if split else "not named in its file name"
+        raise ValueError(
+            f"{what} laid out per split ({', '.join(sorted(found))}), but the split of {data_file} is {named}; "
+            "give the folder or crop map of its split"
+        )
+    return found[split]
 
 
 def _split_path(paths: SplitPaths | None, split: str, what: str) -> Path | None:
@@ -570,13 +611,25 @@ def check_images_found(
         )
 
 
+def check_images_found_in_splits(
+    splits: Mapping[str, Dataset], image_dir: SplitPaths, setting: str, text_only: str
+) -> None:
+    """`check_images_found` for every split of `splits`, loaded with `image_dir` (one folder, or one per split as
+    `find_release_layout` gives them)."""
+    for split, examples in splits.items():
+        check_images_found(examples, f"the {split} split", _split_path(image_dir, split, setting), setting, text_only)
+
+
 __all__ = [
     "MNER_LABELS",
     "NO_RELATION",
     "SPLIT_ALIASES",
     "check_images_found",
+    "check_images_found_in_splits",
+    "find_file_layout",
     "find_object_maps",
     "find_release_layout",
+    "find_split_files",
     "labels_on_model_ids",
     "load_mner_dataset",
     "load_mre_dataset",

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import PretrainedConfig, TrainingArguments
+from transformers import PretrainedConfig, Trainer, TrainingArguments
 
 # hvpnet_hf/model_cards links to the repository's model_cards/, so wheels carry the templates too.
 TEMPLATES_DIR = Path(__file__).parent / "model_cards"
@@ -13,6 +13,7 @@ TASKS = {
     "re": {"template": "hvpnet_re.md", "pipeline_tag": "text-classification", "task_name": "Multimodal RE"},
 }
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
+SAMPLE_NOTE = "Trained on the small synthetic sample set bundled with hvpnet_hf: a demonstration, not a usable model."
 # What a published repository holds, top-level files only: the weights, the config, the code of the model, the
 # processor and the pipeline (loaded with trust_remote_code=True), the tokenizer, the processor settings, the card and
 # the scores. Checkpoints, logs, predictions and the trainer's state stay local.
@@ -184,4 +185,34 @@ def push_output_dir_to_hub(
     return str(commit)
 
 
-__all__ = ["push_output_dir_to_hub", "render_model_card", "training_hyperparameters"]
+def save_model_card_and_push(
+    trainer: Trainer, task: str, results: dict[str, float], dataset: str, text_model: str, push_to_hub: bool
+) -> None:
+    """
+    Writes the model card of a `Trainer` run into its output folder (once validation was scored, on the main process)
+    and, with `push_to_hub`, publishes the folder (see `push_output_dir_to_hub`). `dataset` "sample" marks the model
+    as a demonstration.
+    """
+    if not (trainer.is_world_process_zero() and "eval_f1" in results):
+        return
+    args = trainer.args
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    card = render_model_card(
+        task,
+        trainer.model.config,
+        results,
+        dataset,
+        text_model,
+        training_hyperparameters(args),
+        args.hub_model_id or str(output_dir),
+        note=SAMPLE_NOTE if dataset == "sample" else None,
+    )
+    card.save(output_dir / "README.md")
+    if push_to_hub:
+        trainer.save_model()  # also when nothing was trained
+        repo_id = args.hub_model_id or output_dir.name
+        push_output_dir_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+
+
+__all__ = ["push_output_dir_to_hub", "render_model_card", "save_model_card_and_push", "training_hyperparameters"]

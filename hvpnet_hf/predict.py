@@ -7,10 +7,10 @@ predictions.
     hvpnet-predict --model outputs/mnre --input data/txt/ours_test.txt --image_dir data/img_org \\
         --object_dir data/img_vg --output mnre_test.jsonl
 
-Image and crop folders are found as the example scripts find them (`hvpnet_hf.loading.find_release_layout`): a folder
-laid out per split (`img_org/{train,val,test}/`, `img_vg/{train,val,test}/crops/`) gives the folder of the input's
-split, read from the input's name (`ours_test.txt`, `valid.txt`); the crop map `*_<split>_dict.pth` is found next to
-the input file, or named with `--object_map`.
+Image and crop folders are found as the example scripts find them, for the input's split
+(`hvpnet_hf.loading.find_file_layout`): a folder laid out per split (`img_org/{train,val,test}/`,
+`img_vg/{train,val,test}/crops/`) gives the folder of the input's split, read from the input's name (`ours_test.txt`,
+`valid.txt`); the crop map `*_<split>_dict.pth` is found next to the input file, or named with `--object_map`.
 
 The task follows from the model. NER input: `IMGID:` blocks of `token<TAB>label` lines (Twitter-2015/2017); output:
 CoNLL columns `word gold predicted`, a blank line after each sentence (whitespace inside a word is written as `_`,
@@ -40,16 +40,8 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, pipeline
 
-from .file_utils import check_output_file
-from .loading import (
-    NO_RELATION,
-    check_images_found,
-    find_object_maps,
-    load_mner_dataset,
-    load_mre_dataset,
-    split_folders,
-    split_of_file,
-)
+from .output_files import check_output_file
+from .loading import NO_RELATION, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
 from .metrics import metric_path
 from .pipelines import task_of  # importing it registers "multimodal-ner" and "multimodal-re"
 from .prediction_files import write_ner_predictions, write_re_predictions
@@ -111,48 +103,14 @@ def bio_tags(entities: list[dict], num_words: int) -> list[str]:
     return tags
 
 
-def input_sources(args: argparse.Namespace) -> dict[str, Any]:
-    """
-    The image folder, crop folder and crop map of the input file, as keyword arguments of the loaders (the input is
-    read as their `test` split): folders laid out per split give the input's split, and the crop map is
-    `--object_map` or the input's `*_<split>_dict.pth` next to it.
-    """
-    split = split_of_file(args.input)
-    object_map = args.object_map
-    if object_map is None and args.object_dir is not None:
-        try:
-            maps = find_object_maps(Path(args.input).parent)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{error}; name the crop map of {args.input} with --object_map") from error
-        object_map = _of_split(maps, split, args.input, "the crop maps")
-    return {
-        "image_dir": _of_split(split_folders(args.image_dir), split, args.input, f"--image_dir {args.image_dir}"),
-        "object_dir": _of_split(split_folders(args.object_dir), split, args.input, f"--object_dir {args.object_dir}"),
-        "object_maps": {"test": object_map} if object_map else None,
-    }
-
-
-def _of_split(found: Any, split: str | None, input_file: str, what: str) -> Any:
-    """The entry of `split` when `found` is per split (a dict), else `found` itself."""
-    if not isinstance(found, dict):
-        return found
-    if split not in found:
-        raise ValueError(
-            f"{what} is laid out per split ({', '.join(sorted(found))}), but the split of --input {input_file} is "
-            f"{'not among them' if split else 'not named in its file name'}; give the folder or file of its split"
-        )
-    return found[split]
-
-
 def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:
     """
-    The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`); an `--image_dir`
-    that holds none of their images is an error (see `check_images_found`).
+    The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`) with the images and
+    crops of its split (see `find_file_layout`); an `--image_dir` that holds none of their images is an error (see
+    `check_images_found`).
     """
-    sources = input_sources(args)
-    examples = loader(
-        data_files={"test": args.input}, **sources, missing_images=args.missing_images, **task_arguments
-    )["test"]
+    sources = find_file_layout(args.input, args.image_dir, args.object_dir, args.object_map)
+    examples = loader(**sources, missing_images=args.missing_images, **task_arguments)["test"]
     if sources["image_dir"] is not None:
         text_only = "leave --image_dir out to predict from the text only"
         check_images_found(examples, f"--input {args.input}", sources["image_dir"], "--image_dir", text_only)

@@ -23,6 +23,8 @@ from transformers import AutoModelForSequenceClassification
 import hvpnet_hf
 from hvpnet_hf.analysis import attention, gates, robustness
 from hvpnet_hf.analysis.data import load_examples, load_model
+from hvpnet_hf.analysis.plotting import pyplot
+from hvpnet_hf.sample_data import sample_paths
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +74,45 @@ def test_robustness_scores_relations_by_micro_f1_without_none(text_model, tmp_pa
     assert report["examples"] == 10 and set(report["scores"]) == set(scores)
 
 
+class SplitsLoaded(Exception):
+    """Stops a training script once it has loaded its splits (the exception's argument)."""
+
+
+def stop_at_the_loaded_splits(splits, *args):
+    raise SplitsLoaded(splits)
+
+
 @pytest.mark.parametrize("task, module", [("ner", run_mner), ("re", run_mre)])
-def test_sample_splits_have_the_images_the_training_script_loads(task, module):
-    _, data_args, _ = module.parse_arguments(["--dataset", "sample", "--output_dir", "unused"])
-    loaded_by_script = module.load_raw_datasets(data_args)
+def test_sample_splits_have_the_images_the_training_script_loads(task, module, tmp_path, monkeypatch):
+    monkeypatch.setattr(module, "select_splits", stop_at_the_loaded_splits)
+    with pytest.raises(SplitsLoaded) as loaded:
+        module.main(["--dataset", "sample", "--do_train", "false", "--output_dir", str(tmp_path)])
+    loaded_by_script = loaded.value.args[0]
     for split in ("validation", "test"):
         examples = load_examples(task, argparse.Namespace(data_file=None, split=split, max_samples=None))
         assert examples["tokens"] == loaded_by_script[split]["tokens"]
         assert examples["image"] == loaded_by_script[split]["image"]
         assert examples["objects"] == loaded_by_script[split]["objects"]
         assert sum(image is not None for image in examples["image"]) > 0.9 * len(examples)
+
+
+@pytest.mark.parametrize("task, file_name", [("ner", "test.txt"), ("re", "mnre_test.txt")])
+def test_a_data_file_is_read_with_the_folders_of_its_split_as_hvpnet_predict_reads_it(task, file_name, tmp_path):
+    sample = sample_paths(task)
+    data_file = f"{sample['data_dir']}/{file_name}"
+    roots = {"image_dir": sample["image_dir"], "object_dir": sample["object_dir"]}  # the release's roots
+    args = argparse.Namespace(
+        data_file=data_file, **roots, object_map=None, rel2id=sample.get("rel2id"), max_samples=None
+    )
+    examples = load_examples(task, args)
+    # The images, crops and crop map of the test split, as the sample set's own test split has them.
+    sample_test = load_examples(task, argparse.Namespace(data_file=None, split="test", max_samples=None))
+    assert examples["image"] == sample_test["image"] and examples["objects"] == sample_test["objects"]
+    assert any(examples["objects"]) and sum(image is not None for image in examples["image"]) > 0.9 * len(examples)
+    # A folder that holds none of the file's images is refused.
+    args.image_dir, args.object_dir = str(tmp_path), None
+    with pytest.raises(FileNotFoundError, match=f"none of the .* of --data_file {data_file} was found in --image_dir"):
+        load_examples(task, args)
 
 
 def test_shuffled_images_come_from_other_examples():
@@ -113,6 +144,18 @@ def test_gates_average_over_present_images_only(trained_model, tmp_path):
     with Image.open(tmp_path / "gates.png") as image:
         assert image.size[0] > 300
     assert "| layer | stage 1 | stage 2 | stage 3 | stage 4 |" in (tmp_path / "gates.md").read_text()
+
+
+def test_gates_figure_has_a_panel_per_image_group_with_images():
+    means = {
+        "global image": {"mean": [[0.1, 0.9], [0.6, 0.4], [0.3, 0.7]], "images": 2},
+        "object crops": {"mean": None, "images": 0},
+    }
+    figure = gates.figure(means)
+    panels = [axis for axis in figure.axes if axis.get_title()]  # the colour bar has no title
+    assert [axis.get_title() for axis in panels] == ["global image (2)"]
+    assert [text.get_text() for text in panels[0].texts] == ["0.10", "0.90", "0.60", "0.40", "0.30", "0.70"]
+    pyplot().close(figure)
 
 
 def test_entity_attention_covers_every_image_slot(trained_model, tmp_path):
@@ -182,7 +225,7 @@ def test_robustness_reads_the_models_ids_with_its_own_label_names(text_model, tm
     gold = [examples.features["relation"].int2str(relation) for relation in examples["relation"]]
     answer = Counter(relation for relation in gold if relation != "None").most_common(1)[0][0]
     model_dir = tmp_path / "mre"
-    model_predicting_one_label(run_mre, "re", text_model, model_dir, names, answer)
+    model_predicting_one_label("re", text_model, model_dir, names, answer)
 
     scores = robustness.main(["--model", str(model_dir), "--max_samples", "10", "--output_dir", str(tmp_path)])
     assert scores["real images"]["precision"] == pytest.approx(gold.count(answer) / len(gold))

@@ -30,7 +30,7 @@ def test_two_process_run_predicts_every_example_once(tmp_path):
         "--text_model_name_or_path", str(text_model),
         "--vision_backbone", "test_resnet",
         "--image_size", "32",
-        "--num_object_images", "2",
+        "--config_overrides", "num_object_images=2",
         "--max_seq_length", "40",
         "--output_dir", str(output_dir),
         "--num_train_epochs", "1",

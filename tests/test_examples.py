@@ -3,7 +3,6 @@ The drivers of examples/ end to end on the bundled sample data (1 short epoch, t
 the demo, and the paper's training experiments of examples/paper/.
 """
 
-import inspect
 import json
 import statistics
 import sys
@@ -17,6 +16,7 @@ import torch
 import transformers
 from datasets import Dataset
 from huggingface_hub.utils import filter_repo_objects
+from modeling_utils import tiny_config
 from PIL import Image
 from seqeval.metrics.sequence_labeling import get_entities
 from transformers import (
@@ -28,7 +28,7 @@ from transformers import (
 )
 
 import hvpnet_hf
-from hvpnet_hf import HVPNetConfig, load_mner_dataset, sample_subset
+from hvpnet_hf import HVPNetProcessor, load_mner_dataset, sample_subset
 from hvpnet_hf.collating import HVPNetDataCollator
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.prediction_files import read_conll
@@ -43,7 +43,6 @@ import demo  # noqa: E402
 import low_resource  # noqa: E402
 import seeds  # noqa: E402
 
-import hvpnet_examples  # noqa: E402
 import run_mner  # noqa: E402
 import run_mre  # noqa: E402
 import runs  # noqa: E402
@@ -72,7 +71,7 @@ def tiny_flags(text_model: str, output_dir: Path) -> list[str]:
         "--text_model_name_or_path", text_model,
         "--vision_backbone", "test_resnet",
         "--image_size", "32",
-        "--num_object_images", "2",
+        "--config_overrides", "num_object_images=2",
         "--output_dir", str(output_dir),
         "--feature_cache_dir", str(output_dir / "feature_cache"),
         "--num_train_epochs", "1",
@@ -201,8 +200,8 @@ def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, 
     assert repo_id == "someone/hvpnet-mnre"
     assert uploaded == sorted([
         "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
-        "object_detection.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
-        "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
+        "object_detection.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py", "tasks.py",
+        "frozen_backbone.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
     ])  # fmt: skip
     assert {"training_args.bin", "trainer_state.json", "test_predictions.jsonl"} <= set(written)
     assert any(name.startswith("checkpoint-") for name in written)
@@ -227,9 +226,10 @@ def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, 
 
 def test_config_files_and_overrides(tmp_path):
     config = tmp_path / "settings.yaml"
-    config.write_text("dataset: sample\nlearning_rate: 2.0e-5\nprefix_mode: flat\noutput_dir: out\n")
+    config.write_text("dataset: sample\nlearning_rate: 2.0e-5\nconfig_overrides: prefix_mode=flat\noutput_dir: out\n")
     model_args, data_args, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
-    assert (model_args.prefix_mode, data_args.dataset, training_args.learning_rate) == ("flat", "sample", 1e-4)
+    assert (data_args.dataset, training_args.learning_rate) == ("sample", 1e-4)
+    assert model_args.config_settings == {"prefix_mode": "flat"}
     assert training_args.head_learning_rate == 5e-2  # the script's default for the CRF and emission layer
     config.write_text("output_dir: out\nhead_learning_rate: null\n")
     _, _, training_args = run_mner.parse_arguments([str(config), "--learning_rate", "1e-4"])
@@ -248,21 +248,40 @@ def test_config_files_and_overrides(tmp_path):
         run_mner.parse_arguments([str(config)])
 
 
-def test_model_flags_are_the_config_fields():
-    # Every HVPNetConfig setting a user chooses is a flag of the relation script (NER has no relation pooling),
-    # with the config's default, and config_flags hands each one to the config under its own name.
-    chosen_elsewhere = {"text_config", "vision_pretrained", "head_start_token_id", "tail_start_token_id"}
-    config_fields = inspect.signature(HVPNetConfig).parameters.keys() - {"kwargs"} - chosen_elsewhere
-    model_args, _, _ = run_mre.parse_arguments(["--output_dir", "out", "--prefix_mode", "flat", "--prefix_grid", "3"])
-    flags = hvpnet_examples.config_flags(model_args)
-    assert flags.keys() == config_fields - {"vision_backbone"}
-    defaults = HVPNetConfig()
-    assert {name: flags[name] for name in flags} == {
-        **{name: getattr(defaults, name) for name in flags},
+def test_config_overrides_are_read_as_settings_of_hvpnet_config():
+    overrides = "prefix_mode=flat, prefix_grid=3,vision_out_indices=[-2, -1],vision_model_args={img_size: 64}"
+    model_args, _, _ = run_mre.parse_arguments(["--output_dir", "out", "--config_overrides", overrides])
+    assert model_args.config_settings == {
         "prefix_mode": "flat",
         "prefix_grid": 3,
+        "vision_out_indices": [-2, -1],
+        "vision_model_args": {"img_size": 64},
     }
-    assert model_args.vision_backbone == defaults.vision_backbone
+    # Of a setting given twice, the later wins (the paper's analyses join a variant's settings to the run's).
+    model_args, _, _ = run_mre.parse_arguments(
+        ["--output_dir", "out", "--config_overrides", "prefix_grid=3,prefix_grid=1"]
+    )
+    assert model_args.config_settings == {"prefix_grid": 1}
+    for overrides, message in (
+        ("prefix_grd=3", "'prefix_grd' is not a setting of HVPNetConfig \\(did you mean 'prefix_grid'\\?\\)"),
+        ("vision_backbone=resnet18", "'vision_backbone' is not .* it has a flag of its own, --vision_backbone"),
+        ("prefix_grid", "expected name=value, got 'prefix_grid'"),
+        ("prefix_grid=0", "config_overrides 'prefix_grid=0': prefix_grid must be >= 1, got 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_mre.parse_arguments(["--output_dir", "out", "--config_overrides", overrides])
+
+
+def test_paper_runs_join_the_config_overrides_of_file_and_flags(tmp_path):
+    config = tmp_path / "settings.yaml"
+    config.write_text("output_dir: out\nconfig_overrides: num_object_images=2,prefix_mode=flat\n")
+    arguments = [str(config), "--config_overrides", "prefix_mode=pyramid", "--seed", "3"]
+    joined = runs.joined_config_overrides(arguments)
+    assert joined == [
+        str(config), "--seed", "3", "--config_overrides", "num_object_images=2,prefix_mode=flat,prefix_mode=pyramid"
+    ]  # fmt: skip
+    model_args, _, _ = run_mner.parse_arguments(joined)
+    assert model_args.config_settings == {"num_object_images": 2, "prefix_mode": "pyramid"}
 
 
 SHIPPED_CONFIGS = [
@@ -354,8 +373,8 @@ def test_demo_prints_both_models_side_by_side(tmp_path, capsys):
         ("per_device_train_batch_size: 8.5", "setting 'per_device_train_batch_size': .* invalid int value: '8.5'"),
         ("mask_images: maybe", "setting 'mask_images': .* Truthy value expected: got maybe"),
         ("learning_rate: fast", "setting 'learning_rate': .* invalid float value: 'fast'"),
-        ("vision_out_indices: [-1, last]", "setting 'vision_out_indices': .* invalid int value: 'last'"),
-        ("prefix_mode: pyramids", "setting 'prefix_mode': .* invalid choice: 'pyramids'"),
+        ("image_size: [32, large]", "setting 'image_size' takes one value"),
+        ("missing_images: skip", "setting 'missing_images': .* invalid choice: 'skip'"),
         ("learning_rate: null", "setting 'learning_rate' cannot be null"),
         ("[learning_rate, 1]", "expected a mapping of settings, got list"),
     ],
@@ -386,12 +405,13 @@ def test_config_settings_of_the_right_type_pass(tmp_path):
     config = tmp_path / "settings.yaml"
     # YAML reads 1e-5 (no dot) as a string; the flag's own type converts it, as on the command line.
     config.write_text(
-        "output_dir: out\nnum_train_epochs: 2\nclassifier_dropout: null\nvision_out_indices: [-2, -1]\n"
-        "learning_rate: 1e-5\nmask_images: 'yes'\n"
+        "output_dir: out\nnum_train_epochs: 2\nimage_size: null\nlearning_rate: 1e-5\nmask_images: 'yes'\n"
+        "config_overrides: 'classifier_dropout=null,vision_out_indices=[-2, -1]'\n"
     )
     model_args, data_args, training_args = run_mre.parse_arguments([str(config)])
-    assert training_args.num_train_epochs == 2 and model_args.vision_out_indices == [-2, -1]
-    assert model_args.classifier_dropout is None and training_args.learning_rate == 1e-5 and data_args.mask_images
+    assert training_args.num_train_epochs == 2 and data_args.image_size is None
+    assert model_args.config_settings == {"classifier_dropout": None, "vision_out_indices": [-2, -1]}
+    assert training_args.learning_rate == 1e-5 and data_args.mask_images
     # A mapping is handed on as JSON, and a flag overrides a null setting as any other.
     config.write_text("output_dir: out\nlr_scheduler_kwargs: {min_lr: 1.0e-6}\nhead_learning_rate: null\n")
     _, _, training_args = run_mner.parse_arguments([str(config)])
@@ -400,10 +420,20 @@ def test_config_settings_of_the_right_type_pass(tmp_path):
     assert training_args.head_learning_rate == 0.01
 
 
-def save_untrained_model(script, task: str, model_class, text_model: str, folder: Path, id2label: dict) -> None:
-    """An untrained HVPNeT folder built the way the script builds its models."""
-    model_args, data_args, _ = script.parse_arguments(tiny_flags(text_model, folder / "unused"))
-    processor, model = hvpnet_examples.load_processor_and_model(model_class, task, model_args, data_args, id2label)
+def save_untrained_model(task: str, model_class, text_model: str, folder: Path, id2label: dict) -> None:
+    """An untrained HVPNeT folder built the way the scripts build a model with `tiny_flags`."""
+    processor = HVPNetProcessor.from_backbone(
+        text_model, vision_backbone="test_resnet", task=task, image_size=32, num_object_images=2, max_length=128
+    )
+    model = model_class.from_text_vision_pretrained(
+        text_model,
+        vision_backbone="test_resnet",
+        processor=processor,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={label: index for index, label in id2label.items()},
+        num_object_images=2,
+    )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
@@ -411,9 +441,9 @@ def save_untrained_model(script, task: str, model_class, text_model: str, folder
 def test_model_flags_a_trained_model_would_ignore_are_refused(text_model, tmp_path):
     model_folder = tmp_path / "model"
     id2label = dict(enumerate(hvpnet_hf.MNER_LABELS))
-    save_untrained_model(run_mner, "ner", hvpnet_hf.HVPNetForTokenClassification, text_model, model_folder, id2label)
+    save_untrained_model("ner", hvpnet_hf.HVPNetForTokenClassification, text_model, model_folder, id2label)
     flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--model_name_or_path", str(model_folder)]
-    flags += ["--do_train", "false", "--num_object_images", "4", "--image_size", "48"]
+    flags += ["--do_train", "false", "--config_overrides", "num_object_images=4", "--image_size", "48"]
     with pytest.raises(
         ValueError, match=r"num_object_images=4 \(the model has 2\).*image_size=48 \(its processor has 32\)"
     ):
@@ -438,7 +468,7 @@ def test_a_test_file_alone_is_evaluated(text_model, tmp_path, task):
         ]  # fmt: skip
     model_folder = tmp_path / "model"
     classes = {"ner": hvpnet_hf.HVPNetForTokenClassification, "re": hvpnet_hf.HVPNetForSequenceClassification}
-    save_untrained_model(script, task, classes[task], text_model, model_folder, id2label)
+    save_untrained_model(task, classes[task], text_model, model_folder, id2label)
     assert model_class.from_pretrained(model_folder).config.num_labels == len(id2label)
 
     flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--dataset", "my_data", *data]
@@ -460,8 +490,12 @@ def test_reused_output_dir_is_refused_or_replaced(text_model, tmp_path):
     (output_dir / "all_results.json").write_text(json.dumps({"test_f1": 0.123, "epoch": 30.0}))
     flags = [*tiny_flags(text_model, output_dir), "--do_predict", "false"]
     flags += ["--max_train_samples", "8", "--max_eval_samples", "4"]  # one short step: only the folder matters here
-    with pytest.raises(ValueError, match=f"output_dir {output_dir} is not empty: pass --overwrite_output_dir true"):
+    with pytest.raises(
+        ValueError, match=f"output_dir {output_dir} is not empty: pass --overwrite_output_dir true"
+    ) as refusal:
         run_mner.main(flags)
+    # The refusal names the last checkpoint of the earlier run, which it would continue.
+    assert f"--resume_from_checkpoint {output_dir / 'checkpoint-9'} to continue it" in str(refusal.value)
     assert all(path.is_file() for path in stale)
 
     # With a data set name of the user's own, which the model card names.
@@ -543,7 +577,8 @@ def test_seeds_aggregate_every_run_and_resume(seed_report, monkeypatch):
     assert started == [] and again["summary"] == report["summary"]
     with pytest.raises(RuntimeError, match="lacks eval_f1 or test_f1"):
         seeds.main([CONFIG, "--seeds", "7", "--output_dir", str(output_dir), *flags])
-    assert len(started) == 1 and started[0][-4:] == ["--seed", "7", "--output_dir", str(output_dir / "seed-7")]
+    assert len(started) == 1 and started[0][-2:] == ["--output_dir", str(output_dir / "seed-7")]
+    assert started[0][started[0].index("--seed") + 1] == "7"
 
 
 def test_ablation_variants_set_the_switches_of_table_1(seed_report, tmp_path):
@@ -559,7 +594,7 @@ def test_ablation_variants_set_the_switches_of_table_1(seed_report, tmp_path):
     assert set(expected) == set(ablations.VARIANTS)
     for name, (setting, value) in expected.items():
         model_args, data_args, _ = run_mner.parse_arguments([CONFIG, *ablations.VARIANTS[name][1]])
-        assert getattr(model_args, setting, getattr(data_args, setting, None)) == value, name
+        assert model_args.config_settings.get(setting, getattr(data_args, setting, None)) == value, name
 
     # One variant trained for real; a finished pyramid run (the seeds fixture's) is read back, not run again.
     (tmp_path / "pyramid").mkdir()
@@ -625,22 +660,27 @@ def test_cross_task_loads_the_encoder_and_builds_a_new_head(text_model, trained_
     assert f"{100 * report['runs']['transferred'][1]['test_f1']:.2f}" in table
 
 
+class StopRun(Exception):
+    """Ends a script's run once the part a test looks at is done."""
+
+
 @pytest.mark.parametrize("do_train", [True, False])
-def test_start_run_keeps_freed_memory_only_when_training(do_train, tmp_path, monkeypatch):
+def test_scripts_keep_freed_memory_only_when_training(do_train, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(hvpnet_examples, "keep_freed_memory", lambda: calls.append("kept") or True)
-    arguments = hvpnet_examples.ExampleTrainingArguments(output_dir=str(tmp_path), do_train=do_train, use_cpu=True)
-    hvpnet_examples.start_run(arguments)
+    monkeypatch.setattr(run_mner, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(run_mner, "prepare_output_dir", lambda *args: (_ for _ in ()).throw(StopRun()))
+    with pytest.raises(StopRun):
+        run_mner.main(["--output_dir", str(tmp_path), "--do_train", str(do_train).lower(), "--use_cpu", "true"])
     assert calls == (["kept"] if do_train else [])
 
 
-def model_predicting_one_label(script, task: str, text_model: str, folder: Path, names: list[str], label: str) -> None:
+def model_predicting_one_label(task: str, text_model: str, folder: Path, names: list[str], label: str) -> None:
     """An untrained HVPNeT folder with the label names `names` (in that id order) that predicts `label` for every
     word or pair: its classifier gives that label alone a score, and the CRF (NER) has no transition scores."""
     model_class = (
         hvpnet_hf.HVPNetForTokenClassification if task == "ner" else hvpnet_hf.HVPNetForSequenceClassification
     )
-    save_untrained_model(script, task, model_class, text_model, folder, dict(enumerate(names)))
+    save_untrained_model(task, model_class, text_model, folder, dict(enumerate(names)))
     model = model_class.from_pretrained(folder)
     with torch.no_grad():
         model.classifier.weight.zero_()
@@ -670,7 +710,7 @@ def test_a_trained_model_is_read_with_its_own_label_names(text_model, tmp_path, 
         gold = [data_names[relation] for relation in examples["relation"]]
     assert data_names.index(label) != names.index(label)
     model_folder = tmp_path / "model"
-    model_predicting_one_label(script, task, text_model, model_folder, names, label)
+    model_predicting_one_label(task, text_model, model_folder, names, label)
 
     flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--dataset", "my_data", "--test_file", str(data_file)]
     flags += ["--model_name_or_path", str(model_folder), "--do_train", "false", "--do_eval", "false"]
@@ -693,7 +733,7 @@ def test_a_trained_model_is_read_with_its_own_label_names(text_model, tmp_path, 
 
 def test_a_data_label_the_trained_model_lacks_is_an_error(text_model, tmp_path):
     model_folder = tmp_path / "model"
-    model_predicting_one_label(run_mre, "re", text_model, model_folder, ["None", "/per/per/peer"], "None")
+    model_predicting_one_label("re", text_model, model_folder, ["None", "/per/per/peer"], "None")
     flags = [*tiny_flags(text_model, tmp_path / "evaluation"), "--dataset", "my_data"]
     flags += ["--test_file", str(Path(SAMPLE_RE["data_dir"]) / "mnre_test.txt"), "--max_predict_samples", "1000"]
     flags += ["--model_name_or_path", str(model_folder), "--do_train", "false", "--do_eval", "false"]
@@ -704,13 +744,13 @@ def test_a_data_label_the_trained_model_lacks_is_an_error(text_model, tmp_path):
 
 
 def test_max_seq_length_beyond_the_text_model_is_refused_before_tokenizing(text_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(hvpnet_examples, "encode_splits", lambda *args: pytest.fail("tokenized"))
+    monkeypatch.setattr(run_mner, "tokenize_and_align", lambda *args, **kwargs: pytest.fail("tokenized"))
     with pytest.raises(ValueError, match="max_seq_length must be at most 512, .* got 600"):
         run_mner.main([*tiny_flags(text_model, tmp_path / "run"), "--max_seq_length", "600"])
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_loading(text_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(hvpnet_examples, "load_splits", lambda *args, **kwargs: pytest.fail("loaded the data"))
+    monkeypatch.setattr(run_mner, "load_mner_dataset", lambda *args, **kwargs: pytest.fail("loaded the data"))
     output_file = tmp_path / "results.txt"
     output_file.write_text("not a folder")
     with pytest.raises(NotADirectoryError, match=f"output_dir {output_file}/run: {output_file} is a file"):
@@ -736,3 +776,12 @@ def test_paper_analyses_check_their_settings_before_the_first_run(text_model, tm
         )
     with pytest.raises(OSError, match=str(tmp_path / "absent")):
         cross_task.main([CONFIG, "--source", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "ct"), *flags])
+
+
+def test_cross_task_counts_default_and_named_backbone_levels_as_the_same_architecture():
+    default, named = tiny_config(), tiny_config()
+    named.vision_out_indices = list(cross_task.backbone_levels(default))
+    cross_task.check_same_architecture(default, named)
+    named.vision_out_indices = named.vision_out_indices[1:]
+    with pytest.raises(ValueError, match="backbone levels"):
+        cross_task.check_same_architecture(default, named)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from hvpnet_hf.loading import (
     MNER_LABELS,
+    find_file_layout,
     find_release_layout,
     load_mner_dataset,
     load_mre_dataset,
@@ -231,10 +232,20 @@ def test_crop_maps_need_object_dir(tmp_path):
 
 
 def test_missing_data_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train.txt"):
+    with pytest.raises(FileNotFoundError, match=f"no data file of a split in {tmp_path}: .*train.txt, valid.txt"):
         load_mner_dataset(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         load_mner_dataset(data_files={"train": tmp_path / "nope.txt"})
+
+
+def test_mner_finds_its_split_files_by_the_names_mnre_uses(tmp_path):
+    data_dir, _ = write_mner_dir(tmp_path)
+    (data_dir / "valid.txt").rename(data_dir / "twitter_dev.txt")
+    found = [(split, len(examples)) for split, examples in load_mner_dataset(data_dir).items()]
+    assert found == [("train", 3), ("validation", 1), ("test", 2)]  # in this order, whatever the file names
+    (data_dir / "valid.txt").write_text("IMGID:201\nParis\tB-LOC\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="look like the validation split: .*twitter_dev.txt.*valid.txt"):
+        load_mner_dataset(data_dir)
 
 
 # ---------------------------------------------------------------- MNRE
@@ -275,6 +286,33 @@ def test_release_layout_needs_the_crop_maps(tmp_path):
     (tmp_path / "images" / "dev").mkdir(parents=True)
     assert find_release_layout(tmp_path / "images")["image_dir"] == {"validation": str(tmp_path / "images" / "dev")}
     assert find_release_layout(tmp_path / "crops")["image_dir"] == tmp_path / "crops"
+
+
+def test_a_data_file_gets_the_folders_and_crop_map_of_its_split(tmp_path):
+    for folder in ("img_org/val", "img_org/test", "img_vg/test/crops", "txt"):
+        (tmp_path / folder).mkdir(parents=True)
+    for split in ("dev", "test"):
+        torch.save({}, tmp_path / "txt" / f"mre_{split}_dict.pth")
+    data_file = tmp_path / "txt" / "ours_test.txt"
+    assert find_file_layout(data_file, tmp_path / "img_org", tmp_path / "img_vg") == {
+        "data_files": {"test": data_file},
+        "image_dir": str(tmp_path / "img_org" / "test"),
+        "object_dir": str(tmp_path / "img_vg" / "test" / "crops"),
+        "object_maps": {"test": str(tmp_path / "txt" / "mre_test_dict.pth")},
+    }
+    # Flat folders and a named crop map are taken as given.
+    flat = find_file_layout(data_file, tmp_path / "flat", tmp_path / "img_vg" / "test" / "crops", "own_map.pth")
+    assert (flat["image_dir"], flat["object_maps"]) == (tmp_path / "flat", {"test": "own_map.pth"})
+
+
+def test_a_data_file_without_its_split_in_a_per_split_layout_is_an_error(tmp_path):
+    (tmp_path / "img_org" / "test").mkdir(parents=True)
+    with pytest.raises(ValueError, match="image_dir .*img_org is laid out per split .* not named in its file name"):
+        find_file_layout(tmp_path / "records.txt", tmp_path / "img_org")
+    with pytest.raises(ValueError, match="image_dir .*img_org is laid out per split .* is not among them"):
+        find_file_layout(tmp_path / "ours_train.txt", tmp_path / "img_org")
+    with pytest.raises(FileNotFoundError, match="no crop map .* name the crop map of .*records.txt with object_map"):
+        find_file_layout(tmp_path / "records.txt", object_dir=tmp_path / "img_org" / "test")
 
 
 def test_mre_other_release_names(tmp_path):

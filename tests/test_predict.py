@@ -17,7 +17,7 @@ import hvpnet_hf
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.pipelines import MultimodalNerPipeline, MultimodalRePipeline
-from hvpnet_hf.predict import input_sources, parse_arguments, predict
+from hvpnet_hf.predict import parse_arguments, predict
 from hvpnet_hf.prediction_files import read_conll
 
 SAMPLE = hvpnet_hf.__path__[0] + "/sample_data"
@@ -87,25 +87,6 @@ def test_release_folders_and_crop_map_are_found_as_the_scripts_find_them(tiny_re
     found = tmp_path / "found.jsonl"
     predict([*common, "--image_dir", f"{mnre}/img_org", "--object_dir", f"{mnre}/img_vg", "--output", str(found)])
     assert found.read_text() == spelled_out.read_text()
-    arguments = parse_arguments([*common, "--image_dir", f"{mnre}/img_org", "--object_dir", f"{mnre}/img_vg",
-                                 "--output", str(found)])  # fmt: skip
-    assert input_sources(arguments) == {
-        "image_dir": f"{mnre}/img_org/test",
-        "object_dir": f"{mnre}/img_vg/test/crops",
-        "object_maps": {"test": f"{mnre}/txt/mre_test_dict.pth"},
-    }
-
-
-def test_per_split_folders_need_the_split_of_the_input(tiny_re_dir, tmp_path):
-    mnre = f"{SAMPLE}/mnre"
-    data = tmp_path / "records.txt"  # no split in the name
-    shutil.copy(f"{mnre}/txt/mnre_test.txt", data)
-    with pytest.raises(ValueError, match="not named in its file name"):
-        predict(["--model", tiny_re_dir, "--input", str(data), "--image_dir", f"{mnre}/img_org",
-                 "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
-    with pytest.raises(FileNotFoundError, match="--object_map"):
-        predict(["--model", tiny_re_dir, "--input", str(data), "--object_dir", f"{mnre}/img_vg/test/crops",
-                 "--output", str(tmp_path / "out.jsonl")])  # fmt: skip
 
 
 def test_refuses_to_overwrite_its_input(tiny_ner_dir, tmp_path):

@@ -16,12 +16,12 @@ from runs import check_script_arguments, run_seeds, seed_count, summarise, summa
 
 # name: (row label, flags of the training script), in the order of the paper's table.
 VARIANTS = {
-    "no_visual_prefix": ("no visual prefix (BERT-CRF / BERT)", ["--use_visual_prefix", "false"]),
+    "no_visual_prefix": ("no visual prefix (BERT-CRF / BERT)", ["--config_overrides", "use_visual_prefix=false"]),
     "images_masked": ("HVPNeT, images masked", ["--mask_images", "true"]),
-    "flat": ("HVPNeT-Flat", ["--prefix_mode", "flat"]),
-    "one_to_three": ("HVPNeT-1T3", ["--prefix_mode", "one_to_three"]),
-    "only_obj": ("HVPNeT-OnlyObj", ["--use_global_image", "false"]),
-    "pyramid": ("HVPNeT", ["--prefix_mode", "pyramid"]),
+    "flat": ("HVPNeT-Flat", ["--config_overrides", "prefix_mode=flat"]),
+    "one_to_three": ("HVPNeT-1T3", ["--config_overrides", "prefix_mode=one_to_three"]),
+    "only_obj": ("HVPNeT-OnlyObj", ["--config_overrides", "use_global_image=false"]),
+    "pyramid": ("HVPNeT", ["--config_overrides", "prefix_mode=pyramid"]),
 }
 
 

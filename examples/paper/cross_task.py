@@ -19,6 +19,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hvpnet_hf.analysis.data import load_model
 from hvpnet_hf.analysis.reporting import format_score, write_report
+from hvpnet_hf.modeling_hvpnet import default_out_indices
 from hvpnet_hf.pipelines import PIPELINE_FOR_TASK, task_of
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 
@@ -27,7 +28,6 @@ from runs import check_script_arguments, run_script, seed_count, summarise, trai
 # Settings the source and target models must share for the source weights to mean the same thing.
 SHARED_SETTINGS = (
     "vision_backbone",
-    "vision_out_indices",
     "prefix_mode",
     "prefix_grid",
     "use_visual_prefix",
@@ -38,12 +38,23 @@ TEXT_SETTINGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "int
 TRANSFER_FILE = "transfer.json"
 
 
+def backbone_levels(config: PretrainedConfig) -> list[int]:
+    """The backbone levels the config's prefix reads: `vision_out_indices`, or the backbone's defaults."""
+    if config.vision_out_indices is not None:
+        return list(config.vision_out_indices)
+    return default_out_indices(config.vision_backbone, config.vision_model_args)
+
+
 def check_same_architecture(source: PretrainedConfig, target: PretrainedConfig) -> None:
     differences = [
         f"{name}: {getattr(source, name)!r} vs {getattr(target, name)!r}"
         for name in SHARED_SETTINGS
         if getattr(source, name) != getattr(target, name)
     ]
+    # None stands for the backbone's default levels: a config that names them builds the same backbone.
+    source_levels, target_levels = backbone_levels(source), backbone_levels(target)
+    if source_levels != target_levels:
+        differences.append(f"backbone levels: {source_levels} vs {target_levels}")
     differences += [
         f"text_config.{name}: {getattr(source.text_config, name)} vs {getattr(target.text_config, name)}"
         for name in TEXT_SETTINGS

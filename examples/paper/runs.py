@@ -6,29 +6,37 @@ What the paper's training experiments share: they run the example training scrip
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import statistics
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from hvpnet_hf.analysis.reporting import format_score
+import yaml
 
-# The training scripts are the modules of the folder above, importable with their sibling hvpnet_examples.py as when
-# they run themselves.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import run_mner
-import run_mre
+from hvpnet_hf.analysis.reporting import format_score
+from hvpnet_hf.model_card import SPLIT_PREFIXES
 
 logger = logging.getLogger(__name__)
 
-SCRIPTS = {"ner": run_mner, "re": run_mre}
+
+def load_script(name: str) -> ModuleType:
+    """The training script `examples/<name>.py` as a module (its `main` and `parse_arguments`), not run."""
+    path = Path(__file__).resolve().parents[1] / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+SCRIPTS = {"ner": load_script("run_mner"), "re": load_script("run_mre")}
 # The seeds whose mean the paper reports (appendix B).
 PAPER_SEEDS = (1, 49, 1234, 2021, 4321)
 # Metric prefixes of `all_results.json` and the splits they score.
-SPLITS = {"eval": "validation", "test": "test"}
+SPLITS = {prefix: split for split, prefix in SPLIT_PREFIXES.items()}
 METRICS = ("precision", "recall", "f1")
 RESULTS_FILE = "all_results.json"
 
@@ -54,6 +62,7 @@ def run_script(task: str, output_dir: Path, arguments: Sequence[str]) -> dict[st
         logger.info("%s: finished before, not run again", output_dir)
         return results
     script = SCRIPTS[task]
+    arguments = joined_config_overrides(arguments)
     print(f"\n=== {Path(script.__file__).name} {' '.join(arguments)} --output_dir {output_dir} ===", flush=True)
     script.main([*arguments, "--output_dir", str(output_dir)])
     gc.collect()
@@ -66,7 +75,27 @@ def run_script(task: str, output_dir: Path, arguments: Sequence[str]) -> dict[st
 def check_script_arguments(task: str, arguments: Sequence[str]) -> None:
     """Reads `arguments` (a config file, then flags) as the task's script will, so that a setting it refuses stops
     the analysis before its first run rather than after some runs have finished."""
-    SCRIPTS[task].parse_arguments([*arguments, "--output_dir", "unused"])
+    SCRIPTS[task].parse_arguments([*joined_config_overrides(arguments), "--output_dir", "unused"])
+
+
+def joined_config_overrides(arguments: Sequence[str]) -> list[str]:
+    """
+    `arguments` (a config file, then flags) with the file's `config_overrides` and every `--config_overrides` flag
+    joined into one flag, in that order, so that a variant's settings add to the run's instead of replacing them
+    (of one setting given twice, the later wins).
+    """
+    config, *flags = arguments
+    with open(config, encoding="utf-8") as file:
+        settings = yaml.safe_load(file) or {}
+    overrides = [settings["config_overrides"]] if settings.get("config_overrides") else []
+    others = []
+    flag_values = iter(flags)
+    for flag in flag_values:
+        if flag == "--config_overrides":
+            overrides.append(next(flag_values))
+        else:
+            others.append(flag)
+    return [config, *others, *(["--config_overrides", ",".join(overrides)] if overrides else [])]
 
 
 def run_seeds(

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
-from ..file_utils import check_output_dir
-from ..loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset
+from ..output_files import check_output_dir
+from ..loading import SPLIT_ALIASES, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
 from ..pipelines import PIPELINE_FOR_TASK, task_of
 from ..processing_hvpnet import HVPNetProcessor
 from ..sample_data import sample_sources
@@ -25,9 +25,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder of a trained HVPNeT model (with its processor)")
     parser.add_argument("--split", choices=list(SPLIT_ALIASES), default="test", help="split of the sample set")
     parser.add_argument("--data_file", help="instead of the sample set: a data file in the published format")
-    parser.add_argument("--image_dir", help="with --data_file: folder of its images")
-    parser.add_argument("--object_dir", help="with --data_file: folder of its object crops")
-    parser.add_argument("--object_map", help="with --data_file: its torch.save'd crop map")
+    parser.add_argument("--image_dir", help="with --data_file: folder of its images, flat or per split")
+    parser.add_argument("--object_dir", help="with --data_file: folder of its object crops, flat or per split")
+    parser.add_argument(
+        "--object_map", help="with --data_file: its torch.save'd crop map (default: *_<split>_dict.pth next to it)"
+    )
     parser.add_argument("--rel2id", help="with --data_file (RE): JSON {relation: id} of the data set")
     parser.add_argument("--max_samples", type=int, help="only the first N examples (a quick look at a large split)")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -46,24 +48,25 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def load_examples(task: str, args: argparse.Namespace) -> Dataset:
-    """The examples the arguments name: a split of the sample set, or `--data_file` with its images (the first
-    `--max_samples`)."""
+    """
+    The examples the arguments name (the first `--max_samples`): a split of the sample set, or `--data_file` with
+    the images and crops of its split, found as `hvpnet-predict` finds them (see `find_file_layout`). An
+    `--image_dir` that holds none of their images is an error (see `check_images_found`).
+    """
     if args.data_file is None:
         sources, split = sample_sources(task), args.split
     else:
-        split = "test"  # the loaders' name for a lone file; only a key here
-        sources = {
-            "data_files": {split: args.data_file},
-            "image_dir": args.image_dir,
-            "object_dir": args.object_dir,
-            "object_maps": {split: args.object_map} if args.object_map else None,
-        }
+        sources = find_file_layout(args.data_file, args.image_dir, args.object_dir, args.object_map)
+        split = "test"  # the split `find_file_layout` reads the file as
         if task == "re":
             sources["rel2id"] = args.rel2id
     loader = load_mner_dataset if task == "ner" else load_mre_dataset
     examples = loader(**sources)[split]
     if args.max_samples is not None:
         examples = examples.select(range(min(args.max_samples, len(examples))))
+    if args.data_file is not None and args.image_dir is not None:
+        text_only = "leave --image_dir out to analyze the text only"
+        check_images_found(examples, f"--data_file {args.data_file}", sources["image_dir"], "--image_dir", text_only)
     return examples
 
 

@@ -1,0 +1,273 @@
+"""
+What the example training scripts (`examples/run_mner.py`, `examples/run_mre.py`) take from the package: one settings
+file read as flags, the model's `--config_overrides`, the rule for a reused output folder, the bundled sample set as
+a run's data, and the checks that a model can serve the run before any data is tokenized.
+"""
+
+import dataclasses
+import json
+import shutil
+import typing
+from argparse import ArgumentError
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+import yaml
+from datasets import DatasetDict
+from huggingface_hub.errors import StrictDataclassError
+from transformers import HfArgumentParser, PreTrainedModel, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .collating import sample_subset
+from .configuration_hvpnet import HVPNetConfig
+from .output_files import check_output_dir
+from .processing_hvpnet import HVPNetProcessor
+from .sample_data import sample_paths
+
+# `HVPNetConfig` settings that a script sets from its own flags and the data, never through `--config_overrides`.
+SET_BY_THE_SCRIPTS = ("text_config", "vision_backbone", "vision_pretrained", "id2label", "label2id")
+# What a run writes into its output folder besides the model files, which are rewritten anyway.
+RUN_OUTPUTS = ("checkpoint-*", "*_results.json", "*_predictions.txt", "*_predictions.jsonl", "trainer_state.json")
+
+
+def parse_settings_and_flags(parser: HfArgumentParser, argv: list[str]) -> tuple[Any, ...]:
+    """
+    The dataclasses of `parser` from flags, optionally after one JSON or YAML file whose settings they override. The
+    file's settings become flags before the command-line ones, so that the flags' types and choices check them.
+    Without training, evaluation strategies are switched off: they would only turn `do_eval` back on
+    (`TrainingArguments` does so) and ask for a validation split.
+    """
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")):
+        with open(argv[0], encoding="utf-8") as file:
+            settings = yaml.safe_load(file) or {}  # YAML also reads JSON
+        argv = [*settings_as_flags(argv[0], settings, parser), *argv[1:]]
+    arguments = parser.parse_args_into_dataclasses(args=argv)
+    if not arguments[-1].do_train:
+        parser.set_defaults(eval_strategy="no", load_best_model_at_end=False)
+        arguments = parser.parse_args_into_dataclasses(args=argv)
+    _check_training_ranges(arguments[-1])
+    return arguments
+
+
+def settings_as_flags(config_file: str, settings: Any, parser: HfArgumentParser) -> list[str]:
+    """
+    The settings of a config file as command-line flags, each one read by `parser` on its own first, so that a value
+    its flag refuses (type, choices) is an error naming the file and the setting. A null setting, which no flag can
+    give, becomes the default of its flag, and only of a flag that may be None.
+    """
+    if not isinstance(settings, dict):
+        raise ValueError(f"{config_file}: expected a mapping of settings, got {type(settings).__name__}")
+    hints = {}
+    for cls in parser.dataclass_types:
+        names = {item.name for item in dataclasses.fields(cls) if item.init}
+        hints.update({name: hint for name, hint in typing.get_type_hints(cls).items() if name in names})
+    unknown = sorted(set(settings) - set(hints))
+    if unknown:
+        raise ValueError(f"{config_file}: unknown settings {unknown}")
+    flags = []
+    for name, value in settings.items():
+        if value is None:
+            if type(None) not in typing.get_args(hints[name]):
+                raise ValueError(f"{config_file}: setting {name!r} cannot be null")
+            parser.set_defaults(**{name: None})
+            continue
+        values = value if isinstance(value, list) else [value]
+        flag = [f"--{name}", *(_flag_value(item) for item in values)]
+        parser.exit_on_error = False  # raise argparse's error instead of exiting, to name the file
+        try:
+            _, left_over = parser.parse_known_args(flag)
+        except ArgumentError as error:
+            raise ValueError(f"{config_file}: setting {name!r}: {error}") from None
+        finally:
+            parser.exit_on_error = True
+        if left_over:
+            raise ValueError(f"{config_file}: setting {name!r} takes one value, got {value!r}")
+        flags += flag
+    return flags
+
+
+def _flag_value(value: Any) -> str:
+    """A setting's value as the command line writes it: true/false for booleans, JSON for a mapping."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def check_range(arguments: Any, name: str, minimum: int) -> None:
+    """Refuses a setting `name` of `arguments` below `minimum` (None passes)."""
+    value = getattr(arguments, name)
+    if value is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_training_ranges(training_args: TrainingArguments) -> None:
+    check_range(training_args, "per_device_train_batch_size", 1)
+    check_range(training_args, "per_device_eval_batch_size", 1)
+    check_range(training_args, "gradient_accumulation_steps", 1)
+    check_range(training_args, "learning_rate", 0)
+    if training_args.do_train and training_args.num_train_epochs <= 0 and training_args.max_steps <= 0:
+        raise ValueError(f"num_train_epochs must be above 0 to train, got {training_args.num_train_epochs}")
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """
+    `"prefix_grid=3,vision_out_indices=[-2, -1]"` as `{"prefix_grid": 3, "vision_out_indices": [-2, -1]}`: settings
+    of `HVPNetConfig` for a new model, each value read as YAML (`true`, `null`, `[1, 2]`, `{img_size: 384}`), and
+    checked by building the config they describe. An unknown setting, one a script sets itself, or a value the
+    config refuses is an error naming `config_overrides`.
+    """
+    if not text:
+        return {}
+    known = set(HVPNetConfig().to_dict()) - set(SET_BY_THE_SCRIPTS)
+    settings = {}
+    for item in _top_level_items(text):
+        name, equals, value = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ValueError(f"config_overrides: expected name=value, got {item!r} in {text!r}")
+        if name not in known:
+            close = get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            own_flag = f"; it has a flag of its own, --{name}" if name in SET_BY_THE_SCRIPTS else ""
+            raise ValueError(f"config_overrides: {name!r} is not a setting of HVPNetConfig{hint}{own_flag}")
+        settings[name] = yaml.safe_load(value)
+    try:
+        HVPNetConfig(**settings)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        reason = error.__cause__ or error  # a strict dataclass wraps the error of its validator
+        raise ValueError(f"config_overrides {text!r}: {reason}") from error
+    return settings
+
+
+def _top_level_items(text: str) -> list[str]:
+    """`text` cut at the commas outside brackets and braces."""
+    items, depth, start = [], 0, 0
+    for position, character in enumerate(text):
+        depth += (character in "[{") - (character in "]}")
+        if character == "," and depth == 0:
+            items.append(text[start:position])
+            start = position + 1
+    return [*items, text[start:]]
+
+
+def prepare_output_dir(training_args: TrainingArguments, overwrite_output_dir: bool) -> None:
+    """
+    The rule for a reused output folder: training into a non-empty one is refused (naming its last checkpoint, if
+    any), unless resuming (`resume_from_checkpoint`) or overwriting, which deletes the earlier run's checkpoints,
+    results and predictions first so that nothing of it is mixed into the new run. A run is never resumed silently:
+    its settings may differ from the earlier run's.
+    """
+    output_dir = Path(training_args.output_dir)
+    check_output_dir(output_dir, "output_dir")
+    if not training_args.do_train or training_args.resume_from_checkpoint or not output_dir.is_dir():
+        return
+    if not any(output_dir.iterdir()):
+        return
+    if not overwrite_output_dir:
+        last_checkpoint = get_last_checkpoint(output_dir)
+        resume = f"--resume_from_checkpoint {last_checkpoint}" if last_checkpoint else "--resume_from_checkpoint"
+        raise ValueError(
+            f"output_dir {output_dir} is not empty: pass --overwrite_output_dir true to replace the run in it, "
+            f"{resume} to continue it, or choose another output_dir"
+        )
+    if training_args.process_index == 0:
+        for pattern in RUN_OUTPUTS:
+            for path in output_dir.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def use_sample_set(data_args: Any, task: str) -> None:
+    """
+    Points the data flags of `data_args` at the bundled sample set of `task` (its image and crop folders unless
+    given). Refuses data of the user's own alongside: the run would be named (and its model card written) as the
+    sample set, and the sample's image folders must never be used for other data.
+    """
+    flags = ("data_dir", "train_file", "validation_file", "test_file")
+    given = [f"--{flag}" for flag in flags if getattr(data_args, flag) is not None]
+    if given:
+        raise ValueError(
+            f"dataset is 'sample' (the bundled sample set), but {', '.join(given)} name data of your own: pass "
+            "--dataset with the name of your data set (it is written in the model card)"
+        )
+    sample = sample_paths(task)
+    data_args.data_dir = sample["data_dir"]
+    data_args.image_dir = data_args.image_dir or sample["image_dir"]
+    data_args.object_dir = data_args.object_dir or sample["object_dir"]
+    if task == "re":
+        data_args.rel2id_file = data_args.rel2id_file or sample["rel2id"]
+
+
+def select_splits(splits: DatasetDict, data_args: Any, training_args: TrainingArguments) -> None:
+    """
+    Samples and cuts the splits in place as the data flags of `data_args` ask (`sample_ratio`, `max_*_samples`), and
+    checks that every split the run needs is there.
+    """
+    if training_args.do_train and "train" in splits:
+        splits["train"] = sample_subset(splits["train"], data_args.sample_ratio, seed=training_args.seed)
+    for split, limit in (
+        ("train", data_args.max_train_samples),
+        ("validation", data_args.max_eval_samples),
+        ("test", data_args.max_predict_samples),
+    ):
+        if limit is not None and split in splits:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    for split, needed in (
+        ("train", training_args.do_train),
+        ("validation", training_args.do_train or training_args.do_eval),
+        ("test", training_args.do_predict),
+    ):
+        if needed and split not in splits:
+            raise ValueError(
+                f"the {split} split is needed but was not found; give it with --data_dir or --{split}_file"
+            )
+
+
+def check_trained_model_settings(
+    model: PreTrainedModel,
+    processor: HVPNetProcessor,
+    config_overrides: dict[str, Any],
+    vision_backbone: str | None,
+    image_size: int | None,
+) -> None:
+    """
+    A trained folder brings its own architecture and image processing: refuses a `config_overrides` setting, a
+    `vision_backbone` or an `image_size` that the loaded model or its processor does not have, since it would be
+    ignored.
+    """
+    settings = {**config_overrides, **({"vision_backbone": vision_backbone} if vision_backbone else {})}
+    ignored = [
+        f"{name}={value!r} (the model has {getattr(model.config, name)!r})"
+        for name, value in settings.items()
+        if value != getattr(model.config, name)
+    ]
+    own_size = processor.image_processor.image_size
+    if image_size is not None and image_size != own_size:
+        ignored.append(f"image_size={image_size!r} (its processor has {own_size!r})")
+    if ignored:
+        raise ValueError(
+            f"model_name_or_path {model.name_or_path} is a trained model, which keeps its own settings; these would "
+            f"be ignored: {', '.join(ignored)}. Leave them out (or train a new model)"
+        )
+
+
+def check_max_seq_length(model: PreTrainedModel, max_seq_length: int) -> None:
+    """Refuses a `max_seq_length` beyond the positions of the model's text encoder."""
+    limit = model.base_model.max_text_length
+    if max_seq_length > limit:
+        raise ValueError(
+            f"max_seq_length must be at most {limit}, the tokens the text model of {model.name_or_path} takes, "
+            f"got {max_seq_length}"
+        )
+
+
+__all__ = [
+    "check_max_seq_length",
+    "check_range",
+    "check_trained_model_settings",
+    "parse_config_overrides",
+    "parse_settings_and_flags",
+    "prepare_output_dir",
+    "select_splits",
+    "use_sample_set",
+]
