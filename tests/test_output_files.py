@@ -2,7 +2,7 @@
 
 import pytest
 
-from hvpnet_hf.file_utils import atomic_write, check_output_dir, check_output_file
+from hvpnet_hf.output_files import atomic_write, check_output_dir, check_output_file
 
 
 def test_the_file_appears_when_the_block_ends(tmp_path):
