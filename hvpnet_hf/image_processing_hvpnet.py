@@ -1,6 +1,6 @@
 """
 Image processor for HVPNeT: decodes the global image and the object crops of an example and applies the vision
-backbone's evaluation transform (resize, center crop or squash, normalise) from timm.
+backbone's evaluation transform (resize, center crop or squash, normalize) from timm.
 
 `HVPNetImageProcessor` subclasses `BaseImageProcessor` rather than using transformers' `TimmWrapperImageProcessor`:
 the wrapper reads its settings from a timm model's `config.json`, refuses `save_pretrained`, has no `crop_mode`
@@ -77,7 +77,7 @@ class HVPNetImageProcessor(BaseImageProcessor):
         crop_mode (`str`): `"center"` keeps the aspect ratio and takes the central square; `"squash"` resizes
             straight to `image_size x image_size` (what the authors' original code does); `"border"` (timm's) fits
             the whole image in the square and pads it.
-        image_mean, image_std (`Sequence[float]`): normalisation per RGB channel.
+        image_mean, image_std (`Sequence[float]`): normalization per RGB channel.
         interpolation (`str`): resize interpolation (`"bilinear"`, `"bicubic"`, ...).
         num_object_images (`int`): object-crop slots per example; fewer crops are padded with zeros and masked.
     """
@@ -116,7 +116,7 @@ class HVPNetImageProcessor(BaseImageProcessor):
         )
 
     def to_dict(self) -> dict:
-        """The settings (JSON-serialisable); the timm transform is rebuilt from them when loading."""
+        """The settings (JSON-serializable); the timm transform is rebuilt from them when loading."""
         settings = super().to_dict()
         settings.pop("image_transform", None)
         settings["image_mean"], settings["image_std"] = list(self.image_mean), list(self.image_std)
@@ -165,13 +165,20 @@ class HVPNetImageProcessor(BaseImageProcessor):
         self, image: ImageSource, missing_images: str, slot: str = "'image'"
     ) -> tuple[torch.Tensor, bool]:
         """
-        One image (or path, or None) as a transformed (3, S, S) tensor, and whether it is present. An image without
-        pixels (0 wide or high, such as an empty box cut from a detector's output) is treated as an unreadable file:
-        masked and logged, or under `missing_images="error"` a `ValueError` naming its `slot`.
+        One image (or path, or None) as a transformed (3, S, S) tensor, and whether it is present. A file that
+        `load_image` cannot read is masked and logged, or under `missing_images="error"` its `OSError` is raised. An
+        image without pixels (0 wide or high, such as an empty box cut from a detector's output) is treated alike,
+        with a `ValueError` naming its `slot`.
         """
         _check_policy(missing_images)
         if isinstance(image, (str, os.PathLike)):
-            image = load_image(image, missing_images)
+            try:
+                image = load_image(image)
+            except OSError as error:
+                if missing_images == "error":
+                    raise
+                logger.warning("%s; it is masked out.", error)
+                image = None
         elif image is not None:
             image = to_rgb_image(image)
         if image is not None and 0 in image.size:
@@ -186,7 +193,7 @@ class HVPNetImageProcessor(BaseImageProcessor):
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """
-        The RGB `image` as a normalised (3, S, S) tensor: timm's transform, step by step, with its resize made safe
+        The RGB `image` as a normalized (3, S, S) tensor: timm's transform, step by step, with its resize made safe
         for strips (see `MAX_RESIZE_SQUARES`); every other image gets exactly timm's steps.
         """
         resize, crop, *rest = self.image_transform.transforms
@@ -221,7 +228,7 @@ class HVPNetImageProcessor(BaseImageProcessor):
         gives, computed by resizing only the crop's region of the source (PIL's `box`), so that memory does not grow
         with the resized image: the same source positions, filter and order of PIL's two passes (horizontal first,
         except for images over 100 times taller than wide that get shorter). Only the sample positions round
-        differently: on strips of up to 40000 pixels, about 1 value in 1000 differs from timm's, by at most 2 grey
+        differently: on strips of up to 40000 pixels, about 1 value in 1000 differs from timm's, by at most 2 gray
         levels (2 / 255) with `crop_mode="center"`; `"squash"` gives the same values.
         """
         resized_width, resized_height = resized_size
@@ -250,29 +257,25 @@ class HVPNetImageProcessor(BaseImageProcessor):
         return image.resize((crop_width, crop_height), resample, box=box)
 
 
-def load_image(path: str | os.PathLike, missing_images: str = "mask") -> Image.Image | None:
+def load_image(path: str | os.PathLike) -> Image.Image:
     """
     Decodes an image file fully, as an upright RGB image (see `to_rgb_image`). Every image file the package reads
-    (the processor, object crops, `extract_objects`, the feature cache) is read here. Under `missing_images="mask"`
-    a missing or unreadable file, or one over PIL's decompression-bomb limit, is logged and gives None; under
-    `"error"` it raises an `OSError` naming the file.
+    (the processor, object crops, `extract_objects`, the feature cache) is read here. Like
+    `transformers.image_utils.load_image`, it raises where it cannot give an image: an `OSError` naming the file
+    when it is missing, unreadable or over PIL's decompression-bomb limit (the PIL error is its `__cause__`).
     """
-    _check_policy(missing_images)
     try:
         with Image.open(path) as image:
             image.load()
             return to_rgb_image(image)
     except UNREADABLE_IMAGE_ERRORS as error:
-        if missing_images == "error":
-            raise OSError(f"Cannot read image {path}: {error}") from error
-        logger.warning("Image %s is missing or unreadable (%s); it is masked out.", path, error)
-        return None
+        raise OSError(f"Cannot read image {path}: {error}") from error
 
 
 def image_header_problem(path: str | os.PathLike) -> str | None:
     """
     Why `load_image` would refuse `path`, judged from the file's header alone (no pixels are decoded): None when the
-    file exists and PIL recognises it within its decompression-bomb limit. Truncated pixel data shows only when the
+    file exists and PIL recognizes it within its decompression-bomb limit. Truncated pixel data shows only when the
     file is decoded.
     """
     try:

@@ -25,6 +25,7 @@ This module imports only torch, torchvision, numpy, PIL, transformers and the im
 pipelines can use it as remote code.
 """
 
+import logging
 import os
 import string
 from collections.abc import Mapping, Sequence
@@ -39,8 +40,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_OBJECT_DE
 
 from .image_processing_hvpnet import load_image, to_rgb_image
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
-# Categories a detector can ground whatever the text names: the people, places, organisations (through their logos)
+# Categories a detector can ground whatever the text names: the people, places, organizations (through their logos)
 # and things that the entities of tweets and MNRE sentences mostly are.
 GENERIC_QUERIES = ("a person", "a building", "a logo", "an animal", "a vehicle")
 MAX_TEXT_QUERIES = 6
@@ -48,7 +51,7 @@ MAX_TEXT_QUERIES = 6
 # back), so a detector that pads images to a square (OWLv2) needs at most this squared whatever the image's shape.
 # 12-megapixel photos (4032 x 3024) are given as they are; the detectors above read images at 1333 pixels or less.
 DETECTION_MAX_SIDE = 4096
-# Capitalised words that name nothing: sentence-initial function words and Twitter markers.
+# Capitalized words that name nothing: sentence-initial function words and Twitter markers.
 STOP_WORDS = frozenset(
     "a an and are as at be but by for from he her his i if in is it its me my no not of on or our rt she so that the "
     "their them they this to via was we what when where who why will with you your".split()
@@ -61,7 +64,7 @@ def text_queries(
 ) -> list[str]:
     """
     Detector queries for one text: the `mentions` given (MNRE's head and tail), then the text's candidate entity
-    phrases -- runs of capitalised words, hashtags and @handles (without `#`/`@`, `_` read as a space), leaving out
+    phrases -- runs of capitalized words, hashtags and @handles (without `#`/`@`, `_` read as a space), leaving out
     stop words, links and numbers -- up to `max_text_queries` text queries in all, then `GENERIC_QUERIES`. Duplicates
     (ignoring case) are dropped; the order is that of the text.
     """
@@ -195,11 +198,15 @@ class ObjectCropper:
     ) -> list[Image.Image]:
         """
         The crops of one example's image, queried with `text_queries` of its words (and of its head and tail word
-        spans `{"start", "end"}` for relation extraction). No image, or a file that `load_image` cannot read (it
-        logs it), gives no crops: what happens to such an image is the processor's `missing_images` policy.
+        spans `{"start", "end"}` for relation extraction). No image, or a file that `load_image` cannot read (it is
+        logged), gives no crops: what happens to such an image is the processor's `missing_images` policy.
         """
         if isinstance(image, (str, os.PathLike)):
-            image = load_image(image)
+            try:
+                image = load_image(image)
+            except OSError as error:
+                logger.warning("%s; no crops for it.", error)
+                return []
         if image is None:
             return []
         mentions = [" ".join(words[span["start"] : span["end"]]) for span in (head, tail) if span is not None]

@@ -118,8 +118,8 @@ def owl_cropper(owl_detector, **settings) -> ObjectCropper:
     return ObjectCropper(owl_detector, **{"threshold": 0.0, "min_size": 2, **settings})
 
 
-def picture(colour=(200, 40, 40), size=(60, 40)) -> Image.Image:
-    image = Image.new("RGB", size, colour)
+def picture(color=(200, 40, 40), size=(60, 40)) -> Image.Image:
+    image = Image.new("RGB", size, color)
     image.paste((20, 20, 220), (10, 5, 30, 25))
     return image
 
@@ -353,8 +353,15 @@ def fixed_box_cropper(owl_detector, *boxes: tuple[int, int, int, int], **setting
     return cropper
 
 
+def test_an_image_file_that_cannot_be_read_gives_no_crops(owl_detector, tmp_path, caplog):
+    cropper = fixed_box_cropper(owl_detector, (2, 2, 18, 14))
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.object_detection"):
+        assert cropper.crops_for_text(tmp_path / "gone.jpg", ["Kevin"]) == []
+    assert "gone.jpg" in caplog.text
+
+
 def test_crops_of_an_exif_rotated_photo_are_cut_from_the_upright_image(owl_detector, tmp_path):
-    # Stored 40 wide and 20 high, every pixel a different colour; EXIF orientation 6 says: rotate 90 degrees
+    # Stored 40 wide and 20 high, every pixel a different color; EXIF orientation 6 says: rotate 90 degrees
     # clockwise to view, so the picture (and the model's global image) is 20 wide and 40 high.
     rows, columns = np.mgrid[0:20, 0:40]
     stored = np.stack([rows * 12, columns * 6, 255 - columns * 6], axis=-1).astype(np.uint8)

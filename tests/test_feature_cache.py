@@ -194,12 +194,14 @@ def test_a_file_that_failed_to_decode_is_read_by_the_next_build(examples, tmp_pa
     model, processor = tiny_model(), tiny_processor()
     paths = [examples[0]["image"], *examples[0]["objects"]]  # a.png, c.png, d.png
     load_image = image_processing_hvpnet.load_image
-    with monkeypatch.context() as patch:  # a read error that passes (on a network file system, say) on d.png
-        patch.setattr(
-            image_processing_hvpnet,
-            "load_image",
-            lambda path, missing_images: None if path.endswith("d.png") else load_image(path, missing_images),
-        )
+
+    def flaky_load_image(path):  # a read error that passes (on a network file system, say) on d.png
+        if path.endswith("d.png"):
+            raise OSError(f"Cannot read image {path}: timed out")
+        return load_image(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(image_processing_hvpnet, "load_image", flaky_load_image)
         first = VisualFeatureCache(model, processor, tmp_path).build(paths)
     assert first.num_unreadable == 1
     cache = VisualFeatureCache(model, processor, tmp_path).build(paths)
@@ -228,7 +230,7 @@ def test_load_truncated_images_gets_a_cache_of_its_own(examples, tmp_path, monke
     strict = VisualFeatureCache(model, processor, tmp_path).build(paths)
     assert strict.num_unreadable == 1
     with monkeypatch.context() as patch:
-        patch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # PIL decodes what is there, the rest grey
+        patch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # PIL decodes what is there, the rest gray
         lenient = VisualFeatureCache(model, processor, tmp_path).build(paths)
         assert lenient.folder != strict.folder and lenient.num_unreadable == 0
         assert_pixel_path_features(model, lenient, examples[1:2])

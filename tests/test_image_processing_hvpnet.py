@@ -60,7 +60,7 @@ def test_16_bit_grayscale_is_scaled_to_8_bits(tmp_path, caplog):
     image_processing_hvpnet._log_high_bit_depth.cache_clear()  # it logs once per mode and process
     with caplog.at_level(logging.INFO, logger="hvpnet_hf.image_processing_hvpnet"):
         pixels = squashed.preprocess_example(path)["pixel_values"][0]
-    # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalised (v / 255 - 0.5) / 0.5. Columns next to the
+    # 0x4000 / 257 rounds to 64 and 0xC000 / 257 to 191; normalized (v / 255 - 0.5) / 0.5. Columns next to the
     # middle are blended by the resize filter, so only the outer ones are compared (1e-5: float rounding).
     torch.testing.assert_close(pixels[:, :, :12], torch.full((3, 32, 12), 64 / 127.5 - 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(pixels[:, :, 20:], torch.full((3, 32, 12), 191 / 127.5 - 1), atol=1e-5, rtol=0)
@@ -71,7 +71,7 @@ def test_exif_orientation_is_applied(tmp_path):
     path = sideways_photo(tmp_path / "phone.jpg")
     assert load_image(path).size == (20, 40)
     pixels = image_processor(crop_mode="squash", image_size=20).preprocess_example(path)["pixel_values"][0]
-    # Rows away from the middle are pure black (-1) or white (1) up to JPEG noise (0.1 is ~13 of 255 grey levels).
+    # Rows away from the middle are pure black (-1) or white (1) up to JPEG noise (0.1 is ~13 of 255 gray levels).
     assert pixels[:, :8].max() < -0.9 and pixels[:, 12:].min() > 0.9
     in_memory = image_processor(crop_mode="squash", image_size=20).preprocess_example(Image.open(path))
     torch.testing.assert_close(in_memory["pixel_values"][0], pixels)
@@ -99,7 +99,7 @@ def test_unsupported_numpy_images_are_an_error(array, message):
         image_processor().preprocess_example(array)
 
 
-def test_image_values_are_resized_cropped_and_normalised():
+def test_image_values_are_resized_cropped_and_normalized():
     image = Image.new("L", (40, 20), 255)  # white; grayscale is replicated to three channels
     pixels = image_processor().preprocess_example(image)["pixel_values"][0]
     # (1.0 - 0.5) / 0.5 = 1 everywhere; 1e-5 covers float rounding of the resize.
@@ -116,13 +116,13 @@ def test_squash_keeps_the_whole_non_square_image():
     squashed = image_processor(crop_mode="squash").preprocess_example(image)["pixel_values"][0]
     cropped = image_processor().preprocess_example(image)["pixel_values"][0]
     assert squashed.shape == cropped.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
-    # Normalised black is -1 and white is 1; a column or two at the edge is blended by the resize filter.
+    # Normalized black is -1 and white is 1; a column or two at the edge is blended by the resize filter.
     assert squashed[:, :, :2].max() < -0.99 and squashed[:, :, IMAGE_SIZE // 4 + 2 :].min() > 0.99
     assert cropped[:, :, 2:].min() > 0.99
 
 
 def test_crop_mode_is_checked():
-    # timm reads an unknown crop mode as "center": a misspelt "squash" would silently crop.
+    # timm reads an unknown crop mode as "center": a misspelled "squash" would silently crop.
     with pytest.raises(ValueError, match=r"crop_mode must be one of \('center', 'squash', 'border'\), got 'sqaush'"):
         image_processor(crop_mode="sqaush")
     bordered = image_processor(crop_mode="border").preprocess_example(Image.new("L", (40, 20), 255))
@@ -163,13 +163,15 @@ def test_load_image_decodes_pixels_as_rgb(tmp_path):
 
 
 def assert_unreadable(path, error_pattern: str, caplog) -> None:
-    """`load_image` logs and gives None, or raises naming the file; the processor masks the image."""
+    """`load_image` raises naming the file, as transformers' does; the processor masks the image and logs the file,
+    or under `missing_images="error"` raises the same error."""
+    with pytest.raises(OSError, match=error_pattern):
+        load_image(path)
     with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
-        assert load_image(path) is None
+        assert image_processor().preprocess_example(path)["image_mask"].tolist() == [False] * 4
     assert path.name in caplog.text
     with pytest.raises(OSError, match=error_pattern):
-        load_image(path, missing_images="error")
-    assert image_processor().preprocess_example(path)["image_mask"].tolist() == [False] * 4
+        image_processor().preprocess_example(path, missing_images="error")
 
 
 def test_a_truncated_file_passes_the_header_check_and_fails_decoding(tmp_path, caplog):
@@ -192,7 +194,7 @@ def test_decompression_bombs_are_unreadable_not_an_uncaught_error(tmp_path, monk
 
 def test_missing_images_policy_is_checked():
     with pytest.raises(ValueError, match="missing_images must be one of"):
-        load_image("any.jpg", missing_images="skip")
+        image_processor().preprocess_example("any.jpg", missing_images="skip")
     assert image_header_problem("no/such/file.jpg")
 
 
@@ -250,7 +252,7 @@ def test_bounded_resizes_give_timm_s_pixels(crop_mode, interpolation):
     for height, width in [(480, 640), (3000, 4000), (20, 40), (1, 1), (7, 300), (300, 14), (1000, 60)]:
         image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
         assert torch.equal(processing.preprocess_example(image)["pixel_values"][0], processing.image_transform(image))
-    # Strips too long for that are resized over the crop's region only: at most 2 grey levels away.
+    # Strips too long for that are resized over the crop's region only: at most 2 gray levels away.
     for height, width in [(3, 3000), (3000, 3), (27, 3644), (3644, 27), (1, 2000), (2000, 1), (50, 30000)]:
         image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
         bounded = processing.preprocess_example(image)["pixel_values"][0]
