@@ -18,7 +18,7 @@ import onnxruntime
 import torch
 from transformers import BertConfig, BertTokenizerFast
 
-from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetProcessor
+from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetProcessor, speed_up_frozen_backbone
 from hvpnet_hf.onnx_export import ONNX_FILE, HVPNetLogits, HVPNetOnnxModel, export_onnx
 
 SIZES = {
@@ -60,6 +60,7 @@ def main() -> None:
         num_labels=9,
     )
     model = HVPNetForTokenClassification(config).eval()
+    speed_up_frozen_backbone(model)  # as the pipelines run it
     batch, length, side = size["batch_size"], size["text_length"], size["image_size"]
     image_mask = torch.ones(batch, 1 + NUM_OBJECTS, dtype=torch.bool)
     image_mask[:, 3] = False

@@ -146,7 +146,7 @@ def read_runs(path: Path) -> list[dict]:
 
 
 def train_one(setting: dict, seed: int, output_dir: Path) -> dict:
-    """Trains and evaluates one run, analyses its model, deletes its folder; its JSON record."""
+    """Trains and evaluates one run, analyzes its model, deletes its folder; its JSON record."""
     run_dir = output_dir / "runs" / run_name(setting, seed)
     script_globals, script, config = SCRIPTS[setting["task"]]
     argv = script_argv(setting, seed, run_dir, output_dir)
@@ -209,15 +209,15 @@ def report(runs: list[dict], output_dir: Path) -> str:
     lines += ["", "What the image did at the end of training (means over seeds; gate weights of the global image, "
               "text layer by backbone stage; share of the entities' attention on the prefix, per text layer):"]  # fmt: skip
     for (task, data, backbone, prefix), seeds in sorted(by_setting.items()):
-        analysed = [run for run in seeds.values() if "gates" in run]
-        if not analysed:
+        analyzed = [run for run in seeds.values() if "gates" in run]
+        if not analyzed:
             continue
-        gates = [run["gates"]["global image"]["mean"] for run in analysed]
+        gates = [run["gates"]["global image"]["mean"] for run in analyzed]
         layers = [
             [statistics.fmean(values) for values in zip(*rows, strict=True)] for rows in zip(*gates, strict=True)
         ]
         attention = [
-            statistics.fmean(values) for values in zip(*(run["prefix_attention"] for run in analysed), strict=True)
+            statistics.fmean(values) for values in zip(*(run["prefix_attention"] for run in analyzed), strict=True)
         ]
         lines.append(f"- {task} / {data} / {backbone} / prefix lr {prefix}:")
         lines.append("  gates " + "; ".join(" ".join(f"{w:.3f}" for w in weights) for weights in layers))

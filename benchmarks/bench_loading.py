@@ -3,7 +3,7 @@ Loader throughput on a synthetic MNRE split the size of the real training set (1
 
 Writes the split in the published format (one Python literal per line) into a temporary folder, with 500 small
 JPEG images shared between the lines and an index-keyed crop map (up to 3 crops per line), then times:
-text-only loading, loading with image and crop checks, tokenisation with `datasets.map`, and drawing batches with
+text-only loading, loading with image and crop checks, tokenization with `datasets.map`, and drawing batches with
 the lazy image transform. Run: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_loading.py`.
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
         tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])})
         processor = HVPNetProcessor(tokenizer, task="re", image_size=64, max_length=48)
         encoded = timed(
-            "tokenise + markers (datasets.map)",
+            "tokenize + markers (datasets.map)",
             NUM_LINES,
             lambda: with_images["train"].map(
                 tokenize_and_align, batched=True, fn_kwargs={"processor": processor}, load_from_cache_file=False

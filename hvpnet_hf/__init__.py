@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from .configuration_hvpnet import HVPNetConfig
+from .frozen_backbone import speed_up_frozen_backbone
 from .image_processing_hvpnet import HVPNetImageProcessor, load_image
 from .modeling_hvpnet import (
     HVPNetForSequenceClassification,
@@ -99,5 +100,6 @@ __all__ = [
     "metric_path",
     "render_model_card",
     "sample_subset",
+    "speed_up_frozen_backbone",
     "tokenize_and_align",
 ]

@@ -21,26 +21,28 @@ The page loads nothing from outside the machine: gradio's analytics are off and 
 
 import argparse
 import os
-import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image, ImageDraw
-from transformers import AutoConfig, Pipeline
+from transformers import Pipeline
 
-from .analysis.gates import plot as plot_gates
+from .analysis.gates import figure as gates_heat_maps
 from .analysis.gates import slot_presence
+from .analysis.plotting import pyplot
 from .image_processing_hvpnet import load_image
 from .object_detection import ObjectCropper, text_queries
-from .pipelines import PIPELINE_FOR_TASK, TASK_OF_MODEL, MultimodalRePipeline
+from .pipelines import PIPELINE_FOR_TASK, split_words
+from .tasks import NER, task_of
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
-# Colours of the highlighted spans: NER entity types, and the RE head and tail.
-SPAN_COLOURS = {
+# Colors of the highlighted spans: NER entity types, and the RE head and tail.
+SPAN_COLORS = {
     "PER": "#f4a261",
     "LOC": "#2a9d8f",
     "ORG": "#8ab6f9",
@@ -48,7 +50,7 @@ SPAN_COLOURS = {
     "head": "#f4a261",
     "tail": "#8ab6f9",
 }
-BOX_COLOUR = "#e63946"
+BOX_COLOR = "#e63946"
 # Images shown smaller than this (pixels, longer side) are enlarged for display.
 DISPLAY_SIZE = 256
 # System fonts, so the page asks no font server for its default web fonts.
@@ -126,26 +128,15 @@ def load_pipeline(model: str) -> Pipeline:
     """The NER or RE pipeline of a trained HVPNeT model folder or Hub id, chosen by the architecture its config
     records; an `InputError` naming `model` when it is not one."""
     try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as error:
+        pipeline_class = PIPELINE_FOR_TASK[task_of(model)]
+    except OSError as error:
         raise InputError(f"`{model}` is not an HVPNeT model: its config cannot be read ({error})") from error
-    heads = {name for name in config.architectures or [] if name in TASK_OF_MODEL}
-    if len(heads) != 1:
-        raise InputError(
-            f"`{model}` is not an HVPNeT NER or RE model: its config has model type `{config.model_type}` and "
-            f"architectures {config.architectures}"
-        )
-    pipeline_class = PIPELINE_FOR_TASK[TASK_OF_MODEL[heads.pop()]]
+    except ValueError as error:
+        raise InputError(f"`{model}` is not an HVPNeT NER or RE model ({error})") from error
     try:
         return pipeline_class(model=pipeline_class.auto_model_class.from_pretrained(model))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, StrictDataclassError) as error:  # the last: a config.json with a refused setting
         raise InputError(f"`{model}` could not be loaded as an HVPNeT model: {error}") from error
-
-
-def words_and_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """The whitespace-separated words of `text` and their character spans, as the NER pipeline splits a text."""
-    matches = list(re.finditer(r"\S+", text))
-    return [match.group() for match in matches], [match.span() for match in matches]
 
 
 def find_span(words: Sequence[str], mention: str, role: str) -> tuple[int, int]:
@@ -165,7 +156,7 @@ def read_image(path: str | None, what: str) -> Image.Image | None:
     if path is None:
         return None
     try:
-        image = load_image(path, missing_images="error")
+        image = load_image(path)
     except OSError as error:
         cause = error.__cause__ if error.__cause__ is not None else error
         if isinstance(cause, Image.DecompressionBombError):
@@ -185,15 +176,15 @@ def draw_boxes(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -
     width = max(2, round(min(drawn.size) / 100))
     for number, box in enumerate(boxes, start=1):
         box = tuple(scale * side for side in box)
-        pencil.rectangle(box, outline=BOX_COLOUR, width=width)
-        pencil.text((box[0] + width + 2, box[1] + width), str(number), fill=BOX_COLOUR)
+        pencil.rectangle(box, outline=BOX_COLOR, width=width)
+        pencil.text((box[0] + width + 2, box[1] + width), str(number), fill=BOX_COLOR)
     return drawn
 
 
 @torch.no_grad()
 def example_gates(classifier: Pipeline, inputs: dict[str, Any]) -> dict[str, dict] | None:
     """
-    The gate weights of one input, as `analysis.gates.plot` draws them: the global image's, and the mean over its
+    The gate weights of one input, as `analysis.gates.figure` draws them: the global image's, and the mean over its
     present crops, each `{"mean": (L, c) list or None, "images": count}`; None when no image is present. The gates
     depend on the images only, so the first row of a long NER text (read in windows) stands for all of them.
     """
@@ -217,14 +208,14 @@ def example_gates(classifier: Pipeline, inputs: dict[str, Any]) -> dict[str, dic
 
 
 def gates_figure(gates: dict[str, dict] | None) -> Image.Image | None:
-    """The heat map of `example_gates` as an image (None without gates)."""
+    """The heat maps of `example_gates` drawn as an RGB image (None without gates)."""
     if gates is None:
         return None
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "gates.png"
-        plot_gates(gates, path)
-        with Image.open(path) as figure:
-            return figure.convert("RGB")
+    figure = gates_heat_maps(gates)
+    figure.canvas.draw()
+    image = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB")
+    pyplot().close(figure)
+    return image
 
 
 class HVPNetApp:
@@ -249,7 +240,7 @@ class HVPNetApp:
     @property
     def task(self) -> str:
         """`"multimodal-ner"` or `"multimodal-re"` (NER's layout when the model could not be loaded)."""
-        return "multimodal-re" if isinstance(self.classifier, MultimodalRePipeline) else "multimodal-ner"
+        return (NER if self.classifier is None else self.classifier.hvpnet_task).pipeline_task
 
     def predict(
         self,
@@ -277,7 +268,7 @@ class HVPNetApp:
         if self.classifier is None:
             raise InputError(self.load_error)
         text = (text or "").strip()
-        words, offsets = words_and_offsets(text)
+        words, offsets = split_words(text)
         if not words:
             raise InputError("Enter a text: it is empty.")
         image = read_image(image_path, "image")
@@ -337,7 +328,7 @@ class HVPNetApp:
 
 
 def highlighted(text: str, entities: Sequence[dict]) -> dict[str, Any]:
-    """`text` with the character spans of `entities` (pipeline outputs with `start` and `end`), labelled by type, as
+    """`text` with the character spans of `entities` (pipeline outputs with `start` and `end`), labeled by type, as
     gradio's `HighlightedText` takes it."""
     return {
         "text": text,
@@ -423,11 +414,11 @@ def build_page(app: HVPNetApp):
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
                 outputs = {
-                    "spans": gr.HighlightedText(label="With the image", color_map=SPAN_COLOURS, elem_id="spans"),
+                    "spans": gr.HighlightedText(label="With the image", color_map=SPAN_COLORS, elem_id="spans"),
                     "relations": gr.Label(label="Relations with the image", visible=is_re, elem_id="relations"),
                     "spans_masked": gr.HighlightedText(
                         label="With the image masked",
-                        color_map=SPAN_COLOURS,
+                        color_map=SPAN_COLORS,
                         visible=not is_re,
                         elem_id="spans-masked",
                     ),

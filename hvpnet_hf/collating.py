@@ -31,7 +31,7 @@ def tokenize_and_align(
     examples: Mapping[str, list], processor: HVPNetProcessor, max_length: int | None = None
 ) -> dict[str, list]:
     """
-    Batched `datasets.map` function: tokenises the `tokens` column and aligns the labels (`ner_tags` for NER,
+    Batched `datasets.map` function: tokenizes the `tokens` column and aligns the labels (`ner_tags` for NER,
     `relation` for RE, with `head` / `tail` spans) using the processor's task. Adds `input_ids`,
     `attention_mask`, `token_type_ids`, `labels` and, for NER, `word_start_mask` and `word_ids` (word index per
     token, -1 for special tokens; words absent from `word_ids` were cut by truncation and count as `"O"`).

@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from .configuration_hvpnet import HVPNetConfig
-from .file_utils import check_output_dir
 from .model_card import push_output_dir_to_hub
 from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetPreTrainedModel
+from .output_files import check_output_dir
 from .processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
 
 # The label list of the original NER code, in its id order.
@@ -40,7 +40,7 @@ ORIGINAL_NER_LABELS = [
 ]  # fmt: skip
 ORIGINAL_BACKBONE = "resnet50"
 ORIGINAL_NUM_OBJECT_IMAGES = 3
-# The original image transform: bilinear resize to 224x224, ImageNet normalisation.
+# The original image transform: bilinear resize to 224x224, ImageNet normalization.
 ORIGINAL_IMAGE_SIZE = 224
 # Dropout before the emission layer in the original NER model; its RE classifier has none.
 ORIGINAL_NER_DROPOUT = 0.1

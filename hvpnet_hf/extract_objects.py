@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .output_files import atomic_write, check_output_dir
 from .image_processing_hvpnet import load_image
 from .loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset, split_of_file
 from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
+from .output_files import atomic_write, check_output_dir
 
 logger = logging.getLogger(__name__)
 # The folder and crop-map name of each split, as in the releases (`train/`, `val/`, `test/`, `*_val_dict.pth`).
@@ -167,7 +167,7 @@ def _read_images(image_dir: Path, image_files: list[str], counts: dict[str, int]
     """The images among `image_files` that `load_image` reads, with a progress bar; the others are counted, logged."""
     for image_file in tqdm(image_files, desc="images", unit="image"):
         try:
-            image = load_image(image_dir / image_file, missing_images="error")
+            image = load_image(image_dir / image_file)
         except OSError as error:
             logger.warning("%s; no crops for it", error)
             counts["missing"] += 1

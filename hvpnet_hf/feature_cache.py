@@ -42,14 +42,17 @@ import timm
 import torch
 import torchvision
 from filelock import FileLock
+from huggingface_hub import constants
 from PIL import GifImagePlugin, Image, ImageFile, PngImagePlugin, TiffImagePlugin, features
 from tqdm.auto import tqdm
 
 from . import image_processing_hvpnet
-from .file_utils import atomic_write
+from .frozen_backbone import speed_up_frozen_backbone
 from .image_processing_hvpnet import _check_policy
+from .output_files import atomic_write
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import PreTrainedModel
 
     from .processing_hvpnet import HVPNetProcessor
@@ -70,7 +73,8 @@ class VisualFeatureCache:
     Cached `visual_features` of image files for one frozen backbone and one image transform.
 
     Args:
-        model: an HVPNeT model (or `HVPNetModel`) whose backbone is frozen (`freeze_vision=True`).
+        model: an HVPNeT model (or `HVPNetModel`) whose backbone is frozen (`freeze_vision=True`); its backbone is
+            sped up for the passes that build the cache (`speed_up_frozen_backbone`, which keeps its outputs).
         processor (`HVPNetProcessor`): the image transform and `num_object_images` of its image processor are used.
         cache_dir (`str` or `os.PathLike`): parent folder; each key gets its own sub-folder.
         dtype (`str`): `"float32"` (the pixel path's outputs exactly) or `"float16"` (half the size).
@@ -100,6 +104,7 @@ class VisualFeatureCache:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
         _check_policy(missing_images)
+        speed_up_frozen_backbone(model)
         self.image_processor = image_processor = processor.image_processor
         self.dtype = dtype
         self.missing_images = missing_images
@@ -109,7 +114,7 @@ class VisualFeatureCache:
             "format": CACHE_FORMAT_VERSION,
             "backbone": config.vision_backbone,
             "backbone_weights_sha256": _state_dict_sha256(self.encoder.backbone),
-            "vision_out_indices": list(config.vision_out_indices),
+            "vision_out_indices": list(self.encoder.backbone.feature_info.out_indices),
             "vision_model_args": config.vision_model_args,
             "prefix_mode": config.prefix_mode,
             "prefix_grid": config.prefix_grid,
@@ -366,4 +371,30 @@ def _state_dict_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["VisualFeatureCache", "check_decoding_policy", "decoding_policy"]
+def build_feature_cache(
+    model: "PreTrainedModel",
+    processor: "HVPNetProcessor",
+    splits: Iterable["Dataset"],
+    cache_dir: str | os.PathLike | None = None,
+    missing_images: str = "mask",
+) -> VisualFeatureCache | None:
+    """
+    A built cache of the features of every image and object crop of `splits` (tokenized data sets with `image` and
+    `objects` path columns), in `cache_dir` (default: `$HF_HOME/hvpnet_hf/visual_features`); None when the model has
+    no frozen backbone to cache. Under torchrun / accelerate one process builds while the others wait, then all read.
+    """
+    config = model.config
+    if not (config.use_visual_prefix and config.freeze_vision):
+        return None
+    cache_dir = cache_dir or os.path.join(constants.HF_HOME, "hvpnet_hf", "visual_features")
+    cache = VisualFeatureCache(model, processor, cache_dir, missing_images=missing_images)
+    paths = []
+    for split in splits:
+        paths += split["image"]
+        paths += [path for objects in split["objects"] for path in objects]
+    cache.build(paths)
+    logger.info("visual feature cache %s (%d unreadable images masked)", cache.folder, cache.num_unreadable)
+    return cache
+
+
+__all__ = ["VisualFeatureCache", "build_feature_cache", "check_decoding_policy", "decoding_policy"]

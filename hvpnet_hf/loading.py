@@ -8,7 +8,7 @@ Missing images follow one policy, `missing_images`:
 - `"mask"` (default): the example is kept, the absent file becomes None (its image is masked out by the model),
   and the loader logs how many files were missing or unreadable per split.
 - `"error"`: the first missing or unreadable file raises an error naming it and the data line that refers to it.
-At load time a file counts as readable when it exists and PIL recognises its header (`image_header_problem`); a
+At load time a file counts as readable when it exists and PIL recognizes its header (`image_header_problem`); a
 file whose pixel data turns out to be truncated is caught when it is decoded, under the same policy (`load_image`;
 both live in `image_processing_hvpnet`, which reads every image of the package). An image PIL refuses as a
 decompression bomb (more than twice `PIL.Image.MAX_IMAGE_PIXELS`, about 179 million pixels by default) counts as
@@ -216,14 +216,14 @@ def _read_mner_file(path: Path) -> list[_Example]:
         if not tab:
             raise ValueError(f"{path}:{line_no}: expected 'token<TAB>label', got {line!r}")
         current.tokens.append(token.strip())
-        current.fields["ner_tags"].append(_normalise_bio_label(label.strip(), path, line_no))
+        current.fields["ner_tags"].append(_normalize_bio_label(label.strip(), path, line_no))
     if not examples:
         raise ValueError(f"{path}: no IMGID block found")
     close_block(line_no + 1)
     return examples
 
 
-def _normalise_bio_label(label: str, path: Path, line_no: int) -> str:
+def _normalize_bio_label(label: str, path: Path, line_no: int) -> str:
     """Checks a BIO label and maps OTHER to MISC. An `I-` tag without a preceding `B-` is kept, as conlleval does."""
     if label == "O":
         return label
@@ -543,7 +543,7 @@ def _crop_lists(
 def _crop_map_keys(crop_map: Mapping, examples: list[_Example], where) -> Sequence:
     """
     Finds how a crop map is keyed and returns, per example, the key to look up. Maps keyed by image file name are
-    recognised when a key matches an example's image; maps keyed by sample index have int (or all-digit) keys.
+    recognized when a key matches an example's image; maps keyed by sample index have int (or all-digit) keys.
     """
     if not crop_map:
         return [None] * len(examples)

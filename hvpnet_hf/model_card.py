@@ -129,7 +129,7 @@ def render_model_card(
         base_model=text_model if _is_hub_id(text_model) else None,
         license="apache-2.0",
     )
-    vision = f"{config.vision_backbone} ({'pretrained' if config.vision_pretrained else 'randomly initialised'})"
+    vision = f"{config.vision_backbone} ({'pretrained' if config.vision_pretrained else 'randomly initialized'})"
     labels = [config.id2label[index] for index in sorted(config.id2label)]
     architecture = {
         "text encoder": text_model,

@@ -7,55 +7,32 @@ Shapes: B = batch, T = text length, n = images per example (global image + objec
 c = backbone stages, g = prefix grid side, P = n * g * g prefix tokens, d = hidden size, H = heads, h = head size.
 """
 
-import inspect
 import os
-import platform
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from difflib import get_close_matches
-from functools import cache
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
 
 import timm
 import torch
 from timm.layers import Format
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 from torchcrf import CRF
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import MODEL_MAPPING, AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import BertLayer, BertModel, BertSelfAttention, eager_attention_forward
-from transformers.models.camembert.modeling_camembert import CamembertLayer, CamembertModel, CamembertSelfAttention
-from transformers.models.data2vec.modeling_data2vec_text import (
-    Data2VecTextLayer,
-    Data2VecTextModel,
-    Data2VecTextSelfAttention,
-)
-from transformers.models.electra.modeling_electra import ElectraLayer, ElectraModel, ElectraSelfAttention
-from transformers.models.ernie.modeling_ernie import ErnieLayer, ErnieModel, ErnieSelfAttention
-from transformers.models.roberta.modeling_roberta import RobertaLayer, RobertaModel, RobertaSelfAttention
-from transformers.models.roberta_prelayernorm.modeling_roberta_prelayernorm import (
-    RobertaPreLayerNormLayer,
-    RobertaPreLayerNormModel,
-    RobertaPreLayerNormSelfAttention,
-)
-from transformers.models.xlm_roberta.modeling_xlm_roberta import (
-    XLMRobertaLayer,
-    XLMRobertaModel,
-    XLMRobertaSelfAttention,
-)
-from transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl import (
-    XLMRobertaXLLayer,
-    XLMRobertaXLModel,
-    XLMRobertaXLSelfAttention,
-)
+from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import install_output_capuring_hook
 
 from .configuration_hvpnet import HVPNetConfig
+from .tasks import TASK_OF_MODEL, save_pipeline_code
 
 logger = logging.get_logger(__name__)
 
@@ -83,14 +60,27 @@ class HVPNetModelOutput(ModelOutput):
 class HVPNetTokenClassifierOutput(ModelOutput):
     """
     loss: CRF negative log-likelihood averaged over the batch, when `labels` are given.
-    logits: (B, T, num_labels) emission scores.
-    predicted_tags: (B, T) Viterbi tag ids at first sub-word positions and -100 elsewhere (eval mode only).
+    logits: (B, T, num_labels) emission scores; `HVPNetForTokenClassification.decode` turns them into tags.
     hidden_states, attentions, gate_weights: as in `HVPNetModelOutput`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    predicted_tags: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    gate_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class HVPNetSequenceClassifierOutput(ModelOutput):
+    """
+    loss: the loss of `config.problem_type`, when `labels` are given.
+    logits: (B, num_labels) relation scores; `HVPNetForSequenceClassification.decode` ranks the relations.
+    hidden_states, attentions, gate_weights: as in `HVPNetModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     gate_weights: torch.FloatTensor | None = None
@@ -98,26 +88,36 @@ class HVPNetTokenClassifierOutput(ModelOutput):
 
 @dataclass
 class VisualPrefix:
-    """Per-layer visual prefix: keys and values, one (B, H, P, h) tensor per layer (tuples of L; inside a layer, that
-    layer's own), mask (B, P) True where an image is present, gate weights (B, n, L, c).
+    """Per-layer visual prefix: keys and values, tuples of L tensors (B, H, P, h), mask (B, P) True where an image is
+    present, gate weights (B, n, L, c).
 
     One tensor per layer rather than one (L, B, H, P, h) tensor: the backward of a layer's slice of a stacked tensor
     would fill a zero tensor of the whole stack for each layer."""
 
-    keys: tuple[torch.Tensor, ...] | torch.Tensor
-    values: tuple[torch.Tensor, ...] | torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
     mask: torch.Tensor
     gate_weights: torch.Tensor
 
 
 class HVPNetSelfAttention(BertSelfAttention):
-    """BERT self-attention whose keys and values are prefixed by this layer's visual prefix (paper eq. 9).
+    """BERT self-attention whose keys and values are prefixed by its layer's visual prefix (paper eq. 9).
 
     `HVPNetModel` hands the prefix of all layers down through the text model as the keyword argument
-    `visual_prefix`; each layer (`HVPNetLayerMixin`) hands its attention its own keys and values, which it prepends
-    to the text's, and the prefix columns to the text mask that the text model built. Queries stay text-only, so the
-    output keeps the text length.
+    `visual_prefix`; the attention of layer `layer_idx` prepends that layer's keys and values to the text's, and the
+    prefix columns to the text mask that the text model built. Queries stay text-only, so the output keeps the text
+    length.
     """
+
+    @classmethod
+    def from_family_attention(cls, attention: nn.Module) -> "HVPNetSelfAttention":
+        """The prefix attention on the projections and dropout of `attention`, the self-attention module a supported
+        family built (it has BERT's modules, names and sizes): the same weights under the same names."""
+        with torch.device("meta"):  # the projections BERT's constructor builds are replaced: allocate none
+            prefix_attention = cls(attention.config, is_causal=attention.is_causal, layer_idx=attention.layer_idx)
+        for name in ("query", "key", "value", "dropout"):
+            setattr(prefix_attention, name, getattr(attention, name))
+        return prefix_attention
 
     def forward(
         self,
@@ -132,8 +132,8 @@ class HVPNetSelfAttention(BertSelfAttention):
         key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
         if visual_prefix is not None:
-            key = torch.cat([visual_prefix.keys.to(key.dtype), key], dim=2)
-            value = torch.cat([visual_prefix.values.to(value.dtype), value], dim=2)
+            key = torch.cat([visual_prefix.keys[self.layer_idx].to(key.dtype), key], dim=2)
+            value = torch.cat([visual_prefix.values[self.layer_idx].to(value.dtype), value], dim=2)
             attention_mask = _prepend_prefix_mask(attention_mask, visual_prefix.mask, query)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -152,162 +152,48 @@ class HVPNetSelfAttention(BertSelfAttention):
         return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
 
 
-# The same attention for the other supported families. transformers gives each its own self-attention class, with
-# BERT's modules (`query`, `key`, `value`, `dropout`), sizes and forward; the prefix attention subclasses the
-# family's class, so its weights load under the family's names and `isinstance` checks on that class hold.
-class HVPNetCamembertSelfAttention(CamembertSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetData2VecTextSelfAttention(Data2VecTextSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetElectraSelfAttention(ElectraSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetErnieSelfAttention(ErnieSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetRobertaSelfAttention(RobertaSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetRobertaPreLayerNormSelfAttention(RobertaPreLayerNormSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetXLMRobertaSelfAttention(XLMRobertaSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetXLMRobertaXLSelfAttention(XLMRobertaXLSelfAttention):
-    forward = HVPNetSelfAttention.forward
-
-
-class HVPNetLayerMixin:
-    """Makes a text layer of the family it is mixed into take the visual prefix's keys and values as positional
-    inputs, and its self-attention the prefix attention `prefix_attention_class`.
-
-    The text model hands the prefix to every layer as the keyword argument `visual_prefix`. Reentrant activation
-    checkpointing (`use_reentrant=True`) only tracks a layer's positional tensors: with the prefix as a keyword, each
-    layer's recomputation in backward would backpropagate through the prefix encoder's graph on its own, and the
-    second layer finds that graph freed. So `__call__` (which checkpoints, in transformers' `GradientCheckpointingLayer`)
-    gets this layer's keys and values as positional arguments, as BERT passes `encoder_hidden_states`, whatever
-    checkpoint function is installed, and `forward` hands them to the attention in the prefix.
-
-    The prefix layer and attention classes add forwards only, no weights or other state: `build_text_model` turns
-    the layers the family built into them by changing their class.
-    """
-
-    prefix_attention_class: type[nn.Module]
-
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        visual_prefix: VisualPrefix | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        if visual_prefix is None:
-            return super().__call__(hidden_states, attention_mask, encoder_hidden_states, **kwargs)
-        layer = self.attention.self.layer_idx
-        return super().__call__(
-            hidden_states,
-            attention_mask,
-            encoder_hidden_states,
-            visual_prefix.keys[layer],
-            visual_prefix.values[layer],
-            visual_prefix=visual_prefix,
-            **kwargs,
-        )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        prefix_keys: torch.Tensor | None = None,
-        prefix_values: torch.Tensor | None = None,
-        visual_prefix: VisualPrefix | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        """prefix_keys, prefix_values: (B, H, P, h) this layer's keys and values of `visual_prefix`, as positional
-        inputs."""
-        if visual_prefix is not None:
-            visual_prefix = replace(visual_prefix, keys=prefix_keys, values=prefix_values)
-        return super().forward(
-            hidden_states, attention_mask, encoder_hidden_states, visual_prefix=visual_prefix, **kwargs
-        )
-
-
-class HVPNetLayer(HVPNetLayerMixin, BertLayer):
-    prefix_attention_class = HVPNetSelfAttention
-
-
-class HVPNetCamembertLayer(HVPNetLayerMixin, CamembertLayer):
-    prefix_attention_class = HVPNetCamembertSelfAttention
-
-
-class HVPNetData2VecTextLayer(HVPNetLayerMixin, Data2VecTextLayer):
-    prefix_attention_class = HVPNetData2VecTextSelfAttention
-
-
-class HVPNetElectraLayer(HVPNetLayerMixin, ElectraLayer):
-    prefix_attention_class = HVPNetElectraSelfAttention
-
-
-class HVPNetErnieLayer(HVPNetLayerMixin, ErnieLayer):
-    prefix_attention_class = HVPNetErnieSelfAttention
-
-
-class HVPNetRobertaLayer(HVPNetLayerMixin, RobertaLayer):
-    prefix_attention_class = HVPNetRobertaSelfAttention
-
-
-class HVPNetRobertaPreLayerNormLayer(HVPNetLayerMixin, RobertaPreLayerNormLayer):
-    prefix_attention_class = HVPNetRobertaPreLayerNormSelfAttention
-
-
-class HVPNetXLMRobertaLayer(HVPNetLayerMixin, XLMRobertaLayer):
-    prefix_attention_class = HVPNetXLMRobertaSelfAttention
-
-
-class HVPNetXLMRobertaXLLayer(HVPNetLayerMixin, XLMRobertaXLLayer):
-    prefix_attention_class = HVPNetXLMRobertaXLSelfAttention
-
-
-# `text_config.model_type` → the family's own text model and the prefix layer that replaces its layers (the types
-# `configuration_hvpnet.TEXT_MODEL_TYPES` accepts).
-TEXT_MODELS: dict[str, tuple[type[PreTrainedModel], type[nn.Module]]] = {
-    "bert": (BertModel, HVPNetLayer),
-    "camembert": (CamembertModel, HVPNetCamembertLayer),
-    "data2vec-text": (Data2VecTextModel, HVPNetData2VecTextLayer),
-    "electra": (ElectraModel, HVPNetElectraLayer),
-    "ernie": (ErnieModel, HVPNetErnieLayer),
-    "roberta": (RobertaModel, HVPNetRobertaLayer),
-    "roberta-prelayernorm": (RobertaPreLayerNormModel, HVPNetRobertaPreLayerNormLayer),
-    "xlm-roberta": (XLMRobertaModel, HVPNetXLMRobertaLayer),
-    "xlm-roberta-xl": (XLMRobertaXLModel, HVPNetXLMRobertaXLLayer),
-}
-
-
-def build_text_model(text_config, add_pooling_layer: bool) -> PreTrainedModel:
-    """The family's own text model for `text_config`, its layers replaced by the prefix layers (same weight names;
-    ELECTRA has no pooler, whatever `add_pooling_layer` says)."""
-    model_class, layer_class = TEXT_MODELS[text_config.model_type]
-    pooling = {} if model_class is ElectraModel else {"add_pooling_layer": add_pooling_layer}
-    text_model = model_class(text_config, **pooling)
-    # The family's layers become prefix layers in place (the prefix classes add forwards only): building prefix
-    # layers to replace them would build every layer's weights twice, and the freed set would stay behind as holes
-    # in the heap, raising the peak memory of the steps that follow (`benchmarks/bench_original.py`).
+def build_text_model(text_config: PreTrainedConfig, add_pooling_layer: bool) -> PreTrainedModel:
+    """The family's own text model for `text_config` (the class `AutoModel` builds for its type), with the prefix
+    attention in place of every self-attention module, on the same weights (ELECTRA has no pooler, whatever
+    `add_pooling_layer` says)."""
+    pooling = {} if text_config.model_type == "electra" else {"add_pooling_layer": add_pooling_layer}
+    text_model = MODEL_MAPPING[type(text_config)](text_config, **pooling)
+    # transformers records attention weights with a hook on the modules of the class the family's model names in
+    # `_can_record_outputs`: its own self-attention class, of which only BERT's prefix attention is an instance.
+    recorded_class = text_model._can_record_outputs["attentions"]
     for layer in text_model.encoder.layer:
-        layer.__class__ = layer_class
-        layer.attention.self.__class__ = layer_class.prefix_attention_class
+        layer.attention.self = HVPNetSelfAttention.from_family_attention(layer.attention.self)
+        if not isinstance(layer.attention.self, recorded_class):
+            install_output_capuring_hook(layer.attention.self, "attentions", index=1)
     return text_model
+
+
+def checkpoint_with_visual_prefix(
+    checkpoint_function: Callable, layer_forward: Callable, *args: torch.Tensor
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Run `checkpoint_function`, the layers' activation checkpointing function, on a text layer with the visual
+    prefix's keys and values among its positional inputs.
+
+    A layer hands its checkpointing function its forward with the keyword arguments bound (`layer_forward`, a
+    `partial` holding `visual_prefix`) and its positional inputs (`args`). Reentrant checkpointing
+    (`use_reentrant=True`) only tracks positional tensors: with the prefix bound as a keyword, each layer's
+    recomputation in backward would backpropagate through the prefix encoder's graph on its own, and the next layer
+    would find that graph freed. A wrapper around the installed function (transformers' own tests install one that
+    counts the calls) hides the keywords; such a call is checkpointed without reentrance, which tracks every tensor.
+    """
+    if not isinstance(layer_forward, partial):
+        return checkpoint_function(layer_forward, *args, use_reentrant=False)
+    visual_prefix = layer_forward.keywords.get("visual_prefix")
+    if visual_prefix is None:
+        return checkpoint_function(layer_forward, *args)
+    num_inputs, num_layers = len(args), len(visual_prefix.keys)
+
+    def forward_with_prefix(*inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        keys_and_values = inputs[num_inputs:]
+        prefix = replace(visual_prefix, keys=keys_and_values[:num_layers], values=keys_and_values[num_layers:])
+        return layer_forward(*inputs[:num_inputs], visual_prefix=prefix)
+
+    return checkpoint_function(forward_with_prefix, *args, *visual_prefix.keys, *visual_prefix.values)
 
 
 def _prepend_prefix_mask(
@@ -340,15 +226,17 @@ NUM_DEFAULT_LEVELS = 4
 
 def create_feature_backbone(config: HVPNetConfig, pretrained: bool | str = False) -> nn.Module:
     """The timm feature extractor (`features_only=True`) of `config.vision_backbone` at the levels
-    `config.vision_out_indices`, which is first set to `default_out_indices` when None. `pretrained`: False (random
-    weights, nothing downloaded), True (timm's pretrained weights) or the path of a local checkpoint file."""
-    if config.vision_out_indices is None:
-        config.vision_out_indices = default_out_indices(config.vision_backbone, config.vision_model_args)
+    `config.vision_out_indices`, or `default_out_indices` when None; its `feature_info.out_indices` are the levels
+    used. `pretrained`: False (random weights, nothing downloaded), True (timm's pretrained weights) or the path of a
+    local checkpoint file."""
+    levels = config.vision_out_indices
+    if levels is None:
+        levels = default_out_indices(config.vision_backbone, config.vision_model_args)
     return _timm_features(
         config.vision_backbone,
         config.vision_model_args,
         pretrained=bool(pretrained),
-        out_indices=tuple(config.vision_out_indices),
+        out_indices=tuple(levels),
         pretrained_cfg_overlay={"file": pretrained} if isinstance(pretrained, str) else None,
     )
 
@@ -358,7 +246,7 @@ def default_out_indices(backbone: str, model_args: dict) -> list[int]:
     four of them spread evenly over its depth, as DPT (Ranftl et al., ICCV 2021) reads blocks 3, 6, 9 and 12 of a
     ViT-B (its last four blocks would see nearly the same features). Any other backbone (CNN, Swin): its last four
     levels, the four ResNet stages of the paper."""
-    with torch.device("meta"):  # only the layout of the levels is read: no weights are allocated or initialised
+    with torch.device("meta"):  # only the layout of the levels is read: no weights are allocated or initialized
         levels = _timm_features(backbone, model_args, pretrained=False).feature_info.info
     count = len(levels)
     if len({level["reduction"] for level in levels}) == 1 and count > NUM_DEFAULT_LEVELS:
@@ -370,7 +258,7 @@ def _timm_features(backbone: str, model_args: dict, **kwargs) -> nn.Module:
     """`timm.create_model(backbone, features_only=True, ...)`, with an error naming the backbone when timm cannot
     build it as a feature extractor (an unknown name, a model without feature maps, a wrong model argument)."""
     # Without a classifier (`num_classes=0`): the feature extractor drops it, and building it would only allocate
-    # and free its weights (8 MB for resnet50's).
+    # and free its weights.
     try:
         return timm.create_model(backbone, features_only=True, **{"num_classes": 0, **model_args}, **kwargs)
     except (AssertionError, AttributeError, RuntimeError, TypeError) as error:
@@ -402,7 +290,7 @@ class HVPNetVisionEncoderBase(nn.Module):
         # EfficientNet and MobileNetV3 features come from timm classes of their own, channels first, that do not
         # set `output_fmt`.
         self.maps_channels_last = Format(getattr(self.backbone, "output_fmt", Format.NCHW)) == Format.NHWC
-        # timm zero-initialises the last BatchNorm weight of every residual block (`zero_init_last`); mark those
+        # timm zero-initializes the last BatchNorm weight of every residual block (`zero_init_last`); mark those
         # BatchNorms so that `_init_weights` does the same for weights missing from a checkpoint.
         for block in self.backbone.modules():
             if hasattr(block, "zero_init_last"):
@@ -411,8 +299,6 @@ class HVPNetVisionEncoderBase(nn.Module):
         if self.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
-            fold_batch_norms(self.backbone)
-            self._hold_convolutions_channels_last()
 
     def train(self, mode: bool = True) -> "HVPNetVisionEncoderBase":
         super().train(mode)
@@ -423,41 +309,16 @@ class HVPNetVisionEncoderBase(nn.Module):
     def visual_features(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, 3, H, W) → (N, g*g, C) the pooled backbone features, C channels over the used stages.
 
-        The backbone sees at most `config.vision_chunk_size` images per call, so its peak memory follows the chunk,
-        in `channels_last` layout (faster for resnet50 on CPU at every chunk size, `benchmarks/bench_train_step.py`).
+        The backbone sees at most `config.vision_chunk_size` images per call, so its peak memory follows the chunk.
         """
         # An exported graph runs all images in one call: the number of chunks would tie it to one batch size.
         chunked = self.chunk_size and not torch.compiler.is_exporting()
         chunks = images.split(self.chunk_size) if chunked else (images,)
-        if self.freeze_backbone and not torch.compiler.is_compiling():
-            self._hold_convolutions_channels_last()
-        # Pixels arrive in float32; a backbone held in bfloat16 (`hold_backbone_in`, a bf16 model) takes them in its
-        # own dtype.
+        # Pixels arrive in float32; a backbone in bfloat16 (a bf16 model, or a frozen backbone held in bfloat16)
+        # takes them in its own dtype.
         dtype = next(self.backbone.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            return torch.cat(
-                [
-                    self.pool_feature_maps(
-                        self.backbone(chunk.to(dtype).contiguous(memory_format=torch.channels_last))
-                    )
-                    for chunk in chunks
-                ]
-            )
-
-    def _hold_convolutions_channels_last(self) -> None:
-        """Give a frozen backbone's convolution weights the channels_last layout of its inputs, when it is built and
-        again if loading replaced them: with weights as saved, every convolution call would reorder its weights."""
-        weight = next((parameter for parameter in self.backbone.parameters() if parameter.dim() == 4), None)
-        if weight is not None and not weight.is_contiguous(memory_format=torch.channels_last):
-            self.backbone.to(memory_format=torch.channels_last)
-
-    def hold_backbone_in(self, dtype: torch.dtype) -> None:
-        """Keep the frozen backbone's weights in `dtype` (bfloat16 for bf16 training): under autocast its
-        convolutions compute in bfloat16 anyway, but autocast only caches the casts of trainable weights, so it
-        would cast every frozen weight again on every call. The trainable prefix layers stay as they are."""
-        if not self.freeze_backbone:
-            raise ValueError("only a frozen backbone (freeze_vision=True) can be held in another dtype")
-        self.backbone.to(dtype)
+            return torch.cat([self.pool_feature_maps(self.backbone(chunk.to(dtype))) for chunk in chunks])
 
     def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
         """One map (N, C_i, H_i, W_i) per pyramid level → (N, g*g, C) the features the trainable part reads."""
@@ -499,10 +360,9 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
             self.gate = nn.Linear(self.hidden_size, self.num_layers * num_stages)
         else:
             self.register_buffer("fixed_gate", self._fixed_gate(num_stages), persistent=False)
-        # Eq. 8: the L key/value projections W_l^phi (d -> 2d), one module per layer. Not one stacked (L, 2d, d)
-        # weight: glibc's malloc maps blocks over 32 MiB fresh from the system and unmaps them when freed, so that
-        # weight's gradient (57 MB at bert-base) was faulted in anew every step, at the end of backward, where the
-        # training peak is. Built without the constructor's random draws, which `_init_weights` would overwrite.
+        # Eq. 8: the L key/value projections W_l^phi (d -> 2d), one module per layer, each with a gradient of its
+        # own (a stacked (L, 2d, d) weight costs memory in training: `docs/benchmarks.md`). Built without the
+        # constructor's random draws, which `_init_weights` would overwrite.
         self.key_value_projections = nn.ModuleList(
             torch.nn.utils.skip_init(nn.Linear, self.hidden_size, 2 * self.hidden_size) for _ in range(self.num_layers)
         )
@@ -545,11 +405,10 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
             # (eval mode) each image is encoded on its own, so the prefix is the same as below.
             features = self.visual_features(images.flatten(0, 1))
             return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
-        # Eager PyTorch skips absent images before the backbone: with 6 of 16 absent that is 1.6x faster than
-        # pushing them through (`benchmarks/bench_prefix.py`), and in training a trainable backbone's batch
-        # statistics see only real images.
+        # Eager PyTorch skips absent images before the backbone (faster: `docs/benchmarks.md`), and in training a
+        # trainable backbone's batch statistics see only real images.
         flat_present, flat_images = present.flatten(), images.flatten(0, 1)
-        if flat_present.all():  # nothing to skip: no copy of the pixels (19 MB at the paper's batch) and no scatter
+        if flat_present.all():  # nothing to skip: no copy of the pixels and no scatter
             features = self.visual_features(flat_images)
         else:
             features = images.new_zeros(flat_present.numel(), self.grid**2, sum(self.stage_channels))
@@ -591,162 +450,6 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
     @property
     def num_stages(self) -> int:
         return len(self.stage_indices)
-
-
-def fold_batch_norms(backbone: nn.Module) -> int:
-    """Fold every BatchNorm of a frozen backbone that only normalises a convolution's output into that convolution;
-    returns how many were folded. Both modules are replaced by ones that keep their parameters and buffers, under the
-    same names (the state dict does not change): the convolution runs with weight * s and bias beta - mean * s,
-    where s = gamma / sqrt(var + eps) from the norm's running statistics, and the norm passes its input on. A frozen
-    backbone's norms use their running statistics, so the maps are the same up to rounding, without a pass over
-    every map for each norm (the saving is measured in `docs/benchmarks.md`)."""
-    pairs = _convolution_norm_pairs(backbone)
-    for convolution_name, norm_name in pairs:
-        norm = NormFoldedIntoConvolution.taking_over(backbone.get_submodule(norm_name))
-        convolution = ConvolutionWithFoldedNorm.taking_over(backbone.get_submodule(convolution_name), norm)
-        backbone.set_submodule(norm_name, norm)
-        backbone.set_submodule(convolution_name, convolution)
-    return len(pairs)
-
-
-def _convolution_norm_pairs(backbone: nn.Module) -> list[tuple[str, str]]:
-    """The names of the (Conv2d, BatchNorm2d) pairs where, in one pass of a blank image, the norm's input is the
-    convolution's output and nothing else reads that output, each module running once. The pass is watched with
-    hooks on these modules and a torch function mode, which is local to this thread; not traced with torch.fx, which
-    patches `nn.Module.__call__` for the whole process while it traces and so breaks models other threads run. A
-    backbone that cannot run the blank image, or without such pairs (ViTs, Swin, ConvNeXt, EfficientNet's fused
-    norm-activation layers), keeps all its norms."""
-    names = {module: name for name, module in backbone.named_modules()}
-    watched = [
-        module
-        for module in names
-        if not (module._forward_hooks or module._forward_pre_hooks)
-        and (type(module) is nn.Conv2d or (type(module) is nn.BatchNorm2d and module.affine))
-    ]
-    if not any(isinstance(module, nn.BatchNorm2d) for module in watched):
-        return []
-    watcher = _ReadWatcher()
-    calls: Counter = Counter()
-    input_of: dict[nn.Module, nn.Module | None] = {}  # norm -> the convolution whose output it took
-
-    def before_call(module: nn.Module, args: tuple) -> None:
-        calls[module] += 1
-        if isinstance(module, nn.BatchNorm2d):
-            input_of[module] = watcher.made_by.get(id(args[0]))
-            watcher.reader = module
-
-    def after_call(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
-            watcher.watch(output, module)
-        watcher.reader = None
-
-    handles = [module.register_forward_pre_hook(before_call) for module in watched]
-    handles += [module.register_forward_hook(after_call) for module in watched]
-    parameter = next(backbone.parameters())
-    timm_config = getattr(backbone, "pretrained_cfg", None) or {}
-    size = timm_config["input_size"] if timm_config.get("fixed_input_size") else (3, 128, 128)
-    try:
-        with torch.no_grad(), watcher:
-            outputs = backbone(torch.zeros(1, *size, device=parameter.device, dtype=parameter.dtype))
-    except Exception:  # folding is an optimisation: a backbone that cannot run this pass keeps its norms
-        return []
-    finally:
-        for handle in handles:
-            handle.remove()
-    for output in torch.utils._pytree.tree_leaves(outputs):  # a map the backbone returns is read by its caller
-        watcher.read(output)
-    return [
-        (names[convolution], names[norm])
-        for norm, convolution in input_of.items()
-        if convolution is not None
-        and calls[norm] == calls[convolution] == 1
-        and watcher.readers[convolution] == {norm}
-    ]
-
-
-class _ReadWatcher(TorchFunctionMode):
-    """Records which modules read each watched convolution output: the norm running at the time (`reader`), or None
-    outside every norm."""
-
-    def __init__(self):
-        super().__init__()
-        self.reader: nn.Module | None = None
-        self.made_by: dict[int, nn.Module] = {}  # id of a watched output -> the convolution that made it
-        self.readers: defaultdict[nn.Module, set] = defaultdict(set)
-        self._outputs: list[torch.Tensor] = []  # kept alive, so that no other tensor takes their ids
-
-    def watch(self, output: torch.Tensor, convolution: nn.Module) -> None:
-        self._outputs.append(output)
-        self.made_by[id(output)] = convolution
-
-    def read(self, value: object) -> None:
-        if isinstance(value, torch.Tensor) and id(value) in self.made_by:
-            self.readers[self.made_by[id(value)]].add(self.reader)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        for value in torch.utils._pytree.tree_leaves((args, kwargs or {})):
-            self.read(value)
-        return func(*args, **(kwargs or {}))
-
-
-class NormFoldedIntoConvolution(nn.BatchNorm2d):
-    """A BatchNorm2d whose affine map is applied by the convolution before it (`ConvolutionWithFoldedNorm`): it
-    keeps its parameters and statistics and passes its input on."""
-
-    @classmethod
-    def taking_over(cls, norm: nn.BatchNorm2d) -> "NormFoldedIntoConvolution":
-        """The folded norm with `norm`'s parameters, buffers and marks (built on the meta device: nothing is copied)."""
-        folded = cls(norm.num_features, eps=norm.eps, momentum=norm.momentum, device="meta")
-        folded.weight, folded.bias = norm.weight, norm.bias
-        folded.running_mean, folded.running_var = norm.running_mean, norm.running_var
-        folded.num_batches_tracked = norm.num_batches_tracked
-        folded.zero_init_weight = getattr(norm, "zero_init_weight", False)
-        return folded.train(norm.training)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs
-
-
-class ConvolutionWithFoldedNorm(nn.Conv2d):
-    """A Conv2d followed by its BatchNorm (running statistics) as one convolution. The norm stays a module of the
-    backbone (a `NormFoldedIntoConvolution`, which owns its parameters); this one only reads it."""
-
-    @classmethod
-    def taking_over(cls, convolution: nn.Conv2d, norm: NormFoldedIntoConvolution) -> "ConvolutionWithFoldedNorm":
-        """The folded convolution with `convolution`'s parameters (built on the meta device: nothing is copied)."""
-        folded = cls(
-            convolution.in_channels,
-            convolution.out_channels,
-            convolution.kernel_size,
-            stride=convolution.stride,
-            padding=convolution.padding,
-            dilation=convolution.dilation,
-            groups=convolution.groups,
-            bias=convolution.bias is not None,
-            padding_mode=convolution.padding_mode,
-            device="meta",
-        )
-        folded.weight, folded.bias = convolution.weight, convolution.bias
-        # Not a submodule: the norm is registered where it stands in the backbone, and would otherwise be saved twice.
-        folded.__dict__["folded_norm"] = norm
-        return folded.train(convolution.training)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        # The scaled weight is made for this call only (scaling every weight once would hold a second copy of the
-        # backbone).
-        scale, bias = _norm_as_affine(self, self.folded_norm)
-        return self._conv_forward(inputs, self.weight * scale, bias)
-
-
-def _norm_as_affine(convolution: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (C, 1, 1, 1) scale of the convolution's weight and the (C,) bias that make convolution then norm (running
-    statistics) one convolution: computed in float32, given in the convolution's dtype."""
-    scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
-    bias = norm.bias.float() - norm.running_mean.float() * scale
-    if convolution.bias is not None:
-        bias = bias + convolution.bias.float() * scale
-    dtype = convolution.weight.dtype
-    return scale.view(-1, 1, 1, 1).to(dtype), bias.to(dtype)
 
 
 # The visual prefix as the authors' released HVPNeT code computes it (`prefix_mode="original"`).
@@ -871,7 +574,7 @@ class HVPNetPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """transformers' initialisation, except for the CNN backbone, which gets timm's ResNet initialisation (N(0,
+        """transformers' initialization, except for the CNN backbone, which gets timm's ResNet initialization (N(0,
         0.02) convolutions would leave a random CNN with vanishing activations): He-normal convolutions, BatchNorms
         reset to the identity, the last one of each residual block with a zero weight. Weights loaded from a
         checkpoint are left alone (transformers guards `init`)."""
@@ -885,15 +588,20 @@ class HVPNetPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, which also records a task model's pipeline and copies its code (see
-        `pipelines.save_pipeline_code`). `push_to_hub`, `Trainer.save_model` and `Trainer.push_to_hub` save through
+        `tasks.save_pipeline_code`). `push_to_hub`, `Trainer.save_model` and `Trainer.push_to_hub` save through
         it, so every saved task model loads with `pipeline(model=..., trust_remote_code=True)` once its processor is
         saved next to it."""
-        # Imported here: using a model should not load the pipelines (transformers' pipelines, torchvision) first.
-        from .pipelines import TASK_OF_MODEL, save_pipeline_code
-
         if type(self).__name__ in TASK_OF_MODEL and kwargs.get("is_main_process", True):
             save_pipeline_code(self, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """transformers' installation of `gradient_checkpointing_func` on every text layer, wrapped so that it gets
+        the visual prefix as positional inputs (`checkpoint_with_visual_prefix`)."""
+        gradient_checkpointing_func = partial(checkpoint_with_visual_prefix, gradient_checkpointing_func)
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     @classmethod
     def from_text_vision_pretrained(
@@ -927,8 +635,7 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         )
         model = cls(config)
         base = model if isinstance(model, HVPNetModel) else model.hvpnet
-        text_model_class, _ = TEXT_MODELS[text_config.model_type]
-        pretrained_text = text_model_class.from_pretrained(text_model_name_or_path).state_dict()
+        pretrained_text = MODEL_MAPPING[type(text_config)].from_pretrained(text_model_name_or_path).state_dict()
         if getattr(base.text_model, "pooler", None) is None:  # the task heads read token states, not the pooler
             pretrained_text = {
                 name: weight for name, weight in pretrained_text.items() if not name.startswith("pooler.")
@@ -943,12 +650,10 @@ class HVPNetPreTrainedModel(PreTrainedModel):
 
 def _check_config_kwargs(config_kwargs: dict) -> None:
     """Refuse keywords of `from_text_vision_pretrained` that no configuration reads. `PreTrainedConfig` keeps unknown
-    keys as attributes (for configs written by other versions), so a misspelt setting would otherwise build the
+    keys as attributes (for configs written by other versions), so a misspelled setting would otherwise build the
     model with the default in its place."""
     builder_arguments = {"text_model_name_or_path", "vision_backbone", "vision_pretrained", "processor"}
-    known = {name for name in inspect.signature(HVPNetConfig.__init__).parameters if name not in ("self", "kwargs")}
-    known |= {item.name for item in fields(PreTrainedConfig)} | {"num_labels"}
-    known -= builder_arguments | {"text_config"}
+    known = ({item.name for item in fields(HVPNetConfig)} - builder_arguments - {"text_config"}) | {"num_labels"}
     unknown = sorted(set(config_kwargs) - known)
     if unknown:
         hints = [
@@ -956,19 +661,21 @@ def _check_config_kwargs(config_kwargs: dict) -> None:
             for name in unknown
         ]
         raise TypeError(
-            f"from_text_vision_pretrained got unknown settings {', '.join(hints)}; it takes the arguments {sorted(builder_arguments)} and the settings of HVPNetConfig"
+            f"from_text_vision_pretrained got unknown settings {', '.join(hints)}; it takes the arguments "
+            f"{sorted(builder_arguments)} and the settings of HVPNetConfig"
         )
 
 
 class HVPNetModel(HVPNetPreTrainedModel):
     """The HVPNeT encoder: a BERT-family text encoder with a visual prefix in every self-attention layer.
 
-    Its text encoder is the family's own model (`BertModel`, `RobertaModel`, `XLMRobertaModel`, `ElectraModel`, ...,
-    see `TEXT_MODELS`) whose self-attention modules are the prefix attention, so the family's pretrained weights load
-    into it unchanged and its embeddings keep their conventions (RoBERTa's positions after the padding index,
-    ELECTRA's embedding projection). `forward` builds the visual prefix and runs that text model with it as the
-    keyword argument `visual_prefix`, which transformers hands down to every self-attention module; hidden states and
-    attention weights are recorded by transformers as for the text model. With `use_visual_prefix=False`, or when
+    Its text encoder is the family's own model (`BertModel`, `RobertaModel`, `XLMRobertaModel`, `ElectraModel`, ...:
+    the class `AutoModel` builds for `config.text_config`) with the prefix attention in place of its self-attention
+    modules, on their weights (`build_text_model`), so the family's pretrained weights load into it unchanged and
+    its embeddings keep their conventions (RoBERTa's positions after the padding index, ELECTRA's embedding
+    projection). `forward` builds the visual prefix and runs that text model with it as the keyword argument
+    `visual_prefix`, which transformers hands down to every self-attention module; hidden states and attention
+    weights are recorded by transformers as for the text model. With `use_visual_prefix=False`, or when
     every image is masked (paper modes), it computes exactly what the text model computes.
     """
 
@@ -1027,7 +734,6 @@ class HVPNetModel(HVPNetPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        _warn_if_bfloat16_is_emulated(self)
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         for flag in ("output_attentions", "output_hidden_states"):  # the text model would read its own config's
             kwargs.setdefault(flag, getattr(self.config, flag))
@@ -1095,30 +801,6 @@ class HVPNetModel(HVPNetPreTrainedModel):
         return self.visual_encoder.prefix_from_features(image_features, present)
 
 
-@cache
-def cpu_computes_bfloat16_natively() -> bool:
-    """Whether this CPU has bfloat16 instructions (on x86, AVX512-BF16 or AMX). Without them torch emulates
-    bfloat16, many times slower than float32: a training step at the paper's settings took 16x as long as in float32
-    on an AVX2-only CPU (`benchmarks/bench_original.py`). Other architectures are taken to have them (torch has no
-    check for them)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def _warn_if_bfloat16_is_emulated(model: nn.Module) -> None:
-    """Warns once when `model` computes in bfloat16 (its weights or CPU autocast) on a CPU that emulates it. Called
-    on every forward: on a CPU with bfloat16 instructions it returns after one cached check."""
-    if torch.compiler.is_compiling() or cpu_computes_bfloat16_natively() or model.device.type != "cpu":
-        return
-    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if autocast or model.dtype == torch.bfloat16:
-        logger.warning_once(
-            "This CPU has no bfloat16 instructions (AVX512-BF16 or AMX): torch emulates bfloat16 on it, many times "
-            "slower than float32. Run in float32 here (no --bf16, dtype=torch.float32)."
-        )
-
-
 def _image_presence(
     pixel_values: torch.Tensor, image_mask: torch.Tensor | None, batch_size: int, num_object_images: int
 ) -> torch.Tensor:
@@ -1157,11 +839,65 @@ def _word_positions(word_start_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return order[:, :max_words], word_mask
 
 
+def viterbi_decode(
+    emissions: torch.Tensor,
+    word_start_mask: torch.Tensor,
+    start_transitions: torch.Tensor,
+    end_transitions: torch.Tensor,
+    transitions: torch.Tensor,
+) -> torch.LongTensor:
+    """
+    The CRF's most likely tags of the words of every row (paper §3.4), all rows at once, in float32.
+
+    emissions: (B, T, K) emission scores; word_start_mask: (B, T) bool, True at the first sub-word of every word
+    (False on padding); start_transitions, end_transitions (K,) and transitions (K, K): the CRF's scores.
+    Returns (B, T): the tag id of every word at its first sub-word and -100 elsewhere (a row without words is all
+    -100), the path `torchcrf.CRF.decode` finds.
+    """
+    tags = torch.full(word_start_mask.shape, -100, dtype=torch.long, device=emissions.device)
+    word_index, word_mask = _word_positions(word_start_mask)
+    if word_index.shape[1] == 0:
+        return tags
+    num_tags = emissions.shape[-1]
+    scores = emissions.float().gather(1, word_index[..., None].expand(-1, -1, num_tags))  # (B, W, K)
+    best = start_transitions.float() + scores[:, 0]  # (B, K): the best score of a path ending in each tag
+    stay = torch.arange(num_tags, device=emissions.device).expand_as(best)
+    backpointers = []
+    for step in range(1, scores.shape[1]):
+        step_best, previous = (best[:, :, None] + transitions.float() + scores[:, step, None, :]).max(dim=1)
+        is_word = word_mask[:, step, None]
+        best = torch.where(is_word, step_best, best)
+        # Past its last word a row's path keeps its tag, so every row is traced back from the last step.
+        backpointers.append(torch.where(is_word, previous, stay))
+    current = (best + end_transitions.float()).max(dim=1).indices
+    path = [current]
+    for previous in reversed(backpointers):
+        current = previous.gather(1, current[:, None])[:, 0]
+        path.append(current)
+    word_tags = torch.stack(path[::-1], dim=1).masked_fill(~word_mask, -100)
+    # Padded word slots point at positions that are not word starts: they keep -100.
+    return tags.scatter_(1, word_index, word_tags)
+
+
+def rank_relations(
+    logits: torch.Tensor, id2label: Mapping[int, str], top_k: int | None = None
+) -> list[list[dict[str, Any]]]:
+    """Per row of relation logits (B, num_labels), the `top_k` most probable relations (all without it), best first,
+    as `{"relation": name, "score": probability}`; probabilities are computed in float32."""
+    probabilities = logits.float().softmax(dim=-1)
+    scores, labels = probabilities.topk(min(top_k or probabilities.shape[-1], probabilities.shape[-1]), dim=-1)
+    return [
+        [{"relation": id2label[int(label)], "score": float(score)} for score, label in zip(*row, strict=True)]
+        for row in zip(scores, labels, strict=True)
+    ]
+
+
 class HVPNetForTokenClassification(HVPNetPreTrainedModel):
     """HVPNeT with an emission layer and a CRF over words (paper §3.4), for multimodal NER.
 
     The CRF runs over the first sub-word of every word. Labels follow transformers' word-level convention: the tag id
-    at a word's first sub-word and -100 on other sub-words, special tokens and padding.
+    at a word's first sub-word and -100 on other sub-words, special tokens and padding. `forward` returns the
+    emission scores (and the CRF loss given labels), in training and eval mode alike; `decode` gives the CRF's tags.
     """
 
     # The CRF's sums of transition scores over a sentence stay in float32 in a bf16 or fp16 model.
@@ -1174,7 +910,8 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         dropout = config.classifier_dropout
         self.dropout = nn.Dropout(dropout if dropout is not None else config.text_config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.text_config.hidden_size, config.num_labels)
-        self.crf = CRF(config.num_labels, batch_first=True)
+        # Created in float32 whatever the default dtype is, as `_keep_in_fp32_modules_strict` asks.
+        self.crf = CRF(config.num_labels, batch_first=True).float()
         self.post_init()
 
     @torch.no_grad()
@@ -1200,26 +937,13 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> HVPNetTokenClassifierOutput:
         """
-        word_start_mask: (B, T) bool, True at the first sub-word of every word; derived from `labels != -100`
-            when omitted.
+        word_start_mask: (B, T) bool, True at the first sub-word of every word: where the CRF loss reads `labels`;
+            derived from `labels != -100` when omitted.
         labels: (B, T) tag ids at first sub-words, -100 elsewhere.
         """
-        text_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if labels is not None and labels.shape != text_shape:
-            raise ValueError(
-                f"labels must have the text's shape {tuple(text_shape)} (one entry per token, -100 off first "
-                f"sub-words), got {tuple(labels.shape)}"
-            )
-        if word_start_mask is None:
-            if labels is None:
-                raise ValueError("Pass word_start_mask (True at each word's first sub-word) or labels")
-            word_start_mask = labels != -100
-        word_start_mask = word_start_mask.bool()
-        if attention_mask is not None:
-            word_start_mask = word_start_mask & attention_mask.bool()
-        if labels is not None and ((labels != -100) & ~word_start_mask).any():
-            raise ValueError("labels hold a tag off a word start (where word_start_mask is False); use -100 there")
-
+        if labels is not None:
+            text_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            word_start_mask = self._labeled_word_starts(labels, word_start_mask, attention_mask, text_shape)
         outputs = self.hvpnet(
             input_ids,
             attention_mask=attention_mask,
@@ -1233,47 +957,63 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
             **kwargs,
         )
         emissions = self.classifier(self.dropout(outputs.last_hidden_state))
-
-        word_index, word_mask = _word_positions(word_start_mask)
-        # The CRF runs in float32, also when the model runs under bf16 / fp16 autocast.
-        word_emissions = emissions.float().gather(1, word_index[..., None].expand(-1, -1, self.num_labels))
-        # pytorch-crf needs every sequence to start with a real step: examples without words are left out.
-        has_words = word_mask[:, 0] if word_mask.shape[1] else word_mask.new_zeros(len(word_mask))
-
-        loss = None
-        if labels is not None:
-            word_labels = labels.gather(1, word_index)
-            if ((word_labels < 0) & word_mask).any() or (word_labels >= self.num_labels).any():
-                raise ValueError(f"labels at word starts must be tag ids in [0, {self.num_labels})")
-            word_labels = word_labels.masked_fill(~word_mask, 0)
-            if has_words.any():
-                log_likelihood = self.crf(
-                    word_emissions[has_words], word_labels[has_words], mask=word_mask[has_words], reduction="sum"
-                )
-                loss = -log_likelihood / len(labels)
-            else:
-                loss = emissions.sum() * 0.0
-
-        predicted_tags = None
-        if not self.training:
-            predicted_tags = torch.full_like(word_start_mask, -100, dtype=torch.long)
-            if has_words.any():
-                paths = self.crf.decode(word_emissions[has_words], mask=word_mask[has_words])
-                word_tags = torch.zeros_like(word_index[has_words])
-                for row, path in enumerate(paths):
-                    word_tags[row, : len(path)] = torch.tensor(path, device=word_tags.device)
-                # Padded word slots point at non-word positions, which keep -100.
-                decoded = torch.full_like(predicted_tags[has_words], -100)
-                decoded.scatter_(1, word_index[has_words], word_tags.masked_fill(~word_mask[has_words], -100))
-                predicted_tags[has_words] = decoded
-
+        loss = None if labels is None else self._crf_loss(emissions, labels, word_start_mask)
         return HVPNetTokenClassifierOutput(
             loss=loss,
             logits=emissions,
-            predicted_tags=predicted_tags,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             gate_weights=outputs.gate_weights,
+        )
+
+    def _labeled_word_starts(
+        self,
+        labels: torch.Tensor,
+        word_start_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        text_shape: torch.Size,
+    ) -> torch.Tensor:
+        """(B, T) bool: the word starts where the loss reads `labels`, checked against them."""
+        if labels.shape != text_shape:
+            raise ValueError(
+                f"labels must have the text's shape {tuple(text_shape)} (one entry per token, -100 off first "
+                f"sub-words), got {tuple(labels.shape)}"
+            )
+        word_start_mask = labels != -100 if word_start_mask is None else word_start_mask.bool()
+        if attention_mask is not None:
+            word_start_mask = word_start_mask & attention_mask.bool()
+        if ((labels != -100) & ~word_start_mask).any():
+            raise ValueError("labels hold a tag off a word start (where word_start_mask is False); use -100 there")
+        word_labels = labels[word_start_mask]
+        if (word_labels < 0).any() or (word_labels >= self.num_labels).any():
+            raise ValueError(f"labels at word starts must be tag ids in [0, {self.num_labels})")
+        return word_start_mask
+
+    def _crf_loss(self, emissions: torch.Tensor, labels: torch.Tensor, word_start_mask: torch.Tensor) -> torch.Tensor:
+        """The CRF's negative log-likelihood of the word tags `labels` (B, T), averaged over the batch."""
+        word_index, word_mask = _word_positions(word_start_mask)
+        word_labels = labels.gather(1, word_index)
+        # pytorch-crf needs every sequence to start with a real step: examples without words are left out.
+        has_words = word_mask[:, 0] if word_mask.shape[1] else word_mask.new_zeros(len(word_mask))
+        if not has_words.any():
+            return emissions.sum() * 0.0
+        # The CRF runs in float32, also when the model runs under bf16 / fp16 autocast.
+        word_emissions = emissions.float().gather(1, word_index[..., None].expand(-1, -1, self.num_labels))
+        log_likelihood = self.crf(
+            word_emissions[has_words],
+            word_labels.masked_fill(~word_mask, 0)[has_words],
+            mask=word_mask[has_words],
+            reduction="sum",
+        )
+        return -log_likelihood / len(labels)
+
+    @torch.no_grad()
+    def decode(self, logits: torch.Tensor, word_start_mask: torch.Tensor) -> torch.LongTensor:
+        """(B, T) the CRF's tag ids of the words (`viterbi_decode`) for emission scores `logits` (B, T, num_labels),
+        at the first sub-words that `word_start_mask` (B, T) marks and -100 elsewhere."""
+        crf = self.crf
+        return viterbi_decode(
+            logits, word_start_mask.bool(), crf.start_transitions, crf.end_transitions, crf.transitions
         )
 
 
@@ -1281,7 +1021,8 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
     """HVPNeT with a relation classifier (paper §3.4), for multimodal relation extraction.
 
     With `relation_pooling="entity_markers"` (default) the classifier reads the last hidden states at the head and
-    tail start markers (`<s>`, `<o>`), concatenated; with `"cls"` it reads the `[CLS]` state.
+    tail start markers (`<s>`, `<o>`), concatenated; with `"cls"` it reads the `[CLS]` state. `decode` ranks the
+    relations of the logits.
     """
 
     def __init__(self, config: HVPNetConfig):
@@ -1307,7 +1048,7 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_gate_weights: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutput:
+    ) -> HVPNetSequenceClassifierOutput:
         """
         inputs_embeds: (B, T, d) instead of input_ids; with `relation_pooling="entity_markers"` the markers are the
             positions whose embedding is exactly the marker token's row of the input embeddings.
@@ -1316,6 +1057,8 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
             ("multi_label_classification": several relations per entity pair, the default for float labels), or
             (B,) / (B, num_labels) targets ("regression", the default with num_labels=1).
         """
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        problem_type = None if labels is None else self._problem_type(labels, batch_size)
         outputs = self.hvpnet(
             input_ids,
             attention_mask=attention_mask,
@@ -1332,23 +1075,29 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         if self.config.relation_pooling == "cls":
             features = hidden[:, 0]
         else:
-            rows = torch.arange(len(hidden), device=hidden.device)
+            rows = torch.arange(hidden.shape[0], device=hidden.device)  # `len` would fix the batch size in a graph
             head = self._marker_positions(input_ids, inputs_embeds, "head_start_token_id", "<s>")
             tail = self._marker_positions(input_ids, inputs_embeds, "tail_start_token_id", "<o>")
             features = torch.cat([hidden[rows, head], hidden[rows, tail]], dim=-1)
         logits = self.classifier(self.dropout(features))
-
-        loss = None if labels is None else self._loss(logits.float(), labels)  # float32 also under autocast
-        output = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        loss = None
+        if labels is not None:
+            # transformers' helper sets an unset `problem_type` on the config it is given: it gets the type found
+            # here, so the model's config stays as it was built.
+            loss_config = SimpleNamespace(num_labels=self.num_labels, problem_type=problem_type)
+            targets = labels if problem_type == "single_label_classification" else labels.float()
+            loss = self.loss_function(targets, logits.float(), loss_config)  # float32 also under autocast
+        return HVPNetSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            gate_weights=outputs.gate_weights,
         )
-        if output_gate_weights:
-            output["gate_weights"] = outputs.gate_weights
-        return output
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of `config.problem_type`, chosen from the labels when unset as `BertForSequenceClassification`
-        chooses it."""
+    def _problem_type(self, labels: torch.Tensor, batch_size: int) -> str:
+        """`config.problem_type`, or when unset the one `BertForSequenceClassification` chooses from the labels;
+        labels of the wrong shape for it are an error."""
         problem_type = self.config.problem_type
         if problem_type is None:
             if self.num_labels == 1:
@@ -1357,27 +1106,26 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
                 problem_type = "single_label_classification"
             else:
                 problem_type = "multi_label_classification"
-        batch_size = len(logits)
-        if problem_type == "single_label_classification":
-            if labels.shape != (batch_size,):
-                raise ValueError(
-                    f"labels must have shape ({batch_size},) (one relation id each), got {tuple(labels.shape)}"
-                )
-            return nn.functional.cross_entropy(logits, labels)
-        if problem_type == "multi_label_classification":
-            if labels.shape != logits.shape:
-                raise ValueError(
-                    f"multi-label labels must have shape {tuple(logits.shape)} (0/1 per relation), got {tuple(labels.shape)}"
-                )
-            return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
-        if labels.shape not in ((batch_size,), tuple(logits.shape)) or (labels.dim() == 1 and self.num_labels != 1):
-            raise ValueError(f"regression labels must have shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
-        return nn.functional.mse_loss(logits.view(labels.shape), labels.float())
+        logits_shape = (batch_size, self.num_labels)
+        if problem_type == "single_label_classification" and labels.shape != (batch_size,):
+            raise ValueError(
+                f"labels must have shape ({batch_size},) (one relation id each), got {tuple(labels.shape)}"
+            )
+        if problem_type == "multi_label_classification" and labels.shape != logits_shape:
+            raise ValueError(
+                f"multi-label labels must have shape {logits_shape} (0/1 per relation), got {tuple(labels.shape)}"
+            )
+        if problem_type == "regression" and (
+            labels.shape not in ((batch_size,), logits_shape) or (labels.dim() == 1 and self.num_labels != 1)
+        ):
+            raise ValueError(f"regression labels must have shape {logits_shape}, got {tuple(labels.shape)}")
+        return problem_type
 
     def _marker_positions(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, setting: str, token: str
     ) -> torch.Tensor:
-        """(B,) position of the first marker `config.<setting>` in every row; a row without it is an error."""
+        """(B,) position of the first marker `config.<setting>` in every row; a row without it is an error (when
+        the forward runs eagerly: a traced graph cannot raise on its inputs' values)."""
         marker_id = getattr(self.config, setting)
         if marker_id is None:
             raise ValueError(f"config.{setting} is not set; take it from the processor's tokenizer ({token})")
@@ -1386,23 +1134,29 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         else:
             marker_embedding = self.get_input_embeddings().weight[marker_id].to(inputs_embeds.dtype)
             is_marker = (inputs_embeds == marker_embedding).all(dim=-1)
-        missing = (~is_marker.any(dim=1)).nonzero().flatten().tolist()
-        if missing:
-            found_by = "in input_ids" if input_ids is not None else "(by its embedding row) in inputs_embeds"
-            raise ValueError(
-                f"RE input rows {missing} lack the entity marker {setting} {token} = {marker_id} {found_by}"
-            )
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            missing = (~is_marker.any(dim=1)).nonzero().flatten().tolist()
+            if missing:
+                found_by = "in input_ids" if input_ids is not None else "(by its embedding row) in inputs_embeds"
+                raise ValueError(
+                    f"RE input rows {missing} lack the entity marker {setting} {token} = {marker_id} {found_by}"
+                )
         return is_marker.int().argmax(dim=1)
+
+    @torch.no_grad()
+    def decode(self, logits: torch.Tensor, top_k: int | None = None) -> list[list[dict[str, Any]]]:
+        """The relations of the logits (B, num_labels), ranked by `rank_relations` under `config.id2label`."""
+        return rank_relations(logits, self.config.id2label, top_k)
 
 
 __all__ = [
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
-    "HVPNetLayer",
-    "HVPNetLayerMixin",
     "HVPNetModel",
     "HVPNetOriginalVisualPrefixEncoder",
     "HVPNetPreTrainedModel",
     "HVPNetSelfAttention",
     "HVPNetVisualPrefixEncoder",
+    "rank_relations",
+    "viterbi_decode",
 ]

@@ -4,8 +4,9 @@
 
 The ONNX graph takes `input_ids`, `attention_mask`, `token_type_ids` (B, T) int64, `pixel_values` (B, n, 3, S, S)
 float32 (global image in slot 0, then the object crops) and `image_mask` (B, n) bool, with B and T dynamic, and
-returns `logits`: the NER emissions (B, T, num_labels) or the relation logits (B, num_labels). The NER CRF decode
-stays in Python (`HVPNetOnnxModel.predicted_tags`): its transitions are written beside the graph.
+returns `logits`: the NER emissions (B, T, num_labels) or the relation logits (B, num_labels). `HVPNetOnnxModel.decode`
+turns them into tags or relations with the decoders of the torch heads; the NER CRF's transitions are written beside
+the graph.
 """
 
 import argparse
@@ -16,32 +17,33 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchcrf import CRF
 
+from . import modeling_hvpnet
 from .configuration_hvpnet import HVPNetConfig
-from .file_utils import check_output_dir
-from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, _word_positions
+from .modeling_hvpnet import (
+    HVPNetForSequenceClassification,
+    HVPNetForTokenClassification,
+    rank_relations,
+    viterbi_decode,
+)
+from .output_files import check_output_dir
 from .processing_hvpnet import HVPNetProcessor
+from .tasks import NER, task_of_architectures
 
 ONNX_FILE = "model.onnx"
 METADATA_FILE = "hvpnet_onnx.json"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_mask")
-TASK_OF_ARCHITECTURE = {"HVPNetForTokenClassification": "ner", "HVPNetForSequenceClassification": "re"}
 
 
 class HVPNetLogits(nn.Module):
-    """The logits of a task model as one traceable graph.
-
-    The heads' `forward` cannot be exported as they are: the NER head decodes its CRF in a Python loop, and the
-    relation head checks that every row holds both entity markers, a data-dependent test. This module computes the
-    same logits without them; `HVPNetOnnxModel` checks the markers before running the graph.
-    """
+    """A task model with the graph's inputs, by position, and its logits as the one output. The relation head's
+    check that every row holds both entity markers runs in eager mode only; `HVPNetOnnxModel` makes it before
+    running the graph."""
 
     def __init__(self, model: HVPNetForTokenClassification | HVPNetForSequenceClassification):
         super().__init__()
         self.model = model
-        self.is_ner = isinstance(model, HVPNetForTokenClassification)
-        if not self.is_ner:
+        if isinstance(model, HVPNetForSequenceClassification):
             _marker_ids(model.config)  # fails now, not at export, when the marker ids are not set
 
     def forward(
@@ -53,35 +55,19 @@ class HVPNetLogits(nn.Module):
         image_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Inputs as for the task models; returns NER emissions (B, T, num_labels) or RE logits (B, num_labels)."""
-        hidden = self.model.hvpnet(
-            input_ids,
+        return self.model(
+            input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             pixel_values=pixel_values,
             image_mask=image_mask,
-        ).last_hidden_state
-        if self.is_ner:
-            return self.model.classifier(self.model.dropout(hidden))
-        if self.model.config.relation_pooling == "cls":
-            features = hidden[:, 0]
-        else:
-            # The first marker of each kind, as the relation head reads it (argmax gives the first maximum).
-            positions = [(input_ids == marker).int().argmax(dim=1) for marker in _marker_ids(self.model.config)]
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            features = torch.cat([hidden[rows, position] for position in positions], dim=-1)
-        return self.model.classifier(self.model.dropout(features))
+        ).logits
 
 
 def load_task_model(model_folder: str | Path) -> HVPNetForTokenClassification | HVPNetForSequenceClassification:
     """The NER or RE model saved in `model_folder`, in eval mode."""
-    config = HVPNetConfig.from_pretrained(model_folder)
-    tasks = {TASK_OF_ARCHITECTURE.get(name) for name in config.architectures or []} - {None}
-    if len(tasks) != 1:
-        raise ValueError(
-            f"{model_folder}: expected an HVPNeT NER or RE model, found architectures {config.architectures}"
-        )
-    model_class = HVPNetForTokenClassification if tasks.pop() == "ner" else HVPNetForSequenceClassification
-    return model_class.from_pretrained(model_folder).eval()
+    task = task_of_architectures(HVPNetConfig.from_pretrained(model_folder).architectures, model_folder)
+    return getattr(modeling_hvpnet, task.model_class).from_pretrained(model_folder).eval()
 
 
 def example_inputs(model: nn.Module, processor: HVPNetProcessor) -> dict[str, torch.Tensor]:
@@ -134,13 +120,13 @@ def _metadata(model: nn.Module) -> dict:
     """What running the graph needs besides it: the task, labels, marker ids and the NER CRF."""
     config = model.config
     metadata = {
-        "task": "ner" if isinstance(model, HVPNetForTokenClassification) else "re",
+        "task": task_of_architectures([type(model).__name__], type(model).__name__).name,
         "id2label": {str(index): label for index, label in config.id2label.items()},
         "relation_pooling": config.relation_pooling,
         "head_start_token_id": config.head_start_token_id,
         "tail_start_token_id": config.tail_start_token_id,
     }
-    if metadata["task"] == "ner":
+    if metadata["task"] == NER.name:
         metadata["crf"] = {
             name: getattr(model.crf, name).tolist() for name in ("start_transitions", "end_transitions", "transitions")
         }
@@ -159,9 +145,8 @@ def _marker_ids(config: HVPNetConfig) -> tuple[int, ...]:
 class HVPNetOnnxModel:
     """An exported HVPNeT graph in onnxruntime, with the metadata written beside it.
 
-    `model(inputs)` takes the processor's output (tensors or arrays) and returns the logits as a NumPy array; for
-    NER, `model.predicted_tags(inputs, emissions)` turns emissions into the word tags of
-    `HVPNetForTokenClassification`.
+    `model(inputs)` takes the processor's output (tensors or arrays) and returns the logits as a NumPy array;
+    `model.decode` turns them into what the torch head's `decode` gives: NER tags or ranked relations.
     """
 
     def __init__(self, folder: str | Path, providers: list[str] | None = None):
@@ -174,11 +159,6 @@ class HVPNetOnnxModel:
         self.session = onnxruntime.InferenceSession(
             str(folder / ONNX_FILE), providers=providers or ["CPUExecutionProvider"]
         )
-        self.crf = None
-        if self.task == "ner":
-            self.crf = CRF(len(self.id2label), batch_first=True)
-            state = {name: torch.tensor(values) for name, values in self.metadata["crf"].items()}
-            self.crf.load_state_dict(state)
 
     def __call__(self, inputs: Mapping) -> np.ndarray:
         """inputs: `input_ids`, `attention_mask` (B, T), optional `token_type_ids` (B, T), `pixel_values`
@@ -199,24 +179,19 @@ class HVPNetOnnxModel:
                     raise ValueError(f"RE input rows {lacking} lack the entity marker {name} = {self.metadata[name]}")
         return self.session.run(["logits"], feeds)[0]
 
-    def predicted_tags(self, inputs: Mapping, emissions: np.ndarray) -> torch.Tensor:
-        """(B, T) the CRF's Viterbi tag ids at the first sub-word of every word and -100 elsewhere, as
-        `HVPNetForTokenClassification.predicted_tags`; `inputs` gives `word_start_mask` and `attention_mask`."""
-        if self.crf is None:
-            raise ValueError("predicted_tags needs an NER model; this one is for relation extraction")
-        word_start_mask = torch.as_tensor(np.asarray(inputs["word_start_mask"])).bool()
-        word_start_mask &= torch.as_tensor(np.asarray(inputs["attention_mask"])).bool()
-        emissions = torch.as_tensor(emissions).float()
-        word_index, word_mask = _word_positions(word_start_mask)
-        word_emissions = emissions.gather(1, word_index[..., None].expand(-1, -1, emissions.shape[-1]))
-        tags = torch.full(word_start_mask.shape, -100, dtype=torch.long)
-        rows = word_mask.any(dim=1).nonzero().flatten()  # pytorch-crf needs at least one word per sequence
-        if len(rows):
-            with torch.no_grad():
-                paths = self.crf.decode(word_emissions[rows], mask=word_mask[rows])
-            for row, path in zip(rows.tolist(), paths, strict=True):
-                tags[row, word_index[row, : len(path)]] = torch.tensor(path)
-        return tags
+    def decode(
+        self, logits: np.ndarray, word_start_mask: np.ndarray | torch.Tensor | None = None, top_k: int | None = None
+    ) -> torch.Tensor | list[list[dict]]:
+        """NER: (B, T) the CRF's tag ids at the first sub-words that `word_start_mask` (B, T, the processor's)
+        marks and -100 elsewhere, from the emissions, as `HVPNetForTokenClassification.decode`. RE: the `top_k`
+        most probable relations of each row (all without it), as `HVPNetForSequenceClassification.decode`."""
+        logits = torch.as_tensor(logits)
+        if self.task != NER.name:
+            return rank_relations(logits, self.id2label, top_k)
+        if word_start_mask is None:
+            raise ValueError("decoding NER emissions needs the inputs' word_start_mask")
+        crf = {name: torch.tensor(values) for name, values in self.metadata["crf"].items()}
+        return viterbi_decode(logits, torch.as_tensor(np.asarray(word_start_mask)).bool(), **crf)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,14 +17,15 @@ result per input, in order; `batch_size=` batches them), and images as PIL image
 (the image is then masked and the prediction is text-only). An image file that cannot be read is an error, or with
 `missing_images="mask"` masked like an absent one (and logged).
 
-`num_workers=N` decodes and tokenises the inputs of a list or `Dataset` in N DataLoader worker processes while the
+`num_workers=N` decodes and tokenizes the inputs of a list or `Dataset` in N DataLoader worker processes while the
 model runs (a generator is read in the calling process). `pipeline(..., dtype=torch.bfloat16)` runs the model in
 bfloat16 (its CRF in float32); scores are computed in float32 from its logits.
 
 `objects="detect"` (with `detector=`, a Hub id or folder of a detection model) or `objects=ObjectCropper(...)` finds
 object crops for inputs that have an image but no crops (see `object_detection.py`).
 
-A pipeline's `save_pretrained` (and `save_pipeline_code`) also copies this file (with `object_detection.py`) next to
+A pipeline's `save_pretrained` (and every save of a task model, see `tasks.save_pipeline_code`) also copies this file (with `object_detection.py`,
+`frozen_backbone.py` and `tasks.py`) next to
 the model and records the pipeline in the config's `custom_pipelines`, so `pipeline(model=folder_or_hub_id,
 trust_remote_code=True)` builds it where `hvpnet_hf` is not installed. This module therefore imports only
 transformers, torch, numpy, PIL and the processor.
@@ -38,23 +39,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from torch.utils.data import DataLoader
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    Pipeline,
-    PreTrainedModel,
-)
-from transformers.dynamic_module_utils import custom_object_save
+from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from transformers.utils import PROCESSOR_NAME
 
+from .frozen_backbone import speed_up_frozen_backbone, warn_if_bfloat16_is_emulated
 from .object_detection import ObjectCropper, object_cropper_for
 from .processing_hvpnet import HVPNetProcessor, ner_word_positions
+from .tasks import NER, RE, Task, task_of
 
 # What an input's `"image"` and each of its `"objects"` may be (or None).
 IMAGE_TYPES = (Image.Image, np.ndarray, str, os.PathLike)
@@ -75,10 +72,9 @@ class _HVPNetPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
     _load_video_processor = False
-    # The task a saved model records in `config.custom_pipelines`, and the Auto class that loads its model. It is
-    # not the registered task name: `pipeline("multimodal-ner", model=...)` would otherwise take the saved copy of
-    # this code (and ask for trust_remote_code) even where `hvpnet_hf` is imported.
-    saved_task: str
+    # The pipeline's task (`tasks.py`; `Pipeline.task` is the name it was built under) and the Auto class that loads
+    # its models.
+    hvpnet_task: Task
     auto_model_class: type
     # The keys an input dict may have.
     input_keys: tuple[str, ...]
@@ -87,7 +83,7 @@ class _HVPNetPipeline(Pipeline):
         if processor is None:
             processor = _saved_processor(model.name_or_path)
         super().__init__(model=model, processor=processor, tokenizer=processor.tokenizer, **kwargs)
-        self.model.eval()  # the NER head decodes tags in eval mode only
+        self.model.eval()
         self._check_max_length(self.processor.max_length)
         crops, model_crops = self.processor.image_processor.num_object_images, self.model.config.num_object_images
         if crops > model_crops:
@@ -95,6 +91,9 @@ class _HVPNetPipeline(Pipeline):
                 f"the processor gives {crops} object crops per example, but the model takes at most "
                 f"num_object_images={model_crops}: use the processor saved with the model"
             )
+        speed_up_frozen_backbone(self.model)
+        if self.model.dtype == torch.bfloat16:
+            warn_if_bfloat16_is_emulated(self.model.device)
 
     def __call__(self, inputs, *args, **kwargs):
         # transformers' `Pipeline.__call__` reads the first element of a list: an empty list gives no results.
@@ -146,7 +145,7 @@ class _HVPNetPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, Any]) -> list[dict[str, Any]]:
         examples, num_rows = model_inputs.pop("examples"), model_inputs.pop("num_rows")
-        row_outputs = self._row_outputs(self.model(**model_inputs)) if sum(num_rows) else {}
+        row_outputs = self._row_outputs(self.model(**model_inputs), model_inputs) if sum(num_rows) else {}
         outputs, first = [], 0
         for example, count in zip(examples, num_rows, strict=True):
             rows = {name: value[first : first + count] for name, value in row_outputs.items()}
@@ -154,7 +153,7 @@ class _HVPNetPipeline(Pipeline):
             first += count
         return outputs
 
-    def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
+    def _row_outputs(self, model_outputs, model_inputs: dict[str, Any]) -> dict[str, Any]:
         """What `postprocess` reads of the model outputs, one entry per row."""
         raise NotImplementedError
 
@@ -243,8 +242,8 @@ class MultimodalNerPipeline(_HVPNetPipeline):
     where it is farthest from a cut.
     """
 
-    saved_task = "hvpnet-ner"
-    auto_model_class = AutoModelForTokenClassification
+    hvpnet_task = NER
+    auto_model_class = getattr(transformers, NER.auto_model_class)
     input_keys = ("text", "words", "image", "objects")
 
     def _sanitize_parameters(
@@ -282,8 +281,7 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         elif "text" in example:
             if not isinstance(example["text"], str):
                 raise TypeError(f"'text' must be a string, got {type(example['text']).__name__}")
-            matches = list(re.finditer(r"\S+", example["text"]))
-            words, offsets = [match.group() for match in matches], [match.span() for match in matches]
+            words, offsets = split_words(example["text"])
         else:
             raise ValueError(f"a multimodal-ner input needs 'text' or 'words', got keys {sorted(example)}")
         info = {"words": words, "offsets": offsets, "word_ids": []}
@@ -299,8 +297,8 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         ]
         return {"features": features, "example": info}
 
-    def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
-        tags = model_outputs.predicted_tags
+    def _row_outputs(self, model_outputs, model_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        tags = self.model.decode(model_outputs.logits, model_inputs["word_start_mask"])
         # In float32 also for a bfloat16 model, as transformers' pipelines read logits.
         probabilities = model_outputs.logits.float().softmax(dim=-1).gather(-1, tags.clamp(min=0)[..., None])[..., 0]
         return {"predicted_tags": tags, "tag_probabilities": probabilities}
@@ -340,8 +338,8 @@ class MultimodalRePipeline(_HVPNetPipeline):
     keeps the tokens nearest the entity markers (see `HVPNetProcessor.encode_re`).
     """
 
-    saved_task = "hvpnet-re"
-    auto_model_class = AutoModelForSequenceClassification
+    hvpnet_task = RE
+    auto_model_class = getattr(transformers, RE.auto_model_class)
     input_keys = ("words", "head", "tail", "image", "objects")
 
     def _sanitize_parameters(
@@ -380,17 +378,25 @@ class MultimodalRePipeline(_HVPNetPipeline):
         features.update(self._image_features(words, inputs, missing_images, object_cropper, **spans))
         return {"features": [features], "example": None}
 
-    def _row_outputs(self, model_outputs) -> dict[str, torch.Tensor]:
-        return {"probabilities": model_outputs.logits.float().softmax(dim=-1)}  # float32 as for NER
+    def _row_outputs(self, model_outputs, model_inputs: dict[str, Any]) -> dict[str, list]:
+        return {"relations": self.model.decode(model_outputs.logits)}  # every relation, best first
 
     def postprocess(self, model_outputs: dict[str, Any], top_k: int | None = None) -> dict | list[dict]:
-        probabilities = model_outputs["probabilities"][0]
-        scores, labels = probabilities.topk(min(top_k or 1, len(probabilities)))
-        ranked = [
-            {"relation": self.model.config.id2label[int(label)], "score": float(score)}
-            for score, label in zip(scores, labels, strict=True)
-        ]
-        return ranked if top_k is not None else ranked[0]
+        ranked = model_outputs["relations"][0]
+        return ranked[:top_k] if top_k is not None else ranked[0]
+
+
+# The pipeline of each task, by its name in `tasks.TASKS`; its `auto_model_class` loads its models.
+PIPELINE_FOR_TASK = {
+    pipeline_class.hvpnet_task.name: pipeline_class for pipeline_class in (MultimodalNerPipeline, MultimodalRePipeline)
+}
+
+
+def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The whitespace-separated words of `text` and their character spans `[start, end)`: how the NER pipeline reads
+    a text."""
+    matches = list(re.finditer(r"\S+", text))
+    return [match.group() for match in matches], [match.span() for match in matches]
 
 
 class _NumberedPipelineDataset(PipelineDataset):
@@ -420,30 +426,6 @@ def bio_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
         if prefix in ("B", "I") and current is None:
             current = [entity_type, position]
     return entities
-
-
-def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike) -> None:
-    """
-    Records the model's pipeline in `model.config.custom_pipelines` and copies this file (with the processor files
-    it imports) to `save_directory`, so `pipeline(model=save_directory_or_hub_id, trust_remote_code=True)` builds it
-    without `hvpnet_hf`. Also maps `AutoModel` to the encoder without a head (`HVPNetModel`), which the model's own
-    save does not record for a model with a head. The model (or its config) must be saved to the folder afterwards.
-    """
-    pipeline_class = PIPELINE_FOR_TASK[TASK_OF_MODEL[type(model).__name__]]
-    model.config.custom_pipelines = {
-        pipeline_class.saved_task: {
-            "impl": f"{pipeline_class.__module__.split('.')[-1]}.{pipeline_class.__name__}",
-            "pt": [pipeline_class.auto_model_class.__name__],
-            "type": "multimodal",
-        }
-    }
-    modeling_module = type(model).__module__.split(".")[-1]
-    model.config.auto_map = {
-        **(getattr(model.config, "auto_map", None) or {}),
-        "AutoModel": f"{modeling_module}.HVPNetModel",
-    }
-    os.makedirs(save_directory, exist_ok=True)
-    custom_object_save(pipeline_class, save_directory)
 
 
 def _saved_processor(model_name: str) -> HVPNetProcessor:
@@ -484,10 +466,8 @@ def _span(span: Sequence[int] | Mapping, role: str, num_words: int) -> dict[str,
 # `transformers_modules`) registers them only where they are not registered yet, so that loading a saved pipeline
 # never replaces the package's classes in a process that imported `hvpnet_hf`.
 def _register_tasks() -> None:
-    for task_name, pipeline_class in (
-        ("multimodal-ner", MultimodalNerPipeline),
-        ("multimodal-re", MultimodalRePipeline),
-    ):
+    for pipeline_class in PIPELINE_FOR_TASK.values():
+        task_name = pipeline_class.hvpnet_task.pipeline_task
         if __name__.startswith("hvpnet_hf.") or task_name not in PIPELINE_REGISTRY.get_supported_tasks():
             PIPELINE_REGISTRY.register_pipeline(
                 task_name, pipeline_class=pipeline_class, pt_model=pipeline_class.auto_model_class, type="multimodal"
@@ -496,19 +476,12 @@ def _register_tasks() -> None:
 
 _register_tasks()
 
-# The task of each HVPNeT head, by model class name (the classes may come from a model repository's code), and the
-# pipeline of each task, whose `auto_model_class` loads its models.
-TASK_OF_MODEL = {"HVPNetForTokenClassification": "ner", "HVPNetForSequenceClassification": "re"}
-PIPELINE_FOR_TASK = {"ner": MultimodalNerPipeline, "re": MultimodalRePipeline}
 
-
-def task_of(model: str | os.PathLike) -> str:
-    """The task ("ner" or "re") of a saved HVPNeT model (folder or Hub id), read from its config's architectures."""
-    architectures = AutoConfig.from_pretrained(model).architectures or []
-    tasks = {TASK_OF_MODEL[name] for name in architectures if name in TASK_OF_MODEL}
-    if len(tasks) != 1:
-        raise ValueError(f"{model}: expected an HVPNeT NER or RE model, found architectures {architectures}")
-    return tasks.pop()
-
-
-__all__ = ["MultimodalNerPipeline", "MultimodalRePipeline", "bio_entities", "save_pipeline_code", "task_of"]
+__all__ = [
+    "PIPELINE_FOR_TASK",
+    "MultimodalNerPipeline",
+    "MultimodalRePipeline",
+    "bio_entities",
+    "split_words",
+    "task_of",
+]

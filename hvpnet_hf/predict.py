@@ -19,7 +19,7 @@ one JSON object per example with the entity pair, the gold and the predicted rel
 `--top_k`, the k best relations). Every input example gets exactly one output entry, in input order. The file's own
 labels are only copied to the output; when they are present the entity or relation scores are printed too.
 
-`--dtype bfloat16` loads the model in bfloat16; `--num_workers N` reads, decodes and tokenises the examples in N
+`--dtype bfloat16` loads the model in bfloat16; `--num_workers N` reads, decodes and tokenizes the examples in N
 worker processes while the model runs.
 
 Before the model runs, the command refuses an `--output` it could not write (a folder, or a file in a folder that
@@ -40,9 +40,9 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, pipeline
 
-from .output_files import check_output_file
 from .loading import NO_RELATION, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
 from .metrics import metric_path
+from .output_files import check_output_file
 from .pipelines import task_of  # importing it registers "multimodal-ner" and "multimodal-re"
 from .prediction_files import write_ner_predictions, write_re_predictions
 
@@ -82,7 +82,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--num_workers",
         type=int,
         default=DEFAULT_NUM_WORKERS,
-        help="processes that decode the images and tokenise while the model runs (0: all in this process)",
+        help="processes that decode the images and tokenize while the model runs (0: all in this process)",
     )
     parser.add_argument("--top_k", type=int, default=None, help="RE: write the k most probable relations")
     args = parser.parse_args(argv)

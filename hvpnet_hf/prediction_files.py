@@ -1,6 +1,6 @@
 """
 The prediction files of `hvpnet-predict` and the example scripts: CoNLL columns for NER, one JSON object per line for
-RE. A file appears only when all of it is written (see `file_utils.atomic_write`), so a failed run leaves neither an
+RE. A file appears only when all of it is written (see `output_files.atomic_write`), so a failed run leaves neither an
 empty nor a partial prediction file, and an earlier one stays as it was.
 """
 
@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
-from .file_utils import atomic_write
+from .output_files import atomic_write
 
 
 def conll_row(word: str, gold: str, predicted: str) -> str:

@@ -48,7 +48,7 @@ class HVPNetProcessor(ProcessorMixin):
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): the text encoder's tokenizer: WordPiece (BERT, ELECTRA), byte-level
-            BPE (RoBERTa; loaded with `add_prefix_space=True`, as words are tokenised one by one) or
+            BPE (RoBERTa; loaded with `add_prefix_space=True`, as words are tokenized one by one) or
             SentencePiece/Unigram (XLM-R, CamemBERT). Its own special tokens frame every input (`[CLS] ... [SEP]`,
             `<s> ... </s>`).
         image_processor (`HVPNetImageProcessor`, *optional*): the image part; when not given it is built from
@@ -215,14 +215,14 @@ class HVPNetProcessor(ProcessorMixin):
         max_length: int | None = None,
     ) -> dict[str, list]:
         """
-        Tokenises a batch of word lists. Returns lists (one per example) of `input_ids`, `attention_mask`,
+        Tokenizes a batch of word lists. Returns lists (one per example) of `input_ids`, `attention_mask`,
         `token_type_ids` (when the tokenizer makes them), `word_start_mask` (True at the first sub-word of each
         word), `word_ids` (word index per token, -1 for special tokens) and, with `tags`, `labels` (the word's tag id
         at its first sub-word, -100 elsewhere).
 
-        A word that tokenises to nothing (control characters, some symbols) is replaced by the unknown token, so
-        every word keeps one first sub-word. Words after the `max_length` cut have no token: `post_process_ner`
-        scores them as `"O"`.
+        A word that tokenizes to nothing (control characters, some symbols) is replaced by the unknown token, so
+        every word keeps one first sub-word. Words after the `max_length` cut have no token: the metrics
+        (`align_word_predictions`) score them as `"O"`.
         """
         words, _ = self._tokenize_words(words)
         encoding = self.tokenizer(
@@ -262,7 +262,7 @@ class HVPNetProcessor(ProcessorMixin):
         max_length: int | None = None,
     ) -> dict[str, list]:
         """
-        Tokenises a batch of word lists with the entity markers (`<s> head </s>`, `<o> tail </o>` for BERT) inserted
+        Tokenizes a batch of word lists with the entity markers (`<s> head </s>`, `<o> tail </o>` for BERT) inserted
         around the entity spans (`{"start", "end"}` in words, end exclusive) and the tokenizer's own special tokens
         around the whole (`[CLS] ... [SEP]`, `<s> ... </s>`). Returns lists of `input_ids`, `attention_mask`,
         `token_type_ids` (when the tokenizer makes them) and, with `relations`, `labels` (relation ids).
@@ -295,41 +295,14 @@ class HVPNetProcessor(ProcessorMixin):
             encoded["labels"] = list(relations)
         return encoded
 
-    def post_process_ner(
-        self,
-        predicted_tags: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
-        word_ids: Sequence[int] | Sequence[Sequence[int]],
-        num_words: int,
-        id2label: Mapping[int, str] | None = None,
-    ) -> list[int]:
-        """
-        Maps per-token predictions back to one tag id per word, using the `word_ids` of `encode_ner` or
-        `encode_ner_windows`: one row (T,) or one row per window (W, T). A word seen by several windows takes its tag
-        from the window where it is farthest from a cut (see `ner_word_positions`); a word no row saw (cut by
-        truncation) gets the id of `"O"`, so it still counts in word-level metrics: its id in `id2label` (the
-        model's `config.id2label`), or without it in `MNER_LABELS` (0).
-        """
-        labels = dict(id2label) if id2label is not None else dict(enumerate(MNER_LABELS))
-        outside = next((int(tag) for tag, name in labels.items() if name == "O"), None)
-        if outside is None:
-            raise ValueError(f"id2label has no 'O' label to give the words no row saw: {sorted(labels.values())}")
-        predicted_tags = predicted_tags.tolist() if isinstance(predicted_tags, torch.Tensor) else predicted_tags
-        word_ids = word_ids.tolist() if isinstance(word_ids, torch.Tensor) else word_ids
-        if len(word_ids) and not isinstance(word_ids[0], Sequence):
-            predicted_tags, word_ids = [predicted_tags], [word_ids]
-        return [
-            outside if position is None else int(predicted_tags[position[0]][position[1]])
-            for position in ner_word_positions(word_ids, num_words)
-        ]
-
     def encode_ner_windows(
         self, words: Sequence[str], max_length: int | None = None, stride: int | None = None
     ) -> dict[str, list]:
         """
-        Tokenises one word list into as many rows ("windows") as it takes for every word to have its first sub-word
+        Tokenizes one word list into as many rows ("windows") as it takes for every word to have its first sub-word
         in a row of at most `max_length` tokens. Consecutive windows share whole words worth up to `stride` tokens
         (default: half a window), so each word can be read with context on both sides. Returns the lists of
-        `encode_ner`, one entry per window, with `word_ids` counted in the whole word list, so `post_process_ner`
+        `encode_ner`, one entry per window, with `word_ids` counted in the whole word list, so `ner_word_positions`
         merges the windows. A text that fits gives one row, identical to `encode_ner`.
         """
         max_length = max_length or self.max_length
@@ -354,7 +327,7 @@ class HVPNetProcessor(ProcessorMixin):
 
     def _tokenize_words(self, words: Sequence[Sequence[str]]) -> tuple[list[list[str]], BatchEncoding]:
         """
-        Tokenises word lists without special tokens or truncation, after replacing every word that tokenises to
+        Tokenizes word lists without special tokens or truncation, after replacing every word that tokenizes to
         nothing by the unknown token. Returns the words used and their encoding (the tokenizer runs a second time
         only when a word had to be replaced).
         """
@@ -384,7 +357,7 @@ class HVPNetProcessor(ProcessorMixin):
 
 def _check_word_tokenization(tokenizer: PreTrainedTokenizerBase) -> None:
     """
-    The processor tokenises words one by one (`is_split_into_words=True`); a word must then give the tokens it gives
+    The processor tokenizes words one by one (`is_split_into_words=True`); a word must then give the tokens it gives
     in running text, or the model reads every word as if it started a text. A byte-level BPE tokenizer (RoBERTa)
     marks a word start by a preceding space, and only does so for pre-split words with `add_prefix_space=True`.
     """
@@ -396,7 +369,7 @@ def _check_word_tokenization(tokenizer: PreTrainedTokenizerBase) -> None:
 
     if second_word(pre_split) != second_word(running):
         raise ValueError(
-            f"{type(tokenizer).__name__} tokenises the words of a pre-split text differently from running text, so "
+            f"{type(tokenizer).__name__} tokenizes the words of a pre-split text differently from running text, so "
             "word starts would be lost; load a byte-level BPE tokenizer with add_prefix_space=True, e.g. "
             "AutoTokenizer.from_pretrained(name, add_prefix_space=True)"
         )

@@ -1,6 +1,6 @@
 """
 `Trainer` support for separate learning rates on the task head (the CRF and emission layer for NER, the relation
-classifier for MRE), as the authors' released HVPNeT trainer optimises the CRF and emission layer at 5e-2, and on
+classifier for MRE), as the authors' released HVPNeT trainer optimizes the CRF and emission layer at 5e-2, and on
 the visual prefix (the modules under the visual encoder, which start from random weights); for length-grouped
 training batches with evaluation kept in the dataset's order; and the C allocator setting that the example training
 scripts start with (`keep_freed_memory`).
@@ -10,12 +10,16 @@ import ctypes
 import ctypes.util
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Sampler, SequentialSampler
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import has_length
+
+from .frozen_backbone import speed_up_frozen_backbone, warn_if_bfloat16_is_emulated
+from .modeling_hvpnet import HVPNetForTokenClassification
 
 
 @dataclass
@@ -101,25 +105,30 @@ def prefix_parameter_names(model: nn.Module) -> set[str]:
 
 class HVPNetTrainer(Trainer):
     """
-    A `Trainer` that, given `HVPNetTrainingArguments.head_learning_rate` or `prefix_learning_rate`, optimises the task
+    A `Trainer` that, given `HVPNetTrainingArguments.head_learning_rate` or `prefix_learning_rate`, optimizes the task
     head or the visual prefix at that learning rate. The parameters form up to six groups, body / head / prefix crossed
-    with weight decay / none (biases and normalisation weights, as `Trainer.get_decay_parameter_names` decides); a
+    with weight decay / none (biases and normalization weights, as `Trainer.get_decay_parameter_names` decides); a
     part without its own learning rate stays in the body, and frozen parameters are in no group. Body groups come
     first, so the logged `learning_rate` is the body's. Without either learning rate it is `Trainer` unchanged.
 
     Evaluation and prediction always read the dataset in its order, also with
-    `train_sampling_strategy="group_by_length"` (which groups the training batches by length).
+    `train_sampling_strategy="group_by_length"` (which groups the training batches by length). For an NER model
+    their predictions are the CRF's tags (`HVPNetForTokenClassification.decode`): (B, T) tag ids at first sub-words
+    and -100 elsewhere, which `compute_metrics` receives (and `align_word_predictions` reads).
 
-    With `bf16=True` a frozen backbone is held in bfloat16 (`hold_backbone_in`): autocast would compute its
-    convolutions in bfloat16 anyway, after casting every frozen weight again on every call. Checkpoints then store
-    the backbone in bfloat16.
+    A frozen backbone runs sped up (`speed_up_frozen_backbone`: the same outputs up to float32 rounding), and with
+    `bf16=True` it is held in bfloat16, as autocast would compute its convolutions in bfloat16 anyway, after casting
+    every frozen weight again on every call; checkpoints then store the backbone in bfloat16. With `bf16=True` on a
+    CPU without bfloat16 instructions, a warning says that torch emulates it.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         encoder = getattr(getattr(self.model, "base_model", None), "visual_encoder", None)
-        if self.args.bf16 and encoder is not None and encoder.freeze_backbone:
-            encoder.hold_backbone_in(torch.bfloat16)
+        if encoder is not None and encoder.freeze_backbone:
+            speed_up_frozen_backbone(self.model, dtype=torch.bfloat16 if self.args.bf16 else None)
+        if self.args.bf16:
+            warn_if_bfloat16_is_emulated(self.args.device)
 
     def _get_eval_sampler(self, eval_dataset: Dataset) -> Sampler | None:
         # `Trainer` groups evaluation batches by length too under "group_by_length", so its predictions come back
@@ -129,6 +138,23 @@ class HVPNetTrainer(Trainer):
         if eval_dataset is None or not has_length(eval_dataset) or self.args.world_size > 1:
             return None
         return SequentialSampler(eval_dataset)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        ner_model = self.accelerator.unwrap_model(model)
+        if logits is None or not isinstance(ner_model, HVPNetForTokenClassification):
+            return loss, logits, labels
+        emissions = logits[0] if isinstance(logits, tuple) else logits  # with hidden states or gates, logits first
+        word_start_mask = inputs.get("word_start_mask")
+        if word_start_mask is None:
+            word_start_mask = inputs["labels"] != -100
+        return loss, ner_model.decode(emissions, word_start_mask), labels
 
     def create_optimizer(self, model: PreTrainedModel | None = None) -> torch.optim.Optimizer:
         rates = {

@@ -152,7 +152,7 @@ def test_gates_figure_has_a_panel_per_image_group_with_images():
         "object crops": {"mean": None, "images": 0},
     }
     figure = gates.figure(means)
-    panels = [axis for axis in figure.axes if axis.get_title()]  # the colour bar has no title
+    panels = [axis for axis in figure.axes if axis.get_title()]  # the color bar has no title
     assert [axis.get_title() for axis in panels] == ["global image (2)"]
     assert [text.get_text() for text in panels[0].texts] == ["0.10", "0.90", "0.60", "0.40", "0.30", "0.70"]
     pyplot().close(figure)

@@ -1,9 +1,12 @@
 """The web app: what it shows for an input (against the pipelines), bad input, and the page in headless Chromium."""
 
 import ast
+import json
 import re
+import shutil
 import socket
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -15,14 +18,17 @@ from test_image_processing_hvpnet import resize_pixels
 from transformers import BertConfig, pipeline
 
 from hvpnet_hf import app
+from hvpnet_hf.analysis import gates
 from hvpnet_hf.app import (
-    BOX_COLOUR,
+    BOX_COLOR,
     SAMPLE_DIR,
     SAMPLE_TWEETS,
     HVPNetApp,
+    InputError,
     entity_changes,
     example_gates,
     launch,
+    load_pipeline,
     relation_change,
 )
 from hvpnet_hf.image_processing_hvpnet import MAX_RESIZE_SQUARES
@@ -152,16 +158,33 @@ def test_re_shows_the_marked_pair_and_the_pipelines_relation_scores(re_app, tiny
 
 def test_gates_of_one_example_are_per_layer_distributions_over_present_images(ner_app):
     image, crops = sample_paths(NER_TWEET)
-    config = ner_app.classifier.model.config
+    model = ner_app.classifier.model
+    layers, stages = model.config.text_config.num_hidden_layers, model.base_model.visual_encoder.num_stages
     gates = example_gates(ner_app.classifier, {"text": NER_TWEET.text, "image": image, "objects": crops[:1]})
     assert [gates[group]["images"] for group in ("global image", "object crops")] == [1, 1]
     for entry in gates.values():
         weights = torch.tensor(entry["mean"])  # (L, c): one softmax over the stages per text layer
-        assert weights.shape == (config.text_config.num_hidden_layers, len(config.vision_out_indices))
+        assert weights.shape == (layers, stages)
         # A softmax sums to 1; float32 rounding over 4 stages stays far below 1e-5.
         torch.testing.assert_close(weights.sum(dim=-1), torch.ones(len(weights)), atol=1e-5, rtol=0)
     assert example_gates(ner_app.classifier, {"text": NER_TWEET.text}) is None  # no image, no gate
     assert ner_app.predict(NER_TWEET.text, None, None)["gates"] is None
+
+
+def test_gates_heat_map_is_drawn_in_memory_as_the_analysis_saves_it(monkeypatch, tmp_path):
+    means = {
+        "global image": {"mean": [[0.1, 0.9], [0.6, 0.4]], "images": 1},
+        "object crops": {"mean": [[0.5, 0.5], [0.2, 0.8]], "images": 2},
+    }
+    gates.plot(means, tmp_path / "gates.png")
+
+    def no_temporary_folder(*args, **kwargs):
+        raise AssertionError("the heat map went through a temporary folder")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_folder)
+    drawn = app.gates_figure(means)
+    with Image.open(tmp_path / "gates.png") as saved:
+        assert np.array_equal(np.asarray(drawn), np.asarray(saved.convert("RGB")))  # the same pixels, same size
 
 
 def test_detected_crops_are_cut_from_their_boxes_and_drawn(ner_app, monkeypatch):
@@ -177,8 +200,8 @@ def test_detected_crops_are_cut_from_their_boxes_and_drawn(ner_app, monkeypatch)
     monkeypatch.setattr(ner_app, "cropper", FakeCropper())
     shown = ner_app.predict(NER_TWEET.text, image_path, None, detect=True)
     assert [crop.size for crop in shown["crops"]] == [(28, 37), (40, 40)]
-    assert "United Nations" in asked[0]  # the text's capitalised run is a detector query
-    red = tuple(int(BOX_COLOUR[i : i + 2], 16) for i in (1, 3, 5))
+    assert "United Nations" in asked[0]  # the text's capitalized run is a detector query
+    red = tuple(int(BOX_COLOR[i : i + 2], 16) for i in (1, 3, 5))
     assert shown["image"].getpixel((4 * 2, 4 * 20)) == red  # on the left edge of the first box, shown 4 times larger
     given = ner_app.predict(NER_TWEET.text, image_path, sample_paths(NER_TWEET)[1], detect=True)
     assert len(asked) == 1 and len(given["crops"]) == 2  # crops given: nothing detected
@@ -329,7 +352,7 @@ def test_page_in_a_browser_shows_the_pipelines_entities(served, ner_app, tiny_ne
     screenshot = tmp_path / "app.png"
     tab.screenshot(path=screenshot, full_page=True)
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float64)
-    # A blank or single-colour page has a variance near 0; text, highlights and images give far more than 100.
+    # A blank or single-color page has a variance near 0; text, highlights and images give far more than 100.
     assert pixels.var() > 100
 
     # A crop that is not an image: a message in the page, then the page still predicts once it is removed.
@@ -351,3 +374,14 @@ def test_help_gives_the_whole_description(capsys):
     with pytest.raises(SystemExit):
         app.main(["--help"])
     assert " ".join(app.__doc__.split()) in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_model_whose_config_holds_a_refused_setting_is_named(tiny_ner_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ner_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "prefix_grid": 0}))
+    with pytest.raises(
+        InputError, match=rf"(?s)`{re.escape(str(folder))}` could not be loaded.*prefix_grid must be >= 1"
+    ):
+        load_pipeline(str(folder))

@@ -86,7 +86,7 @@ def original_layout(base: HVPNetModel, head: dict[str, torch.Tensor], vocab_size
 
 
 def synthetic_ner_batch(num_sentences: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Sentences labelled the way the original NER code labels them: `[CLS]`, each word's tag on its first piece,
+    """Sentences labeled the way the original NER code labels them: `[CLS]`, each word's tag on its first piece,
     `X` on its other pieces, `[SEP]`, `PAD` on padding. Returns input_ids, attention_mask, word_start_mask and the
     original label ids (B, T)."""
     rng = random.Random(seed)
@@ -276,14 +276,15 @@ def test_ner_word_tags_agree_with_the_original_decoding(converted):
             input_ids, attention_mask, pixel_values=global_images(24, seed=9)[:, None], word_start_mask=word_start_mask,
             output_hidden_states=True,
         )  # fmt: skip
-    predicted = [model.config.id2label[int(tag)] for tag in output.predicted_tags[word_start_mask]]
+    tags = model.decode(output.logits, word_start_mask)
+    predicted = [model.config.id2label[int(tag)] for tag in tags[word_start_mask]]
     original = original_word_tags(converted["ner_head"], output.hidden_states[-1], attention_mask, word_start_mask)
     gold = [ORIGINAL_NER_LABELS[int(label)] for label in labels[word_start_mask]]
     agreement = sum(p == o for p, o in zip(predicted, original, strict=True)) / len(original)
     original_accuracy = sum(o == g for o, g in zip(original, gold, strict=True)) / len(gold)
     print(f"\nNER word-tag agreement, converted vs original decoding: {agreement:.4f} over {len(original)} words "
           f"(original decoding's own word accuracy: {original_accuracy:.4f})")  # fmt: skip
-    # The fitted original head must have learnt the task, or agreement would say nothing about trained models.
+    # The fitted original head must have learned the task, or agreement would say nothing about trained models.
     assert original_accuracy > 0.9
     # Measured 0.9853 (403 of 409 words); in 5 of the 6 disagreements the original decoding itself is wrong (X or O
     # at a word start). A wrong label order gives 0.47. Emissions decide nearly every word here, so the transitions
@@ -355,14 +356,14 @@ def test_push_uploads_the_converted_model_processor_and_pipeline(converted, tmp_
         (
             "someone/hvpnet-mnre-original",
             sorted([
-                "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
+                "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py", "tasks.py",
                 "object_detection.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
-                "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                "frozen_backbone.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
             ]),
         )
     ]  # fmt: skip
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["custom_pipelines"]["hvpnet-re"]["impl"] == "pipelines.MultimodalRePipeline"
+    assert config["custom_pipelines"]["re"]["impl"] == "pipelines.MultimodalRePipeline"
 
 
 # prefix_mode="original": the visual prefix and forward of the authors' released code (zjunlp/HVPNeT).
@@ -408,7 +409,7 @@ def reference_prefix(encoder: nn.Module, global_images: torch.Tensor, crops: tor
         for feature_map in encoder.backbone(image):
             kernel = feature_map.shape[2] // 2
             pooled.append(nn.AvgPool2d(kernel_size=(kernel, kernel), stride=kernel)(feature_map))
-        # The original's maps are laid out channels first (a frozen backbone here may give channels_last ones).
+        # The original's maps are laid out channels first.
         tokens = torch.cat(pooled, dim=1).contiguous().view(batch_size, 4, -1)
         return encoder.encoder_conv(tokens).split(2 * hidden, dim=-1)  # c x (B, 4, 2d)
 

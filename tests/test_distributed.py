@@ -51,6 +51,6 @@ def test_two_process_run_predicts_every_example_once(tmp_path):
     assert results["test_samples"] == 7 and results["eval_samples"] == 5
     records = [json.loads(line) for line in (output_dir / "test_predictions.jsonl").read_text().splitlines()]
     assert [record["id"] for record in records] == [str(index) for index in range(7)]
-    # Both processes trained: 16 examples / (2 processes x 4) = 2 optimisation steps in the epoch.
+    # Both processes trained: 16 examples / (2 processes x 4) = 2 optimization steps in the epoch.
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 2

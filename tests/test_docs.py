@@ -22,8 +22,6 @@ import pytest
 from modeling_utils import tiny_task_model
 from PIL import Image
 
-from hvpnet_hf.pipelines import save_pipeline_code
-
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md"] + sorted(f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md"))
 # Every page, and how many of its Python blocks run at least: a page whose subject can be shown offline in a few
@@ -45,14 +43,16 @@ CHECKED_BLOCKS = {
     "docs/training.md": 2,
 }
 NO_TEST = re.compile(r"^<!-- no-test: (\S.*?) -->$")
-# Names of the older image-input form and processor settings, and of the older task maps, which no longer exist.
+# Names of the older image-input form and processor settings, of the older task maps, and of modules and outputs
+# that no longer exist.
 REMOVED_NAMES = re.compile(
     r"object_pixel_values|object_mask|stack_image_inputs|preprocess_images|LEGACY_IMAGE_SETTINGS"
-    r"|(?<!\w)processor\.image_size|TASK_OF_ARCHITECTURE|PIPELINE_FOR_MODEL"
+    r"|(?<!\w)processor\.image_size|TASK_OF_ARCHITECTURE|PIPELINE_FOR_MODEL|hvpnet_hf\.file_utils|file_utils\.py"
+    r"|predicted_tags|post_process_ner|hvpnet_examples|fold_batch_norms|HVPNetLayerMixin"
 )
 # Files of the repository (`tests/test_x.py`, `examples/demo.py`, ...) and modules (`hvpnet_hf.analysis.gates`,
 # `hvpnet_hf.pipelines.task_of`) a page names; each must exist, so a renamed or moved one is caught.
-REPOSITORY_PATH = re.compile(r"(?<![\w$/.-])(?:hvpnet_hf|tests|examples|benchmarks|docs)/[\w./-]*\w")
+REPOSITORY_PATH = re.compile(r"(?<![\w$/.-])(?:hvpnet_hf|tests|examples|benchmarks|docs|tools)/[\w./-]*\w")
 MODULE_NAME = re.compile(r"(?<![\w/.-])hvpnet_hf(?:\.\w+)+")
 # The tiny model folders a block may load, at the paths and Hub ids the pages name (a local folder is found first).
 MODEL_FOLDERS = {
@@ -249,11 +249,10 @@ def scratch_template(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("docs_scratch")
     for path, task in MODEL_FOLDERS.items():
         model, processor = tiny_task_model(task)
-        save_pipeline_code(model, folder / path)  # records the pipeline in the config, so before the model's save
-        model.save_pretrained(folder / path)
+        model.save_pretrained(folder / path)  # with the pipeline's code and record
         processor.save_pretrained(folder / path)
-    for name, colour in IMAGES.items():
-        Image.new("RGB", (80, 60), colour).save(folder / name)
+    for name, color in IMAGES.items():
+        Image.new("RGB", (80, 60), color).save(folder / name)
     return folder
 
 
@@ -293,7 +292,7 @@ def check_data(namespace):
 def check_encoders(namespace):
     assert namespace["same"]  # no image: the RoBERTa-based model computes RobertaModel
     assert type(namespace["roberta"].config).__name__ == "RobertaConfig"  # the type the dict named, kept
-    assert namespace["levels"] == [1, 2, 3, 4]  # chosen from the backbone and recorded in the config
+    assert namespace["levels"] == [1, 2, 3, 4]  # the backbone's default levels (the config keeps None)
 
 
 def check_fast_epochs(namespace):

@@ -54,7 +54,7 @@ def test_ner_card_carries_results_settings_and_usage(tmp_path):
     )
     assert training_hyperparameters(own_args)["head learning rate (CRF and emissions / relation classifier)"] == 5e-2
     assert training_hyperparameters(own_args)["visual prefix learning rate"] == 1e-3
-    assert "| vision backbone | test_resnet (randomly initialised) |" in text
+    assert "| vision backbone | test_resnet (randomly initialized) |" in text
     assert (
         'AutoModelForTokenClassification.from_pretrained("someone/hvpnet-twitter2015", trust_remote_code=True)' in text
     )

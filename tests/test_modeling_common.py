@@ -1,5 +1,5 @@
 """What every HVPNeT model class must do as a transformers model, checked for all three classes alike: saving and
-loading, initialising missing and meta-device weights, attention and hidden-state outputs under eager and sdpa,
+loading, initializing missing and meta-device weights, attention and hidden-state outputs under eager and sdpa,
 activation checkpointing in both modes, `inputs_embeds`, resizing the embeddings, batching and tuple outputs, and the
 relation head's `problem_type`. Written in the spirit of transformers' shared model tests (`ModelTesterMixin`)."""
 
@@ -7,11 +7,17 @@ import pytest
 import torch
 from modeling_utils import tiny_config, tiny_inputs
 from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from hvpnet_hf import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetModel
 
 CLASSES = [HVPNetModel, HVPNetForTokenClassification, HVPNetForSequenceClassification]
+AUTO_CLASS = {
+    HVPNetModel: AutoModel,
+    HVPNetForTokenClassification: AutoModelForTokenClassification,
+    HVPNetForSequenceClassification: AutoModelForSequenceClassification,
+}
 HEAD, TAIL = 3, 4  # marker token ids of the tiny relation config
 # float32 through a few dozen positions and 4 layers: equivalent computations differ by ~1e-7 per operation.
 ATOL = 1e-5
@@ -59,15 +65,17 @@ def test_save_and_load_round_trip(tmp_path, model_class):
     config, inputs = config_and_inputs(model_class)
     model = build(model_class, config)
     model.save_pretrained(tmp_path)
-    reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    with torch.no_grad():
-        torch.testing.assert_close(
-            first_output(reloaded.eval()(**inputs)), first_output(model(**inputs)), atol=0, rtol=0
-        )
+    for loader in (model_class, AUTO_CLASS[model_class]):
+        reloaded, info = loader.from_pretrained(tmp_path, output_loading_info=True)
+        assert type(reloaded) is model_class
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        with torch.no_grad():
+            torch.testing.assert_close(
+                first_output(reloaded.eval()(**inputs)), first_output(model(**inputs)), atol=0, rtol=0
+            )
 
 
-def assert_initialised_like_a_new_model(model, reference, names: set[str]) -> None:
+def assert_initialized_like_a_new_model(model, reference, names: set[str]) -> None:
     """Every entry of `names` holds what construction gives it: the same constants (ones, zeros, the fixed gate,
     BERT's position ids) exactly, and random weights of the same spread."""
     state, expected = model.state_dict(), reference.state_dict()
@@ -79,19 +87,19 @@ def assert_initialised_like_a_new_model(model, reference, names: set[str]) -> No
         elif new.numel() < 100:
             # Too few draws to compare spreads (the CRF's 5 start and end transitions): the same order of magnitude.
             # The largest of 5 uniform draws is below a fifth of the bound with probability 0.2**5 = 3e-4, so 5x the
-            # reference's largest value covers a fresh draw; uninitialised memory is off by far more.
+            # reference's largest value covers a fresh draw; uninitialized memory is off by far more.
             assert 0 < value.float().std() and value.abs().max() <= 5 * new.abs().max(), name
         else:
-            # A sample std over >= 100 draws is within ~10% of the true one; uninitialised memory or transformers'
+            # A sample std over >= 100 draws is within ~10% of the true one; uninitialized memory or transformers'
             # N(0, 0.02) in place of He-normal convolutions are off by far more.
             ratio = value.float().std() / new.float().std()
             assert 0.7 < ratio < 1.4, (name, ratio.item())
 
 
 @pytest.mark.parametrize("model_class", CLASSES)
-def test_missing_weights_are_initialised_and_reported(tmp_path, model_class):
+def test_missing_weights_are_initialized_and_reported(tmp_path, model_class):
     """A checkpoint without the backbone (or with a changed one): the load report lists exactly those weights, and
-    they are initialised as in a new model, BatchNorm statistics included; the others are the saved ones."""
+    they are initialized as in a new model, BatchNorm statistics included; the others are the saved ones."""
     config, inputs = config_and_inputs(model_class)
     model = build(model_class, config)
     model.save_pretrained(tmp_path)
@@ -99,7 +107,7 @@ def test_missing_weights_are_initialised_and_reported(tmp_path, model_class):
     reloaded, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
     assert set(info["missing_keys"]) == dropped
     assert any("running_var" in name for name in dropped)
-    assert_initialised_like_a_new_model(reloaded, build(model_class, config, seed=1), dropped)
+    assert_initialized_like_a_new_model(reloaded, build(model_class, config, seed=1), dropped)
     kept = model.state_dict()
     for name, value in reloaded.state_dict().items():
         if name not in dropped:
@@ -110,15 +118,15 @@ def test_missing_weights_are_initialised_and_reported(tmp_path, model_class):
 
 @pytest.mark.parametrize("prefix_mode", ["pyramid", "one_to_three", "original"])
 @pytest.mark.parametrize("model_class", CLASSES)
-def test_a_model_materialised_from_the_meta_device_is_fully_initialised(tmp_path, model_class, prefix_mode):
-    """With no weight in the checkpoint, `from_pretrained` builds everything on the meta device and initialises it:
+def test_a_model_materialized_from_the_meta_device_is_fully_initialized(tmp_path, model_class, prefix_mode):
+    """With no weight in the checkpoint, `from_pretrained` builds everything on the meta device and initializes it:
     parameters, persistent buffers and the non-persistent ones (the ablations' fixed gate, BERT's position ids)."""
     config, inputs = config_and_inputs(model_class, prefix_mode=prefix_mode)
     build(model_class, config).save_pretrained(tmp_path)
     with_file_state(tmp_path, lambda name: False)
     reloaded = model_class.from_pretrained(tmp_path)
     reference = build(model_class, config, seed=1)
-    assert_initialised_like_a_new_model(reloaded, reference, set(reference.state_dict()))
+    assert_initialized_like_a_new_model(reloaded, reference, set(reference.state_dict()))
     buffers, expected = dict(reloaded.named_buffers()), dict(reference.named_buffers())
     for name, buffer in expected.items():  # non-persistent buffers are not in the state dict
         torch.testing.assert_close(buffers[name], buffer, atol=0, rtol=0, msg=name)
@@ -162,11 +170,13 @@ def parameter_gradients(model, inputs: dict) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("model_class", CLASSES)
-def test_activation_checkpointing_keeps_the_gradients(model_class, use_reentrant):
+def test_activation_checkpointing_keeps_the_gradients(model_class, use_reentrant, attn_implementation):
     config, inputs = config_and_inputs(model_class, with_labels=True, freeze_vision=False)
     model = build(model_class, config).train()
+    model.set_attn_implementation(attn_implementation)
 
     plain = parameter_gradients(model, inputs)
     model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
@@ -188,8 +198,8 @@ def test_activation_checkpointing_keeps_the_gradients(model_class, use_reentrant
 def test_activation_checkpointing_accepts_a_wrapped_layer_forward(model_class, use_reentrant):
     """A layer's checkpoint function may be handed any callable, not only transformers' `partial` of the layer's
     forward: a wrapper around it (here one that counts the recomputations, as transformers' own tests install) is
-    checkpointed in both modes with the gradients of the plain run. Reentrant checkpointing only sees the positional
-    inputs, so the visual prefix must be one of them."""
+    checkpointed in both modes with the gradients of the plain run. It hides the visual prefix, a keyword of the
+    layer's forward, from reentrant checkpointing, which only tracks positional inputs."""
     config, inputs = config_and_inputs(model_class, with_labels=True, freeze_vision=False)
     model = build(model_class, config).train()
 
@@ -214,6 +224,17 @@ def test_activation_checkpointing_accepts_a_wrapped_layer_forward(model_class, u
         torch.testing.assert_close(checkpointed[name], gradient, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_reentrant_activation_checkpointing_stays_reentrant():
+    """`use_reentrant=True` runs torch's reentrant checkpointing on the text layers, the visual prefix among their
+    positional inputs: the mode that refuses `torch.autograd.grad` (the gradients are checked above)."""
+    config, inputs = config_and_inputs(HVPNetModel, freeze_vision=False)
+    model = build(HVPNetModel, config).train()
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    loss = model(**inputs).last_hidden_state.pow(2).mean()
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+
 @pytest.mark.parametrize("model_class", CLASSES)
 def test_inputs_embeds_give_the_outputs_of_input_ids(model_class):
     config, inputs = config_and_inputs(model_class, with_labels=True)
@@ -222,7 +243,7 @@ def test_inputs_embeds_give_the_outputs_of_input_ids(model_class):
     embedded["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
     with torch.no_grad():
         expected, output = model(**inputs), model(**embedded)
-    for name in ("loss", "logits", "last_hidden_state", "predicted_tags"):
+    for name in ("loss", "logits", "last_hidden_state"):
         if name in expected:
             torch.testing.assert_close(output[name], expected[name], atol=ATOL, rtol=0, msg=name)
 
@@ -322,3 +343,62 @@ def test_relation_labels_of_the_wrong_shape_for_the_problem_type_raise(num_label
     model, inputs = relation_model(num_labels, problem_type)
     with pytest.raises(ValueError, match=message):
         model(**inputs, labels=labels)
+
+
+@pytest.mark.parametrize("model_class", CLASSES)
+def test_outputs_are_the_same_in_training_and_eval_mode(model_class):
+    """A head computes its logits and loss alike in both modes (dropout is 0 in the tiny config): it decodes
+    nothing in eval mode that training would lack."""
+    config, inputs = config_and_inputs(model_class, with_labels=True)
+    model = build(model_class, config)
+    with torch.no_grad():
+        evaluated = model.eval()(**inputs)
+        trained = model.train()(**inputs)
+    assert trained.keys() == evaluated.keys()
+    for name in evaluated.keys():
+        torch.testing.assert_close(trained[name], evaluated[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("model_class", CLASSES)
+def test_torch_export_gives_the_eager_outputs(model_class, dynamic):
+    config, inputs = config_and_inputs(model_class)
+    model = build(model_class, config)
+    dynamic_shapes = None
+    if dynamic:  # batch and text length (the images' batch) free
+        dynamic_shapes = {
+            name: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+            if value.dim() == 2
+            else {0: torch.export.Dim.AUTO}
+            for name, value in inputs.items()
+        }
+        dynamic_shapes["image_mask"] = {0: torch.export.Dim.AUTO}
+    with torch.no_grad():
+        program = torch.export.export(model, (), kwargs=inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        torch.testing.assert_close(
+            first_output(program.module()(**inputs)), first_output(model(**inputs)), atol=ATOL, rtol=0
+        )
+
+
+def test_crf_parameters_are_created_in_float32_whatever_the_default_dtype():
+    """`_keep_in_fp32_modules_strict` keeps the CRF in float32 when a checkpoint is loaded; built from a config in
+    bfloat16 (`from_config(dtype=...)`) it must be float32 too."""
+    config, _ = config_and_inputs(HVPNetForTokenClassification)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = HVPNetForTokenClassification(config)
+    finally:
+        torch.set_default_dtype(default)
+    assert model.classifier.weight.dtype == torch.bfloat16
+    assert {parameter.dtype for parameter in model.crf.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("model_class", CLASSES)
+def test_built_and_loaded_weights_are_contiguous(tmp_path, model_class):
+    config, _ = config_and_inputs(model_class)
+    model = build(model_class, config)
+    assert [name for name, parameter in model.named_parameters() if not parameter.is_contiguous()] == []
+    model.save_pretrained(tmp_path)
+    loaded = model_class.from_pretrained(tmp_path)
+    assert [name for name, parameter in loaded.named_parameters() if not parameter.is_contiguous()] == []

@@ -47,6 +47,12 @@ def model_outputs(folder: str, inputs: dict[str, torch.Tensor]):
         return model(**{name: inputs[name] for name in names if name in inputs})
 
 
+def ner_tags(folder: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tags the torch NER model decodes for `inputs`."""
+    model = load_task_model(folder)
+    return model.decode(model_outputs(folder, inputs).logits, inputs["word_start_mask"])
+
+
 @pytest.fixture(scope="module")
 def ner_onnx(tiny_ner_dir, tmp_path_factory) -> str:
     """The tiny NER model exported through the command."""
@@ -82,7 +88,7 @@ def test_onnxruntime_ner_emissions_and_crf_tags_match_pytorch(ner_onnx, tiny_ner
     emissions = onnx_model(inputs)
     assert emissions.shape == tuple(expected.logits.shape)
     np.testing.assert_allclose(emissions, expected.logits.numpy(), atol=LOGIT_TOLERANCE, rtol=0)
-    assert torch.equal(onnx_model.predicted_tags(inputs, emissions), expected.predicted_tags)
+    assert torch.equal(onnx_model.decode(emissions, inputs["word_start_mask"]), ner_tags(tiny_ner_dir, inputs))
 
 
 def test_crf_decode_matches_the_model_on_its_own_emissions(ner_onnx, tiny_ner_dir):
@@ -90,9 +96,11 @@ def test_crf_decode_matches_the_model_on_its_own_emissions(ner_onnx, tiny_ner_di
     inputs = encoded_inputs(tiny_ner_dir, "ner")
     inputs["word_start_mask"][1] = False
     expected = model_outputs(tiny_ner_dir, inputs)
-    tags = HVPNetOnnxModel(ner_onnx).predicted_tags(inputs, expected.logits.numpy())
+    tags = HVPNetOnnxModel(ner_onnx).decode(expected.logits.numpy(), inputs["word_start_mask"])
     assert (tags[1] == -100).all()
-    assert torch.equal(tags, expected.predicted_tags)
+    assert torch.equal(tags, ner_tags(tiny_ner_dir, inputs))
+    with pytest.raises(ValueError, match="decoding NER emissions needs the inputs' word_start_mask"):
+        HVPNetOnnxModel(ner_onnx).decode(expected.logits.numpy())
 
 
 @pytest.mark.parametrize("count", [len(WORDS), 1])
@@ -103,6 +111,20 @@ def test_onnxruntime_relation_logits_match_pytorch(re_export, tiny_re_dir, count
     logits = HVPNetOnnxModel(folder)(inputs)
     assert logits.shape == expected.shape
     np.testing.assert_allclose(logits, expected, atol=LOGIT_TOLERANCE, rtol=0)
+
+
+def test_relation_decode_ranks_as_the_model_does(re_export, tiny_re_dir):
+    folder, _ = re_export
+    inputs = encoded_inputs(tiny_re_dir, "re")
+    onnx_model = HVPNetOnnxModel(folder)
+    ranked = onnx_model.decode(onnx_model(inputs), top_k=2)
+    expected = load_task_model(tiny_re_dir).decode(model_outputs(tiny_re_dir, inputs).logits, top_k=2)
+    assert [[entry["relation"] for entry in row] for row in ranked] == [
+        [entry["relation"] for entry in row] for row in expected
+    ]
+    # Softmax is 1/2-Lipschitz in the max norm: logits within LOGIT_TOLERANCE give probabilities within half of it.
+    scores = [entry["score"] for row in expected for entry in row]
+    assert [entry["score"] for row in ranked for entry in row] == pytest.approx(scores, abs=LOGIT_TOLERANCE / 2)
 
 
 def test_the_exported_program_gives_the_relation_logits_at_other_sizes(re_export, tiny_re_dir):

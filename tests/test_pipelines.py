@@ -1,6 +1,7 @@
 """The "multimodal-ner" and "multimodal-re" pipelines on raw inputs: text or words, PIL images, numpy arrays, paths or
 none."""
 
+import json
 import random
 
 import numpy as np
@@ -22,7 +23,7 @@ TEXT = "  Visiting   Liverpool with @anna_b today"
 def ner_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ner")
     model = tiny_model_folder(folder, "ner")
-    # Emissions that favour B-PER then I-PER make the tags predictable: every word is tagged PER.
+    # Emissions that favor B-PER then I-PER make the tags predictable: every word is tagged PER.
     with torch.no_grad():
         model.classifier.bias[MNER_LABELS.index("B-PER")] = 30.0
     model.save_pretrained(folder)
@@ -33,9 +34,9 @@ def ner_folder(tmp_path_factory):
 def image_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     paths = []
-    for index, (colour, mode) in enumerate([((200, 30, 30), "RGB"), ((20, 200, 40), "L"), ((10, 10, 220), "RGBA")]):
+    for index, (color, mode) in enumerate([((200, 30, 30), "RGB"), ((20, 200, 40), "L"), ((10, 10, 220), "RGBA")]):
         path = folder / f"{index}.png"
-        Image.new("RGB", (40, 30), colour).convert(mode).save(path)
+        Image.new("RGB", (40, 30), color).convert(mode).save(path)
         paths.append(str(path))
     return paths
 
@@ -215,8 +216,10 @@ def test_long_text_windows_are_merged_from_the_farthest_window(tmp_path):
         features["word_start_mask"] = windows["word_start_mask"][row]
         features.update(ner.processor.image_processor.preprocess_example(None))
         with torch.no_grad():
-            row_tags.append(model.eval()(**ner.processor.pad([features])).predicted_tags[0].tolist())
-    expected = [MNER_LABELS[tag] for tag in ner.processor.post_process_ner(row_tags, windows["word_ids"], len(words))]
+            batch = ner.processor.pad([features])
+            row_tags.append(model.eval().decode(model(**batch).logits, batch["word_start_mask"])[0].tolist())
+    positions = ner_word_positions(windows["word_ids"], len(words))
+    expected = [MNER_LABELS[row_tags[row][token]] for row, token in positions]
     entities = ner({"words": words}, stride=8)
     predicted = ["O"] * len(words)
     for entity in entities:
@@ -320,6 +323,25 @@ def test_a_saved_pipeline_loaded_from_its_own_code_leaves_the_package_tasks_alon
     assert PIPELINE_REGISTRY.check_task("multimodal-ner")[1]["impl"] is MultimodalNerPipeline
     assert PIPELINE_REGISTRY.check_task("multimodal-re")[1]["impl"] is MultimodalRePipeline
     assert type(pipeline("multimodal-ner", model=str(folder))) is MultimodalNerPipeline
+
+
+def test_a_saved_model_records_its_pipeline_under_the_task_name(tmp_path):
+    """config.json records the pipeline under the task's name, "ner"; the installed code serves "multimodal-ner".
+    Folders saved with the earlier record, "hvpnet-ner", are served both ways as well."""
+    from hvpnet_hf.pipelines import MultimodalNerPipeline
+
+    folder = tmp_path / "ner"
+    tiny_model_folder(folder, "ner")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    assert list(config["custom_pipelines"]) == ["ner"]
+    record = config["custom_pipelines"]["ner"]
+    for key in ("ner", "hvpnet-ner"):
+        config_file.write_text(json.dumps({**config, "custom_pipelines": {key: record}}))
+        assert type(pipeline("multimodal-ner", model=str(folder))) is MultimodalNerPipeline
+        remote = pipeline(model=str(folder), trust_remote_code=True)
+        assert type(remote).__name__ == "MultimodalNerPipeline"
+        assert type(remote).__module__.startswith("transformers_modules.")
 
 
 @pytest.mark.parametrize("task", ["ner", "re"])

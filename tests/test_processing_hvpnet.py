@@ -11,7 +11,7 @@ from transformers import AutoImageProcessor, AutoProcessor, BertTokenizer
 
 import hvpnet_hf  # noqa: F401  (registers the processor with the Auto classes)
 from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor
-from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
+from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor, ner_word_positions
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "du", "##rant", "plays", "in", "new", "york", "a"]
 MODEL_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_mask"}
@@ -47,7 +47,7 @@ def test_ner_labels_sit_on_first_sub_words():
     assert encoded["word_ids"][0] == [-1, 0, 1, 1, 2, 3, 4, 5, -1]
 
 
-def test_ner_words_that_tokenise_to_nothing_keep_the_alignment():
+def test_ner_words_that_tokenize_to_nothing_keep_the_alignment():
     ner = processor()
     # "\x07" and a zero-width space vanish in BERT's basic tokenizer; "😀" becomes [UNK] anyway.
     words = ["Kevin", "\x07", "Durant", "\u200b", "😀", "plays"]
@@ -66,14 +66,8 @@ def test_ner_truncated_words_are_accounted_for():
     assert len(encoded["input_ids"][0]) == 6
     word_ids = encoded["word_ids"][0]
     assert sorted(set(word_ids) - {-1}) == [0, 1, 2]  # "in New York" were cut
-    predicted = [-100, tag("B-PER"), tag("I-PER"), -100, tag("O"), -100]
-    assert ner.post_process_ner(predicted, word_ids, len(words)) == [tag("B-PER"), tag("I-PER"), 0, 0, 0, 0]
-    assert ner.post_process_ner(torch.tensor(predicted + [-100] * 4), word_ids, len(words))[:2] == [1, 2]
-    # A model whose labels run in another order: the cut words take its own id of "O".
-    id2label = dict(enumerate(reversed(MNER_LABELS)))
-    assert ner.post_process_ner(predicted, word_ids, len(words), id2label)[3:] == [len(MNER_LABELS) - 1] * 3
-    with pytest.raises(ValueError, match=r"id2label has no 'O' label .*\['B-PER', 'I-PER'\]"):
-        ner.post_process_ner(predicted, word_ids, len(words), {0: "B-PER", 1: "I-PER"})
+    # The kept words are read at their first sub-words; the cut ones have no position.
+    assert ner_word_positions([word_ids], len(words)) == [(0, 1), (0, 2), (0, 4), None, None, None]
 
 
 def test_ner_tag_count_must_match_words():
@@ -112,7 +106,7 @@ def test_re_entity_at_sentence_end_and_adjacent_entities():
     assert re_tokens(re_processor, encoded) == ["[CLS]", "a", "<s>", "kevin", "</s>", "<o>", "york", "</o>", "[SEP]"]
 
 
-def test_re_words_that_tokenise_to_nothing_become_unknown():
+def test_re_words_that_tokenize_to_nothing_become_unknown():
     re_processor = processor("re")
     encoded = re_processor.encode_re([["kevin", "\x07", "york"]], [{"start": 0, "end": 1}], [{"start": 2, "end": 3}])
     expected = ["[CLS]", "<s>", "kevin", "</s>", "[UNK]", "<o>", "york", "</o>", "[SEP]"]  # "\x07" kept as [UNK]

@@ -197,7 +197,7 @@ def mean_color(path: str) -> np.ndarray:
 
 
 def nearest_centroid_accuracy(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> float:
-    """Accuracy of labelling each test picture with the label whose mean train color is nearest."""
+    """Accuracy of labeling each test picture with the label whose mean train color is nearest."""
     colors = defaultdict(list)
     for path, label in train:
         colors[label].append(mean_color(path))

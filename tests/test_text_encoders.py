@@ -5,10 +5,12 @@ family's own model when every image is masked, other types are refused by name, 
 relation markers never coincide with a special token. Tiny random models and tokenizers trained offline.
 """
 
+import inspect
 import json
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from modeling_utils import (
     IMAGE_SIZE,
     TINY_TEXT_CONFIGS,
@@ -19,14 +21,15 @@ from modeling_utils import (
     tiny_family_task_model,
     tiny_text_config,
 )
+from torch import nn
 from transformers import AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetModel, HVPNetProcessor
+from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetModel, HVPNetProcessor, modeling_hvpnet
 from hvpnet_hf.configuration_hvpnet import TEXT_MODEL_TYPES
-from hvpnet_hf.modeling_hvpnet import TEXT_MODELS, build_text_model
+from hvpnet_hf.modeling_hvpnet import HVPNetSelfAttention
 from hvpnet_hf.pipelines import MultimodalNerPipeline
-from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, NAMED_SPECIAL_TOKENS
+from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, NAMED_SPECIAL_TOKENS, ner_word_positions
 
 FAMILIES = sorted(TINY_TEXT_CONFIGS)
 # Encoders whose attention is not BERT's: DeBERTa's disentangled attention, ModernBERT's rotary local/global layers,
@@ -46,22 +49,40 @@ def family_inputs(text_config, batch_size: int = 3, text_length: int = 9) -> dic
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def test_the_supported_types_are_the_ones_the_model_builds_and_the_tests_cover():
-    assert set(TEXT_MODEL_TYPES) == set(TEXT_MODELS) == set(TINY_TEXT_CONFIGS)
+def test_the_supported_types_are_the_ones_the_tests_cover():
+    assert set(TEXT_MODEL_TYPES) == set(TINY_TEXT_CONFIGS)
+
+
+def test_a_family_is_supported_by_its_type_alone():
+    """Supporting a family takes its type in `TEXT_MODEL_TYPES` and no class: the only class of the model built on
+    a family's modules is the prefix attention, on BERT's."""
+    on_family_modules = {
+        cls
+        for _, cls in inspect.getmembers(modeling_hvpnet, inspect.isclass)
+        if cls.__module__ == modeling_hvpnet.__name__
+        and any(base.__module__.startswith("transformers.models.") for base in cls.__mro__)
+    }
+    assert on_family_modules == {HVPNetSelfAttention}
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_the_family_layers_become_prefix_layers_in_place(model_type):
-    """`build_text_model` changes the class of the layers the family built, which never runs a constructor of ours:
-    valid only while the prefix classes define none (no state of their own)."""
-    _, layer_class = TEXT_MODELS[model_type]
-    for prefix_class in (layer_class, layer_class.prefix_attention_class):
-        ours = [base for base in prefix_class.__mro__ if base.__module__ == "hvpnet_hf.modeling_hvpnet"]
-        assert ours and not any("__init__" in vars(base) for base in ours)
-    text_config = tiny_config(text_config=tiny_text_config(model_type)).text_config
-    layers = build_text_model(text_config, add_pooling_layer=False).encoder.layer
-    assert all(type(layer) is layer_class for layer in layers)
-    assert all(type(layer.attention.self) is layer_class.prefix_attention_class for layer in layers)
+def test_every_module_keeps_the_class_it_was_built_as(model_type, monkeypatch):
+    """The prefix attention is put in place as a module of its own: no module of a built model has a class other
+    than the one its constructor ran for."""
+    built_as, module_init = {}, nn.Module.__init__
+
+    def recording_init(module, *args, **kwargs):
+        built_as[id(module)] = type(module)
+        module_init(module, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "__init__", recording_init)
+    model = HVPNetModel(tiny_config(text_config=tiny_text_config(model_type)))
+    monkeypatch.undo()
+    modules = dict(model.named_modules())
+    assert all(id(module) in built_as for module in modules.values())
+    assert {name: type(module) for name, module in modules.items()} == {
+        name: built_as[id(module)] for name, module in modules.items()
+    }
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -84,9 +105,10 @@ def test_with_every_image_masked_the_model_is_the_family_model_and_images_change
     reference = AutoModel.from_config(config.text_config).eval()
     reference.load_state_dict(model.text_model.state_dict())  # strict: the family's own module names and weights
     assert type(model.text_model) is type(reference)
-    family_attention = type(reference.encoder.layer[0].attention.self)
-    assert all(isinstance(layer.attention.self, family_attention) for layer in model.text_model.encoder.layer)
-    assert type(model.text_model.encoder.layer[0].attention.self) is not family_attention  # the prefix subclass
+    layers, family_layers = model.text_model.encoder.layer, reference.encoder.layer
+    assert [type(layer) for layer in layers] == [type(layer) for layer in family_layers]
+    assert all(type(layer.attention.self) is HVPNetSelfAttention for layer in layers)
+    assert not any(parameter.is_meta for parameter in model.parameters())  # every projection taken over
 
     inputs = family_inputs(config.text_config)
     images = torch.randn(3, 1 + config.num_object_images, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -106,6 +128,25 @@ def test_with_every_image_masked_the_model_is_the_family_model_and_images_change
     assert (with_images.last_hidden_state[real] - expected.last_hidden_state[real]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_hidden_states_and_attention_weights_are_recorded(model_type, attn_implementation):
+    """As for the family's own model: L + 1 hidden states and, under eager, one weight tensor per layer over the
+    prefix and text keys; sdpa computes no weights and gives an empty tuple, as BERT does."""
+    config = tiny_config(text_config=tiny_text_config(model_type))
+    model = HVPNetModel(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    inputs = family_inputs(config.text_config)
+    images = torch.randn(3, 1 + config.num_object_images, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        output = model(**inputs, pixel_values=images, output_attentions=True, output_hidden_states=True)
+    layers, heads = config.text_config.num_hidden_layers, config.text_config.num_attention_heads
+    assert len(output.hidden_states) == layers + 1
+    weights_shape = (3, heads, 9, config.prefix_length + 9)
+    expected = [weights_shape] * layers if attn_implementation == "eager" else []
+    assert [tuple(weights.shape) for weights in output.attentions] == expected
+
+
 @pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert", "electra"])
 def test_builder_reads_the_family_from_the_checkpoint_and_loads_its_weights(model_type, tmp_path):
     text_config = HVPNetConfig(text_config=tiny_text_config(model_type)).text_config
@@ -123,12 +164,12 @@ def test_builder_reads_the_family_from_the_checkpoint_and_loads_its_weights(mode
 @pytest.mark.parametrize("model_type", UNSUPPORTED)
 def test_other_attention_layouts_are_refused_by_name(model_type, tmp_path):
     message = f"model_type '{model_type}'.*Supported text model types: bert, camembert"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         HVPNetConfig(text_config=CONFIG_MAPPING[model_type]())
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         HVPNetConfig(text_config={"model_type": model_type})
     CONFIG_MAPPING[model_type]().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(StrictDataclassError, match=message):
         HVPNetForTokenClassification.from_text_vision_pretrained(str(tmp_path), vision_backbone="test_resnet")
 
 
@@ -153,9 +194,9 @@ def test_windows_of_a_long_tweet_give_every_word_one_tag(family):
     framing = [tokenizer.cls_token_id, tokenizer.sep_token_id]
     for row in windows["input_ids"]:
         assert len(row) <= 10 and [row[0], row[-1]] == framing
-    # A "model" that tags every token with the index of its word: merging the windows must give word i the tag i.
-    predicted = [[max(word, 0) for word in row] for row in windows["word_ids"]]
-    assert processor.post_process_ner(predicted, windows["word_ids"], len(words)) == list(range(len(words)))
+    # Merging the windows must read word i at a first sub-word of word i.
+    positions = ner_word_positions(windows["word_ids"], len(words))
+    assert [windows["word_ids"][row][token] for row, token in positions] == list(range(len(words)))
 
 
 def test_byte_level_bpe_without_the_prefix_space_convention_is_refused():

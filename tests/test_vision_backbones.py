@@ -5,19 +5,15 @@ B/32) or a class token and register tokens (DINOv2). The backbones are timm's ar
 (`TINY_BACKBONES`); nothing is downloaded.
 """
 
-import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import timm
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from modeling_utils import (
     TINY_BACKBONES,
     TINY_TEXT,
     TINY_VIT,
     VIT_B_LEVELS,
-    tiny_config,
     tiny_images,
     tiny_task_model,
     tiny_vision_config,
@@ -26,8 +22,15 @@ from PIL import Image
 from test_hub_round_trip import run_offline
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetModel, HVPNetProcessor, VisualFeatureCache
-from hvpnet_hf.modeling_hvpnet import NormFoldedIntoConvolution, create_feature_backbone, default_out_indices
+from hvpnet_hf import (
+    HVPNetConfig,
+    HVPNetForTokenClassification,
+    HVPNetModel,
+    HVPNetProcessor,
+    VisualFeatureCache,
+    speed_up_frozen_backbone,
+)
+from hvpnet_hf.modeling_hvpnet import default_out_indices
 from hvpnet_hf.pipelines import MultimodalNerPipeline
 
 KINDS = list(TINY_BACKBONES)
@@ -62,11 +65,10 @@ def models() -> dict:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_default_levels_follow_the_kind_of_backbone_and_are_recorded(models, kind):
+def test_default_levels_follow_the_kind_of_backbone(models, kind):
     model = models(kind)
-    expected = TINY_BACKBONES[kind][3]
-    assert model.config.vision_out_indices == expected
-    assert json.loads(model.config.to_json_string())["vision_out_indices"] == expected
+    assert list(model.visual_encoder.backbone.feature_info.out_indices) == TINY_BACKBONES[kind][3]
+    assert model.config.vision_out_indices is None, "the configuration keeps None: the backbone's levels follow it"
     assert len(model.visual_encoder.stage_channels) == 4
 
 
@@ -146,7 +148,7 @@ def test_vit_levels_are_grids_of_patch_tokens_without_class_or_register_tokens(m
             tokens = block(tokens)
             block_outputs.append(tokens)
     side = TINY_BACKBONES[kind][2] // vit.patch_embed.patch_size[0]
-    for feature_map, index in zip(maps, model.config.vision_out_indices, strict=True):
+    for feature_map, index in zip(maps, model.visual_encoder.backbone.feature_info.out_indices, strict=True):
         patches = block_outputs[index][:, vit.num_prefix_tokens :]
         expected = patches.transpose(1, 2).reshape(len(images), -1, side, side)
         assert feature_map.shape == expected.shape
@@ -206,11 +208,11 @@ def test_a_backbone_timm_cannot_build_as_a_feature_extractor_is_refused_by_name(
 
 
 def test_model_args_that_the_config_sets_itself_are_refused():
-    with pytest.raises(ValueError, match=r"must not set \['features_only', 'out_indices'\]"):
+    with pytest.raises(StrictDataclassError, match=r"must not set \['features_only', 'out_indices'\]"):
         tiny_vision_config("cnn", vision_model_args={"out_indices": [1], "features_only": False})
-    with pytest.raises(ValueError, match="vision_out_indices must be None"):
+    with pytest.raises(StrictDataclassError, match="vision_out_indices must be None"):
         tiny_vision_config("cnn", vision_out_indices=[])
-    with pytest.raises(ValueError, match="names a level twice"):
+    with pytest.raises(StrictDataclassError, match="names a level twice"):
         tiny_vision_config("cnn", vision_out_indices=[1, 1])
 
 
@@ -240,7 +242,7 @@ def test_image_processor_follows_the_data_config_of_a_cnn_and_of_a_clip_vit():
     ):
         pixels = image_processor.preprocess_example(gray)["pixel_values"][0]
         expected = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
-        # A constant image stays constant through resize and crop; 1e-5 is float32 rounding of the normalisation.
+        # A constant image stays constant through resize and crop; 1e-5 is float32 rounding of the normalization.
         assert (pixels - expected[:, None, None]).abs().max() <= SAME
 
 
@@ -294,7 +296,7 @@ def test_a_vit_model_works_from_its_saved_folder_where_hvpnet_hf_cannot_be_impor
     print(json.dumps({{
         "classes": [type(model).__module__, type(processor).__module__, type(pipe).__module__],
         "backbone": type(model.hvpnet.visual_encoder.backbone).__name__,
-        "levels": model.config.vision_out_indices,
+        "levels": list(model.hvpnet.visual_encoder.backbone.feature_info.out_indices),
         "same_pixels": torch.equal(inputs["pixel_values"], expected["inputs"]["pixel_values"]),
         "logits_difference": (logits - expected["logits"]).abs().max().item(),
         "pipeline": pipe({example!r}),
@@ -309,109 +311,15 @@ def test_a_vit_model_works_from_its_saved_folder_where_hvpnet_hf_cannot_be_impor
     assert [entity["word"] for entity in report["pipeline"]] == [entity["word"] for entity in pipe(example)]
 
 
-def with_trained_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
-    """Random BatchNorm statistics and affine terms far from the identity that a fresh backbone's norms are."""
-    generator = torch.Generator().manual_seed(0)
-    for norm in model.modules():
-        if isinstance(norm, torch.nn.BatchNorm2d):
-            for tensor, low, high in [
-                (norm.running_mean, -0.5, 0.5),
-                (norm.running_var, 0.5, 2.0),
-                (norm.weight, 0.5, 1.5),
-                (norm.bias, -0.2, 0.2),
-            ]:
-                tensor.data.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
-    return model
-
-
-def unfolded_backbone(model: HVPNetModel) -> torch.nn.Module:
-    """A backbone as timm builds it, with the weights and statistics of `model`'s (whose norms may be folded)."""
-    backbone = create_feature_backbone(model.config).eval()
-    backbone.load_state_dict(model.visual_encoder.backbone.state_dict())
-    return backbone
-
-
-def folded_norms(module: torch.nn.Module) -> int:
-    return sum(isinstance(child, NormFoldedIntoConvolution) for child in module.modules())
-
-
-def test_a_frozen_cnn_runs_with_its_batch_norms_folded_into_its_convolutions():
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_speed_ups_keep_the_features_of_every_kind_of_backbone(kind):
     torch.manual_seed(0)
-    model = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18"))).eval()
-    encoder = model.visual_encoder
-    reference = unfolded_backbone(model)
-    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    images = torch.randn(5, 3, 64, 64)
+    model = HVPNetModel(tiny_vision_config(kind)).eval()
+    images = tiny_images(kind).flatten(0, 1)
     with torch.no_grad():
-        folded = encoder.visual_features(images)
-        plain = encoder.pool_feature_maps(reference(images))
-    assert folded_norms(encoder.backbone) == 20, "every BatchNorm of resnet18 follows its convolution"
-    assert folded_norms(reference) == 0
-    # Folding reorders float32 arithmetic (the scale is applied to the weights instead of the maps): rounding only.
-    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
-    assert encoder.backbone.state_dict().keys() == reference.state_dict().keys(), "the saved names do not change"
-    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
-
-
-def test_the_folded_norms_read_the_weights_that_loading_puts_in_place():
-    torch.manual_seed(0)
-    model = HVPNetModel(tiny_config(vision_backbone="resnet18")).eval()
-    trained = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18")))
-    # `assign=True` puts the checkpoint's tensors in place of the parameters, as loading from the meta device does.
-    model.visual_encoder.backbone.load_state_dict(trained.visual_encoder.backbone.state_dict(), assign=True)
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
+        expected = model.visual_encoder.visual_features(images)
+        done = speed_up_frozen_backbone(model)
         features = model.visual_encoder.visual_features(images)
-        expected = trained.visual_encoder.pool_feature_maps(unfolded_backbone(trained)(images))
+    assert done.channels_last and (done.folded_norms > 0) == (kind == "cnn"), "only the ResNet has BatchNorms"
+    # Folded norms and channels_last weights reorder float32 arithmetic: rounding only (see test_frozen_backbone.py).
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-
-
-def test_a_trainable_backbone_keeps_its_batch_norms():
-    torch.manual_seed(0)
-    model = HVPNetModel(tiny_config(vision_backbone="resnet18", freeze_vision=False)).train()
-    images = torch.randn(4, 3, 64, 64)
-    features = model.visual_encoder.visual_features(images)
-    # In training mode the norms use the batch's statistics, which no folding can give.
-    expected = model.visual_encoder.pool_feature_maps(model.visual_encoder.backbone(images))
-    torch.testing.assert_close(features, expected)
-    assert folded_norms(model) == 0
-
-
-def test_threads_that_share_a_new_frozen_cnn_get_the_features_each_would_get_alone():
-    torch.manual_seed(0)
-    model = with_trained_norm_statistics(HVPNetModel(tiny_config(vision_backbone="resnet18"))).eval()
-    batches = [torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
-    start = threading.Barrier(4, timeout=60)
-
-    def first_pass(images: torch.Tensor) -> torch.Tensor:
-        if not start.broken:
-            start.wait()  # the first passes of a new model come at once, as a web app's first requests do
-        with torch.no_grad():
-            return model.visual_encoder.visual_features(images)
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        shared = list(pool.map(first_pass, batches))
-    with torch.no_grad():
-        alone = [model.visual_encoder.visual_features(images) for images in batches]
-    for expected, features in zip(alone, shared, strict=True):
-        torch.testing.assert_close(features, expected)
-
-
-def test_threads_that_share_a_model_run_their_backbone_passes_at_the_same_time():
-    torch.manual_seed(0)
-    model = HVPNetModel(tiny_config(vision_backbone="resnet18")).eval()
-    with torch.no_grad():
-        model.visual_encoder.visual_features(torch.randn(1, 3, 64, 64))  # anything done on a first pass is done
-    # Each pass waits inside the backbone until the other thread's pass is inside it too: passes that took turns
-    # would never meet there, and the barrier would break.
-    inside = threading.Barrier(2, timeout=20)
-    stem = next(module for module in model.visual_encoder.backbone.modules() if isinstance(module, torch.nn.Conv2d))
-
-    def meet(*_) -> None:
-        inside.wait()
-
-    stem.register_forward_hook(meet)
-    batches = [torch.randn(1, 3, 64, 64) for _ in range(2)]
-    with torch.no_grad(), ThreadPoolExecutor(max_workers=2) as pool:
-        features = list(pool.map(model.visual_encoder.visual_features, batches))
-    assert [tuple(item.shape[:1]) for item in features] == [(1,), (1,)]

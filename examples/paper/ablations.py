@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hvpnet_hf.analysis.reporting import write_report
 
-from runs import check_script_arguments, run_seeds, seed_count, summarise, summary_table, training_parser
+from runs import check_script_arguments, run_seeds, seed_count, summarize, summary_table, training_parser
 
 # name: (row label, flags of the training script), in the order of the paper's table.
 VARIANTS = {
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.variants:
         label, variant_flags = VARIANTS[name]
         runs = run_seeds(args.task, [args.config, *script_flags, *variant_flags], args.seeds, output_dir / name)
-        summary = summarise(runs)
+        summary = summarize(runs)
         report["variants"][name] = {"label": label, "flags": variant_flags, "runs": runs, "summary": summary}
         rows[label] = summary
     write_report(output_dir, "ablations", summary_table(rows, f"variant ({seed_count(len(args.seeds))})"), report)

@@ -23,7 +23,7 @@ from hvpnet_hf.modeling_hvpnet import default_out_indices
 from hvpnet_hf.pipelines import PIPELINE_FOR_TASK, task_of
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 
-from runs import check_script_arguments, run_script, seed_count, summarise, training_parser
+from runs import check_script_arguments, run_script, seed_count, summarize, training_parser
 
 # Settings the source and target models must share for the source weights to mean the same thing.
 SHARED_SETTINGS = (
@@ -71,7 +71,7 @@ def check_same_architecture(source: PretrainedConfig, target: PretrainedConfig) 
 def transfer_weights(source: PreTrainedModel, target: PreTrainedModel) -> dict[str, list[str]]:
     """
     Copies the source's encoder weights (text encoder and visual prefix) into the target's. Embedding rows of tokens
-    the source lacks (the relation markers) keep their new initialisation. Returns the parameter names of the target
+    the source lacks (the relation markers) keep their new initialization. Returns the parameter names of the target
     that were `loaded`, `partly_loaded` (embeddings) or `new`, and the source names left `unused`.
     """
     source_prefix, target_prefix = source.base_model_prefix, target.base_model_prefix
@@ -102,7 +102,7 @@ def transfer_weights(source: PreTrainedModel, target: PreTrainedModel) -> dict[s
 def build_transferred_start(source_dir: str, scratch_dir: Path, init_dir: Path, task: str, seed: int) -> dict:
     """
     Saves into `init_dir` the target model to train: the configuration and processor of the from-scratch run
-    (target labels and tokenizer), a freshly initialised head (seeded) and the source's encoder weights.
+    (target labels and tokenizer), a freshly initialized head (seeded) and the source's encoder weights.
     """
     if (init_dir / TRANSFER_FILE).is_file():
         return json.loads((init_dir / TRANSFER_FILE).read_text(encoding="utf-8"))
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             output_dir / "transferred" / f"seed-{seed}",
             [args.config, *seed_flags, "--model_name_or_path", str(init_dir)],
         )
-    summaries = {"from scratch": summarise(scratch), f"from {args.source}": summarise(transferred)}
+    summaries = {"from scratch": summarize(scratch), f"from {args.source}": summarize(transferred)}
     transfer = transfers[args.seeds[0]]
     lines = [
         f"| split | from scratch F1 ({seed_count(len(args.seeds))}) | from {args.source} F1 | change |",
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Loaded from the source: {module_counts(transfer['loaded'])}",
         f"Loaded in part: {', '.join(transfer['partly_loaded']) or 'none'}",
-        f"New (initialised fresh): {', '.join(transfer['new']) or 'none'}",
+        f"New (initialized fresh): {', '.join(transfer['new']) or 'none'}",
         f"Source parameters left unused: {', '.join(transfer['unused']) or 'none'}",
     ]
     report = {

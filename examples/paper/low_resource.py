@@ -13,7 +13,7 @@ from pathlib import Path
 from hvpnet_hf.analysis.plotting import pyplot
 from hvpnet_hf.analysis.reporting import format_score, write_report
 
-from runs import check_script_arguments, run_seeds, summarise, training_parser
+from runs import check_script_arguments, run_seeds, summarize, training_parser
 
 # folder: (label, flags of the training script)
 MODELS = {"image_aware": ("image-aware", []), "text_only": ("text-only (images masked)", ["--mask_images", "true"])}
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
             folder = output_dir / folder_name / f"ratio-{ratio:g}"
             arguments = [args.config, *script_flags, *model_flags, "--sample_ratio", str(ratio)]
             runs = run_seeds(args.task, arguments, args.seeds, folder)
-            curves[model][ratio] = summarise(runs)
+            curves[model][ratio] = summarize(runs)
             train_sizes = sorted({results["train_samples"] for results in runs.values()})
             report["models"][model]["ratios"][ratio] = {
                 "train_samples": train_sizes,

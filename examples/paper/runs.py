@@ -1,6 +1,6 @@
 """
 What the paper's training experiments share: they run the example training scripts (`examples/run_mner.py`,
-`examples/run_mre.py`) over seeds and variants, skip the runs that already finished, and summarise their
+`examples/run_mre.py`) over seeds and variants, skip the runs that already finished, and summarize their
 `all_results.json` as mean and standard deviation per split.
 """
 
@@ -105,7 +105,7 @@ def run_seeds(
     return {seed: run_script(task, output_dir / f"seed-{seed}", [*arguments, "--seed", str(seed)]) for seed in seeds}
 
 
-def summarise(runs: Mapping[Any, Mapping[str, float]]) -> Summary:
+def summarize(runs: Mapping[Any, Mapping[str, float]]) -> Summary:
     """`{split: {metric: {"mean", "std"}}}` over the runs; `std` is the sample standard deviation (None for one run)."""
     summary: Summary = {}
     for prefix, split in SPLITS.items():
@@ -139,8 +139,8 @@ def summary_table(rows: Mapping[str, Summary], first_column: str) -> str:
 
 
 def single_run_summary(results: Mapping[str, float]) -> Summary:
-    """One run's scores in the shape of `summarise` (no standard deviation)."""
-    return summarise({0: results})
+    """One run's scores in the shape of `summarize` (no standard deviation)."""
+    return summarize({0: results})
 
 
 def training_parser(description: str, default_output_dir: str) -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from runs import (
     run_seeds,
     seed_count,
     single_run_summary,
-    summarise,
+    summarize,
     summary_table,
     training_parser,
 )
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     check_script_arguments(args.task, [args.config, *script_flags])
     runs = run_seeds(args.task, [args.config, *script_flags], args.seeds, output_dir)
-    summary = summarise(runs)
+    summary = summarize(runs)
     rows = {f"seed {seed}": single_run_summary(results) for seed, results in runs.items()}
     rows[f"mean ± std ({seed_count(len(runs))})"] = summary
     report = {"config": args.config, "flags": script_flags, "runs": runs, "summary": summary}

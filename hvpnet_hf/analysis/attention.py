@@ -120,7 +120,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """A heat map per layer: entities down, every image slot's prefix tokens across (slots labelled)."""
+    """A heat map per layer: entities down, every image slot's prefix tokens across (slots labeled)."""
     plt = pyplot()
     num_layers, size = len(result["layers"]), result["tokens_per_image"]
     columns = min(num_layers, 4)

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
-from ..output_files import check_output_dir
 from ..loading import SPLIT_ALIASES, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
+from ..output_files import check_output_dir
 from ..pipelines import PIPELINE_FOR_TASK, task_of
 from ..processing_hvpnet import HVPNetProcessor
 from ..sample_data import sample_sources

@@ -8,6 +8,7 @@ layer on every backbone stage, over the present global images and, separately, o
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig
@@ -73,16 +74,22 @@ def markdown(gates: dict[str, dict]) -> str:
     return "\n\n".join(parts)
 
 
-def plot(gates: dict[str, dict], path: Path) -> None:
-    """Heat maps (text layer x backbone stage) of the mean gate weights, one panel per image group."""
+def figure(gates: dict[str, dict]) -> Any:
+    """A matplotlib `Figure` of heat maps (text layer x backbone stage) of the mean gate weights, one panel per image
+    group with a present image, at 150 dpi. It is open in pyplot: close it with `plotting.pyplot().close(figure)`."""
     plt = pyplot()
     shown = {group: entry for group, entry in gates.items() if entry["mean"] is not None}
     num_layers = len(next(iter(shown.values()))["mean"])
-    # One colour scale for both panels, spanning the weights (the cells print their values).
+    # One color scale for both panels, spanning the weights (the cells print their values).
     all_weights = torch.tensor([entry["mean"] for entry in shown.values()])
     low, high = all_weights.min().item(), all_weights.max().item()
-    figure, axes = plt.subplots(
-        1, len(shown), figsize=(3.2 * len(shown) + 0.8, 0.3 * num_layers + 1.5), squeeze=False, layout="constrained"
+    heat_maps, axes = plt.subplots(
+        1,
+        len(shown),
+        figsize=(3.2 * len(shown) + 0.8, 0.3 * num_layers + 1.5),
+        dpi=150,
+        squeeze=False,
+        layout="constrained",
     )
     for axis, (group, entry) in zip(axes[0], shown.items(), strict=True):
         weights = torch.tensor(entry["mean"])
@@ -95,9 +102,15 @@ def plot(gates: dict[str, dict], path: Path) -> None:
         axis.set_xlabel("backbone stage")
         axis.set_ylabel("text layer")
         axis.set_title(f"{group} ({entry['images']})")
-    figure.colorbar(image, ax=axes, label="mean gate weight")
-    figure.savefig(path, dpi=150)
-    plt.close(figure)
+    heat_maps.colorbar(image, ax=axes, label="mean gate weight")
+    return heat_maps
+
+
+def plot(gates: dict[str, dict], path: Path) -> None:
+    """Writes the heat maps of `figure` to the image file `path`."""
+    heat_maps = figure(gates)
+    heat_maps.savefig(path)
+    pyplot().close(heat_maps)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

@@ -1,7 +1,7 @@
 """
 Robustness to irrelevant images (the paper's error-sensitivity claim, section 4.4): scores a trained model on one
 split with its real images, with every example's images (global image and crops) taken from another example, with
-every present image replaced by a blank one (uniform grey: zero after normalisation) and with every image masked
+every present image replaced by a blank one (uniform gray: zero after normalization) and with every image masked
 (the text-only result). Writes `robustness.md` and `robustness.json` and prints the table.
 
     python -m hvpnet_hf.analysis.robustness --model outputs/demo/image_aware --output_dir outputs/robustness
@@ -46,7 +46,7 @@ def shuffle_images(examples: Dataset, seed: int) -> Dataset:
 
 
 def blank_images(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every image a uniform grey one (zero pixels after normalisation); which images are present is unchanged."""
+    """Every image a uniform gray one (zero pixels after normalization); which images are present is unchanged."""
     return {**batch, "pixel_values": torch.zeros_like(batch["pixel_values"])}
 
 
@@ -73,7 +73,8 @@ def score(
         outputs = model(**batch)
         if task == "ner":
             gold = [[id2label[tag] for tag in examples[row]["ner_tags"]] for row in rows]
-            predicted, gold, _ = align_word_predictions(outputs.predicted_tags.numpy(), labels.numpy(), gold, id2label)
+            tags = model.decode(outputs.logits, batch["word_start_mask"])
+            predicted, gold, _ = align_word_predictions(tags.numpy(), labels.numpy(), gold, id2label)
         else:
             predicted, gold = outputs.logits.argmax(-1).tolist(), labels.tolist()
         predictions += predicted

@@ -35,8 +35,8 @@ def align_word_predictions(
     Turns sub-word level NER output back into one tag per word.
 
     Args:
-        predicted_tags: `(num_examples, seq_len)` tag ids at first sub-words, -100 elsewhere (the model's
-            `predicted_tags`, as `Trainer` gathers them).
+        predicted_tags: `(num_examples, seq_len)` tag ids at first sub-words, -100 elsewhere (the NER head's
+            `decode`, as `HVPNetTrainer` gathers it).
         labels: `(num_examples, seq_len)` gold tag ids at the same positions, -100 elsewhere.
         gold_tags: every example's full list of gold word tags, including words cut off by truncation.
         id2label: tag names.
@@ -59,7 +59,7 @@ def align_word_predictions(
             raise ValueError(
                 f"example {index}: the labels seen by the model do not match the example's first gold tags"
             )
-        # The k-th labelled position holds the k-th word's first sub-word.
+        # The k-th labeled position holds the k-th word's first sub-word.
         word_ids = np.where(word_positions, np.cumsum(word_positions) - 1, -1)
         word_tags = [
             id2label[int(example_tags[position[1]])] if position is not None else "O"

@@ -1,0 +1,86 @@
+"""
+The package's two tasks, by the head class that serves each: the one lookup from a model (its class or its config's
+`architectures`) to its task and pipeline, and what a saved model records so that `pipeline(model=folder,
+trust_remote_code=True)` builds that pipeline where `hvpnet_hf` is not installed.
+
+The model module and the pipelines both import this module, and it imports neither of them: a model saves its
+pipeline's record and code without loading transformers' pipelines. Like the files it copies, it is saved with a
+model, so it imports only transformers.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import get_relative_import_files
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its name (`"ner"` or `"re"`: what `task_of` gives, and the key of its pipeline in a saved config's
+    `custom_pipelines`), the head class and Auto class of its models, and its pipeline (a class of `pipelines.py`)."""
+
+    name: str
+    model_class: str
+    auto_model_class: str
+    pipeline_class: str
+
+    @property
+    def pipeline_task(self) -> str:
+        """
+        The name the installed pipeline is registered under, `"multimodal-<name>"`. It cannot be the task's name:
+        transformers reads `"ner"` as token classification, and `pipeline()` looks a task up in the model's
+        `custom_pipelines` first, where it would ask for `trust_remote_code` even with `hvpnet_hf` installed.
+        """
+        return f"multimodal-{self.name}"
+
+
+NER = Task("ner", "HVPNetForTokenClassification", "AutoModelForTokenClassification", "MultimodalNerPipeline")
+RE = Task("re", "HVPNetForSequenceClassification", "AutoModelForSequenceClassification", "MultimodalRePipeline")
+TASKS = {task.name: task for task in (NER, RE)}
+TASK_OF_MODEL = {task.model_class: task for task in TASKS.values()}
+PIPELINES_FILE = Path(__file__).with_name("pipelines.py")
+
+
+def task_of_architectures(architectures: list[str] | None, source: str | os.PathLike) -> Task:
+    """The task of a model whose config records `architectures`; an error naming `source` unless exactly one
+    HVPNeT head is among them."""
+    tasks = {TASK_OF_MODEL[name] for name in architectures or [] if name in TASK_OF_MODEL}
+    if len(tasks) != 1:
+        raise ValueError(f"{source}: expected an HVPNeT NER or RE model, found architectures {architectures}")
+    return tasks.pop()
+
+
+def task_of(model: str | os.PathLike) -> str:
+    """The task ("ner" or "re") of a saved HVPNeT model (folder or Hub id), read from its config's `architectures`."""
+    config, _ = PreTrainedConfig.get_config_dict(model)
+    return task_of_architectures(config.get("architectures"), model).name
+
+
+def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike) -> None:
+    """
+    Records the pipeline of a task model in `model.config.custom_pipelines` and copies `pipelines.py` (with the
+    package files it imports) to `save_directory`, so `pipeline(model=save_directory_or_hub_id,
+    trust_remote_code=True)` builds it without `hvpnet_hf`. Also maps `AutoModel` to the encoder without a head
+    (`HVPNetModel`), which the model's own save does not record for a model with a head. As transformers records
+    `architectures` and `auto_map` when it saves, this runs when the model is saved, before its config is written.
+    """
+    task = TASK_OF_MODEL[type(model).__name__]
+    model.config.custom_pipelines = {
+        task.name: {
+            "impl": f"{PIPELINES_FILE.stem}.{task.pipeline_class}",
+            "pt": [task.auto_model_class],
+            "type": "multimodal",
+        }
+    }
+    modeling_module = type(model).__module__.split(".")[-1]
+    auto_map = getattr(model.config, "auto_map", None) or {}
+    model.config.auto_map = {**auto_map, "AutoModel": f"{modeling_module}.HVPNetModel"}
+    os.makedirs(save_directory, exist_ok=True)
+    for file in (PIPELINES_FILE, *get_relative_import_files(PIPELINES_FILE)):
+        shutil.copyfile(file, Path(save_directory) / Path(file).name)
+
+
+__all__ = ["NER", "RE", "TASKS", "TASK_OF_MODEL", "Task", "save_pipeline_code", "task_of", "task_of_architectures"]
