@@ -9,6 +9,7 @@ import json
 import shutil
 import typing
 from argparse import ArgumentError
+from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -261,7 +262,120 @@ def check_max_seq_length(model: PreTrainedModel, max_seq_length: int) -> None:
         )
 
 
+# The arguments both training scripts take besides `HVPNetTrainingArguments`; each script subclasses
+# `DataTrainingArguments` for what its task adds (its data set's name, MNRE's relation ids).
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune: a new one on a pretrained text encoder, or a trained HVPNeT folder."""
+
+    text_model_name_or_path: str = field(
+        default="bert-base-uncased",
+        metadata={"help": "Pretrained BERT-family text encoder (name or path): BERT, RoBERTa, XLM-R, ELECTRA, ..."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trained HVPNeT folder of the script's task to start from instead (e.g. to evaluate it only)."
+        },
+    )
+    vision_backbone: str | None = field(
+        default=None,
+        metadata={"help": "timm backbone with features_only support (a new model: HVPNetConfig's, resnet50)."},
+    )
+    vision_pretrained: bool = field(
+        default=False, metadata={"help": "Start the backbone from timm's pretrained weights (the paper's setting)."}
+    )
+    vision_checkpoint: str | None = field(
+        default=None, metadata={"help": "Local file with backbone weights (instead of downloading them)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "HVPNetConfig settings of a new model, e.g. 'prefix_mode=flat,num_object_images=2,"
+            "vision_out_indices=[-2, -1]' (values read as YAML)."
+        },
+    )
+    config_settings: dict[str, Any] = field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        self.config_settings = parse_config_overrides(self.config_overrides)
+
+
+@dataclass
+class DataTrainingArguments:
+    """The data to train and evaluate on, and how it is read."""
+
+    dataset: str = field(
+        default="sample",
+        metadata={
+            "help": "Name of the data set, written in the model card (any name works). 'sample' without data_dir or "
+            "data files uses the bundled sample set."
+        },
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with the split files, named *train*, *val* / *dev* / *valid*, *test*."}
+    )
+    train_file: str | None = field(default=None)
+    validation_file: str | None = field(default=None)
+    test_file: str | None = field(default=None)
+    image_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the images, flat or as {train,val,test}/."}
+    )
+    object_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the object crops, flat or as {train,val,test}/crops/."}
+    )
+    object_map_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder with the crop maps *_{train,val|dev,test}_dict.pth (default: data_dir)."},
+    )
+    mask_images: bool = field(
+        default=False, metadata={"help": "Mask every image: the same model, trained and evaluated on text only."}
+    )
+    missing_images: str = field(default="mask", metadata={"choices": ["mask", "error"]})
+    sample_ratio: float = field(default=1.0, metadata={"help": "Train on this random share of the training set."})
+    max_seq_length: int = field(
+        default=128,
+        metadata={
+            "help": "Longer inputs are cut (NER: cut words count as O; RE: the tokens nearest the markers stay)."
+        },
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Image side (default: the backbone's)."})
+    feature_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Read the frozen backbone's image features from a disk cache built on first use instead of "
+            "decoding and encoding every image in every epoch (off when the backbone is trained)."
+        },
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the feature caches (default: $HF_HOME/hvpnet_hf/visual_features)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep the first N test examples."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty output_dir: its checkpoints, results and predictions are deleted first "
+            "(without this flag or --resume_from_checkpoint, a non-empty output_dir is refused)."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("max_seq_length", "image_size", "max_train_samples", "max_eval_samples", "max_predict_samples"):
+            check_range(self, name, 1)
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
+
+    @property
+    def data_files(self) -> dict[str, str] | None:
+        files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
+        return {split: path for split, path in files.items() if path is not None} or None
+
+
 __all__ = [
+    "DataTrainingArguments",
+    "ModelArguments",
     "check_max_seq_length",
     "check_range",
     "check_trained_model_settings",
