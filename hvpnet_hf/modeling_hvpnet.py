@@ -854,6 +854,11 @@ def viterbi_decode(
     Returns (B, T): the tag id of every word at its first sub-word and -100 elsewhere (a row without words is all
     -100), the path `torchcrf.CRF.decode` finds.
     """
+    if emissions.dim() != 3 or word_start_mask.shape != emissions.shape[:2] or emissions.shape[2] != len(transitions):
+        raise ValueError(
+            f"decoding needs emissions (batch, tokens, {len(transitions)} tags) and a word_start_mask (batch, tokens) "
+            f"of the same text, got {tuple(emissions.shape)} and {tuple(word_start_mask.shape)}"
+        )
     tags = torch.full(word_start_mask.shape, -100, dtype=torch.long, device=emissions.device)
     word_index, word_mask = _word_positions(word_start_mask)
     if word_index.shape[1] == 0:

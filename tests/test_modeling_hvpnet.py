@@ -463,6 +463,15 @@ def test_emissions_need_no_word_starts():
         torch.testing.assert_close(model(**inputs).logits, model(**inputs, word_start_mask=word_start_mask).logits)
 
 
+@pytest.mark.parametrize(
+    ("logits_shape", "mask_shape"), [((2, 5, 3), (2, 4)), ((2, 5, 3), (3, 5)), ((2, 5, 4), (2, 5)), ((5, 3), (2, 5))]
+)
+def test_decode_refuses_emissions_and_word_starts_of_different_texts(logits_shape, mask_shape):
+    """A word-start mask of another text would otherwise be gathered from the first positions and give tags."""
+    with pytest.raises(ValueError, match=r"decoding needs emissions \(batch, tokens, 3 tags\)"):
+        ner_model().decode(torch.randn(logits_shape), torch.ones(mask_shape, dtype=torch.bool))
+
+
 def test_decode_finds_the_paths_of_pytorch_crf():
     """The batched Viterbi decode gives, row by row, the path pytorch-crf's `CRF.decode` finds over the words."""
     model = ner_model()
