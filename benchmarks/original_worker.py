@@ -25,16 +25,7 @@ import sys
 import types
 
 # The benchmarks' shared batch shape, timing and memory readings (torch and numpy, which their environment has).
-from bench_utils import (
-    BATCH_SIZE,
-    IMAGE_SIZE,
-    NUM_OBJECTS,
-    TEXT_LENGTH,
-    mean_seconds,
-    peak_rss_gib,
-    profiled_step,
-    rss_gib,
-)
+import bench_utils
 
 # Their label list (processor/dataset.py, `MMPNERProcessor.get_label_mapping`): PAD = 0, then these.
 LABELS = ["PAD", "O", "B-MISC", "I-MISC", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "X", "[CLS]", "[SEP]"]
@@ -61,13 +52,15 @@ def make_batch(generator) -> tuple:
     """Random inputs in the order of their `NERTrainer._step`, every sentence 80 tokens: [CLS], words, [SEP]."""
     import torch
 
-    input_ids = torch.randint(1000, 20000, (BATCH_SIZE, TEXT_LENGTH), generator=generator)
-    labels = torch.randint(1, LABELS.index("X") + 1, (BATCH_SIZE, TEXT_LENGTH), generator=generator)
+    text_shape = (bench_utils.BATCH_SIZE, bench_utils.TEXT_LENGTH)
+    image_shape = (3, bench_utils.IMAGE_SIZE, bench_utils.IMAGE_SIZE)
+    input_ids = torch.randint(1000, 20000, text_shape, generator=generator)
+    labels = torch.randint(1, LABELS.index("X") + 1, text_shape, generator=generator)
     labels[:, 0], labels[:, -1] = LABELS.index("[CLS]"), LABELS.index("[SEP]")
-    attention_mask = torch.ones(BATCH_SIZE, TEXT_LENGTH, dtype=torch.long)
-    token_type_ids = torch.zeros(BATCH_SIZE, TEXT_LENGTH, dtype=torch.long)
-    images = torch.randn(BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    aux_imgs = torch.randn(BATCH_SIZE, NUM_OBJECTS, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    attention_mask = torch.ones(text_shape, dtype=torch.long)
+    token_type_ids = torch.zeros(text_shape, dtype=torch.long)
+    images = torch.randn(bench_utils.BATCH_SIZE, *image_shape, generator=generator)
+    aux_imgs = torch.randn(bench_utils.BATCH_SIZE, bench_utils.NUM_OBJECTS, *image_shape, generator=generator)
     return input_ids, token_type_ids, attention_mask, labels, images, aux_imgs
 
 
@@ -82,7 +75,7 @@ def main() -> None:
     import torch
 
     model_class, trainer_class = load_original(args.checkout)
-    imports_gib = rss_gib()
+    imports_gib = bench_utils.rss_gib()
     torch.manual_seed(0)
     settings = argparse.Namespace(
         prompt_len=4, prompt_dim=800, use_prompt=True, device="cpu", bert_name=None, lr=3e-5, warmup_ratio=0.01
@@ -93,7 +86,7 @@ def main() -> None:
         train_data=range(TRAIN_BATCHES_PER_EPOCH), model=model, args=settings, logger=None, label_map=None
     )
     trainer.multiModal_before_train()
-    model_gib = rss_gib()
+    model_gib = bench_utils.rss_gib()
     generator = torch.Generator().manual_seed(0)
 
     def forward(batch: tuple):
@@ -122,16 +115,16 @@ def main() -> None:
     step = train if args.mode == "train" else infer
     if args.profile:
         step(make_batch(generator))
-        total, operators = profiled_step(step, make_batch(generator))
+        total, operators = bench_utils.profiled_step(step, make_batch(generator))
         print(json.dumps({"phases": {"total": total}, "operators": operators}))
         return
-    seconds = mean_seconds(step, [lambda: make_batch(generator)] * (args.repeats + 1))
+    seconds = bench_utils.mean_seconds(step, [lambda: make_batch(generator)] * (args.repeats + 1))
     optimized = sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
     print(
         json.dumps(
             {
                 "seconds": seconds,
-                "peak_rss_gib": peak_rss_gib(),
+                "peak_rss_gib": bench_utils.peak_rss_gib(),
                 "imports_gib": imports_gib,
                 "model_gib": model_gib,
                 "parameters": sum(p.numel() for p in model.parameters()),

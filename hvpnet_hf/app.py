@@ -23,6 +23,8 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,14 @@ from .analysis.gates import figure as gates_heat_maps
 from .analysis.gates import slot_presence
 from .analysis.plotting import pyplot
 from .image_processing_hvpnet import load_image
+from .loading import NO_RELATION, load_mner_dataset, load_mre_dataset
 from .object_detection import ObjectCropper, text_queries
 from .pipelines import PIPELINE_FOR_TASK, split_words
-from .tasks import NER, task_of
+from .sample_data import SAMPLE_DIR, sample_sources
+from .tasks import NER, RE, Task, task_of
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+# How many tweets of its sample set the page offers.
+NUM_SAMPLE_TWEETS = 3
 # Colors of the highlighted spans: NER entity types, and the RE head and tail.
 SPAN_COLORS = {
     "PER": "#f4a261",
@@ -60,64 +65,42 @@ MONO_FONTS = ("ui-monospace", "monospace")
 
 @dataclass(frozen=True)
 class SampleTweet:
-    """A bundled sample tweet: its text, its image and crops (paths under `sample_data/`), for RE its entities."""
+    """A test tweet of a bundled sample set: its text, its image and crops (file paths), for RE its entities."""
 
     text: str
     image: str
-    objects: tuple[str, ...] = ()
+    objects: tuple[str, ...]
     head: str = ""
     tail: str = ""
 
 
-# A few test tweets of the bundled sample sets (see sample_data/README.md); `tests/test_app.py` checks them against
-# the data files. Madison is a person here, which only the picture tells.
-SAMPLE_TWEETS = {
-    "multimodal-ner": [
-        SampleTweet(
-            "Breaking : United Nations confirms Lionel Messi as new CEO http://t.co/rdKHSKV309 #throwback",
-            "twitter/images/108434.jpg",
-            ("twitter/aux_images/test/crops/108434_crop_0.jpg", "twitter/aux_images/test/crops/108434_crop_1.jpg"),
-        ),
-        SampleTweet(
-            "First time at Madison and it was worth every penny while everyone else watches the Champions League "
-            "#nofilter 💯",
-            "twitter/images/108530.jpg",
-            ("twitter/aux_images/test/crops/108530_crop_0.jpg", "twitter/aux_images/test/crops/108530_crop_1.jpg"),
-        ),
-        SampleTweet(
-            "@travelbug Mayor of Bali says the city will host the Coachella next year http://t.co/1qR4PaD6yr",
-            "twitter/images/108423.jpg",
-            ("twitter/aux_images/test/crops/108423_crop_0.jpg",),
-        ),
-    ],
-    "multimodal-re": [
-        SampleTweet(
-            "Serena Williams married Shakira in Dubai last weekend 💍 #fridayfeeling",
-            "mnre/img_org/test/sample_test_0000.jpg",
-            ("mnre/img_vg/test/crops/sample_test_0000_crop_0.jpg",),
-            head="Serena Williams",
-            tail="Shakira",
-        ),
-        SampleTweet(
-            "Manchester United , a subsidiary of NASA , opened an office in California",
-            "mnre/img_org/test/sample_test_0003.jpg",
-            ("mnre/img_vg/test/crops/sample_test_0003_crop_0.jpg",),
-            head="Manchester United",
-            tail="NASA",
-        ),
-        SampleTweet(
-            "LeBron James , Wimbledon . Unreal night ✨ http://t.co/2wwmxmYx66",
-            "mnre/img_org/test/sample_test_0007.jpg",
-            (
-                "mnre/img_vg/test/crops/sample_test_0007_crop_0.jpg",
-                "mnre/img_vg/test/crops/sample_test_0007_crop_1.jpg",
-                "mnre/img_vg/test/crops/sample_test_0007_crop_2.jpg",
-            ),
-            head="LeBron James",
-            tail="Wimbledon",
-        ),
-    ],
-}
+@cache
+def sample_tweets(task: Task) -> tuple[SampleTweet, ...]:
+    """The first `NUM_SAMPLE_TWEETS` test tweets of the bundled sample set of `task` (read by the package's loaders)
+    that have an image, an object crop and something to find: an entity (NER), a relation other than none (RE)."""
+    sources = sample_sources(task.name)
+    if task is NER:
+        test = load_mner_dataset(**sources)["test"]
+        found = (
+            SampleTweet(" ".join(tweet["tokens"]), tweet["image"], tuple(tweet["objects"]))
+            for tweet in test
+            if tweet["image"] and tweet["objects"] and any(tweet["ner_tags"])
+        )
+    else:
+        test = load_mre_dataset(**sources)["test"]
+        no_relation = test.features["relation"].str2int(NO_RELATION)
+        found = (
+            SampleTweet(
+                " ".join(tweet["tokens"]),
+                tweet["image"],
+                tuple(tweet["objects"]),
+                head=tweet["head"]["name"],
+                tail=tweet["tail"]["name"],
+            )
+            for tweet in test
+            if tweet["image"] and tweet["objects"] and tweet["relation"] != no_relation
+        )
+    return tuple(islice(found, NUM_SAMPLE_TWEETS))
 
 
 class InputError(ValueError):
@@ -238,9 +221,9 @@ class HVPNetApp:
             self.cropper = ObjectCropper(detector, num_objects=num_objects)
 
     @property
-    def task(self) -> str:
-        """`"multimodal-ner"` or `"multimodal-re"` (NER's layout when the model could not be loaded)."""
-        return (NER if self.classifier is None else self.classifier.hvpnet_task).pipeline_task
+    def task(self) -> Task:
+        """The model's task (NER's layout when the model could not be loaded)."""
+        return NER if self.classifier is None else self.classifier.hvpnet_task
 
     def predict(
         self,
@@ -274,7 +257,7 @@ class HVPNetApp:
         image = read_image(image_path, "image")
         crops = [read_image(path, "crop") for path in object_paths or []]
         spans = {}
-        if self.task == "multimodal-re":
+        if self.task is RE:
             spans = {role: find_span(words, mention, role) for role, mention in (("head", head), ("tail", tail))}
         boxes = []
         if detect and not crops and image is not None and self.cropper is not None:
@@ -286,7 +269,7 @@ class HVPNetApp:
         unused = f" ({len(crops) - num_slots} more crop(s) given than the model's {num_slots} slots: not used)"
         unused = unused if len(crops) > num_slots else ""
         crops, boxes = crops[:num_slots], boxes[:num_slots]
-        if self.task == "multimodal-ner":
+        if self.task is NER:
             inputs = {"text": text, "image": image, "objects": crops}
             shown = self._ner_outputs(text, inputs)
         else:
@@ -385,7 +368,7 @@ def gradio():
 def build_page(app: HVPNetApp):
     """The gradio page of `app` (a `gradio.Blocks`, not yet launched)."""
     gr = gradio()
-    is_re = app.task == "multimodal-re"
+    is_re = app.task is RE
     with gr.Blocks(title="HVPNeT", analytics_enabled=False) as page:
         gr.Markdown(page_header(app))
         if app.classifier is None:
@@ -407,7 +390,7 @@ def build_page(app: HVPNetApp):
                 )
                 submit = gr.Button("Predict", variant="primary", elem_id="predict")
                 gr.Examples(
-                    [sample_row(tweet, is_re) for tweet in SAMPLE_TWEETS[app.task]],
+                    [sample_row(tweet, is_re) for tweet in sample_tweets(app.task)],
                     inputs=[text, head, tail, image, objects] if is_re else [text, image, objects],
                     label="Sample tweets (from the bundled sample set)",
                 )
@@ -450,7 +433,7 @@ def build_page(app: HVPNetApp):
 
 def sample_row(tweet: SampleTweet, is_re: bool) -> list:
     """The values a sample tweet gives the page's inputs (text, for RE head and tail, image, crops)."""
-    files = [str(SAMPLE_DIR / tweet.image), [str(SAMPLE_DIR / crop) for crop in tweet.objects]]
+    files = [tweet.image, list(tweet.objects)]
     return [tweet.text, tweet.head, tweet.tail, *files] if is_re else [tweet.text, *files]
 
 
@@ -460,7 +443,7 @@ def page_header(app: HVPNetApp) -> str:
     if app.classifier is None:
         return title
     labels = app.classifier.model.config.id2label
-    if app.task == "multimodal-ner":
+    if app.task is NER:
         types = sorted({label[2:] for label in labels.values() if label != "O"})
         what = f"named entities ({', '.join(types)})"
     else:

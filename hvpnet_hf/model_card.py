@@ -6,12 +6,11 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import PretrainedConfig, Trainer, TrainingArguments
 
-# hvpnet_hf/model_cards links to the repository's model_cards/, so wheels carry the templates too.
+from .tasks import TASKS
+
+# hvpnet_hf/model_cards links to the repository's model_cards/, so wheels carry the templates too: one per task,
+# `hvpnet_<task name>.md`.
 TEMPLATES_DIR = Path(__file__).parent / "model_cards"
-TASKS = {
-    "ner": {"template": "hvpnet_ner.md", "pipeline_tag": "token-classification", "task_name": "Multimodal NER"},
-    "re": {"template": "hvpnet_re.md", "pipeline_tag": "text-classification", "task_name": "Multimodal RE"},
-}
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
 SAMPLE_NOTE = "Trained on the small synthetic sample set bundled with hvpnet_hf: a demonstration, not a usable model."
 # What a published repository holds, top-level files only: the weights, the config, the code of the model, the
@@ -107,8 +106,8 @@ def render_model_card(
     ]
     eval_results = [
         EvalResult(
-            task_type=spec["pipeline_tag"],
-            task_name=spec["task_name"],
+            task_type=spec.hub_pipeline_tag,
+            task_name=f"Multimodal {task.upper()}",
             dataset_type=dataset_name,
             dataset_name=dataset_name,
             dataset_split=split,
@@ -121,8 +120,8 @@ def render_model_card(
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag=spec["pipeline_tag"],
-        tags=["hvpnet", "multimodal", f"multimodal-{task}", "visual-prefix"],
+        pipeline_tag=spec.hub_pipeline_tag,
+        tags=["hvpnet", "multimodal", spec.pipeline_task, "visual-prefix"],
         datasets=[dataset_name],
         metrics=["precision", "recall", "f1"],
         eval_results=eval_results,
@@ -146,7 +145,7 @@ def render_model_card(
         architecture["relation pooling"] = config.relation_pooling
     return ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATES_DIR / spec["template"]),
+        template_path=str(TEMPLATES_DIR / f"hvpnet_{task}.md"),
         model_id=model_id,
         model_name=model_name,
         dataset=dataset_name,

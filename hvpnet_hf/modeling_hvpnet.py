@@ -1,7 +1,10 @@
 """PyTorch HVPNeT: a BERT-family encoder whose self-attention layers also attend to a hierarchical visual prefix.
 
 Chen et al., "Good Visual Guidance Makes A Better Extractor: Hierarchical Visual Prefix for Multimodal Entity and
-Relation Extraction", NAACL 2022 Findings. Section numbers in comments refer to that paper.
+Relation Extraction", NAACL 2022 Findings. Section numbers in comments refer to that paper, and the file follows
+its order: the visual prefix (§3.1-3.3, eq. 1-6 and 8), the prefix attention (eq. 7 and 9) in the text encoder's
+layers, the encoder, and the NER and RE heads (§3.4). The backbone the prefix reads (`vision_backbone.py`) and the
+prefix in the layout of the authors' code (`original_visual_prefix.py`) have modules of their own.
 
 Shapes: B = batch, T = text length, n = images per example (global image + object crops), L = text layers,
 c = backbone stages, g = prefix grid side, P = n * g * g prefix tokens, d = hidden size, H = heads, h = head size.
@@ -15,9 +18,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
-import timm
 import torch
-from timm.layers import Format
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchcrf import CRF
@@ -32,7 +33,9 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import install_output_capuring_hook
 
 from .configuration_hvpnet import HVPNetConfig
+from .original_visual_prefix import HVPNetOriginalVisualPrefixEncoder
 from .tasks import TASK_OF_MODEL, save_pipeline_code
+from .vision_backbone import HVPNetVisionEncoderBase, VisualPrefix
 
 logger = logging.get_logger(__name__)
 
@@ -84,261 +87,6 @@ class HVPNetSequenceClassifierOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     gate_weights: torch.FloatTensor | None = None
-
-
-@dataclass
-class VisualPrefix:
-    """Per-layer visual prefix: keys and values, tuples of L tensors (B, H, P, h), mask (B, P) True where an image is
-    present, gate weights (B, n, L, c).
-
-    One tensor per layer rather than one (L, B, H, P, h) tensor: the backward of a layer's slice of a stacked tensor
-    would fill a zero tensor of the whole stack for each layer."""
-
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    mask: torch.Tensor
-    gate_weights: torch.Tensor
-
-
-class HVPNetSelfAttention(BertSelfAttention):
-    """BERT self-attention whose keys and values are prefixed by its layer's visual prefix (paper eq. 9).
-
-    `HVPNetModel` hands the prefix of all layers down through the text model as the keyword argument
-    `visual_prefix`; the attention of layer `layer_idx` prepends that layer's keys and values to the text's, and the
-    prefix columns to the text mask that the text model built. Queries stay text-only, so the output keeps the text
-    length.
-    """
-
-    @classmethod
-    def from_family_attention(cls, attention: nn.Module) -> "HVPNetSelfAttention":
-        """The prefix attention on the projections and dropout of `attention`, the self-attention module a supported
-        family built (it has BERT's modules, names and sizes): the same weights under the same names."""
-        with torch.device("meta"):  # the projections BERT's constructor builds are replaced: allocate none
-            prefix_attention = cls(attention.config, is_causal=attention.is_causal, layer_idx=attention.layer_idx)
-        for name in ("query", "key", "value", "dropout"):
-            setattr(prefix_attention, name, getattr(attention, name))
-        return prefix_attention
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        visual_prefix: VisualPrefix | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.attention_head_size)
-        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
-        if visual_prefix is not None:
-            key = torch.cat([visual_prefix.keys[self.layer_idx].to(key.dtype), key], dim=2)
-            value = torch.cat([visual_prefix.values[self.layer_idx].to(value.dtype), value], dim=2)
-            attention_mask = _prepend_prefix_mask(attention_mask, visual_prefix.mask, query)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.dropout.p if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
-
-
-def build_text_model(text_config: PreTrainedConfig, add_pooling_layer: bool) -> PreTrainedModel:
-    """The family's own text model for `text_config` (the class `AutoModel` builds for its type), with the prefix
-    attention in place of every self-attention module, on the same weights (ELECTRA has no pooler, whatever
-    `add_pooling_layer` says)."""
-    pooling = {} if text_config.model_type == "electra" else {"add_pooling_layer": add_pooling_layer}
-    text_model = MODEL_MAPPING[type(text_config)](text_config, **pooling)
-    # transformers records attention weights with a hook on the modules of the class the family's model names in
-    # `_can_record_outputs`: its own self-attention class, of which only BERT's prefix attention is an instance.
-    recorded_class = text_model._can_record_outputs["attentions"]
-    for layer in text_model.encoder.layer:
-        layer.attention.self = HVPNetSelfAttention.from_family_attention(layer.attention.self)
-        if not isinstance(layer.attention.self, recorded_class):
-            install_output_capuring_hook(layer.attention.self, "attentions", index=1)
-    return text_model
-
-
-def checkpoint_with_visual_prefix(
-    checkpoint_function: Callable, layer_forward: Callable, *args: torch.Tensor
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Run `checkpoint_function`, the layers' activation checkpointing function, on a text layer with the visual
-    prefix's keys and values among its positional inputs.
-
-    A layer hands its checkpointing function its forward with the keyword arguments bound (`layer_forward`, a
-    `partial` holding `visual_prefix`) and its positional inputs (`args`). Reentrant checkpointing
-    (`use_reentrant=True`) only tracks positional tensors: with the prefix bound as a keyword, each layer's
-    recomputation in backward would backpropagate through the prefix encoder's graph on its own, and the next layer
-    would find that graph freed. A wrapper around the installed function (transformers' own tests install one that
-    counts the calls) hides the keywords; such a call is checkpointed without reentrance, which tracks every tensor.
-    """
-    if not isinstance(layer_forward, partial):
-        return checkpoint_function(layer_forward, *args, use_reentrant=False)
-    visual_prefix = layer_forward.keywords.get("visual_prefix")
-    if visual_prefix is None:
-        return checkpoint_function(layer_forward, *args)
-    num_inputs, num_layers = len(args), len(visual_prefix.keys)
-
-    def forward_with_prefix(*inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        keys_and_values = inputs[num_inputs:]
-        prefix = replace(visual_prefix, keys=keys_and_values[:num_layers], values=keys_and_values[num_layers:])
-        return layer_forward(*inputs[:num_inputs], visual_prefix=prefix)
-
-    return checkpoint_function(forward_with_prefix, *args, *visual_prefix.keys, *visual_prefix.values)
-
-
-def _prepend_prefix_mask(
-    attention_mask: torch.Tensor | None, prefix_mask: torch.Tensor, query: torch.Tensor
-) -> torch.Tensor:
-    """Extend the text mask the text model built to the prefix keys, which come first.
-
-    attention_mask: None (every text key visible), boolean (B, 1, T, T) True where visible (sdpa), or additive
-        (B, 1, T, T) with 0 or the dtype's minimum (eager). prefix_mask: (B, P) True where the image is present.
-    Returns a mask of the same kind over P + T keys; from None, an additive one (eager and sdpa both take it).
-    """
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        prefix_columns = prefix_mask[:, None, None, :].expand(-1, 1, attention_mask.shape[2], -1)
-        return torch.cat([prefix_columns.to(attention_mask.device), attention_mask], dim=-1)
-    dtype = query.dtype if attention_mask is None else attention_mask.dtype
-    prefix_columns = torch.zeros(prefix_mask.shape, dtype=dtype, device=query.device)
-    prefix_columns = prefix_columns.masked_fill(~prefix_mask.to(query.device), torch.finfo(dtype).min)
-    prefix_columns = prefix_columns[:, None, None, :]
-    if attention_mask is None:
-        text_columns = prefix_columns.new_zeros(query.shape[0], 1, 1, query.shape[2])
-    else:
-        text_columns = attention_mask
-        prefix_columns = prefix_columns.expand(-1, 1, attention_mask.shape[2], -1)
-    return torch.cat([prefix_columns, text_columns], dim=-1)
-
-
-# When `vision_out_indices` is None, the prefix reads this many backbone levels: the paper's four ResNet stages.
-NUM_DEFAULT_LEVELS = 4
-
-
-def create_feature_backbone(config: HVPNetConfig, pretrained: bool | str = False) -> nn.Module:
-    """The timm feature extractor (`features_only=True`) of `config.vision_backbone` at the levels
-    `config.vision_out_indices`, or `default_out_indices` when None; its `feature_info.out_indices` are the levels
-    used. `pretrained`: False (random weights, nothing downloaded), True (timm's pretrained weights) or the path of a
-    local checkpoint file."""
-    levels = config.vision_out_indices
-    if levels is None:
-        levels = default_out_indices(config.vision_backbone, config.vision_model_args)
-    return _timm_features(
-        config.vision_backbone,
-        config.vision_model_args,
-        pretrained=bool(pretrained),
-        out_indices=tuple(levels),
-        pretrained_cfg_overlay={"file": pretrained} if isinstance(pretrained, str) else None,
-    )
-
-
-def default_out_indices(backbone: str, model_args: dict) -> list[int]:
-    """The backbone levels a prefix reads by default. A plain ViT's levels are its blocks, all of one resolution:
-    four of them spread evenly over its depth, as DPT (Ranftl et al., ICCV 2021) reads blocks 3, 6, 9 and 12 of a
-    ViT-B (its last four blocks would see nearly the same features). Any other backbone (CNN, Swin): its last four
-    levels, the four ResNet stages of the paper."""
-    with torch.device("meta"):  # only the layout of the levels is read: no weights are allocated or initialized
-        levels = _timm_features(backbone, model_args, pretrained=False).feature_info.info
-    count = len(levels)
-    if len({level["reduction"] for level in levels}) == 1 and count > NUM_DEFAULT_LEVELS:
-        return [count * (level + 1) // NUM_DEFAULT_LEVELS - 1 for level in range(NUM_DEFAULT_LEVELS)]
-    return list(range(max(count - NUM_DEFAULT_LEVELS, 0), count))
-
-
-def _timm_features(backbone: str, model_args: dict, **kwargs) -> nn.Module:
-    """`timm.create_model(backbone, features_only=True, ...)`, with an error naming the backbone when timm cannot
-    build it as a feature extractor (an unknown name, a model without feature maps, a wrong model argument)."""
-    # Without a classifier (`num_classes=0`): the feature extractor drops it, and building it would only allocate
-    # and free its weights.
-    try:
-        return timm.create_model(backbone, features_only=True, **{"num_classes": 0, **model_args}, **kwargs)
-    except (AssertionError, AttributeError, RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"vision_backbone {backbone!r}: timm cannot build it with features_only=True, which HVPNeT reads its "
-            f"visual prefix from ({type(error).__name__}: {error})"
-        ) from error
-
-
-class HVPNetVisionEncoderBase(nn.Module):
-    """What the prefix encoders share: sizes read from the config and the timm feature pyramid
-    (`features_only=True`, levels `config.vision_out_indices`), frozen when `config.freeze_vision`: no autograd
-    through it and fixed BatchNorm statistics. Building it never downloads weights.
-
-    Every encoder has a fixed part, `visual_features` (backbone and pooling to the prefix grid: what a feature cache
-    stores when the backbone is frozen), and a trainable part, `prefix_from_features`; `forward` chains the two.
-    """
-
-    def __init__(self, config: HVPNetConfig):
-        super().__init__()
-        text_config = config.text_config
-        self.num_layers = text_config.num_hidden_layers
-        self.num_heads = text_config.num_attention_heads
-        self.hidden_size = text_config.hidden_size
-        self.grid = config.prefix_grid
-        self.freeze_backbone = config.freeze_vision
-        self.chunk_size = config.vision_chunk_size
-        self.backbone = create_feature_backbone(config)
-        # EfficientNet and MobileNetV3 features come from timm classes of their own, channels first, that do not
-        # set `output_fmt`.
-        self.maps_channels_last = Format(getattr(self.backbone, "output_fmt", Format.NCHW)) == Format.NHWC
-        # timm zero-initializes the last BatchNorm weight of every residual block (`zero_init_last`); mark those
-        # BatchNorms so that `_init_weights` does the same for weights missing from a checkpoint.
-        for block in self.backbone.modules():
-            if hasattr(block, "zero_init_last"):
-                [*_, last_norm] = (child for child in block.children() if isinstance(child, nn.BatchNorm2d))
-                last_norm.zero_init_weight = True
-        if self.freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-
-    def train(self, mode: bool = True) -> "HVPNetVisionEncoderBase":
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
-
-    def visual_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) → (N, g*g, C) the pooled backbone features, C channels over the used stages.
-
-        The backbone sees at most `config.vision_chunk_size` images per call, so its peak memory follows the chunk.
-        """
-        # An exported graph runs all images in one call: the number of chunks would tie it to one batch size.
-        chunked = self.chunk_size and not torch.compiler.is_exporting()
-        chunks = images.split(self.chunk_size) if chunked else (images,)
-        # Pixels arrive in float32; a backbone in bfloat16 (a bf16 model, or a frozen backbone held in bfloat16)
-        # takes them in its own dtype.
-        dtype = next(self.backbone.parameters()).dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            return torch.cat([self.pool_feature_maps(self.backbone(chunk.to(dtype))) for chunk in chunks])
-
-    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
-        """One map (N, C_i, H_i, W_i) per pyramid level → (N, g*g, C) the features the trainable part reads."""
-        raise NotImplementedError
-
-    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
-        """features (B, n, g*g, C) from `visual_features`, present (B, n) bool → the per-layer visual prefix."""
-        raise NotImplementedError
-
-    def load_pretrained_backbone(self, pretrained: bool | str, config: HVPNetConfig) -> None:
-        """Load timm's pretrained weights (`True`) or a local checkpoint file (a path) into the backbone."""
-        self.backbone.load_state_dict(create_feature_backbone(config, pretrained).state_dict())
-
-    def channels_first(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The backbone's maps as (N, C_i, H_i, W_i). Hierarchical transformers such as Swin give them channels last,
-        (N, H_i, W_i, C_i), as timm's `output_fmt` says; plain ViTs come as grids of their patch tokens, without the
-        class and register tokens (timm's `forward_intermediates` leaves those out)."""
-        if self.maps_channels_last:
-            return [feature_map.permute(0, 3, 1, 2) for feature_map in feature_maps]
-        return feature_maps
 
 
 class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
@@ -452,110 +200,96 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
         return len(self.stage_indices)
 
 
-# The visual prefix as the authors' released HVPNeT code computes it (`prefix_mode="original"`).
-#
-# That code (which produced the paper's Table 1) differs from the paper's text. It is kept as its own class, apart
-# from the paper mode, so that checkpoints trained with it can be converted (`convert_original_checkpoint.py`) and
-# give the same outputs. What it does, per image:
-#
-# 1. Average-pool every backbone stage with `AvgPool2d(k, stride=k)`, `k = size // g` (a 7x7 map gets k=3: a 2x2
-#    grid over its top-left 6x6 corner), concatenate the pooled maps on channels: (C, g, g).
-# 2. Reinterpret that memory with a raw view as g*g tokens of C features (not a transpose).
-# 3. `encoder_conv`: Linear(C, 800) -> Tanh -> Linear(800, c * 2d), split into c chunks of 2d: the gate's "stages".
-# 4. For layer l: gate = softmax(leaky_relu(W_l(mean of the chunks, flattened))), gated sum of the chunks: (g*g, 2d).
-# 5. Concatenate the images of an example on the token axis, split key (first d) and value (last d), and turn each
-#    (P, d) into heads with a raw reshape to (H, P, h) (again not a transpose).
-#
-# Absent images are all-zero images that are still gated and attended, as in that code: unlike the paper mode, a
-# masked image is not the same as no image. Only a forward without any pixel values is text-only.
-#
-# Shapes: B = batch, n = images per example, N = B * n, L = text layers, c = chunks (one per backbone stage),
-# g = prefix grid side, t = g * g tokens per image, P = n * t, d = hidden size, H = heads, h = head size.
+class HVPNetSelfAttention(BertSelfAttention):
+    """BERT self-attention whose keys and values are prefixed by its layer's visual prefix (paper eq. 9).
 
-# Width of the hidden layer of the original `encoder_conv` MLP.
-ORIGINAL_MLP_HIDDEN_SIZE = 800
-
-
-class HVPNetOriginalVisualPrefixEncoder(HVPNetVisionEncoderBase):
-    """Images → per-layer visual prefix in the layout of the authors' code, for all images in batched backbone calls.
-
-    Module names follow that code (`encoder_conv`, one linear `gate` holding its L `gates`) so that its checkpoints
-    map key by key.
+    `HVPNetModel` hands the prefix of all layers down through the text model as the keyword argument
+    `visual_prefix`; the attention of layer `layer_idx` prepends that layer's keys and values to the text's, and the
+    prefix columns to the text mask that the text model built. Queries stay text-only, so the output keeps the text
+    length.
     """
 
-    def __init__(self, config: HVPNetConfig):
-        super().__init__(config)
-        reductions = self.backbone.feature_info.reduction()
-        if self.maps_channels_last or len(set(reductions)) < len(reductions):
-            layout = "channels-last maps" if self.maps_channels_last else "several levels of one resolution"
-            raise ValueError(
-                "prefix_mode='original' reproduces the authors' code, which pools the stage pyramid of a ResNet-50 "
-                f"(channels first, one resolution per stage); vision_backbone {config.vision_backbone!r} gives "
-                f"{layout}. Use prefix_mode='pyramid' with it."
-            )
-        self.num_stages = len(self.backbone.feature_info.channels())
-        tokens = self.grid**2
-        self.encoder_conv = nn.Sequential(
-            nn.Linear(sum(self.backbone.feature_info.channels()), ORIGINAL_MLP_HIDDEN_SIZE),
-            nn.Tanh(),
-            nn.Linear(ORIGINAL_MLP_HIDDEN_SIZE, self.num_stages * 2 * self.hidden_size),
+    @classmethod
+    def from_family_attention(cls, attention: nn.Module) -> "HVPNetSelfAttention":
+        """The prefix attention on the projections and dropout of `attention`, the self-attention module a supported
+        family built (it has BERT's modules, names and sizes): the same weights under the same names."""
+        with torch.device("meta"):  # the projections BERT's constructor builds are replaced: allocate none
+            prefix_attention = cls(attention.config, is_causal=attention.is_causal, layer_idx=attention.layer_idx)
+        for name in ("query", "key", "value", "dropout"):
+            setattr(prefix_attention, name, getattr(attention, name))
+        return prefix_attention
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        visual_prefix: VisualPrefix | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.attention_head_size)
+        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        if visual_prefix is not None:
+            key = torch.cat([visual_prefix.keys[self.layer_idx].to(key.dtype), key], dim=2)
+            value = torch.cat([visual_prefix.values[self.layer_idx].to(value.dtype), value], dim=2)
+            attention_mask = _prepend_prefix_mask(attention_mask, visual_prefix.mask, query)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
         )
-        # The original's L gate layers Linear(t * 2d, c), stacked as one layer t * 2d -> L * c.
-        self.gate = nn.Linear(tokens * 2 * self.hidden_size, self.num_layers * self.num_stages)
-
-    def pool_feature_maps(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
-        """(N, t, C): every stage pooled to g x g, concatenated on channels, raw-viewed."""
-        pooled = []
-        for stage, feature_map in enumerate(feature_maps):
-            kernel = feature_map.shape[-2] // self.grid  # from the map's height, as in the original
-            grid = nn.functional.avg_pool2d(feature_map, kernel_size=kernel, stride=kernel) if kernel > 0 else None
-            if grid is None or grid.shape[-2:] != (self.grid, self.grid):
-                raise ValueError(
-                    f"prefix_mode='original' pools backbone stage {stage} (a {tuple(feature_map.shape[-2:])} map) "
-                    f"with kernel height // prefix_grid, which does not give a {self.grid}x{self.grid} grid; use "
-                    "square images large enough (the original code uses 224x224)"
-                )
-            pooled.append(grid)
-        channels_first = torch.cat(pooled, dim=1).contiguous()  # (N, C, g, g)
-        return channels_first.view(channels_first.shape[0], self.grid**2, -1)
-
-    def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
-        """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool.
-
-        Absent images are replaced by zero images and, like every other image, attended.
-        """
-        present = present.to(device=images.device, dtype=torch.bool)
-        images = images.masked_fill(~present[:, :, None, None, None], 0.0)
-        features = self.visual_features(images.flatten(0, 1))
-        return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
-
-    def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
-        """features (B, n, t, C) from `visual_features`; present (B, n). An absent image must hold the features of
-        a zero image (what `forward` and the feature cache give it): it is attended like any other."""
-        batch_size, num_images = present.shape
-        features = features.flatten(0, 1).to(self.gate.weight.dtype)  # to the layers' dtype
-        chunks = self.encoder_conv(features)
-        chunks = chunks.view(features.shape[0], self.grid**2, self.num_stages, 2 * self.hidden_size)  # (N, t, c, 2d)
-        gate_logits = self.gate(chunks.mean(dim=2).flatten(1)).view(-1, self.num_layers, self.num_stages)
-        gate_weights = nn.functional.leaky_relu(gate_logits).float().softmax(dim=-1).to(chunks.dtype)  # (N, L, c)
-        gated = torch.einsum("nlc,ntcd->nltd", gate_weights, chunks)  # (N, L, t, 2d)
-
-        # Images of one example side by side on the token axis: (B, L, P, 2d).
-        prefix = gated.view(batch_size, num_images, self.num_layers, -1, 2 * self.hidden_size).transpose(1, 2)
-        prefix = prefix.flatten(2, 3)
-        num_tokens = prefix.shape[2]
-
-        def to_heads(states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            """(B, L, P, d) → L tensors (B, H, P, h) by the original's raw reshape of each layer's (P, d) memory."""
-            states = states.contiguous().view(batch_size, self.num_layers, self.num_heads, num_tokens, -1)
-            return states.unbind(1)
-
-        return VisualPrefix(
-            keys=to_heads(prefix[..., : self.hidden_size]),
-            values=to_heads(prefix[..., self.hidden_size :]),
-            mask=present.new_ones(batch_size, num_tokens),
-            gate_weights=gate_weights.view(batch_size, num_images, self.num_layers, self.num_stages),
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
         )
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+def _prepend_prefix_mask(
+    attention_mask: torch.Tensor | None, prefix_mask: torch.Tensor, query: torch.Tensor
+) -> torch.Tensor:
+    """Extend the text mask the text model built to the prefix keys, which come first.
+
+    attention_mask: None (every text key visible), boolean (B, 1, T, T) True where visible (sdpa), or additive
+        (B, 1, T, T) with 0 or the dtype's minimum (eager). prefix_mask: (B, P) True where the image is present.
+    Returns a mask of the same kind over P + T keys; from None, an additive one (eager and sdpa both take it).
+    """
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        prefix_columns = prefix_mask[:, None, None, :].expand(-1, 1, attention_mask.shape[2], -1)
+        return torch.cat([prefix_columns.to(attention_mask.device), attention_mask], dim=-1)
+    dtype = query.dtype if attention_mask is None else attention_mask.dtype
+    prefix_columns = torch.zeros(prefix_mask.shape, dtype=dtype, device=query.device)
+    prefix_columns = prefix_columns.masked_fill(~prefix_mask.to(query.device), torch.finfo(dtype).min)
+    prefix_columns = prefix_columns[:, None, None, :]
+    if attention_mask is None:
+        text_columns = prefix_columns.new_zeros(query.shape[0], 1, 1, query.shape[2])
+    else:
+        text_columns = attention_mask
+        prefix_columns = prefix_columns.expand(-1, 1, attention_mask.shape[2], -1)
+    return torch.cat([prefix_columns, text_columns], dim=-1)
+
+
+def build_text_model(text_config: PreTrainedConfig, add_pooling_layer: bool) -> PreTrainedModel:
+    """The family's own text model for `text_config` (the class `AutoModel` builds for its type), with the prefix
+    attention in place of every self-attention module, on the same weights (ELECTRA has no pooler, whatever
+    `add_pooling_layer` says)."""
+    pooling = {} if text_config.model_type == "electra" else {"add_pooling_layer": add_pooling_layer}
+    text_model = MODEL_MAPPING[type(text_config)](text_config, **pooling)
+    # transformers records attention weights with a hook on the modules of the class the family's model names in
+    # `_can_record_outputs`: its own self-attention class, of which only BERT's prefix attention is an instance.
+    recorded_class = text_model._can_record_outputs["attentions"]
+    for layer in text_model.encoder.layer:
+        layer.attention.self = HVPNetSelfAttention.from_family_attention(layer.attention.self)
+        if not isinstance(layer.attention.self, recorded_class):
+            install_output_capuring_hook(layer.attention.self, "attentions", index=1)
+    return text_model
 
 
 class HVPNetPreTrainedModel(PreTrainedModel):
@@ -646,24 +380,6 @@ class HVPNetPreTrainedModel(PreTrainedModel):
         if tokenizer is not None and len(tokenizer) != text_config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
         return model
-
-
-def _check_config_kwargs(config_kwargs: dict) -> None:
-    """Refuse keywords of `from_text_vision_pretrained` that no configuration reads. `PreTrainedConfig` keeps unknown
-    keys as attributes (for configs written by other versions), so a misspelled setting would otherwise build the
-    model with the default in its place."""
-    builder_arguments = {"text_model_name_or_path", "vision_backbone", "vision_pretrained", "processor"}
-    known = ({item.name for item in fields(HVPNetConfig)} - builder_arguments - {"text_config"}) | {"num_labels"}
-    unknown = sorted(set(config_kwargs) - known)
-    if unknown:
-        hints = [
-            f"{name!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(name, known, n=1)) else repr(name)
-            for name in unknown
-        ]
-        raise TypeError(
-            f"from_text_vision_pretrained got unknown settings {', '.join(hints)}; it takes the arguments "
-            f"{sorted(builder_arguments)} and the settings of HVPNetConfig"
-        )
 
 
 class HVPNetModel(HVPNetPreTrainedModel):
@@ -801,34 +517,6 @@ class HVPNetModel(HVPNetPreTrainedModel):
         return self.visual_encoder.prefix_from_features(image_features, present)
 
 
-def _image_presence(
-    pixel_values: torch.Tensor, image_mask: torch.Tensor | None, batch_size: int, num_object_images: int
-) -> torch.Tensor:
-    """Check the image inputs of `forward` and return which of their slots hold an image: (B, n) bool."""
-    if pixel_values.dim() != 5 or pixel_values.shape[0] != batch_size or pixel_values.shape[2] != 3:
-        raise ValueError(
-            f"pixel_values must have shape (batch={batch_size}, num_images, 3, height, width), the global image in "
-            f"slot 0 and the object crops after it, got {tuple(pixel_values.shape)}"
-        )
-    if pixel_values.shape[1] > 1 + num_object_images:
-        raise ValueError(
-            f"pixel_values holds {pixel_values.shape[1]} images per example (the global image and "
-            f"{pixel_values.shape[1] - 1} object crops) but the model takes at most num_object_images="
-            f"{num_object_images} crops"
-        )
-    return _presence("image_mask", image_mask, pixel_values, batch_size)
-
-
-def _presence(name: str, mask: torch.Tensor | None, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(B, n) bool: which of the given image slots hold a real image (all of them without a mask)."""
-    slots = (batch_size, images.shape[1])
-    if mask is None:
-        return torch.ones(slots, dtype=torch.bool, device=images.device)
-    if tuple(mask.shape) != slots:
-        raise ValueError(f"{name} must have shape {slots}, got {tuple(mask.shape)}")
-    return mask.to(device=images.device, dtype=torch.bool)
-
-
 def _word_positions(word_start_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """word_start_mask (B, T) bool → token index of every word (B, W) and a word mask (B, W), words left-aligned."""
     num_words = word_start_mask.sum(dim=1)
@@ -882,19 +570,6 @@ def viterbi_decode(
     word_tags = torch.stack(path[::-1], dim=1).masked_fill(~word_mask, -100)
     # Padded word slots point at positions that are not word starts: they keep -100.
     return tags.scatter_(1, word_index, word_tags)
-
-
-def rank_relations(
-    logits: torch.Tensor, id2label: Mapping[int, str], top_k: int | None = None
-) -> list[list[dict[str, Any]]]:
-    """Per row of relation logits (B, num_labels), the `top_k` most probable relations (all without it), best first,
-    as `{"relation": name, "score": probability}`; probabilities are computed in float32."""
-    probabilities = logits.float().softmax(dim=-1)
-    scores, labels = probabilities.topk(min(top_k or probabilities.shape[-1], probabilities.shape[-1]), dim=-1)
-    return [
-        [{"relation": id2label[int(label)], "score": float(score)} for score, label in zip(*row, strict=True)]
-        for row in zip(scores, labels, strict=True)
-    ]
 
 
 class HVPNetForTokenClassification(HVPNetPreTrainedModel):
@@ -1020,6 +695,19 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         return viterbi_decode(
             logits, word_start_mask.bool(), crf.start_transitions, crf.end_transitions, crf.transitions
         )
+
+
+def rank_relations(
+    logits: torch.Tensor, id2label: Mapping[int, str], top_k: int | None = None
+) -> list[list[dict[str, Any]]]:
+    """Per row of relation logits (B, num_labels), the `top_k` most probable relations (all without it), best first,
+    as `{"relation": name, "score": probability}`; probabilities are computed in float32."""
+    probabilities = logits.float().softmax(dim=-1)
+    scores, labels = probabilities.topk(min(top_k or probabilities.shape[-1], probabilities.shape[-1]), dim=-1)
+    return [
+        [{"relation": id2label[int(label)], "score": float(score)} for score, label in zip(*row, strict=True)]
+        for row in zip(scores, labels, strict=True)
+    ]
 
 
 class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
@@ -1154,11 +842,84 @@ class HVPNetForSequenceClassification(HVPNetPreTrainedModel):
         return rank_relations(logits, self.config.id2label, top_k)
 
 
+def checkpoint_with_visual_prefix(
+    checkpoint_function: Callable, layer_forward: Callable, *args: torch.Tensor
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Run `checkpoint_function`, the layers' activation checkpointing function, on a text layer with the visual
+    prefix's keys and values among its positional inputs.
+
+    A layer hands its checkpointing function its forward with the keyword arguments bound (`layer_forward`, a
+    `partial` holding `visual_prefix`) and its positional inputs (`args`). Reentrant checkpointing
+    (`use_reentrant=True`) only tracks positional tensors: with the prefix bound as a keyword, each layer's
+    recomputation in backward would backpropagate through the prefix encoder's graph on its own, and the next layer
+    would find that graph freed. A wrapper around the installed function (transformers' own tests install one that
+    counts the calls) hides the keywords; such a call is checkpointed without reentrance, which tracks every tensor.
+    """
+    if not isinstance(layer_forward, partial):
+        return checkpoint_function(layer_forward, *args, use_reentrant=False)
+    visual_prefix = layer_forward.keywords.get("visual_prefix")
+    if visual_prefix is None:
+        return checkpoint_function(layer_forward, *args)
+    num_inputs, num_layers = len(args), len(visual_prefix.keys)
+
+    def forward_with_prefix(*inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        keys_and_values = inputs[num_inputs:]
+        prefix = replace(visual_prefix, keys=keys_and_values[:num_layers], values=keys_and_values[num_layers:])
+        return layer_forward(*inputs[:num_inputs], visual_prefix=prefix)
+
+    return checkpoint_function(forward_with_prefix, *args, *visual_prefix.keys, *visual_prefix.values)
+
+
+def _check_config_kwargs(config_kwargs: dict) -> None:
+    """Refuse keywords of `from_text_vision_pretrained` that no configuration reads. `PreTrainedConfig` keeps unknown
+    keys as attributes (for configs written by other versions), so a misspelled setting would otherwise build the
+    model with the default in its place."""
+    builder_arguments = {"text_model_name_or_path", "vision_backbone", "vision_pretrained", "processor"}
+    known = ({item.name for item in fields(HVPNetConfig)} - builder_arguments - {"text_config"}) | {"num_labels"}
+    unknown = sorted(set(config_kwargs) - known)
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)" if (close := get_close_matches(name, known, n=1)) else repr(name)
+            for name in unknown
+        ]
+        raise TypeError(
+            f"from_text_vision_pretrained got unknown settings {', '.join(hints)}; it takes the arguments "
+            f"{sorted(builder_arguments)} and the settings of HVPNetConfig"
+        )
+
+
+def _image_presence(
+    pixel_values: torch.Tensor, image_mask: torch.Tensor | None, batch_size: int, num_object_images: int
+) -> torch.Tensor:
+    """Check the image inputs of `forward` and return which of their slots hold an image: (B, n) bool."""
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != batch_size or pixel_values.shape[2] != 3:
+        raise ValueError(
+            f"pixel_values must have shape (batch={batch_size}, num_images, 3, height, width), the global image in "
+            f"slot 0 and the object crops after it, got {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[1] > 1 + num_object_images:
+        raise ValueError(
+            f"pixel_values holds {pixel_values.shape[1]} images per example (the global image and "
+            f"{pixel_values.shape[1] - 1} object crops) but the model takes at most num_object_images="
+            f"{num_object_images} crops"
+        )
+    return _presence("image_mask", image_mask, pixel_values, batch_size)
+
+
+def _presence(name: str, mask: torch.Tensor | None, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(B, n) bool: which of the given image slots hold a real image (all of them without a mask)."""
+    slots = (batch_size, images.shape[1])
+    if mask is None:
+        return torch.ones(slots, dtype=torch.bool, device=images.device)
+    if tuple(mask.shape) != slots:
+        raise ValueError(f"{name} must have shape {slots}, got {tuple(mask.shape)}")
+    return mask.to(device=images.device, dtype=torch.bool)
+
+
 __all__ = [
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
     "HVPNetModel",
-    "HVPNetOriginalVisualPrefixEncoder",
     "HVPNetPreTrainedModel",
     "HVPNetSelfAttention",
     "HVPNetVisualPrefixEncoder",

@@ -75,10 +75,10 @@ def example_inputs(model: nn.Module, processor: HVPNetProcessor) -> dict[str, to
     images random and one crop slot masked."""
     words = [["Kevin", "Durant", "enters", "Oracle", "Arena"], ["Alice", "visits", "Paris"]]
     if isinstance(model, HVPNetForTokenClassification):
-        encoded = processor(words)
+        encoded = processor(text=words)
     else:
         spans = [{"start": 0, "end": 1}, {"start": 2, "end": 3}]
-        encoded = processor(words, head=spans, tail=spans[::-1])
+        encoded = processor(text=words, head=spans, tail=spans[::-1])
     generator = torch.Generator().manual_seed(0)
     inputs = {name: encoded[name] for name in INPUT_NAMES if name in encoded}
     inputs.setdefault("token_type_ids", torch.zeros_like(inputs["input_ids"]))

@@ -30,8 +30,6 @@ ENTITY_MARKERS = ["<s>", "</s>", "<o>", "</o>"]
 ENTITY_MARKER_CHOICES = (ENTITY_MARKERS, ["<e1>", "</e1>", "<e2>", "</e2>"])
 # The tokenizer attributes that name its own special tokens.
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Token-level inputs and the value that pads each of them (`input_ids` is padded with the tokenizer's pad id).
-SEQUENCE_PADDING = {"attention_mask": 0, "token_type_ids": 0, "word_start_mask": False}
 # The image inputs that replace the pixels when a frozen backbone's features are read from a cache.
 IMAGE_FEATURE_INPUT_NAMES = ("image_features", "image_features_mask")
 
@@ -150,106 +148,163 @@ class HVPNetProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        words: Sequence[str] | Sequence[Sequence[str]],
-        image: "Image.Image | str | None | Sequence[Image.Image | str | None]" = None,
+        images: "Image.Image | str | None | Sequence[Image.Image | str | None]" = None,
+        text: Sequence[str] | Sequence[Sequence[str]] | None = None,
         objects: Sequence | None = None,
         *,
-        tags: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        word_labels: Sequence[int] | Sequence[Sequence[int]] | None = None,
         head: Mapping | Sequence[Mapping] | None = None,
         tail: Mapping | Sequence[Mapping] | None = None,
-        relation: int | Sequence[int] | None = None,
+        labels: int | Sequence[int] | None = None,
+        padding: bool | str = True,
         max_length: int | None = None,
         missing_images: str = "mask",
     ) -> BatchFeature:
         """
-        Encodes one example (`words` is a list of strings) or a batch (a list of word lists; the other arguments
-        are then lists too) into padded tensors named like the model inputs: `input_ids`, `attention_mask`,
-        `token_type_ids` (B, T), `pixel_values` (B, 1 + k, 3, S, S) (the global image in slot 0, then the k =
-        `num_object_images` crop slots), `image_mask` (B, 1 + k), plus `word_start_mask` (B, T) for NER and `labels`
-        when `tags` (NER, tag ids per word) or `relation` (RE, a relation id) is given. RE needs `head` and `tail` as
+        Encodes one example (`text` is a list of words, `images` its global image, `objects` its crops) or a batch
+        (`text` a list of word lists; the other arguments are then lists too) into PyTorch model inputs, padded by
+        the tokenizer (`padding` as `tokenizer.pad` takes it; `max_length` caps the tokens, special tokens
+        included): `input_ids`, `attention_mask`, `token_type_ids` (B, T), `pixel_values` (B, 1 + k, 3, S, S) (the
+        global image in slot 0, then the k = `num_object_images` crop slots), `image_mask` (B, 1 + k), plus
+        `word_start_mask` (B, T) for NER and `labels`: NER `word_labels` (a tag id per word) on each word's first
+        sub-word, (B, T), or the RE relation ids `labels`, (B,). RE needs `head` and `tail` as
         `{"start": int, "end": int}` word spans (end exclusive).
         """
-        single = isinstance(words[0], str) if len(words) else True
-        if single:
-            words, image, objects = [words], [image], [objects]
-            tags, head, tail = [tags] if tags is not None else None, [head], [tail]
-            relation = [relation] if relation is not None else None
+        if text is None:
+            raise ValueError(
+                "HVPNetProcessor needs `text`, the words of an example or a batch of word lists; the first positional "
+                "argument is `images`, as in transformers' processors: processor(images, words) or processor(text=words)"
+            )
+        if self.task == "ner" and (head is not None or tail is not None or labels is not None):
+            raise ValueError("head, tail and labels are relation inputs; an NER processor takes word_labels")
+        if self.task == "re" and (head is None or tail is None or word_labels is not None):
+            raise ValueError(
+                "a relation processor takes head and tail spans and labels (relation ids), not word_labels"
+            )
+        if not text or isinstance(text[0], str):  # one example
+            text, images, objects = [text], [images], [objects]
+            word_labels = [word_labels] if word_labels is not None else None
+            head, tail, labels = [head], [tail], [labels] if labels is not None else None
         if self.task == "ner":
-            encoded = self.encode_ner(words, tags, max_length)
+            encoded = self.encode_ner(text, word_labels, max_length)
         else:
-            encoded = self.encode_re(words, head, tail, relation, max_length)
-        images = image if image is not None else [None] * len(words)
-        objects = objects if objects is not None else [None] * len(words)
+            encoded = self.encode_re(text, head, tail, labels, max_length)
+        images = images if images is not None else [None] * len(text)
+        objects = objects if objects is not None else [None] * len(text)
         features = []
-        for index in range(len(words)):
+        for index in range(len(text)):
             feature = {name: values[index] for name, values in encoded.items()}
             feature.update(self.image_processor.preprocess_example(images[index], objects[index], missing_images))
             features.append(feature)
-        return self.pad(features)
+        return self.pad(features, padding, max_length)
 
-    def pad(self, features: Sequence[Mapping]) -> BatchFeature:
+    def pad(
+        self, features: Sequence[Mapping], padding: bool | str = True, max_length: int | None = None
+    ) -> BatchFeature:
         """
-        Pads and stacks encoded examples with their image tensors into model inputs: `input_ids` (padded with the
-        tokenizer's pad id), `attention_mask`, `token_type_ids` (B, T; when the tokenizer makes them), NER
-        `word_start_mask` (B, T) and `labels` (B, T, padded with -100) or RE `labels` (B,), and the image tensors:
-        `pixel_values` (B, 1 + k, 3, S, S) and `image_mask` (B, 1 + k), or the cached backbone features
-        `image_features` (B, 1 + k, g*g, C) with `image_features_mask` (B, 1 + k) when the examples carry those.
-        Other keys are dropped.
+        Pads and stacks encoded examples with their image tensors into model inputs. The tokenizer's `pad` pads
+        `input_ids`, `attention_mask` and `token_type_ids` (B, T; the last when the tokenizer makes them), on its
+        padding side; NER `word_start_mask` (B, T, padded with False) and `labels` (B, T, padded with -100) are padded
+        alongside, RE `labels` (B,) stacked. The image tensors are stacked: `pixel_values` (B, 1 + k, 3, S, S) and
+        `image_mask` (B, 1 + k), or the cached backbone features `image_features` (B, 1 + k, g*g, C) with
+        `image_features_mask` (B, 1 + k) when the examples carry those. Other keys are dropped.
         """
-        batch = {"input_ids": _pad([f["input_ids"] for f in features], self.tokenizer.pad_token_id)}
-        for name, padding_value in SEQUENCE_PADDING.items():
-            if name in features[0]:
-                batch[name] = _pad([f[name] for f in features], padding_value)
+        text_names = [name for name in self.tokenizer.model_input_names if name in features[0]]
+        batch = self.tokenizer.pad(
+            [{name: feature[name] for name in text_names} for feature in features],
+            padding=padding,
+            max_length=max_length,
+            return_tensors="pt",
+        ).data
+        length = batch["input_ids"].shape[1]
+        if "word_start_mask" in features[0]:
+            batch["word_start_mask"] = self._pad_alongside([f["word_start_mask"] for f in features], length, False)
         if "labels" in features[0]:
-            labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
-            batch["labels"] = _pad(labels, -100) if labels[0].ndim else torch.stack(labels)  # NER (B, T), RE (B,)
+            labels = [torch.as_tensor(feature["labels"], dtype=torch.long) for feature in features]
+            batch["labels"] = self._pad_alongside(labels, length, -100) if labels[0].ndim else torch.stack(labels)
         image_names = IMAGE_FEATURE_INPUT_NAMES if "image_features" in features[0] else IMAGE_INPUT_NAMES
         for name in image_names:
-            batch[name] = torch.stack([torch.as_tensor(f[name]) for f in features])
+            batch[name] = torch.stack([torch.as_tensor(feature[name]) for feature in features])
         return BatchFeature(batch)
+
+    def _pad_alongside(self, sequences: Sequence[Sequence], length: int, padding_value: bool | int) -> torch.Tensor:
+        """Token-level values (B, T) padded to `length` on the tokenizer's padding side, as its `pad` pads the ids."""
+        padded = torch.full((len(sequences), length), padding_value)
+        for row, sequence in enumerate(sequences):
+            sequence = torch.as_tensor(sequence, dtype=padded.dtype)
+            if self.tokenizer.padding_side == "left":
+                padded[row, length - len(sequence) :] = sequence
+            else:
+                padded[row, : len(sequence)] = sequence
+        return padded
 
     def encode_ner(
         self,
         words: Sequence[Sequence[str]],
-        tags: Sequence[Sequence[int]] | None = None,
+        word_labels: Sequence[Sequence[int]] | None = None,
         max_length: int | None = None,
+        stride: int | None = None,
+        return_overflowing_tokens: bool = False,
     ) -> dict[str, list]:
         """
-        Tokenizes a batch of word lists. Returns lists (one per example) of `input_ids`, `attention_mask`,
+        Tokenizes a batch of word lists. Returns lists (one per row) of `input_ids`, `attention_mask`,
         `token_type_ids` (when the tokenizer makes them), `word_start_mask` (True at the first sub-word of each
-        word), `word_ids` (word index per token, -1 for special tokens) and, with `tags`, `labels` (the word's tag id
-        at its first sub-word, -100 elsewhere).
+        word), `word_ids` (word index per token, -1 for special tokens) and, with `word_labels`, `labels` (the word's
+        tag id at its first sub-word, -100 elsewhere).
 
         A word that tokenizes to nothing (control characters, some symbols) is replaced by the unknown token, so
-        every word keeps one first sub-word. Words after the `max_length` cut have no token: the metrics
-        (`align_word_predictions`) score them as `"O"`.
+        every word keeps one first sub-word. Without `return_overflowing_tokens`, a text longer than `max_length`
+        is cut: its last words have no token, and the metrics (`align_word_predictions`) score them as `"O"`. With
+        it, the tokenizer reads the text in as many rows of at most `max_length` tokens as it takes, each next row
+        repeating the last `stride` tokens of the previous one (default: half a row), so every word has its first
+        sub-word in some row; `overflow_to_sample_mapping` gives each row's example and `word_ids` count the words
+        of the whole example, so `ner_word_positions` merges the rows. A row may then start inside a word: its
+        leading sub-words are not word starts, and a word that straddles a row end and starts more than `stride`
+        tokens before it is read whole in no row (only its first row reads its first sub-word).
         """
-        words, _ = self._tokenize_words(words)
+        max_length = max_length or self.max_length
+        room = max_length - self.tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP], <s> and </s>
+        if room < 1:
+            raise ValueError(f"max_length must leave room for the special tokens and one token, got {max_length}")
+        stride = room // 2 if stride is None else stride
+        if not 0 <= stride < room:
+            raise ValueError(f"stride must be in [0, {room}) for max_length={max_length}, got {stride}")
+        if word_labels is not None:
+            for index, (example, tags) in enumerate(zip(words, word_labels, strict=True)):
+                if len(tags) != len(example):
+                    raise ValueError(f"Example {index}: {len(example)} words but {len(tags)} word_labels")
+        words, whole = self._tokenize_words(words)
         encoding = self.tokenizer(
             words,
             is_split_into_words=True,
             truncation=True,
-            max_length=max_length or self.max_length,
+            max_length=max_length,
+            stride=stride,
+            return_overflowing_tokens=return_overflowing_tokens,
         )
-        encoded = {
-            name: encoding[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in encoding
-        }
+        names = ("input_ids", "attention_mask", "token_type_ids", "overflow_to_sample_mapping")
+        encoded = {name: encoding[name] for name in names if name in encoding}
         encoded["word_start_mask"], encoded["word_ids"] = [], []
-        if tags is not None:
+        if word_labels is not None:
             encoded["labels"] = []
-        for index in range(len(words)):
-            word_ids = encoding.word_ids(index)
-            starts = [
-                word is not None and word != previous
-                for word, previous in zip(word_ids, [None, *word_ids], strict=False)
-            ]
+        rows_read = [0] * len(words)
+        for row in range(len(encoding["input_ids"])):
+            example = encoding["overflow_to_sample_mapping"][row] if return_overflowing_tokens else row
+            # The tokenizer's row k holds the tokens [k * (room - stride), ...) of the whole example, so a token is a
+            # word start where the token before it in the whole example belongs to another word.
+            position = rows_read[example] * (room - stride)
+            rows_read[example] += 1
+            whole_word_ids, word_ids = whole.word_ids(example), encoding.word_ids(row)
+            starts = []
+            for word in word_ids:
+                starts.append(word is not None and (position == 0 or whole_word_ids[position - 1] != word))
+                position += word is not None
             encoded["word_start_mask"].append(starts)
             encoded["word_ids"].append([-1 if word is None else word for word in word_ids])
-            if tags is not None:
-                if len(tags[index]) != len(words[index]):
-                    raise ValueError(f"Example {index}: {len(words[index])} words but {len(tags[index])} tags")
+            if word_labels is not None:
+                tags = word_labels[example]
                 encoded["labels"].append(
-                    [tags[index][word] if start else -100 for word, start in zip(word_ids, starts, strict=True)]
+                    [tags[word] if start else -100 for word, start in zip(word_ids, starts, strict=True)]
                 )
         return encoded
 
@@ -258,18 +313,18 @@ class HVPNetProcessor(ProcessorMixin):
         words: Sequence[Sequence[str]],
         heads: Sequence[Mapping],
         tails: Sequence[Mapping],
-        relations: Sequence[int] | None = None,
+        labels: Sequence[int] | None = None,
         max_length: int | None = None,
     ) -> dict[str, list]:
         """
         Tokenizes a batch of word lists with the entity markers (`<s> head </s>`, `<o> tail </o>` for BERT) inserted
         around the entity spans (`{"start", "end"}` in words, end exclusive) and the tokenizer's own special tokens
         around the whole (`[CLS] ... [SEP]`, `<s> ... </s>`). Returns lists of `input_ids`, `attention_mask`,
-        `token_type_ids` (when the tokenizer makes them) and, with `relations`, `labels` (relation ids).
+        `token_type_ids` (when the tokenizer makes them) and, with `labels`, `labels` (relation ids).
 
         A word that spells an entity marker is read as the unknown token. When a sentence is longer than
-        `max_length`, the tokens kept are the ones closest to an entity marker, so
-        the four markers and the context around both entities survive, wherever they are in the sentence.
+        `max_length`, the tokens kept are the ones closest to an entity marker, so the four markers and the context
+        around both entities survive, wherever they are in the sentence: a cut the tokenizer's truncation cannot make.
         """
         max_length = max_length or self.max_length
         _check_re_max_length(max_length)
@@ -291,38 +346,8 @@ class HVPNetProcessor(ProcessorMixin):
             encoded["attention_mask"].append([1] * len(input_ids))
             if with_token_types:
                 encoded["token_type_ids"].append([0] * len(input_ids))
-        if relations is not None:
-            encoded["labels"] = list(relations)
-        return encoded
-
-    def encode_ner_windows(
-        self, words: Sequence[str], max_length: int | None = None, stride: int | None = None
-    ) -> dict[str, list]:
-        """
-        Tokenizes one word list into as many rows ("windows") as it takes for every word to have its first sub-word
-        in a row of at most `max_length` tokens. Consecutive windows share whole words worth up to `stride` tokens
-        (default: half a window), so each word can be read with context on both sides. Returns the lists of
-        `encode_ner`, one entry per window, with `word_ids` counted in the whole word list, so `ner_word_positions`
-        merges the windows. A text that fits gives one row, identical to `encode_ner`.
-        """
-        max_length = max_length or self.max_length
-        budget = max_length - self.tokenizer.num_special_tokens_to_add()  # [CLS] and [SEP], <s> and </s>
-        if budget < 1:
-            raise ValueError(f"max_length must leave room for the special tokens and one token, got {max_length}")
-        stride = budget // 2 if stride is None else stride
-        if not 0 <= stride < budget:
-            raise ValueError(f"stride must be in [0, {budget}) for max_length={max_length}, got {stride}")
-        words, encoding = self._tokenize_words([words])
-        words = words[0]
-        token_counts = [0] * len(words)
-        for word in encoding.word_ids(0):
-            token_counts[word] += 1
-        windows = _word_windows(token_counts, budget, stride)
-        encoded = self.encode_ner([words[start:end] for start, end in windows], max_length=max_length)
-        encoded["word_ids"] = [
-            [word + start if word >= 0 else -1 for word in row]
-            for row, (start, _) in zip(encoded["word_ids"], windows, strict=True)
-        ]
+        if labels is not None:
+            encoded["labels"] = list(labels)
         return encoded
 
     def _tokenize_words(self, words: Sequence[Sequence[str]]) -> tuple[list[list[str]], BatchEncoding]:
@@ -397,55 +422,43 @@ def _entity_markers(tokenizer: PreTrainedTokenizerBase, entity_markers: Sequence
     )
 
 
-def ner_word_positions(word_ids: Sequence[Sequence[int]], num_words: int) -> list[tuple[int, int] | None]:
+def ner_word_positions(
+    word_ids: Sequence[Sequence[int]], num_words: int, word_start_mask: Sequence[Sequence[bool]] | None = None
+) -> list[tuple[int, int] | None]:
     """
     For each of `num_words` words, the `(row, token)` position of its first sub-word in the row that reads it best,
     or None when no row has it. `word_ids` (W, T) holds a word index per token (-1 or None for special tokens and
-    padding). A row reading a middle part of the text is cut on the sides where it does not reach the text's first
-    or last word; among the rows holding a word, the one where the word is farthest from such a cut wins (the
-    earlier row on ties), as a word near a cut misses the context beyond it.
+    padding); `word_start_mask` (W, T) marks the first sub-words where a row may start inside a word (the rows of
+    `encode_ner(..., return_overflowing_tokens=True)`), and without it a token starts a word where its word index
+    differs from the previous token's. A row reading a middle part of the text is cut on the sides where it does
+    not reach the text's first or last word; among the rows holding a word, the one where the word is farthest from
+    such a cut wins (the earlier row on ties), as a word near a cut misses the context beyond it.
     """
     positions: list[tuple[int, int] | None] = [None] * num_words
     best_distance = [-1.0] * num_words
     for row, row_word_ids in enumerate(word_ids):
-        seen = [word for word in row_word_ids if word is not None and word >= 0]
+        row_word_ids = [-1 if word is None else int(word) for word in row_word_ids]
+        seen = [word for word in row_word_ids if word >= 0]
         if not seen:
             continue
         first, last = min(seen), max(seen)
-        previous = -1
-        for token, word in enumerate(row_word_ids):
-            word = -1 if word is None else int(word)
-            if word >= 0 and word != previous:
-                if word >= num_words:
-                    raise ValueError(f"word_ids row {row} names word {word} of a {num_words}-word input")
-                left = word - first if first > 0 else float("inf")
-                right = last - word if last < num_words - 1 else float("inf")
-                if min(left, right) > best_distance[word]:
-                    positions[word], best_distance[word] = (row, token), min(left, right)
-            previous = word
+        if word_start_mask is None:
+            previous_words = [-1, *row_word_ids[:-1]]
+            starts = [
+                word >= 0 and word != previous for word, previous in zip(row_word_ids, previous_words, strict=True)
+            ]
+        else:
+            starts = [bool(start) for start in word_start_mask[row]]
+        for token, (word, start) in enumerate(zip(row_word_ids, starts, strict=False)):
+            if not start:
+                continue
+            if word >= num_words:
+                raise ValueError(f"word_ids row {row} names word {word} of a {num_words}-word input")
+            left = word - first if first > 0 else float("inf")
+            right = last - word if last < num_words - 1 else float("inf")
+            if min(left, right) > best_distance[word]:
+                positions[word], best_distance[word] = (row, token), min(left, right)
     return positions
-
-
-def _word_windows(token_counts: Sequence[int], budget: int, stride: int) -> list[tuple[int, int]]:
-    """
-    Word ranges `[start, end)` covering all words, each of at most `budget` tokens (a single longer word fills a
-    window alone, its first sub-word kept); each next window starts at the last words of the previous one that fit
-    in `stride` tokens, and always after the previous start.
-    """
-    windows, start = [], 0
-    while True:
-        end, used = start, 0
-        while end < len(token_counts) and (end == start or used + token_counts[end] <= budget):
-            used += token_counts[end]
-            end += 1
-        windows.append((start, end))
-        if end >= len(token_counts):
-            return windows
-        next_start, shared = end, 0
-        while next_start - 1 > start and shared + token_counts[next_start - 1] <= stride:
-            next_start -= 1
-            shared += token_counts[next_start]
-        start = next_start
 
 
 def _check_re_max_length(max_length: int) -> None:
@@ -480,12 +493,6 @@ def _insert_entity_markers(
         marked += before[position]
         marked += tokens
     return marked + before[len(word_tokens)]
-
-
-def _pad(sequences: Sequence[Sequence], padding_value) -> torch.Tensor:
-    """Right-pads a list of 1-D sequences to the longest one: (B, T)."""
-    tensors = [torch.as_tensor(sequence) for sequence in sequences]
-    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=padding_value)
 
 
 def _keep_near_markers(token_ids: list[int], marker_ids: set[int], budget: int) -> list[int]:

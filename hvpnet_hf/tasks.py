@@ -20,12 +20,14 @@ from transformers.dynamic_module_utils import get_relative_import_files
 @dataclass(frozen=True)
 class Task:
     """One task: its name (`"ner"` or `"re"`: what `task_of` gives, and the key of its pipeline in a saved config's
-    `custom_pipelines`), the head class and Auto class of its models, and its pipeline (a class of `pipelines.py`)."""
+    `custom_pipelines`), the head class and Auto class of its models, its pipeline (a class of `pipelines.py`) and
+    the Hub's pipeline tag of its models (`hub_pipeline_tag`, which a model card records)."""
 
     name: str
     model_class: str
     auto_model_class: str
     pipeline_class: str
+    hub_pipeline_tag: str
 
     @property
     def pipeline_task(self) -> str:
@@ -37,8 +39,20 @@ class Task:
         return f"multimodal-{self.name}"
 
 
-NER = Task("ner", "HVPNetForTokenClassification", "AutoModelForTokenClassification", "MultimodalNerPipeline")
-RE = Task("re", "HVPNetForSequenceClassification", "AutoModelForSequenceClassification", "MultimodalRePipeline")
+NER = Task(
+    "ner",
+    "HVPNetForTokenClassification",
+    "AutoModelForTokenClassification",
+    "MultimodalNerPipeline",
+    "token-classification",
+)
+RE = Task(
+    "re",
+    "HVPNetForSequenceClassification",
+    "AutoModelForSequenceClassification",
+    "MultimodalRePipeline",
+    "text-classification",
+)
 TASKS = {task.name: task for task in (NER, RE)}
 TASK_OF_MODEL = {task.model_class: task for task in TASKS.values()}
 PIPELINES_FILE = Path(__file__).with_name("pipelines.py")

@@ -1,6 +1,5 @@
 """The web app: what it shows for an input (against the pipelines), bad input, and the page in headless Chromium."""
 
-import ast
 import json
 import re
 import shutil
@@ -21,18 +20,22 @@ from hvpnet_hf import app
 from hvpnet_hf.analysis import gates
 from hvpnet_hf.app import (
     BOX_COLOR,
-    SAMPLE_DIR,
-    SAMPLE_TWEETS,
+    NUM_SAMPLE_TWEETS,
     HVPNetApp,
     InputError,
     entity_changes,
     example_gates,
+    find_span,
     launch,
     load_pipeline,
     relation_change,
+    sample_tweets,
 )
 from hvpnet_hf.image_processing_hvpnet import MAX_RESIZE_SQUARES
-from hvpnet_hf.object_detection import DetectedObject
+from hvpnet_hf.loading import NO_RELATION, load_mner_dataset, load_mre_dataset
+from hvpnet_hf.object_detection import DetectedObject, text_queries
+from hvpnet_hf.sample_data import sample_sources
+from hvpnet_hf.tasks import NER, RE
 
 CHROMIUM = "/usr/bin/chromium"
 # The flags that keep a headless Chromium from reaching out (updates, sync, field trials) and from needing a GPU.
@@ -46,12 +49,13 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-NER_TWEET = SAMPLE_TWEETS["multimodal-ner"][0]
-RE_TWEET = SAMPLE_TWEETS["multimodal-re"][0]
+# A sample tweet with two crops (the tiny models' slots) and the first RE sample tweet.
+NER_TWEET = next(tweet for tweet in sample_tweets(NER) if len(tweet.objects) == 2)
+RE_TWEET = sample_tweets(RE)[0]
 
 
 def sample_paths(tweet):
-    return str(SAMPLE_DIR / tweet.image), [str(SAMPLE_DIR / crop) for crop in tweet.objects]
+    return tweet.image, list(tweet.objects)
 
 
 def entity_pairs(text: str, entities) -> list[tuple[str, str]]:
@@ -96,32 +100,32 @@ def bad_files(tmp_path_factory):
     return folder
 
 
-def test_sample_tweets_are_tweets_of_the_sample_sets():
-    """Every bundled example is a test tweet of the sample data, with its image and its crops."""
-    twitter = SAMPLE_DIR / "twitter"
-    blocks = {
-        block.splitlines()[0].removeprefix("IMGID:") + ".jpg": [line.split("\t")[0] for line in block.splitlines()[1:]]
-        for block in (twitter / "test.txt").read_text().strip().split("\n\n")
-    }
-    crop_map = torch.load(twitter / "twitter_test_dict.pth")
-    for tweet in SAMPLE_TWEETS["multimodal-ner"]:
-        name = Path(tweet.image).name
-        assert " ".join(blocks[name]) == tweet.text
-        assert [Path(crop).name for crop in tweet.objects] == crop_map[name]
-    mnre = SAMPLE_DIR / "mnre"
-    records = [ast.literal_eval(line) for line in (mnre / "txt" / "mnre_test.txt").read_text().splitlines()]
-    crop_map = torch.load(mnre / "txt" / "mre_test_dict.pth")
-    for tweet in SAMPLE_TWEETS["multimodal-re"]:
-        index = next(
-            index
-            for index, record in enumerate(records)
-            if (record["img_id"], record["h"]["name"], record["t"]["name"])
-            == (Path(tweet.image).name, tweet.head, tweet.tail)
+def test_sample_tweets_are_the_first_test_tweets_of_the_sample_sets_with_something_to_find():
+    """The page's samples are read from the bundled data, whatever seed built it: the first test tweets with an
+    image, a crop and an entity (NER) or a relation (RE)."""
+    ner_test = load_mner_dataset(**sample_sources("ner"))["test"]
+    expected = [
+        (" ".join(tweet["tokens"]), tweet["image"], tuple(tweet["objects"]), "", "")
+        for tweet in ner_test
+        if tweet["image"] and tweet["objects"] and any(tweet["ner_tags"])
+    ]
+    re_test = load_mre_dataset(**sample_sources("re"))["test"]
+    no_relation = re_test.features["relation"].str2int(NO_RELATION)
+    expected_re = [
+        (
+            " ".join(tweet["tokens"]),
+            tweet["image"],
+            tuple(tweet["objects"]),
+            tweet["head"]["name"],
+            tweet["tail"]["name"],
         )
-        assert " ".join(records[index]["token"]) == tweet.text
-        assert [Path(crop).name for crop in tweet.objects] == crop_map[index]
-    for tweet in [*SAMPLE_TWEETS["multimodal-ner"], *SAMPLE_TWEETS["multimodal-re"]]:
-        assert all((SAMPLE_DIR / path).is_file() for path in (tweet.image, *tweet.objects))
+        for tweet in re_test
+        if tweet["image"] and tweet["objects"] and tweet["relation"] != no_relation
+    ]
+    for task, tweets in ((NER, expected), (RE, expected_re)):
+        shown = [(tweet.text, tweet.image, tweet.objects, tweet.head, tweet.tail) for tweet in sample_tweets(task)]
+        assert shown == tweets[:NUM_SAMPLE_TWEETS] and len(shown) == NUM_SAMPLE_TWEETS
+        assert all(Path(path).is_file() for tweet in sample_tweets(task) for path in (tweet.image, *tweet.objects))
 
 
 def test_ner_shows_the_pipelines_entities_with_and_without_the_image(ner_app, tiny_ner_dir):
@@ -145,13 +149,13 @@ def test_ner_shows_the_pipelines_entities_with_and_without_the_image(ner_app, ti
 def test_re_shows_the_marked_pair_and_the_pipelines_relation_scores(re_app, tiny_re_dir):
     image, crops = sample_paths(RE_TWEET)
     shown = re_app.predict(RE_TWEET.text, image, crops, head=RE_TWEET.head, tail=RE_TWEET.tail)
-    assert spans_of(shown["spans"]) == [("Serena Williams", "head"), ("Shakira", "tail")]
+    assert spans_of(shown["spans"]) == [(RE_TWEET.head, "head"), (RE_TWEET.tail, "tail")]
     classifier = pipeline("multimodal-re", model=tiny_re_dir)
     words = RE_TWEET.text.split()
-    example = {"words": words, "head": (0, 2), "tail": (3, 4), "image": image, "objects": crops}
-    ranked = classifier(example, top_k=4)
+    pair = {"head": find_span(words, RE_TWEET.head, "head"), "tail": find_span(words, RE_TWEET.tail, "tail")}
+    ranked = classifier({"words": words, **pair, "image": image, "objects": crops}, top_k=4)
     assert shown["relations"] == pytest.approx({entry["relation"]: entry["score"] for entry in ranked})
-    masked = classifier({"words": words, "head": (0, 2), "tail": (3, 4)}, top_k=4)
+    masked = classifier({"words": words, **pair}, top_k=4)
     assert shown["relations_masked"] == pytest.approx({entry["relation"]: entry["score"] for entry in masked})
     assert shown["changes"] == relation_change(ranked[0], masked[0])
 
@@ -200,7 +204,7 @@ def test_detected_crops_are_cut_from_their_boxes_and_drawn(ner_app, monkeypatch)
     monkeypatch.setattr(ner_app, "cropper", FakeCropper())
     shown = ner_app.predict(NER_TWEET.text, image_path, None, detect=True)
     assert [crop.size for crop in shown["crops"]] == [(28, 37), (40, 40)]
-    assert "United Nations" in asked[0]  # the text's capitalized run is a detector query
+    assert asked[0] == text_queries(NER_TWEET.text.split(), [])  # the text's capitalized runs are detector queries
     red = tuple(int(BOX_COLOR[i : i + 2], 16) for i in (1, 3, 5))
     assert shown["image"].getpixel((4 * 2, 4 * 20)) == red  # on the left edge of the first box, shown 4 times larger
     given = ner_app.predict(NER_TWEET.text, image_path, sample_paths(NER_TWEET)[1], detect=True)
@@ -218,9 +222,9 @@ def test_bad_inputs_get_a_message_naming_the_problem(ner_app, re_app, bad_files)
     assert list(shown) == ["status"] and "`notes.txt` was not used: it is not an image" in shown["status"]
     shown = ner_app.predict(NER_TWEET.text, image, [str(bad_files / "bomb.png")])
     assert "crop `bomb.png` was not used: it is too large to decode" in shown["status"]
-    shown = re_app.predict(RE_TWEET.text, image, None, head="Serena Williams", tail="Beyonce")
+    shown = re_app.predict(RE_TWEET.text, image, None, head=RE_TWEET.head, tail="Beyonce")
     assert "tail entity `Beyonce` is not in the text" in shown["status"]
-    assert "Enter the head entity" in re_app.predict(RE_TWEET.text, image, None, tail="Shakira")["status"]
+    assert "Enter the head entity" in re_app.predict(RE_TWEET.text, image, None, tail=RE_TWEET.tail)["status"]
     for folder in (bad_files / "bert", bad_files):  # another model's folder; a folder without a model
         app = HVPNetApp(str(folder))
         assert app.classifier is None and f"`{folder}` is not an HVPNeT" in app.load_error

@@ -222,8 +222,8 @@ def test_re_conversion_gives_the_same_logits(converted):
     assert len(processor.tokenizer) == len(VOCABULARY) + MARKERS
     assert model.config.prefix_mode == "original" and model.config.id2label[0] == "None"
     encoded = processor(
-        [["w1", "w2", "w3p1", "w4"], ["w5", "w6", "w7"]],
         [None, None],
+        [["w1", "w2", "w3p1", "w4"], ["w5", "w6", "w7"]],
         head=[{"start": 0, "end": 1}, {"start": 2, "end": 3}],
         tail=[{"start": 2, "end": 4}, {"start": 0, "end": 2}],
     )
@@ -358,7 +358,8 @@ def test_push_uploads_the_converted_model_processor_and_pipeline(converted, tmp_
             sorted([
                 "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py", "tasks.py",
                 "object_detection.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py",
-                "frozen_backbone.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                "frozen_backbone.py", "original_visual_prefix.py", "vision_backbone.py", "processor_config.json",
+                "tokenizer.json", "tokenizer_config.json",
             ]),
         )
     ]  # fmt: skip
@@ -601,7 +602,7 @@ def sample_ner_batch(tmp_path: Path, num_examples: int) -> dict:
     words = sorted({word.lower() for tokens in train["tokens"] for word in tokens})
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     processor = HVPNetProcessor(BertTokenizer(str(tmp_path / "vocab.txt")), image_size=64, num_object_images=2)
-    return dict(processor(train["tokens"], train["image"], train["objects"], tags=train["ner_tags"]))
+    return dict(processor(train["image"], train["tokens"], train["objects"], word_labels=train["ner_tags"]))
 
 
 @pytest.mark.parametrize("prefix_mode", ["pyramid", "original"])

@@ -19,7 +19,7 @@ from hvpnet_hf import (
     frozen_backbone,
 )
 from hvpnet_hf.frozen_backbone import NormFoldedIntoConvolution, speed_up_frozen_backbone
-from hvpnet_hf.modeling_hvpnet import create_feature_backbone
+from hvpnet_hf.vision_backbone import create_feature_backbone
 
 # Folding applies the norm's scale to the weights instead of the maps: float32 rounding moves the features by a few
 # 1e-7 of their largest entry; 1e-4 leaves room for the order of the convolutions' sums, which oneDNN may change with

@@ -161,9 +161,9 @@ def test_processor_aligns_every_word_of_random_texts(models):
         words = random_words(rng, longest=rng.choice([5, 30, 200]))
         max_length = rng.randint(3, 40)
         stride = rng.randrange(max_length - 2)
-        windows = ner.encode_ner_windows(words, max_length=max_length, stride=stride)
+        windows = ner.encode_ner([words], max_length=max_length, stride=stride, return_overflowing_tokens=True)
         assert all(len(row) <= max_length for row in windows["input_ids"])
-        positions = ner_word_positions(windows["word_ids"], len(words))
+        positions = ner_word_positions(windows["word_ids"], len(words), windows["word_start_mask"])
         # Every word is read at one of its own first sub-words.
         assert [windows["word_ids"][row][token] for row, token in positions] == list(range(len(words)))
 

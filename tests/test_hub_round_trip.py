@@ -48,10 +48,10 @@ def tiny_trained_model(task: str, steps: int, image: str) -> tuple[torch.nn.Modu
     model, processor = tiny_task_model(task)
     words = [["Kevin", "Durant", "enters", "Oracle", "Arena"], ["Alice", "met", "Bob", "in", "Paris"]]
     if task == "ner":
-        batch = processor(words, [image, None], tags=[[1, 2, 0, 5, 6], [1, 0, 1, 0, 3]])
+        batch = processor([image, None], words, word_labels=[[1, 2, 0, 5, 6], [1, 0, 1, 0, 3]])
     else:
         spans = {"head": [{"start": 0, "end": 1}] * 2, "tail": [{"start": 2, "end": 3}, {"start": 4, "end": 5}]}
-        batch = processor(words, [image, None], **spans, relation=[1, 2])
+        batch = processor([image, None], words, **spans, labels=[1, 2])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
@@ -97,7 +97,7 @@ def hub(tmp_path_factory):
             add_snapshot(root / "cache", repo_id, folder, commits[revision], "main" if revision == "main" else None)
             words = example["words"] if task == "re" else example["text"].split()
             spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 2, "end": 3}} if task == "re" else {}
-            inputs = processor(words, example["image"], example["objects"], **spans)
+            inputs = processor(example["image"], words, example["objects"], **spans)
             with torch.no_grad():
                 output = model(**inputs)
             expected[f"{task}-{revision}"] = {
@@ -155,7 +155,7 @@ def test_models_processors_and_pipelines_load_by_repo_id_without_hvpnet_hf(hub):
         processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True, token="hf_not_used_offline")
         words = example["words"] if task == "re" else example["text"].split()
         spans = {{"head": {{"start": 0, "end": 1}}, "tail": {{"start": 2, "end": 3}}}} if task == "re" else {{}}
-        inputs = processor(words, example["image"], example["objects"], **spans)
+        inputs = processor(example["image"], words, example["objects"], **spans)
         same_inputs = sorted(inputs) == sorted(case["inputs"]) and all(
             torch.equal(inputs[name], case["inputs"][name]) for name in inputs
         )
@@ -206,7 +206,8 @@ def test_saved_code_imports_only_what_remote_code_may_need(hub):
     code_files = sorted(path.name for path in snapshot.glob("*.py"))
     assert code_files == [
         "configuration_hvpnet.py", "frozen_backbone.py", "image_processing_hvpnet.py", "modeling_hvpnet.py",
-        "object_detection.py", "pipelines.py", "processing_hvpnet.py", "tasks.py",
+        "object_detection.py", "original_visual_prefix.py", "pipelines.py", "processing_hvpnet.py", "tasks.py",
+        "vision_backbone.py",
     ]  # fmt: skip
     for name in code_files:
         third_party = {module for module in get_imports(snapshot / name) if module not in sys.stdlib_module_names}
@@ -312,10 +313,10 @@ def family_hub(tmp_path_factory):
         model, processor = tiny_family_task_model(task, model_type, TOKENIZERS[tokenizer_family]())
         words = [["Kevin", "Durant", "enters", "Oracle", "Arena"], ["Alice", "met", "Bob", "in", "Paris"]]
         if task == "ner":
-            batch = processor(words, [str(image), None], tags=[[1, 2, 0, 5, 6], [1, 0, 1, 0, 3]])
+            batch = processor([str(image), None], words, word_labels=[[1, 2, 0, 5, 6], [1, 0, 1, 0, 3]])
         else:
             spans = {"head": [{"start": 0, "end": 1}] * 2, "tail": [{"start": 2, "end": 3}, {"start": 4, "end": 5}]}
-            batch = processor(words, [str(image), None], **spans, relation=[1, 2])
+            batch = processor([str(image), None], words, **spans, labels=[1, 2])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(5):
             optimizer.zero_grad()

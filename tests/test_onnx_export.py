@@ -28,10 +28,10 @@ def encoded_inputs(folder: str, task: str, count: int = len(WORDS)) -> dict[str,
     """The processor's encoding of the first `count` examples, with random images and some of them absent."""
     processor = HVPNetProcessor.from_pretrained(folder)
     if task == "ner":
-        encoded = processor(WORDS[:count])
+        encoded = processor(text=WORDS[:count])
     else:
         heads, tails = zip(*SPANS[:count], strict=True)
-        encoded = processor(WORDS[:count], head=list(heads), tail=list(tails))
+        encoded = processor(text=WORDS[:count], head=list(heads), tail=list(tails))
     generator = torch.Generator().manual_seed(count)
     encoded["pixel_values"] = torch.randn(encoded["pixel_values"].shape, generator=generator)
     encoded["image_mask"] = torch.ones_like(encoded["image_mask"])

@@ -1,4 +1,5 @@
-"""HVPNetProcessor: word alignment, entity markers and truncation, settings from a backbone, save/load round trip.
+"""HVPNetProcessor: word alignment, long texts in overflow rows, entity markers and truncation, padding, the call in
+transformers' shape, settings from a backbone, save/load round trip.
 
 The image part (decoding, transform, object slots) is tested in test_image_processing_hvpnet.py."""
 
@@ -71,8 +72,27 @@ def test_ner_truncated_words_are_accounted_for():
 
 
 def test_ner_tag_count_must_match_words():
-    with pytest.raises(ValueError, match="Example 0: 2 words but 1 tags"):
+    with pytest.raises(ValueError, match="Example 0: 2 words but 1 word_labels"):
         processor().encode_ner([["Kevin", "Durant"]], [[1]])
+
+
+def test_ner_long_texts_are_read_in_the_tokenizers_overflow_rows():
+    ner = processor()
+    # 3 tokens in rows of 2 (max_length 4 less [CLS] and [SEP]), each next row repeating 1 token: the second row
+    # starts inside "Durant", whose "##rant" is no word start there.
+    rows = ner.encode_ner([["Durant", "kevin"]], [[1, 2]], max_length=4, stride=1, return_overflowing_tokens=True)
+    assert [ner.tokenizer.convert_ids_to_tokens(row) for row in rows["input_ids"]] == [
+        ["[CLS]", "du", "##rant", "[SEP]"],
+        ["[CLS]", "##rant", "kevin", "[SEP]"],
+    ]
+    assert rows["overflow_to_sample_mapping"] == [0, 0]
+    assert rows["word_ids"] == [[-1, 0, 0, -1], [-1, 0, 1, -1]]
+    assert rows["word_start_mask"] == [[False, True, False, False], [False, False, True, False]]
+    assert rows["labels"] == [[-100, 1, -100, -100], [-100, -100, 2, -100]]
+    # Read from the word starts, "Durant" comes from the first row, which alone holds its first sub-word.
+    assert ner_word_positions(rows["word_ids"], 2, rows["word_start_mask"]) == [(0, 1), (1, 2)]
+    with pytest.raises(ValueError, match=r"stride must be in \[0, 2\) for max_length=4, got 2"):
+        ner.encode_ner([["Durant", "kevin"]], max_length=4, stride=2, return_overflowing_tokens=True)
 
 
 # ---------------------------------------------------------------- RE
@@ -171,7 +191,7 @@ def test_image_settings_are_read_from_the_image_processor_only():
 
 def test_call_returns_exactly_the_model_inputs():
     ner = processor()
-    single = ner(["Kevin", "plays"], Image.new("RGB", (20, 20)), [], tags=[1, 0])
+    single = ner(Image.new("RGB", (20, 20)), ["Kevin", "plays"], [], word_labels=[1, 0])
     assert set(single) == MODEL_INPUTS | {"word_start_mask", "labels"}
     assert single["pixel_values"].shape == (1, 4, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert single["image_mask"].tolist() == [[True, False, False, False]]
@@ -179,17 +199,39 @@ def test_call_returns_exactly_the_model_inputs():
 
     re_processor = processor("re")
     batch = re_processor(
-        [["Kevin", "plays"], ["a", "new", "york", "a"]],
         [None, Image.new("L", (20, 20))],
+        [["Kevin", "plays"], ["a", "new", "york", "a"]],
         head=[{"start": 0, "end": 1}, {"start": 1, "end": 2}],
         tail=[{"start": 1, "end": 2}, {"start": 2, "end": 3}],
-        relation=[2, 0],
+        labels=[2, 0],
     )
     assert set(batch) == MODEL_INPUTS | {"labels"}
     assert batch["input_ids"].shape == (2, 10)
     assert batch["attention_mask"].tolist()[0] == [1] * 8 + [0, 0]
     assert batch["image_mask"][:, 0].tolist() == [False, True]
     assert batch["labels"].tolist() == [2, 0]
+
+
+def test_call_takes_the_images_first_and_refuses_the_other_tasks_inputs():
+    ner = processor()
+    with pytest.raises(ValueError, match=r"needs `text`.*processor\(images, words\)"):
+        ner(["Kevin", "plays"])  # the words where the images go
+    with pytest.raises(ValueError, match="an NER processor takes word_labels"):
+        ner(text=["Kevin", "plays"], labels=1)
+    with pytest.raises(ValueError, match="not word_labels"):
+        processor("re")(
+            text=["Kevin", "plays"], head={"start": 0, "end": 1}, tail={"start": 1, "end": 2}, word_labels=[1, 0]
+        )
+
+
+def test_padding_is_the_tokenizers_and_token_labels_follow_its_side():
+    ner = processor()
+    ner.tokenizer.padding_side = "left"
+    batch = ner(text=[["Kevin"], ["Kevin", "plays"]], word_labels=[[1], [1, 0]], padding="max_length", max_length=6)
+    assert batch["input_ids"].tolist()[0] == [0, 0, 0, 2, 5, 3]  # [PAD] [PAD] [PAD] [CLS] kevin [SEP]
+    assert batch["attention_mask"].tolist()[0] == [0, 0, 0, 1, 1, 1]
+    assert batch["word_start_mask"].tolist()[0] == [False] * 4 + [True, False]
+    assert batch["labels"].tolist() == [[-100] * 4 + [1, -100], [-100, -100, -100, 1, 0, -100]]
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -210,8 +252,8 @@ def test_save_and_load_round_trip(tmp_path):
         "num_object_images",
     ):
         assert getattr(loaded.image_processor, name) == getattr(re_processor.image_processor, name)
-    arguments = (["Kevin", "plays", "in", "York"], Image.new("RGB", (30, 20), (9, 99, 199)), [Image.new("L", (5, 5))])
-    spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "relation": 1}
+    arguments = (Image.new("RGB", (30, 20), (9, 99, 199)), ["Kevin", "plays", "in", "York"], [Image.new("L", (5, 5))])
+    spans = {"head": {"start": 0, "end": 1}, "tail": {"start": 3, "end": 4}, "labels": 1}
     expected, got = re_processor(*arguments, **spans), loaded(*arguments, **spans)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)  # same settings: identical output

@@ -176,7 +176,7 @@ def test_other_attention_layouts_are_refused_by_name(model_type, tmp_path):
 @pytest.mark.parametrize("family", sorted(TOKENIZERS))
 def test_every_word_of_a_tweet_has_one_first_sub_word(family):
     processor = HVPNetProcessor(TOKENIZERS[family](), max_length=128)
-    encoded = processor.encode_ner([TWEET], tags=[list(range(len(TWEET)))])
+    encoded = processor.encode_ner([TWEET], word_labels=[list(range(len(TWEET)))])
     starts, word_ids = encoded["word_start_mask"][0], encoded["word_ids"][0]
     assert sum(starts) == len(TWEET)
     assert [word for word, start in zip(word_ids, starts, strict=True) if start] == list(range(len(TWEET)))
@@ -189,13 +189,13 @@ def test_windows_of_a_long_tweet_give_every_word_one_tag(family):
     processor = HVPNetProcessor(TOKENIZERS[family](), max_length=128)
     tokenizer = processor.tokenizer
     words = TWEET + TOKENIZER_SENTENCES[1].split()
-    windows = processor.encode_ner_windows(words, max_length=10)
+    windows = processor.encode_ner([words], max_length=10, return_overflowing_tokens=True)
     assert len(windows["input_ids"]) > 2
     framing = [tokenizer.cls_token_id, tokenizer.sep_token_id]
     for row in windows["input_ids"]:
         assert len(row) <= 10 and [row[0], row[-1]] == framing
     # Merging the windows must read word i at a first sub-word of word i.
-    positions = ner_word_positions(windows["word_ids"], len(words))
+    positions = ner_word_positions(windows["word_ids"], len(words), windows["word_start_mask"])
     assert [windows["word_ids"][row][token] for row, token in positions] == list(range(len(words)))
 
 
@@ -246,7 +246,7 @@ def test_models_without_token_type_ids_run_relations_and_the_ner_pipeline(model_
     model, processor = tiny_family_task_model("re", model_type, TOKENIZERS[family]())
     assert processor.model_input_names[:2] == ["input_ids", "attention_mask"]
     assert "token_type_ids" not in processor.model_input_names
-    inputs = processor(["Alice", "met", "Bob"], None, head={"start": 0, "end": 1}, tail={"start": 2, "end": 3})
+    inputs = processor(None, ["Alice", "met", "Bob"], head={"start": 0, "end": 1}, tail={"start": 2, "end": 3})
     assert "token_type_ids" not in inputs
     with torch.no_grad():
         assert model.eval()(**inputs).logits.shape == (1, len(model.config.id2label))

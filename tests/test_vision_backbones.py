@@ -30,7 +30,7 @@ from hvpnet_hf import (
     VisualFeatureCache,
     speed_up_frozen_backbone,
 )
-from hvpnet_hf.modeling_hvpnet import default_out_indices
+from hvpnet_hf.vision_backbone import default_out_indices
 from hvpnet_hf.pipelines import MultimodalNerPipeline
 
 KINDS = list(TINY_BACKBONES)
@@ -276,7 +276,7 @@ def test_a_vit_model_works_from_its_saved_folder_where_hvpnet_hf_cannot_be_impor
     pipe = MultimodalNerPipeline(model=model, processor=processor)
     folder = tmp_path / "vit-ner"
     pipe.save_pretrained(folder)
-    inputs = processor(example["text"].split(), example["image"])
+    inputs = processor(example["image"], example["text"].split())
     with torch.no_grad():
         logits = model(**inputs).logits
     torch.save({"inputs": dict(inputs), "logits": logits}, tmp_path / "expected.pt")
@@ -288,7 +288,7 @@ def test_a_vit_model_works_from_its_saved_folder_where_hvpnet_hf_cannot_be_impor
     expected = torch.load("expected.pt", weights_only=False)
     model = AutoModelForTokenClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
-    inputs = processor({example["text"].split()!r}, {example["image"]!r})
+    inputs = processor({example["image"]!r}, {example["text"].split()!r})
     with torch.no_grad():
         logits = model(**inputs).logits
     pipe = pipeline(model={str(folder)!r}, trust_remote_code=True)

@@ -4,6 +4,8 @@ import datasets
 import evaluate
 from seqeval.metrics import accuracy_score, classification_report
 
+from .metric_info import metric_info
+
 _DESCRIPTION = """
 Entity-level micro precision, recall and F1 over word sequences tagged in BIO, computed with seqeval in its default
 (conlleval-compatible) mode: an `I-X` tag after `O` or after another type starts a new entity. Scores are per word,
@@ -43,17 +45,8 @@ _CITATION = """
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class NerSeqeval(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("string")),
-                    "references": datasets.Sequence(datasets.Value("string")),
-                }
-            ),
-        )
+        tags = datasets.Sequence(datasets.Value("string"))
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION, {"predictions": tags, "references": tags})
 
     def _compute(self, predictions: list[list[str]], references: list[list[str]]) -> dict[str, float]:
         for index, (predicted, gold) in enumerate(zip(predictions, references, strict=True)):

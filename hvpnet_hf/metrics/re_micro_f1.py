@@ -4,6 +4,8 @@ import datasets
 import evaluate
 from sklearn.metrics import precision_recall_fscore_support
 
+from .metric_info import metric_info
+
 _DESCRIPTION = """
 Micro-averaged precision, recall and F1 for relation classification as the MNRE benchmark and the HVPNeT paper
 report them: the "no relation" label (`None`) is left out of the averaged labels, so predicting `None` never earns
@@ -37,14 +39,8 @@ _CITATION = """
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ReMicroF1(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-        )
+        label = datasets.Value("int64")
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION, {"predictions": label, "references": label})
 
     def _compute(
         self, predictions: list[int], references: list[int], none_id: int = 0, num_labels: int | None = None
