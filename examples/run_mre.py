@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """
-Fine-tunes HVPNeT for multimodal relation extraction (MNRE, or the bundled sample set) with `Trainer`.
+Fine-tunes HVPNeT for multimodal relation extraction (MNRE, the bundled sample set, or a data set of your own) with
+`Trainer`.
 
     python examples/run_mre.py examples/configs/mnre.yaml
     python examples/run_mre.py examples/configs/mnre.yaml --learning_rate 2e-5 --output_dir outputs/mnre
     python examples/run_mre.py examples/configs/mnre.yaml --config_overrides "relation_pooling=cls"
     torchrun --nproc_per_node 2 examples/run_mre.py examples/configs/mnre.yaml
+    python examples/run_mre.py --dataset_name my_pairs_folder --output_dir outputs/my_pairs
 
 A single `.json` / `.yaml` file gives the settings; command-line flags after it override them. The checkpoint is
 selected on validation F1 (micro, without `None`) only; test is evaluated once, at the end. The output folder
@@ -18,64 +20,49 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import evaluate
 import numpy as np
 import torch
-import transformers
-from transformers import EvalPrediction, HfArgumentParser, set_seed
+from transformers import EvalPrediction, HfArgumentParser
 
-from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetProcessor
-from hvpnet_hf.collating import HVPNetDataCollator, tokenize_and_align
-from hvpnet_hf.feature_cache import build_feature_cache
-from hvpnet_hf.loading import (
-    NO_RELATION,
-    check_images_found_in_splits,
-    find_release_layout,
-    labels_on_model_ids,
-    load_mre_dataset,
-)
+from hvpnet_hf import HVPNetForSequenceClassification
+from hvpnet_hf.loading import NO_RELATION, load_mre_dataset
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.model_card import SPLIT_PREFIXES, save_model_card_and_push
 from hvpnet_hf.prediction_files import write_re_predictions
 from hvpnet_hf.script_utils import (
+    TRAINING_DEFAULTS,
     DataTrainingArguments,
     ModelArguments,
-    check_max_seq_length,
-    check_trained_model_settings,
+    build_trainer,
+    encode_splits,
+    load_processor_and_model,
+    load_splits,
     parse_settings_and_flags,
-    prepare_output_dir,
-    select_splits,
-    use_sample_set,
+    predict_split,
+    start_run,
+    train_and_save,
 )
-from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments, keep_freed_memory
+from hvpnet_hf.training import HVPNetTrainingArguments
 
 logger = logging.getLogger(__name__)
 
 # Settings that differ from `TrainingArguments`' defaults (a config file or flag overrides them).
 SCRIPT_DEFAULTS = {
-    "do_train": True,
-    "do_eval": True,
-    "do_predict": True,
-    "eval_strategy": "epoch",
-    "save_strategy": "epoch",
-    "logging_strategy": "epoch",
-    "load_best_model_at_end": True,
-    "metric_for_best_model": "f1",
-    "save_total_limit": 2,
+    **TRAINING_DEFAULTS,
     "per_device_train_batch_size": 32,
     "learning_rate": 1e-5,
     "num_train_epochs": 12,
-    "warmup_steps": 0.1,
-    "weight_decay": 0.01,
-    # Without an accelerator, torchrun / accelerate launch processes only form a (gloo) group under use_cpu.
-    "use_cpu": not torch.accelerator.is_available(),
 }
 
 
 @dataclass
 class MreDataArguments(DataTrainingArguments):
+    task = "re"
+
     dataset: str = field(
         default="mnre",
         metadata={
@@ -84,6 +71,19 @@ class MreDataArguments(DataTrainingArguments):
         },
     )
     rel2id_file: str | None = field(default=None, metadata={"help": "JSON {relation: id} fixing the relation ids."})
+    label_column_name: str = field(
+        default="relation", metadata={"help": "Own data: the column of the relation (a name, or a ClassLabel)."}
+    )
+    head_column_name: str = field(
+        default="head",
+        metadata={"help": "Own data: the column of the head entity, {'start', 'end'} word offsets, end exclusive."},
+    )
+    tail_column_name: str = field(
+        default="tail", metadata={"help": "Own data: the column of the tail entity, as the head's."}
+    )
+
+    def load_release(self, **sources: Any) -> datasets.DatasetDict:
+        return load_mre_dataset(**sources, rel2id=self.rel2id_file)
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, MreDataArguments, HVPNetTrainingArguments]:
@@ -119,141 +119,40 @@ def write_predictions(path: Path, raw_split: datasets.Dataset, logits: np.ndarra
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    # Image and crop paths must reach the collator, which decodes them batch by batch.
-    training_args.remove_unused_columns = False
-    # The output folder is published once, at the end, with its model card, not by `Trainer` at every save.
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    # Logging, the reused output folder (refused, replaced or continued) and the seed.
+    push_to_hub = start_run(training_args, data_args, logger)
 
-    # Setup logging
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.info(f"Training/evaluation parameters {training_args}")
-    if training_args.do_train and keep_freed_memory():
-        logger.info("glibc's malloc keeps the memory the run frees for reuse (hvpnet_hf.training.keep_freed_memory)")
+    # Load the splits: MNRE with its images, crops and crop maps, or a data set of your own.
+    raw_datasets = load_splits(model_args, data_args, training_args)
 
-    # A reused output folder: refused, replaced (--overwrite_output_dir) or continued (--resume_from_checkpoint).
-    prepare_output_dir(training_args, data_args.overwrite_output_dir)
-    set_seed(training_args.seed)
-
-    # Load the splits, with their images, crops and crop maps found in the release's layout.
-    if data_args.dataset == "sample":
-        use_sample_set(data_args, "re")
-    image_dir, object_dir = (None, None) if data_args.mask_images else (data_args.image_dir, data_args.object_dir)
-    layout = find_release_layout(image_dir, object_dir, data_args.object_map_dir or data_args.data_dir)
-    raw_datasets = load_mre_dataset(
-        data_dir=data_args.data_dir,
-        data_files=data_args.data_files,
-        rel2id=data_args.rel2id_file,
-        missing_images=data_args.missing_images,
-        **layout,
-    )
-    if image_dir is not None:
-        check_images_found_in_splits(
-            raw_datasets, layout["image_dir"], "image_dir", "pass --mask_images true to use the text only"
-        )
-    select_splits(raw_datasets, data_args, training_args)
-
-    # Load the processor and the model: a trained folder, or a new model with the data's labels.
-    if model_args.model_name_or_path is not None:
-        processor = HVPNetProcessor.from_pretrained(model_args.model_name_or_path)
-        model = HVPNetForSequenceClassification.from_pretrained(model_args.model_name_or_path)
-        check_trained_model_settings(
-            model, processor, model_args.config_settings, model_args.vision_backbone, data_args.image_size
-        )
-    else:
-        new_config = HVPNetConfig(**model_args.config_settings)  # the settings the processor shares with the model
-        vision_backbone = model_args.vision_backbone or new_config.vision_backbone
-        processor = HVPNetProcessor.from_backbone(
-            model_args.text_model_name_or_path,
-            vision_backbone=vision_backbone,
-            task="re",
-            image_size=data_args.image_size,
-            num_object_images=new_config.num_object_images,
-            max_length=data_args.max_seq_length,
-        )
-        label_names = raw_datasets[next(iter(raw_datasets))].features["relation"].names  # every split's
-        model = HVPNetForSequenceClassification.from_text_vision_pretrained(
-            model_args.text_model_name_or_path,
-            vision_backbone=vision_backbone,
-            vision_pretrained=model_args.vision_checkpoint or model_args.vision_pretrained,
-            processor=processor,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={label: index for index, label in enumerate(label_names)},
-            **model_args.config_settings,
-        )
-    check_max_seq_length(model, data_args.max_seq_length)
-    id2label = model.config.id2label
-    raw_datasets = datasets.DatasetDict(
-        {
-            split: labels_on_model_ids(dataset, "relation", id2label, model.name_or_path)
-            for split, dataset in raw_datasets.items()
-        }
-    )
-
-    # Tokenize (once, on the main process first); images stay paths for the collator to decode.
-    with training_args.main_process_first(desc="tokenizing"):
-        encoded_datasets = raw_datasets.map(
-            tokenize_and_align,
-            batched=True,
-            fn_kwargs={"processor": processor, "max_length": data_args.max_seq_length},
-            desc="Tokenizing with entity markers",
-        )
-    label_names = [id2label[index] for index in range(len(id2label))]
+    # Load the processor and the model: a trained folder, or a new model with the data's relations.
+    processor, model = load_processor_and_model(model_args, data_args, HVPNetForSequenceClassification, raw_datasets)
+    label_names = list(model.config.id2label.values())
     if NO_RELATION not in label_names:
         raise ValueError(f"the relation labels {label_names} lack {NO_RELATION!r}, which the metric leaves out")
 
-    feature_cache = None
-    if data_args.feature_cache:
-        feature_cache = build_feature_cache(
-            model, processor, encoded_datasets.values(), data_args.feature_cache_dir, data_args.missing_images
-        )
-    trainer = HVPNetTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=encoded_datasets["train"] if training_args.do_train else None,
-        eval_dataset=encoded_datasets.get("validation"),
-        processing_class=processor,
-        data_collator=HVPNetDataCollator(
-            processor, missing_images=data_args.missing_images, feature_cache=feature_cache
-        ),
-        compute_metrics=build_compute_metrics(label_names.index(NO_RELATION), len(label_names)),
-    )
+    # Relations on the model's ids, then tokenized with entity markers; images stay paths for the collator.
+    raw_datasets, encoded_datasets = encode_splits(raw_datasets, processor, model, data_args, training_args)
+    compute_metrics = build_compute_metrics(label_names.index(NO_RELATION), len(label_names))
+    trainer = build_trainer(model, processor, encoded_datasets, data_args, training_args, compute_metrics)
 
     # Training
     results: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # the best checkpoint on validation F1, its processor, their code and the pipeline's
-        metrics = {**train_result.metrics, "train_samples": len(encoded_datasets["train"])}
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        results.update(train_and_save(trainer, training_args, encoded_datasets["train"]))
 
     # Evaluation (validation) and prediction (test), each with its prediction file
     asked = {"validation": training_args.do_eval, "test": training_args.do_predict}
     for split, prefix in SPLIT_PREFIXES.items():
-        if not asked[split]:
-            continue
-        prediction = trainer.predict(encoded_datasets[split], metric_key_prefix=prefix)
-        metrics = {**prediction.metrics, f"{prefix}_samples": len(encoded_datasets[split])}
-        trainer.log_metrics(prefix, metrics)
-        trainer.save_metrics(prefix, metrics)
-        results.update(metrics)
-        if trainer.is_world_process_zero():
-            output_file = Path(training_args.output_dir) / f"{split}_predictions.jsonl"
-            write_predictions(output_file, raw_datasets[split], prediction.predictions)
+        if asked[split]:
+            prediction, metrics = predict_split(trainer, encoded_datasets[split], prefix)
+            results.update(metrics)
+            if trainer.is_world_process_zero():
+                output_file = Path(training_args.output_dir) / f"{split}_predictions.jsonl"
+                write_predictions(output_file, raw_datasets[split], prediction.predictions)
 
     save_model_card_and_push(
-        trainer, "re", results, data_args.dataset, model_args.text_model_name_or_path, push_to_hub
+        trainer, "re", results, data_args.card_name, model_args.text_model_name_or_path, push_to_hub
     )
     return results
 

@@ -1,5 +1,5 @@
 """
-A disk cache of what a frozen vision backbone gives every image file, so that an epoch reads features instead of
+A disk cache of what a frozen vision backbone gives every image (file or embedded bytes), so that an epoch reads features instead of
 decoding, transforming and running the backbone on the same images again.
 
     cache = VisualFeatureCache(model, processor, cache_dir)
@@ -8,7 +8,8 @@ decoding, transforming and running the backbone on the same images again.
 
 The cache stores, per image file, the output of the encoder's fixed part (`visual_features`: backbone and pooling to
 the prefix grid, (g*g, C)); the model turns it into the prefix with its trainable part. Rows are found by the
-SHA-256 of the file's bytes. The folder of a cache is named by a hash of everything else that changes the features:
+SHA-256 of the file's bytes: an image given by its path and the same image embedded in a data set (a
+`datasets.Image()` value, whose bytes are the file's) share one row. The folder of a cache is named by a hash of everything else that changes the features:
 backbone name and weights, feature levels, prefix mode and grid, image transform, storage dtype, the code that
 decodes, transforms and pools (this package's image processing module and the encoder's `visual_features` and
 pooling), the versions of the libraries they run on (torch, torchvision, timm, Pillow and its codecs), PIL's
@@ -16,7 +17,7 @@ process-wide decoding settings (`decoding_policy`), and the device the backbone 
 precision settings there (TF32, bfloat16). Its files:
 
     features.npy    (rows, g*g, C) memory-mapped; row 0 holds the features of an all-zero image (absent images)
-    index.json      {file SHA-256: row} for the files that decoded
+    index.json      {file SHA-256: row} for the images that decoded
     meta.json       the key, the shape and the SHA-256 of the two files above, written last
 
 A file that cannot be decoded gets no row: it is masked for the run and tried again by the next build, so a file
@@ -32,7 +33,7 @@ import json
 import logging
 import operator
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,11 +49,11 @@ from tqdm.auto import tqdm
 
 from . import image_processing_hvpnet
 from .frozen_backbone import speed_up_frozen_backbone
-from .image_processing_hvpnet import _check_policy
+from .image_processing_hvpnet import ImageInput, ImageValue, _check_policy, image_slots, image_source
 from .output_files import atomic_write
 
 if TYPE_CHECKING:
-    from datasets import Dataset
+    from datasets import Dataset, IterableDataset
     from transformers import PreTrainedModel
 
     from .processing_hvpnet import HVPNetProcessor
@@ -64,13 +65,18 @@ CACHE_FORMAT_VERSION = 2
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 ZERO_IMAGE_ROW = 0
 UNREADABLE_ROW = -1
+# How the cache names embedded bytes (an image file is named by its path): this prefix and their SHA-256.
+BYTES_KEY_PREFIX = "sha256:"
+# Rows of a data set's image columns read at a time while gathering the images of `build_feature_cache`.
+ROWS_PER_READ = 1000
 # The image codecs Pillow decodes with (their versions), and its plugins that read formats of their own.
 PIL_DECODERS = (*features.codecs, "webp", "avif")
 
 
 class VisualFeatureCache:
     """
-    Cached `visual_features` of image files for one frozen backbone and one image transform.
+    Cached `visual_features` of images (files, or the bytes of `datasets.Image()` values) for one frozen backbone and
+    one image transform.
 
     Args:
         model: an HVPNeT model (or `HVPNetModel`) whose backbone is frozen (`freeze_vision=True`); its backbone is
@@ -140,15 +146,17 @@ class VisualFeatureCache:
         }
         key_hash = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = Path(cache_dir) / key_hash
-        self.num_unreadable = 0  # files of all builds so far that are missing or could not be decoded
-        self._rows: dict[str, int] = {}  # file SHA-256 -> row, for the files that decoded
-        self._path_hashes: dict[str, str] = {}  # path -> file SHA-256, "" for a file that cannot be read
+        self.num_unreadable = 0  # images of all builds so far that are missing or could not be decoded
+        self._rows: dict[str, int] = {}  # file SHA-256 -> row, for the images that decoded
+        self._hashes: dict[
+            str, str
+        ] = {}  # image key (`_image_key`) -> file SHA-256, "" for a file that cannot be read
         self._features: np.ndarray | None = None
 
-    def build(self, paths: Iterable[str | os.PathLike | None]) -> "VisualFeatureCache":
-        """Makes sure every readable file in `paths` has a row (computing only the files without one, and trying
-        again those that could not be decoded before), then opens the cache for reading. `None` entries (no image)
-        are skipped."""
+    def build(self, images: Iterable[ImageValue]) -> "VisualFeatureCache":
+        """Makes sure every readable image in `images` (file paths or `Image()` values; absent ones are skipped) has a
+        row (computing only the images without one, and trying again those that could not be decoded before), then
+        opens the cache for reading. A URL or an image in memory is an error, raised before any image is decoded."""
         check_decoding_policy(self.key["decoding"], "VisualFeatureCache")
         if self._compute_settings() != self.key["compute"]:
             raise ValueError(
@@ -156,48 +164,53 @@ class VisualFeatureCache:
                 "this VisualFeatureCache was made; make the cache after moving the model and setting torch's "
                 "float32 precision"
             )
-        unique_paths = sorted({str(path) for path in paths if path is not None})
-        hashes = {path: _file_sha256(path, self.missing_images) for path in unique_paths}
+        unique_images = {}  # image key -> the first image of that key
+        for image in images:
+            key = _image_key(image)
+            if key is not None:
+                unique_images.setdefault(key, image)
+        hashes = {key: _image_sha256(key, self.missing_images) for key in sorted(unique_images)}
         self.folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.folder / ".lock")):
             rows = self._read_index()
             missing = {}
-            for path, file_hash in hashes.items():
+            for key, file_hash in hashes.items():
                 if file_hash and file_hash not in rows:
-                    missing.setdefault(file_hash, path)
+                    missing.setdefault(file_hash, unique_images[key])
             if missing or not rows:
                 rows = self._add(rows, missing)
         self._rows = rows
-        self._path_hashes.update(hashes)
+        self._hashes.update(hashes)
         self._features = np.load(self.folder / "features.npy", mmap_mode="r")
-        for path, file_hash in hashes.items():
+        for key, file_hash in hashes.items():
             if file_hash not in rows:
-                logger.warning("Image %s is missing or unreadable; it is masked out.", path)
-        self.num_unreadable = sum(file_hash not in rows for file_hash in self._path_hashes.values())
+                logger.warning("Image %s is missing or unreadable; it is masked out.", _image_name(unique_images[key]))
+        self.num_unreadable = sum(file_hash not in rows for file_hash in self._hashes.values())
         return self
 
-    def row(self, path: str | os.PathLike | None) -> int:
-        """The row of one image file: `ZERO_IMAGE_ROW` for no image, `UNREADABLE_ROW` for a file that could not be
-        decoded. A path that `build` did not see is an error."""
-        if path is None:
+    def row(self, image: ImageValue) -> int:
+        """The row of one image (a path or an `Image()` value): `ZERO_IMAGE_ROW` for no image, `UNREADABLE_ROW` for
+        one that could not be decoded. An image that `build` did not see is an error."""
+        key = _image_key(image)
+        if key is None:
             return ZERO_IMAGE_ROW
-        file_hash = self._path_hashes.get(str(path))
+        file_hash = self._hashes.get(key)
         if file_hash is None:
-            raise KeyError(f"Image {path} is not in the feature cache {self.folder}; pass it to build() first")
+            raise KeyError(
+                f"Image {_image_name(image)} is not in the feature cache {self.folder}; pass it to build() first"
+            )
         return self._rows.get(file_hash, UNREADABLE_ROW)
 
     def example_features(
-        self, image: str | os.PathLike | None, objects: Sequence[str | os.PathLike | None] | None
+        self, image: ImageInput, objects: Sequence[ImageValue] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One example's `image_features` (1 + k, g*g, C), float32, and `image_features_mask` (1 + k,): the global
-        image, then up to k = `num_object_images` crops. Absent or unreadable images hold the features of
-        a zero image and are masked."""
+        """One example's `image_features` (1 + k, g*g, C), float32, and `image_features_mask` (1 + k,): its images in
+        the slots `image_slots` gives them (the global image, then up to k = `num_object_images` other images and
+        crops). Absent or unreadable images hold the features of a zero image and are masked."""
         if self._features is None:
             raise RuntimeError("Call build() before reading from the feature cache")
-        num_objects = self.image_processor.num_object_images
-        slots = [image, *list(objects or [])[:num_objects]]
-        slots += [None] * (1 + num_objects - len(slots))
-        rows = [self.row(path) for path in slots]
+        slots, _ = image_slots(image, objects, self.image_processor.num_object_images)
+        rows = [self.row(source) for _, source in slots]
         present = torch.tensor([row not in (ZERO_IMAGE_ROW, UNREADABLE_ROW) for row in rows])
         read_rows = [row if row != UNREADABLE_ROW else ZERO_IMAGE_ROW for row in rows]
         features = torch.from_numpy(np.asarray(self._features[read_rows], dtype=np.float32))
@@ -224,8 +237,8 @@ class VisualFeatureCache:
             return {}
         return json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
 
-    def _add(self, rows: dict[str, int], missing: dict[str, str]) -> dict[str, int]:
-        """Computes the features of the `missing` {file SHA-256: path} that decode, into a scratch file, and writes
+    def _add(self, rows: dict[str, int], missing: dict[str, ImageValue]) -> dict[str, int]:
+        """Computes the features of the `missing` {file SHA-256: image} that decode, into a scratch file, and writes
         the cache with them added (a new cache also when none decodes); returns the rows of the cache now."""
         if rows:
             old_features = np.load(self.folder / "features.npy", mmap_mode="r")
@@ -245,8 +258,8 @@ class VisualFeatureCache:
             scratch_path.unlink()
         return rows
 
-    def _compute_files(self, files: dict[str, str], into: np.ndarray) -> dict[str, int]:
-        """Decodes the {file SHA-256: path} `files` and writes the features of those that decode to the first rows
+    def _compute_files(self, files: dict[str, ImageValue], into: np.ndarray) -> dict[str, int]:
+        """Decodes the {file SHA-256: image} `files` and writes the features of those that decode to the first rows
         of `into`, in order; returns {file SHA-256: row of `into`} for them."""
         found: dict[str, int] = {}
         items = list(files.items())
@@ -254,8 +267,8 @@ class VisualFeatureCache:
             for start in range(0, len(items), self.batch_size):
                 batch = items[start : start + self.batch_size]
                 decoded = [
-                    (file_hash, self.image_processor.image_tensor(path, self.missing_images))
-                    for file_hash, path in batch
+                    (file_hash, self.image_processor.image_tensor(image, self.missing_images))
+                    for file_hash, image in batch
                 ]
                 readable = [(file_hash, pixels) for file_hash, (pixels, present) in decoded if present]
                 if readable:
@@ -342,6 +355,34 @@ def check_decoding_policy(policy: dict[str, int | bool | str | None], made: str)
             )
 
 
+def _image_key(image: ImageValue) -> str | None:
+    """How the cache names an image: a file by its path, embedded bytes by `BYTES_KEY_PREFIX` and their SHA-256; None
+    for no image. URLs are refused (`image_source`), and so are images in memory, which have no file to hash."""
+    source = image_source(image)
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        return BYTES_KEY_PREFIX + hashlib.sha256(source).hexdigest()
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"The feature cache reads images from files or datasets Image() values, got a {type(source).__name__}"
+        )
+    return str(source)
+
+
+def _image_name(image: ImageValue) -> str:
+    """An image's name in messages: its path, or for bytes without one their key."""
+    path = image.get("path") if isinstance(image, Mapping) else image
+    return str(path or _image_key(image))
+
+
+def _image_sha256(key: str, missing_images: str) -> str:
+    """The file SHA-256 of the image of `key` (`_image_key`): read from a key of bytes, or computed from the file."""
+    if key.startswith(BYTES_KEY_PREFIX):
+        return key.removeprefix(BYTES_KEY_PREFIX)
+    return _file_sha256(key, missing_images)
+
+
 def _file_sha256(path: str | os.PathLike, missing_images: str) -> str:
     """SHA-256 of a file's bytes; "" for a file that cannot be read under `missing_images="mask"`."""
     try:
@@ -351,6 +392,16 @@ def _file_sha256(path: str | os.PathLike, missing_images: str) -> str:
         if missing_images == "error":
             raise OSError(f"Cannot read image {path}: {error}") from error
         return ""
+
+
+def _split_images(split: "Dataset | IterableDataset") -> Iterator[ImageValue]:
+    """Every image of a split's `image` (one or a list) and `objects` columns, read as Arrow stores them (`Image()`
+    values undecoded), a slice of rows at a time."""
+    columns = split.select_columns(["image", "objects"]).with_format("arrow")
+    for table in columns.iter(batch_size=ROWS_PER_READ):
+        for image, objects in zip(table["image"].to_pylist(), table["objects"].to_pylist(), strict=True):
+            yield from image if isinstance(image, list) else [image]
+            yield from objects or []
 
 
 def _feature_code_sha256(encoder: torch.nn.Module) -> str:
@@ -374,13 +425,13 @@ def _state_dict_sha256(module: torch.nn.Module) -> str:
 def build_feature_cache(
     model: "PreTrainedModel",
     processor: "HVPNetProcessor",
-    splits: Iterable["Dataset"],
+    splits: Iterable["Dataset | IterableDataset"],
     cache_dir: str | os.PathLike | None = None,
     missing_images: str = "mask",
 ) -> VisualFeatureCache | None:
     """
-    A built cache of the features of every image and object crop of `splits` (tokenized data sets with `image` and
-    `objects` path columns), in `cache_dir` (default: `$HF_HOME/hvpnet_hf/visual_features`); None when the model has
+    A built cache of the features of every image and object crop of `splits` (tokenized data sets, in memory or
+    iterable, with `image` and `objects` columns of paths or `Image()` values, read undecoded), in `cache_dir` (default: `$HF_HOME/hvpnet_hf/visual_features`); None when the model has
     no frozen backbone to cache. Under torchrun / accelerate one process builds while the others wait, then all read.
     """
     config = model.config
@@ -388,11 +439,7 @@ def build_feature_cache(
         return None
     cache_dir = cache_dir or os.path.join(constants.HF_HOME, "hvpnet_hf", "visual_features")
     cache = VisualFeatureCache(model, processor, cache_dir, missing_images=missing_images)
-    paths = []
-    for split in splits:
-        paths += split["image"]
-        paths += [path for objects in split["objects"] for path in objects]
-    cache.build(paths)
+    cache.build(image for split in splits for image in _split_images(split))
     logger.info("visual feature cache %s (%d unreadable images masked)", cache.folder, cache.num_unreadable)
     return cache
 

@@ -13,10 +13,12 @@ timm, torch and PIL.
 """
 
 import functools
+import io
 import logging
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +54,14 @@ _FILTER_SUPPORT = {
     Image.Resampling.LANCZOS: 3.0,
 }
 
-ImageSource = Image.Image | np.ndarray | str | os.PathLike | None
+# A string naming a remote file (`http://`, `https://`, `hf://`, `s3://`, ...); a one-letter scheme is a Windows drive.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+# One image: in memory, a file path, a `datasets.Image()` value read with `decode=False` (`{"bytes": the file's bytes
+# or None, "path": its path or None}`, bytes first), or absent (None, "", or such a value with neither).
+ImageValue = Image.Image | np.ndarray | str | os.PathLike | Mapping[str, bytes | str | None] | None
+# An example's `image`: one image, or a list of the images of a post (see `image_slots`).
+ImageInput = ImageValue | Sequence[ImageValue]
 
 
 class HVPNetImagesKwargs(ImagesKwargs, total=False):
@@ -124,13 +133,13 @@ class HVPNetImageProcessor(BaseImageProcessor):
 
     def preprocess(
         self,
-        images: ImageSource | Sequence[ImageSource],
-        objects: Sequence[ImageSource] | Sequence[Sequence[ImageSource]] | None = None,
+        images: ImageInput | Sequence[ImageInput],
+        objects: Sequence[ImageValue] | Sequence[Sequence[ImageValue]] | None = None,
         missing_images: str = "mask",
     ) -> BatchFeature:
         """
-        One example (`images` a single image, `objects` its crops) or a batch (a list or tuple of images and a list
-        of crop lists). Returns a `BatchFeature` of `pixel_values` (B, 1 + k, 3, S, S), global image first, and
+        One example (`images` a single image, `objects` its crops) or a batch (a list or tuple of images, or of lists
+        of images, and a list of crop lists). Returns a `BatchFeature` of `pixel_values` (B, 1 + k, 3, S, S), global image first, and
         `image_mask` (B, 1 + k), with k = `num_object_images`.
         """
         if not isinstance(images, (list, tuple)):
@@ -142,45 +151,41 @@ class HVPNetImageProcessor(BaseImageProcessor):
         return BatchFeature({name: torch.stack([example[name] for example in examples]) for name in IMAGE_INPUT_NAMES})
 
     def preprocess_example(
-        self, image: ImageSource, objects: Sequence[ImageSource] | None = None, missing_images: str = "mask"
+        self, image: ImageInput, objects: Sequence[ImageValue] | None = None, missing_images: str = "mask"
     ) -> dict[str, torch.Tensor]:
         """
-        Decodes (if given paths) and transforms one example's images: `pixel_values` (1 + num_object_images, 3, S, S),
-        global image first, and `image_mask` (1 + num_object_images,). Absent or unreadable images (under
-        `missing_images="mask"`) are zeros with mask False; crops beyond `num_object_images` are not used.
+        Decodes and transforms one example's images, placed in slots by `image_slots`: `pixel_values`
+        (1 + num_object_images, 3, S, S) and `image_mask` (1 + num_object_images,). Absent or unreadable images
+        (under `missing_images="mask"`) are zeros with mask False.
         """
-        crops = list(objects or [])[: self.num_object_images]
-        crops += [None] * (self.num_object_images - len(crops))
-        names = ["'image'", *(f"'objects'[{position}]" for position in range(len(crops)))]
-        slots = [
-            self.image_tensor(source, missing_images, name)
-            for source, name in zip((image, *crops), names, strict=True)
-        ]
+        slots, _ = image_slots(image, objects, self.num_object_images)
+        return self.preprocess_slots(slots, missing_images)
+
+    def preprocess_slots(
+        self, slots: Sequence[tuple[str, ImageValue]], missing_images: str
+    ) -> dict[str, torch.Tensor]:
+        """`pixel_values` (n, 3, S, S) and `image_mask` (n,) of the n (name, image) `slots` that `image_slots` gives."""
+        tensors = [self.image_tensor(image, missing_images, name) for name, image in slots]
         return {
-            "pixel_values": torch.stack([tensor for tensor, _ in slots]),
-            "image_mask": torch.tensor([present for _, present in slots], dtype=torch.bool),
+            "pixel_values": torch.stack([tensor for tensor, _ in tensors]),
+            "image_mask": torch.tensor([present for _, present in tensors], dtype=torch.bool),
         }
 
-    def image_tensor(
-        self, image: ImageSource, missing_images: str, slot: str = "'image'"
-    ) -> tuple[torch.Tensor, bool]:
+    def image_tensor(self, image: ImageValue, missing_images: str, slot: str = "'image'") -> tuple[torch.Tensor, bool]:
         """
-        One image (or path, or None) as a transformed (3, S, S) tensor, and whether it is present. A file that
-        `load_image` cannot read is masked and logged, or under `missing_images="error"` its `OSError` is raised. An
-        image without pixels (0 wide or high, such as an empty box cut from a detector's output) is treated alike,
-        with a `ValueError` naming its `slot`.
+        One image value as a transformed (3, S, S) tensor, and whether it is present. An image that `load_image`
+        cannot read is masked and logged, or under `missing_images="error"` its `OSError` is raised. An image without
+        pixels (0 wide or high, such as an empty box cut from a detector's output) is treated alike, with a
+        `ValueError` naming its `slot`. A URL is an error under either policy (`image_source`).
         """
         _check_policy(missing_images)
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                image = load_image(image)
-            except OSError as error:
-                if missing_images == "error":
-                    raise
-                logger.warning("%s; it is masked out.", error)
-                image = None
-        elif image is not None:
-            image = to_rgb_image(image)
+        try:
+            image = decode_image(image, slot)
+        except OSError as error:
+            if missing_images == "error":
+                raise
+            logger.warning("%s; it is masked out.", error)
+            image = None
         if image is not None and 0 in image.size:
             problem = f"{slot} has no pixels ({image.width} x {image.height})"
             if missing_images == "error":
@@ -257,19 +262,116 @@ class HVPNetImageProcessor(BaseImageProcessor):
         return image.resize((crop_width, crop_height), resample, box=box)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def image_slots(
+    image: ImageInput, objects: Sequence[ImageValue] | None, num_object_images: int
+) -> tuple[list[tuple[str, ImageValue]], int]:
     """
-    Decodes an image file fully, as an upright RGB image (see `to_rgb_image`). Every image file the package reads
-    (the processor, object crops, `extract_objects`, the feature cache) is read here. Like
-    `transformers.image_utils.load_image`, it raises where it cannot give an image: an `OSError` naming the file
-    when it is missing, unreadable or over PIL's decompression-bomb limit (the PIL error is its `__cause__`).
+    The (name, image) of one example's 1 + `num_object_images` image slots, absent slots None, and how many of its
+    images found no slot (logged). `image` is one image or a list of a post's images: the first is the global image
+    (slot 0), the others take the next slots, ahead of the object crops, which fill the slots left (crops beyond
+    them are not used, as for a single image). The model reads every slot alike (the same backbone, pooling, gate and
+    projections, concatenated on the prefix's token axis with no slot embedding), so a second picture in slot 1 is
+    read as a crop is: it keeps the model's inputs and weights, where a collage in slot 0 would shrink every picture.
+    Images beyond the slots are dropped; raise `num_object_images` (of the model and its processor) to keep more.
     """
+    if isinstance(image, (list, tuple)):
+        pictures = [(f"'image'[{position}]", picture) for position, picture in enumerate(image)] or [("'image'", None)]
+    else:
+        pictures = [("'image'", image)]
+    crops = [(f"'objects'[{position}]", crop) for position, crop in enumerate(objects or [])]
+    num_slots = 1 + num_object_images
+    num_dropped = max(len(pictures) - num_slots, 0)
+    if num_dropped:
+        logger.warning(
+            "An example has %d images but %d image slots (1 + num_object_images); its last %d are not used.",
+            len(pictures),
+            num_slots,
+            num_dropped,
+        )
+    slots = (pictures + crops)[:num_slots]
+    slots += [(f"slot {position}", None) for position in range(len(slots), num_slots)]
+    return slots, num_dropped
+
+
+def check_image_value(image: ImageValue, slot: str = "'image'") -> None:
+    """Raises a `TypeError` naming `slot` when `image` is not an image value (`ImageValue`)."""
+    if isinstance(image, Mapping):
+        unknown = set(image) - {"bytes", "path"}
+        if unknown or not isinstance(image.get("bytes"), (bytes, type(None))):
+            raise TypeError(
+                f"{slot} must be a datasets Image() value {{'bytes': bytes or None, 'path': str or None}}, got keys "
+                f"{sorted(image)}"
+            )
+        if not isinstance(image.get("path"), (str, type(None))):
+            raise TypeError(f"{slot}['path'] must be a string or None, got {type(image['path']).__name__}")
+    elif image is not None and not isinstance(image, (Image.Image, np.ndarray, str, os.PathLike)):
+        raise TypeError(
+            f"{slot} must be a PIL image, a numpy array, a path, a datasets Image() value ({{'bytes', 'path'}}) or "
+            f"None, got {type(image).__name__}"
+        )
+
+
+def is_absent_image(image: ImageValue) -> bool:
+    """Whether an image value holds no image: None, "", or an `Image()` value without bytes or path."""
+    if isinstance(image, Mapping):
+        return not image.get("bytes") and not image.get("path")
+    return image is None or (isinstance(image, str) and not image)
+
+
+def image_source(
+    image: ImageValue, slot: str = "'image'"
+) -> Image.Image | np.ndarray | str | os.PathLike | bytes | None:
+    """
+    What is decoded of an image value: the image in memory, a file path, the bytes of an `Image()` value (which win
+    over its path), or None where it is absent. A URL (`http(s)://`, `hf://`, ...) is a `ValueError` naming `slot`:
+    the package never downloads (offline machines would hang), and it is a setting of the data, not a missing file,
+    so it is not masked either.
+    """
+    check_image_value(image, slot)
+    if is_absent_image(image):
+        return None
+    if isinstance(image, Mapping):
+        image = image.get("bytes") or image["path"]
+    if isinstance(image, str) and _URL.match(image):
+        raise ValueError(
+            f"{slot} is a URL ({image}); hvpnet_hf does not download images: download them first and give their "
+            "paths or bytes"
+        )
+    return image
+
+
+def decode_image(image: ImageValue, slot: str = "'image'") -> Image.Image | None:
+    """
+    An image value as an upright RGB image (`load_image` for files and bytes, `to_rgb_image` for images in memory),
+    None where it is absent. An `OSError` from `load_image` names `slot` (and the path) when it read bytes.
+    """
+    source = image_source(image, slot)
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        path = image.get("path")
+        return load_image(source, name=f"{slot} (the bytes of {path})" if path else f"{slot} ({len(source)} bytes)")
+    if isinstance(source, (str, os.PathLike)):
+        return load_image(source)
+    return to_rgb_image(source)
+
+
+def load_image(image: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """
+    Decodes an image file, or the bytes of one (a `datasets.Image()` value), fully, as an upright RGB image (see
+    `to_rgb_image`). Every image the package decodes from a file or bytes (the processor, object crops,
+    `extract_objects`, the feature cache) is read here. Like `transformers.image_utils.load_image`, it raises where it
+    cannot give an image: an `OSError` naming the file (or `name`) when it is missing, unreadable or over PIL's
+    decompression-bomb limit (the PIL error is its `__cause__`).
+    """
+    if name is None:
+        name = f"of {len(image)} bytes" if isinstance(image, bytes) else str(image)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb_image(image)
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            opened.load()
+            return to_rgb_image(opened)
     except UNREADABLE_IMAGE_ERRORS as error:
-        raise OSError(f"Cannot read image {path}: {error}") from error
+        raise OSError(f"Cannot read image {name}: {error}") from error
 
 
 def image_header_problem(path: str | os.PathLike) -> str | None:
@@ -348,4 +450,14 @@ def _check_policy(missing_images: str) -> None:
         raise ValueError(f"missing_images must be one of {MISSING_IMAGE_POLICIES}, got {missing_images!r}")
 
 
-__all__ = ["HVPNetImageProcessor", "image_header_problem", "load_image", "to_rgb_image"]
+__all__ = [
+    "HVPNetImageProcessor",
+    "check_image_value",
+    "decode_image",
+    "image_header_problem",
+    "image_slots",
+    "image_source",
+    "is_absent_image",
+    "load_image",
+    "to_rgb_image",
+]

@@ -38,7 +38,7 @@ from torchvision.ops import box_iou
 from transformers import AutoConfig, Pipeline, ZeroShotObjectDetectionPipeline, pipeline
 from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_OBJECT_DETECTION_MAPPING_NAMES
 
-from .image_processing_hvpnet import load_image, to_rgb_image
+from .image_processing_hvpnet import ImageValue, decode_image, to_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -190,23 +190,19 @@ class ObjectCropper:
         return [image.crop(found.box) for found in self.detect(image, queries)]
 
     def crops_for_text(
-        self,
-        image: Image.Image | np.ndarray | str | os.PathLike | None,
-        words: Sequence[str],
-        head: Mapping | None = None,
-        tail: Mapping | None = None,
+        self, image: ImageValue, words: Sequence[str], head: Mapping | None = None, tail: Mapping | None = None
     ) -> list[Image.Image]:
         """
-        The crops of one example's image, queried with `text_queries` of its words (and of its head and tail word
-        spans `{"start", "end"}` for relation extraction). No image, or a file that `load_image` cannot read (it is
-        logged), gives no crops: what happens to such an image is the processor's `missing_images` policy.
+        The crops of one example's image (any image value: an image, an array, a path or a `datasets.Image()` value),
+        queried with `text_queries` of its words (and of its head and tail word spans `{"start", "end"}` for relation
+        extraction). No image, or a file or bytes that `load_image` cannot read (it is logged), gives no crops: what
+        happens to such an image is the processor's `missing_images` policy.
         """
-        if isinstance(image, (str, os.PathLike)):
-            try:
-                image = load_image(image)
-            except OSError as error:
-                logger.warning("%s; no crops for it.", error)
-                return []
+        try:
+            image = decode_image(image)
+        except OSError as error:
+            logger.warning("%s; no crops for it.", error)
+            return []
         if image is None:
             return []
         mentions = [" ".join(words[span["start"] : span["end"]]) for span in (head, tail) if span is not None]

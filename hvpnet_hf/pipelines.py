@@ -13,9 +13,11 @@ relation({"words": ["Alice", "met", "Bob"], "head": (0, 1), "tail": (2, 3), "ima
 ```
 
 Both take one example (a dict, or for NER also a plain string), or a list, torch `Dataset` or generator of them (one
-result per input, in order; `batch_size=` batches them), and images as PIL images, numpy arrays, file paths or None
-(the image is then masked and the prediction is text-only). An image file that cannot be read is an error, or with
-`missing_images="mask"` masked like an absent one (and logged).
+result per input, in order; `batch_size=` batches them), and images as PIL images, numpy arrays, file paths,
+`datasets.Image()` values (`{"bytes", "path"}`) or None (the image is then masked and the prediction is text-only);
+`"image"` may list several images, the first one global (`image_slots` in `image_processing_hvpnet.py`). An image
+file that cannot be read is an error, or with `missing_images="mask"` masked like an absent one (and logged); a URL
+is an error under either policy (the pipeline does not download).
 
 `num_workers=N` decodes and tokenizes the inputs of a list or `Dataset` in N DataLoader worker processes while the
 model runs (a generator is read in the calling process). `pipeline(..., dtype=torch.bfloat16)` runs the model in
@@ -28,7 +30,7 @@ A pipeline's `save_pretrained` (and every save of a task model, see `tasks.save_
 `frozen_backbone.py` and `tasks.py`) next to
 the model and records the pipeline in the config's `custom_pipelines`, so `pipeline(model=folder_or_hub_id,
 trust_remote_code=True)` builds it where `hvpnet_hf` is not installed. This module therefore imports only
-transformers, torch, numpy, PIL and the processor.
+transformers, torch and the processor (with its image processor).
 """
 
 import os
@@ -37,10 +39,8 @@ from collections.abc import Mapping, Sequence, Sized
 from numbers import Integral
 from typing import Any
 
-import numpy as np
 import torch
 import transformers
-from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -49,12 +49,10 @@ from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from transformers.utils import PROCESSOR_NAME
 
 from .frozen_backbone import speed_up_frozen_backbone, warn_if_bfloat16_is_emulated
+from .image_processing_hvpnet import check_image_value
 from .object_detection import ObjectCropper, object_cropper_for
 from .processing_hvpnet import HVPNetProcessor, ner_word_positions
 from .tasks import NER, RE, Task, task_of
-
-# What an input's `"image"` and each of its `"objects"` may be (or None).
-IMAGE_TYPES = (Image.Image, np.ndarray, str, os.PathLike)
 
 
 class _HVPNetPipeline(Pipeline):
@@ -175,13 +173,14 @@ class _HVPNetPipeline(Pipeline):
         objects = inputs.get("objects")
         if objects is not None and (isinstance(objects, str) or not isinstance(objects, Sequence)):
             raise TypeError(f"'objects' must be a list of images or paths, got {type(objects).__name__}")
-        images = {"'image'": inputs.get("image")}
+        image = inputs.get("image")
+        if isinstance(image, (list, tuple)):  # several images: the global one first (`image_slots`)
+            images = {f"'image'[{position}]": picture for position, picture in enumerate(image)}
+        else:
+            images = {"'image'": image}
         images.update({f"'objects'[{position}]": crop for position, crop in enumerate(objects or [])})
         for name, image in images.items():
-            if image is not None and not isinstance(image, IMAGE_TYPES):
-                raise TypeError(
-                    f"{name} must be a PIL image, a numpy array, a path or None, got {type(image).__name__}"
-                )
+            check_image_value(image, name)
         return inputs
 
     def _check_max_length(self, max_length: Any) -> None:
@@ -219,11 +218,13 @@ class _HVPNetPipeline(Pipeline):
         head: Mapping | None = None,
         tail: Mapping | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The image tensors of one input (no batch dimension), with crops from `object_cropper` if it has none."""
-        objects = example.get("objects") or []
+        """The image tensors of one input (no batch dimension), with crops from `object_cropper` if it has none (of
+        its global image, the first where it has several)."""
+        image, objects = example.get("image"), example.get("objects") or []
         if object_cropper is not None and not objects:
-            objects = object_cropper.crops_for_text(example.get("image"), words, head, tail)
-        return self.processor.image_processor.preprocess_example(example.get("image"), objects, missing_images)
+            global_image = (image or [None])[0] if isinstance(image, (list, tuple)) else image
+            objects = object_cropper.crops_for_text(global_image, words, head, tail)
+        return self.processor.image_processor.preprocess_example(image, objects, missing_images)
 
 
 class MultimodalNerPipeline(_HVPNetPipeline):
@@ -237,9 +238,9 @@ class MultimodalNerPipeline(_HVPNetPipeline):
     entities; `score` is the mean probability the emission layer gives the tags of the entity's words (the CRF's
     transition scores are not in it). A text without words gives `[]`.
 
-    Every word is tagged: a text longer than `max_length` tokens is read in overlapping windows (consecutive
-    windows share up to `stride` tokens, by default half a window), and each word takes its tag from the window
-    where it is farthest from a cut.
+    Every word is tagged: a text longer than `max_length` tokens is read in the tokenizer's overlapping rows (each
+    next row repeats the last `stride` tokens of the previous one, by default half a row), and each word takes its
+    tag from the row where it is farthest from a cut.
     """
 
     hvpnet_task = NER
@@ -284,16 +285,16 @@ class MultimodalNerPipeline(_HVPNetPipeline):
             words, offsets = split_words(example["text"])
         else:
             raise ValueError(f"a multimodal-ner input needs 'text' or 'words', got keys {sorted(example)}")
-        info = {"words": words, "offsets": offsets, "word_ids": []}
+        info = {"words": words, "offsets": offsets, "word_ids": [], "word_start_mask": []}
         if not words:
             return {"features": [], "example": info}
-        windows = self.processor.encode_ner_windows(words, max_length, stride)
+        rows = self.processor.encode_ner([words], max_length=max_length, stride=stride, return_overflowing_tokens=True)
         images = self._image_features(words, example, missing_images, object_cropper)
-        info["word_ids"] = windows["word_ids"]
+        info["word_ids"], info["word_start_mask"] = rows["word_ids"], rows["word_start_mask"]
         row_names = ("input_ids", "attention_mask", "token_type_ids", "word_start_mask")
         features = [
-            {**{name: windows[name][row] for name in row_names if name in windows}, **images}
-            for row in range(len(windows["input_ids"]))
+            {**{name: rows[name][row] for name in row_names if name in rows}, **images}
+            for row in range(len(rows["input_ids"]))
         ]
         return {"features": features, "example": info}
 
@@ -308,8 +309,8 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         words, offsets = example["words"], example["offsets"]
         if not words:
             return []
-        # Every word has a position: the windows cover the whole text.
-        positions = ner_word_positions(example["word_ids"], len(words))
+        # Every word has a position: the rows cover the whole text.
+        positions = ner_word_positions(example["word_ids"], len(words), example["word_start_mask"])
         tags, probabilities = model_outputs["predicted_tags"].tolist(), model_outputs["tag_probabilities"].tolist()
         word_tags = [self.model.config.id2label[tags[row][token]] for row, token in positions]
         word_probabilities = [probabilities[row][token] for row, token in positions]

@@ -1,6 +1,6 @@
 """
-`hvpnet-predict`: runs a trained HVPNeT model over a file of examples in its published format and writes the
-predictions.
+`hvpnet-predict`: runs a trained HVPNeT model over a file of examples, in its published format or as a data set of
+your own (JSON lines, CSV or Parquet), and writes the predictions.
 
     hvpnet-predict --model outputs/t15 --input data/twitter2015/test.txt --image_dir data/twitter2015_images \\
         --output t15_test_predictions.txt
@@ -11,6 +11,13 @@ Image and crop folders are found as the example scripts find them, for the input
 (`hvpnet_hf.loading.find_file_layout`): a folder laid out per split (`img_org/{train,val,test}/`,
 `img_vg/{train,val,test}/crops/`) gives the folder of the input's split, read from the input's name (`ours_test.txt`,
 `valid.txt`); the crop map `*_<split>_dict.pth` is found next to the input file, or named with `--object_map`.
+
+An input ending in .json, .jsonl, .csv or .parquet is read as a data set of your own, as the example scripts read
+one (`hvpnet_hf.data_sources`): its columns are named by `--text_column_name`, `--label_column_name`,
+`--image_column_name`, `--objects_column_name` and, for RE, `--head_column_name` and `--tail_column_name`; its images
+are paths (relative ones to the input's folder) or `Image()` values, and its labels are the model's.
+
+    hvpnet-predict --model outputs/t15 --input posts.jsonl --text_column_name words --output posts_predictions.txt
 
 The task follows from the model. NER input: `IMGID:` blocks of `token<TAB>label` lines (Twitter-2015/2017); output:
 CoNLL columns `word gold predicted`, a blank line after each sentence (whitespace inside a word is written as `_`,
@@ -40,6 +47,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoConfig, pipeline
 
+from .data_sources import COLUMN_FLAGS, TASK_COLUMNS, is_table_file, load_table_dataset
 from .loading import NO_RELATION, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
 from .metrics import metric_path
 from .output_files import check_output_file
@@ -60,7 +68,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         prog="hvpnet-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="folder (or Hub id) of a trained HVPNeT model")
-    parser.add_argument("--input", required=True, help="data file in the published format")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="data file: JSON lines, CSV or Parquet (.json, .jsonl, .csv, .parquet) read as a data set of your own, "
+        "any other in the published format",
+    )
     parser.add_argument("--output", required=True, help="file to write the predictions to")
     parser.add_argument(
         "--image_dir", help="folder of the images named in the input file, flat or per split (none: text only)"
@@ -85,6 +98,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="processes that decode the images and tokenize while the model runs (0: all in this process)",
     )
     parser.add_argument("--top_k", type=int, default=None, help="RE: write the k most probable relations")
+    columns = parser.add_argument_group(
+        "columns of a data set of your own (default: the loaders' names: tokens, ner_tags or relation, image, "
+        "objects, head, tail)"
+    )
+    for flag in dict.fromkeys(COLUMN_FLAGS.values()):
+        columns.add_argument(f"--{flag}")
     args = parser.parse_args(argv)
     for name, minimum in (("batch_size", 1), ("num_workers", 0), ("top_k", 1)):
         value = getattr(args, name)
@@ -109,12 +128,35 @@ def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **t
     crops of its split (see `find_file_layout`); an `--image_dir` that holds none of their images is an error (see
     `check_images_found`).
     """
+    if is_table_file(args.input):
+        return load_own_input(args, "ner" if loader is load_mner_dataset else "re")
     sources = find_file_layout(args.input, args.image_dir, args.object_dir, args.object_map)
     examples = loader(**sources, missing_images=args.missing_images, **task_arguments)["test"]
     if sources["image_dir"] is not None:
         text_only = "leave --image_dir out to predict from the text only"
         check_images_found(examples, f"--input {args.input}", sources["image_dir"], "--image_dir", text_only)
     return examples
+
+
+def load_own_input(args: argparse.Namespace, task: str) -> Dataset:
+    """The examples of a JSON lines, CSV or Parquet input, in the loaders' columns, with the model's labels."""
+    release_flags = [
+        f"--{name}" for name in ("image_dir", "object_dir", "object_map", "rel2id") if getattr(args, name)
+    ]
+    if release_flags:
+        raise ValueError(
+            f"{', '.join(release_flags)}: settings of the published formats; --input {args.input} names its images "
+            "in its columns (--image_column_name, --objects_column_name)"
+        )
+    columns = {column: getattr(args, COLUMN_FLAGS[column]) or column for column in TASK_COLUMNS[task]}
+    return load_table_dataset(
+        task,
+        columns,
+        data_files={"test": args.input},
+        label_names=list(AutoConfig.from_pretrained(args.model).id2label.values()),
+        missing_images=args.missing_images,
+        text_only="leave the image column out to predict from the text only",
+    )["test"]
 
 
 class PipelineInputs(torch.utils.data.Dataset):

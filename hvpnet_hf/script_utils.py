@@ -1,33 +1,50 @@
 """
 What the example training scripts (`examples/run_mner.py`, `examples/run_mre.py`) take from the package: one settings
 file read as flags, the model's `--config_overrides`, the rule for a reused output folder, the bundled sample set as
-a run's data, and the checks that a model can serve the run before any data is tokenized.
+a run's data, the checks that a model can serve the run before any data is tokenized, and the steps of a run that
+both scripts take alike (loading the data and the model, tokenizing, training, predicting a split).
 """
 
 import dataclasses
 import json
+import logging
 import shutil
+import sys
 import typing
 from argparse import ArgumentError
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import datasets
+import torch
+import transformers
 import yaml
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import HfArgumentParser, PreTrainedModel, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoConfig, HfArgumentParser, PreTrainedModel, TrainingArguments, set_seed
+from transformers.trainer_utils import PredictionOutput, get_last_checkpoint
 
-from .collating import sample_subset
+from .collating import HVPNetDataCollator, sample_subset, tokenize_and_align
 from .configuration_hvpnet import HVPNetConfig
+from .data_sources import COLUMN_FLAGS, LABEL_COLUMNS, TASK_COLUMNS, is_table_file, label_names_of, load_table_dataset
+from .feature_cache import build_feature_cache
+from .loading import check_images_found_in_splits, find_release_layout, labels_on_model_ids
+from .modeling_hvpnet import HVPNetPreTrainedModel
 from .output_files import check_output_dir
 from .processing_hvpnet import HVPNetProcessor
 from .sample_data import sample_paths
+from .training import HVPNetTrainer, keep_freed_memory
 
 # `HVPNetConfig` settings that a script sets from its own flags and the data, never through `--config_overrides`.
 SET_BY_THE_SCRIPTS = ("text_config", "vision_backbone", "vision_pretrained", "id2label", "label2id")
+# The help of the split file flags: the extension tells a table file from a file in a published format.
+SPLIT_FILE_HELP = (
+    "A split file: JSON lines (.json, .jsonl), CSV (.csv) or Parquet (.parquet), read as a data set of your own, or "
+    "a file in a published format (any other extension)."
+)
 # What a run writes into its output folder besides the model files, which are rewritten anyway.
 RUN_OUTPUTS = ("checkpoint-*", "*_results.json", "*_predictions.txt", "*_predictions.jsonl", "trainer_state.json")
 
@@ -184,7 +201,7 @@ def use_sample_set(data_args: Any, task: str) -> None:
     given). Refuses data of the user's own alongside: the run would be named (and its model card written) as the
     sample set, and the sample's image folders must never be used for other data.
     """
-    flags = ("data_dir", "train_file", "validation_file", "test_file")
+    flags = ("dataset_name", "data_dir", "train_file", "validation_file", "test_file")
     given = [f"--{flag}" for flag in flags if getattr(data_args, flag) is not None]
     if given:
         raise ValueError(
@@ -263,7 +280,7 @@ def check_max_seq_length(model: PreTrainedModel, max_seq_length: int) -> None:
 
 
 # The arguments both training scripts take besides `HVPNetTrainingArguments`; each script subclasses
-# `DataTrainingArguments` for what its task adds (its data set's name, MNRE's relation ids).
+# `DataTrainingArguments` for what its task adds (its data set's name, its label columns, its release loader).
 @dataclass
 class ModelArguments:
     """Which model to fine-tune: a new one on a pretrained text encoder, or a trained HVPNeT folder."""
@@ -303,7 +320,14 @@ class ModelArguments:
 
 @dataclass
 class DataTrainingArguments:
-    """The data to train and evaluate on, and how it is read."""
+    """
+    The data to train and evaluate on, and how it is read: a published release (`data_dir`, or split files in its
+    format), or a data set of the user's own (`dataset_name`, or JSON lines / CSV / Parquet split files) read from
+    the columns the `*_column_name` flags name. Each script's subclass gives its `task`, its label column's default
+    and its release loader (`load_release`).
+    """
+
+    task: ClassVar[str]
 
     dataset: str = field(
         default="sample",
@@ -312,12 +336,30 @@ class DataTrainingArguments:
             "data files uses the bundled sample set."
         },
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A `datasets` data set of your own: a Hub id (read through the local cache when offline) or a "
+            "folder written by save_to_disk (its name is written in the model card)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of dataset_name."})
     data_dir: str | None = field(
         default=None, metadata={"help": "Folder with the split files, named *train*, *val* / *dev* / *valid*, *test*."}
     )
-    train_file: str | None = field(default=None)
-    validation_file: str | None = field(default=None)
-    test_file: str | None = field(default=None)
+    train_file: str | None = field(default=None, metadata={"help": SPLIT_FILE_HELP})
+    validation_file: str | None = field(default=None, metadata={"help": SPLIT_FILE_HELP})
+    test_file: str | None = field(default=None, metadata={"help": SPLIT_FILE_HELP})
+    text_column_name: str = field(
+        default="tokens", metadata={"help": "Own data: the column of the words (a list of strings per row)."}
+    )
+    image_column_name: str = field(
+        default="image",
+        metadata={"help": "Own data: the column of the image (an Image() feature or a path; empty: no image)."},
+    )
+    objects_column_name: str = field(
+        default="objects", metadata={"help": "Own data: the column of the object crops (a list of images or paths)."}
+    )
     image_dir: str | None = field(
         default=None, metadata={"help": "Folder of the images, flat or as {train,val,test}/."}
     )
@@ -366,22 +408,263 @@ class DataTrainingArguments:
             check_range(self, name, 1)
         if not 0.0 < self.sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        files = list((self.data_files or {}).values())
+        if self.dataset_name is not None and (files or self.data_dir is not None):
+            raise ValueError("give either --dataset_name or data files (--data_dir, --train_file, ...), not both")
+        if len({is_table_file(path) for path in files}) > 1:
+            raise ValueError(f"split files must all be release files or all table files, got {files}")
+        if self.own_data:
+            release_flags = [f"--{name}" for name in RELEASE_FLAGS if getattr(self, name, None) is not None]
+            if release_flags:
+                raise ValueError(
+                    f"{', '.join(release_flags)}: settings of the published formats; a data set of your own names "
+                    "its images and crops in its columns (--image_column_name, --objects_column_name)"
+                )
 
     @property
     def data_files(self) -> dict[str, str] | None:
         files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
         return {split: path for split, path in files.items() if path is not None} or None
 
+    @property
+    def own_data(self) -> bool:
+        """Whether the data is a `datasets` data set or table files rather than a published release."""
+        return self.dataset_name is not None or any(is_table_file(path) for path in (self.data_files or {}).values())
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Per loader column of the task, the column of the user's data set it is read from."""
+        return {column: getattr(self, COLUMN_FLAGS[column]) for column in TASK_COLUMNS[self.task]}
+
+    @property
+    def card_name(self) -> str:
+        """The data set's name in the model card: `dataset_name` (a folder's own name), else `dataset`."""
+        return Path(self.dataset_name).name if self.dataset_name is not None else self.dataset
+
+    def load_release(self, **sources: Any) -> DatasetDict:
+        """The splits of a published release, read by the task's loader with `sources` (files, folders, policy)."""
+        raise NotImplementedError
+
+
+# The data flags that only the published formats use.
+RELEASE_FLAGS = ("data_dir", "image_dir", "object_dir", "object_map_dir", "rel2id_file")
+
+
+# The `TrainingArguments` defaults both scripts change (a config file or flag overrides them); each adds its own.
+TRAINING_DEFAULTS = {
+    "do_train": True,
+    "do_eval": True,
+    "do_predict": True,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "logging_strategy": "epoch",
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "f1",
+    "save_total_limit": 2,
+    "weight_decay": 0.01,
+    "warmup_steps": 0.1,
+    # Without an accelerator, torchrun / accelerate launch processes only form a (gloo) group under use_cpu.
+    "use_cpu": not torch.accelerator.is_available(),
+}
+
+
+def start_run(training_args: TrainingArguments, data_args: DataTrainingArguments, logger: logging.Logger) -> bool:
+    """
+    The first steps of a run: the settings the scripts need (path columns reach the collator; the output folder is
+    published once, at the end), logging, the reused output folder rule and the seed. Returns whether to push the
+    output folder to the Hub at the end.
+    """
+    training_args.remove_unused_columns = False
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(f"Training/evaluation parameters {training_args}")
+    if training_args.do_train and keep_freed_memory():
+        logger.info("glibc's malloc keeps the memory the run frees for reuse (hvpnet_hf.training.keep_freed_memory)")
+    prepare_output_dir(training_args, data_args.overwrite_output_dir)
+    set_seed(training_args.seed)
+    return push_to_hub
+
+
+def load_splits(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments
+) -> DatasetDict:
+    """
+    The run's splits in the loaders' columns: the bundled sample set, a published release with its images, crops and
+    crop maps found in its layout, or a data set of the user's own (see `hvpnet_hf.data_sources`); then sampled and
+    cut as asked (`select_splits`).
+    """
+    text_only = "pass --mask_images true to use the text only"
+    if data_args.dataset == "sample":
+        use_sample_set(data_args, data_args.task)
+    if data_args.own_data:
+        trained = model_args.model_name_or_path
+        model_labels = None if trained is None else list(AutoConfig.from_pretrained(trained).id2label.values())
+        splits = load_table_dataset(
+            data_args.task,
+            data_args.columns,
+            dataset_name=data_args.dataset_name,
+            dataset_config_name=data_args.dataset_config_name,
+            data_files=data_args.data_files,
+            label_names=model_labels,
+            missing_images=data_args.missing_images,
+            mask_images=data_args.mask_images,
+            text_only=text_only,
+        )
+    else:
+        image_dir, object_dir = (None, None) if data_args.mask_images else (data_args.image_dir, data_args.object_dir)
+        layout = find_release_layout(image_dir, object_dir, data_args.object_map_dir or data_args.data_dir)
+        splits = data_args.load_release(
+            data_dir=data_args.data_dir,
+            data_files=data_args.data_files,
+            missing_images=data_args.missing_images,
+            **layout,
+        )
+        if image_dir is not None:
+            check_images_found_in_splits(splits, layout["image_dir"], "image_dir", text_only)
+    select_splits(splits, data_args, training_args)
+    return splits
+
+
+def load_processor_and_model(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    model_class: type[HVPNetPreTrainedModel],
+    splits: DatasetDict,
+) -> tuple[HVPNetProcessor, HVPNetPreTrainedModel]:
+    """The processor and the model of the run: a trained folder, or a new model with the labels of `splits`."""
+    if model_args.model_name_or_path is not None:
+        processor = HVPNetProcessor.from_pretrained(model_args.model_name_or_path)
+        model = model_class.from_pretrained(model_args.model_name_or_path)
+        check_trained_model_settings(
+            model, processor, model_args.config_settings, model_args.vision_backbone, data_args.image_size
+        )
+    else:
+        new_config = HVPNetConfig(**model_args.config_settings)  # the settings the processor shares with the model
+        vision_backbone = model_args.vision_backbone or new_config.vision_backbone
+        processor = HVPNetProcessor.from_backbone(
+            model_args.text_model_name_or_path,
+            vision_backbone=vision_backbone,
+            task=data_args.task,
+            image_size=data_args.image_size,
+            num_object_images=new_config.num_object_images,
+            max_length=data_args.max_seq_length,
+        )
+        label_names = label_names_of(splits, data_args.task)
+        model = model_class.from_text_vision_pretrained(
+            model_args.text_model_name_or_path,
+            vision_backbone=vision_backbone,
+            vision_pretrained=model_args.vision_checkpoint or model_args.vision_pretrained,
+            processor=processor,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={label: index for index, label in enumerate(label_names)},
+            **model_args.config_settings,
+        )
+    check_max_seq_length(model, data_args.max_seq_length)
+    return processor, model
+
+
+def encode_splits(
+    splits: DatasetDict,
+    processor: HVPNetProcessor,
+    model: PreTrainedModel,
+    data_args: DataTrainingArguments,
+    training_args: TrainingArguments,
+) -> tuple[DatasetDict, DatasetDict]:
+    """
+    `splits` with their labels on the model's ids (see `labels_on_model_ids`), and the same tokenized (once, on the
+    main process first; images stay paths or undecoded values for the collator).
+    """
+    column = LABEL_COLUMNS[data_args.task]
+    id2label = model.config.id2label
+    splits = DatasetDict(
+        {
+            split: labels_on_model_ids(dataset, column, id2label, model.name_or_path)
+            for split, dataset in splits.items()
+        }
+    )
+    with training_args.main_process_first(desc="tokenizing"):
+        encoded = splits.map(
+            tokenize_and_align,
+            batched=True,
+            fn_kwargs={"processor": processor, "max_length": data_args.max_seq_length},
+            desc="Tokenizing",
+        )
+    return splits, encoded
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    processor: HVPNetProcessor,
+    encoded: DatasetDict,
+    data_args: DataTrainingArguments,
+    training_args: TrainingArguments,
+    compute_metrics: Callable | None,
+) -> HVPNetTrainer:
+    """The run's trainer, reading image features from the frozen backbone's cache when `feature_cache` is on."""
+    feature_cache = None
+    if data_args.feature_cache:
+        feature_cache = build_feature_cache(
+            model, processor, encoded.values(), data_args.feature_cache_dir, data_args.missing_images
+        )
+    return HVPNetTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=encoded["train"] if training_args.do_train else None,
+        eval_dataset=encoded.get("validation"),
+        processing_class=processor,
+        data_collator=HVPNetDataCollator(
+            processor, missing_images=data_args.missing_images, feature_cache=feature_cache
+        ),
+        compute_metrics=compute_metrics,
+    )
+
+
+def train_and_save(trainer: HVPNetTrainer, training_args: TrainingArguments, train_split: Dataset) -> dict[str, float]:
+    """Trains, saves the best checkpoint (with its processor and code), its metrics and the trainer state."""
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # the best checkpoint on validation F1, its processor, their code and the pipeline's
+    metrics = {**train_result.metrics, "train_samples": len(train_split)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def predict_split(trainer: HVPNetTrainer, split: Dataset, prefix: str) -> tuple[PredictionOutput, dict[str, float]]:
+    """The predictions and metrics of one split (`prefix`: `eval` or `test`), logged and saved."""
+    prediction = trainer.predict(split, metric_key_prefix=prefix)
+    metrics = {**prediction.metrics, f"{prefix}_samples": len(split)}
+    trainer.log_metrics(prefix, metrics)
+    trainer.save_metrics(prefix, metrics)
+    return prediction, metrics
+
 
 __all__ = [
+    "TRAINING_DEFAULTS",
     "DataTrainingArguments",
     "ModelArguments",
+    "build_trainer",
     "check_max_seq_length",
     "check_range",
     "check_trained_model_settings",
+    "encode_splits",
+    "load_processor_and_model",
+    "load_splits",
     "parse_config_overrides",
     "parse_settings_and_flags",
+    "predict_split",
     "prepare_output_dir",
     "select_splits",
+    "start_run",
+    "train_and_save",
     "use_sample_set",
 ]

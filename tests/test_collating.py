@@ -1,14 +1,24 @@
-"""From published files to model inputs: map function, lazy image transform, collator, subsets, a model forward."""
+"""From published files and `datasets` data sets to model inputs: map function, lazy image transform, collator (paths,
+`Image()` columns, posts with several images), subsets, a model forward."""
+
+import logging
 
 import pytest
 import torch
-from datasets import Value
+from datasets import Dataset, Features, List, Value
+from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import BertTokenizer
 
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification
-from hvpnet_hf.collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
+from hvpnet_hf.collating import (
+    HVPNetDataCollator,
+    ImageAttacher,
+    sample_subset,
+    tokenize_and_align,
+    with_undecoded_images,
+)
 from hvpnet_hf.feature_cache import VisualFeatureCache
 from hvpnet_hf.loading import MNER_LABELS, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.metrics import align_word_predictions
@@ -189,8 +199,6 @@ def test_batches_run_through_the_models(mner_dir, tmp_path):
 
 
 def test_sample_subset_is_reproducible():
-    from datasets import Dataset
-
     dataset = Dataset.from_dict({"id": [str(index) for index in range(100)]})
     first = sample_subset(dataset, 0.1, seed=3)["id"]
     assert len(first) == 10 and first == sorted(first, key=int)  # original order kept
@@ -200,3 +208,139 @@ def test_sample_subset_is_reproducible():
     assert sample_subset(dataset, 1.0) is dataset
     with pytest.raises(ValueError, match="sample_ratio"):
         sample_subset(dataset, 0.0)
+
+
+# ---------------------------------------------------------------- images as data: datasets Image() columns, lists
+
+IMAGE_FEATURES = Features(
+    {
+        "tokens": List(Value("string")),
+        "ner_tags": List(Value("int64")),
+        "image": ImageFeature(),
+        "objects": List(ImageFeature()),
+    }
+)
+
+
+@pytest.fixture
+def image_files(tmp_path) -> dict[str, str]:
+    """Four small PNG files of different colors and sizes, and a PNG truncated after its header."""
+    colors = {"red": (200, 10, 10), "green": (10, 200, 10), "blue": (10, 10, 200), "gray": (90, 90, 90)}
+    paths = {}
+    for name, color in colors.items():
+        paths[name] = str(tmp_path / f"{name}.png")
+        Image.new("RGB", (20 + 3 * len(name), 20), color).save(paths[name])
+    paths["broken"] = str(tmp_path / "broken.png")
+    Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48).save(paths["broken"])
+    (tmp_path / "broken.png").write_bytes((tmp_path / "broken.png").read_bytes()[:-400])
+    return paths
+
+
+def embedded(path: str | None) -> dict | None:
+    """The `datasets.Image()` value of an embedded file: its bytes and only its name (its folder is not shipped)."""
+    return None if path is None else {"bytes": open(path, "rb").read(), "path": path.rsplit("/", 1)[-1]}
+
+
+def path_and_image_datasets(files: dict[str, str]) -> tuple[Dataset, Dataset]:
+    """Three tweets (two crops; a truncated image; no image) with path columns, and the same rows with their files
+    embedded in `Image()` columns, decoded on read as `load_dataset` gives them."""
+    rows = {
+        "tokens": [["kevin", "in", "boston"], ["apple", "store"], ["boston"]],
+        "ner_tags": [[1, 0, 3], [5, 0], [3]],
+        "image": [files["red"], files["broken"], None],
+        "objects": [[files["green"], files["blue"]], [files["gray"]], [files["red"]]],
+    }
+    paths = Dataset.from_dict(rows)
+    embedded_rows = {
+        **rows,
+        "image": [embedded(path) for path in rows["image"]],
+        "objects": [[embedded(path) for path in objects] for objects in rows["objects"]],
+    }
+    return paths, Dataset.from_dict(embedded_rows, features=IMAGE_FEATURES)
+
+
+def test_image_columns_give_the_batches_of_path_columns(image_files):
+    processor = tiny_processor()
+    paths, images = path_and_image_datasets(image_files)
+    # Decoded by datasets, the truncated image is an uncaught error when its row is read, not a masked image.
+    with pytest.raises(OSError, match="image file"):
+        images[1]
+    images = with_undecoded_images(images)
+    assert images.features["image"] == ImageFeature(decode=False)
+    assert images.features["objects"] == List(ImageFeature(decode=False))
+    assert isinstance(images[0]["image"]["bytes"], bytes)
+    encoded = {
+        name: data.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})
+        for name, data in (("paths", paths), ("images", images))
+    }
+    batches, attachers = {}, {}
+    for name, data in encoded.items():
+        attachers[name] = ImageAttacher(processor)
+        loader = DataLoader(
+            data.with_transform(attachers[name]), batch_size=3, collate_fn=HVPNetDataCollator(processor)
+        )
+        batches[name] = next(iter(loader))
+    assert batches["images"]["image_mask"].tolist() == [[True, True, True], [False, True, False], [False, True, False]]
+    for name in NER_INPUTS:
+        torch.testing.assert_close(batches["images"][name], batches["paths"][name], rtol=0, atol=0)
+    for attacher in attachers.values():  # the truncated image, named and masked; the row without one
+        assert (attacher.num_masked, attacher.num_without_image, attacher.num_dropped) == (1, 1, 0)
+    # The collator decodes the rows itself alike.
+    collator = HVPNetDataCollator(processor)
+    from_rows = collator(list(encoded["images"]))
+    for name in NER_INPUTS:
+        torch.testing.assert_close(from_rows[name], batches["paths"][name], rtol=0, atol=0)
+    assert (collator.attacher.num_masked, collator.attacher.num_without_image) == (1, 1)
+
+
+def test_posts_with_several_images_fill_the_slots_and_count_what_is_dropped(image_files, caplog):
+    processor = tiny_processor()  # 1 + 2 image slots
+    pictures = [image_files[name] for name in ("red", "green", "blue", "gray")]
+    rows = {
+        "tokens": [["kevin"], ["boston"], ["apple"]],
+        "ner_tags": [[1], [3], [5]],
+        "image": [pictures[:2], pictures, []],
+        "objects": [[image_files["blue"]], [], [image_files["gray"]]],
+    }
+    features = Features({**IMAGE_FEATURES, "image": List(ImageFeature())})
+    embedded_rows = {
+        **rows,
+        "image": [[embedded(path) for path in post] for post in rows["image"]],
+        "objects": [[embedded(path) for path in objects] for objects in rows["objects"]],
+    }
+    posts = with_undecoded_images(Dataset.from_dict(embedded_rows, features=features))
+    assert posts.features["image"] == List(ImageFeature(decode=False))
+    collator = HVPNetDataCollator(processor)
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
+        batch = collator(list(posts.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})))
+    # Two pictures and a crop; four pictures for three slots, the last dropped; no picture, a crop.
+    expected = [
+        (pictures[0], pictures[1], image_files["blue"]),
+        (pictures[0], pictures[1], pictures[2]),
+        (None, image_files["gray"], None),
+    ]
+    for example, slots in zip(batch["pixel_values"], expected, strict=True):
+        for pixels, path in zip(example, slots, strict=True):
+            one = processor.image_processor.preprocess_example(path)["pixel_values"][0]
+            torch.testing.assert_close(pixels, one, rtol=0, atol=0)
+    assert batch["image_mask"].tolist() == [[True, True, True], [True, True, True], [False, True, False]]
+    assert (collator.attacher.num_dropped, collator.attacher.num_without_image, collator.attacher.num_masked) == (
+        1,
+        1,
+        0,
+    )
+    assert "has 4 images but 3 image slots" in caplog.text
+    from_paths = HVPNetDataCollator(processor)(
+        list(Dataset.from_dict(rows).map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor}))
+    )
+    torch.testing.assert_close(from_paths["pixel_values"], batch["pixel_values"], rtol=0, atol=0)
+
+
+def test_an_image_column_of_urls_is_an_error_naming_the_url_under_either_policy():
+    processor = tiny_processor()
+    rows = Dataset.from_dict({"tokens": [["kevin"]], "ner_tags": [[1]], "objects": [[]]})
+    rows = rows.add_column("image", ["http://example.com/1.jpg"])
+    encoded = rows.map(tokenize_and_align, batched=True, fn_kwargs={"processor": processor})
+    for policy in ("mask", "error"):
+        with pytest.raises(ValueError, match=r"'image' is a URL \(http://example.com/1.jpg\).*download them first"):
+            HVPNetDataCollator(processor, missing_images=policy)([encoded[0]])

@@ -3,6 +3,7 @@ The drivers of examples/ end to end on the bundled sample data (1 short epoch, t
 the demo, and the paper's training experiments of examples/paper/.
 """
 
+import csv
 import json
 import statistics
 import sys
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets import Image as ImageFeature
 from huggingface_hub.utils import filter_repo_objects
 from modeling_utils import tiny_config
 from PIL import Image
@@ -28,8 +30,10 @@ from transformers import (
 )
 
 import hvpnet_hf
+import hvpnet_hf.script_utils
 from hvpnet_hf import HVPNetProcessor, load_mner_dataset, sample_subset
 from hvpnet_hf.collating import HVPNetDataCollator
+from hvpnet_hf.loading import find_release_layout
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.prediction_files import read_conll
 from hvpnet_hf.sample_data import sample_paths
@@ -201,6 +205,7 @@ def test_mre_end_to_end_writes_one_prediction_per_example(text_model, tmp_path, 
     assert uploaded == sorted([
         "config.json", "model.safetensors", "configuration_hvpnet.py", "modeling_hvpnet.py",
         "object_detection.py", "processing_hvpnet.py", "image_processing_hvpnet.py", "pipelines.py", "tasks.py",
+        "original_visual_prefix.py", "vision_backbone.py",
         "frozen_backbone.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "all_results.json",
     ])  # fmt: skip
     assert {"training_args.bin", "trainer_state.json", "test_predictions.jsonl"} <= set(written)
@@ -667,8 +672,8 @@ class StopRun(Exception):
 @pytest.mark.parametrize("do_train", [True, False])
 def test_scripts_keep_freed_memory_only_when_training(do_train, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(run_mner, "keep_freed_memory", lambda: calls.append("kept") or True)
-    monkeypatch.setattr(run_mner, "prepare_output_dir", lambda *args: (_ for _ in ()).throw(StopRun()))
+    monkeypatch.setattr(hvpnet_hf.script_utils, "keep_freed_memory", lambda: calls.append("kept") or True)
+    monkeypatch.setattr(hvpnet_hf.script_utils, "prepare_output_dir", lambda *args: (_ for _ in ()).throw(StopRun()))
     with pytest.raises(StopRun):
         run_mner.main(["--output_dir", str(tmp_path), "--do_train", str(do_train).lower(), "--use_cpu", "true"])
     assert calls == (["kept"] if do_train else [])
@@ -744,7 +749,7 @@ def test_a_data_label_the_trained_model_lacks_is_an_error(text_model, tmp_path):
 
 
 def test_max_seq_length_beyond_the_text_model_is_refused_before_tokenizing(text_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_mner, "tokenize_and_align", lambda *args, **kwargs: pytest.fail("tokenized"))
+    monkeypatch.setattr(hvpnet_hf.script_utils, "tokenize_and_align", lambda *args, **kwargs: pytest.fail("tokenized"))
     with pytest.raises(ValueError, match="max_seq_length must be at most 512, .* got 600"):
         run_mner.main([*tiny_flags(text_model, tmp_path / "run"), "--max_seq_length", "600"])
 
@@ -785,3 +790,124 @@ def test_cross_task_counts_default_and_named_backbone_levels_as_the_same_archite
     named.vision_out_indices = named.vision_out_indices[1:]
     with pytest.raises(ValueError, match="backbone levels"):
         cross_task.check_same_architecture(default, named)
+
+
+# ---------------------------------------------------------------- data sets of the user's own (hvpnet_hf.data_sources)
+
+
+def own_rows(task: str, split: str, count: int) -> list[dict]:
+    """The first `count` examples of a split of the bundled sample set, as rows of a data set of a user's own: tag
+    and relation names, image paths, NER under column names of its own (words, tags, picture, crops)."""
+    sample = SAMPLE_NER if task == "ner" else SAMPLE_RE
+    layout = find_release_layout(sample["image_dir"], sample["object_dir"], sample["data_dir"])
+    loader = load_mner_dataset if task == "ner" else hvpnet_hf.load_mre_dataset
+    examples = loader(sample["data_dir"], **layout)[split].select(range(count))
+    if task == "ner":
+        names = examples.features["ner_tags"].feature.names
+        return [
+            {"words": row["tokens"], "tags": [names[tag] for tag in row["ner_tags"]], "picture": row["image"],
+             "crops": row["objects"]}
+            for row in examples
+        ]  # fmt: skip
+    names = examples.features["relation"].names
+    return [
+        {"tokens": row["tokens"], "head": {"start": row["head"]["start"], "end": row["head"]["end"]},
+         "tail": {"start": row["tail"]["start"], "end": row["tail"]["end"]}, "relation": names[row["relation"]],
+         "image": row["image"], "objects": row["objects"]}
+        for row in examples
+    ]  # fmt: skip
+
+
+OWN_NER_COLUMNS = [
+    "--text_column_name", "words", "--label_column_name", "tags",
+    "--image_column_name", "picture", "--objects_column_name", "crops",
+]  # fmt: skip
+SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
+
+
+def write_own_splits(task: str, folder: Path, extension: str) -> list[str]:
+    """Train, validation and test splits of a user's own written as `folder/<split>.<extension>`; their flags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = []
+    for split, count in SPLIT_SIZES.items():
+        rows = own_rows(task, split, count)
+        path = folder / f"{split}.{extension}"
+        if extension == "csv":  # lists and mappings as JSON cells
+            with open(path, "w", newline="", encoding="utf-8") as file:
+                writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows({name: json.dumps(value) if isinstance(value, (list, dict)) else value
+                                  for name, value in row.items()} for row in rows)  # fmt: skip
+        else:
+            dataset = Dataset.from_list(rows)
+            dataset.to_json(path) if extension == "jsonl" else dataset.to_parquet(path)
+        flags += [f"--{split}_file", str(path)]
+    return flags
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_own_json_lines_train_with_the_unchanged_scripts(text_model, tmp_path, task):
+    script = run_mner if task == "ner" else run_mre
+    flags = [*tiny_flags(text_model, tmp_path / "run"), "--dataset", "my_posts", "--max_seq_length", "40"]
+    flags += write_own_splits(task, tmp_path / "data", "jsonl") + (OWN_NER_COLUMNS if task == "ner" else [])
+    results = script.main(flags)
+
+    assert {"train_loss", "eval_f1", "test_f1"} <= set(results)
+    rows = own_rows(task, "train", SPLIT_SIZES["train"])
+    found = {tag for row in rows for tag in row["tags"]} if task == "ner" else {row["relation"] for row in rows}
+    neutral = "O" if task == "ner" else "None"
+    model_class = AutoModelForTokenClassification if task == "ner" else AutoModelForSequenceClassification
+    model = model_class.from_pretrained(tmp_path / "run")
+    # The label set of the train split: the neutral label first, then the others sorted.
+    assert list(model.config.id2label.values()) == [neutral, *sorted(found - {neutral})]
+    assert "my_posts" in (tmp_path / "run" / "README.md").read_text(encoding="utf-8")
+    if task == "ner":
+        words = [word for words, _, _ in read_conll(tmp_path / "run" / "test_predictions.txt") for word in words]
+        assert words == [word for row in own_rows(task, "test", 8) for word in row["words"]]
+    else:
+        written = (tmp_path / "run" / "test_predictions.jsonl").read_text().splitlines()
+        assert [json.loads(line)["gold"] for line in written] == [row["relation"] for row in own_rows(task, "test", 8)]
+
+
+@pytest.mark.parametrize("source", ["csv", "parquet", "save_to_disk"])
+def test_own_csv_parquet_and_saved_data_sets_train(text_model, tmp_path, source):
+    flags = [*tiny_flags(text_model, tmp_path / "run"), "--dataset", "my_posts", *OWN_NER_COLUMNS]
+    flags += ["--max_train_samples", "8", "--max_eval_samples", "4", "--max_predict_samples", "4"]
+    if source == "save_to_disk":
+        # Images embedded in the data set as Image() features, the way a data set on the Hub holds them.
+        features = Features(
+            {"words": List(Value("string")), "tags": List(Value("string")), "picture": ImageFeature(),
+             "crops": List(ImageFeature())}
+        )  # fmt: skip
+        splits = {split: Dataset.from_list(own_rows("ner", split, count), features=features)
+                  for split, count in SPLIT_SIZES.items()}  # fmt: skip
+        DatasetDict(splits).save_to_disk(tmp_path / "my_posts")
+        flags = [*flags, "--dataset_name", str(tmp_path / "my_posts")]
+    else:
+        flags += write_own_splits("ner", tmp_path / "data", source)
+    seen = []
+    original_call = HVPNetDataCollator.__call__
+
+    def recording_call(self, features):
+        batch = original_call(self, features)
+        seen.append(batch["image_features_mask"][:, 0].sum().item())
+        return batch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HVPNetDataCollator, "__call__", recording_call)
+        results = run_mner.main(flags)
+    assert {"train_loss", "eval_f1", "test_f1"} <= set(results)
+    assert sum(seen) > 0  # the pictures reached the model
+
+
+def test_own_data_refuses_the_release_flags_and_a_missing_column(text_model, tmp_path):
+    flags = [
+        *tiny_flags(text_model, tmp_path / "run"),
+        "--dataset",
+        "my_posts",
+        *write_own_splits("re", tmp_path, "jsonl"),
+    ]
+    with pytest.raises(ValueError, match="--image_dir: settings of the published formats"):
+        run_mre.main([*flags, "--image_dir", SAMPLE_RE["image_dir"]])
+    with pytest.raises(ValueError, match=r"no column 'subject' \(--head_column_name\); its columns are \['tokens'"):
+        run_mre.main([*flags, "--head_column_name", "subject"])

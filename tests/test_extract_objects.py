@@ -375,13 +375,16 @@ def test_crops_of_an_exif_rotated_photo_are_cut_from_the_upright_image(owl_detec
     # The second box lies below row 20: inside the upright picture only.
     boxes = [(2, 2, 18, 14), (4, 22, 16, 38)]
     cropper = fixed_box_cropper(owl_detector, *boxes, num_objects=2, min_size=4)
-    # A path, the opened file (still sideways, with its EXIF) and an array of the upright picture give the same crops.
-    for source in (image_dir / "1001.jpg", Image.open(image_dir / "1001.jpg"), np.asarray(upright)):
+    # A path, the opened file (still sideways, with its EXIF), an array of the upright picture and the file's bytes as
+    # a `datasets.Image()` value give the same crops.
+    embedded = {"bytes": (image_dir / "1001.jpg").read_bytes(), "path": "1001.jpg"}
+    sources = (image_dir / "1001.jpg", Image.open(image_dir / "1001.jpg"), np.asarray(upright), embedded)
+    for source in sources:
         crops = cropper.crops_for_text(source, ["Kevin"])
         assert [crop.size for crop in crops] == [(16, 12), (12, 16)]
         for crop, box in zip(crops, boxes, strict=True):
             assert np.array_equal(np.asarray(crop), np.asarray(upright.crop(box)))
-    assert cropper.detector.seen_sizes == [(20, 40)] * 3  # the detector too is shown the upright picture
+    assert cropper.detector.seen_sizes == [(20, 40)] * 4  # the detector too is shown the upright picture
     data_file = tmp_path / "train.txt"
     data_file.write_text("IMGID:1001\nKevin\tB-PER\n", encoding="utf-8")
     counts = extract_objects(data_file, image_dir, tmp_path / "objects", cropper)
@@ -425,7 +428,7 @@ def test_pipeline_detects_crops_for_inputs_without_them(owl_detector, tiny_ner_d
     ner = pipeline("multimodal-ner", model=tiny_ner_dir, objects=cropper)
     encoded = ner.preprocess({"words": words, "image": image}, **ner._preprocess_params)["features"][0]
     crops = cropper.crops_for_text(image, words)
-    expected = HVPNetProcessor.from_pretrained(tiny_ner_dir)(words, image=image, objects=crops)
+    expected = HVPNetProcessor.from_pretrained(tiny_ner_dir)(image, words, objects=crops)
     assert encoded["image_mask"][1:].tolist() == [True, True]  # slot 0 is the global image, then the crops
     assert torch.equal(encoded["pixel_values"][1:], expected["pixel_values"][0, 1:])
     # Crops the input brings are used as they are; no image, no detection.

@@ -1,20 +1,24 @@
-"""The visual feature cache: same outputs as the pixel path, reuse, damage and key changes, float16 storage."""
+"""The visual feature cache: same outputs as the pixel path, reuse, damage and key changes, float16 storage, embedded
+`Image()` values and posts with several images."""
 
 import contextlib
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import PIL
 import pytest
 import torch
+from datasets import Dataset, Features, List, Value
+from datasets import Image as ImageFeature
 from PIL import Image, ImageFile, PngImagePlugin, TiffImagePlugin, features
 from transformers import BertTokenizer
 
 from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, image_processing_hvpnet
-from hvpnet_hf.collating import HVPNetDataCollator
-from hvpnet_hf.feature_cache import VisualFeatureCache
+from hvpnet_hf.collating import HVPNetDataCollator, with_undecoded_images
+from hvpnet_hf.feature_cache import VisualFeatureCache, build_feature_cache
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "durant", "in", "boston"]
@@ -337,3 +341,69 @@ def test_image_features_of_the_wrong_shape_or_with_pixels_are_refused():
         model.hvpnet(
             input_ids=torch.tensor([[2, 5, 3]]), image_features=features, pixel_values=torch.zeros(1, 3, 3, 32, 32)
         )
+
+
+# ---------------------------------------------------------------- images as data: Image() values, several images
+
+
+def embedded(example: dict) -> dict:
+    """The example with its image files embedded as `datasets.Image()` values (bytes, and only the file's name); a
+    missing file stays a value of its path alone."""
+
+    def value(path: str | None) -> dict | None:
+        if path is None or not Path(path).exists():
+            return path and {"bytes": None, "path": path}
+        return {"bytes": Path(path).read_bytes(), "path": Path(path).name}
+
+    return {**example, "image": value(example["image"]), "objects": [value(path) for path in example["objects"]]}
+
+
+def test_embedded_images_share_the_rows_of_their_files(examples, tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    from_files = VisualFeatureCache(model, processor, tmp_path).build(image_paths(examples))
+    seen = count_backbone_images(model)
+    images = [embedded(example) for example in examples]
+    cache = VisualFeatureCache(model, processor, tmp_path).build(image_paths(images))
+    assert seen == [], "the bytes are the files' bytes: their rows are found by the same SHA-256"
+    assert cache.num_unreadable == 2  # the truncated bytes (tried again, and masked) and the missing crop's file
+    assert_pixel_path_features(model, cache, images)
+    from_paths = HVPNetDataCollator(processor, feature_cache=from_files)(examples)
+    from_images = HVPNetDataCollator(processor, feature_cache=cache)(images)
+    for name in ("image_features", "image_features_mask"):
+        assert torch.equal(from_images[name], from_paths[name])
+
+
+def test_a_data_set_of_image_features_and_posts_with_several_images_is_cached(examples, tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    features = Features(
+        {"image": List(ImageFeature()), "objects": List(ImageFeature()), "input_ids": List(Value("int64"))}
+    )
+    # The first post has its three pictures and crops, the others one picture each; decoded on read by datasets.
+    posts = [[path for path in image_paths(examples[:1]) if path]] + [[example["image"]] for example in examples[2:]]
+    rows = {
+        "image": [[embedded({"image": path, "objects": []})["image"] for path in post] for post in posts],
+        "objects": [[], *(embedded(example)["objects"] for example in examples[2:])],
+        "input_ids": [example["input_ids"] for example in examples[:1] + examples[2:]],
+    }
+    data = Dataset.from_dict(rows, features=features)
+    cache = build_feature_cache(model, processor, [data], cache_dir=tmp_path)
+    assert cache.num_unreadable == 1  # the missing crop's file
+    undecoded = with_undecoded_images(data)
+    for row in undecoded:
+        cached, present = cache.example_features(row["image"], row["objects"])
+        pixels = processor.image_processor.preprocess_example(row["image"], row["objects"])
+        with torch.no_grad():
+            expected = model.hvpnet.visual_encoder.visual_features(pixels["pixel_values"])
+        torch.testing.assert_close(cached, expected, atol=FLOAT32_ATOL, rtol=0)
+        assert torch.equal(present, pixels["image_mask"])
+
+
+def test_urls_and_images_in_memory_are_refused_before_any_image_is_decoded(examples, tmp_path):
+    model, processor = tiny_model(), tiny_processor()
+    cache = VisualFeatureCache(model, processor, tmp_path)
+    seen = count_backbone_images(model)
+    with pytest.raises(ValueError, match=r"is a URL \(https://example.com/a.png\)"):
+        cache.build([*image_paths(examples), "https://example.com/a.png"])
+    with pytest.raises(TypeError, match="reads images from files or datasets Image"):
+        cache.build([*image_paths(examples), Image.new("RGB", (8, 8))])
+    assert seen == []

@@ -14,6 +14,7 @@ from hvpnet_hf.image_processing_hvpnet import (
     MAX_RESIZE_SQUARES,
     HVPNetImageProcessor,
     image_header_problem,
+    image_slots,
     load_image,
 )
 
@@ -276,3 +277,102 @@ def test_images_without_pixels_are_masked_or_named(empty, caplog):
         processing.preprocess_example(crop, [crop, empty], missing_images="error")
     with pytest.raises(ValueError, match=r"'image' has no pixels"):
         processing.preprocess_example(empty, missing_images="error")
+
+
+# ---------------------------------------------------------------- datasets Image() values, URLs, several images
+
+
+def image_feature_value(path, with_path: bool = True) -> dict:
+    """What `datasets.Image(decode=False)` stores of an embedded image file: its bytes, and its path or None."""
+    return {"bytes": path.read_bytes(), "path": str(path) if with_path else None}
+
+
+def test_embedded_bytes_decode_exactly_as_their_file(tmp_path):
+    generator = np.random.default_rng(0)
+    png, jpeg = tmp_path / "noise.png", tmp_path / "noise.jpg"
+    Image.fromarray(generator.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(png)
+    Image.open(png).save(jpeg, quality=90)
+    sideways = sideways_photo(tmp_path / "phone.jpg")
+    processing = image_processor(crop_mode="squash")
+    for path in (png, jpeg, sideways):
+        from_file = processing.preprocess_example(path, [path])
+        for value in (image_feature_value(path), image_feature_value(path, with_path=False), {"path": str(path)}):
+            from_value = processing.preprocess_example(value, [value])
+            assert from_value["image_mask"].tolist() == [True, True, False, False]
+            torch.testing.assert_close(from_value["pixel_values"], from_file["pixel_values"], rtol=0, atol=0)
+    # The EXIF orientation applies to bytes as to files: upright, 20 wide and 40 high.
+    assert load_image(sideways.read_bytes()).size == (20, 40)
+    # Bytes win over the path, which may name a file of the machine where the data set was made.
+    elsewhere = {"bytes": png.read_bytes(), "path": str(tmp_path / "gone" / "noise.png")}
+    torch.testing.assert_close(
+        processing.preprocess_example(elsewhere)["pixel_values"], processing.preprocess_example(png)["pixel_values"]
+    )
+
+
+def test_unreadable_bytes_are_masked_or_named_by_slot_and_path(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (200, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # the decompression-bomb limit, lowered as above
+    bomb = image_feature_value(path)
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
+        masked = image_processor().preprocess_example(None, [None, bomb])
+    assert masked["image_mask"].tolist() == [False, False, False, False]
+    assert "'objects'[1] (the bytes of " in caplog.text and "decompression bomb" in caplog.text
+    with pytest.raises(OSError, match=r"Cannot read image 'objects'\[1\] \(the bytes of .*bomb.png\):.*decompression"):
+        image_processor().preprocess_example(None, [None, bomb], missing_images="error")
+    with pytest.raises(OSError, match=r"Cannot read image 'image' \(7 bytes\)"):
+        image_processor().preprocess_example({"bytes": b"not png", "path": None}, missing_images="error")
+
+
+def test_empty_values_are_absent_images():
+    absent = [None, "", {"bytes": None, "path": None}, {"bytes": None, "path": ""}]
+    images = image_processor().preprocess_example(absent[0], absent[1:], missing_images="error")
+    assert images["image_mask"].tolist() == [False] * 4
+    assert images["pixel_values"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("policy", ["mask", "error"])
+def test_urls_are_refused_by_slot_under_either_policy(policy):
+    # A column of URLs is a data setting to fix, not a few missing files: masking it would train without images.
+    url = "https://example.com/photo.jpg"
+    with pytest.raises(ValueError, match=r"'image'\[1\] is a URL \(https://example.com/photo.jpg\).*download them"):
+        image_processor().preprocess_example([None, url], missing_images=policy)
+    with pytest.raises(ValueError, match=r"'objects'\[0\] is a URL \(hf://datasets/a/b/c.png\)"):
+        image_processor().preprocess_example(None, [{"bytes": None, "path": "hf://datasets/a/b/c.png"}], policy)
+    # A Windows drive is a path, not a URL scheme.
+    assert image_processor().preprocess_example("C://photos/none.jpg", missing_images="mask")["image_mask"].sum() == 0
+
+
+def test_values_of_other_types_are_named_by_slot():
+    with pytest.raises(TypeError, match=r"'image'\[0\] must be a PIL image, .* got int"):
+        image_processor().preprocess_example([3])
+    with pytest.raises(TypeError, match=r"'objects'\[0\] must be a datasets Image\(\) value .* got keys \['src'\]"):
+        image_processor().preprocess_example(None, [{"src": "a.png"}])
+
+
+def colored(value: int) -> Image.Image:
+    return Image.new("L", (8, 8), value)
+
+
+def test_several_images_fill_the_slots_in_order_ahead_of_the_crops(caplog):
+    processing = image_processor(num_object_images=3)
+    pictures, crops = [colored(0), colored(100)], [colored(200), colored(250)]
+    slots, num_dropped = image_slots(pictures, crops, num_object_images=3)
+    assert [name for name, _ in slots] == ["'image'[0]", "'image'[1]", "'objects'[0]", "'objects'[1]"]
+    assert num_dropped == 0
+    images = processing.preprocess_example(pictures, crops)
+    one_by_one = [processing.preprocess_example(image)["pixel_values"][0] for image in [*pictures, *crops]]
+    torch.testing.assert_close(images["pixel_values"], torch.stack(one_by_one), rtol=0, atol=0)
+    # Slots left over after the pictures and crops are padded; an empty list is no image.
+    assert processing.preprocess_example([colored(0)], [])["image_mask"].tolist() == [True, False, False, False]
+    assert processing.preprocess_example([], [colored(0)])["image_mask"].tolist() == [False, True, False, False]
+    # Six pictures for four slots: the first four are used, the two others dropped, counted and logged.
+    six = [colored(40 * position) for position in range(6)]
+    with caplog.at_level(logging.WARNING, logger="hvpnet_hf.image_processing_hvpnet"):
+        slots, num_dropped = image_slots(six, crops, num_object_images=3)
+    assert [image for _, image in slots] == six[:4] and num_dropped == 2
+    assert "has 6 images but 4 image slots" in caplog.text and "its last 2 are not used" in caplog.text
+    torch.testing.assert_close(
+        processing.preprocess_example(six, crops)["pixel_values"],
+        torch.stack([processing.preprocess_example(image)["pixel_values"][0] for image in six[:4]]),
+    )

@@ -62,7 +62,7 @@ def test_ner_on_words_and_text_only_and_long_texts(ner_folder, image_files):
     # 400 words do not fit max_length=24 (the processor's): they are read in several windows and every word is
     # tagged (this model tags every word it sees as PER), none is cut.
     words = [f"w{i}" for i in range(400)]
-    assert len(ner.processor.encode_ner_windows(words)["input_ids"]) > 1
+    assert len(ner.processor.encode_ner([words], return_overflowing_tokens=True)["input_ids"]) > 1
     long_entities = ner({"words": words})
     assert [entity["word_start"] for entity in long_entities] == list(range(400))
     assert [entity["word"] for entity in long_entities] == words
@@ -208,7 +208,7 @@ def test_long_text_windows_are_merged_from_the_farthest_window(tmp_path):
     model = tiny_model_folder(tmp_path, "ner", seed=3)
     ner = pipeline("multimodal-ner", model=str(tmp_path))
     words = [random.Random(1).choice(["Liverpool", "a", "rendezvous", "@anna_b", "é", "🙂"]) for _ in range(90)]
-    windows = ner.processor.encode_ner_windows(words, stride=8)
+    windows = ner.processor.encode_ner([words], stride=8, return_overflowing_tokens=True)
     assert len(windows["input_ids"]) > 2
     row_tags = []
     for row in range(len(windows["input_ids"])):
@@ -218,7 +218,7 @@ def test_long_text_windows_are_merged_from_the_farthest_window(tmp_path):
         with torch.no_grad():
             batch = ner.processor.pad([features])
             row_tags.append(model.eval().decode(model(**batch).logits, batch["word_start_mask"])[0].tolist())
-    positions = ner_word_positions(windows["word_ids"], len(words))
+    positions = ner_word_positions(windows["word_ids"], len(words), windows["word_start_mask"])
     expected = [MNER_LABELS[row_tags[row][token]] for row, token in positions]
     entities = ner({"words": words}, stride=8)
     predicted = ["O"] * len(words)
@@ -472,3 +472,41 @@ def test_a_model_folder_without_its_processor_is_named(tmp_path):
         pipeline("multimodal-ner", model=str(tmp_path))
     with pytest.raises(ValueError, match=message):
         pipeline(model=str(tmp_path), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_pipelines_take_several_images_and_datasets_image_values(tmp_path, image_files, task):
+    tiny_model_folder(tmp_path, task)
+    runner = pipeline("multimodal-ner" if task == "ner" else "multimodal-re", model=str(tmp_path))
+    example = {"words": ["Kevin", "Durant", "in", "Boston"]}
+    if task == "re":
+        example.update(head=(0, 2), tail=(3, 4))
+    calls = []
+    original_forward = runner.model.forward
+
+    def recording_forward(**inputs):
+        calls.append({name: value.clone() for name, value in inputs.items() if torch.is_tensor(value)})
+        return original_forward(**inputs)
+
+    runner.model.forward = recording_forward
+    first, second, crop = image_files
+    # A post of two pictures: the second takes the first crop slot, the crop the next one.
+    runner({**example, "image": [first, Image.open(second)], "objects": [crop]})
+    expected = runner.processor.image_processor.preprocess_example([first, second], [crop])
+    assert calls[0]["image_mask"][0].tolist() == expected["image_mask"].tolist() == [True, True, True]
+    torch.testing.assert_close(calls[0]["pixel_values"][0], expected["pixel_values"], rtol=0, atol=0)
+    # An image embedded as datasets stores it (bytes and a path that need not exist here) is its file.
+    value = {"bytes": open(first, "rb").read(), "path": "elsewhere/0.png"}
+    assert runner({**example, "image": value}) == runner({**example, "image": first})
+    torch.testing.assert_close(calls[-1]["pixel_values"], calls[-2]["pixel_values"], rtol=0, atol=0)
+
+
+def test_pipeline_image_values_are_checked_by_slot(ner_folder, image_files):
+    ner = pipeline("multimodal-ner", model=str(ner_folder))
+    with pytest.raises(TypeError, match=r"'image'\[1\] must be a PIL image, .* got int"):
+        ner({"text": "Liverpool", "image": [image_files[0], 3]})
+    with pytest.raises(TypeError, match=r"'objects'\[0\] must be a datasets Image\(\) value .* got keys \['url'\]"):
+        ner({"text": "Liverpool", "objects": [{"url": image_files[0]}]})
+    for policy in ("mask", "error"):  # a URL is not a missing file: it is refused under either policy
+        with pytest.raises(ValueError, match=r"'image' is a URL \(https://example.com/0.png\)"):
+            ner({"text": "Liverpool", "image": "https://example.com/0.png"}, missing_images=policy)

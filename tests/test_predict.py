@@ -301,3 +301,27 @@ def test_help_gives_the_whole_description(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(["--help"])
     assert " ".join(hvpnet_hf.predict.__doc__.split()) in " ".join(capsys.readouterr().out.split())
+
+
+def test_json_lines_input_predicts_as_the_same_release_file(tiny_ner_dir, tmp_path):
+    twitter = f"{SAMPLE}/twitter"
+    release = ["--model", tiny_ner_dir, "--input", f"{twitter}/test.txt", "--image_dir", f"{twitter}/images"]
+    predict([*release, "--output", str(tmp_path / "release.txt")])
+    # The same examples as a data set of a user's own: its own column names, image paths relative to the file.
+    examples = load_mner_dataset(data_files={"test": f"{twitter}/test.txt"}, image_dir=f"{twitter}/images")["test"]
+    names = examples.features["ner_tags"].feature.names
+    shutil.copytree(f"{twitter}/images", tmp_path / "pictures")
+    rows = [
+        {"words": row["tokens"], "tags": [names[tag] for tag in row["ner_tags"]],
+         "picture": row["image"] and f"pictures/{row['image_id']}"}
+        for row in examples
+    ]  # fmt: skip
+    own_input = tmp_path / "posts.jsonl"
+    own_input.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    columns = ["--text_column_name", "words", "--label_column_name", "tags", "--image_column_name", "picture"]
+    own = ["--model", tiny_ner_dir, "--input", str(own_input), *columns, "--output", str(tmp_path / "own.txt")]
+    scores = predict(own)
+    assert (tmp_path / "own.txt").read_text() == (tmp_path / "release.txt").read_text()
+    assert "f1" in scores
+    with pytest.raises(ValueError, match="--image_dir: settings of the published formats"):
+        predict([*own, "--image_dir", f"{twitter}/images"])
