@@ -29,9 +29,11 @@ from .processing_hvpnet import MNER_LABELS, HVPNetProcessor
 _LAZY_NAMES = {
     "HVPNetDataCollator": "collating",
     "ImageAttacher": "collating",
+    "with_undecoded_images": "collating",
     "sample_subset": "collating",
     "tokenize_and_align": "collating",
     "VisualFeatureCache": "feature_cache",
+    "load_cmner_dataset": "loading",
     "load_mner_dataset": "loading",
     "load_mre_dataset": "loading",
     "align_word_predictions": "metrics",
@@ -42,9 +44,9 @@ _LAZY_NAMES = {
 }
 
 if TYPE_CHECKING:
-    from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align
+    from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align, with_undecoded_images
     from .feature_cache import VisualFeatureCache
-    from .loading import load_mner_dataset, load_mre_dataset
+    from .loading import load_cmner_dataset, load_mner_dataset, load_mre_dataset
     from .metrics import align_word_predictions, metric_path
     from .model_card import render_model_card
     from .training import HVPNetTrainer, HVPNetTrainingArguments
@@ -94,6 +96,7 @@ __all__ = [
     "MultimodalRePipeline",
     "VisualFeatureCache",
     "align_word_predictions",
+    "load_cmner_dataset",
     "load_image",
     "load_mner_dataset",
     "load_mre_dataset",
@@ -102,4 +105,5 @@ __all__ = [
     "sample_subset",
     "speed_up_frozen_backbone",
     "tokenize_and_align",
+    "with_undecoded_images",
 ]

@@ -1,8 +1,10 @@
 """
-Loaders for the multimodal NER (Twitter-2015/2017, UMT release) and MNRE data sets, read in their published formats.
+Loaders for the multimodal NER (Twitter-2015/2017, UMT release; CMNER) and MNRE data sets, read in their published
+formats.
 
-Both loaders return a `datasets.DatasetDict` whose `image` column holds a file path (or None) and whose `objects`
-column holds object-crop paths. Pixels are never stored in Arrow: `HVPNetProcessor` decodes the files lazily.
+The loaders return a `datasets.DatasetDict` whose `image` column holds a file path (or None; for CMNER the list of
+the post's image paths) and whose `objects` column holds object-crop paths. Pixels are never stored in Arrow:
+`HVPNetProcessor` decodes the files lazily.
 
 Missing images follow one policy, `missing_images`:
 - `"mask"` (default): the example is kept, the absent file becomes None (its image is masked out by the model),
@@ -100,6 +102,50 @@ def load_mner_dataset(
     splits = {}
     for split, path in files.items():
         examples = _read_mner_file(path)
+        columns = {"ner_tags": [example.fields["ner_tags"] for example in examples]}
+        splits[split] = _build_split(
+            split, path, examples, columns, features, image_dir, object_dir, object_maps, missing_images
+        )
+    return DatasetDict(splits)
+
+
+def load_cmner_dataset(
+    data_dir: PathLike | None = None,
+    data_files: Mapping[str, PathLike] | None = None,
+    image_dir: SplitPaths | None = None,
+    object_dir: SplitPaths | None = None,
+    object_maps: Mapping[str, PathLike | Mapping] | None = None,
+    missing_images: str = "mask",
+) -> DatasetDict:
+    """
+    Loads CMNER (Chinese multimodal NER on Weibo posts, Ji et al. 2024) in its published format (`text/train.txt`,
+    `dev.txt`, `test.txt`): blank-line separated posts, each starting with `WID:<id>`, followed by one
+    `character<TAB>tag` line per character (BIO over PER, LOC, ORG, MISC), with Windows line endings. A post's
+    images are the files `<id>_*.jpg` of the image folder, found in one listing of it.
+
+    Args:
+        data_dir, data_files, image_dir, missing_images: as in `load_mner_dataset`.
+        object_dir, object_maps: as in `load_mner_dataset`; the crop maps are keyed by WID or by sample index.
+
+    Returns:
+        `DatasetDict` with the splits found, columns `id` (post index in its file), `tokens` (the characters),
+        `ner_tags` (`ClassLabel` over `MNER_LABELS`), `image_id` (the WID), `image` (the post's image paths, sorted
+        by name; an empty list for a post without images, which is masked), `objects`.
+    """
+    files = _resolve_data_files(data_dir, data_files)
+    features = Features(
+        {
+            "id": Value("string"),
+            "tokens": List(Value("string")),
+            "ner_tags": List(ClassLabel(names=MNER_LABELS)),
+            "image_id": Value("string"),
+            "image": List(Value("string")),
+            "objects": List(Value("string")),
+        }
+    )
+    splits = {}
+    for split, path in files.items():
+        examples = _read_cmner_file(path)
         columns = {"ner_tags": [example.fields["ner_tags"] for example in examples]}
         splits[split] = _build_split(
             split, path, examples, columns, features, image_dir, object_dir, object_maps, missing_images
@@ -220,6 +266,38 @@ def _read_mner_file(path: Path) -> list[_Example]:
     if not examples:
         raise ValueError(f"{path}: no IMGID block found")
     close_block(line_no + 1)
+    return examples
+
+
+def _read_cmner_file(path: Path) -> list[_Example]:
+    """The posts of a CMNER file; each `_Example`'s `image_file` is its WID."""
+    examples: list[_Example] = []
+    for line_no, raw_line in _numbered_lines(path):
+        line = raw_line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if line.startswith("WID:"):
+            if examples and not examples[-1].tokens:
+                raise ValueError(f"{path}:{examples[-1].line}: WID header without character lines")
+            wid = line[len("WID:") :].strip()
+            if not wid:
+                raise ValueError(f"{path}:{line_no}: WID header without an id")
+            examples.append(_Example(line_no, [], wid, {"ner_tags": []}))
+            continue
+        if not examples:
+            raise ValueError(f"{path}:{line_no}: character line before any WID header: {line!r}")
+        character, tab, tag = line.rpartition("\t")
+        tag = tag.strip()
+        if not tab or not character:
+            raise ValueError(f"{path}:{line_no}: expected 'character<TAB>tag', got {line!r}")
+        if tag not in MNER_LABELS:
+            raise ValueError(f"{path}:{line_no}: tag {tag!r} is not one of {MNER_LABELS}")
+        examples[-1].tokens.append(character)
+        examples[-1].fields["ner_tags"].append(tag)
+    if not examples:
+        raise ValueError(f"{path}: no WID header found")
+    if not examples[-1].tokens:
+        raise ValueError(f"{path}:{examples[-1].line}: WID header without character lines")
     return examples
 
 
@@ -451,10 +529,13 @@ def _build_split(
     _check_policy(missing_images)
     checker = _ImageChecker(missing_images)
     image_root = _split_path(image_dir, split, "image_dir")
-    images = []
-    for example in examples:
-        path = None if image_root is None else image_root / example.image_file
-        images.append(checker(path, f"{data_file}:{example.line}"))
+    if isinstance(features["image"], List):
+        images = _post_images(split, data_file, examples, image_root, checker)
+    else:
+        images = [
+            checker(None if image_root is None else image_root / example.image_file, f"{data_file}:{example.line}")
+            for example in examples
+        ]
     crop_lists = _crop_lists(split, data_file, examples, object_dir, object_maps)
     objects = [
         [checker(path, f"{data_file}:{example.line}") for path in crops]
@@ -486,6 +567,56 @@ def _build_split(
         "objects": objects,
     }
     return Dataset.from_dict(data, features=features, split=split)
+
+
+def _post_images(
+    split: str, data_file: Path, examples: list[_Example], image_root: Path | None, checker: "_ImageChecker"
+) -> list[list[str]]:
+    """
+    Per post (its WID in `image_file`), the readable files `<WID>_*.jpg` of `image_root`, sorted by name; a post
+    without any is a missing image under the checker's policy (an empty list, counted and logged, or an error).
+    """
+    if image_root is None:
+        return [[] for _ in examples]
+    files_of_post = _files_by_post(image_root)
+    images, without = [], []
+    for example in examples:
+        where = f"{data_file}:{example.line}"
+        paths = [checker(image_root / name, where) for name in files_of_post.get(example.image_file, [])]
+        if not paths:
+            if checker.missing_images == "error":
+                raise FileNotFoundError(
+                    f"{where}: post {example.image_file} has no image file {example.image_file}_*.jpg in {image_root}"
+                )
+            without.append(example)
+        images.append([path for path in paths if path is not None])
+    if without:
+        logger.warning(
+            "%s split (%s): %d of %d posts have no image file <WID>_*.jpg in %s, masked out (first: WID %s, line %d).",
+            split,
+            data_file,
+            len(without),
+            len(examples),
+            image_root,
+            without[0].image_file,
+            without[0].line,
+        )
+    return images
+
+
+def _files_by_post(image_root: Path) -> dict[str, list[str]]:
+    """
+    `{WID: sorted names}` of the `.jpg` files of `image_root`, from one listing: a file `<WID>_<suffix>.jpg` is filed
+    under every prefix of its name that an underscore ends, so a WID finds exactly the names that start with `<WID>_`.
+    """
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image_dir {image_root} is not a folder")
+    files_of_post: dict[str, list[str]] = {}
+    for name in sorted(entry.name for entry in os.scandir(image_root) if entry.name.lower().endswith(".jpg")):
+        for position, character in enumerate(name):
+            if character == "_":
+                files_of_post.setdefault(name[:position], []).append(name)
+    return files_of_post
 
 
 class _ImageChecker:
@@ -604,10 +735,12 @@ def check_images_found(
     Masking some missing files is a counted fallback (see `hvpnet_hf.loading`); masking all of them would silently
     give text-only results. `text_only` says how to ask for those.
     """
-    if len(examples) and all(path is None for path in examples["image"]):
+    if len(examples) and not any(examples["image"]):  # no path, nor a post with an image (CMNER's lists)
+        first = examples[0]["image_id"]
+        looked_for = f"{first}_*.jpg" if isinstance(examples.features["image"], List) else first
         raise FileNotFoundError(
             f"none of the {len(examples)} images of {source} was found in {setting} {image_dir} "
-            f"(looked for e.g. {Path(image_dir) / examples[0]['image_id']}); check the folder, or {text_only}"
+            f"(looked for e.g. {Path(image_dir) / looked_for}); check the folder, or {text_only}"
         )
 
 
@@ -631,6 +764,7 @@ __all__ = [
     "find_release_layout",
     "find_split_files",
     "labels_on_model_ids",
+    "load_cmner_dataset",
     "load_mner_dataset",
     "load_mre_dataset",
     "split_folders",

