@@ -36,6 +36,7 @@ CHECKED_BLOCKS = {
     "docs/encoders-and-backbones.md": 2,
     "docs/export.md": 0,
     "docs/fast-epochs.md": 1,
+    "docs/grounding.md": 1,
     "docs/inference.md": 3,
     "docs/model.md": 3,
     "docs/object-crops.md": 1,

@@ -88,3 +88,56 @@ def test_alignment_rejects_labels_that_do_not_match_the_gold_words():
         align_word_predictions(labels, labels, [["O", "O"]], ID2LABEL)
     with pytest.raises(ValueError, match="2 predictions"):
         align_word_predictions(np.concatenate([labels, labels]), labels, [["B-PER", "O"]], ID2LABEL)
+
+
+@pytest.fixture(scope="module")
+def grounded_metric():
+    return evaluate.load(metric_path("gmner_f1"))
+
+
+def entity(start, end, entity_type, **region):
+    return {"start": start, "end": end, "type": entity_type, **region}
+
+
+@pytest.mark.parametrize(
+    ("predicted_box", "gold_boxes", "region_right"),
+    [
+        ([100, 100, 200, 200], [[0, 0, 10, 10], [100, 100, 200, 190]], True),  # the second of several gold boxes
+        ([], [], True),  # none against none
+        ([0, 0, 10, 10], [], False),  # a box for an ungroundable entity
+        ([], [[0, 0, 10, 10]], False),  # none for a groundable entity
+        ([0, 0, 4, 1], [[0, 0, 2, 1]], False),  # IoU exactly 0.5 (2 / 4) is not above the threshold
+        ([0, 0, 3, 1], [[0, 0, 2, 1]], True),  # IoU 2 / 3
+    ],
+)
+def test_grounded_scores_follow_each_region_rule(grounded_metric, predicted_box, gold_boxes, region_right):
+    gold = [[entity(0, 2, "PER", boxes=gold_boxes)]]
+    scores = grounded_metric.compute(predictions=[[entity(0, 2, "PER", box=predicted_box)]], references=gold)
+    # One gold and one predicted entity with the right span and type: MNER is right whatever the region.
+    assert scores["mner_f1"] == 1.0
+    assert scores["gmner_f1"] == scores["eeg_f1"] == float(region_right)
+
+
+def test_grounded_precision_and_recall_count_spans_types_and_regions(grounded_metric):
+    references = [
+        [entity(0, 2, "PER", boxes=[[0, 0, 10, 10]]), entity(3, 4, "LOC", boxes=[])],
+        [entity(1, 2, "ORG", boxes=[[5, 5, 15, 15]])],
+    ]
+    predictions = [
+        # All right; then the right span and region with the wrong type; then a span that is not gold.
+        [entity(0, 2, "PER", box=[1, 1, 10, 10]), entity(3, 4, "ORG", box=[]), entity(5, 6, "PER", box=[])],
+        # The right span and type in the wrong region.
+        [entity(1, 2, "ORG", box=[50, 50, 60, 60])],
+    ]
+    scores = grounded_metric.compute(predictions=predictions, references=references)
+    assert (scores["num_predicted"], scores["num_gold"]) == (4, 3)
+    # Correct: GMNER 1 (the first), MNER 2 (the first and last), EEG 2 (the first two).
+    assert scores["gmner_precision"] == pytest.approx(1 / 4) and scores["gmner_recall"] == pytest.approx(1 / 3)
+    assert scores["mner_precision"] == pytest.approx(2 / 4) and scores["mner_recall"] == pytest.approx(2 / 3)
+    assert scores["eeg_f1"] == pytest.approx(2 * (2 / 4) * (2 / 3) / (2 / 4 + 2 / 3))
+
+
+def test_grounded_metric_rejects_two_entities_of_one_span(grounded_metric):
+    twice = [[entity(0, 1, "PER", box=[]), entity(0, 1, "LOC", box=[])]]
+    with pytest.raises(ValueError, match=r"example 0: two predicted entities have the span \[0, 1\)"):
+        grounded_metric.compute(predictions=twice, references=[[entity(0, 1, "PER", boxes=[])]])

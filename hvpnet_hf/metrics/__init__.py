@@ -6,6 +6,7 @@ from hvpnet_hf.metrics import metric_path
 
 seqeval = evaluate.load(metric_path("ner_seqeval"))
 relation_f1 = evaluate.load(metric_path("re_micro_f1"))
+grounded_f1 = evaluate.load(metric_path("gmner_f1"))
 ```
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..processing_hvpnet import ner_word_positions
 
-METRIC_NAMES = ("ner_seqeval", "re_micro_f1")
+METRIC_NAMES = ("ner_seqeval", "re_micro_f1", "gmner_f1")
 
 
 def metric_path(name: str) -> str:
