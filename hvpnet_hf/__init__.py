@@ -9,6 +9,7 @@ from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    AutoModelForZeroShotObjectDetection,
     AutoProcessor,
 )
 
@@ -16,13 +17,18 @@ from .configuration_hvpnet import HVPNetConfig
 from .frozen_backbone import speed_up_frozen_backbone
 from .image_processing_hvpnet import HVPNetImageProcessor, load_image
 from .modeling_hvpnet import (
+    HVPNetForGroundedTokenClassification,
     HVPNetForSequenceClassification,
     HVPNetForTokenClassification,
     HVPNetModel,
     HVPNetPreTrainedModel,
 )
-from .pipelines import MultimodalNerPipeline, MultimodalRePipeline  # registers "multimodal-ner" and "multimodal-re"
-from .processing_hvpnet import MNER_LABELS, HVPNetProcessor
+from .pipelines import (  # registers "multimodal-ner", "multimodal-re" and "multimodal-gmner"
+    MultimodalGroundedNerPipeline,
+    MultimodalNerPipeline,
+    MultimodalRePipeline,
+)
+from .processing_hvpnet import HVPNetProcessor
 
 # The data, training and publishing helpers import `datasets` and `Trainer` (which bring pandas and pyarrow, about
 # 88 MiB of resident memory); they are imported on first use, so that using a model or a pipeline does not load them.
@@ -33,6 +39,7 @@ _LAZY_NAMES = {
     "sample_subset": "collating",
     "tokenize_and_align": "collating",
     "VisualFeatureCache": "feature_cache",
+    "MNER_LABELS": "loading",
     "load_cmner_dataset": "loading",
     "load_mner_dataset": "loading",
     "load_mre_dataset": "loading",
@@ -46,7 +53,7 @@ _LAZY_NAMES = {
 if TYPE_CHECKING:
     from .collating import HVPNetDataCollator, ImageAttacher, sample_subset, tokenize_and_align, with_undecoded_images
     from .feature_cache import VisualFeatureCache
-    from .loading import load_cmner_dataset, load_mner_dataset, load_mre_dataset
+    from .loading import MNER_LABELS, load_cmner_dataset, load_mner_dataset, load_mre_dataset
     from .metrics import align_word_predictions, metric_path
     from .model_card import render_model_card
     from .training import HVPNetTrainer, HVPNetTrainingArguments
@@ -68,6 +75,7 @@ AutoConfig.register(HVPNetConfig.model_type, HVPNetConfig, exist_ok=True)
 AutoModel.register(HVPNetConfig, HVPNetModel, exist_ok=True)
 AutoModelForTokenClassification.register(HVPNetConfig, HVPNetForTokenClassification, exist_ok=True)
 AutoModelForSequenceClassification.register(HVPNetConfig, HVPNetForSequenceClassification, exist_ok=True)
+AutoModelForZeroShotObjectDetection.register(HVPNetConfig, HVPNetForGroundedTokenClassification, exist_ok=True)
 AutoProcessor.register(HVPNetConfig, HVPNetProcessor, exist_ok=True)
 AutoImageProcessor.register(HVPNetConfig, image_processor_classes={"pil": HVPNetImageProcessor}, exist_ok=True)
 # Saved folders carry the configuration, modeling and processing files, so they load with trust_remote_code=True
@@ -76,6 +84,7 @@ HVPNetConfig.register_for_auto_class()
 HVPNetModel.register_for_auto_class("AutoModel")
 HVPNetForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 HVPNetForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+HVPNetForGroundedTokenClassification.register_for_auto_class("AutoModelForZeroShotObjectDetection")
 HVPNetProcessor.register_for_auto_class("AutoProcessor")
 HVPNetImageProcessor.register_for_auto_class("AutoImageProcessor")
 
@@ -83,6 +92,7 @@ __all__ = [
     "MNER_LABELS",
     "HVPNetConfig",
     "HVPNetDataCollator",
+    "HVPNetForGroundedTokenClassification",
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
     "HVPNetImageProcessor",
@@ -92,6 +102,7 @@ __all__ = [
     "HVPNetTrainer",
     "HVPNetTrainingArguments",
     "ImageAttacher",
+    "MultimodalGroundedNerPipeline",
     "MultimodalNerPipeline",
     "MultimodalRePipeline",
     "VisualFeatureCache",

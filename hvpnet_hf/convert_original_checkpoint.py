@@ -29,10 +29,11 @@ import torch
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from .configuration_hvpnet import HVPNetConfig
+from .loading import MNER_LABELS
 from .model_card import push_output_dir_to_hub
 from .modeling_hvpnet import HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetPreTrainedModel
 from .output_files import check_output_dir
-from .processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor
+from .processing_hvpnet import ENTITY_MARKERS, HVPNetProcessor
 
 # The label list of the original NER code, in its id order.
 ORIGINAL_NER_LABELS = [
@@ -284,7 +285,9 @@ def convert(
         else:
             labels = [f"LABEL_{index}" for index in range(num_relations)]
             print(f"No --rel2id given: the {num_relations} relations are named LABEL_0..LABEL_{num_relations - 1}")
-    config = build_config(task, BertConfig.from_pretrained(text_model), original_sizes(state_dict), tokenizer, labels)
+    config = build_config(
+        task, BertConfig.from_pretrained(text_model), original_sizes(state_dict), processor.tokenizer, labels
+    )
     model_class = HVPNetForTokenClassification if task == "ner" else HVPNetForSequenceClassification
     model = model_class(config)
     converted, unused = convert_state_dict(state_dict, task)

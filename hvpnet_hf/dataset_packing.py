@@ -1,17 +1,19 @@
 """
-Packs a published release (Twitter-2015, Twitter-2017 or MNRE, laid out as it was published) into one Hugging Face
-data set whose images and object crops are embedded in the data, with a dataset card.
+Packs a published release (Twitter-2015, Twitter-2017, MNRE or CMNER, laid out as it was published) into one Hugging
+Face data set whose images and object crops are embedded in the data, with a dataset card.
 
     hvpnet-pack-dataset --release twitter2015 --data_dir data/twitter2015 --image_dir data/twitter2015_images \\
         --object_dir data/twitter2015_aux_images --output_dir twitter2015-packed
     hvpnet-pack-dataset --release mnre --data_dir data/txt --rel2id data/ours_rel2id.json --image_dir data/img_org \\
         --object_dir data/img_vg --push_to_hub you/mnre --private
+    hvpnet-pack-dataset --release cmner --data_dir CMNER/text --image_dir CMNER/images --output_dir cmner-packed
 
 The release is read by the package's loaders, its folders and crop maps found as the training scripts find them
 (`find_release_layout`; the crop maps `*_{train,val,test}_dict.pth` in `--object_map_dir`, by default `--data_dir`).
 Each split keeps the loaders' columns (`id`, `tokens`, `ner_tags` or `head` / `tail` / `relation`, `image_id`), with
-`image` an `Image()` feature and `objects` a list of them: the bytes of each file, unchanged, so the result needs no
-image folder. An image or crop that is missing or unreadable is None, and counted in the card.
+`image` an `Image()` feature (CMNER: a list of them, the post's pictures) and `objects` a list of them: the bytes of
+each file, unchanged, so the result needs no image folder. An image or crop that is missing or unreadable is None
+(a CMNER post without pictures has an empty list), and counted in the card.
 
 `--output_dir` writes Parquet files, one per split, as `data/<split>-00000-of-00001.parquet` (`load_dataset(folder)`
 reads them), or with `--output_format arrow` the folder of `DatasetDict.save_to_disk` (`load_from_disk` reads it);
@@ -28,7 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,13 @@ import datasets
 from datasets import DatasetDict, Features, Image, List
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 
-from .loading import check_images_found_in_splits, find_release_layout, load_mner_dataset, load_mre_dataset
+from .loading import (
+    check_images_found_in_splits,
+    find_release_layout,
+    load_cmner_dataset,
+    load_mner_dataset,
+    load_mre_dataset,
+)
 from .output_files import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -46,12 +54,22 @@ PathLike = str | os.PathLike
 
 @dataclass(frozen=True)
 class Release:
-    """A published data set: its name, task (`"ner"` or `"re"`), where it comes from and the paper to cite."""
+    """A published data set: its name, task (`"ner"` or `"re"`), where it comes from, the paper to cite, its loader
+    (`hvpnet_hf.loading`), its columns as the card describes them and the language of its text."""
 
     name: str
     task: str
     source: str
     citation: str
+    loader: Callable[..., DatasetDict]
+    columns: str
+    language: str = "en"
+
+
+NER_COLUMNS = (
+    "`id` (example index in its split file), `tokens` (words), `ner_tags` (BIO tags over PER, LOC, ORG, MISC; the "
+    "type OTHER is read as MISC), `image_id` (the image's file name), `image`, `objects`."
+)
 
 
 RELEASES = {
@@ -67,6 +85,8 @@ RELEASES = {
   pages     = {5674--5681},
   year      = {2018}
 }""",
+        loader=load_mner_dataset,
+        columns=NER_COLUMNS,
     ),
     "twitter2017": Release(
         name="Twitter-2017",
@@ -81,6 +101,8 @@ RELEASES = {
   pages     = {1990--1999},
   year      = {2018}
 }""",
+        loader=load_mner_dataset,
+        columns=NER_COLUMNS,
     ),
     "mnre": Release(
         name="MNRE",
@@ -95,6 +117,25 @@ RELEASES = {
   pages     = {1--6},
   year      = {2021}
 }""",
+        loader=load_mre_dataset,
+        columns="`id` (record index in its split file), `tokens` (words), `head` and `tail` (`name`, `start`, `end`: "
+        "word offsets, end exclusive), `relation`, `image_id` (the image's file name), `image`, `objects`.",
+    ),
+    "cmner": Release(
+        name="CMNER",
+        task="ner",
+        source="the Weibo posts of `text/{train,dev,test}.txt` of Jyz99/CMNER and their images, several per post",
+        citation="""@article{ji2024cmner,
+  title   = {{CMNER}: A {C}hinese Multimodal {NER} Dataset based on Social Media},
+  author  = {Ji, Yuanze and Li, Bobo and Zhou, Jun and Li, Fei and Teng, Chong and Ji, Donghong},
+  journal = {arXiv preprint arXiv:2402.13693},
+  year    = {2024}
+}""",
+        loader=load_cmner_dataset,
+        columns="`id` (post index in its split file), `tokens` (the characters), `ner_tags` (BIO tags over PER, LOC, "
+        "ORG, MISC), `image_id` (the post's WID), `image` (the post's pictures, sorted by file name; empty for a "
+        "post without any), `objects`.",
+        language="zh",
     ),
 }
 OUTPUT_FORMATS = ("parquet", "arrow")
@@ -107,8 +148,9 @@ CARD_TEMPLATE = """---
 
 {{ release.name }} ({{ task_name }}) as published: {{ release.source }}. It was packed with `hvpnet-pack-dataset`
 of `hvpnet_hf`, which reads the release with the package's loaders: each example keeps the loaders' columns, with
-`image` an `Image()` feature and `objects` a list of them (its object crops), holding the bytes of the published
-files. An image or crop that was missing or unreadable in the release is None.
+`image` an `Image()` feature (for a post with several pictures, a list of them) and `objects` a list of them (its
+object crops), holding the bytes of the published files. An image or crop that was missing or unreadable in the
+release is None, or left out of a post's list of pictures; "missing images" counts the examples without any.
 
 | split | examples | missing images | missing object crops |
 | --- | --- | --- | --- |
@@ -117,7 +159,7 @@ files. An image or crop that was missing or unreadable in the release is None.
 {% endfor %}
 ## Columns
 
-{{ columns }}
+{{ release.columns }}
 
 ## Use
 
@@ -141,12 +183,6 @@ you have the right to share its images.
 {{ release.citation }}
 ```
 """
-COLUMNS = {
-    "ner": "`id` (example index in its split file), `tokens` (words), `ner_tags` (BIO tags over PER, LOC, ORG, MISC; "
-    "the type OTHER is read as MISC), `image_id` (the image's file name), `image`, `objects`.",
-    "re": "`id` (record index in its split file), `tokens` (words), `head` and `tail` (`name`, `start`, `end`: word "
-    "offsets, end exclusive), `relation`, `image_id` (the image's file name), `image`, `objects`.",
-}
 TASK_NAMES = {"ner": "multimodal named entity recognition", "re": "multimodal relation extraction"}
 
 
@@ -164,10 +200,9 @@ def read_release(
     image folder that holds none of a split's images is an error.
     """
     layout = find_release_layout(image_dir, object_dir, object_map_dir or data_dir)
-    if RELEASES[release].task == "ner":
-        splits = load_mner_dataset(data_dir, **layout)
-    else:
-        splits = load_mre_dataset(data_dir, rel2id=rel2id, **layout)
+    if RELEASES[release].task == "re":
+        layout["rel2id"] = rel2id
+    splits = RELEASES[release].loader(data_dir, **layout)
     check_images_found_in_splits(
         splits, layout["image_dir"], "image_dir", "give the folder of the images the split files name"
     )
@@ -176,13 +211,15 @@ def read_release(
 
 def embed_images(splits: DatasetDict, cache_dir: PathLike) -> DatasetDict:
     """
-    `splits` with the `image` path column as an `Image()` feature and `objects` as a list of them, each value the
-    bytes of its file (`{"bytes", "path"}`, the path being the file name) or None. The splits are written to Arrow
+    `splits` with the `image` path column as an `Image()` feature (a list of them where it holds lists of paths) and
+    `objects` as a list of them, each value the bytes of its file (`{"bytes", "path"}`, the path being the file name)
+    or None. The splits are written to Arrow
     files in `cache_dir`, 100 examples at a time, rather than held in memory.
     """
     packed = {}
     for split, examples in splits.items():
-        features = Features({**examples.features, "image": Image(), "objects": List(Image())})
+        image = List(Image()) if isinstance(examples.features["image"], List) else Image()
+        features = Features({**examples.features, "image": image, "objects": List(Image())})
         packed[split] = examples.map(
             _embedded_batch,
             batched=True,
@@ -198,7 +235,10 @@ def embed_images(splits: DatasetDict, cache_dir: PathLike) -> DatasetDict:
 
 def _embedded_batch(batch: Mapping[str, list]) -> dict[str, list]:
     return {
-        "image": [_embedded(path) for path in batch["image"]],
+        "image": [
+            [_embedded(path) for path in images] if isinstance(images, list) else _embedded(images)
+            for images in batch["image"]
+        ],
         "objects": [[_embedded(path) for path in crops] for crops in batch["objects"]],
     }
 
@@ -212,14 +252,14 @@ def dataset_card(release: str, splits: DatasetDict) -> DatasetCard:
     info = RELEASES[release]
     card_data = DatasetCardData(
         pretty_name=info.name,
-        language="en",
+        language=info.language,
         task_categories="token-classification" if info.task == "ner" else "text-classification",
         tags=["multimodal", "named-entity-recognition" if info.task == "ner" else "relation-extraction"],
     )
     rows = []
     for split, examples in splits.items():
         crops = [crop for objects in examples["objects"] for crop in objects]
-        missing_images = examples["image"].count(None)
+        missing_images = sum(not images for images in examples["image"])  # None, or a post's empty list
         rows.append(
             [split, len(examples), f"{missing_images} of {len(examples)}", f"{crops.count(None)} of {len(crops)}"]
         )
@@ -229,7 +269,6 @@ def dataset_card(release: str, splits: DatasetDict) -> DatasetCard:
         release=info,
         task_name=TASK_NAMES[info.task],
         splits=rows,
-        columns=COLUMNS[info.task],
     )
 
 
@@ -369,7 +408,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--release", required=True, choices=sorted(RELEASES), help="which published data set")
     parser.add_argument("--data_dir", required=True, help="folder of the split files")
-    parser.add_argument("--image_dir", required=True, help="folder of the images, flat or as {train,val,test}/")
+    parser.add_argument(
+        "--image_dir", required=True, help="folder of the images, flat or as {train,val,test}/ (CMNER: flat)"
+    )
     parser.add_argument("--object_dir", help="folder of the object crops, flat or as {train,val,test}/crops/")
     parser.add_argument(
         "--object_map_dir", help="folder of the crop maps *_{train,val,test}_dict.pth (default: data_dir)"

@@ -6,11 +6,12 @@ Finds object crops for the images of a data file and writes them in the layout o
     python -m hvpnet_hf.extract_objects --input data/mnre/txt/ours_val.txt --image_dir data/mnre/img_org/val \\
         --output_dir data/mnre_objects --detector facebook/detr-resnet-50
 
-The input is a Twitter-2015/2017 file (`IMGID:` blocks) or an MNRE file (one literal per line), told apart by its
-first line. For each image the detector's best `--num_objects` boxes are cut out (see `object_detection`) and
-written to `<output_dir>/<split>/crops/<image stem>_crop_<n>.jpg`; the crop map `<output_dir>/objects_<split>_dict.pth`
-(`torch.save`d `{image file name: [crop file names]}`) lists them, an empty list for an image where nothing was
-found. This is the layout `run_mner.py` / `run_mre.py` read with `--object_dir <output_dir> --object_map_dir
+The input is a Twitter-2015/2017 file (`IMGID:` blocks), a CMNER file (`WID:` headers) or an MNRE file (one literal
+per line), told apart by its first line. For each image the detector's best `--num_objects` boxes are cut out (see
+`object_detection`) and written to `<output_dir>/<split>/crops/<image stem>_crop_<n>.jpg`; the crop map
+`<output_dir>/objects_<split>_dict.pth` (`torch.save`d `{image file name: [crop file names]}`) lists them, an empty
+list for an image where nothing was found. A CMNER post's crops are cut from its first picture, the global image
+(its other pictures take the next image slots, ahead of the crops), and its map key is its WID. This is the layout `run_mner.py` / `run_mre.py` read with `--object_dir <output_dir> --object_map_dir
 <output_dir>`. A zero-shot detector is queried per image with `text_queries` of the texts that use it (for MNRE the
 head and tail mentions first).
 
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .image_processing_hvpnet import load_image
-from .loading import SPLIT_ALIASES, load_mner_dataset, load_mre_dataset, split_of_file
+from .loading import LOADER_OF_FORMAT, SPLIT_ALIASES, data_file_format, load_cmner_dataset, split_of_file
 from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
 from .output_files import atomic_write, check_output_dir
 
@@ -49,7 +51,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--input", required=True, help="data file (Twitter IMGID: blocks or MNRE lines)")
+    parser.add_argument("--input", required=True, help="data file (Twitter IMGID: blocks, CMNER, MNRE lines)")
     parser.add_argument("--image_dir", required=True, help="folder of the images the data file names")
     parser.add_argument("--output_dir", required=True, help="folder for <split>/crops/ and the crop map")
     parser.add_argument("--split", choices=SPLITS, help="split folder and map name (default: from the input's name)")
@@ -87,28 +89,41 @@ def split_of(path: Path) -> str:
     return _SPLIT_FOLDER[split]
 
 
-def image_queries(data_file: Path) -> dict[str, list[str]]:
-    """Per image file name (in order of first use), the detector queries of the examples that use it."""
-    with open(data_file, encoding="utf-8") as file:
-        first_line = next((line.strip() for line in file if line.strip()), "")
-    if first_line.startswith("IMGID:"):
-        examples = load_mner_dataset(data_files={"test": data_file})["test"]
-        example_queries = [text_queries(tokens) for tokens in examples["tokens"]]
-    elif first_line.startswith("{"):
-        examples = load_mre_dataset(data_files={"test": data_file})["test"]
+@dataclass
+class CropSource:
+    """What the crops of one key of the crop map are cut from: a file name in the image folder (None for a CMNER
+    post without pictures) and the detector queries of the examples that use it."""
+
+    image_file: str | None
+    queries: list[str]
+
+
+def crop_sources(data_file: Path, image_dir: Path | None = None) -> dict[str, CropSource]:
+    """
+    Per key of the crop map (in order of first use), what its crops are cut from. The key is the image file name of
+    a Twitter or MNRE example, and the WID of a CMNER post, whose crops are cut from its first picture in `image_dir`.
+    """
+    file_format = data_file_format(data_file)
+    if file_format == "cmner":
+        examples = load_cmner_dataset(data_files={"test": data_file}, image_dir=image_dir)["test"]
+        image_files = [Path(images[0]).name if images else None for images in examples["image"]]
+    else:
+        examples = LOADER_OF_FORMAT[file_format](data_files={"test": data_file})["test"]
+        image_files = examples["image_id"]
+    if file_format == "mnre":
         example_queries = [text_queries(row["tokens"], [row["head"]["name"], row["tail"]["name"]]) for row in examples]
     else:
-        raise ValueError(f"{data_file}: starts neither with 'IMGID:' (Twitter) nor with '{{' (MNRE): {first_line!r}")
-    queries: dict[str, list[str]] = {}
-    for image_file, example_query in zip(examples["image_id"], example_queries, strict=True):
-        merged = queries.setdefault(image_file, [])
+        example_queries = [text_queries(tokens) for tokens in examples["tokens"]]
+    sources: dict[str, CropSource] = {}
+    for key, image_file, example_query in zip(examples["image_id"], image_files, example_queries, strict=True):
+        merged = sources.setdefault(key, CropSource(image_file, [])).queries
         merged += [query for query in example_query if query not in merged]
     stems: dict[str, str] = {}
-    for image_file in queries:
+    for image_file in (source.image_file for source in sources.values() if source.image_file is not None):
         other = stems.setdefault(Path(image_file).stem, image_file)
         if other != image_file:
             raise ValueError(f"{data_file}: images {other} and {image_file} would share crop file names")
-    return queries
+    return sources
 
 
 def save_crop_map(crop_map: dict[str, list[str]], path: Path) -> None:
@@ -127,28 +142,29 @@ def extract_objects(
 ) -> dict[str, int]:
     """
     Writes the crops and crop map of `data_file`'s images (see the module docstring) and returns counts: `images`
-    in the file, `skipped` (already in the map), `extracted`, `missing`, `without_objects` and `crops` (written now).
+    in the file (CMNER: posts), `skipped` (already in the map), `extracted`, `missing` (CMNER: posts without a
+    readable picture included), `without_objects` and `crops` (written now).
     """
     if save_every < 1:
         raise ValueError(f"save_every must be at least 1, got {save_every}")
     data_file, image_dir, output_dir = Path(data_file), Path(image_dir), Path(output_dir)
     split = split or split_of(data_file)
-    queries = image_queries(data_file)
+    sources = crop_sources(data_file, image_dir)
     crop_dir = output_dir / split / "crops"
     crop_dir.mkdir(parents=True, exist_ok=True)
     map_path = output_dir / f"objects_{split}_dict.pth"
     _check_settings(output_dir / f"objects_{split}_settings.json", cropper.settings)
     crop_map: dict[str, list[str]] = torch.load(map_path, weights_only=True) if map_path.exists() else {}
-    pending = [image_file for image_file in queries if image_file not in crop_map]
-    counts = {"images": len(queries), "skipped": len(queries) - len(pending), "extracted": 0, "missing": 0}
+    pending = {key: source for key, source in sources.items() if key not in crop_map}
+    counts = {"images": len(sources), "skipped": len(sources) - len(pending), "extracted": 0, "missing": 0}
     counts.update(without_objects=0, crops=0)
     try:
-        for done, (image_file, image) in enumerate(_read_images(image_dir, pending, counts), start=1):
+        for done, (key, image) in enumerate(_read_images(image_dir, pending, counts), start=1):
             names = []
-            for index, crop in enumerate(cropper.crops(image, queries[image_file])):
-                names.append(f"{Path(image_file).stem}_crop_{index}.jpg")
+            for index, crop in enumerate(cropper.crops(image, sources[key].queries)):
+                names.append(f"{Path(sources[key].image_file).stem}_crop_{index}.jpg")
                 crop.save(crop_dir / names[-1], quality=95)
-            crop_map[image_file] = names
+            crop_map[key] = names
             counts["extracted"] += 1
             counts["crops"] += len(names)
             counts["without_objects"] += not names
@@ -158,21 +174,28 @@ def extract_objects(
         save_crop_map(crop_map, map_path)
     if counts["missing"]:
         logger.warning(
-            "%d of %d images missing or unreadable in %s; not in the map", counts["missing"], len(queries), image_dir
+            "%d of %d images missing or unreadable in %s; not in the map", counts["missing"], len(sources), image_dir
         )
     return counts
 
 
-def _read_images(image_dir: Path, image_files: list[str], counts: dict[str, int]) -> Iterator[tuple[str, Image.Image]]:
-    """The images among `image_files` that `load_image` reads, with a progress bar; the others are counted, logged."""
-    for image_file in tqdm(image_files, desc="images", unit="image"):
+def _read_images(
+    image_dir: Path, sources: dict[str, CropSource], counts: dict[str, int]
+) -> Iterator[tuple[str, Image.Image]]:
+    """`(key, image)` of the `sources` whose image `load_image` reads, with a progress bar; the others are counted and
+    logged."""
+    for key, source in tqdm(sources.items(), desc="images", unit="image"):
+        if source.image_file is None:
+            logger.warning("post %s has no picture in %s; no crops for it", key, image_dir)
+            counts["missing"] += 1
+            continue
         try:
-            image = load_image(image_dir / image_file)
+            image = load_image(image_dir / source.image_file)
         except OSError as error:
             logger.warning("%s; no crops for it", error)
             counts["missing"] += 1
             continue
-        yield image_file, image
+        yield key, image
 
 
 def _check_settings(path: Path, settings: dict) -> None:

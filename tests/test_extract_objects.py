@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cmner_fixtures import write_cmner
 from modeling_utils import tiny_model_folder
 from PIL import Image, ImageOps
 from transformers import (
@@ -24,8 +25,8 @@ from transformers import (
 
 import hvpnet_hf.extract_objects
 import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
-from hvpnet_hf import HVPNetProcessor, load_mner_dataset, load_mre_dataset
-from hvpnet_hf.extract_objects import extract_objects, image_queries, run, split_of
+from hvpnet_hf import HVPNetProcessor, load_cmner_dataset, load_mner_dataset, load_mre_dataset
+from hvpnet_hf.extract_objects import crop_sources, extract_objects, run, split_of
 from hvpnet_hf.image_processing_hvpnet import load_image
 from hvpnet_hf.loading import find_object_maps, find_release_layout, split_folders
 from hvpnet_hf.object_detection import GENERIC_QUERIES, ObjectCropper, text_queries
@@ -242,19 +243,20 @@ def test_command_writes_the_layout_the_loaders_and_training_scripts_read(
     )["train"]
     assert [len(objects) for objects in data["objects"]] == [3, 3, 0]  # the missing picture has no crops
     first_crop = Image.open(data["objects"][0][0])
-    best = owl_cropper(owl_detector).detect(Image.open(image_dir / "1001.jpg"), image_queries(data_file)["1001.jpg"])[
-        0
-    ]
+    best = owl_cropper(owl_detector).detect(
+        Image.open(image_dir / "1001.jpg"), crop_sources(data_file)["1001.jpg"].queries
+    )[0]
     assert first_crop.mode == "RGB" and first_crop.size == (best.box[2] - best.box[0], best.box[3] - best.box[1])
 
 
 def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_detector, tmp_path):
     data_file = tmp_path / "mnre_val.txt"
     data_file.write_text("".join(repr(line) + "\n" for line in MNRE_LINES), encoding="utf-8")
-    queries = image_queries(data_file)
-    assert list(queries) == ["p1.jpg", "p2.jpg"]
+    sources = crop_sources(data_file)
+    assert list(sources) == ["p1.jpg", "p2.jpg"]
     # The pairs sharing a picture pool their mentions: head and tail of the first pair, then the new one.
-    assert queries["p1.jpg"][:3] == ["Alice", "Bob", "Paris"] and queries["p2.jpg"][:2] == ["Acme", "Beta"]
+    assert sources["p1.jpg"].queries[:3] == ["Alice", "Bob", "Paris"]
+    assert sources["p2.jpg"].queries[:2] == ["Acme", "Beta"]
     image_dir = tmp_path / "img_org"
     image_dir.mkdir()
     picture().save(image_dir / "p1.jpg")
@@ -285,7 +287,7 @@ def test_input_errors_name_the_file(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("\nhello\n", encoding="utf-8")
     with pytest.raises(ValueError, match="notes.txt: starts neither with 'IMGID:'"):
-        image_queries(notes)
+        crop_sources(notes)
 
 
 def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_map(
@@ -351,6 +353,25 @@ def fixed_box_cropper(owl_detector, *boxes: tuple[int, int, int, int], **setting
     cropper = owl_cropper(owl_detector, **settings)
     cropper.detector, cropper.zero_shot = FixedBoxes(*boxes), False
     return cropper
+
+
+def test_cmner_posts_get_crops_of_their_first_picture_keyed_by_wid(owl_detector, tmp_path):
+    text_dir, image_dir = write_cmner(tmp_path)
+    output_dir = tmp_path / "objects"
+    cropper = fixed_box_cropper(owl_detector, (2, 2, 18, 14))
+    counts = extract_objects(text_dir / "train.txt", image_dir, output_dir, cropper)
+    assert counts == {"images": 3, "skipped": 0, "extracted": 2, "missing": 1, "without_objects": 0, "crops": 2}
+    # Ab12Cd's pictures are Ab12Cd_a01.jpg (the first by name) and Ab12Cd_zz9.jpg; Ij56Kl has none.
+    crop_map = torch.load(output_dir / "objects_train_dict.pth", weights_only=True)
+    assert crop_map == {"Ab12Cd": ["Ab12Cd_a01_crop_0.jpg"], "Ef34Gh": ["Ef34Gh_k7_crop_0.jpg"]}
+    crop = np.asarray(Image.open(output_dir / "train" / "crops" / "Ab12Cd_a01_crop_0.jpg"), dtype=float)
+    # The two pictures differ by 40 in red (0 and 40); JPEG moves a flat color by a few levels.
+    assert crop.shape == (12, 16, 3) and abs(crop[..., 0].mean() - 40) < 8
+    data = load_cmner_dataset(
+        data_files={"train": text_dir / "train.txt"}, **find_release_layout(image_dir, output_dir, output_dir)
+    )["train"]
+    crops = output_dir / "train" / "crops"
+    assert data["objects"] == [[str(crops / "Ab12Cd_a01_crop_0.jpg")], [str(crops / "Ef34Gh_k7_crop_0.jpg")], []]
 
 
 def test_an_image_file_that_cannot_be_read_gives_no_crops(owl_detector, tmp_path, caplog):

@@ -13,8 +13,9 @@ from seqeval.metrics.sequence_labeling import get_entities
 from transformers import AutoModelForTokenClassification, pipeline
 
 from hvpnet_hf import HVPNetProcessor
+from hvpnet_hf.loading import MNER_LABELS
 from hvpnet_hf.pipelines import bio_entities  # importing the module registers the pipelines
-from hvpnet_hf.processing_hvpnet import MNER_LABELS, ner_word_positions
+from hvpnet_hf.processing_hvpnet import ner_word_positions
 
 TEXT = "  Visiting   Liverpool with @anna_b today"
 

@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+from modeling_utils import TINY_TEXT
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor, BertTokenizer
+from transformers import AutoImageProcessor, AutoProcessor, BertConfig, BertModel, BertTokenizer
 
-import hvpnet_hf  # noqa: F401  (registers the processor with the Auto classes)
+from hvpnet_hf import HVPNetForSequenceClassification  # importing hvpnet_hf registers the Auto classes
 from hvpnet_hf.image_processing_hvpnet import HVPNetImageProcessor
-from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, MNER_LABELS, HVPNetProcessor, ner_word_positions
+from hvpnet_hf.loading import MNER_LABELS
+from hvpnet_hf.processing_hvpnet import ENTITY_MARKERS, HVPNetProcessor, ner_word_positions
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "kevin", "du", "##rant", "plays", "in", "new", "york", "a"]
 MODEL_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_mask"}
@@ -118,6 +120,24 @@ def test_re_markers_are_added_once_and_inserted_around_entities():
     ]  # fmt: skip
     assert encoded["labels"] == [3]
     assert encoded["attention_mask"][0] == [1] * 13
+
+
+def test_re_markers_go_to_the_processors_copy_not_the_tokenizer_given(tmp_path):
+    tokenizer = tiny_tokenizer()
+    re_processor = HVPNetProcessor(tokenizer, task="re")
+    assert len(tokenizer) == len(VOCAB) and "<s>" not in tokenizer.get_vocab()  # the caller's tokenizer is unchanged
+    marker_ids = list(range(len(VOCAB), len(VOCAB) + 4))
+    assert re_processor.tokenizer.convert_tokens_to_ids(ENTITY_MARKERS) == marker_ids
+    re_processor.save_pretrained(tmp_path / "processor")
+    assert HVPNetProcessor.from_pretrained(tmp_path / "processor").tokenizer.convert_tokens_to_ids(ENTITY_MARKERS) == (
+        marker_ids
+    )
+
+    BertModel(BertConfig(**{**TINY_TEXT, "vocab_size": len(VOCAB)})).save_pretrained(tmp_path / "bert")
+    model = HVPNetForSequenceClassification.from_text_vision_pretrained(
+        str(tmp_path / "bert"), vision_backbone="test_resnet", processor=re_processor, num_labels=2
+    )
+    assert model.get_input_embeddings().num_embeddings == len(re_processor.tokenizer) == len(VOCAB) + 4
 
 
 def test_re_entity_at_sentence_end_and_adjacent_entities():

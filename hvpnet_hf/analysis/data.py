@@ -1,6 +1,6 @@
 """
 What the analyses of a trained model share: its command-line data arguments, one split of the bundled sample set or
-of a data file in the published format, and batches of model inputs that keep their rows' gold labels.
+of a data file in a published format (Twitter-2015/2017 or CMNER for NER, MNRE for RE), and batches of model inputs that keep their rows' gold labels.
 """
 
 import argparse
@@ -13,7 +13,15 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from ..collating import HVPNetDataCollator, tokenize_and_align
-from ..loading import SPLIT_ALIASES, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
+from ..loading import (
+    LOADER_OF_FORMAT,
+    SPLIT_ALIASES,
+    check_images_found,
+    data_file_format,
+    find_file_layout,
+    load_mner_dataset,
+    load_mre_dataset,
+)
 from ..output_files import check_output_dir
 from ..pipelines import PIPELINE_FOR_TASK, task_of
 from ..processing_hvpnet import HVPNetProcessor
@@ -24,7 +32,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model` and the data: a split of the bundled sample set (default) or one file with its image folders."""
     parser.add_argument("--model", required=True, help="folder of a trained HVPNeT model (with its processor)")
     parser.add_argument("--split", choices=list(SPLIT_ALIASES), default="test", help="split of the sample set")
-    parser.add_argument("--data_file", help="instead of the sample set: a data file in the published format")
+    parser.add_argument(
+        "--data_file", help="instead of the sample set: a data file in a published format (Twitter, CMNER, MNRE)"
+    )
     parser.add_argument("--image_dir", help="with --data_file: folder of its images, flat or per split")
     parser.add_argument("--object_dir", help="with --data_file: folder of its object crops, flat or per split")
     parser.add_argument(
@@ -49,18 +59,23 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def load_examples(task: str, args: argparse.Namespace) -> Dataset:
     """
-    The examples the arguments name (the first `--max_samples`): a split of the sample set, or `--data_file` with
-    the images and crops of its split, found as `hvpnet-predict` finds them (see `find_file_layout`). An
-    `--image_dir` that holds none of their images is an error (see `check_images_found`).
+    The examples the arguments name (the first `--max_samples`): a split of the sample set, or `--data_file` (read by
+    the loader of its format, `data_file_format`) with the images and crops of its split, found as `hvpnet-predict`
+    finds them (see `find_file_layout`). A file of the other task, and an `--image_dir` that holds none of their
+    images (see `check_images_found`), are errors.
     """
     if args.data_file is None:
         sources, split = sample_sources(task), args.split
+        loader = load_mner_dataset if task == "ner" else load_mre_dataset
     else:
+        file_format = data_file_format(args.data_file)
+        if (file_format == "mnre") != (task == "re"):
+            raise ValueError(f"--data_file {args.data_file} is a {file_format} file, not data of the {task} model")
         sources = find_file_layout(args.data_file, args.image_dir, args.object_dir, args.object_map)
         split = "test"  # the split `find_file_layout` reads the file as
         if task == "re":
             sources["rel2id"] = args.rel2id
-    loader = load_mner_dataset if task == "ner" else load_mre_dataset
+        loader = LOADER_OF_FORMAT[file_format]
     examples = loader(**sources)[split]
     if args.max_samples is not None:
         examples = examples.select(range(min(args.max_samples, len(examples))))
