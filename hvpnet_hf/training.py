@@ -2,8 +2,9 @@
 `Trainer` support for separate learning rates on the task head (the CRF and emission layer for NER, the relation
 classifier for MRE), as the authors' released HVPNeT trainer optimizes the CRF and emission layer at 5e-2, and on
 the visual prefix (the modules under the visual encoder, which start from random weights); for length-grouped
-training batches with evaluation kept in the dataset's order; and the C allocator setting that the example training
-scripts start with (`keep_freed_memory`).
+training batches with evaluation kept in the dataset's order; for a frozen backbone under FSDP (left out of
+sharding) and whole-model saves beside FSDP's sharded checkpoints; and the C allocator setting that the example
+training scripts start with (`keep_freed_memory`).
 """
 
 import ctypes
@@ -103,6 +104,16 @@ def prefix_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, parameter in model.named_parameters() if id(parameter) in owned}
 
 
+def fsdp_ignored_backbone(model: nn.Module) -> list[nn.Module] | None:
+    """The modules FSDP leaves unsharded in `model`: its vision backbone when frozen ([backbone]), else None.
+
+    A frozen backbone takes no gradient and no optimizer state, so sharding it saves only its weights, at the cost of
+    gathering them at every step; left out, it also keeps FSDP1's flat parameters of uniform `requires_grad` and
+    FSDP2's groups of one dtype (a backbone held in bfloat16 beside float32 trained weights)."""
+    encoder = getattr(getattr(model, "base_model", None), "visual_encoder", None)
+    return [encoder.backbone] if encoder is not None and encoder.freeze_backbone else None
+
+
 class HVPNetTrainer(Trainer):
     """
     A `Trainer` that, given `HVPNetTrainingArguments.head_learning_rate` or `prefix_learning_rate`, optimizes the task
@@ -120,6 +131,11 @@ class HVPNetTrainer(Trainer):
     `bf16=True` it is held in bfloat16, as autocast would compute its convolutions in bfloat16 anyway, after casting
     every frozen weight again on every call; checkpoints then store the backbone in bfloat16. With `bf16=True` on a
     CPU without bfloat16 instructions, a warning says that torch emulates it.
+
+    Under FSDP (accelerate's FSDP plugin, version 1 or 2) a frozen backbone is left out of sharding: every process
+    keeps it whole, in eval mode, and no step gathers it (`fsdp_ignored_backbone`). With sharded checkpoints
+    (`SHARDED_STATE_DICT`), which resume a run, every save also writes the model whole, so that each checkpoint and
+    the final folder load with `from_pretrained`.
     """
 
     def __init__(self, *args, **kwargs):
@@ -129,6 +145,17 @@ class HVPNetTrainer(Trainer):
             speed_up_frozen_backbone(self.model, dtype=torch.bfloat16 if self.args.bf16 else None)
         if self.args.bf16:
             warn_if_bfloat16_is_emulated(self.args.device)
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        ignored = fsdp_ignored_backbone(self.model)
+        if fsdp_plugin is not None and ignored is not None:
+            fsdp_plugin.ignored_modules = ignored
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if fsdp_plugin is not None and "FULL_STATE_DICT" not in str(fsdp_plugin.state_dict_type):
+            # `Trainer` writes only the shards here; gathering the whole state dict takes every process.
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        super().save_model(output_dir, _internal_call)
 
     def _get_eval_sampler(self, eval_dataset: Dataset) -> Sampler | None:
         # `Trainer` groups evaluation batches by length too under "group_by_length", so its predictions come back

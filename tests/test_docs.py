@@ -139,7 +139,7 @@ def broken_links(page_path: Path, prose: list[str]) -> list[str]:
 
 def test_every_page_is_listed():
     expected = {"model", "data", "training", "fast-epochs", "inference", "export", "object-crops", "publishing"}
-    expected |= {"analyses", "original-code", "benchmarks", "encoders-and-backbones", "development"}
+    expected |= {"analyses", "original-code", "benchmarks", "encoders-and-backbones", "development", "grounding"}
     assert sorted(PAGES) == sorted(CHECKED_BLOCKS) == sorted(["README.md"] + [f"docs/{name}.md" for name in expected])
 
 

@@ -14,7 +14,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hvpnet_hf import HVPNetDataCollator, HVPNetForSequenceClassification, HVPNetForTokenClassification, HVPNetModel
-from hvpnet_hf.training import HVPNetTrainer, HVPNetTrainingArguments, head_parameter_names, prefix_parameter_names
+from hvpnet_hf.training import (
+    HVPNetTrainer,
+    HVPNetTrainingArguments,
+    fsdp_ignored_backbone,
+    head_parameter_names,
+    prefix_parameter_names,
+)
 
 BODY_LR, HEAD_LR, PREFIX_LR, WEIGHT_DECAY = 1e-4, 5e-2, 1e-3, 0.01
 
@@ -334,3 +340,32 @@ def test_keep_freed_memory_defers_to_each_allocator_variable(variable):
     # Each of glibc's variables for what the call sets: a process that set one chose its allocator.
     applied, _ = _faults_after_first_round("keep", **{variable: "0"})
     assert applied == "False", f"{variable} in the environment was overridden"
+
+
+def test_fsdp_leaves_out_a_frozen_backbone_only():
+    frozen = HVPNetForSequenceClassification(tiny_config(relation_pooling="cls"))
+    assert fsdp_ignored_backbone(frozen) == [frozen.hvpnet.visual_encoder.backbone]
+    trained = HVPNetForSequenceClassification(tiny_config(relation_pooling="cls", freeze_vision=False))
+    assert fsdp_ignored_backbone(trained) is None
+
+
+def test_training_never_moves_the_frozen_backbone_statistics(tmp_path):
+    # `Trainer` sets the model to training mode at every step; the frozen backbone's BatchNorms must stay in eval mode.
+    trainer = relation_trainer(tmp_path)
+    backbone = trainer.model.hvpnet.visual_encoder.backbone
+    before = {name: buffer.clone() for name, buffer in backbone.named_buffers()}
+    trainer.train()
+    assert trainer.state.global_step == 2 and before
+    assert all(torch.equal(buffer, before[name]) for name, buffer in backbone.named_buffers())
+
+
+def test_gpu_check_dry_run_prints_its_checks_and_table():
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    finished = subprocess.run(
+        [script, "--dry_run", "--repeats", "1"], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert finished.stdout.count(": pass (") == 5
+    for measurement in ("train step fp32", "train step tf32", "train step bf16", "inference bf16"):
+        assert f"| tiny | {measurement} |" in finished.stdout
