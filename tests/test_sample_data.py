@@ -17,15 +17,16 @@ import torch
 from PIL import Image
 
 from hvpnet_hf import load_mner_dataset, load_mre_dataset
+from hvpnet_hf.grounding_data import candidate_matches, candidate_recall, grounding_counts, load_gmner_dataset
 from hvpnet_hf.loading import find_release_layout
-from hvpnet_hf.sample_data import SAMPLE_DIR
+from hvpnet_hf.sample_data import SAMPLE_DIR, sample_sources
 
 # The generator is a development tool of the repository, not a module of the package.
 build = SimpleNamespace(**runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "build_sample_data.py")))
 TWITTER, MNRE = SAMPLE_DIR / "twitter", SAMPLE_DIR / "mnre"
 SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
 MRE_DICT_NAMES = {"train": "train", "validation": "dev", "test": "test"}
-GENERATED = ("twitter", "mnre")
+GENERATED = ("twitter", "mnre", "gmner")
 
 
 def data_files(root: Path) -> dict[str, str]:
@@ -264,3 +265,72 @@ def test_texture_styles_differ_only_in_their_texture():
 def test_unknown_cues_are_refused(tmp_path):
     with pytest.raises(ValueError, match="cues must be one of \\['color', 'texture'\\], got 'shape'"):
         build.build(tmp_path, cues="shape")
+
+
+@pytest.fixture(scope="module")
+def gmner():
+    return load_gmner_dataset(**sample_sources("gmner"))
+
+
+def test_gmner_set_is_in_the_published_format(gmner):
+    gmner_dir = SAMPLE_DIR / "gmner"
+    for split, file_name in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        blocks = (gmner_dir / "txt" / f"{file_name}.txt").read_text(encoding="utf-8").strip("\n").split("\n\n")
+        assert gmner[split].num_rows == len(blocks) == {"train": 180, "validation": 60, "test": 60}[split]
+        for block in blocks:
+            first, *token_lines = block.split("\n")
+            assert re.fullmatch(r"IMGID:(O_)?\d+", first), first
+            assert all(re.fullmatch(r"[^\t\s]+\t(O|[BI]-(PER|LOC|ORG|OTHER))", line) for line in token_lines)
+        # As in the release, the `O_` tweets have no box file; every other tweet has one.
+        ids = [block.split("\n")[0].removeprefix("IMGID:") for block in blocks]
+        assert [(gmner_dir / "xml" / f"{image_id}.xml").is_file() for image_id in ids] == [
+            not image_id.startswith("O_") for image_id in ids
+        ]
+        assert any(image_id.startswith("O_") for image_id in ids)
+        # One box per crop, in the crop map's order (what hvpnet-extract-objects writes).
+        pairs = zip(gmner[split]["candidate_boxes"], gmner[split]["objects"], strict=True)
+        assert all(len(boxes) == len(crops) for boxes, crops in pairs)
+
+
+def test_gmner_set_has_ungroundable_entities_distractors_and_missed_regions(gmner):
+    for split in SPLIT_FOLDERS:
+        counts = grounding_counts(gmner[split])
+        # Roughly GROUNDABLE_SHARE of the entities are painted (fewer: a second entity of a painted type never is).
+        assert 0.5 < counts["groundable"] / counts["entities"] < 0.8, counts
+        assert counts["boxes"] == counts["groundable"], "one painted shape per groundable entity"
+        # A few painted shapes are not among the candidates: candidate recall is high but below 1.
+        assert 0.8 < candidate_recall(gmner[split])["recall"] < 1.0
+        # Some candidates are no entity's region (distractors).
+        num_candidates = sum(len(boxes) for boxes in gmner[split]["candidate_boxes"])
+        assert num_candidates > candidate_recall(gmner[split])["covered"]
+
+
+def test_gmner_gold_boxes_are_where_the_cue_shapes_are_painted():
+    # The same draws without shapes paint the same picture less its shapes, so the pixels that differ are the
+    # shapes: each covers a good part of its gold box (a triangle about half of it) and none lies outside the boxes.
+    for seed in range(20):
+        painted = {"Lionel Messi": "PER", "Rome": "LOC", "NASA": "ORG"}
+        image, boxes = build.paint_grounded_scene(random.Random(seed), painted, ["MISC"])
+        plain, _ = build.paint_grounded_scene(random.Random(seed), {}, [])
+        changed = (np.asarray(image, dtype=np.int16) != np.asarray(plain, dtype=np.int16)).any(axis=2)
+        in_boxes = np.zeros_like(changed)
+        for key, (left, top, right, bottom) in boxes.items():
+            assert changed[top:bottom, left:right].mean() > 0.3, (seed, key)
+            in_boxes[top:bottom, left:right] = True
+        assert not changed[~in_boxes].any(), seed
+        # Each shape has a grid cell of its own: the boxes of one picture never overlap.
+        assert in_boxes.sum() == sum((right - left) * (bottom - top) for left, top, right, bottom in boxes.values())
+
+
+def test_gmner_candidates_are_the_painted_regions_padded():
+    # A detected shape is one candidate, its box padded by at most 2 pixels: the entity's region by the metric's rule.
+    num_detected = 0
+    for seed in range(40):
+        picture = build.grounded_picture(random.Random(seed), [("Rome", "LOC"), ("NASA", "ORG")], anonymous=False)
+        for (box,) in picture.gold_boxes.values():
+            near = [c for c in picture.candidates if max(abs(a - b) for a, b in zip(c, box, strict=True)) <= 2]
+            assert len(near) <= 1
+            assert candidate_matches(near, [box]).all()
+            num_detected += len(near)
+        assert build.grounded_picture(random.Random(seed), [("Rome", "LOC")], anonymous=True).gold_boxes == {}
+    assert num_detected > 0

@@ -3,7 +3,7 @@ repository, not part of the package).
 
     python tools/build_sample_data.py [--output_dir DIR] [--seed N] [--cues {color,texture}]
 
-Two small data sets are written in the file formats of the published releases (as zjunlp/HVPNeT reads them), so
+Three small data sets are written in the file formats of the published releases (as zjunlp/HVPNeT reads them), so
 the real loaders read them:
 
 - `twitter/`: Twitter-2015/2017-style NER (`IMGID:` blocks of `token<TAB>label`, `images/<id>.jpg`, object crops
@@ -11,6 +11,12 @@ the real loaders read them:
 - `mnre/`: MNRE-style relation extraction (one Python literal per line in `txt/mnre_{train,val,test}.txt`, images
   under `img_org/{train,val,test}/`, crops under `img_vg/{train,val,test}/crops/`, `txt/mre_{train,dev,test}_dict.pth`
   keyed by the sample's line index, and `mnre_rel2id.json`).
+- `gmner/`: Twitter-GMNER-style grounded NER (`txt/{train,dev,test}.txt`, Pascal VOC boxes `xml/<id>.xml` named by
+  the entity's string, `images/<id>.jpg`), with candidate regions as `hvpnet-extract-objects` writes them
+  (`objects/{train,val,test}/crops/`, `objects_<split>_dict.pth`, `objects_<split>_boxes.json`). The text decides
+  the types; each groundable entity's type shape is painted in a grid cell of its own (its gold box), some entities
+  are not painted (ungroundable), some pictures show the shape of an unmentioned type (a distractor candidate) and
+  a few painted shapes are missed by the "detector" (not among the candidates).
 
 About half of the examples are ambiguous from the text: the same tweet occurs once per candidate label (an entity
 type, or a relation) with a different picture, and only the picture tells which label is right. Every picture is
@@ -29,11 +35,13 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from hvpnet_hf.pipelines import bio_entities
 from hvpnet_hf.sample_data import SAMPLE_DIR
 
 DEFAULT_SEED = 2022
@@ -550,6 +558,152 @@ def build_twitter(rng: random.Random, root: Path, styles: dict[str, SceneStyle |
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Grounded NER
+# ----------------------------------------------------------------------------------------------------------------
+
+# Tweets per split of the grounding set (Twitter-GMNER's split files and the crop folders hvpnet-extract-objects
+# writes), and the share of tweets with an `O_` id (no box file: every entity ungroundable, as in the release).
+GMNER_SIZES = {"train": 180, "valid": 60, "test": 60}
+GMNER_SPLIT_FILES = {"train": "train", "valid": "dev", "test": "test"}
+GMNER_ANONYMOUS_SHARE = 0.05
+# Chances that an entity is painted (groundable), that a painted entity's shape is among the candidates (the rest
+# bound candidate recall), and that a picture shows the shape of a type its tweet does not mention (a distractor).
+GROUNDABLE_SHARE = 0.7
+DETECTED_SHARE = 0.9
+DISTRACTOR_SHARE = 0.5
+# A picture is a 2 x 2 grid: every painted shape gets a cell of its own, so no two gold boxes overlap.
+GRID_CELL = IMAGE_SIZE // 2
+
+
+@dataclass
+class GroundedPicture:
+    """A grounding picture: the shape boxes painted per entity surface string (the gold boxes), and the candidates
+    a detector would return (shape and distractor boxes, padded as crops are, in a detector's mixed order)."""
+
+    image: Image.Image
+    gold_boxes: dict[str, list[tuple[int, int, int, int]]]
+    candidates: list[tuple[int, int, int, int]]
+
+
+def _cell_box(rng: random.Random, cell: int) -> tuple[int, int, int, int]:
+    """A box of 18 to 28 pixels a side inside grid cell `cell` (0-3, row by row)."""
+    width, height = rng.randint(18, 28), rng.randint(18, 28)
+    left = (cell % 2) * GRID_CELL + rng.randint(0, GRID_CELL - width)
+    top = (cell // 2) * GRID_CELL + rng.randint(0, GRID_CELL - height)
+    return left, top, left + width, top + height
+
+
+def paint_grounded_scene(
+    rng: random.Random, painted: dict[str, str], distractors: Sequence[str]
+) -> tuple[Image.Image, dict[str, tuple[int, int, int, int]]]:
+    """
+    A `IMAGE_SIZE` square picture on a low-saturation field with small gray clutter, and on top one `NER_STYLES`
+    shape per entry of `painted` (surface string -> entity type) and per type of `distractors`, each in a grid cell
+    of its own. Returns the picture and the box of each painted key (surface strings, then `"distractor <i>"`).
+    """
+    field = (rng.uniform(0, 360), rng.uniform(0.0, 0.15), rng.uniform(0.3, 0.85))
+    shade = np.linspace(rng.uniform(0.8, 1.0), rng.uniform(1.0, 1.2), IMAGE_SIZE)[:, None, None]
+    canvas = np.clip(_rgb(field)[None, None, :] * shade * np.ones((IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 1)
+    image = _to_image(canvas)
+    _add_clutter(rng, ImageDraw.Draw(image))
+    # Drawn before the shapes, so the same draws without shapes paint the same picture less its shapes.
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 10.0, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    shapes = list(painted.items()) + [(f"distractor {index}", kind) for index, kind in enumerate(distractors)]
+    boxes = {}
+    for (key, entity_type), cell in zip(shapes, rng.sample(range(4), len(shapes)), strict=True):
+        style = NER_STYLES[entity_type]
+        boxes[key] = left, top, right, bottom = _cell_box(rng, cell)
+        # Painted on a copy and pasted back inside the box (stripes overshoot it; PIL paints the last column and row
+        # it is given), so the shape's pixels are exactly those of [left, right) x [top, bottom).
+        layer = image.copy()
+        _draw_shape(ImageDraw.Draw(layer), style.shape, boxes[key], _rgb(_jitter(rng, style.thing)), rng)
+        image.paste(layer.crop(boxes[key]), (left, top))
+    pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(pixels), boxes
+
+
+def grounded_picture(rng: random.Random, entities: list[tuple[str, str]], anonymous: bool) -> GroundedPicture:
+    """
+    Paint the picture of a tweet with `entities` ((surface string, type) pairs). Each entity is groundable with
+    chance `GROUNDABLE_SHARE`, except a second entity of a type already painted (its shape would be ambiguous) and
+    every entity of an `anonymous` tweet; a distractor shows the shape of a type the tweet does not mention.
+    """
+    painted: dict[str, str] = {}
+    for text, entity_type in entities:
+        if not anonymous and entity_type not in painted.values() and rng.random() < GROUNDABLE_SHARE:
+            painted.setdefault(text, entity_type)
+    unmentioned = sorted(set(NER_STYLES) - {entity_type for _, entity_type in entities})
+    distractors = [rng.choice(unmentioned)] if unmentioned and rng.random() < DISTRACTOR_SHARE else []
+    image, boxes = paint_grounded_scene(rng, painted, distractors)
+    candidates = []
+    for key, box in boxes.items():
+        if key.startswith("distractor") or rng.random() < DETECTED_SHARE:
+            pad = rng.randint(0, 2)
+            candidates.append(
+                (
+                    max(box[0] - pad, 0),
+                    max(box[1] - pad, 0),
+                    min(box[2] + pad, IMAGE_SIZE),
+                    min(box[3] + pad, IMAGE_SIZE),
+                )
+            )
+    rng.shuffle(candidates)
+    gold = {key: [box] for key, box in boxes.items() if not key.startswith("distractor")}
+    return GroundedPicture(image, gold, candidates)
+
+
+def voc_xml(image_file: str, boxes: dict[str, list[tuple[int, int, int, int]]]) -> str:
+    """A Pascal VOC file as Twitter-GMNER's `xml/<id>.xml`: one `<object>` per box, named by the entity's string."""
+    objects = "".join(
+        f"\t<object>\n\t\t<name>{escape(name)}</name>\n\t\t<bndbox>\n"
+        f"\t\t\t<xmin>{box[0]}</xmin>\n\t\t\t<ymin>{box[1]}</ymin>\n"
+        f"\t\t\t<xmax>{box[2]}</xmax>\n\t\t\t<ymax>{box[3]}</ymax>\n\t\t</bndbox>\n\t</object>\n"
+        for name, found in boxes.items()
+        for box in found
+    )
+    return (
+        f"<annotation>\n\t<filename>{image_file}</filename>\n\t<size>\n\t\t<width>{IMAGE_SIZE}</width>\n"
+        f"\t\t<height>{IMAGE_SIZE}</height>\n\t\t<depth>3</depth>\n\t</size>\n{objects}</annotation>\n"
+    )
+
+
+def build_gmner(rng: random.Random, root: Path) -> None:
+    """Twitter-GMNER-style grounded NER: `txt/{train,dev,test}.txt` (OTHER for MISC), `xml/<id>.xml`, `images/`,
+    and the candidates as `hvpnet-extract-objects` writes them (`objects/<split>/crops/`, `objects_<split>_dict.pth`
+    and `objects_<split>_boxes.json`)."""
+    image_counter = 200000
+    for split in SPLITS:
+        crop_split = IMAGE_SPLIT_NAMES[split]
+        blocks, crop_map, box_map, seen = [], {}, {}, set()
+        for _ in range(GMNER_SIZES[split]):
+            tokens, labels, _ = draw_unique(seen, plain_tweet, rng)
+            entities = [(" ".join(tokens[first : last + 1]), kind) for kind, first, last in bio_entities(labels)]
+            image_counter += rng.randint(1, 40)
+            anonymous = rng.random() < GMNER_ANONYMOUS_SHARE
+            image_id = f"O_{image_counter}" if anonymous else str(image_counter)
+            picture = grounded_picture(rng, entities, anonymous)
+            save_jpeg(picture.image, root / "images" / f"{image_id}.jpg")
+            if not anonymous:
+                xml = voc_xml(f"{image_id}.jpg", picture.gold_boxes)
+                (root / "xml").mkdir(parents=True, exist_ok=True)
+                (root / "xml" / f"{image_id}.xml").write_text(xml, encoding="utf-8")
+            names = []
+            for index, box in enumerate(picture.candidates):
+                names.append(f"{image_id}_crop_{index}.jpg")
+                save_jpeg(picture.image.crop(box), root / "objects" / crop_split / "crops" / names[-1])
+            crop_map[f"{image_id}.jpg"] = names
+            box_map[f"{image_id}.jpg"] = [list(box) for box in picture.candidates]
+            tags = [label.replace("MISC", "OTHER") for label in labels]
+            blocks.append(
+                f"IMGID:{image_id}\n" + "".join(f"{t}\t{tag}\n" for t, tag in zip(tokens, tags, strict=True))
+            )
+        (root / "txt").mkdir(parents=True, exist_ok=True)
+        (root / "txt" / f"{GMNER_SPLIT_FILES[split]}.txt").write_text("\n".join(blocks) + "\n", encoding="utf-8")
+        torch.save(crop_map, root / "objects" / f"objects_{crop_split}_dict.pth")
+        (root / "objects" / f"objects_{crop_split}_boxes.json").write_text(json.dumps(box_map) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Relation sentences
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -684,7 +838,7 @@ def build_mnre(rng: random.Random, root: Path, styles: dict[str, SceneStyle | Te
 
 
 def build(output_dir: str | Path, seed: int = DEFAULT_SEED, cues: str = "color") -> None:
-    """Write `twitter/` and `mnre/` under `output_dir`, deterministically from `seed`; `cues` (a key of `CUES`) says
+    """Write `twitter/`, `mnre/` and `gmner/` under `output_dir`, deterministically from `seed`; `cues` (a key of `CUES`) says
     what decides the image-decided labels."""
     if cues not in CUES:
         raise ValueError(f"cues must be one of {sorted(CUES)}, got {cues!r}")
@@ -692,6 +846,7 @@ def build(output_dir: str | Path, seed: int = DEFAULT_SEED, cues: str = "color")
     output_dir = Path(output_dir)
     build_twitter(random.Random(seed), output_dir / "twitter", ner_styles)
     build_mnre(random.Random(seed + 1), output_dir / "mnre", mre_styles)
+    build_gmner(random.Random(seed + 2), output_dir / "gmner")
 
 
 def main(argv: list[str] | None = None) -> None:
