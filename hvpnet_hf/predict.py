@@ -29,6 +29,16 @@ labels are only copied to the output; when they are present the entity or relati
 `--dtype bfloat16` loads the model in bfloat16; `--num_workers N` reads, decodes and tokenizes the examples in N
 worker processes while the model runs.
 
+Predictions are written as they are made, to `<output>.partial`, renamed to `--output` when the last is written. A
+stopped run leaves that file and its settings (`<output>.run.json`): the same command resumes it, predicting only the
+examples not yet written; a rerun with other settings (model, input, --dtype, ...) is refused. Under `torchrun` or
+`accelerate launch` (RANK, WORLD_SIZE), each process predicts the examples i with i % WORLD_SIZE == RANK into a shard
+`<output>.shard<RANK>-of-<WORLD_SIZE>`, and the last one to finish merges the shards into --output, in input order;
+`--merge` merges them after a crash.
+
+    torchrun --nproc_per_node 2 -m hvpnet_hf.predict --model outputs/t15 --input posts.jsonl --output posts.txt
+    hvpnet-predict --merge --output posts.txt
+
 Before the model runs, the command refuses an `--output` it could not write (a folder, or a file in a folder that
 does not exist), a `--top_k` above the model's number of relations (and `--top_k` or `--rel2id` for an NER
 model), and an `--image_dir` that holds none of the input's images (leave it out to predict from the text only;
@@ -36,9 +46,11 @@ some missing images are masked and counted).
 """
 
 import argparse
+import glob
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +62,19 @@ from transformers import AutoConfig, pipeline
 from .data_sources import COLUMN_FLAGS, TASK_COLUMNS, is_table_file, load_table_dataset
 from .loading import NO_RELATION, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
 from .metrics import metric_path
-from .output_files import check_output_file
+from .output_files import atomic_write, check_output_file
 from .pipelines import task_of  # importing it registers "multimodal-ner" and "multimodal-re"
-from .prediction_files import write_ner_predictions, write_re_predictions
+from .prediction_files import (
+    NER_RECORDS,
+    RE_RECORDS,
+    PredictionWriter,
+    conll_word,
+    interleave_records,
+    iter_conll,
+    ner_record,
+    re_record,
+)
+from .tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +83,19 @@ DEFAULT_NUM_WORKERS = 0
 # The pipeline input keys of each task and the columns of the loaded examples they are read from.
 NER_INPUT_COLUMNS = {"words": "tokens", "image": "image", "objects": "objects"}
 RE_INPUT_COLUMNS = {**NER_INPUT_COLUMNS, "head": "head", "tail": "tail"}
+# The flags that do not change a run's predictions: a rerun may change them and still resume it.
+RUN_ONLY_SETTINGS = ("output", "batch_size", "num_workers", "merge")
+# The flags that name files or folders: a run's settings hold their absolute paths.
+PATH_SETTINGS = ("input", "image_dir", "object_dir", "object_map", "rel2id")
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="hvpnet-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="folder (or Hub id) of a trained HVPNeT model")
+    parser.add_argument("--model", help="folder (or Hub id) of a trained HVPNeT model")
     parser.add_argument(
         "--input",
-        required=True,
         help="data file: JSON lines, CSV or Parquet (.json, .jsonl, .csv, .parquet) read as a data set of your own, "
         "any other in the published format",
     )
@@ -98,6 +123,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="processes that decode the images and tokenize while the model runs (0: all in this process)",
     )
     parser.add_argument("--top_k", type=int, default=None, help="RE: write the k most probable relations")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="only merge the shards of --output that the processes of a run left whole (after a crash)",
+    )
     columns = parser.add_argument_group(
         "columns of a data set of your own (default: the loaders' names: tokens, ner_tags or relation, image, "
         "objects, head, tail)"
@@ -105,6 +135,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for flag in dict.fromkeys(COLUMN_FLAGS.values()):
         columns.add_argument(f"--{flag}")
     args = parser.parse_args(argv)
+    if args.merge and (args.model or args.input):
+        parser.error("--merge reads the run's settings from its shards: give it only --output")
+    if not args.merge and not (args.model and args.input):
+        parser.error("the following arguments are required: --model, --input")
     for name, minimum in (("batch_size", 1), ("num_workers", 0), ("top_k", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
@@ -161,19 +195,21 @@ def load_own_input(args: argparse.Namespace, task: str) -> Dataset:
 
 class PipelineInputs(torch.utils.data.Dataset):
     """
-    The pipeline input of each example, by index: `columns` maps an input key to the column it is read from. An
-    indexable input lets the pipeline's DataLoader workers read the examples (a generator is read in one process).
+    The pipeline input of the examples at `indices`, by position: `columns` maps an input key to the column it is
+    read from. An indexable input lets the pipeline's DataLoader workers read the examples (a generator is read in
+    one process).
     """
 
-    def __init__(self, examples: Dataset, columns: Mapping[str, str]):
+    def __init__(self, examples: Dataset, columns: Mapping[str, str], indices: range):
         self.examples = examples
         self.columns = columns
+        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.examples[index]
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        row = self.examples[self.indices[position]]
         return {key: row[column] for key, column in self.columns.items()}
 
 
@@ -182,31 +218,212 @@ def call_arguments(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch_size": args.batch_size, "num_workers": args.num_workers, "missing_images": args.missing_images}
 
 
-def predict_ner(args: argparse.Namespace) -> dict[str, float]:
-    examples = load_input(args, load_mner_dataset)
-    tagger = pipeline("multimodal-ner", model=args.model, dtype=args.dtype)
-    outputs: Iterator = tagger(PipelineInputs(examples, NER_INPUT_COLUMNS), **call_arguments(args))
-    names = examples.features["ner_tags"].feature.names
-    predictions = [bio_tags(entities, len(row["tokens"])) for row, entities in zip(examples, outputs, strict=True)]
-    references = [[names[tag] for tag in tags] for tags in examples["ner_tags"]]
-    write_ner_predictions(args.output, zip(examples["tokens"], references, predictions, strict=True))
-    return evaluate.load(metric_path("ner_seqeval")).compute(predictions=predictions, references=references)
+def process_share() -> tuple[int, int]:
+    """This process's rank and the number of processes, as `torchrun` and `accelerate launch` set them."""
+    share = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1)):
+        value = os.environ.get(name, str(default))
+        if not value.isdigit():
+            raise ValueError(f"the environment variable {name} must be a whole number, got {value!r}")
+        share[name] = int(value)
+    if not share["RANK"] < share["WORLD_SIZE"]:
+        raise ValueError(f"RANK {share['RANK']} must be below WORLD_SIZE {share['WORLD_SIZE']}")
+    return share["RANK"], share["WORLD_SIZE"]
 
 
-def predict_re(args: argparse.Namespace) -> dict[str, float]:
-    examples = load_input(args, load_mre_dataset, rel2id=args.rel2id)
-    classifier = pipeline("multimodal-re", model=args.model, dtype=args.dtype)
-    label2id = classifier.model.config.label2id
-    inputs = PipelineInputs(examples, RE_INPUT_COLUMNS)
-    ranked = list(classifier(inputs, top_k=args.top_k or 1, **call_arguments(args)))
+def shard_path(output: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """The file one process writes: the output itself for one process, else `<output>.shard<rank>-of-<world_size>`."""
+    output = Path(output)
+    return output if world_size == 1 else output.with_name(f"{output.name}.shard{rank}-of-{world_size}")
+
+
+def settings_path(target: Path) -> Path:
+    """The settings of the run writing `target` (a shard or the output), kept until the output is whole."""
+    return target.with_name(f"{target.name}.run.json")
+
+
+def file_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """A file's absolute path, size and modification time: a changed file is another input."""
+    status = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def run_settings(args: argparse.Namespace, task: str, world_size: int) -> dict[str, Any]:
+    """
+    What decides the predictions of a run and how they are split (the files of a model folder and the input by
+    their size and modification time): a rerun resumes only a run of equal settings.
+    """
+    model = Path(args.model)
+    settings = {name: value for name, value in vars(args).items() if name not in RUN_ONLY_SETTINGS}
+    settings.update({name: str(Path(settings[name]).resolve()) for name in PATH_SETTINGS if settings[name]})
+    if model.is_dir():
+        settings["model"] = str(model.resolve())
+        settings["model_files"] = [file_identity(path) for path in sorted(model.iterdir()) if path.is_file()]
+    return {**settings, "input_file": file_identity(args.input), "task": task, "world_size": world_size}
+
+
+def check_resumable(target: Path, settings: dict[str, Any]) -> None:
+    """Refuses to go on with the unfinished run writing `target` when it had other settings (see `run_settings`)."""
+    path = settings_path(target)
+    if not path.is_file():
+        return
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    changed = [name for name in dict.fromkeys([*earlier, *settings]) if earlier.get(name) != settings.get(name)]
+    if changed:
+        raise ValueError(
+            f"--output {target} belongs to an unfinished run with other settings ({', '.join(changed)} differ, see "
+            f"{path}): rerun it with the same settings to finish it, or remove {path} and {target}.partial to "
+            "start over"
+        )
+
+
+def predict_shard(
+    args: argparse.Namespace, task: str, target: Path, rank: int, world_size: int, settings: dict[str, Any]
+) -> None:
+    """
+    Predicts this process's share of the input (the examples i with i % world_size == rank) into `target`, as the
+    predictions are made; resumes an unfinished run, skipping the examples already written.
+    """
+    writer = PredictionWriter(target, NER_RECORDS if task == "ner" else RE_RECORDS)
+    # The run's settings are written once its partial file is open, and it is renamed to the target when whole.
+    if settings_path(target).is_file() and target.is_file() and not writer.partial.is_file():
+        logger.info("%s is already whole", target)
+        return
+    if task == "ner":
+        examples = load_input(args, load_mner_dataset)
+    else:
+        examples = load_input(args, load_mre_dataset, rel2id=args.rel2id)
+    share = range(rank, len(examples), world_size)
+    key = example_key(task)
+    done = writer.resume(key(examples[index]) for index in share)
+    try:
+        if done:
+            logger.info("resuming %s after %d of its %d examples", writer.partial, done, len(share))
+        with atomic_write(settings_path(target)) as temporary:
+            temporary.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+        share = share[done:]
+        record = predicted_records(args, task, examples, share)
+        for index, output in zip(share, predicted_outputs(args, task, examples, share), strict=True):
+            writer.write(record(examples[index], output))
+        writer.finish()
+    finally:
+        writer.close()
+
+
+def example_key(task: str) -> Callable[[Mapping[str, Any]], Hashable]:
+    """What names an example in its prediction record (see `prediction_files.RecordFormat.key`)."""
+    if task == "ner":
+        return lambda example: tuple(conll_word(word) for word in example["tokens"])
+    return lambda example: example["id"]
+
+
+def predicted_outputs(args: argparse.Namespace, task: str, examples: Dataset, share: range) -> Iterator:
+    """The pipeline's outputs for the examples at `share`, in order, made a batch at a time."""
+    runner = pipeline(TASKS[task].pipeline_task, model=args.model, dtype=args.dtype, device=local_device())
+    columns = NER_INPUT_COLUMNS if task == "ner" else RE_INPUT_COLUMNS
+    top_k = {} if task == "ner" else {"top_k": args.top_k or 1}
+    return runner(PipelineInputs(examples, columns, share), **top_k, **call_arguments(args))
+
+
+def predicted_records(
+    args: argparse.Namespace, task: str, examples: Dataset, share: range
+) -> Callable[[Mapping[str, Any], Any], str]:
+    """The record of an example and its pipeline output (`ner_record` or `re_record`)."""
+    if task == "ner":
+        names = examples.features["ner_tags"].feature.names
+        return lambda example, entities: ner_record(
+            example["tokens"], [names[tag] for tag in example["ner_tags"]], bio_tags(entities, len(example["tokens"]))
+        )
     names = examples.features["relation"].names
-    gold = [names[relation] for relation in examples["relation"]]
-    write_re_predictions(args.output, examples, gold, ranked, top_k=bool(args.top_k))
-    predictions = [label2id[relations[0]["relation"]] for relations in ranked]
-    references = [label2id.get(relation, -1) for relation in gold]
-    if -1 in references:
-        logger.warning("the input has relations the model does not know: no scores computed")
-        return {}
+    return lambda example, relations: re_record(example, names[example["relation"]], relations, bool(args.top_k))
+
+
+def local_device() -> int:
+    """The accelerator of this process: the `LOCAL_RANK`-th of its machine (the CPU where there is none)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def merge_shards(output: Path, world_size: int) -> None:
+    """One output in input order from the `world_size` whole shards; removes the shards and their settings."""
+    shards = [shard_path(output, rank, world_size) for rank in range(world_size)]
+    task = json.loads(settings_path(shards[0]).read_text(encoding="utf-8"))["task"]
+    total = interleave_records(shards, output, NER_RECORDS if task == "ner" else RE_RECORDS)
+    for shard in shards:
+        shard.unlink()
+        settings_path(shard).unlink()
+    logger.info("merged the %d shards of %s: %d examples", world_size, output, total)
+
+
+def merge_if_whole(output: Path, world_size: int) -> bool:
+    """
+    Merges the shards when all are whole (the process that finishes last does it; a lock file keeps a second from
+    merging at the same time); returns whether the output is whole.
+    """
+    shards = [shard_path(output, rank, world_size) for rank in range(world_size)]
+    waiting = [str(shard) for shard in shards if not shard.is_file()]
+    if waiting:
+        logger.info("the output is merged by the last process to finish; still running: %s", ", ".join(waiting))
+        return False
+    lock = output.with_name(f"{output.name}.merging")
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        logger.warning("%s exists: another process merges the shards (if none does, run --merge)", lock)
+        return False
+    try:
+        if not all(shard.is_file() for shard in shards):  # another process merged them meanwhile
+            return False
+        merge_shards(output, world_size)
+    finally:
+        lock.unlink()
+    return True
+
+
+def merge_command(output: Path) -> dict[str, Any]:
+    """`--merge`: merges the whole shards of a run all of whose processes have ended; returns the run's settings."""
+    found = sorted(output.parent.glob(f"{glob.escape(output.name)}.shard*-of-*.run.json"))
+    world_sizes = {json.loads(path.read_text(encoding="utf-8"))["world_size"] for path in found}
+    if len(world_sizes) != 1:
+        raise FileNotFoundError(
+            f"--merge: {output} needs the shards of one run, found the settings of "
+            f"{len(world_sizes)} ({[str(path) for path in found]})"
+        )
+    world_size = world_sizes.pop()
+    shards = [shard_path(output, rank, world_size) for rank in range(world_size)]
+    unfinished = [str(shard) for shard in shards if not shard.is_file()]
+    if unfinished:
+        raise FileNotFoundError(
+            f"--merge: {', '.join(unfinished)} not whole: rerun their processes (the same command, RANK and "
+            f"WORLD_SIZE={world_size}); they resume"
+        )
+    settings = json.loads(settings_path(shards[0]).read_text(encoding="utf-8"))
+    merge_shards(output, world_size)
+    output.with_name(f"{output.name}.merging").unlink(missing_ok=True)
+    return settings
+
+
+def scores_of_output(output: Path, task: str, model: str) -> dict[str, float]:
+    """
+    The scores of a whole prediction file against the gold labels it holds (read one record at a time; the metric
+    holds the labels of all of them).
+    """
+    if task == "ner":
+        sentences = iter_conll(output)
+        references, predictions = [], []
+        for _, gold, predicted in sentences:
+            references.append(gold)
+            predictions.append(predicted)
+        return evaluate.load(metric_path("ner_seqeval")).compute(predictions=predictions, references=references)
+    label2id = AutoConfig.from_pretrained(model).label2id
+    references, predictions = [], []
+    with open(output, encoding="utf-8") as file:
+        for line in file:
+            record = json.loads(line)
+            if record["gold"] not in label2id:
+                logger.warning("the input has relations the model does not know: no scores computed")
+                return {}
+            references.append(label2id[record["gold"]])
+            predictions.append(label2id[record["predicted"]])
     return evaluate.load(metric_path("re_micro_f1")).compute(
         predictions=predictions, references=references, none_id=label2id[NO_RELATION], num_labels=len(label2id)
     )
@@ -232,12 +449,30 @@ def check_arguments(args: argparse.Namespace, task: str) -> None:
 
 
 def predict(argv: list[str] | None = None) -> dict[str, float]:
-    """Runs the command with `argv`; returns the scores against the file's own labels."""
+    """
+    Runs the command with `argv`; returns the scores against the file's own labels, computed by the process that
+    makes the output whole (none in the others).
+    """
     args = parse_arguments(argv)
-    task = task_of(args.model)
-    check_arguments(args, task)
-    scores = predict_ner(args) if task == "ner" else predict_re(args)
-    logger.info("wrote %s", args.output)
+    output = Path(args.output)
+    if args.merge:
+        check_output_file(output, "--output")
+        settings = merge_command(output)
+        task, model = settings["task"], settings["model"]
+    else:
+        task, model = task_of(args.model), args.model
+        check_arguments(args, task)
+        rank, world_size = process_share()
+        target = shard_path(output, rank, world_size)
+        settings = run_settings(args, task, world_size)
+        check_resumable(target, settings)
+        predict_shard(args, task, target, rank, world_size, settings)
+        if world_size == 1:
+            settings_path(target).unlink()
+        elif not merge_if_whole(output, world_size):
+            return {}
+    logger.info("wrote %s", output)
+    scores = scores_of_output(output, task, model)
     if scores:
         print(json.dumps({name: round(value, 4) for name, value in scores.items()}))
     return scores

@@ -153,31 +153,181 @@ def test_batch_size_one_and_long_sentences_tag_every_word(tiny_ner_dir, tmp_path
     assert all(len(line.split(" ")) == 3 for line in outputs["1"].splitlines() if line)
 
 
-def test_a_failed_run_leaves_no_output_file(tiny_ner_dir, tmp_path, monkeypatch):
-    from hvpnet_hf.pipelines import MultimodalNerPipeline
+def stop_after(monkeypatch, pipeline_class, num_outputs: int) -> list[int]:
+    """Makes the pipeline stop once, when asked for its output after `num_outputs` (as a killed run stops); returns
+    the list that counts its outputs (clear it to count a rerun's)."""
+    postprocess = pipeline_class.postprocess
+    calls, stopped = [], []
 
-    data = tmp_path / "tweets.txt"
-    data.write_text("IMGID:1\nHello\tO\n\nIMGID:2\nBye\tO\n\n", encoding="utf-8")
-    postprocess = MultimodalNerPipeline.postprocess
-    calls = []
-
-    def failing_postprocess(self, model_outputs):
+    def stopping_postprocess(self, model_outputs, **parameters):
         calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("interrupted")
-        return postprocess(self, model_outputs)
+        if len(calls) == num_outputs + 1 and not stopped:
+            stopped.append(1)
+            raise KeyboardInterrupt
+        return postprocess(self, model_outputs, **parameters)
 
-    monkeypatch.setattr(MultimodalNerPipeline, "postprocess", failing_postprocess)
+    monkeypatch.setattr(pipeline_class, "postprocess", stopping_postprocess)
+    return calls
+
+
+def write_tweets(path, count: int) -> None:
+    """`count` text-only tweets of a few words, in the Twitter-2015 format."""
+    blocks = [f"IMGID:{index}\nHello\tO\n@anna{index}\tB-PER\nin\tO\nParis\tB-LOC\n" for index in range(count)]
+    path.write_text("\n".join(blocks) + "\n", encoding="utf-8")
+
+
+def test_a_stopped_run_keeps_its_predictions_and_a_rerun_resumes_it(tiny_ner_dir, tmp_path, monkeypatch):
+    data = tmp_path / "tweets.txt"
+    write_tweets(data, 7)
+    common = ["--model", tiny_ner_dir, "--input", str(data), "--batch_size", "2"]
+    predict([*common, "--output", str(tmp_path / "uninterrupted.txt")])
     output = tmp_path / "out.txt"
-    with pytest.raises(RuntimeError, match="interrupted"):
-        predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output), "--batch_size", "1"])
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["tweets.txt"]
-    # An earlier result is kept rather than replaced by a partial one.
     output.write_text("earlier\n")
-    calls.clear()
-    with pytest.raises(RuntimeError, match="interrupted"):
-        predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output)])
+    calls = stop_after(monkeypatch, MultimodalNerPipeline, 5)
+    with pytest.raises(KeyboardInterrupt):
+        predict([*common, "--output", str(output)])
+    # The output is never partial: an earlier one stays; the 5 predictions made are in the partial file.
     assert output.read_text() == "earlier\n"
+    assert len(read_conll(f"{output}.partial")) == 5
+    calls.clear()
+    predict([*common, "--output", str(output), "--batch_size", "3"])  # the batch size may change
+    assert len(calls) == 2  # only the 2 examples left were predicted
+    assert output.read_text() == (tmp_path / "uninterrupted.txt").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.txt", "tweets.txt", "uninterrupted.txt"]
+
+
+def test_a_record_cut_short_by_a_kill_is_written_again(tiny_re_dir, tmp_path, monkeypatch):
+    mnre = f"{SAMPLE}/mnre"
+    common = ["--model", tiny_re_dir, "--input", f"{mnre}/txt/mnre_test.txt", "--rel2id", f"{mnre}/mnre_rel2id.json",
+              "--top_k", "2"]  # fmt: skip
+    predict([*common, "--output", str(tmp_path / "uninterrupted.jsonl")])
+    output = tmp_path / "out.jsonl"
+    calls = stop_after(monkeypatch, MultimodalRePipeline, 10)
+    with pytest.raises(KeyboardInterrupt):
+        predict([*common, "--output", str(output)])
+    partial = tmp_path / "out.jsonl.partial"
+    lines = partial.read_text().splitlines(keepends=True)
+    assert len(lines) == 10 and not output.exists()
+    # A kill in the middle of a write leaves half a line.
+    partial.write_text("".join(lines[:9]) + lines[9][:20])
+    calls.clear()
+    predict([*common, "--output", str(output)])
+    num_examples = len((tmp_path / "uninterrupted.jsonl").read_text().splitlines())
+    assert len(calls) == num_examples - 9
+    assert output.read_text() == (tmp_path / "uninterrupted.jsonl").read_text()
+
+
+def test_a_rerun_with_other_settings_is_refused(tiny_ner_dir, tiny_re_dir, tmp_path, monkeypatch):
+    data = tmp_path / "tweets.txt"
+    write_tweets(data, 4)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_ner_dir, model)
+    output = tmp_path / "out.txt"
+    stop_after(monkeypatch, MultimodalNerPipeline, 2)
+    with pytest.raises(KeyboardInterrupt):
+        predict(["--model", str(model), "--input", str(data), "--output", str(output)])
+    other_data = tmp_path / "other.txt"
+    write_tweets(other_data, 4)
+    monkeypatch.setattr(hvpnet_hf.predict, "pipeline", lambda *args, **kwargs: pytest.fail("the model ran"))
+    for changed, argv in [
+        ("dtype", ["--model", str(model), "--input", str(data), "--dtype", "bfloat16"]),
+        ("input, input_file", ["--model", str(model), "--input", str(other_data)]),
+        ("model, model_files, task", ["--model", tiny_re_dir, "--input", str(data)]),
+    ]:
+        with pytest.raises(ValueError, match=rf"--output {output} belongs to an unfinished run with other settings "
+                                             rf"\({changed} differ, see {output}.run.json\)"):  # fmt: skip
+            predict([*argv, "--output", str(output)])
+    # Another model saved in the same folder is another run too: its files differ.
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"\(model_files differ"):
+        predict(["--model", str(model), "--input", str(data), "--output", str(output)])
+
+
+def test_each_written_prediction_is_flushed_before_the_next_is_made(tiny_ner_dir, tmp_path, monkeypatch):
+    data = tmp_path / "tweets.txt"
+    write_tweets(data, 9)
+    output = tmp_path / "out.txt"
+    postprocess = MultimodalNerPipeline.postprocess
+    unwritten = []
+
+    def counting_postprocess(self, model_outputs, **parameters):
+        partial = tmp_path / "out.txt.partial"
+        written = partial.read_text(encoding="utf-8").count("\n\n") if partial.exists() else 0
+        unwritten.append(len(unwritten) - written)  # predictions made so far but not on disk
+        return postprocess(self, model_outputs, **parameters)
+
+    monkeypatch.setattr(MultimodalNerPipeline, "postprocess", counting_postprocess)
+    predict(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output), "--batch_size", "4"])
+    # The command holds no prediction: memory does not grow with the input.
+    assert unwritten == [0] * 9
+    assert len(read_conll(output)) == 9
+
+
+def run_shard(argv: list[str], rank: int, world_size: int, monkeypatch) -> dict[str, float]:
+    """`predict(argv)` as the process `rank` of `world_size` started by torchrun or accelerate launch."""
+    with monkeypatch.context() as environment:
+        environment.setenv("RANK", str(rank))
+        environment.setenv("LOCAL_RANK", str(rank))
+        environment.setenv("WORLD_SIZE", str(world_size))
+        return predict(argv)
+
+
+def test_processes_predict_their_shares_and_merge_them_in_input_order(tiny_ner_dir, tmp_path, monkeypatch):
+    data = tmp_path / "tweets.txt"
+    write_tweets(data, 7)
+    common = ["--model", tiny_ner_dir, "--input", str(data)]
+    one_process = predict([*common, "--output", str(tmp_path / "one.txt")])
+    output = tmp_path / "out.txt"
+    calls = stop_after(monkeypatch, MultimodalNerPipeline, 100)
+    assert run_shard([*common, "--output", str(output)], 1, 3, monkeypatch) == {}
+    assert len(calls) == 2 and len(read_conll(tmp_path / "out.txt.shard1-of-3")) == 2  # examples 1 and 4
+    assert not output.exists()
+    # A process that stopped while merging leaves its lock: the last process does not merge, --merge does.
+    (tmp_path / "out.txt.merging").touch()
+    for rank in (0, 2):
+        assert run_shard([*common, "--output", str(output)], rank, 3, monkeypatch) == {}
+    assert len(calls) == 7 and not output.exists()
+    with pytest.raises(SystemExit):
+        parse_arguments(["--merge", "--output", str(output), "--model", tiny_ner_dir])
+    assert predict(["--merge", "--output", str(output)]) == one_process
+    assert output.read_text() == (tmp_path / "one.txt").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.txt", "out.txt", "tweets.txt"]
+
+
+def test_merge_names_the_shards_not_yet_whole(tiny_ner_dir, tmp_path, monkeypatch):
+    data = tmp_path / "tweets.txt"
+    write_tweets(data, 4)
+    output = tmp_path / "out.txt"
+    run_shard(["--model", tiny_ner_dir, "--input", str(data), "--output", str(output)], 0, 2, monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"--merge: .*out.txt.shard1-of-2 not whole: rerun"):
+        predict(["--merge", "--output", str(output)])
+    with pytest.raises(FileNotFoundError, match="--merge: .* needs the shards of one run, found the settings of 0"):
+        predict(["--merge", "--output", str(tmp_path / "other.txt")])
+
+
+def test_two_processes_write_the_one_process_output(tiny_re_dir, tmp_path):
+    mnre = f"{SAMPLE}/mnre"
+    common = ["--model", tiny_re_dir, "--input", f"{mnre}/txt/mnre_test.txt", "--rel2id", f"{mnre}/mnre_rel2id.json",
+              "--image_dir", f"{mnre}/img_org/test", "--top_k", "2"]  # fmt: skip
+    predict([*common, "--output", str(tmp_path / "one.jsonl")])
+    command = [sys.executable, "-m", "hvpnet_hf.predict", *common, "--output", str(tmp_path / "two.jsonl")]
+    processes = [
+        subprocess.Popen(
+            command,
+            env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    logs = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [stderr[-2000:] for _, stderr in logs]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    # The process that finished last merged the shards; only it wrote the output (and would print its scores).
+    assert sum("merged the 2 shards" in stderr for _, stderr in logs) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]
 
 
 @pytest.fixture
