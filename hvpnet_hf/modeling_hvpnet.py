@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import install_output_capuring_hook
 
 from .configuration_hvpnet import HVPNetConfig
 from .original_visual_prefix import HVPNetOriginalVisualPrefixEncoder
-from .tasks import TASK_OF_MODEL, save_pipeline_code
+from .tasks import TASK_OF_MODEL, bio_entities, save_pipeline_code
 from .vision_backbone import HVPNetVisionEncoderBase, VisualPrefix
 
 logger = logging.get_logger(__name__)
@@ -69,6 +69,31 @@ class HVPNetTokenClassifierOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    gate_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class HVPNetGroundedTokenClassifierOutput(ModelOutput):
+    """
+    loss: the CRF loss (given `labels`) plus the region loss (given `region_labels`), each averaged as its own.
+    logits: (B, T, num_labels) emission scores, as in `HVPNetTokenClassifierOutput`.
+    region_logits: (B, E, K + 1) scores of every entity of `entity_spans` for the K = num_object_images candidates
+        (the object crop slots, in order), then "none"; absent candidates and padded entities hold the dtype's
+        minimum. A softmax gives the region distribution.
+    last_hidden_state: (B, T, d) text states of the last layer, which entity representations are read from.
+    candidate_embeddings: (B, K, d) every candidate's own visual features projected to the text width.
+    candidate_mask: (B, K) bool, True where a candidate crop is present.
+    hidden_states, attentions, gate_weights: as in `HVPNetModelOutput`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    region_logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    candidate_embeddings: torch.FloatTensor | None = None
+    candidate_mask: torch.BoolTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     gate_weights: torch.FloatTensor | None = None
@@ -147,12 +172,17 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
 
     def forward(self, images: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """images (B, n, 3, H, W) global image first, then object crops; present (B, n) bool."""
+        return self.prefix_from_features(self.slot_features(images, present), present)
+
+    def slot_features(self, images: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """images (B, n, 3, H, W), present (B, n) bool → (B, n, g*g, C) the pooled backbone features of every image
+        slot (`visual_features`); rows of absent images are zeros, or their pixels' features in a compiled graph."""
         if torch.compiler.is_compiling() and not self.backbone.training:
             # A compiled or exported graph cannot branch on the mask or index by it: every image goes through the
             # backbone and `prefix_from_features` masks out the absent ones. With BatchNorm's running statistics
             # (eval mode) each image is encoded on its own, so the prefix is the same as below.
             features = self.visual_features(images.flatten(0, 1))
-            return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
+            return features.view(*present.shape, *features.shape[1:])
         # Eager PyTorch skips absent images before the backbone (faster: `docs/benchmarks.md`), and in training a
         # trainable backbone's batch statistics see only real images.
         flat_present, flat_images = present.flatten(), images.flatten(0, 1)
@@ -162,7 +192,7 @@ class HVPNetVisualPrefixEncoder(HVPNetVisionEncoderBase):
             features = images.new_zeros(flat_present.numel(), self.grid**2, sum(self.stage_channels))
             if flat_present.any():  # autocast may give lower-precision features
                 features[flat_present] = self.visual_features(flat_images[flat_present]).to(features.dtype)
-        return self.prefix_from_features(features.view(*present.shape, *features.shape[1:]), present)
+        return features.view(*present.shape, *features.shape[1:])
 
     def prefix_from_features(self, features: torch.Tensor, present: torch.Tensor) -> VisualPrefix:
         """features (B, n, g*g, C) from `visual_features` (rows of absent images are not read); present (B, n)."""
@@ -493,11 +523,17 @@ class HVPNetModel(HVPNetPreTrainedModel):
             images, present = images[:, 1:], present[:, 1:]
             if images.shape[1] == 0:
                 return None
-        missing = self.config.num_images - images.shape[1]
-        if missing > 0:  # fewer crops than slots: pad with absent images
-            images = torch.cat([images, images.new_zeros(batch_size, missing, *images.shape[2:])], dim=1)
-            present = torch.cat([present, present.new_zeros(batch_size, missing)], dim=1)
-        return self.visual_encoder(images, present)
+        return self.visual_encoder(*_pad_slots(images, present, self.config.num_images))
+
+    def slot_features(
+        self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image inputs of `forward` as `image_features` (B, 1 + num_object_images, g*g, C), the pooled backbone
+        features of the global image and of every crop slot (zeros for absent ones), and `image_features_mask`
+        (B, 1 + num_object_images): `forward` builds the same prefix from them as from the pixels."""
+        present = _image_presence(pixel_values, image_mask, batch_size, self.config.num_object_images)
+        images, present = _pad_slots(pixel_values, present, 1 + self.config.num_object_images)
+        return self.visual_encoder.slot_features(images, present), present
 
     def visual_prefix_from_features(
         self, image_features: torch.Tensor, image_features_mask: torch.Tensor | None, batch_size: int
@@ -695,6 +731,262 @@ class HVPNetForTokenClassification(HVPNetPreTrainedModel):
         return viterbi_decode(
             logits, word_start_mask.bool(), crf.start_transitions, crf.end_transitions, crf.transitions
         )
+
+
+class HVPNetForGroundedTokenClassification(HVPNetForTokenClassification):
+    """HVPNeT for grounded multimodal NER (Yu et al., ACL 2023): the NER head (emissions and CRF, inherited) and a
+    region scorer that gives every entity a distribution over the candidate regions and "none".
+
+    The candidates are the object crop slots (K = `config.num_object_images`, slot k + 1 is candidate k): the crops
+    the prefix already attends to are the regions an entity is grounded in, so one input serves both, and their number
+    is the crop slots' (16 for Twitter-GMNER, as the published systems ground in up to 16-18 detections; a few on a
+    CPU).
+
+    The scorer compares an entity with each candidate's own features. An entity is the mean of the last layer's
+    states at the first sub-words of its words (the states the CRF reads), projected; a candidate is the backbone's
+    pooled features of its crop slot (`HVPNetModel.slot_features`, which the prefix is built from, so the backbone
+    runs once), averaged over the grid and projected to the text width with a LayerNorm. Its score is their scaled
+    dot product: each candidate is judged on its own pixels, whatever its slot or the number of candidates, while the
+    entity's states, which attended to every crop through the prefix, bring the text and the image context. "None" is
+    a learned linear score of the entity representation, since whether an entity is pictured depends on the entity
+    (a person is more often pictured than a city). Training uses gold spans (`entity_spans`) with soft targets over
+    the candidates matching the gold boxes (`region_targets`); `decode_entities` grounds the CRF's own entities.
+    """
+
+    def __init__(self, config: HVPNetConfig):
+        super().__init__(config)
+        encoder = self.hvpnet.visual_encoder
+        if not isinstance(encoder, HVPNetVisualPrefixEncoder) or config.num_object_images < 1:
+            raise ValueError(
+                "HVPNetForGroundedTokenClassification scores the object crops' own backbone features: it needs "
+                "use_visual_prefix=True, a paper prefix_mode ('pyramid', 'flat' or 'one_to_three') and "
+                f"num_object_images >= 1, got use_visual_prefix={config.use_visual_prefix}, "
+                f"prefix_mode={config.prefix_mode!r}, num_object_images={config.num_object_images}"
+            )
+        hidden_size = config.text_config.hidden_size
+        self.candidate_projection = nn.Linear(sum(encoder.stage_channels), hidden_size)
+        self.candidate_norm = nn.LayerNorm(hidden_size, eps=config.text_config.layer_norm_eps)
+        self.entity_projection = nn.Linear(hidden_size, hidden_size)
+        self.none_scorer = nn.Linear(hidden_size, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_features_mask: torch.Tensor | None = None,
+        word_start_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        entity_spans: torch.Tensor | None = None,
+        region_labels: torch.Tensor | None = None,
+        output_gate_weights: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> HVPNetGroundedTokenClassifierOutput:
+        """
+        pixel_values, image_mask, image_features, image_features_mask: as for `HVPNetModel`; slot k + 1 is candidate k.
+        word_start_mask, labels: as for `HVPNetForTokenClassification`; `word_start_mask` (or `labels`) is needed
+            with `entity_spans`.
+        entity_spans: (B, E, 2) word spans [start, end) of the entities to ground, counted in the words that
+            `word_start_mask` marks in each row; padding entities are (-100, -100).
+        region_labels: (B, E, K + 1) target distribution of every entity over the candidates and "none" (last),
+            e.g. `region_targets` of the candidates matching its gold boxes; rows of padding entities are not read.
+        """
+        text_shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if labels is not None:
+            word_start_mask = self._labeled_word_starts(labels, word_start_mask, attention_mask, text_shape)
+        if region_labels is not None and entity_spans is None:
+            raise ValueError("region_labels were given without entity_spans, the entities they ground")
+        if entity_spans is not None and word_start_mask is None:
+            raise ValueError("entity_spans are counted in words: pass word_start_mask (or labels)")
+        if pixel_values is not None and image_features is None:
+            image_features, image_features_mask = self.hvpnet.slot_features(pixel_values, image_mask, text_shape[0])
+            pixel_values = image_mask = None
+        outputs = self.hvpnet(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_mask=image_mask,
+            inputs_embeds=inputs_embeds,
+            image_features=image_features,
+            image_features_mask=image_features_mask,
+            output_gate_weights=output_gate_weights,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        emissions = self.classifier(self.dropout(hidden))
+        candidate_embeddings, candidate_mask = self._candidates(image_features, image_features_mask, text_shape[0])
+        region_logits = loss = None
+        if entity_spans is not None:
+            region_logits = self.score_regions(
+                hidden, word_start_mask, entity_spans, candidate_embeddings, candidate_mask
+            )
+        losses = []
+        if labels is not None:
+            losses.append(self._crf_loss(emissions, labels, word_start_mask))
+        if region_labels is not None:
+            losses.append(self._region_loss(region_logits, region_labels, entity_spans, candidate_mask))
+        if losses:
+            loss = sum(losses)
+        return HVPNetGroundedTokenClassifierOutput(
+            loss=loss,
+            logits=emissions,
+            region_logits=region_logits,
+            last_hidden_state=hidden,
+            candidate_embeddings=candidate_embeddings,
+            candidate_mask=candidate_mask,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            gate_weights=outputs.gate_weights,
+        )
+
+    def _candidates(
+        self, image_features: torch.Tensor | None, image_features_mask: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, d) candidate embeddings and (B, K) presence from the slot features (B, 1 + K, g*g, C), or none
+        present without images."""
+        num_candidates = self.config.num_object_images
+        weight = self.candidate_projection.weight
+        if image_features is None:
+            embeddings = weight.new_zeros(batch_size, num_candidates, weight.shape[0])
+            return embeddings, torch.zeros(batch_size, num_candidates, dtype=torch.bool, device=weight.device)
+        present = _presence("image_features_mask", image_features_mask, image_features, batch_size)[:, 1:]
+        pooled = image_features[:, 1:].mean(dim=2).to(weight.dtype)  # (B, K, C): the crops' grid averaged
+        embeddings = self.candidate_norm(self.candidate_projection(pooled))
+        return embeddings.masked_fill(~present[..., None], 0.0), present
+
+    def score_regions(
+        self,
+        last_hidden_state: torch.Tensor,
+        word_start_mask: torch.Tensor,
+        entity_spans: torch.Tensor,
+        candidate_embeddings: torch.Tensor,
+        candidate_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, E, K + 1) region logits (candidates, then "none") of the word spans `entity_spans` (B, E, 2), from the
+        text states (B, T, d) and the candidates (B, K, d) of a forward; see `forward` for the layout."""
+        word_index, word_mask = _word_positions(word_start_mask.bool())
+        is_entity = _check_entity_spans(entity_spans, word_mask.sum(dim=1), word_start_mask.shape[0])
+        words = torch.arange(word_index.shape[1], device=entity_spans.device)
+        starts, ends = entity_spans[..., :1], entity_spans[..., 1:]
+        membership = ((words >= starts) & (words < ends) & is_entity[..., None]).to(last_hidden_state.dtype)
+        word_states = last_hidden_state.gather(1, word_index[..., None].expand(-1, -1, last_hidden_state.shape[-1]))
+        # (B, E, d): the mean state of each entity's words; padding entities get the zero vector.
+        entities = membership @ word_states / membership.sum(dim=-1, keepdim=True).clamp(min=1)
+        entities = self.dropout(entities)
+        scale = candidate_embeddings.shape[-1] ** -0.5
+        candidate_scores = self.entity_projection(entities) @ candidate_embeddings.transpose(1, 2) * scale
+        candidate_scores = candidate_scores.masked_fill(~candidate_mask[:, None, :], torch.finfo(entities.dtype).min)
+        logits = torch.cat([candidate_scores, self.none_scorer(entities)], dim=-1)
+        return logits.masked_fill(~is_entity[..., None], torch.finfo(logits.dtype).min)
+
+    def _region_loss(
+        self,
+        region_logits: torch.Tensor,
+        region_labels: torch.Tensor,
+        entity_spans: torch.Tensor,
+        candidate_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cross-entropy of the region logits against the target distributions, averaged over the real entities,
+        in float32."""
+        if region_labels.shape != region_logits.shape:
+            raise ValueError(
+                f"region_labels must have shape {tuple(region_logits.shape)} (batch, entities, num_object_images + 1 "
+                f"for 'none'), got {tuple(region_labels.shape)}"
+            )
+        is_entity = entity_spans[..., 0] != -100
+        targets = region_labels.float()
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            real = targets[is_entity]
+            on_absent = (targets[..., :-1] > 0) & ~candidate_mask[:, None, :] & is_entity[..., None]
+            if (real < 0).any() or not torch.allclose(real.sum(dim=-1), torch.ones_like(real[..., 0]), atol=1e-4):
+                raise ValueError("region_labels of every entity must be a distribution: >= 0, summing to 1")
+            if on_absent.any():
+                raise ValueError("region_labels put weight on a candidate whose crop is absent (image_mask False)")
+        log_probabilities = region_logits.float().log_softmax(dim=-1)
+        # Absent candidates have no weight: 0 * their very negative log-probability stays 0.
+        losses = -(targets * log_probabilities).sum(dim=-1)
+        return losses[is_entity].sum() / is_entity.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def decode_entities(
+        self, outputs: HVPNetGroundedTokenClassifierOutput, word_start_mask: torch.Tensor
+    ) -> list[list[dict[str, Any]]]:
+        """Per row, the CRF's entities of a forward's `outputs`, each grounded: `start`, `end` (its word span, as in
+        `entity_spans`), `type`, `candidate` (the index of its region among the candidates, or None for "none") and
+        `score` (the region's probability)."""
+        tags = self.decode(outputs.logits, word_start_mask).tolist()
+        starts = word_start_mask.bool().tolist()
+        rows = []
+        for row_tags, row_starts in zip(tags, starts, strict=True):
+            names = [self.config.id2label[tag] for tag, start in zip(row_tags, row_starts, strict=True) if start]
+            rows.append([(entity_type, first, last + 1) for entity_type, first, last in bio_entities(names)])
+        num_entities = max(map(len, rows), default=0)
+        spans = torch.full((len(rows), num_entities, 2), -100, dtype=torch.long, device=outputs.logits.device)
+        for row, entities in enumerate(rows):
+            for index, (_, start, end) in enumerate(entities):
+                spans[row, index] = torch.tensor([start, end])
+        logits = self.score_regions(
+            outputs.last_hidden_state, word_start_mask, spans, outputs.candidate_embeddings, outputs.candidate_mask
+        )
+        probabilities = logits.float().softmax(dim=-1)
+        scores, regions = probabilities.max(dim=-1)
+        num_candidates = probabilities.shape[-1] - 1
+        return [
+            [
+                {
+                    "start": start,
+                    "end": end,
+                    "type": entity_type,
+                    "candidate": None if int(regions[row, index]) == num_candidates else int(regions[row, index]),
+                    "score": float(scores[row, index]),
+                }
+                for index, (entity_type, start, end) in enumerate(entities)
+            ]
+            for row, entities in enumerate(rows)
+        ]
+
+
+def region_targets(matches: torch.Tensor) -> torch.Tensor:
+    """The target of one entity over its K candidates and "none" (K + 1,), from `matches` (K,) bool, which candidates
+    are its region (`grounding_data.candidate_matches`): the weight spread evenly over them, or all on "none" when
+    none matches (an ungroundable entity, or one that no candidate covers)."""
+    matches = matches.float()
+    none = (matches.sum() == 0).float()[None]
+    return torch.cat([matches, none]) / (matches.sum() + none)
+
+
+def _check_entity_spans(entity_spans: torch.Tensor, num_words: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(B, E) bool, True for real entities (not (-100, -100) padding); spans that are not word spans of their row
+    are an error (when the forward runs eagerly)."""
+    if entity_spans.dim() != 3 or entity_spans.shape[0] != batch_size or entity_spans.shape[2] != 2:
+        raise ValueError(
+            f"entity_spans must have shape (batch={batch_size}, entities, 2) word spans [start, end), got "
+            f"{tuple(entity_spans.shape)}"
+        )
+    if entity_spans.is_floating_point():
+        raise ValueError("entity_spans must hold integer word offsets")
+    is_entity = entity_spans[..., 0] != -100
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        starts, ends = entity_spans[..., 0], entity_spans[..., 1]
+        bad = is_entity & ~((starts >= 0) & (starts < ends) & (ends <= num_words[:, None]))
+        bad |= ~is_entity & (ends != -100)
+        if bad.any():
+            row, entity = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"entity_spans[{row}, {entity}] = {entity_spans[row, entity].tolist()} is not a word span [start, end) "
+                f"of row {row}'s {int(num_words[row])} words (word_start_mask), nor padding (-100, -100)"
+            )
+    return is_entity
 
 
 def rank_relations(
@@ -906,6 +1198,15 @@ def _image_presence(
     return _presence("image_mask", image_mask, pixel_values, batch_size)
 
 
+def _pad_slots(images: torch.Tensor, present: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (B, n, 3, H, W) and present (B, n) padded with absent images to `num_slots` slots."""
+    missing = num_slots - images.shape[1]
+    if missing <= 0:
+        return images, present
+    images = torch.cat([images, images.new_zeros(images.shape[0], missing, *images.shape[2:])], dim=1)
+    return images, torch.cat([present, present.new_zeros(present.shape[0], missing)], dim=1)
+
+
 def _presence(name: str, mask: torch.Tensor | None, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(B, n) bool: which of the given image slots hold a real image (all of them without a mask)."""
     slots = (batch_size, images.shape[1])
@@ -917,6 +1218,7 @@ def _presence(name: str, mask: torch.Tensor | None, images: torch.Tensor, batch_
 
 
 __all__ = [
+    "HVPNetForGroundedTokenClassification",
     "HVPNetForSequenceClassification",
     "HVPNetForTokenClassification",
     "HVPNetModel",
@@ -924,5 +1226,6 @@ __all__ = [
     "HVPNetSelfAttention",
     "HVPNetVisualPrefixEncoder",
     "rank_relations",
+    "region_targets",
     "viterbi_decode",
 ]

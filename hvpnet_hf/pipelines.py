@@ -36,7 +36,7 @@ transformers, torch and the processor (with its image processor).
 import os
 import re
 from collections.abc import Mapping, Sequence, Sized
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -46,18 +46,20 @@ from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
-from transformers.utils import PROCESSOR_NAME
+from transformers.utils import PROCESSOR_NAME, logging
 
 from .frozen_backbone import speed_up_frozen_backbone, warn_if_bfloat16_is_emulated
-from .image_processing_hvpnet import check_image_value
-from .object_detection import ObjectCropper, object_cropper_for
+from .image_processing_hvpnet import check_image_value, decode_image
+from .object_detection import ObjectCropper, object_cropper_for, text_queries
 from .processing_hvpnet import HVPNetProcessor, ner_word_positions
-from .tasks import NER, RE, Task, task_of
+from .tasks import GMNER, NER, RE, Task, bio_entities, task_of
+
+logger = logging.get_logger(__name__)
 
 
 class _HVPNetPipeline(Pipeline):
     """
-    What both pipelines share: the processor, input checks, and batching. `preprocess` turns one input into
+    What the pipelines share: the processor, input checks, and batching. `preprocess` turns one input into
     `{"features": [one dict of model inputs per row], "example": ...}` (a long NER text has several rows, an empty
     one none); `_collate` pads the rows of several inputs into one batch; `_forward` runs the model once per batch
     and returns one output per input, which `postprocess` reads. Single inputs take the same path.
@@ -275,16 +277,7 @@ class MultimodalNerPipeline(_HVPNetPipeline):
         object_cropper: ObjectCropper | None = None,
     ) -> dict[str, Any]:
         example = self._check_input({"text": inputs} if isinstance(inputs, str) else inputs)
-        if "words" in example and "text" in example:
-            raise ValueError("a multimodal-ner input takes 'text' or 'words', not both")
-        if "words" in example:
-            words, offsets = list(example["words"]), None
-        elif "text" in example:
-            if not isinstance(example["text"], str):
-                raise TypeError(f"'text' must be a string, got {type(example['text']).__name__}")
-            words, offsets = split_words(example["text"])
-        else:
-            raise ValueError(f"a multimodal-ner input needs 'text' or 'words', got keys {sorted(example)}")
+        words, offsets = self._words(example)
         info = {"words": words, "offsets": offsets, "word_ids": [], "word_start_mask": []}
         if not words:
             return {"features": [], "example": info}
@@ -297,6 +290,20 @@ class MultimodalNerPipeline(_HVPNetPipeline):
             for row in range(len(rows["input_ids"]))
         ]
         return {"features": features, "example": info}
+
+    def _words(self, example: Mapping) -> tuple[list[str], list[tuple[int, int]] | None]:
+        """The words of a checked input and, when it gave `"text"`, their character spans."""
+        if "words" in example and "text" in example:
+            raise ValueError(f"a {self.hvpnet_task.pipeline_task} input takes 'text' or 'words', not both")
+        if "words" in example:
+            return list(example["words"]), None
+        if "text" in example:
+            if not isinstance(example["text"], str):
+                raise TypeError(f"'text' must be a string, got {type(example['text']).__name__}")
+            return split_words(example["text"])
+        raise ValueError(
+            f"a {self.hvpnet_task.pipeline_task} input needs 'text' or 'words', got keys {sorted(example)}"
+        )
 
     def _row_outputs(self, model_outputs, model_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         tags = self.model.decode(model_outputs.logits, model_inputs["word_start_mask"])
@@ -387,9 +394,107 @@ class MultimodalRePipeline(_HVPNetPipeline):
         return ranked[:top_k] if top_k is not None else ranked[0]
 
 
+class MultimodalGroundedNerPipeline(MultimodalNerPipeline):
+    """
+    Named entities of a text and their regions in its image (grounded multimodal NER).
+
+    Input: as for `multimodal-ner`, with one `"image"` and its candidate regions: `"objects"` (crops) with `"boxes"`
+    (one `[xmin, ymin, xmax, ymax]` per crop, in the image's pixels), `"boxes"` alone (the pipeline cuts the crops
+    from the image), or for an input without either, `objects="detect"` (with `detector=`) or an `ObjectCropper`
+    (the crops it finds, with their boxes). The first `num_object_images` candidates are read. Output per example:
+    the entities of `multimodal-ner`, each with `box`, the box of its region in pixels of the (upright) input image,
+    or None when the model places it in none of the candidates, and `region_score`, the probability of that choice.
+    """
+
+    hvpnet_task = GMNER
+    auto_model_class = getattr(transformers, GMNER.auto_model_class)
+    input_keys = ("text", "words", "image", "objects", "boxes")
+
+    def preprocess(
+        self,
+        inputs: str | Mapping,
+        max_length: int | None = None,
+        stride: int | None = None,
+        missing_images: str = "error",
+        object_cropper: ObjectCropper | None = None,
+    ) -> dict[str, Any]:
+        example = self._check_input({"text": inputs} if isinstance(inputs, str) else inputs)
+        if isinstance(example.get("image"), (list, tuple)):
+            raise ValueError(
+                f"a {self.hvpnet_task.pipeline_task} input takes one 'image': its candidates are boxes in it"
+            )
+        crops, boxes = self._candidates(example, object_cropper)
+        text_example = {key: value for key, value in example.items() if key != "boxes"}
+        processed = super().preprocess({**text_example, "objects": crops}, max_length, stride, missing_images)
+        processed["example"]["boxes"] = boxes
+        return processed
+
+    def _candidates(self, example: Mapping, object_cropper: ObjectCropper | None) -> tuple[list, list[list[float]]]:
+        """The candidate crops of an input and their boxes: given, cut from the image at the given boxes, or found by
+        `object_cropper` (none when the image is absent or unreadable: the `missing_images` policy then applies)."""
+        image, objects, boxes = example.get("image"), list(example.get("objects") or []), example.get("boxes")
+        if boxes is None:
+            if objects:
+                raise ValueError("'objects' need their 'boxes' (one [xmin, ymin, xmax, ymax] per crop) to be grounded")
+            if object_cropper is None:
+                return [], []
+        else:
+            boxes = [_box(box, f"'boxes'[{position}]") for position, box in enumerate(boxes)]
+            if objects:
+                if len(objects) != len(boxes):
+                    raise ValueError(f"'objects' has {len(objects)} crops but 'boxes' has {len(boxes)} boxes")
+                return objects, boxes
+            if image is None:
+                raise ValueError("'boxes' without 'objects' are cut from the 'image', which is missing")
+        try:
+            picture = decode_image(image)
+        except OSError as error:
+            logger.warning("%s; no candidates for it.", error)
+            return [], []
+        if picture is None or 0 in picture.size:
+            return [], []
+        if boxes is None:
+            words, _ = self._words(example)
+            boxes = [list(found.box) for found in object_cropper.detect(picture, text_queries(words))]
+        return [picture.crop(tuple(box)) for box in boxes], boxes
+
+    def _row_outputs(self, model_outputs, model_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {
+            **super()._row_outputs(model_outputs, model_inputs),
+            "last_hidden_state": model_outputs.last_hidden_state,
+            "word_start_mask": model_inputs["word_start_mask"],
+            "candidate_embeddings": model_outputs.candidate_embeddings,
+            "candidate_mask": model_outputs.candidate_mask,
+        }
+
+    def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        entities = super().postprocess(model_outputs)
+        example = model_outputs["example"]
+        positions = ner_word_positions(example["word_ids"], len(example["words"]), example["word_start_mask"])
+        boxes = example["boxes"]
+        for entity in entities:
+            # The entity is grounded in the row that reads its first word best, on its words in that row.
+            row = positions[entity["word_start"]][0]
+            row_starts = zip(example["word_ids"][row], example["word_start_mask"][row], strict=True)
+            row_words = [word for word, start in row_starts if start]
+            start = row_words.index(entity["word_start"])
+            end = start + sum(1 for word in row_words[start:] if word < entity["word_end"])
+            with torch.no_grad():
+                logits = self.model.score_regions(
+                    *(model_outputs[name][row : row + 1] for name in ("last_hidden_state", "word_start_mask")),
+                    torch.tensor([[[start, end]]], device=model_outputs["last_hidden_state"].device),
+                    *(model_outputs[name][row : row + 1] for name in ("candidate_embeddings", "candidate_mask")),
+                )[0, 0]
+            score, choice = logits.float().softmax(dim=-1).max(dim=-1)
+            entity["box"] = boxes[int(choice)] if int(choice) < len(logits) - 1 else None
+            entity["region_score"] = float(score)
+        return entities
+
+
 # The pipeline of each task, by its name in `tasks.TASKS`; its `auto_model_class` loads its models.
 PIPELINE_FOR_TASK = {
-    pipeline_class.hvpnet_task.name: pipeline_class for pipeline_class in (MultimodalNerPipeline, MultimodalRePipeline)
+    pipeline_class.hvpnet_task.name: pipeline_class
+    for pipeline_class in (MultimodalNerPipeline, MultimodalRePipeline, MultimodalGroundedNerPipeline)
 }
 
 
@@ -405,28 +510,6 @@ class _NumberedPipelineDataset(PipelineDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.process((index, self.dataset[index]), **self.params)
-
-
-# The package's one BIO decoder (the demo and the attention analysis use it too). Not seqeval's `get_entities`: that
-# is importable only through `seqeval.metrics`, which loads scikit-learn and scipy on every `import hvpnet_hf`, and
-# this file, copied next to saved models, imports only transformers, torch, numpy and PIL. tests/test_pipelines.py
-# checks that both read every tag sequence alike.
-def bio_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """
-    `(type, first, last)` word spans of the entities in a BIO tag sequence, read as seqeval (and conlleval) read it,
-    so the pipeline's entities are the ones the NER metric scores: an entity starts at a `B-` tag, at an `I-` tag
-    after `O` or after another type, and ends before the next start or `O`.
-    """
-    entities, current = [], None  # current: [type, first]
-    for position, tag in enumerate([*tags, "O"]):
-        prefix, entity_type = (tag[0], tag[2:]) if tag != "O" else ("O", "")
-        continues = prefix == "I" and current is not None and current[0] == entity_type
-        if current is not None and not continues:
-            entities.append((current[0], current[1], position - 1))
-            current = None
-        if prefix in ("B", "I") and current is None:
-            current = [entity_type, position]
-    return entities
 
 
 def _saved_processor(model_name: str) -> HVPNetProcessor:
@@ -448,6 +531,16 @@ def _saved_processor(model_name: str) -> HVPNetProcessor:
                 f"processor.save_pretrained({model_name!r})"
             )
     return HVPNetProcessor.from_pretrained(model_name)
+
+
+def _box(box: Any, name: str) -> list[float]:
+    """A candidate box `[xmin, ymin, xmax, ymax]` in pixels, checked: four numbers with xmin < xmax, ymin < ymax."""
+    numbers = isinstance(box, Sequence) and not isinstance(box, str) and len(box) == 4
+    if not numbers or not all(isinstance(value, Real) and not isinstance(value, bool) for value in box):
+        raise ValueError(f"{name} must be [xmin, ymin, xmax, ymax] (four numbers, in pixels), got {box!r}")
+    if not (box[0] < box[2] and box[1] < box[3]):
+        raise ValueError(f"{name} = {list(box)} is empty: a box needs xmin < xmax and ymin < ymax")
+    return list(box)
 
 
 def _span(span: Sequence[int] | Mapping, role: str, num_words: int) -> dict[str, int]:
@@ -480,6 +573,7 @@ _register_tasks()
 
 __all__ = [
     "PIPELINE_FOR_TASK",
+    "MultimodalGroundedNerPipeline",
     "MultimodalNerPipeline",
     "MultimodalRePipeline",
     "bio_entities",

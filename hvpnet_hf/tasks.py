@@ -1,5 +1,5 @@
 """
-The package's two tasks, by the head class that serves each: the one lookup from a model (its class or its config's
+The package's three tasks, by the head class that serves each: the one lookup from a model (its class or its config's
 `architectures`) to its task and pipeline, and what a saved model records so that `pipeline(model=folder,
 trust_remote_code=True)` builds that pipeline where `hvpnet_hf` is not installed.
 
@@ -10,6 +10,7 @@ model, so it imports only transformers.
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 @dataclass(frozen=True)
 class Task:
-    """One task: its name (`"ner"` or `"re"`: what `task_of` gives, and the key of its pipeline in a saved config's
+    """One task: its name (`"ner"`, `"re"` or `"gmner"`: what `task_of` gives, and the key of its pipeline in a saved config's
     `custom_pipelines`), the head class and Auto class of its models, its pipeline (a class of `pipelines.py`) and
     the Hub's pipeline tag of its models (`hub_pipeline_tag`, which a model card records)."""
 
@@ -53,7 +54,18 @@ RE = Task(
     "MultimodalRePipeline",
     "text-classification",
 )
-TASKS = {task.name: task for task in (NER, RE)}
+# Grounded NER has a head of its own on the same configuration. transformers maps a configuration class to one model
+# class per Auto class, and `AutoModelForTokenClassification` already loads the NER head: the grounding head is
+# loaded by the Auto class of transformers' text-grounded region models (Grounding DINO, OWL-ViT). Its Hub tag is that
+# of its output, entities.
+GMNER = Task(
+    "gmner",
+    "HVPNetForGroundedTokenClassification",
+    "AutoModelForZeroShotObjectDetection",
+    "MultimodalGroundedNerPipeline",
+    "token-classification",
+)
+TASKS = {task.name: task for task in (NER, RE, GMNER)}
 TASK_OF_MODEL = {task.model_class: task for task in TASKS.values()}
 PIPELINES_FILE = Path(__file__).with_name("pipelines.py")
 
@@ -63,12 +75,14 @@ def task_of_architectures(architectures: list[str] | None, source: str | os.Path
     HVPNeT head is among them."""
     tasks = {TASK_OF_MODEL[name] for name in architectures or [] if name in TASK_OF_MODEL}
     if len(tasks) != 1:
-        raise ValueError(f"{source}: expected an HVPNeT NER or RE model, found architectures {architectures}")
+        raise ValueError(
+            f"{source}: expected an HVPNeT NER or RE model (or a GMNER one), found architectures {architectures}"
+        )
     return tasks.pop()
 
 
 def task_of(model: str | os.PathLike) -> str:
-    """The task ("ner" or "re") of a saved HVPNeT model (folder or Hub id), read from its config's `architectures`."""
+    """The task ("ner", "re" or "gmner") of a saved HVPNeT model (folder or Hub id), read from its config's `architectures`."""
     config, _ = PreTrainedConfig.get_config_dict(model)
     return task_of_architectures(config.get("architectures"), model).name
 
@@ -97,4 +111,37 @@ def save_pipeline_code(model: PreTrainedModel, save_directory: str | os.PathLike
         shutil.copyfile(file, Path(save_directory) / Path(file).name)
 
 
-__all__ = ["NER", "RE", "TASKS", "TASK_OF_MODEL", "Task", "save_pipeline_code", "task_of", "task_of_architectures"]
+# The package's one BIO decoder (the pipelines, the grounding head, the demo and the attention analysis use it). Not
+# seqeval's `get_entities`: that is importable only through `seqeval.metrics`, which loads scikit-learn and scipy on
+# every `import hvpnet_hf`, and this file, copied next to saved models, imports only transformers.
+# tests/test_pipelines.py checks that both read every tag sequence alike.
+def bio_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """
+    `(type, first, last)` word spans of the entities in a BIO tag sequence, read as seqeval (and conlleval) read it,
+    so the pipeline's entities are the ones the NER metric scores: an entity starts at a `B-` tag, at an `I-` tag
+    after `O` or after another type, and ends before the next start or `O`.
+    """
+    entities, current = [], None  # current: [type, first]
+    for position, tag in enumerate([*tags, "O"]):
+        prefix, entity_type = (tag[0], tag[2:]) if tag != "O" else ("O", "")
+        continues = prefix == "I" and current is not None and current[0] == entity_type
+        if current is not None and not continues:
+            entities.append((current[0], current[1], position - 1))
+            current = None
+        if prefix in ("B", "I") and current is None:
+            current = [entity_type, position]
+    return entities
+
+
+__all__ = [
+    "GMNER",
+    "NER",
+    "RE",
+    "TASKS",
+    "TASK_OF_MODEL",
+    "Task",
+    "bio_entities",
+    "save_pipeline_code",
+    "task_of",
+    "task_of_architectures",
+]
