@@ -36,11 +36,13 @@ from hvpnet_hf.script_utils import (
     DataTrainingArguments,
     ModelArguments,
     build_trainer,
+    column_values,
     encode_splits,
     load_processor_and_model,
     load_splits,
     parse_settings_and_flags,
     predict_split,
+    report_streamed_images,
     start_run,
     train_and_save,
 )
@@ -115,9 +117,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Labels on the model's ids, then tokenized; images stay paths for the collator to decode.
     raw_datasets, encoded_datasets = encode_splits(raw_datasets, processor, model, data_args, training_args)
+    # The gold word tags of the splits that are scored (a streamed split is read once for them).
     gold_tags = {
-        split: [[id2label[tag] for tag in tags] for tags in dataset["ner_tags"]]
-        for split, dataset in raw_datasets.items()
+        split: [[id2label[tag] for tag in tags] for tags in column_values(raw_datasets[split], "ner_tags")]
+        for split in SPLIT_PREFIXES
+        if split in raw_datasets
     }
     # Only validation is scored during training; each split evaluated afterwards gets its own.
     validation_metrics = build_compute_metrics(gold_tags["validation"], id2label) if training_args.do_train else None
@@ -140,9 +144,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             predictions, _, _ = align_word_predictions(
                 prediction.predictions, prediction.label_ids, gold_tags[split], id2label
             )
-            sentences = zip(raw_datasets[split]["tokens"], gold_tags[split], predictions, strict=True)
+            words = column_values(raw_datasets[split], "tokens")
+            sentences = zip(words, gold_tags[split], predictions, strict=True)
             write_ner_predictions(Path(training_args.output_dir) / f"{split}_predictions.txt", sentences)
 
+    report_streamed_images(data_args)
     save_model_card_and_push(
         trainer, "ner", results, data_args.card_name, model_args.text_model_name_or_path, push_to_hub
     )

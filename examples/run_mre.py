@@ -38,11 +38,13 @@ from hvpnet_hf.script_utils import (
     DataTrainingArguments,
     ModelArguments,
     build_trainer,
+    column_values,
     encode_splits,
     load_processor_and_model,
     load_splits,
     parse_settings_and_flags,
     predict_split,
+    report_streamed_images,
     start_run,
     train_and_save,
 )
@@ -106,14 +108,14 @@ def build_compute_metrics(none_id: int, num_labels: int):
     return compute_metrics
 
 
-def write_predictions(path: Path, raw_split: datasets.Dataset, logits: np.ndarray) -> None:
+def write_predictions(path: Path, raw_split: datasets.Dataset | datasets.IterableDataset, logits: np.ndarray) -> None:
     """One JSON object per example (see `write_re_predictions`): the pair, gold and predicted relation, probability."""
     names = raw_split.features["relation"].names
     probabilities = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=-1)
     scores, predicted = probabilities.max(dim=-1)
     pairs = zip(predicted.tolist(), scores.tolist(), strict=True)
     best = [[{"relation": names[label], "score": score}] for label, score in pairs]
-    gold = [names[relation] for relation in raw_split["relation"]]
+    gold = [names[relation] for relation in column_values(raw_split, "relation")]
     write_re_predictions(path, raw_split, gold, best, top_k=False)
 
 
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 output_file = Path(training_args.output_dir) / f"{split}_predictions.jsonl"
                 write_predictions(output_file, raw_datasets[split], prediction.predictions)
 
+    report_streamed_images(data_args)
     save_model_card_and_push(
         trainer, "re", results, data_args.card_name, model_args.text_model_name_or_path, push_to_hub
     )

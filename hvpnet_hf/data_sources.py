@@ -10,6 +10,11 @@ files, with the columns named by flags. `load_table_dataset` normalizes them int
   or MNRE's `{"name", "pos": [start, end]}`.
 - The label set is the `ClassLabel`'s names, else the names of the train split (the neutral label, `O` or `None`,
   first, then sorted), else a trained model's. A label outside the set is an error naming the split, the row and it.
+- Streaming (`streaming=True`): the splits are `IterableDataset`s, read row by row by the same row function as in
+  memory, so nothing is read ahead: the label set is the one given (a trained model's, or names the user lists; a
+  `ClassLabel`'s ids are re-encoded onto it by name), else the `ClassLabel`'s, and there is no train split to read
+  it from. Missing images are masked as rows are read and counted once per row however often a split is read;
+  `ImageCounts.report` logs the counts when the run is over.
 - Images and crops: an `Image()` feature (embedded bytes or a path) or path strings; an empty value means no image.
   A relative path in a data file resolves against the file's folder (as `datasets`' image folders read the
   `file_name` of their `metadata.jsonl`), so a file and its pictures move together. URLs are refused: the package
@@ -28,7 +33,18 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, load_dataset, load_from_disk
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    IterableDataset,
+    IterableDatasetDict,
+    List,
+    Value,
+    load_dataset,
+    load_from_disk,
+)
 from datasets import Image as ImageFeature
 
 from .collating import with_undecoded_images
@@ -71,20 +87,26 @@ def read_table_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
     data_files: Mapping[str, str | os.PathLike] | None = None,
-) -> DatasetDict:
+    streaming: bool = False,
+) -> DatasetDict | IterableDatasetDict:
     """
     The splits of a `save_to_disk` folder, a Hub data set (`dataset_name`) or of table files (`data_files`, all of
-    one format), as `datasets` reads them; the releases' split names (`dev`, `valid`, `val`) are read as `validation`.
+    one format), as `datasets` reads them, with `streaming` as `IterableDataset`s; the releases' split names (`dev`,
+    `valid`, `val`) are read as `validation`.
     """
     if (dataset_name is None) == (data_files is None):
         raise ValueError("give either dataset_name or data files (train_file, validation_file, test_file)")
     if dataset_name is not None:
         if (Path(dataset_name) / "dataset_dict.json").is_file():
             splits = load_from_disk(dataset_name)
+            if streaming:  # read from the memory-mapped Arrow files as they are iterated
+                splits = IterableDatasetDict(
+                    {split: dataset.to_iterable_dataset() for split, dataset in splits.items()}
+                )
         elif Path(dataset_name).is_dir() and (Path(dataset_name) / "state.json").is_file():
             raise ValueError(f"dataset_name {dataset_name} holds one split; save a DatasetDict with save_to_disk")
         else:
-            splits = load_dataset(dataset_name, dataset_config_name)
+            splits = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
     else:
         suffixes = {Path(path).suffix.lower() for path in data_files.values()}
         if len(suffixes) != 1 or not is_table_file(f"file{next(iter(suffixes))}"):
@@ -95,8 +117,9 @@ def read_table_dataset(
         if missing:
             raise FileNotFoundError(f"data files not found: {', '.join(missing)}")
         builder = TABLE_FORMATS[suffixes.pop()]
-        splits = load_dataset(builder, data_files={split: str(path) for split, path in data_files.items()})
-    return DatasetDict({_SPLIT_OF_ALIAS.get(split, split): dataset for split, dataset in splits.items()})
+        files = {split: str(path) for split, path in data_files.items()}
+        splits = load_dataset(builder, data_files=files, streaming=streaming)
+    return type(splits)({_SPLIT_OF_ALIAS.get(split, split): dataset for split, dataset in splits.items()})
 
 
 def load_table_dataset(
@@ -124,19 +147,55 @@ def load_table_dataset(
         mask_images: read no image at all (every image and crop is None).
         text_only: how to ask for the text only, said when not one image of a column is found.
     """
+    sources = {"dataset_name": dataset_name, "dataset_config_name": dataset_config_name, "data_files": data_files}
+    splits, images = _normalized_splits(task, columns, sources, label_names, missing_images, mask_images, False)
+    images.check_found(text_only)
+    return splits
+
+
+def stream_table_dataset(
+    task: str,
+    columns: Mapping[str, str],
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_files: Mapping[str, str | os.PathLike] | None = None,
+    label_names: Sequence[str] | None = None,
+    missing_images: str = "mask",
+    mask_images: bool = False,
+) -> tuple[IterableDatasetDict, "ImageCounts"]:
+    """
+    The splits of `load_table_dataset` (same arguments) as `IterableDataset`s, normalized row by row as they are
+    read, and the counts of their images, filled as they are read (report them with `ImageCounts.report`
+    once the run has read the splits). The label set is `label_names`, else the `ClassLabel`'s: no split is read
+    ahead to find it.
+    """
+    sources = {"dataset_name": dataset_name, "dataset_config_name": dataset_config_name, "data_files": data_files}
+    return _normalized_splits(task, columns, sources, label_names, missing_images, mask_images, True)
+
+
+def _normalized_splits(
+    task: str,
+    columns: Mapping[str, str],
+    sources: Mapping[str, Any],
+    label_names: Sequence[str] | None,
+    missing_images: str,
+    mask_images: bool,
+    streaming: bool,
+) -> tuple[DatasetDict | IterableDatasetDict, "ImageCounts"]:
+    """The splits of `load_table_dataset` and `stream_table_dataset`, and the image readers that read them."""
     _check_policy(missing_images)
-    splits = read_table_dataset(dataset_name, dataset_config_name, data_files)
+    splits = read_table_dataset(**sources, streaming=streaming)
     _check_columns(splits, task, columns)
-    splits = DatasetDict({split: _loader_columns(dataset, task, columns) for split, dataset in splits.items()})
-    names = _label_names(task, splits, columns, label_names)
-    base_dirs = {split: Path(path).parent for split, path in (data_files or {}).items()}
-    reading = {"missing_images": missing_images, "mask_images": mask_images, "text_only": text_only}
-    return DatasetDict(
-        {
-            split: _normalize_split(split, dataset, task, columns, names, base_dirs.get(split), **reading)
-            for split, dataset in splits.items()
-        }
-    )
+    splits = type(splits)({split: _loader_columns(dataset, task, columns) for split, dataset in splits.items()})
+    names = _label_names(task, splits, columns, label_names, streaming)
+    base_dirs = {split: Path(path).parent for split, path in (sources["data_files"] or {}).items()}
+    normalizers = {
+        split: _RowNormalizer(split, task, columns, names, dataset, base_dirs.get(split), missing_images, mask_images)
+        for split, dataset in splits.items()
+    }
+    normalized = type(splits)({split: normalizers[split].apply(dataset) for split, dataset in splits.items()})
+    readers = [reader for normalizer in normalizers.values() for reader in normalizer.readers.values()]
+    return normalized, ImageCounts(readers)
 
 
 def _check_columns(splits: DatasetDict, task: str, columns: Mapping[str, str]) -> None:
@@ -152,12 +211,16 @@ def _check_columns(splits: DatasetDict, task: str, columns: Mapping[str, str]) -
                 )
 
 
-def _loader_columns(dataset: Dataset, task: str, columns: Mapping[str, str]) -> Dataset:
+def _loader_columns(
+    dataset: Dataset | IterableDataset, task: str, columns: Mapping[str, str]
+) -> Dataset | IterableDataset:
     """
     The columns to read of `dataset`, under the loaders' names, its `Image()` columns read undecoded (see
     `with_undecoded_images`): images are decoded only when a batch is drawn, with the package's policy.
     """
     present = {columns[column]: column for column in TASK_COLUMNS[task] if columns[column] in dataset.column_names}
+    if isinstance(dataset, IterableDataset):
+        dataset = dataset.decode(False)  # a stream's renamed columns would be decoded (and images encoded again)
     dataset = dataset.select_columns(list(present)).rename_columns(
         {name: column for name, column in present.items() if name != column}
     )
@@ -165,22 +228,37 @@ def _loader_columns(dataset: Dataset, task: str, columns: Mapping[str, str]) -> 
 
 
 def _label_names(
-    task: str, splits: DatasetDict, columns: Mapping[str, str], model_label_names: Sequence[str] | None
+    task: str,
+    splits: DatasetDict | IterableDatasetDict,
+    columns: Mapping[str, str],
+    given_names: Sequence[str] | None,
+    streaming: bool,
 ) -> list[str]:
-    """The label set: the `ClassLabel`'s names, else the train split's names, else a trained model's labels."""
+    """
+    The label set: the `ClassLabel`'s names, else the train split's names, else `given_names` (a trained model's
+    labels). Streaming, `given_names` come first (a `ClassLabel`'s ids are re-encoded onto them by name) and no
+    split is read for them.
+    """
     column = columns[LABEL_COLUMNS[task]]
     feature = next(iter(splits.values())).features[LABEL_COLUMNS[task]]
     class_label = feature.feature if isinstance(feature, List) else feature
-    if isinstance(class_label, ClassLabel):
+    if streaming and given_names is not None:
+        names = list(given_names)
+    elif isinstance(class_label, ClassLabel):
         names = class_label.names
+    elif streaming:
+        raise ValueError(
+            f"column {column!r} holds label names, and streaming reads no split ahead to find the label set: give "
+            "the label names (--label_set), a trained model, or the column as a ClassLabel"
+        )
     elif "train" in splits:
         values = splits["train"][LABEL_COLUMNS[task]]
         # A row that is not a list of tags is refused, naming the row, when the split is read.
         tag_lists = [tags for tags in map(_literal, values) if isinstance(tags, list)]
         found = set(chain.from_iterable(tag_lists)) if task == "ner" else set(values)
         names = sorted(found, key=lambda name: (name != NEUTRAL_LABEL[task], name))
-    elif model_label_names is not None:
-        names = list(model_label_names)
+    elif given_names is not None:
+        names = list(given_names)
     else:
         raise ValueError(
             f"column {column!r} holds label names and there is no train split to read the label set from: give a "
@@ -249,9 +327,10 @@ class _ImageReader:
         self.num_missing = 0
         self.first_missing: str | None = None
 
-    def __call__(self, value: Any, row: int) -> str | dict | list | None:
+    def __call__(self, value: Any, row: int, count: bool = True) -> str | dict | list | None:
+        """The value to keep (None for a missing image); `count`: whether the row is read for the first time."""
         if isinstance(value, list):  # a post's several images
-            return [self(image, row) for image in value]
+            return [self(image, row, count) for image in value]
         where = f"the {self.split} split, row {row}, column {self.column!r}"
         source = image_source(value, where)  # refuses a URL and a value that is not an image
         if source is None:
@@ -259,13 +338,13 @@ class _ImageReader:
         path = value.get("path") if isinstance(value, Mapping) else str(source)
         if not isinstance(source, bytes) and self.base_dir is not None:
             path = str(self.base_dir / path)  # an absolute path stays as it is
-        self.num_given += 1
+        self.num_given += count
         problem = image_header_problem(io.BytesIO(source) if isinstance(source, bytes) else path)
         if problem is None:
             return {**value, "path": path} if isinstance(value, Mapping) else path
         if self.missing_images == "error":
             raise FileNotFoundError(f"{where}: image {path or '(bytes)'} is missing or unreadable: {problem}")
-        self.num_missing += 1
+        self.num_missing += count
         self.first_missing = self.first_missing or f"{path or '(bytes)'} ({problem})"
         return None
 
@@ -287,38 +366,83 @@ class _ImageReader:
             )
 
 
-def _normalize_split(
-    split: str,
-    dataset: Dataset,
-    task: str,
-    columns: Mapping[str, str],
-    names: list[str],
-    base_dir: Path | None,
-    missing_images: str,
-    mask_images: bool,
-    text_only: str,
-) -> Dataset:
-    """One split in the loaders' columns, its labels checked against `names` and its images read (see module)."""
-    label_ids = {name: index for index, name in enumerate(names)}
-    readers = {column: _ImageReader(split, columns[column], base_dir, missing_images) for column in IMAGE_COLUMNS}
-    present = {column for column in IMAGE_COLUMNS if column in dataset.column_names and not mask_images}
+class ImageCounts:
+    """The images of the rows read so far, per split and image column: those given, and those masked as missing."""
 
-    def normalize(row: dict[str, Any], index: int) -> dict[str, Any]:
-        where = {column: f"the {split} split, row {index}, column {name!r}" for column, name in columns.items()}
+    def __init__(self, readers: Sequence[_ImageReader]):
+        self.readers = list(readers)
+
+    def check_found(self, text_only: str) -> None:
+        """Logs the masked images; raises when not one image of a column that has some was found."""
+        for reader in self.readers:
+            reader.check_found(text_only)
+
+    def report(self, text_only: str) -> None:
+        """Logs the masked images of the rows read, and a column of which not one image was found, as warnings."""
+        for reader in self.readers:
+            try:
+                reader.check_found(text_only)
+            except FileNotFoundError as error:
+                logger.warning("%s", error)
+
+
+class _RowNormalizer:
+    """
+    The row function of one split (`Dataset.map` or `IterableDataset.map`, with indices): a row of the user's data
+    set in the loaders' columns, its labels checked against `names` and its images read (see the module docstring).
+    A row read again (a stream is read once per epoch) masks its missing images again but is not counted again.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        task: str,
+        columns: Mapping[str, str],
+        names: list[str],
+        dataset: Dataset | IterableDataset,
+        base_dir: Path | None,
+        missing_images: str,
+        mask_images: bool,
+    ):
+        self.split, self.task, self.columns = split, task, columns
+        self.label_ids = {name: index for index, name in enumerate(names)}
+        feature = dataset.features[LABEL_COLUMNS[task]]
+        self.features = _target_features(task, dataset, names)
+        # A ClassLabel's ids, read by their names (the label set may be a trained model's, in another order).
+        self.source_names = getattr(feature.feature if isinstance(feature, List) else feature, "names", None)
+        self.readers = {
+            column: _ImageReader(split, columns[column], base_dir, missing_images) for column in IMAGE_COLUMNS
+        }
+        self.present = {column for column in IMAGE_COLUMNS if column in dataset.column_names and not mask_images}
+        self.rows_counted = 0
+
+    def apply(self, dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
+        """`dataset` normalized: at once in memory, as its rows are read when it is an `IterableDataset`."""
+        arguments = {"with_indices": True, "remove_columns": dataset.column_names, "features": self.features}
+        if isinstance(dataset, IterableDataset):
+            return dataset.map(self, **arguments)
+        return dataset.map(self, **arguments, load_from_cache_file=False, desc=f"Reading the {self.split} split")
+
+    def __call__(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        where = {
+            column: f"the {self.split} split, row {index}, column {name!r}" for column, name in self.columns.items()
+        }
+        count = index >= self.rows_counted
+        self.rows_counted = max(self.rows_counted, index + 1)
         tokens = _words(_literal(row["tokens"]), where["tokens"])
-        if task == "ner":
+        if self.task == "ner":
             tags = _literal(row["ner_tags"])
             if not isinstance(tags, list) or len(tags) != len(tokens):
                 raise ValueError(f"{where['ner_tags']}: expected one tag per word ({len(tokens)}), got {tags!r}")
-            labels = {"ner_tags": [_label_id(tag, label_ids, where["ner_tags"]) for tag in tags]}
+            labels = {"ner_tags": [self._label_id(tag, where["ner_tags"]) for tag in tags]}
         else:
             labels = {
                 "head": _entity(_literal(row["head"]), tokens, where["head"]),
                 "tail": _entity(_literal(row["tail"]), tokens, where["tail"]),
-                "relation": _label_id(row["relation"], label_ids, where["relation"]),
+                "relation": self._label_id(row["relation"], where["relation"]),
             }
-        image = row["image"] if "image" in present else None
-        crops = _literal(row["objects"]) if "objects" in present else []
+        image = row["image"] if "image" in self.present else None
+        crops = _literal(row["objects"]) if "objects" in self.present else []
         if not isinstance(crops, list):
             raise ValueError(f"{where['objects']}: expected a list of crops, got {crops!r}")
         return {
@@ -326,36 +450,25 @@ def _normalize_split(
             "tokens": tokens,
             **labels,
             "image_id": _image_name(image),
-            "image": readers["image"](_literal(image), index),
-            "objects": [readers["objects"](crop, index) for crop in crops],
+            "image": self.readers["image"](_literal(image), index, count),
+            "objects": [self.readers["objects"](crop, index, count) for crop in crops],
         }
 
-    normalized = dataset.map(
-        normalize,
-        with_indices=True,
-        remove_columns=dataset.column_names,
-        features=_target_features(task, dataset, names),
-        load_from_cache_file=False,
-        desc=f"Reading the {split} split",
-    )
-    for reader in readers.values():
-        reader.check_found(text_only)
-    return normalized
+    def _label_id(self, label: Any, where: str) -> int:
+        """A label's id in the label set: a name, or a `ClassLabel` id read by its name."""
+        if isinstance(label, int) and self.source_names is not None and 0 <= label < len(self.source_names):
+            label = self.source_names[label]
+        elif isinstance(label, int) and 0 <= label < len(self.label_ids):
+            return label
+        if label not in self.label_ids:
+            raise ValueError(f"{where}: label {label!r} is not in the label set {list(self.label_ids)}")
+        return self.label_ids[label]
 
 
 def _words(value: Any, where: str) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(word, str) for word in value):
         raise ValueError(f"{where}: expected a non-empty list of words (strings), got {value!r}")
     return value
-
-
-def _label_id(label: Any, label_ids: Mapping[str, int], where: str) -> int:
-    """A label's id: a `ClassLabel` id as it is, a name by the label set."""
-    if isinstance(label, int) and 0 <= label < len(label_ids):
-        return label
-    if label not in label_ids:
-        raise ValueError(f"{where}: label {label!r} is not in the label set {list(label_ids)}")
-    return label_ids[label]
 
 
 def _entity(value: Any, tokens: list[str], where: str) -> dict[str, Any]:
@@ -394,4 +507,6 @@ __all__ = [
     "is_table_file",
     "load_table_dataset",
     "read_table_dataset",
+    "stream_table_dataset",
+    "ImageCounts",
 ]

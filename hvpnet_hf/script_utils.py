@@ -22,14 +22,23 @@ import datasets
 import torch
 import transformers
 import yaml
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, HfArgumentParser, PreTrainedModel, TrainingArguments, set_seed
 from transformers.trainer_utils import PredictionOutput, get_last_checkpoint
 
 from .collating import HVPNetDataCollator, sample_subset, tokenize_and_align
 from .configuration_hvpnet import HVPNetConfig
-from .data_sources import COLUMN_FLAGS, LABEL_COLUMNS, TASK_COLUMNS, is_table_file, label_names_of, load_table_dataset
+from .data_sources import (
+    COLUMN_FLAGS,
+    LABEL_COLUMNS,
+    TASK_COLUMNS,
+    ImageCounts,
+    is_table_file,
+    label_names_of,
+    load_table_dataset,
+    stream_table_dataset,
+)
 from .feature_cache import build_feature_cache
 from .loading import check_images_found_in_splits, find_release_layout, labels_on_model_ids
 from .modeling_hvpnet import HVPNetPreTrainedModel
@@ -38,6 +47,8 @@ from .processing_hvpnet import HVPNetProcessor
 from .sample_data import sample_paths
 from .training import HVPNetTrainer, keep_freed_memory
 
+logger = logging.getLogger(__name__)
+
 # `HVPNetConfig` settings that a script sets from its own flags and the data, never through `--config_overrides`.
 SET_BY_THE_SCRIPTS = ("text_config", "vision_backbone", "vision_pretrained", "id2label", "label2id")
 # The help of the split file flags: the extension tells a table file from a file in a published format.
@@ -45,6 +56,8 @@ SPLIT_FILE_HELP = (
     "A split file: JSON lines (.json, .jsonl), CSV (.csv) or Parquet (.parquet), read as a data set of your own, or "
     "a file in a published format (any other extension)."
 )
+# How to ask for the text only, said when not one image of a split is found.
+TEXT_ONLY = "pass --mask_images true to use the text only"
 # What a run writes into its output folder besides the model files, which are rewritten anyway.
 RUN_OUTPUTS = ("checkpoint-*", "*_results.json", "*_predictions.txt", "*_predictions.jsonl", "trainer_state.json")
 
@@ -216,10 +229,10 @@ def use_sample_set(data_args: Any, task: str) -> None:
         data_args.rel2id_file = data_args.rel2id_file or sample["rel2id"]
 
 
-def select_splits(splits: DatasetDict, data_args: Any, training_args: TrainingArguments) -> None:
+def select_splits(splits: DatasetDict | IterableDatasetDict, data_args: Any, training_args: TrainingArguments) -> None:
     """
-    Samples and cuts the splits in place as the data flags of `data_args` ask (`sample_ratio`, `max_*_samples`), and
-    checks that every split the run needs is there.
+    Samples and cuts the splits in place as the data flags of `data_args` ask (`sample_ratio`, `max_*_samples`; a
+    stream is cut as it is read), and checks that every split the run needs is there.
     """
     if training_args.do_train and "train" in splits:
         splits["train"] = sample_subset(splits["train"], data_args.sample_ratio, seed=training_args.seed)
@@ -228,7 +241,9 @@ def select_splits(splits: DatasetDict, data_args: Any, training_args: TrainingAr
         ("validation", data_args.max_eval_samples),
         ("test", data_args.max_predict_samples),
     ):
-        if limit is not None and split in splits:
+        if limit is not None and isinstance(splits.get(split), IterableDataset):
+            splits[split] = splits[split].take(limit)
+        elif limit is not None and split in splits:
             splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
     for split, needed in (
         ("train", training_args.do_train),
@@ -402,6 +417,22 @@ class DataTrainingArguments:
             "(without this flag or --resume_from_checkpoint, a non-empty output_dir is refused)."
         },
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Own data: read the splits as IterableDatasets, row by row, in bounded memory (training needs "
+            "--max_steps; no feature cache)."
+        },
+    )
+    label_set: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming, the label set of a new model when the label column holds names (no split is "
+            "read ahead to find them), e.g. O B-PER I-PER B-LOC I-LOC."
+        },
+    )
+    # With --streaming, the images of the rows read so far, counted as they are read (see `report_streamed_images`).
+    image_counts: ImageCounts | None = field(init=False, default=None)
 
     def __post_init__(self):
         for name in ("max_seq_length", "image_size", "max_train_samples", "max_eval_samples", "max_predict_samples"):
@@ -420,6 +451,15 @@ class DataTrainingArguments:
                     f"{', '.join(release_flags)}: settings of the published formats; a data set of your own names "
                     "its images and crops in its columns (--image_column_name, --objects_column_name)"
                 )
+        if self.streaming and not self.own_data:
+            raise ValueError(
+                "--streaming reads a data set of your own (--dataset_name, or JSON lines, CSV or Parquet files); a "
+                "published release is read into memory: pack it first with hvpnet-pack-dataset"
+            )
+        if self.streaming and self.sample_ratio != 1.0:
+            raise ValueError("--sample_ratio draws from the whole training set, which --streaming does not hold")
+        if self.label_set is not None and not self.streaming:
+            raise ValueError("--label_set is for --streaming; otherwise the label set is read from the data")
 
     @property
     def data_files(self) -> dict[str, str] | None:
@@ -486,6 +526,10 @@ def start_run(training_args: TrainingArguments, data_args: DataTrainingArguments
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(f"Training/evaluation parameters {training_args}")
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError(
+            "--streaming trains for --max_steps steps: a stream has no length to count epochs in; give --max_steps"
+        )
     if training_args.do_train and keep_freed_memory():
         logger.info("glibc's malloc keeps the memory the run frees for reuse (hvpnet_hf.training.keep_freed_memory)")
     prepare_output_dir(training_args, data_args.overwrite_output_dir)
@@ -501,23 +545,25 @@ def load_splits(
     crop maps found in its layout, or a data set of the user's own (see `hvpnet_hf.data_sources`); then sampled and
     cut as asked (`select_splits`).
     """
-    text_only = "pass --mask_images true to use the text only"
     if data_args.dataset == "sample":
         use_sample_set(data_args, data_args.task)
     if data_args.own_data:
         trained = model_args.model_name_or_path
+        if trained is not None and data_args.label_set is not None:
+            raise ValueError(f"--label_set: the trained model {trained} reads the data with its own labels")
         model_labels = None if trained is None else list(AutoConfig.from_pretrained(trained).id2label.values())
-        splits = load_table_dataset(
-            data_args.task,
-            data_args.columns,
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            data_files=data_args.data_files,
-            label_names=model_labels,
-            missing_images=data_args.missing_images,
-            mask_images=data_args.mask_images,
-            text_only=text_only,
-        )
+        reading = {
+            "dataset_name": data_args.dataset_name,
+            "dataset_config_name": data_args.dataset_config_name,
+            "data_files": data_args.data_files,
+            "label_names": model_labels or data_args.label_set,
+            "missing_images": data_args.missing_images,
+            "mask_images": data_args.mask_images,
+        }
+        if data_args.streaming:
+            splits, data_args.image_counts = stream_table_dataset(data_args.task, data_args.columns, **reading)
+        else:
+            splits = load_table_dataset(data_args.task, data_args.columns, **reading, text_only=TEXT_ONLY)
     else:
         image_dir, object_dir = (None, None) if data_args.mask_images else (data_args.image_dir, data_args.object_dir)
         layout = find_release_layout(image_dir, object_dir, data_args.object_map_dir or data_args.data_dir)
@@ -528,7 +574,7 @@ def load_splits(
             **layout,
         )
         if image_dir is not None:
-            check_images_found_in_splits(splits, layout["image_dir"], "image_dir", text_only)
+            check_images_found_in_splits(splits, layout["image_dir"], "image_dir", TEXT_ONLY)
     select_splits(splits, data_args, training_args)
     return splits
 
@@ -573,31 +619,30 @@ def load_processor_and_model(
 
 
 def encode_splits(
-    splits: DatasetDict,
+    splits: DatasetDict | IterableDatasetDict,
     processor: HVPNetProcessor,
     model: PreTrainedModel,
     data_args: DataTrainingArguments,
     training_args: TrainingArguments,
-) -> tuple[DatasetDict, DatasetDict]:
+) -> tuple[DatasetDict | IterableDatasetDict, DatasetDict | IterableDatasetDict]:
     """
     `splits` with their labels on the model's ids (see `labels_on_model_ids`), and the same tokenized (once, on the
-    main process first; images stay paths or undecoded values for the collator).
+    main process first; a stream as its rows are read; images stay paths or undecoded values for the collator).
+    Streamed splits are already on the model's ids: their label set is the model's, or the model was built on it.
     """
     column = LABEL_COLUMNS[data_args.task]
     id2label = model.config.id2label
-    splits = DatasetDict(
+    splits = type(splits)(
         {
             split: labels_on_model_ids(dataset, column, id2label, model.name_or_path)
             for split, dataset in splits.items()
         }
     )
+    tokenizing = {"processor": processor, "max_length": data_args.max_seq_length}
+    if isinstance(splits, IterableDatasetDict):
+        return splits, splits.map(tokenize_and_align, batched=True, fn_kwargs=tokenizing)
     with training_args.main_process_first(desc="tokenizing"):
-        encoded = splits.map(
-            tokenize_and_align,
-            batched=True,
-            fn_kwargs={"processor": processor, "max_length": data_args.max_seq_length},
-            desc="Tokenizing",
-        )
+        encoded = splits.map(tokenize_and_align, batched=True, fn_kwargs=tokenizing, desc="Tokenizing")
     return splits, encoded
 
 
@@ -609,9 +654,14 @@ def build_trainer(
     training_args: TrainingArguments,
     compute_metrics: Callable | None,
 ) -> HVPNetTrainer:
-    """The run's trainer, reading image features from the frozen backbone's cache when `feature_cache` is on."""
+    """
+    The run's trainer, reading image features from the frozen backbone's cache when `feature_cache` is on (never
+    with `streaming`: the cache is built in a pass over every image before training).
+    """
     feature_cache = None
-    if data_args.feature_cache:
+    if data_args.feature_cache and data_args.streaming:
+        logger.info("--streaming: no feature cache; the images are decoded when each batch is drawn")
+    elif data_args.feature_cache:
         feature_cache = build_feature_cache(
             model, processor, encoded.values(), data_args.feature_cache_dir, data_args.missing_images
         )
@@ -628,27 +678,50 @@ def build_trainer(
     )
 
 
-def train_and_save(trainer: HVPNetTrainer, training_args: TrainingArguments, train_split: Dataset) -> dict[str, float]:
-    """Trains, saves the best checkpoint (with its processor and code), its metrics and the trainer state."""
+def train_and_save(
+    trainer: HVPNetTrainer, training_args: TrainingArguments, train_split: Dataset | IterableDataset
+) -> dict[str, float]:
+    """
+    Trains, saves the best checkpoint (with its processor and code), its metrics (with the size of the training set,
+    unknown for a stream) and the trainer state.
+    """
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # the best checkpoint on validation F1, its processor, their code and the pipeline's
-    metrics = {**train_result.metrics, "train_samples": len(train_split)}
+    size = {"train_samples": len(train_split)} if isinstance(train_split, Dataset) else {}
+    metrics = {**train_result.metrics, **size}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics
 
 
-def predict_split(trainer: HVPNetTrainer, split: Dataset, prefix: str) -> tuple[PredictionOutput, dict[str, float]]:
+def predict_split(
+    trainer: HVPNetTrainer, split: Dataset | IterableDataset, prefix: str
+) -> tuple[PredictionOutput, dict[str, float]]:
     """The predictions and metrics of one split (`prefix`: `eval` or `test`), logged and saved."""
     prediction = trainer.predict(split, metric_key_prefix=prefix)
-    metrics = {**prediction.metrics, f"{prefix}_samples": len(split)}
+    num_examples = len(split) if isinstance(split, Dataset) else len(prediction.label_ids)  # a stream's, as read
+    metrics = {**prediction.metrics, f"{prefix}_samples": num_examples}
     trainer.log_metrics(prefix, metrics)
     trainer.save_metrics(prefix, metrics)
     return prediction, metrics
 
 
+def column_values(split: Dataset | IterableDataset, column: str) -> list:
+    """The values of one column of a split, in order (a streamed split is read once for them)."""
+    if isinstance(split, Dataset):
+        return split[column]
+    return [row[column] for row in split.select_columns([column])]
+
+
+def report_streamed_images(data_args: DataTrainingArguments) -> None:
+    """With `streaming`, logs the images masked as missing in the rows the run read (see `ImageCounts.report`)."""
+    if data_args.image_counts is not None:
+        data_args.image_counts.report(TEXT_ONLY)
+
+
 __all__ = [
+    "TEXT_ONLY",
     "TRAINING_DEFAULTS",
     "DataTrainingArguments",
     "ModelArguments",
@@ -656,6 +729,7 @@ __all__ = [
     "check_max_seq_length",
     "check_range",
     "check_trained_model_settings",
+    "column_values",
     "encode_splits",
     "load_processor_and_model",
     "load_splits",
@@ -663,6 +737,7 @@ __all__ = [
     "parse_settings_and_flags",
     "predict_split",
     "prepare_output_dir",
+    "report_streamed_images",
     "select_splits",
     "start_run",
     "train_and_save",

@@ -8,7 +8,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 from PIL import Image
 
-from hvpnet_hf.data_sources import is_table_file, load_table_dataset
+from hvpnet_hf.data_sources import is_table_file, load_table_dataset, stream_table_dataset
 
 NER_COLUMNS = {"tokens": "tokens", "ner_tags": "ner_tags", "image": "image", "objects": "objects"}
 RE_COLUMNS = {"tokens": "tokens", "head": "head", "tail": "tail", "relation": "relation", "image": "image",
@@ -105,3 +105,39 @@ def test_urls_and_missing_columns_are_refused_before_any_work(tmp_path):
 def test_data_files_of_mixed_or_unknown_formats_are_refused(tmp_path):
     with pytest.raises(ValueError, match="data files must all be one of"):
         load_table_dataset("ner", NER_COLUMNS, data_files={"train": tmp_path / "a.jsonl", "test": tmp_path / "b.csv"})
+
+
+def test_streamed_rows_are_normalized_as_in_memory_and_images_counted_once_per_row(tmp_path, picture, caplog):
+    rows = [
+        {"tokens": ["Kevin", "in", "Boston"], "ner_tags": ["B-PER", "O", "B-LOC"], "image": picture,
+         "objects": [picture, "pictures/gone.jpg"]},
+        {"tokens": ["hi"], "ner_tags": ["O"], "image": "pictures/gone.jpg", "objects": []},
+    ]  # fmt: skip
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows)}
+    in_memory = load_table_dataset("ner", NER_COLUMNS, data_files=files)["train"]
+    with pytest.raises(ValueError, match="streaming reads no split ahead to find the label set"):
+        stream_table_dataset("ner", NER_COLUMNS, data_files=files)
+    splits, counts = stream_table_dataset("ner", NER_COLUMNS, data_files=files, label_names=["O", "B-LOC", "B-PER"])
+    assert list(splits["train"]) == list(in_memory) == list(splits["train"])  # read twice, as two epochs do
+    with caplog.at_level(logging.WARNING, "hvpnet_hf.data_sources"):
+        counts.report("use --mask_images")
+    assert "column 'image': 1 of 2 images missing" in caplog.text  # counted once, though read twice
+    assert "column 'objects': 1 of 2 images missing" in caplog.text
+    # A label outside the given set is found when its row is read, and named.
+    splits, _ = stream_table_dataset("ner", NER_COLUMNS, data_files=files, label_names=["O", "B-PER"])
+    with pytest.raises(ValueError, match=r"the train split, row 0, column 'ner_tags': label 'B-LOC' is not in"):
+        list(splits["train"])
+
+
+def test_streamed_class_label_ids_are_read_by_name_onto_the_given_label_set(tmp_path):
+    features = Features({"tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=["O", "B-PER"]))})
+    DatasetDict(train=Dataset.from_list([{"tokens": ["Bob"], "ner_tags": [1]}], features=features)).save_to_disk(
+        tmp_path / "posts"
+    )
+    splits, _ = stream_table_dataset("ner", NER_COLUMNS, dataset_name=str(tmp_path / "posts"))
+    assert [row["ner_tags"] for row in splits["train"]] == [[1]]  # the ClassLabel's own set
+    splits, _ = stream_table_dataset(
+        "ner", NER_COLUMNS, dataset_name=str(tmp_path / "posts"), label_names=["O", "B-LOC", "B-PER"]
+    )  # a trained model's labels, in its order
+    assert [row["ner_tags"] for row in splits["train"]] == [[2]]
+    assert splits["train"].features["ner_tags"].feature.names == ["O", "B-LOC", "B-PER"]

@@ -33,6 +33,7 @@ import hvpnet_hf
 import hvpnet_hf.script_utils
 from hvpnet_hf import HVPNetProcessor, load_mner_dataset, sample_subset
 from hvpnet_hf.collating import HVPNetDataCollator
+from hvpnet_hf.dataset_packing import pack_release
 from hvpnet_hf.loading import find_release_layout
 from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.prediction_files import read_conll
@@ -47,6 +48,7 @@ import demo  # noqa: E402
 import low_resource  # noqa: E402
 import seeds  # noqa: E402
 
+import run_gmner  # noqa: E402
 import run_mner  # noqa: E402
 import run_mre  # noqa: E402
 import runs  # noqa: E402
@@ -296,12 +298,15 @@ SHIPPED_CONFIGS = [
     ("twitter2017_released", "run_mner"),
     ("demo_mner", "run_mner"),
     ("tiny_mner", "run_mner"),
+    ("cmner", "run_mner"),
     ("mnre", "run_mre"),
     ("mnre_released", "run_mre"),
     ("tiny_mre", "run_mre"),
     ("twitter2015_xlmr_large_clip", "run_mner"),
     ("twitter2017_xlmr_large_clip", "run_mner"),
     ("mnre_xlmr_large_clip", "run_mre"),
+    ("demo_gmner", "run_gmner"),
+    ("twitter_gmner", "run_gmner"),
 ]
 
 
@@ -313,9 +318,11 @@ def test_every_shipped_config_is_checked():
 
 @pytest.mark.parametrize("name, script_name", SHIPPED_CONFIGS)
 def test_shipped_configs_parse(name, script_name):
-    script = {"run_mner": run_mner, "run_mre": run_mre}[script_name]
+    script = {"run_mner": run_mner, "run_mre": run_mre, "run_gmner": run_gmner}[script_name]
     model_args, data_args, training_args = script.parse_arguments([str(EXAMPLES / "configs" / f"{name}.yaml")])
-    assert training_args.load_best_model_at_end and training_args.metric_for_best_model == "f1"
+    # run_gmner.py selects on the validation loss: its F1 needs the model's own spans grounded after training.
+    selected_on = "loss" if script is run_gmner else "f1"
+    assert training_args.load_best_model_at_end and training_args.metric_for_best_model == selected_on
     # The real-data recipes group training batches by length; the sample-set configs keep random batches.
     real_data = data_args.dataset != "sample"
     assert training_args.train_sampling_strategy == ("group_by_length" if real_data else "random")
@@ -911,3 +918,68 @@ def test_own_data_refuses_the_release_flags_and_a_missing_column(text_model, tmp
         run_mre.main([*flags, "--image_dir", SAMPLE_RE["image_dir"]])
     with pytest.raises(ValueError, match=r"no column 'subject' \(--head_column_name\); its columns are \['tokens'"):
         run_mre.main([*flags, "--head_column_name", "subject"])
+
+
+# ------------------------------------------------------------------------------ streaming (--streaming, IterableDataset)
+
+
+def recorded_run(script, flags: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """The results of a run and every batch its collator made, in order."""
+    batches = []
+    original_call = HVPNetDataCollator.__call__
+
+    def recording_call(self, features):
+        batch = original_call(self, features)
+        batches.append(batch)
+        return batch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HVPNetDataCollator, "__call__", recording_call)
+        return script.main(flags), batches
+
+
+@pytest.mark.parametrize("source", ["jsonl", "packed"])
+def test_streaming_trains_on_the_batches_of_the_in_memory_run(text_model, tmp_path, source):
+    if source == "jsonl":
+        data_flags = [*write_own_splits("ner", tmp_path / "data", "jsonl"), *OWN_NER_COLUMNS]
+        # The label set the in-memory run reads from the train split: O first, then sorted.
+        found = {tag for row in own_rows("ner", "train", SPLIT_SIZES["train"]) for tag in row["tags"]}
+        label_flags = ["--label_set", "O", *sorted(found - {"O"})]
+    else:  # the sample release packed with its images and crops embedded; its tags are a ClassLabel
+        pack_release("twitter2015", SAMPLE_NER["data_dir"], SAMPLE_NER["image_dir"], SAMPLE_NER["object_dir"],
+                     output_dir=tmp_path / "packed")  # fmt: skip
+        data_flags, label_flags = ["--dataset_name", str(tmp_path / "packed")], []
+    # Training batches in the data's order in memory too, so that both runs draw the same ones.
+    flags = [*data_flags, "--dataset", "my_posts", "--max_steps", "2", "--feature_cache", "false"]
+    flags += ["--train_sampling_strategy", "sequential"]
+    memory_results, memory_batches = recorded_run(run_mner, [*tiny_flags(text_model, tmp_path / "memory"), *flags])
+    stream_flags = [*tiny_flags(text_model, tmp_path / "stream"), *flags, "--streaming", "true", *label_flags]
+    stream_results, stream_batches = recorded_run(run_mner, stream_flags)
+
+    # Training, evaluation during training, then validation and test: the same batches, one by one.
+    assert len(stream_batches) == len(memory_batches) >= 4
+    for streamed, in_memory in zip(stream_batches, memory_batches, strict=True):
+        assert streamed.keys() == in_memory.keys()
+        assert all(torch.equal(streamed[name], in_memory[name]) for name in in_memory)
+    assert stream_batches[0]["image_mask"][:, 0].any()  # the pictures reached the model
+    assert stream_results["test_samples"] == memory_results["test_samples"] == (8 if source == "jsonl" else 10)
+    assert "train_samples" not in stream_results  # a stream's size is not known
+    # The same batches in the same order train the same model: the prediction files match line for line.
+    for name in ("validation_predictions.txt", "test_predictions.txt"):
+        assert (tmp_path / "stream" / name).read_text() == (tmp_path / "memory" / name).read_text()
+
+
+def test_streaming_refuses_what_needs_the_whole_data_set(text_model, tmp_path):
+    flags = [*tiny_flags(text_model, tmp_path / "run"), "--dataset", "my_posts", *OWN_NER_COLUMNS]
+    flags += write_own_splits("ner", tmp_path / "data", "jsonl")
+    with pytest.raises(ValueError, match="--streaming trains for --max_steps steps"):
+        run_mner.main([*flags, "--streaming", "true"])
+    with pytest.raises(ValueError, match="--sample_ratio draws from the whole training set"):
+        run_mner.main([*flags, "--streaming", "true", "--max_steps", "2", "--sample_ratio", "0.5"])
+    # Tag names and no label set: streaming reads no split ahead to find it.
+    with pytest.raises(ValueError, match=r"column 'tags' holds label names, and streaming reads no split ahead"):
+        run_mner.main([*flags, "--streaming", "true", "--max_steps", "2"])
+    with pytest.raises(ValueError, match="--label_set is for --streaming"):
+        run_mner.main([*flags, "--label_set", "O", "B-PER"])
+    with pytest.raises(ValueError, match="--streaming reads a data set of your own"):
+        run_mner.main([*tiny_flags(text_model, tmp_path / "sample"), "--streaming", "true", "--max_steps", "2"])
