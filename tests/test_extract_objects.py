@@ -27,6 +27,7 @@ import hvpnet_hf.extract_objects
 import hvpnet_hf.pipelines  # noqa: F401  (registers the pipelines)
 from hvpnet_hf import HVPNetProcessor, load_cmner_dataset, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.extract_objects import crop_sources, extract_objects, run, split_of
+from hvpnet_hf.grounding_data import candidate_boxes_file, load_gmner_dataset
 from hvpnet_hf.image_processing_hvpnet import load_image
 from hvpnet_hf.loading import find_object_maps, find_release_layout, split_folders
 from hvpnet_hf.object_detection import GENERIC_QUERIES, ObjectCropper, text_queries
@@ -249,6 +250,37 @@ def test_command_writes_the_layout_the_loaders_and_training_scripts_read(
     assert first_crop.mode == "RGB" and first_crop.size == (best.box[2] - best.box[0], best.box[3] - best.box[1])
 
 
+def test_each_crop_has_its_box_for_grounding(owl_detector, twitter_files, tmp_path):
+    data_file, image_dir = twitter_files
+    extract_objects(data_file, image_dir, tmp_path / "objects", owl_cropper(owl_detector))
+    boxes = json.loads(candidate_boxes_file(tmp_path / "objects", "train").read_text())
+    crop_map = torch.load(tmp_path / "objects" / "objects_train_dict.pth", weights_only=True)
+    assert list(boxes) == list(crop_map)  # the missing picture is in neither
+    for name, crops in crop_map.items():
+        # One box per crop, in the map's order: the crop is the image cut at its box.
+        assert len(boxes[name]) == len(crops)
+        image = load_image(image_dir / name)
+        for crop, box in zip(crops, boxes[name], strict=True):
+            assert Image.open(tmp_path / "objects" / "train" / "crops" / crop).size == (
+                box[2] - box[0],
+                box[3] - box[1],
+            )
+            assert 0 <= box[0] < box[2] <= image.width and 0 <= box[1] < box[3] <= image.height
+    # The grounding loader reads the boxes as each image's candidates, aligned with its crops.
+    (tmp_path / "xml").mkdir()
+    (tmp_path / "xml" / "1001.xml").write_text(
+        "<annotation><size><width>60</width><height>40</height></size><object><name>Kevin Durant</name>"
+        "<bndbox><xmin>10</xmin><ymin>5</ymin><xmax>30</xmax><ymax>25</ymax></bndbox></object></annotation>"
+    )
+    data = load_gmner_dataset(
+        data_files={"train": data_file},
+        xml_dir=tmp_path / "xml",
+        **find_release_layout(image_dir, tmp_path / "objects", tmp_path / "objects"),
+        candidate_boxes={"train": candidate_boxes_file(tmp_path / "objects", "train")},
+    )["train"]
+    assert data["candidate_boxes"][:2] == [[list(map(float, box)) for box in boxes[name]] for name in crop_map]
+
+
 def test_mnre_file_queries_head_and_tail_and_maps_by_image(owl_detector, tmp_path):
     data_file = tmp_path / "mnre_val.txt"
     data_file.write_text("".join(repr(line) + "\n" for line in MNRE_LINES), encoding="utf-8")
@@ -299,21 +331,23 @@ def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_m
 
     interrupted = tmp_path / "interrupted"
     cropper = owl_cropper(owl_detector)
-    real_crops, calls = cropper.crops, []
+    real_detect, calls = cropper.detect, []
 
-    def crops_then_stop(image, queries):
+    def detect_then_stop(image, queries):
         calls.append(queries)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_crops(image, queries)
+        return real_detect(image, queries)
 
-    monkeypatch.setattr(cropper, "crops", crops_then_stop)
+    monkeypatch.setattr(cropper, "detect", detect_then_stop)
     with pytest.raises(KeyboardInterrupt):
         extract_objects(data_file, image_dir, interrupted, cropper, save_every=100)
     partial = torch.load(interrupted / "objects_train_dict.pth", weights_only=True)
     assert list(partial) == ["1001.jpg"] and not list(interrupted.glob("*.partial"))
 
-    monkeypatch.setattr(cropper, "crops", real_crops)
+    assert list(json.loads((interrupted / "objects_train_boxes.json").read_text())) == ["1001.jpg"]
+
+    monkeypatch.setattr(cropper, "detect", real_detect)
     counts = extract_objects(data_file, image_dir, interrupted, cropper)
     assert counts["skipped"] == 1 and counts["extracted"] == 1
     finished = torch.load(interrupted / "objects_train_dict.pth", weights_only=True)
@@ -323,7 +357,10 @@ def test_a_second_run_skips_done_images_and_an_interrupted_run_leaves_a_usable_m
             complete / "train" / "crops" / name
         ).read_bytes()
 
-    monkeypatch.setattr(cropper, "crops", crops_then_stop)
+    boxes = json.loads((interrupted / "objects_train_boxes.json").read_text())
+    assert boxes == json.loads((complete / "objects_train_boxes.json").read_text())
+
+    monkeypatch.setattr(cropper, "detect", detect_then_stop)
     calls.clear()
     again = extract_objects(data_file, image_dir, interrupted, cropper)
     assert calls == [] and again["skipped"] == 2 and again["missing"] == 1  # only the missing picture is tried
