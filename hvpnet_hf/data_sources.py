@@ -49,7 +49,7 @@ from datasets import Image as ImageFeature
 
 from .collating import with_undecoded_images
 from .image_processing_hvpnet import _check_policy, image_header_problem, image_source
-from .loading import NO_RELATION, SPLIT_ALIASES
+from .loading import NO_RELATION, split_of_alias
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ LABEL_COLUMNS = {"ner": "ner_tags", "re": "relation"}
 # The label that comes first in a label set read from the data.
 NEUTRAL_LABEL = {"ner": "O", "re": NO_RELATION}
 IMAGE_COLUMNS = ("image", "objects")
-_SPLIT_OF_ALIAS = {alias: split for split, aliases in SPLIT_ALIASES.items() for alias in (split, *aliases)}
 
 
 def is_table_file(path: str | os.PathLike) -> bool:
@@ -119,7 +118,7 @@ def read_table_dataset(
         builder = TABLE_FORMATS[suffixes.pop()]
         files = {split: str(path) for split, path in data_files.items()}
         splits = load_dataset(builder, data_files=files, streaming=streaming)
-    return type(splits)({_SPLIT_OF_ALIAS.get(split, split): dataset for split, dataset in splits.items()})
+    return type(splits)({split_of_alias(split) or split: dataset for split, dataset in splits.items()})
 
 
 def load_table_dataset(

@@ -129,15 +129,9 @@ def load_gmner_dataset(
         counted and logged per split (`grounding_counts`).
     """
     entity_types = {name: MNER_ENTITY_TYPES[name] for name in GMNER_ENTITY_TYPES}
-    return _load(
-        _TextFormat(num_columns=2, tag_column=1, entity_types=entity_types, labels=MNER_LABELS),
-        data_files=_resolve_data_files(data_dir, data_files),
-        xml_dir=xml_dir,
-        sources={"image_dir": image_dir, "object_dir": object_dir, "object_maps": object_maps},
-        candidate_boxes=candidate_boxes,
-        num_candidates=num_candidates,
-        missing_images=missing_images,
-    )
+    text_format = _TextFormat(num_columns=2, tag_column=1, entity_types=entity_types, labels=MNER_LABELS)
+    sources = {"image_dir": image_dir, "object_dir": object_dir, "object_maps": object_maps}
+    return _load(text_format, data_dir, data_files, xml_dir, sources, candidate_boxes, num_candidates, missing_images)
 
 
 def load_fmnerg_dataset(
@@ -176,15 +170,8 @@ def load_fmnerg_dataset(
         entity_types={name: name for name in names},
         labels=bio_labels(names),
     )
-    return _load(
-        text_format,
-        data_files=_resolve_data_files(data_dir, data_files),
-        xml_dir=xml_dir,
-        sources={"image_dir": image_dir, "object_dir": object_dir, "object_maps": object_maps},
-        candidate_boxes=candidate_boxes,
-        num_candidates=num_candidates,
-        missing_images=missing_images,
-    )
+    sources = {"image_dir": image_dir, "object_dir": object_dir, "object_maps": object_maps}
+    return _load(text_format, data_dir, data_files, xml_dir, sources, candidate_boxes, num_candidates, missing_images)
 
 
 @dataclass(frozen=True)
@@ -200,15 +187,17 @@ class _TextFormat:
 
 def _load(
     text_format: _TextFormat,
-    data_files: dict[str, Path],
+    data_dir: PathLike | None,
+    data_files: Mapping[str, PathLike] | None,
     xml_dir: PathLike,
     sources: dict,
     candidate_boxes: Mapping[str, PathLike | Mapping] | None,
     num_candidates: int,
     missing_images: str,
 ) -> DatasetDict:
-    """The splits of `data_files` in `text_format`, their entities grounded in `xml_dir`'s boxes; `sources` are the
-    image and crop arguments of `load_mner_dataset`."""
+    """The splits of `load_gmner_dataset` in `text_format`, their entities grounded in `xml_dir`'s boxes; `sources`
+    are the image and crop arguments of `load_mner_dataset`."""
+    files = _resolve_data_files(data_dir, data_files)
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be at least 1, got {num_candidates}")
     if not Path(xml_dir).is_dir():
@@ -226,7 +215,7 @@ def _load(
         }
     )
     splits = {}
-    for split, path in data_files.items():
+    for split, path in files.items():
         examples = _read_tagged_file(path, text_format)
         entities = _ground_entities(split, examples, Path(xml_dir))
         candidates = _candidate_lists(split, examples, candidate_boxes)

@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, List, Value
 
 from .image_processing_hvpnet import _check_policy, image_header_problem
 
@@ -92,25 +92,9 @@ def load_mner_dataset(
         `DatasetDict` with the splits found, columns `id` (sample index in its file), `tokens`, `ner_tags`
         (`ClassLabel` over `MNER_LABELS`; OTHER is read as MISC), `image_id`, `image` (path or None), `objects`.
     """
-    files = _resolve_data_files(data_dir, data_files)
-    features = Features(
-        {
-            "id": Value("string"),
-            "tokens": List(Value("string")),
-            "ner_tags": List(ClassLabel(names=MNER_LABELS)),
-            "image_id": Value("string"),
-            "image": Value("string"),
-            "objects": List(Value("string")),
-        }
+    return _load_ner_files(
+        _read_mner_file, Value("string"), data_dir, data_files, image_dir, object_dir, object_maps, missing_images
     )
-    splits = {}
-    for split, path in files.items():
-        examples = _read_mner_file(path)
-        columns = {"ner_tags": [example.fields["ner_tags"] for example in examples]}
-        splits[split] = _build_split(
-            split, path, examples, columns, features, image_dir, object_dir, object_maps, missing_images
-        )
-    return DatasetDict(splits)
 
 
 def load_cmner_dataset(
@@ -136,25 +120,10 @@ def load_cmner_dataset(
         `ner_tags` (`ClassLabel` over `MNER_LABELS`), `image_id` (the WID), `image` (the post's image paths, sorted
         by name; an empty list for a post without images, which is masked), `objects`.
     """
-    files = _resolve_data_files(data_dir, data_files)
-    features = Features(
-        {
-            "id": Value("string"),
-            "tokens": List(Value("string")),
-            "ner_tags": List(ClassLabel(names=MNER_LABELS)),
-            "image_id": Value("string"),
-            "image": List(Value("string")),
-            "objects": List(Value("string")),
-        }
+    post_images = List(Value("string"))
+    return _load_ner_files(
+        _read_cmner_file, post_images, data_dir, data_files, image_dir, object_dir, object_maps, missing_images
     )
-    splits = {}
-    for split, path in files.items():
-        examples = _read_cmner_file(path)
-        columns = {"ner_tags": [example.fields["ner_tags"] for example in examples]}
-        splits[split] = _build_split(
-            split, path, examples, columns, features, image_dir, object_dir, object_maps, missing_images
-        )
-    return DatasetDict(splits)
 
 
 def load_mre_dataset(
@@ -205,6 +174,41 @@ def load_mre_dataset(
         columns = {name: [example.fields[name] for example in examples] for name in ("head", "tail", "relation")}
         splits[split] = _build_split(
             split, files[split], examples, columns, features, image_dir, object_dir, object_maps, missing_images
+        )
+    return DatasetDict(splits)
+
+
+def _load_ner_files(
+    read_file: Callable[[Path], list[_Example]],
+    image_feature: Value | List,
+    data_dir: PathLike | None,
+    data_files: Mapping[str, PathLike] | None,
+    image_dir: SplitPaths | None,
+    object_dir: SplitPaths | None,
+    object_maps: Mapping[str, PathLike | Mapping] | None,
+    missing_images: str,
+) -> DatasetDict:
+    """
+    The NER splits of `load_mner_dataset` / `load_cmner_dataset`, each file read by `read_file`; `image_feature` is
+    an image path (`Value`) or a post's image paths (`List`).
+    """
+    files = _resolve_data_files(data_dir, data_files)
+    features = Features(
+        {
+            "id": Value("string"),
+            "tokens": List(Value("string")),
+            "ner_tags": List(ClassLabel(names=MNER_LABELS)),
+            "image_id": Value("string"),
+            "image": image_feature,
+            "objects": List(Value("string")),
+        }
+    )
+    splits = {}
+    for split, path in files.items():
+        examples = read_file(path)
+        columns = {"ner_tags": [example.fields["ner_tags"] for example in examples]}
+        splits[split] = _build_split(
+            split, path, examples, columns, features, image_dir, object_dir, object_maps, missing_images
         )
     return DatasetDict(splits)
 
@@ -407,10 +411,15 @@ def data_file_format(path: PathLike) -> str:
     )
 
 
+def split_of_alias(name: str) -> str | None:
+    """The split (`train`, `validation`, `test`) that a release calls `name` (`val`, `dev`, `valid`, ...), or None."""
+    return _SPLIT_OF_ALIAS.get(name)
+
+
 def split_of_file(path: PathLike) -> str | None:
     """The split (`train`, `validation`, `test`) a file name names as one word (`ours_val.txt`), or None."""
     match = _SPLIT_WORD.search(Path(path).stem)
-    return _SPLIT_OF_ALIAS[match.group(1).lower()] if match else None
+    return split_of_alias(match.group(1).lower()) if match else None
 
 
 def find_split_files(data_dir: PathLike) -> dict[str, Path]:
@@ -723,7 +732,8 @@ def labels_on_model_ids(examples: Dataset, column: str, id2label: Mapping[int, s
     the ids of the model's `id2label`, so that a model's ids are read with its own label names. A label of the data
     that the model does not know is an error naming it: the model can never predict it, so its scores would be
     wrong. (`Dataset.align_labels_with_mapping` is not used: it fails on a list of labels and matches names
-    case-insensitively.)
+    case-insensitively.) A streamed split (`IterableDataset`) passes only when its labels are already the model's:
+    re-encoding it would read the whole stream ahead.
     """
     feature = examples.features[column]
     is_list = isinstance(feature, List)
@@ -731,6 +741,12 @@ def labels_on_model_ids(examples: Dataset, column: str, id2label: Mapping[int, s
     model_names = [id2label[index] for index in range(len(id2label))]
     if names == model_names:
         return examples
+    if isinstance(examples, IterableDataset):
+        raise ValueError(
+            f"the streamed {examples.split} split has the labels {names} in {column!r}, not those of the model "
+            f"{model} ({model_names}) in their order; stream it with the model's labels (`stream_table_dataset`'s "
+            "label_names)"
+        )
     used = {tag for tags in examples[column] for tag in tags} if is_list else set(examples[column])
     unknown = sorted({names[index] for index in used} - set(model_names))
     if unknown:
@@ -794,5 +810,6 @@ __all__ = [
     "load_mner_dataset",
     "load_mre_dataset",
     "split_folders",
+    "split_of_alias",
     "split_of_file",
 ]

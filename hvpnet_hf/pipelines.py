@@ -411,13 +411,10 @@ class MultimodalGroundedNerPipeline(MultimodalNerPipeline):
     input_keys = ("text", "words", "image", "objects", "boxes")
 
     def preprocess(
-        self,
-        inputs: str | Mapping,
-        max_length: int | None = None,
-        stride: int | None = None,
-        missing_images: str = "error",
-        object_cropper: ObjectCropper | None = None,
+        self, inputs: str | Mapping, object_cropper: ObjectCropper | None = None, **text_parameters
     ) -> dict[str, Any]:
+        """The inputs of `multimodal-ner` for the text and the candidate crops; `text_parameters` are its own
+        (`max_length`, `stride`, `missing_images`)."""
         example = self._check_input({"text": inputs} if isinstance(inputs, str) else inputs)
         if isinstance(example.get("image"), (list, tuple)):
             raise ValueError(
@@ -425,7 +422,7 @@ class MultimodalGroundedNerPipeline(MultimodalNerPipeline):
             )
         crops, boxes = self._candidates(example, object_cropper)
         text_example = {key: value for key, value in example.items() if key != "boxes"}
-        processed = super().preprocess({**text_example, "objects": crops}, max_length, stride, missing_images)
+        processed = super().preprocess({**text_example, "objects": crops}, **text_parameters)
         processed["example"]["boxes"] = boxes
         return processed
 

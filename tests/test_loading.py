@@ -5,14 +5,17 @@ import logging
 
 import pytest
 import torch
+from datasets import ClassLabel, Features, IterableDataset, List
 from PIL import Image
 
 from hvpnet_hf.loading import (
     MNER_LABELS,
     find_file_layout,
     find_release_layout,
+    labels_on_model_ids,
     load_mner_dataset,
     load_mre_dataset,
+    split_of_alias,
     split_of_file,
 )
 
@@ -276,6 +279,17 @@ def test_split_of_file_reads_the_release_names(name, split):
     assert split_of_file(name) == split
 
 
+def test_split_of_alias_reads_the_release_names_only():
+    assert [split_of_alias(name) for name in ("val", "dev", "valid", "train", "test")] == [
+        "validation",
+        "validation",
+        "validation",
+        "train",
+        "test",
+    ]
+    assert split_of_alias("validation") is None and split_of_alias("Dev") is None
+
+
 def test_release_layout_needs_the_crop_maps(tmp_path):
     (tmp_path / "crops").mkdir()
     with pytest.raises(ValueError, match="crop maps"):
@@ -412,3 +426,21 @@ def test_decompression_bombs_are_masked_and_named_or_an_error(tmp_path, monkeypa
     assert "1 of 3 image files" in caplog.text and "102.jpg" in caplog.text and "decompression bomb" in caplog.text
     with pytest.raises(FileNotFoundError, match=r"train.txt:7: image file .*102.jpg .*decompression bomb"):
         load_mner_dataset(data_files={"train": data_dir / "train.txt"}, image_dir=image_dir, missing_images="error")
+
+
+# ---------------------------------------------------------------- labels on a model's ids
+
+
+def test_a_stream_is_put_on_the_models_ids_only_when_they_are_its_own():
+    rows_read = []
+
+    def rows():
+        rows_read.append(1)
+        yield {"ner_tags": [1, 0]}
+
+    tags = Features({"ner_tags": List(ClassLabel(names=["O", "B-PER"]))})
+    stream = IterableDataset.from_generator(rows, features=tags, split="test")
+    assert labels_on_model_ids(stream, "ner_tags", {0: "O", 1: "B-PER"}, "tagger") is stream
+    with pytest.raises(ValueError, match=r"the streamed test split has the labels \['O', 'B-PER'\] in 'ner_tags'"):
+        labels_on_model_ids(stream, "ner_tags", {0: "B-PER", 1: "O"}, "tagger")
+    assert not rows_read  # refused before the stream is read
