@@ -99,7 +99,9 @@ def with_undecoded_images(dataset: Dataset | IterableDataset) -> Dataset | Itera
     `Image(decode=False)` (`cast_column`), so that rows hold `{"bytes", "path"}` and `ImageAttacher`, the collator and
     the feature cache decode them with the package's policy (`load_image`), rather than `datasets` with its own (no
     masking of unreadable images, and downloads of remote paths). Other columns, and data sets whose features are
-    unknown (an `IterableDataset` of a generator), are returned as they are.
+    unknown (an `IterableDataset` of a generator), are returned as they are. On an `IterableDataset`, a
+    `rename_columns` (or any `map`) before the cast decodes every image of a row read and encodes it again: call
+    `decode(False)` first, as `hvpnet_hf.data_sources` does (`select_columns` does not decode).
     """
     for column in IMAGE_COLUMNS:
         feature = (dataset.features or {}).get(column)
