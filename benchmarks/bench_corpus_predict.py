@@ -2,7 +2,7 @@
 number of processes that share it.
 
 Setup, nothing downloaded: the bundled Twitter sample test split (100 tweets, 64x64 pictures, 3 crops each) repeated
-`--scales` times into one input file, and a small random HVPNeT NER model (a 4-layer BERT of width 256 on the packaged
+`--scales` times into one JSON-lines file (read as a stream), and a small random HVPNeT NER model (a 4-layer BERT of width 256 on the packaged
 MiniLM tokenizer, resnet18, 3 crops), saved to a temporary folder. Each configuration runs `hvpnet-predict` (in
 float32, batch 16, no DataLoader workers) in fresh processes: one, or `--processes` of them started as `torchrun`
 starts them (RANK, LOCAL_RANK, WORLD_SIZE; the machine's cores shared out among them with OMP_NUM_THREADS), each predicting its share, the last one to finish merging the shards.
@@ -25,8 +25,6 @@ from pathlib import Path
 
 import bench_utils
 import torch
-
-SAMPLE = Path(__file__).resolve().parents[1] / "hvpnet_hf" / "sample_data" / "twitter"
 
 
 def build_model(folder: Path) -> None:
@@ -52,19 +50,25 @@ def build_model(folder: Path) -> None:
 
 
 def write_input(path: Path, scale: int) -> int:
-    """The sample test split repeated `scale` times into `path`; returns its number of tweets."""
-    text = (SAMPLE / "test.txt").read_text(encoding="utf-8").strip("\n") + "\n\n"
-    path.write_text(text * scale, encoding="utf-8")
-    return text.count("IMGID:") * scale
+    """The sample test split repeated `scale` times into `path` as JSON lines (the streamed input of
+    `hvpnet-predict`: words, tag names, image and crop paths); returns its number of tweets."""
+    from hvpnet_hf.loading import load_mner_dataset
+    from hvpnet_hf.sample_data import sample_sources
+
+    test = load_mner_dataset(**sample_sources("ner"))["test"]
+    names = test.features["ner_tags"].feature.names
+    rows = [
+        json.dumps({"tokens": row["tokens"], "ner_tags": [names[tag] for tag in row["ner_tags"]],
+                    "image": row["image"], "objects": row["objects"]})
+        for row in test
+    ]  # fmt: skip
+    path.write_text("\n".join(rows * scale) + "\n", encoding="utf-8")
+    return len(rows) * scale
 
 
 def run(model: Path, data: Path, output: Path, num_processes: int) -> dict:
     """Wall seconds of one `hvpnet-predict` run over `num_processes` processes, and their largest peak RSS."""
-    argv = [
-        "--model", str(model), "--input", str(data), "--output", str(output), "--batch_size", "16",
-        "--image_dir", str(SAMPLE / "images"), "--object_dir", str(SAMPLE / "aux_images" / "test" / "crops"),
-        "--object_map", str(SAMPLE / "twitter_test_dict.pth"),
-    ]  # fmt: skip
+    argv = ["--model", str(model), "--input", str(data), "--output", str(output), "--batch_size", "16"]
     threads = max(1, (os.cpu_count() or 1) // num_processes)  # the cores shared out, as torchrun does with 1 per GPU
     start = time.perf_counter()
     processes = [
@@ -119,7 +123,7 @@ def main() -> None:
         build_model(model)
         reference = None
         for scale in sorted(set(args.scales)):
-            data = Path(folder) / f"tweets_{scale}.txt"
+            data = Path(folder) / f"tweets_{scale}.jsonl"
             num_tweets = write_input(data, scale)
             for num_processes in sorted(set(args.processes)):
                 output = Path(folder) / f"predictions_{scale}_{num_processes}.txt"

@@ -13,8 +13,9 @@ the run prints and writes to `<output_dir>/all_results.json` the GMNER / MNER / 
 and of three baselines that ground the same predicted entities in the same candidates: every entity's region is none
 (`none`), the largest candidate (`largest`) or the detector's first candidate (`first`); and the candidate recall
 (the share of groundable entities with a candidate above IoU 0.5, which bounds EEG recall). The output folder
-receives the model, the processor, `all_results.json` and `{validation,test}_predictions.jsonl` (one tweet a line:
-its words and its entities, each with its `box` in image pixels, or null, and `region_score`).
+receives the model, the processor, `all_results.json`, the model card `README.md` (once validation is scored; with
+`--push_to_hub` the folder is published with it) and `{validation,test}_predictions.jsonl` (one tweet a line: its
+words and its entities, each with its `box` in image pixels, or null, and `region_score`).
 """
 
 import json
@@ -41,7 +42,7 @@ from hvpnet_hf.grounding_data import (
 )
 from hvpnet_hf.loading import SPLIT_ALIASES, check_images_found_in_splits, find_release_layout
 from hvpnet_hf.metrics import metric_path
-from hvpnet_hf.model_card import SPLIT_PREFIXES
+from hvpnet_hf.model_card import SPLIT_PREFIXES, save_model_card_and_push
 from hvpnet_hf.modeling_hvpnet import region_targets
 from hvpnet_hf.output_files import atomic_write
 from hvpnet_hf.sample_data import sample_sources
@@ -139,8 +140,6 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, GmnerDataArguments
 
 def check_run(model_args: ModelArguments, data_args: GmnerDataArguments, training_args: HVPNetTrainingArguments):
     """Refuses, before any work, what the script cannot do, and gives a new model one crop slot per candidate."""
-    if training_args.push_to_hub:
-        raise ValueError("--push_to_hub: run_gmner.py writes no model card to publish; upload the output folder")
     if training_args.world_size > 1 and (training_args.do_eval or training_args.do_predict):
         raise ValueError(
             "run_gmner.py predicts the scored splits in one process: train with --do_eval false --do_predict false "
@@ -324,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_run(model_args, data_args, training_args)
     # Logging, the reused output folder (refused, replaced or continued) and the seed.
-    start_run(training_args, data_args, logger)
+    push_to_hub = start_run(training_args, data_args, logger)
 
     # Load the splits: every entity with its gold boxes, every image with its candidates (crops and boxes).
     raw_datasets = load_splits(data_args, training_args)
@@ -377,6 +376,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    # The model card (once validation was scored), and with --push_to_hub the folder published with it.
+    save_model_card_and_push(
+        trainer, "gmner", results, data_args.card_name, model_args.text_model_name_or_path, push_to_hub
+    )
     return results
 
 

@@ -3,15 +3,19 @@ A web page to try a trained HVPNeT model on a tweet and its image (the optional 
 
     python -m hvpnet_hf.app --model outputs/demo/image_aware [--port 7860] [--detector FOLDER_OR_HUB_ID]
 
-The model (a folder or Hub id) is a NER or a RE model, told apart by its config. The page takes a text (for RE also
-the head and tail entities, as they are written in the text) and an image, an upload or one of the bundled sample
-tweets, and optionally object crops: uploaded, or found by the `--detector` model (see `object_detection.py`). It
-shows
+The model (a folder or Hub id) is a NER, a RE or a grounded NER model, told apart by its config. The page takes a
+text (for RE also the head and tail entities, as they are written in the text) and an image, an upload or one of the
+bundled sample tweets, and optionally object crops: uploaded, or found by the `--detector` model (see
+`object_detection.py`). A grounded NER model chooses each entity's region among candidates: the uploaded crops with
+their boxes (one `xmin ymin xmax ymax` line per crop, in the image's pixels), the boxes alone (the crops are cut from
+the image), or the detected crops with theirs. It shows
 
 - the text with the entities highlighted by type (RE: the head and tail, and the relations with their scores);
-- the image with the crops the model read (their boxes drawn when they were detected);
+- the image with the crops the model read (their boxes drawn when they were detected); for grounded NER, with each
+  entity's region drawn and labeled with the entity and its type, and a table of the regions and their scores;
 - the gate weights of this example, text layer by backbone stage (the paper's Figure 4 for one input);
-- the same prediction with the image and crops masked, and what the image changed.
+- the same prediction with the image and crops masked, and what the image changed (for grounded NER: the entities
+  only, since without the image no entity has a region).
 
 Predictions come from the package's pipelines (`pipelines.py`); the gate weights from the model run on the inputs the
 pipeline prepared. An empty text, a file that is not an image, an image too large to decode (a PIL decompression
@@ -37,12 +41,13 @@ from transformers import Pipeline
 from .analysis.gates import figure as gates_heat_maps
 from .analysis.gates import slot_presence
 from .analysis.plotting import pyplot
+from .grounding_data import load_gmner_dataset
 from .image_processing_hvpnet import load_image
 from .loading import NO_RELATION, load_mner_dataset, load_mre_dataset
 from .object_detection import ObjectCropper, text_queries
 from .pipelines import PIPELINE_FOR_TASK, split_words
 from .sample_data import SAMPLE_DIR, sample_sources
-from .tasks import NER, RE, Task, task_of
+from .tasks import GMNER, NER, RE, Task, task_of
 
 # How many tweets of its sample set the page offers.
 NUM_SAMPLE_TWEETS = 3
@@ -65,21 +70,36 @@ MONO_FONTS = ("ui-monospace", "monospace")
 
 @dataclass(frozen=True)
 class SampleTweet:
-    """A test tweet of a bundled sample set: its text, its image and crops (file paths), for RE its entities."""
+    """A test tweet of a bundled sample set: its text, its image and crops (file paths), for RE its entities, for
+    grounded NER its crops' boxes (as the page's box input reads them)."""
 
     text: str
     image: str
     objects: tuple[str, ...]
     head: str = ""
     tail: str = ""
+    boxes: str = ""
 
 
 @cache
 def sample_tweets(task: Task) -> tuple[SampleTweet, ...]:
     """The first `NUM_SAMPLE_TWEETS` test tweets of the bundled sample set of `task` (read by the package's loaders)
-    that have an image, an object crop and something to find: an entity (NER), a relation other than none (RE)."""
+    that have an image, an object crop and something to find: an entity (NER, grounded NER), a relation other than
+    none (RE)."""
     sources = sample_sources(task.name)
-    if task is NER:
+    if task is GMNER:
+        test = load_gmner_dataset(**sources)["test"]
+        found = (
+            SampleTweet(
+                " ".join(tweet["tokens"]),
+                tweet["image"],
+                tuple(tweet["objects"]),
+                boxes="\n".join(" ".join(f"{side:g}" for side in box) for box in tweet["candidate_boxes"]),
+            )
+            for tweet in test
+            if tweet["image"] and tweet["objects"] and tweet["entities"]
+        )
+    elif task is NER:
         test = load_mner_dataset(**sources)["test"]
         found = (
             SampleTweet(" ".join(tweet["tokens"]), tweet["image"], tuple(tweet["objects"]))
@@ -108,14 +128,14 @@ class InputError(ValueError):
 
 
 def load_pipeline(model: str) -> Pipeline:
-    """The NER or RE pipeline of a trained HVPNeT model folder or Hub id, chosen by the architecture its config
-    records; an `InputError` naming `model` when it is not one."""
+    """The NER, RE or grounded NER pipeline of a trained HVPNeT model folder or Hub id, chosen by the architecture its
+    config records; an `InputError` naming `model` when it is not one."""
     try:
         pipeline_class = PIPELINE_FOR_TASK[task_of(model)]
     except OSError as error:
         raise InputError(f"`{model}` is not an HVPNeT model: its config cannot be read ({error})") from error
     except ValueError as error:
-        raise InputError(f"`{model}` is not an HVPNeT NER or RE model ({error})") from error
+        raise InputError(f"`{model}` is not an HVPNeT NER, RE or grounded NER model ({error})") from error
     try:
         return pipeline_class(model=pipeline_class.auto_model_class.from_pretrained(model))
     except (OSError, ValueError, StrictDataclassError) as error:  # the last: a config.json with a refused setting
@@ -131,6 +151,26 @@ def find_span(words: Sequence[str], mention: str, role: str) -> tuple[int, int]:
         if list(words[start : start + len(wanted)]) == wanted:
             return start, start + len(wanted)
     raise InputError(f"The {role} entity `{mention}` is not in the text (its words must appear as written).")
+
+
+def read_boxes(text: str | None) -> list[list[float]]:
+    """The candidate boxes typed in the page, one `xmin ymin xmax ymax` line each (pixels, commas allowed); an
+    `InputError` naming the line that is not such a box."""
+    boxes = []
+    for number, line in enumerate((text or "").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            box = [float(side) for side in line.replace(",", " ").split()]
+        except ValueError:
+            box = []
+        if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+            raise InputError(
+                f"Candidate box line {number} `{line.strip()}` is not a box: write `xmin ymin xmax ymax` (pixels), "
+                "with xmin < xmax and ymin < ymax."
+            )
+        boxes.append(box)
+    return boxes
 
 
 def read_image(path: str | None, what: str) -> Image.Image | None:
@@ -150,17 +190,21 @@ def read_image(path: str | None, what: str) -> Image.Image | None:
     return image.convert("RGB")
 
 
-def draw_boxes(image: Image.Image, boxes: Sequence[tuple[int, int, int, int]]) -> Image.Image:
-    """A copy of `image` for display, with the crop `boxes` (xmin, ymin, xmax, ymax) outlined and numbered; an image
-    smaller than `DISPLAY_SIZE` is first enlarged by a whole factor (its pixels as blocks), so it can be seen."""
+def draw_boxes(
+    image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str] | None = None
+) -> Image.Image:
+    """A copy of `image` for display, with `boxes` (xmin, ymin, xmax, ymax) outlined and labeled with `labels` (by
+    default numbered); an image smaller than `DISPLAY_SIZE` is first enlarged by a whole factor (its pixels as
+    blocks), so it can be seen."""
     scale = max(1, DISPLAY_SIZE // max(image.size))
     drawn = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     pencil = ImageDraw.Draw(drawn)
     width = max(2, round(min(drawn.size) / 100))
-    for number, box in enumerate(boxes, start=1):
+    labels = labels if labels is not None else [str(number) for number in range(1, len(boxes) + 1)]
+    for box, label in zip(boxes, labels, strict=True):
         box = tuple(scale * side for side in box)
         pencil.rectangle(box, outline=BOX_COLOR, width=width)
-        pencil.text((box[0] + width + 2, box[1] + width), str(number), fill=BOX_COLOR)
+        pencil.text((box[0] + width + 2, box[1] + width), label, fill=BOX_COLOR)
     return drawn
 
 
@@ -233,21 +277,24 @@ class HVPNetApp:
         detect: bool = False,
         head: str = "",
         tail: str = "",
+        boxes: str = "",
     ) -> dict[str, Any]:
         """
         Everything the page shows for one input, under the names of its output boxes: `status` (Markdown; the
         message for bad input, when the other entries are empty), `spans` (highlighted text), `relations` and
-        `relations_masked` ({relation: score}, RE), `spans_masked`, `changes` (Markdown), `image` (with the crop
-        boxes drawn), `crops` (the crop images used) and `gates` (the heat map image).
+        `relations_masked` ({relation: score}, RE), `spans_masked`, `changes` (Markdown), `regions` (Markdown,
+        grounded NER), `image` (with the detected crops' boxes drawn, or for grounded NER each entity's region),
+        `crops` (the crop images used) and `gates` (the heat map image). `boxes` are the grounded NER candidates'
+        boxes (see `read_boxes`).
         """
         try:
-            return self._predict(text, image_path, object_paths, detect, head, tail)
+            return self._predict(text, image_path, object_paths, detect, head, tail, boxes)
         except InputError as error:
             return {"status": f"**{error}**"}
         except (ValueError, TypeError, OSError) as error:  # what the pipelines raise for inputs they refuse
             return {"status": f"**The model could not read this input: {error}**"}
 
-    def _predict(self, text, image_path, object_paths, detect, head, tail) -> dict[str, Any]:
+    def _predict(self, text, image_path, object_paths, detect, head, tail, typed_boxes) -> dict[str, Any]:
         if self.classifier is None:
             raise InputError(self.load_error)
         text = (text or "").strip()
@@ -259,7 +306,15 @@ class HVPNetApp:
         spans = {}
         if self.task is RE:
             spans = {role: find_span(words, mention, role) for role, mention in (("head", head), ("tail", tail))}
-        boxes = []
+        boxes = read_boxes(typed_boxes) if self.task is GMNER else []
+        if boxes and crops and len(boxes) != len(crops):
+            raise InputError(f"{len(crops)} crop(s) but {len(boxes)} candidate box(es): give one box per crop.")
+        if boxes and not crops:
+            if image is None:
+                raise InputError("Candidate boxes without crops are cut from the image: give the image.")
+            crops = [image.crop(tuple(box)) for box in boxes]
+        if self.task is GMNER and crops and not boxes:
+            raise InputError("A grounding model needs each crop's box: give one candidate box per crop.")
         if detect and not crops and image is not None and self.cropper is not None:
             mentions = [" ".join(words[start:end]) for start, end in spans.values()]
             found = self.cropper.detect(image, text_queries(words, mentions))
@@ -272,15 +327,23 @@ class HVPNetApp:
         if self.task is NER:
             inputs = {"text": text, "image": image, "objects": crops}
             shown = self._ner_outputs(text, inputs)
+        elif self.task is GMNER:
+            inputs = {"text": text, "image": image, "objects": crops, "boxes": boxes}
+            shown = self._ner_outputs(text, inputs)
         else:
             inputs = {"words": words, "head": spans["head"], "tail": spans["tail"], "image": image, "objects": crops}
             shown = self._re_outputs(text, offsets, inputs)
         used = "no image" if image is None else f"the image and {len(crops)} crop(s)"
+        drawn = None
+        if image is not None:
+            drawn = (
+                draw_boxes(image, boxes) if self.task is not GMNER else grounded_picture(image, shown.pop("grounded"))
+            )
         return {
             **shown,
             "status": f"Prediction of `{self.model_name}` with {used}{unused}; below it, the same text with the image "
             "masked.",
-            "image": draw_boxes(image, boxes) if image is not None else None,
+            "image": drawn,
             "crops": crops,
             "gates": gates_figure(example_gates(self.classifier, inputs)),
         }
@@ -288,11 +351,14 @@ class HVPNetApp:
     def _ner_outputs(self, text: str, inputs: dict[str, Any]) -> dict[str, Any]:
         with_image = self.classifier(inputs)
         masked = self.classifier({"text": text})
-        return {
+        shown = {
             "spans": highlighted(text, with_image),
             "spans_masked": highlighted(text, masked),
             "changes": entity_changes(with_image, masked),
         }
+        if self.task is GMNER:
+            shown.update(grounded=with_image, regions=region_table(with_image))
+        return shown
 
     def _re_outputs(self, text: str, offsets: list[tuple[int, int]], inputs: dict[str, Any]) -> dict[str, Any]:
         num_relations = len(self.classifier.model.config.id2label)
@@ -308,6 +374,27 @@ class HVPNetApp:
             "relations_masked": {ranked["relation"]: ranked["score"] for ranked in masked},
             "changes": relation_change(with_image[0], masked[0]),
         }
+
+
+def grounded_picture(image: Image.Image, entities: Sequence[dict]) -> Image.Image:
+    """`image` with the region of each grounded entity (a `multimodal-gmner` output with a `box`) drawn, labeled with
+    the entity's words and type (see `draw_boxes`)."""
+    grounded = [entity for entity in entities if entity["box"] is not None]
+    labels = [f"{entity['word']} ({entity['entity_group']})" for entity in grounded]
+    return draw_boxes(image, [entity["box"] for entity in grounded], labels)
+
+
+def region_table(entities: Sequence[dict]) -> str:
+    """A Markdown table of the entities of a `multimodal-gmner` output: each one's region (its box in the image's
+    pixels, or none) and the probability of that choice."""
+    if not entities:
+        return "No entity found, so no region."
+    rows = ["| entity | type | region (xmin, ymin, xmax, ymax) | region score |", "|---|---|---|---|"]
+    for entity in entities:
+        box = entity["box"]
+        region = "none (not in the picture)" if box is None else ", ".join(f"{side:g}" for side in box)
+        rows.append(f"| {entity['word']} | {entity['entity_group']} | {region} | {entity['region_score']:.3f} |")
+    return "\n".join(rows)
 
 
 def highlighted(text: str, entities: Sequence[dict]) -> dict[str, Any]:
@@ -368,7 +455,7 @@ def gradio():
 def build_page(app: HVPNetApp):
     """The gradio page of `app` (a `gradio.Blocks`, not yet launched)."""
     gr = gradio()
-    is_re = app.task is RE
+    is_re, is_gmner = app.task is RE, app.task is GMNER
     with gr.Blocks(title="HVPNeT", analytics_enabled=False) as page:
         gr.Markdown(page_header(app))
         if app.classifier is None:
@@ -383,15 +470,23 @@ def build_page(app: HVPNetApp):
                 objects = gr.File(
                     label="Object crops (optional)", file_count="multiple", type="filepath", elem_id="objects"
                 )
+                boxes = gr.Textbox(
+                    label="Candidate boxes: one `xmin ymin xmax ymax` line per crop, in the image's pixels (without "
+                    "crops, the crops are cut from the image)",
+                    lines=3,
+                    visible=is_gmner,
+                    elem_id="boxes",
+                )
                 detect = gr.Checkbox(
                     label="Detect object crops (for an image without crops)",
                     visible=app.cropper is not None,
                     elem_id="detect",
                 )
                 submit = gr.Button("Predict", variant="primary", elem_id="predict")
+                sample_inputs = {NER: [text, image, objects], RE: [text, head, tail, image, objects]}
                 gr.Examples(
-                    [sample_row(tweet, is_re) for tweet in sample_tweets(app.task)],
-                    inputs=[text, head, tail, image, objects] if is_re else [text, image, objects],
+                    [sample_row(tweet, app.task) for tweet in sample_tweets(app.task)],
+                    inputs=sample_inputs.get(app.task, [text, image, objects, boxes]),
                     label="Sample tweets (from the bundled sample set)",
                 )
             with gr.Column():
@@ -409,18 +504,18 @@ def build_page(app: HVPNetApp):
                         label="Relations with the image masked", visible=is_re, elem_id="relations-masked"
                     ),
                     "changes": gr.Markdown(elem_id="changes"),
+                    "regions": gr.Markdown(visible=is_gmner, elem_id="regions"),
                 }
         with gr.Row():
-            outputs["image"] = gr.Image(
-                label="The image (boxes drawn where crops were detected)", height=280, elem_id="image-used"
-            )
+            shown_image = "each entity's region drawn" if is_gmner else "boxes drawn where crops were detected"
+            outputs["image"] = gr.Image(label=f"The image ({shown_image})", height=280, elem_id="image-used")
             outputs["crops"] = gr.Gallery(label="The crops the model read", columns=3, height=280, elem_id="crops")
         gr.Markdown(
             "**Gate weights of this example**: how much each text layer (rows) takes from each backbone stage "
             "(columns), as in the paper's Figure 4."
         )
         outputs["gates"] = gr.Image(show_label=False, elem_id="gates")
-        inputs = [text, image, objects, detect, head, tail]
+        inputs = [text, image, objects, detect, head, tail, boxes]
         names = ["status", *outputs]
 
         def run(*values):
@@ -431,10 +526,13 @@ def build_page(app: HVPNetApp):
     return page
 
 
-def sample_row(tweet: SampleTweet, is_re: bool) -> list:
-    """The values a sample tweet gives the page's inputs (text, for RE head and tail, image, crops)."""
+def sample_row(tweet: SampleTweet, task: Task) -> list:
+    """The values a sample tweet gives the page's inputs (text, for RE head and tail, image, crops, for grounded NER
+    the crops' boxes)."""
     files = [tweet.image, list(tweet.objects)]
-    return [tweet.text, tweet.head, tweet.tail, *files] if is_re else [tweet.text, *files]
+    if task is RE:
+        return [tweet.text, tweet.head, tweet.tail, *files]
+    return [tweet.text, *files, tweet.boxes] if task is GMNER else [tweet.text, *files]
 
 
 def page_header(app: HVPNetApp) -> str:
@@ -443,9 +541,11 @@ def page_header(app: HVPNetApp) -> str:
     if app.classifier is None:
         return title
     labels = app.classifier.model.config.id2label
-    if app.task is NER:
+    if app.task is not RE:
         types = sorted({label[2:] for label in labels.values() if label != "O"})
         what = f"named entities ({', '.join(types)})"
+        if app.task is GMNER:
+            what += " and the region of the image each one is in (or none)"
     else:
         what = f"the relation (one of {len(labels)}) between a head and a tail entity"
     return (
@@ -477,7 +577,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m hvpnet_hf.app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="folder or Hub id of a trained HVPNeT NER or RE model")
+    parser.add_argument(
+        "--model", required=True, help="folder or Hub id of a trained HVPNeT NER, RE or grounded NER model"
+    )
     parser.add_argument("--port", type=int, default=None, help="port on localhost (default: gradio's, 7860 or next)")
     parser.add_argument("--detector", help="detection model (Hub id or folder) that finds crops for images without")
     args = parser.parse_args(argv)

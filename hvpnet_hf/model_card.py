@@ -12,6 +12,11 @@ from .tasks import TASKS
 # `hvpnet_<task name>.md`.
 TEMPLATES_DIR = Path(__file__).parent / "model_cards"
 SPLIT_PREFIXES = {"validation": "eval", "test": "test"}
+# The validation score a card needs, by task: NER and RE scripts write `eval_f1`; run_gmner.py writes, per scored split,
+# `<split>_candidate_recall` and `<split>_<regions>_<score>_f1` for the model's regions and each baseline's.
+VALIDATION_SCORE = {"ner": "eval_f1", "re": "eval_f1", "gmner": "validation_model_gmner_f1"}
+GMNER_SCORES = ("gmner", "mner", "eeg")
+GMNER_BASELINES = ("none", "largest", "first")
 SAMPLE_NOTE = "Trained on the small synthetic sample set bundled with hvpnet_hf: a demonstration, not a usable model."
 # What a published repository holds, top-level files only: the weights, the config, the code of the model, the
 # processor and the pipeline (loaded with trust_remote_code=True), the tokenizer, the processor settings, the card and
@@ -82,9 +87,10 @@ def render_model_card(
     Builds the model card of a trained model.
 
     Args:
-        task: `"ner"` or `"re"`.
+        task: `"ner"`, `"re"` or `"gmner"`.
         config: the trained model's `HVPNetConfig`.
-        results: a run's `all_results.json` content: validation scores as `eval_<metric>`, test as `test_<metric>`.
+        results: a run's `all_results.json` content: validation scores as `eval_<metric>`, test as `test_<metric>`
+            (grounded NER: the names of `VALIDATION_SCORE`'s note).
         dataset_name: the data set trained on, as people know it (e.g. `"twitter2015"`).
         text_model: name or path of the text encoder the model started from.
         hyperparameters: training settings, e.g. from `training_hyperparameters`.
@@ -93,17 +99,24 @@ def render_model_card(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
-    if "eval_f1" not in results:
-        raise ValueError("results carry no validation F1 ('eval_f1'): render the card after evaluating the model")
+    if VALIDATION_SCORE[task] not in results:
+        raise ValueError(
+            f"results carry no validation F1 ({VALIDATION_SCORE[task]!r}): render the card after evaluating the model"
+        )
     spec = TASKS[task]
-    scored_splits = {split: prefix for split, prefix in SPLIT_PREFIXES.items() if f"{prefix}_f1" in results}
-    rows = [
-        {
-            "split": split,
-            **{name: _format_score(results.get(f"{prefix}_{name}")) for name in ("precision", "recall", "f1")},
-        }
-        for split, prefix in scored_splits.items()
-    ]
+    if task == "gmner":
+        scored = {split: f"{split}_model_gmner_f1" for split in SPLIT_PREFIXES if f"{split}_model_gmner_f1" in results}
+        rows = [_gmner_row(results, split) for split in scored]
+    else:
+        scored = {split: f"{prefix}_f1" for split, prefix in SPLIT_PREFIXES.items() if f"{prefix}_f1" in results}
+        rows = [
+            {
+                "split": split,
+                **{name: _format_score(results.get(f"{prefix}_{name}")) for name in ("precision", "recall", "f1")},
+            }
+            for split, prefix in SPLIT_PREFIXES.items()
+            if split in scored
+        ]
     eval_results = [
         EvalResult(
             task_type=spec.hub_pipeline_tag,
@@ -112,9 +125,10 @@ def render_model_card(
             dataset_name=dataset_name,
             dataset_split=split,
             metric_type="f1",
-            metric_value=results[f"{prefix}_f1"],
+            metric_name="GMNER F1" if task == "gmner" else None,
+            metric_value=results[key],
         )
-        for split, prefix in scored_splits.items()
+        for split, key in scored.items()
     ]
     model_name = model_id.rstrip("/").split("/")[-1]
     card_data = ModelCardData(
@@ -157,8 +171,18 @@ def render_model_card(
         entity_types=", ".join(sorted({label[2:] for label in labels if label != "O"})),
         relations=", ".join(f"`{label}`" for label in labels),
         num_relations=len(labels),
+        num_candidates=config.num_object_images,
         note=note,
     )
+
+
+def _gmner_row(results: dict[str, float], split: str) -> dict[str, str]:
+    """One split's row of a grounded NER card: its candidate recall, the model's GMNER / MNER / EEG F1 and each
+    baseline's GMNER F1."""
+    row = {"split": split, "candidate_recall": _format_score(results.get(f"{split}_candidate_recall"))}
+    row.update({score: _format_score(results.get(f"{split}_model_{score}_f1")) for score in GMNER_SCORES})
+    row.update({rule: _format_score(results.get(f"{split}_{rule}_gmner_f1")) for rule in GMNER_BASELINES})
+    return row
 
 
 def push_output_dir_to_hub(
@@ -192,7 +216,7 @@ def save_model_card_and_push(
     and, with `push_to_hub`, publishes the folder (see `push_output_dir_to_hub`). `dataset` "sample" marks the model
     as a demonstration.
     """
-    if not (trainer.is_world_process_zero() and "eval_f1" in results):
+    if not (trainer.is_world_process_zero() and VALIDATION_SCORE[task] in results):
         return
     args = trainer.args
     output_dir = Path(args.output_dir)

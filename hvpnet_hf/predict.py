@@ -15,7 +15,9 @@ Image and crop folders are found as the example scripts find them, for the input
 An input ending in .json, .jsonl, .csv or .parquet is read as a data set of your own, as the example scripts read
 one (`hvpnet_hf.data_sources`): its columns are named by `--text_column_name`, `--label_column_name`,
 `--image_column_name`, `--objects_column_name` and, for RE, `--head_column_name` and `--tail_column_name`; its images
-are paths (relative ones to the input's folder) or `Image()` values, and its labels are the model's.
+are paths (relative ones to the input's folder) or `Image()` values, and its labels are the model's. It is streamed:
+read a batch at a time as the predictions are made, never held whole; its missing images are counted and logged
+at the end.
 
     hvpnet-predict --model outputs/t15 --input posts.jsonl --text_column_name words --output posts_predictions.txt
 
@@ -23,8 +25,19 @@ The task follows from the model. NER input: `IMGID:` blocks of `token<TAB>label`
 CoNLL columns `word gold predicted`, a blank line after each sentence (whitespace inside a word is written as `_`,
 an empty word as `_`, so that every line has three columns). RE input: one MNRE record per line; output:
 one JSON object per example with the entity pair, the gold and the predicted relation and its probability (with
-`--top_k`, the k best relations). Every input example gets exactly one output entry, in input order. The file's own
-labels are only copied to the output; when they are present the entity or relation scores are printed too.
+`--top_k`, the k best relations). Grounded NER input: Twitter-GMNER's text file with `--xml_dir`, its box files (the
+gold regions), and the candidate regions of its images: the crops of `--object_dir` with their boxes file
+(`objects_<split>_boxes.json` next to the crop map, or `--candidate_boxes`), or `--candidate_boxes` alone (the crops
+are cut from the images at the boxes); the model's `num_object_images` first candidates are read. Output: one JSON
+object per tweet with its `id`, `image_id`, `tokens`, `gold` entities and predicted `entities`, each with its words
+(`start`, `end`, `text`), `type`, `box` (in image pixels, or null for none) and `region_score`. Every input example
+gets exactly one output entry, in input order. The file's own labels are only copied to the output; when they are
+present the entity, relation or GMNER / MNER / EEG scores are printed too.
+
+    hvpnet-predict --model outputs/gmner --input GMNER/Twitter10000_v2.0/txt/test.txt \\
+        --xml_dir GMNER/Twitter10000_v2.0/xml --image_dir data/twitter_images \\
+        --object_dir data/gmner_objects/test/crops --object_map data/gmner_objects/objects_test_dict.pth \\
+        --output gmner_test.jsonl
 
 `--dtype bfloat16` loads the model in bfloat16; `--num_workers N` reads, decodes and tokenizes the examples in N
 worker processes while the model runs.
@@ -41,12 +54,14 @@ examples not yet written; a rerun with other settings (model, input, --dtype, ..
 
 Before the model runs, the command refuses an `--output` it could not write (a folder, or a file in a folder that
 does not exist), a `--top_k` above the model's number of relations (and `--top_k` or `--rel2id` for an NER
-model), and an `--image_dir` that holds none of the input's images (leave it out to predict from the text only;
-some missing images are masked and counted).
+or grounding model), a grounding model without `--xml_dir` or with crops but no boxes file, and an `--image_dir`
+that holds none of the input's images (leave it out to predict from the text only; some missing images are masked
+and counted).
 """
 
 import argparse
 import glob
+import itertools
 import json
 import logging
 import os
@@ -56,19 +71,32 @@ from typing import Any
 
 import evaluate
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import AutoConfig, pipeline
 
-from .data_sources import COLUMN_FLAGS, TASK_COLUMNS, is_table_file, load_table_dataset
-from .loading import NO_RELATION, check_images_found, find_file_layout, load_mner_dataset, load_mre_dataset
+from .data_sources import COLUMN_FLAGS, IMAGE_COLUMNS, TASK_COLUMNS, ImageCounts, is_table_file, stream_table_dataset
+from .grounding_data import candidate_boxes_file, load_gmner_dataset
+from .image_processing_hvpnet import decode_image
+from .loading import (
+    NO_RELATION,
+    SPLIT_ALIASES,
+    check_images_found,
+    find_file_layout,
+    load_mner_dataset,
+    load_mre_dataset,
+    split_of_file,
+)
 from .metrics import metric_path
 from .output_files import atomic_write, check_output_file
-from .pipelines import task_of  # importing it registers "multimodal-ner" and "multimodal-re"
+from .pipelines import task_of  # importing it registers the pipelines
 from .prediction_files import (
+    GMNER_RECORDS,
     NER_RECORDS,
     RE_RECORDS,
     PredictionWriter,
     conll_word,
+    gmner_record,
     interleave_records,
     iter_conll,
     ner_record,
@@ -83,10 +111,15 @@ DEFAULT_NUM_WORKERS = 0
 # The pipeline input keys of each task and the columns of the loaded examples they are read from.
 NER_INPUT_COLUMNS = {"words": "tokens", "image": "image", "objects": "objects"}
 RE_INPUT_COLUMNS = {**NER_INPUT_COLUMNS, "head": "head", "tail": "tail"}
+GMNER_INPUT_COLUMNS = {**NER_INPUT_COLUMNS, "boxes": "candidate_boxes"}
+# What the `gmner_f1` metric reads of a gold entity and of a predicted one.
+GOLD_KEYS, PREDICTED_KEYS = ("start", "end", "type", "boxes"), ("start", "end", "type", "box")
+# How each task's prediction file is read record by record (to resume a run and merge shards).
+RECORD_FORMATS = {"ner": NER_RECORDS, "re": RE_RECORDS, "gmner": GMNER_RECORDS}
 # The flags that do not change a run's predictions: a rerun may change them and still resume it.
 RUN_ONLY_SETTINGS = ("output", "batch_size", "num_workers", "merge")
 # The flags that name files or folders: a run's settings hold their absolute paths.
-PATH_SETTINGS = ("input", "image_dir", "object_dir", "object_map", "rel2id")
+PATH_SETTINGS = ("input", "image_dir", "object_dir", "object_map", "rel2id", "xml_dir", "candidate_boxes")
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -108,6 +141,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--object_map", help="torch.save'd crop map of this file (default: *_<split>_dict.pth next to --input)"
     )
     parser.add_argument("--rel2id", help="RE: JSON {relation: id} of the data set (to read its gold labels)")
+    parser.add_argument("--xml_dir", help="grounded NER: the release's xml/ folder of box files (the gold regions)")
+    parser.add_argument(
+        "--candidate_boxes",
+        help="grounded NER: JSON {image file name: [[xmin, ymin, xmax, ymax], ...]} of the candidate regions "
+        "(default: objects_<split>_boxes.json next to the crop map)",
+    )
     parser.add_argument("--missing_images", choices=["mask", "error"], default="mask")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument(
@@ -156,24 +195,56 @@ def bio_tags(entities: list[dict], num_words: int) -> list[str]:
     return tags
 
 
-def load_input(args: argparse.Namespace, loader: Callable[..., DatasetDict], **task_arguments: Any) -> Dataset:
+def load_input(args: argparse.Namespace, task: str) -> Dataset:
     """
-    The input file's examples, read with `loader` (`load_mner_dataset` or `load_mre_dataset`) with the images and
-    crops of its split (see `find_file_layout`); an `--image_dir` that holds none of their images is an error (see
-    `check_images_found`).
+    The input file's examples, read by the loader of `task` with the images and crops of its split (see
+    `find_file_layout`), for grounded NER with their gold boxes and the model's number of candidates (see
+    `candidate_boxes_of`); an `--image_dir` that holds none of their images is an error (see `check_images_found`).
     """
-    if is_table_file(args.input):
-        return load_own_input(args, "ner" if loader is load_mner_dataset else "re")
     sources = find_file_layout(args.input, args.image_dir, args.object_dir, args.object_map)
-    examples = loader(**sources, missing_images=args.missing_images, **task_arguments)["test"]
+    loaded = {"missing_images": args.missing_images, **sources}
+    if task == "ner":
+        examples = load_mner_dataset(**loaded)["test"]
+    elif task == "re":
+        examples = load_mre_dataset(**loaded, rel2id=args.rel2id)["test"]
+    else:
+        num_candidates = AutoConfig.from_pretrained(args.model).num_object_images
+        candidate_boxes = candidate_boxes_of(args, sources["object_maps"])
+        examples = load_gmner_dataset(
+            **loaded, xml_dir=args.xml_dir, candidate_boxes=candidate_boxes, num_candidates=num_candidates
+        )["test"]
     if sources["image_dir"] is not None:
         text_only = "leave --image_dir out to predict from the text only"
         check_images_found(examples, f"--input {args.input}", sources["image_dir"], "--image_dir", text_only)
     return examples
 
 
-def load_own_input(args: argparse.Namespace, task: str) -> Dataset:
-    """The examples of a JSON lines, CSV or Parquet input, in the loaders' columns, with the model's labels."""
+def candidate_boxes_of(args: argparse.Namespace, object_maps: Mapping[str, str] | None) -> dict[str, str] | None:
+    """
+    The candidate boxes file of the input, as `load_gmner_dataset` takes it: `--candidate_boxes`, or the boxes file
+    `hvpnet-extract-objects` wrote next to the input's crop map (`candidate_boxes_file`); None without crops (no
+    candidates). Crops without their boxes file are an error: a crop is grounded by its box.
+    """
+    if args.candidate_boxes is not None:
+        return {"test": args.candidate_boxes}
+    if object_maps is None:
+        return None
+    crop_map = Path(object_maps["test"])
+    split = split_of_file(crop_map)
+    boxes = None if split is None else candidate_boxes_file(crop_map.parent, SPLIT_ALIASES[split][0])
+    if boxes is None or not boxes.is_file():
+        raise FileNotFoundError(
+            f"--object_dir {args.object_dir}: a grounding model needs each crop's box, and the crop map {crop_map} has "
+            f"no boxes file next to it ({boxes or 'objects_<split>_boxes.json'}); name it with --candidate_boxes"
+        )
+    return {"test": str(boxes)}
+
+
+def stream_own_input(args: argparse.Namespace, task: str) -> tuple[IterableDataset, ImageCounts]:
+    """
+    The examples of a JSON lines, CSV or Parquet input, in the loaders' columns with the model's labels, read as
+    they are iterated (see `stream_table_dataset`), and the counts of their images, filled as they are read.
+    """
     release_flags = [
         f"--{name}" for name in ("image_dir", "object_dir", "object_map", "rel2id") if getattr(args, name)
     ]
@@ -183,14 +254,73 @@ def load_own_input(args: argparse.Namespace, task: str) -> Dataset:
             "in its columns (--image_column_name, --objects_column_name)"
         )
     columns = {column: getattr(args, COLUMN_FLAGS[column]) or column for column in TASK_COLUMNS[task]}
-    return load_table_dataset(
+    splits, images = stream_table_dataset(
         task,
         columns,
         data_files={"test": args.input},
         label_names=list(AutoConfig.from_pretrained(args.model).id2label.values()),
         missing_images=args.missing_images,
-        text_only="leave the image column out to predict from the text only",
-    )["test"]
+    )
+    return splits["test"], images
+
+
+def share_rows(examples: IterableDataset, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+    """
+    The rows i of a stream with i % world_size == rank, in order. `IterableDataset.iter` reads the whole stream in
+    any process (iterated in a DataLoader worker, a stream gives that worker only its own files).
+    """
+    for index, batch in enumerate(examples.iter(batch_size=1)):
+        if index % world_size == rank:
+            yield {column: values[0] for column, values in batch.items()}
+
+
+def decoded_images(value: Any) -> Any:
+    """
+    An image value, or a list of them (a post's pictures, its crops), decoded (see `decode_image`); a value that
+    cannot be decoded is kept, for the pipeline to mask or refuse under `--missing_images`.
+    """
+    if isinstance(value, list):
+        return [decoded_images(item) for item in value]
+    try:
+        return decode_image(value)
+    except OSError:
+        return value
+
+
+class StreamShare(torch.utils.data.IterableDataset):
+    """
+    This process's share of a streamed input (see `share_rows`) after its first `skip` rows, which are read but not
+    decoded, with the images of the others decoded. In a DataLoader of n workers, worker w decodes the rows k (counted
+    after the skipped ones) with k % n == w, so the DataLoader, which takes one row from each worker in turn, gives
+    them in input order. Every worker reads the whole stream; the first reports the input's missing images when it
+    ends (`ImageCounts.report`).
+    """
+
+    def __init__(self, examples: IterableDataset, images: ImageCounts, rank: int, world_size: int, skip: int):
+        self.examples, self.images = examples, images
+        self.rank, self.world_size, self.skip = rank, world_size, skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        rows = itertools.islice(share_rows(self.examples, self.rank, self.world_size), self.skip, None)
+        for position, row in enumerate(rows):
+            if position % num_workers == worker_id:
+                yield {**row, **{column: decoded_images(row[column]) for column in IMAGE_COLUMNS}}
+        if worker_id == 0:
+            self.images.report("leave the image column out to predict from the text only")
+
+
+def streamed_predictions(args: argparse.Namespace, task: str, share: StreamShare) -> Iterator[tuple[dict, Any]]:
+    """Each row of `share`, read by `--num_workers` DataLoader workers, with its pipeline output, in order."""
+    rows, pipeline_rows = itertools.tee(DataLoader(share, batch_size=None, num_workers=args.num_workers))
+    runner = pipeline(TASKS[task].pipeline_task, model=args.model, dtype=args.dtype, device=local_device())
+    columns = NER_INPUT_COLUMNS if task == "ner" else RE_INPUT_COLUMNS
+    top_k = {} if task == "ner" else {"top_k": args.top_k or 1}
+    inputs = ({key: row[column] for key, column in columns.items()} for row in pipeline_rows)
+    # The pipeline reads a generator in this process: the workers above have decoded its images.
+    outputs = runner(inputs, **top_k, **{**call_arguments(args), "num_workers": 0})
+    return zip(rows, outputs, strict=True)
 
 
 class PipelineInputs(torch.utils.data.Dataset):
@@ -211,6 +341,17 @@ class PipelineInputs(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> dict[str, Any]:
         row = self.examples[self.indices[position]]
         return {key: row[column] for key, column in self.columns.items()}
+
+
+class GroundingInputs(PipelineInputs):
+    """The `multimodal-gmner` inputs of the examples: an example whose image is masked and that has no crops has no
+    candidates (nothing to cut its boxes from), so its entities' regions are none."""
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        inputs = super().__getitem__(position)
+        if inputs["image"] is None and not inputs["objects"]:
+            inputs["boxes"] = None
+        return inputs
 
 
 def call_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,27 +425,34 @@ def predict_shard(
     Predicts this process's share of the input (the examples i with i % world_size == rank) into `target`, as the
     predictions are made; resumes an unfinished run, skipping the examples already written.
     """
-    writer = PredictionWriter(target, NER_RECORDS if task == "ner" else RE_RECORDS)
+    writer = PredictionWriter(target, RECORD_FORMATS[task])
     # The run's settings are written once its partial file is open, and it is renamed to the target when whole.
     if settings_path(target).is_file() and target.is_file() and not writer.partial.is_file():
         logger.info("%s is already whole", target)
         return
-    if task == "ner":
-        examples = load_input(args, load_mner_dataset)
-    else:
-        examples = load_input(args, load_mre_dataset, rel2id=args.rel2id)
-    share = range(rank, len(examples), world_size)
     key = example_key(task)
-    done = writer.resume(key(examples[index]) for index in share)
+    streamed = is_table_file(args.input)
+    if streamed:
+        examples, images = stream_own_input(args, task)
+        done = writer.resume(key(row) for row in share_rows(examples, rank, world_size))
+    else:
+        examples = load_input(args, task)
+        share = range(rank, len(examples), world_size)
+        done = writer.resume(key(examples[index]) for index in share)
     try:
         if done:
-            logger.info("resuming %s after %d of its %d examples", writer.partial, done, len(share))
+            logger.info("resuming %s after its first %d examples", writer.partial, done)
         with atomic_write(settings_path(target)) as temporary:
             temporary.write_text(json.dumps(settings, indent=1), encoding="utf-8")
-        share = share[done:]
-        record = predicted_records(args, task, examples, share)
-        for index, output in zip(share, predicted_outputs(args, task, examples, share), strict=True):
-            writer.write(record(examples[index], output))
+        if streamed:
+            predictions = streamed_predictions(args, task, StreamShare(examples, images, rank, world_size, done))
+        else:
+            share = share[done:]
+            outputs = predicted_outputs(args, task, examples, share)
+            predictions = zip((examples[index] for index in share), outputs, strict=True)
+        record = predicted_records(args, task, examples)
+        for example, output in predictions:
+            writer.write(record(example, output))
         writer.finish()
     finally:
         writer.close()
@@ -314,21 +462,25 @@ def example_key(task: str) -> Callable[[Mapping[str, Any]], Hashable]:
     """What names an example in its prediction record (see `prediction_files.RecordFormat.key`)."""
     if task == "ner":
         return lambda example: tuple(conll_word(word) for word in example["tokens"])
-    return lambda example: example["id"]
+    return lambda example: example["id"]  # RE and grounded NER
 
 
 def predicted_outputs(args: argparse.Namespace, task: str, examples: Dataset, share: range) -> Iterator:
     """The pipeline's outputs for the examples at `share`, in order, made a batch at a time."""
     runner = pipeline(TASKS[task].pipeline_task, model=args.model, dtype=args.dtype, device=local_device())
+    if task == "gmner":
+        return runner(GroundingInputs(examples, GMNER_INPUT_COLUMNS, share), **call_arguments(args))
     columns = NER_INPUT_COLUMNS if task == "ner" else RE_INPUT_COLUMNS
     top_k = {} if task == "ner" else {"top_k": args.top_k or 1}
     return runner(PipelineInputs(examples, columns, share), **top_k, **call_arguments(args))
 
 
 def predicted_records(
-    args: argparse.Namespace, task: str, examples: Dataset, share: range
+    args: argparse.Namespace, task: str, examples: Dataset | IterableDataset
 ) -> Callable[[Mapping[str, Any], Any], str]:
-    """The record of an example and its pipeline output (`ner_record` or `re_record`)."""
+    """The record of an example and its pipeline output (`ner_record`, `re_record` or `gmner_record`)."""
+    if task == "gmner":
+        return lambda example, entities: gmner_record(example, [grounded_entity(entity) for entity in entities])
     if task == "ner":
         names = examples.features["ner_tags"].feature.names
         return lambda example, entities: ner_record(
@@ -336,6 +488,18 @@ def predicted_records(
         )
     names = examples.features["relation"].names
     return lambda example, relations: re_record(example, names[example["relation"]], relations, bool(args.top_k))
+
+
+def grounded_entity(entity: Mapping[str, Any]) -> dict[str, Any]:
+    """An entity of the `multimodal-gmner` pipeline in the words of its example: `start`, `end`, `type`, `box`,
+    `region_score` (what `gmner_record` writes and the `gmner_f1` metric reads)."""
+    return {
+        "start": entity["word_start"],
+        "end": entity["word_end"],
+        "type": entity["entity_group"],
+        "box": entity["box"],
+        "region_score": entity["region_score"],
+    }
 
 
 def local_device() -> int:
@@ -347,7 +511,7 @@ def merge_shards(output: Path, world_size: int) -> None:
     """One output in input order from the `world_size` whole shards; removes the shards and their settings."""
     shards = [shard_path(output, rank, world_size) for rank in range(world_size)]
     task = json.loads(settings_path(shards[0]).read_text(encoding="utf-8"))["task"]
-    total = interleave_records(shards, output, NER_RECORDS if task == "ner" else RE_RECORDS)
+    total = interleave_records(shards, output, RECORD_FORMATS[task])
     for shard in shards:
         shard.unlink()
         settings_path(shard).unlink()
@@ -407,6 +571,8 @@ def scores_of_output(output: Path, task: str, model: str) -> dict[str, float]:
     The scores of a whole prediction file against the gold labels it holds (read one record at a time; the metric
     holds the labels of all of them).
     """
+    if task == "gmner":
+        return grounded_scores(output)
     if task == "ner":
         sentences = iter_conll(output)
         references, predictions = [], []
@@ -429,6 +595,17 @@ def scores_of_output(output: Path, task: str, model: str) -> dict[str, float]:
     )
 
 
+def grounded_scores(output: Path) -> dict[str, float]:
+    """The GMNER, MNER and EEG scores (`gmner_f1`) of a grounded NER prediction file against its `gold` entities."""
+    references, predictions = [], []
+    with open(output, encoding="utf-8") as file:
+        for line in file:
+            record = json.loads(line)
+            references.append([{key: gold[key] for key in GOLD_KEYS} for gold in record["gold"]])
+            predictions.append([{key: found[key] for key in PREDICTED_KEYS} for found in record["entities"]])
+    return evaluate.load(metric_path("gmner_f1")).compute(predictions=predictions, references=references)
+
+
 def check_arguments(args: argparse.Namespace, task: str) -> None:
     """
     Refuses, before any example is read, an output file that could not be written, and relation settings that the
@@ -437,10 +614,21 @@ def check_arguments(args: argparse.Namespace, task: str) -> None:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError(f"--output {args.output} would overwrite the input file")
     check_output_file(args.output, "--output")
-    if task == "ner":
+    if task != "re":
         given = [f"--{name}" for name in ("top_k", "rel2id") if getattr(args, name) is not None]
         if given:
-            raise ValueError(f"{' and '.join(given)}: settings of relation models, but {args.model} is an NER model")
+            what = "an NER" if task == "ner" else "a grounding"
+            raise ValueError(f"{' and '.join(given)}: settings of relation models, but {args.model} is {what} model")
+    grounding = [f"--{name}" for name in ("xml_dir", "candidate_boxes") if getattr(args, name) is not None]
+    if task != "gmner" and grounding:
+        raise ValueError(f"{' and '.join(grounding)}: settings of grounding models, but {args.model} is not one")
+    if task == "gmner" and is_table_file(args.input):
+        raise ValueError(f"--input {args.input}: a grounding model reads Twitter-GMNER's text files (IMGID: blocks)")
+    if task == "gmner" and args.xml_dir is None:
+        raise ValueError(
+            f"--xml_dir: {args.model} is a grounding model, which reads the gold regions of --input {args.input} from "
+            "its release's xml/ folder of box files"
+        )
     if args.top_k is None:
         return
     num_relations = AutoConfig.from_pretrained(args.model).num_labels

@@ -1,6 +1,6 @@
 """
 The prediction files of `hvpnet-predict` and the example scripts: CoNLL columns for NER, one JSON object per line for
-RE. Each is a sequence of records, one per example, in input order: a sentence's rows and the blank line that ends
+RE and grounded NER. Each is a sequence of records, one per example, in input order: a sentence's rows and the blank line that ends
 it, or one JSON line.
 
 The example scripts write a whole file at once (see `output_files.atomic_write`), so a failed run leaves neither an
@@ -49,6 +49,29 @@ def re_record(example: Mapping[str, Any], gold: str, relations: list[dict], top_
     if top_k:
         record["top_k"] = [{**item, "score": round(item["score"], 4)} for item in relations]
     return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def gmner_record(example: Mapping[str, Any], entities: Sequence[Mapping[str, Any]]) -> str:
+    """
+    One line of a grounded NER prediction file: a JSON object with the example's `id`, `image_id`, `tokens` and `gold`
+    entities (as `load_gmner_dataset` reads them: `start`, `end`, `type`, `text`, `boxes`), and the predicted
+    `entities`, each with `start` and `end` (word offsets, end exclusive), `text` (its words), `type`, `box` (its region
+    `[xmin, ymin, xmax, ymax]` in image pixels, or null for none) and `region_score` (the probability of that choice).
+    """
+    words = example["tokens"]
+    found = [
+        {
+            "start": entity["start"],
+            "end": entity["end"],
+            "text": " ".join(words[entity["start"] : entity["end"]]),
+            "type": entity["type"],
+            "box": entity["box"],
+            "region_score": round(entity["region_score"], 4),
+        }
+        for entity in entities
+    ]
+    record = {"id": example["id"], "image_id": example["image_id"], "tokens": words, "gold": example["entities"]}
+    return json.dumps({**record, "entities": found}, ensure_ascii=False) + "\n"
 
 
 def write_ner_predictions(
@@ -121,6 +144,8 @@ def _json_key(record: str) -> str | None:
 
 NER_RECORDS = RecordFormat(ends_record=lambda line: line == b"\n", key=_conll_key)
 RE_RECORDS = RecordFormat(ends_record=lambda line: True, key=_json_key)
+# A grounded NER record is a JSON line named by its example's id too.
+GMNER_RECORDS = RE_RECORDS
 
 
 def complete_records(path: str | os.PathLike, record_format: RecordFormat) -> Iterator[tuple[str, int]]:
@@ -219,6 +244,7 @@ def interleave_records(shards: Sequence[Path], path: str | os.PathLike, record_f
 
 
 __all__ = [
+    "GMNER_RECORDS",
     "NER_RECORDS",
     "RE_RECORDS",
     "PredictionWriter",
@@ -226,6 +252,7 @@ __all__ = [
     "complete_records",
     "conll_row",
     "conll_word",
+    "gmner_record",
     "interleave_records",
     "iter_conll",
     "ner_record",

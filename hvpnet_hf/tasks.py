@@ -76,7 +76,7 @@ def task_of_architectures(architectures: list[str] | None, source: str | os.Path
     tasks = {TASK_OF_MODEL[name] for name in architectures or [] if name in TASK_OF_MODEL}
     if len(tasks) != 1:
         raise ValueError(
-            f"{source}: expected an HVPNeT NER or RE model (or a GMNER one), found architectures {architectures}"
+            f"{source}: expected an HVPNeT NER or RE model (or a grounded NER one), found architectures {architectures}"
         )
     return tasks.pop()
 

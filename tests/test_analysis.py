@@ -85,7 +85,9 @@ def stop_at_the_loaded_splits(splits, *args):
 
 @pytest.mark.parametrize("task, module", [("ner", run_mner), ("re", run_mre)])
 def test_sample_splits_have_the_images_the_training_script_loads(task, module, tmp_path, monkeypatch):
-    monkeypatch.setattr("hvpnet_hf.script_utils.select_splits", stop_at_the_loaded_splits)  # where load_splits calls it
+    monkeypatch.setattr(
+        "hvpnet_hf.script_utils.select_splits", stop_at_the_loaded_splits
+    )  # where load_splits calls it
     with pytest.raises(SplitsLoaded) as loaded:
         module.main(["--dataset", "sample", "--do_train", "false", "--output_dir", str(tmp_path)])
     loaded_by_script = loaded.value.args[0]

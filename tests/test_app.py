@@ -35,7 +35,7 @@ from hvpnet_hf.image_processing_hvpnet import MAX_RESIZE_SQUARES
 from hvpnet_hf.loading import NO_RELATION, load_mner_dataset, load_mre_dataset
 from hvpnet_hf.object_detection import DetectedObject, text_queries
 from hvpnet_hf.sample_data import sample_sources
-from hvpnet_hf.tasks import NER, RE
+from hvpnet_hf.tasks import GMNER, NER, RE
 
 CHROMIUM = "/usr/bin/chromium"
 # The flags that keep a headless Chromium from reaching out (updates, sync, field trials) and from needing a GPU.
@@ -370,7 +370,9 @@ def test_page_in_a_browser_shows_the_pipelines_entities(served, ner_app, tiny_ne
 
     # A folder that is not an HVPNeT model: its page says so.
     bad_tab = serve(HVPNetApp(str(bad_files / "bert")))
-    expect(bad_tab.locator("#load-error")).to_contain_text("is not an HVPNeT NER or RE model", timeout=PAGE_TIMEOUT_MS)
+    expect(bad_tab.locator("#load-error")).to_contain_text(
+        "is not an HVPNeT NER, RE or grounded NER model", timeout=PAGE_TIMEOUT_MS
+    )
     assert outside == []
 
 
@@ -389,3 +391,74 @@ def test_a_model_whose_config_holds_a_refused_setting_is_named(tiny_ner_dir, tmp
         InputError, match=rf"(?s)`{re.escape(str(folder))}` could not be loaded.*prefix_grid must be >= 1"
     ):
         load_pipeline(str(folder))
+
+
+@pytest.fixture(scope="module")
+def grounding_tweet(tmp_path_factory):
+    """The toy tweet of the tiny grounding model (`tiny_gmner_dir`): a 64 x 48 picture, the red and the blue crop
+    as files, and their boxes as the page takes them."""
+    folder = tmp_path_factory.mktemp("grounding_tweet")
+    Image.new("RGB", (64, 48), (30, 160, 60)).save(folder / "tweet.png")
+    crops = []
+    for name, color in (("red", (250, 10, 10)), ("blue", (10, 10, 250))):
+        Image.new("RGB", (20, 20), color).save(folder / f"{name}.png")
+        crops.append(str(folder / f"{name}.png"))
+    return "Alice met Bob in Paris", str(folder / "tweet.png"), crops, [[4, 2, 30, 40], [33, 10, 60, 47]]
+
+
+def test_grounding_draws_each_entitys_region_labeled_on_the_picture(tiny_gmner_dir, grounding_tweet):
+    text, image, crops, boxes = grounding_tweet
+    grounding_app = HVPNetApp(tiny_gmner_dir)
+    assert grounding_app.task is GMNER and "region of the image" in app.page_header(grounding_app)
+    shown = grounding_app.predict(text, image, crops, boxes="4 2 30 40\n33, 10, 60, 47")
+    grounder = pipeline("multimodal-gmner", model=tiny_gmner_dir)
+    expected = grounder({"text": text, "image": image, "objects": crops, "boxes": boxes})
+    grounded = [(entity["word"], entity["entity_group"], entity["box"]) for entity in expected if entity["box"]]
+    assert grounded == [("Alice", "PER", boxes[0]), ("Bob", "PER", boxes[1])], "the toy model grounds these two"
+    assert spans_of(shown["spans"]) == entity_pairs(text, expected)
+    # The picture, shown 4 times larger (DISPLAY_SIZE 256), with the two regions outlined and labeled.
+    red = tuple(int(BOX_COLOR[i : i + 2], 16) for i in (1, 3, 5))
+    assert shown["image"].size == (256, 192)
+    assert shown["image"].getpixel((4 * 4, 4 * 20)) == red  # the left edge of Alice's box
+    assert shown["image"].getpixel((4 * 33, 4 * 30)) == red  # the left edge of Bob's box
+    assert shown["image"].getpixel((4 * 2, 4 * 45)) == (30, 160, 60)  # outside both boxes
+    picture = Image.open(image).convert("RGB")
+    labeled = app.draw_boxes(picture, [boxes[0], boxes[1]], ["Alice (PER)", "Bob (PER)"])
+    numbered = app.draw_boxes(picture, [boxes[0], boxes[1]])
+    assert shown["image"].tobytes() == labeled.tobytes() != numbered.tobytes()  # the labels' text is drawn
+    # The table names each entity, its region in the image's pixels (or none) and the region's score.
+    assert (
+        "| Alice | PER | 4, 2, 30, 40 |" in shown["regions"] and "| Bob | PER | 33, 10, 60, 47 |" in shown["regions"]
+    )
+    assert all(entity["box"] or f"| {entity['word']} | {entity['entity_group']} | none" in shown["regions"]
+               for entity in expected)  # fmt: skip
+    # With the image masked: the entities only, none of them grounded.
+    assert spans_of(shown["spans_masked"]) == entity_pairs(text, grounder(text))
+    assert all(entity["box"] is None for entity in grounder(text))
+    # Boxes alone: the crops are cut from the picture at them.
+    cut = grounding_app.predict(text, image, None, boxes="4 2 30 40\n33 10 60 47")
+    assert [crop.size for crop in cut["crops"]] == [(26, 38), (27, 37)] and "2 crop(s)" in cut["status"]
+
+
+def test_grounding_takes_the_detectors_crops_with_their_boxes(tiny_gmner_dir, grounding_tweet, monkeypatch):
+    text, image, _, boxes = grounding_tweet
+    grounding_app = HVPNetApp(tiny_gmner_dir)
+
+    class FakeCropper:  # stands in for an ObjectCropper
+        def detect(self, picture, queries):
+            return [DetectedObject(0.9, tuple(box), "thing") for box in boxes]
+
+    monkeypatch.setattr(grounding_app, "cropper", FakeCropper())
+    shown = grounding_app.predict(text, image, None, detect=True)
+    typed = grounding_app.predict(text, image, None, boxes="4 2 30 40\n33 10 60 47")
+    assert shown["regions"] == typed["regions"] and shown["image"].tobytes() == typed["image"].tobytes()
+
+
+def test_grounding_candidates_that_cannot_be_read_get_a_message(tiny_gmner_dir, grounding_tweet):
+    text, image, crops, _ = grounding_tweet
+    grounding_app = HVPNetApp(tiny_gmner_dir)
+    assert "give one candidate box per crop" in grounding_app.predict(text, image, crops)["status"]
+    assert "2 crop(s) but 1 candidate box(es)" in grounding_app.predict(text, image, crops, boxes="1 1 9 9")["status"]
+    shown = grounding_app.predict(text, image, None, boxes="1 1 9 9\n5 5 5 9")
+    assert "Candidate box line 2 `5 5 5 9` is not a box" in shown["status"]
+    assert "give the image" in grounding_app.predict(text, None, None, boxes="1 1 9 9")["status"]

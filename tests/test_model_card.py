@@ -1,5 +1,8 @@
 """Model cards render from the templates with a run's results, settings and loading instructions."""
 
+import importlib
+from pathlib import Path
+
 import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
@@ -133,3 +136,86 @@ def test_push_uploads_the_model_folder_without_training_leftovers(tmp_path):
         ignore_patterns=upload_kwargs["ignore_patterns"],
     )
     assert list(uploaded) == published
+
+
+GMNER_RESULTS = {
+    "validation_candidate_recall": 0.9032,
+    "validation_model_gmner_f1": 0.7807,
+    "validation_model_mner_f1": 0.9947,
+    "validation_model_eeg_f1": 0.7807,
+    "validation_none_gmner_f1": 0.3422,
+    "validation_largest_gmner_f1": 0.4278,
+    "validation_first_gmner_f1": 0.4064,
+    "test_candidate_recall": 0.9118,
+    "test_model_gmner_f1": 0.7188,
+}
+
+
+def test_gmner_card_shows_the_three_scores_the_baselines_and_candidate_recall():
+    config = ner_config()
+    config.num_object_images = 16
+    card = render_model_card(
+        "gmner", config, GMNER_RESULTS, "twitter_gmner", "bert-base-uncased", {}, "someone/hvpnet-gmner"
+    )
+    text = str(card)
+    assert "| validation | 90.32 | 78.07 | 99.47 | 78.07 | 34.22 | 42.78 | 40.64 |" in text
+    assert "| test | 91.18 | 71.88 | – | – | – | – | – |" in text
+    assert (
+        'AutoModelForZeroShotObjectDetection.from_pretrained("someone/hvpnet-gmner", trust_remote_code=True)' in text
+    )
+    assert 'pipeline(model="someone/hvpnet-gmner", trust_remote_code=True)' in text
+    assert "the model reads the first 16." in text and "Entity types: LOC, PER." in text
+    assert "import hvpnet_hf" not in text.split("With `hvpnet_hf` installed")[0]
+    assert [(result.dataset_split, result.metric_value) for result in card.data.eval_results] == [
+        ("validation", 0.7807),
+        ("test", 0.7188),
+    ]
+    assert card.data.eval_results[0].metric_name == "GMNER F1"
+    with pytest.raises(ValueError, match="validation_model_gmner_f1"):
+        render_model_card("gmner", config, {"test_model_gmner_f1": 0.5}, "t", "m", {}, "x")
+
+
+def test_run_gmner_publishes_the_model_with_its_card(tiny_gmner_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    run_gmner = importlib.import_module("run_gmner")
+    monkeypatch.setattr("hvpnet_hf.model_card.HfApi", RecordingUploads)
+    monkeypatch.setattr(RecordingUploads, "uploads", [])
+    flags = [
+        "--dataset", "sample",
+        "--model_name_or_path", tiny_gmner_dir,
+        "--num_candidates", "2",
+        "--do_train", "false",
+        "--output_dir", str(tmp_path),
+        "--per_device_eval_batch_size", "16",
+        "--disable_tqdm", "true",
+        "--report_to", "none",
+        "--push_to_hub", "true",
+        "--hub_model_id", "someone/hvpnet-gmner",
+    ]  # fmt: skip
+    results = run_gmner.main(flags)
+    [(repo_id, uploaded)] = RecordingUploads.uploads
+    assert repo_id == "someone/hvpnet-gmner"
+    assert {"README.md", "all_results.json", "config.json", "model.safetensors", "pipelines.py"} <= set(uploaded)
+    assert not {"validation_predictions.jsonl", "test_predictions.jsonl"} & set(uploaded)
+    card = (tmp_path / "README.md").read_text()
+    recall = f"{100 * results['validation_candidate_recall']:.2f}"
+    assert f"| validation | {recall} | {100 * results['validation_model_gmner_f1']:.2f} |" in card
+    assert "AutoModelForZeroShotObjectDetection" in card
+
+
+class RecordingUploads:
+    """Stands in for `HfApi` in a script run: records the files `upload_folder` would send."""
+
+    uploads = []
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, **kwargs):
+        pass
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = [str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file()]
+        uploaded = filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)
+        self.uploads.append((repo_id, sorted(uploaded)))
+        return "https://hub.example/commit/1"

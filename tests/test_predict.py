@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import evaluate
 import pytest
@@ -14,11 +15,14 @@ from modeling_utils import RELATIONS
 from transformers import pipeline
 
 import hvpnet_hf
-from hvpnet_hf import load_mner_dataset, load_mre_dataset
+from hvpnet_hf import data_sources, load_mner_dataset, load_mre_dataset
+from hvpnet_hf.grounding_data import load_gmner_dataset
+from hvpnet_hf.image_processing_hvpnet import decode_image
 from hvpnet_hf.metrics import metric_path
-from hvpnet_hf.pipelines import MultimodalNerPipeline, MultimodalRePipeline
+from hvpnet_hf.pipelines import MultimodalGroundedNerPipeline, MultimodalNerPipeline, MultimodalRePipeline
 from hvpnet_hf.predict import parse_arguments, predict
 from hvpnet_hf.prediction_files import read_conll
+from hvpnet_hf.sample_data import sample_sources
 
 SAMPLE = hvpnet_hf.__path__[0] + "/sample_data"
 
@@ -453,25 +457,174 @@ def test_help_gives_the_whole_description(capsys):
     assert " ".join(hvpnet_hf.predict.__doc__.split()) in " ".join(capsys.readouterr().out.split())
 
 
-def test_json_lines_input_predicts_as_the_same_release_file(tiny_ner_dir, tmp_path):
+# The columns of the data set that `write_own_input` writes.
+OWN_COLUMNS = ["--text_column_name", "words", "--label_column_name", "tags", "--image_column_name", "picture"]
+
+
+def write_own_input(folder) -> Path:
+    """The bundled Twitter test split as a data set of a user's own, `folder/posts.jsonl`: its own column names
+    (`OWN_COLUMNS`), image paths relative to the file."""
     twitter = f"{SAMPLE}/twitter"
-    release = ["--model", tiny_ner_dir, "--input", f"{twitter}/test.txt", "--image_dir", f"{twitter}/images"]
-    predict([*release, "--output", str(tmp_path / "release.txt")])
-    # The same examples as a data set of a user's own: its own column names, image paths relative to the file.
     examples = load_mner_dataset(data_files={"test": f"{twitter}/test.txt"}, image_dir=f"{twitter}/images")["test"]
     names = examples.features["ner_tags"].feature.names
-    shutil.copytree(f"{twitter}/images", tmp_path / "pictures")
+    shutil.copytree(f"{twitter}/images", folder / "pictures")
     rows = [
         {"words": row["tokens"], "tags": [names[tag] for tag in row["ner_tags"]],
          "picture": row["image"] and f"pictures/{row['image_id']}"}
         for row in examples
     ]  # fmt: skip
-    own_input = tmp_path / "posts.jsonl"
+    own_input = folder / "posts.jsonl"
     own_input.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    columns = ["--text_column_name", "words", "--label_column_name", "tags", "--image_column_name", "picture"]
-    own = ["--model", tiny_ner_dir, "--input", str(own_input), *columns, "--output", str(tmp_path / "own.txt")]
+    return own_input
+
+
+def test_json_lines_input_predicts_as_the_same_release_file(tiny_ner_dir, tmp_path):
+    twitter = f"{SAMPLE}/twitter"
+    release = ["--model", tiny_ner_dir, "--input", f"{twitter}/test.txt", "--image_dir", f"{twitter}/images"]
+    predict([*release, "--output", str(tmp_path / "release.txt")])
+    own_input = write_own_input(tmp_path)
+    own = ["--model", tiny_ner_dir, "--input", str(own_input), *OWN_COLUMNS, "--output", str(tmp_path / "own.txt")]
     scores = predict(own)
     assert (tmp_path / "own.txt").read_text() == (tmp_path / "release.txt").read_text()
     assert "f1" in scores
     with pytest.raises(ValueError, match="--image_dir: settings of the published formats"):
         predict([*own, "--image_dir", f"{twitter}/images"])
+
+
+def test_a_table_input_is_read_as_it_is_predicted(tiny_ner_dir, tmp_path, monkeypatch):
+    data = tmp_path / "posts.jsonl"
+    rows = [{"tokens": ["Hello", f"@anna{index}"], "ner_tags": ["O", "B-PER"]} for index in range(20)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    rows_read, read_before_output = [], []
+    normalize = data_sources._RowNormalizer.__call__
+
+    def counting_normalize(self, row, index):
+        rows_read.append(index)
+        return normalize(self, row, index)
+
+    def counting_postprocess(self, model_outputs, original=MultimodalNerPipeline.postprocess, **parameters):
+        read_before_output.append(len(rows_read))
+        return original(self, model_outputs, **parameters)
+
+    monkeypatch.setattr(data_sources._RowNormalizer, "__call__", counting_normalize)
+    monkeypatch.setattr(MultimodalNerPipeline, "postprocess", counting_postprocess)
+    predict(
+        ["--model", tiny_ner_dir, "--input", str(data), "--output", str(tmp_path / "out.txt"), "--batch_size", "2"]
+    )
+    # The first batch of 2 was predicted when at most one batch more had been read (the pipeline reads a batch
+    # ahead), not after the whole input: memory does not grow with the input.
+    assert read_before_output[0] <= 4
+    assert rows_read == list(range(20)) and len(read_conll(tmp_path / "out.txt")) == 20
+
+
+def test_a_table_input_keeps_input_order_with_workers_resumes_and_splits_over_processes(
+    tiny_ner_dir, tmp_path, monkeypatch
+):
+    common = ["--model", tiny_ner_dir, "--input", str(write_own_input(tmp_path)), *OWN_COLUMNS, "--batch_size", "3"]
+    predict([*common, "--output", str(tmp_path / "serial.txt")])
+    expected = (tmp_path / "serial.txt").read_text()
+    # Worker w of 2 decodes the rows k with k % 2 == w; the DataLoader gives them back in input order.
+    predict([*common, "--num_workers", "2", "--output", str(tmp_path / "workers.txt")])
+    assert (tmp_path / "workers.txt").read_text() == expected
+    # A stopped run resumes without decoding the images of the examples already written.
+    output = tmp_path / "resumed.txt"
+    stop_after(monkeypatch, MultimodalNerPipeline, 5)
+    with pytest.raises(KeyboardInterrupt):
+        predict([*common, "--output", str(output)])
+    decoded = []
+
+    def recording_decode(image, *args):
+        decoded.append(getattr(image, "filename", image))
+        return decode_image(image, *args)
+
+    monkeypatch.setattr("hvpnet_hf.predict.decode_image", recording_decode)
+    predict([*common, "--output", str(output)])
+    assert output.read_text() == expected
+    pictures = [json.loads(line)["picture"] for line in (tmp_path / "posts.jsonl").read_text().splitlines()]
+    written_first = {str(tmp_path / picture) for picture in pictures[:5] if picture}
+    assert decoded and not written_first & set(map(str, decoded))
+    # Two processes, each predicting its share of the stream, merge into the one-process output.
+    for rank in (0, 1):
+        run_shard([*common, "--num_workers", "2", "--output", str(tmp_path / "two.txt")], rank, 2, monkeypatch)
+    assert (tmp_path / "two.txt").read_text() == expected
+
+
+GMNER = f"{SAMPLE}/gmner"
+# The bundled grounding set's test tweets with their gold boxes, images and candidates (crops and their boxes).
+GMNER_INPUT = [
+    "--input", f"{GMNER}/txt/test.txt",
+    "--xml_dir", f"{GMNER}/xml",
+    "--image_dir", f"{GMNER}/images",
+    "--object_dir", f"{GMNER}/objects",
+    "--object_map", f"{GMNER}/objects/objects_test_dict.pth",
+]  # fmt: skip
+
+
+def test_grounded_predictions_give_each_entity_its_box_or_none(tiny_gmner_dir, tmp_path, capsys):
+    output = tmp_path / "test.jsonl"
+    scores = predict(["--model", tiny_gmner_dir, *GMNER_INPUT, "--output", str(output), "--batch_size", "8"])
+    sources = {key: value for key, value in sample_sources("gmner").items() if key != "data_dir"}
+    examples = load_gmner_dataset(data_files={"test": f"{GMNER}/txt/test.txt"}, num_candidates=2, **sources)["test"]
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [record["id"] for record in records] == examples["id"]
+    grounder = pipeline("multimodal-gmner", model=tiny_gmner_dir)
+    boxes_written = 0
+    for record, example in zip(records, examples, strict=True):
+        assert record["tokens"] == example["tokens"] and record["gold"] == example["entities"]
+        # The pipeline's entities for the same tweet and candidates, in the example's words.
+        expected = grounder(
+            {"words": example["tokens"], "image": example["image"], "objects": example["objects"],
+             "boxes": example["candidate_boxes"]}
+        )  # fmt: skip
+        assert [(entity["start"], entity["end"], entity["type"], entity["box"]) for entity in record["entities"]] == [
+            (entity["word_start"], entity["word_end"], entity["entity_group"], entity["box"]) for entity in expected
+        ]
+        for entity, found in zip(record["entities"], expected, strict=True):
+            assert entity["text"] == " ".join(example["tokens"][entity["start"] : entity["end"]])
+            assert entity["region_score"] == round(found["region_score"], 4)
+            assert entity["box"] is None or entity["box"] in example["candidate_boxes"]
+            boxes_written += entity["box"] is not None
+    assert boxes_written, "some entities are grounded in a candidate, so boxes are written"
+    # The printed scores are the GMNER / MNER / EEG scores of the written file against its gold entities.
+    rescored = evaluate.load(metric_path("gmner_f1")).compute(
+        predictions=[[{key: entity[key] for key in ("start", "end", "type", "box")} for entity in record["entities"]]
+                     for record in records],
+        references=[[{key: entity[key] for key in ("start", "end", "type", "boxes")} for entity in record["gold"]]
+                    for record in records],
+    )  # fmt: skip
+    assert scores == rescored and scores["num_gold"] == sum(len(found) for found in examples["entities"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["gmner_f1"] == round(scores["gmner_f1"], 4)
+
+
+def test_grounded_runs_resume_and_split_over_processes(tiny_gmner_dir, tmp_path, monkeypatch):
+    common = ["--model", tiny_gmner_dir, *GMNER_INPUT, "--batch_size", "4"]
+    one_process = predict([*common, "--output", str(tmp_path / "one.jsonl")])
+    output = tmp_path / "out.jsonl"
+    calls = stop_after(monkeypatch, MultimodalGroundedNerPipeline, 10)
+    with pytest.raises(KeyboardInterrupt):
+        predict([*common, "--output", str(output)])
+    assert len((tmp_path / "out.jsonl.partial").read_text().splitlines()) == 10
+    calls.clear()
+    assert predict([*common, "--output", str(output)]) == one_process
+    assert len(calls) == 50 and output.read_text() == (tmp_path / "one.jsonl").read_text()  # 60 test tweets
+    shards = tmp_path / "shards.jsonl"
+    for rank in range(2):
+        run_shard([*common, "--output", str(shards)], rank, 2, monkeypatch)
+    assert shards.read_text() == (tmp_path / "one.jsonl").read_text()
+
+
+def test_grounding_settings_are_checked_before_the_model_runs(tiny_gmner_dir, tiny_ner_dir, tmp_path, no_model_run):
+    output = ["--output", str(tmp_path / "out.jsonl")]
+    without_xml = [argument for argument in GMNER_INPUT if argument not in ("--xml_dir", f"{GMNER}/xml")]
+    with pytest.raises(ValueError, match=f"--xml_dir: {tiny_gmner_dir} is a grounding model, which reads the gold"):
+        predict(["--model", tiny_gmner_dir, *without_xml, *output])
+    with pytest.raises(ValueError, match=f"--xml_dir: settings of grounding models, but {tiny_ner_dir} is not one"):
+        predict(["--model", tiny_ner_dir, *GMNER_INPUT, *output])
+    with pytest.raises(ValueError, match=f"--top_k: settings of relation models, but {tiny_gmner_dir} is a grounding"):
+        predict(["--model", tiny_gmner_dir, *GMNER_INPUT, *output, "--top_k", "1"])
+    # Crops whose boxes file is not next to their crop map cannot be grounded.
+    crop_map = tmp_path / "objects_test_dict.pth"
+    shutil.copy(f"{GMNER}/objects/objects_test_dict.pth", crop_map)
+    with pytest.raises(FileNotFoundError, match=r"a grounding model needs each crop's box, .*objects_test_boxes.json"):
+        predict(["--model", tiny_gmner_dir, *GMNER_INPUT, "--object_map", str(crop_map), *output])
+    assert not (tmp_path / "out.jsonl").exists()

@@ -30,8 +30,8 @@ from hvpnet_hf import (
     VisualFeatureCache,
     speed_up_frozen_backbone,
 )
-from hvpnet_hf.vision_backbone import default_out_indices
 from hvpnet_hf.pipelines import MultimodalNerPipeline
+from hvpnet_hf.vision_backbone import default_out_indices
 
 KINDS = list(TINY_BACKBONES)
 PLAIN_VITS = ["clip_vit_b16", "clip_vit_b32", "dinov2_registers"]

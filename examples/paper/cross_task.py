@@ -19,9 +19,9 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hvpnet_hf.analysis.data import load_model
 from hvpnet_hf.analysis.reporting import format_score, write_report
-from hvpnet_hf.vision_backbone import default_out_indices
 from hvpnet_hf.pipelines import PIPELINE_FOR_TASK, task_of
 from hvpnet_hf.processing_hvpnet import HVPNetProcessor
+from hvpnet_hf.vision_backbone import default_out_indices
 
 from runs import check_script_arguments, run_script, seed_count, summarize, training_parser
 
