@@ -130,6 +130,8 @@ def run_trainer(output_dir: str) -> None:
             "statistics_kept": all(torch.equal(before[name], after[name]) for name in before),
         }
         Path(output_dir, "report.json").write_text(json.dumps(report))
+    if dist.is_initialized():  # gloo's threads must stop before the interpreter does, or a process can abort at exit
+        dist.destroy_process_group()
 
 
 def shard_like_accelerate(model: torch.nn.Module) -> None:
