@@ -45,6 +45,7 @@ from hvpnet_hf.metrics import metric_path
 from hvpnet_hf.model_card import SPLIT_PREFIXES, save_model_card_and_push
 from hvpnet_hf.modeling_hvpnet import region_targets
 from hvpnet_hf.output_files import atomic_write
+from hvpnet_hf.prediction_files import gmner_record
 from hvpnet_hf.sample_data import sample_sources
 from hvpnet_hf.script_utils import (
     TRAINING_DEFAULTS,
@@ -310,13 +311,10 @@ def format_table(split: str, recall: float, scores: Mapping[str, Mapping[str, fl
 
 
 def write_predictions(path: Path, split: Dataset, predicted: Sequence[Sequence[Mapping]]) -> None:
-    """One JSON line per example: `id`, `image_id`, `tokens` and its predicted `entities`, each with its `text`."""
+    """One JSON line per example, as `hvpnet-predict` writes them (`prediction_files.gmner_record`)."""
     with atomic_write(path) as temporary, open(temporary, "w", encoding="utf-8") as file:
         for example, entities in zip(split, predicted, strict=True):
-            words = example["tokens"]
-            found = [{**entity, "text": " ".join(words[entity["start"] : entity["end"]])} for entity in entities]
-            record = {"id": example["id"], "image_id": example["image_id"], "tokens": words, "entities": found}
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            file.write(gmner_record(example, entities))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
