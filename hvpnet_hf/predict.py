@@ -314,13 +314,18 @@ class StreamShare(torch.utils.data.IterableDataset):
 def streamed_predictions(args: argparse.Namespace, task: str, share: StreamShare) -> Iterator[tuple[dict, Any]]:
     """Each row of `share`, read by `--num_workers` DataLoader workers, with its pipeline output, in order."""
     rows, pipeline_rows = itertools.tee(DataLoader(share, batch_size=None, num_workers=args.num_workers))
-    runner = pipeline(TASKS[task].pipeline_task, model=args.model, dtype=args.dtype, device=local_device())
-    columns = NER_INPUT_COLUMNS if task == "ner" else RE_INPUT_COLUMNS
-    top_k = {} if task == "ner" else {"top_k": args.top_k or 1}
+    runner, columns, top_k = task_runner(args, task)
     inputs = ({key: row[column] for key, column in columns.items()} for row in pipeline_rows)
     # The pipeline reads a generator in this process: the workers above have decoded its images.
     outputs = runner(inputs, **top_k, **{**call_arguments(args), "num_workers": 0})
     return zip(rows, outputs, strict=True)
+
+
+def task_runner(args: argparse.Namespace, task: str) -> tuple[Any, Mapping[str, str], dict[str, int]]:
+    """The task's pipeline, the columns its inputs are read from and its call settings (`top_k` for RE)."""
+    runner = pipeline(TASKS[task].pipeline_task, model=args.model, dtype=args.dtype, device=local_device())
+    columns = {"ner": NER_INPUT_COLUMNS, "re": RE_INPUT_COLUMNS, "gmner": GMNER_INPUT_COLUMNS}[task]
+    return runner, columns, ({"top_k": args.top_k or 1} if task == "re" else {})
 
 
 class PipelineInputs(torch.utils.data.Dataset):
@@ -467,12 +472,9 @@ def example_key(task: str) -> Callable[[Mapping[str, Any]], Hashable]:
 
 def predicted_outputs(args: argparse.Namespace, task: str, examples: Dataset, share: range) -> Iterator:
     """The pipeline's outputs for the examples at `share`, in order, made a batch at a time."""
-    runner = pipeline(TASKS[task].pipeline_task, model=args.model, dtype=args.dtype, device=local_device())
-    if task == "gmner":
-        return runner(GroundingInputs(examples, GMNER_INPUT_COLUMNS, share), **call_arguments(args))
-    columns = NER_INPUT_COLUMNS if task == "ner" else RE_INPUT_COLUMNS
-    top_k = {} if task == "ner" else {"top_k": args.top_k or 1}
-    return runner(PipelineInputs(examples, columns, share), **top_k, **call_arguments(args))
+    runner, columns, top_k = task_runner(args, task)
+    inputs = (GroundingInputs if task == "gmner" else PipelineInputs)(examples, columns, share)
+    return runner(inputs, **top_k, **call_arguments(args))
 
 
 def predicted_records(
