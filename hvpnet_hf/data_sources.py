@@ -115,6 +115,9 @@ def read_table_dataset(
         missing = [f"{split}: {path}" for split, path in data_files.items() if not Path(path).is_file()]
         if missing:
             raise FileNotFoundError(f"data files not found: {', '.join(missing)}")
+        empty = [f"{split}: {path}" for split, path in data_files.items() if Path(path).stat().st_size == 0]
+        if empty:
+            raise ValueError(f"data files without a single row: {', '.join(empty)}")
         builder = TABLE_FORMATS[suffixes.pop()]
         files = {split: str(path) for split, path in data_files.items()}
         splits = load_dataset(builder, data_files=files, streaming=streaming)

@@ -107,6 +107,13 @@ def test_data_files_of_mixed_or_unknown_formats_are_refused(tmp_path):
         load_table_dataset("ner", NER_COLUMNS, data_files={"train": tmp_path / "a.jsonl", "test": tmp_path / "b.csv"})
 
 
+@pytest.mark.parametrize("read", [load_table_dataset, stream_table_dataset])
+def test_an_empty_data_file_is_refused_by_name(tmp_path, read):
+    (tmp_path / "train.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"without a single row: train: .*train\.jsonl"):
+        read("ner", NER_COLUMNS, data_files={"train": tmp_path / "train.jsonl"})
+
+
 def test_streamed_rows_are_normalized_as_in_memory_and_images_counted_once_per_row(tmp_path, picture, caplog):
     rows = [
         {"tokens": ["Kevin", "in", "Boston"], "ner_tags": ["B-PER", "O", "B-LOC"], "image": picture,
